@@ -1,0 +1,23 @@
+"""GPT-2: learned positions, fused QKV Conv1D, LayerNorm, tanh-GELU."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from llm2trt.exporters.base import DecoderSpec, TaskDecl
+
+
+class GPT2Spec(DecoderSpec):
+    name = "gpt2"
+    model_types = ("gpt2",)
+    config_class = "GPT2Config"
+    tiny_config: ClassVar[dict[str, Any]] = {
+        "n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 256, "vocab_size": 1000,
+    }
+    classes: ClassVar[dict[str, TaskDecl]] = {
+        "GPT2LMHeadModel": TaskDecl("text-generation", ("logits",)),
+    }
+    default_class = "GPT2LMHeadModel"
+
+    def position_limit(self, config: Any) -> int | None:
+        return int(config.n_positions)

@@ -1,0 +1,42 @@
+"""Llama family: RMSNorm, rotary positions, grouped-query attention, SwiGLU.
+
+Mistral and Qwen2 share the graph (Qwen2 adds biases on q/k/v; Mistral may set a sliding
+window), so one spec takes all three `model_type` values.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from llm2trt.exporters.base import DecoderSpec, TaskDecl, require
+
+
+class LlamaSpec(DecoderSpec):
+    name = "llama"
+    model_types = ("llama", "mistral", "qwen2")
+    config_class = "LlamaConfig"
+    tiny_config: ClassVar[dict[str, Any]] = {
+        "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+        "num_attention_heads": 4, "num_key_value_heads": 2,  # GQA: fewer KV heads than heads
+        "max_position_embeddings": 256, "vocab_size": 1000, "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+    }
+    classes: ClassVar[dict[str, TaskDecl]] = {
+        "LlamaForCausalLM": TaskDecl("text-generation", ("logits",)),
+        "MistralForCausalLM": TaskDecl("text-generation", ("logits",)),
+        "Qwen2ForCausalLM": TaskDecl("text-generation", ("logits",)),
+    }
+    default_class = "LlamaForCausalLM"
+
+    def model_class(self, config: Any) -> str:
+        # A config may name no class (GGUF, hand-written configs): take the family's own.
+        by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+        for arch in getattr(config, "architectures", None) or []:
+            if arch in self.classes:
+                return str(arch)
+        return by_type.get(getattr(config, "model_type", "llama"), self.default_class)
+
+    def check_config(self, config: Any) -> None:
+        heads, kv_heads = int(config.num_attention_heads), int(config.num_key_value_heads or 1)
+        require(heads % kv_heads == 0, f"num_attention_heads ({heads}) is not a multiple of "
+                f"num_key_value_heads ({kv_heads})")

@@ -1,0 +1,173 @@
+"""Artifact directories: staged writes, ONNX files with external data, content hashes.
+
+Every command writes into a fresh temporary directory beside the output and renames it into place
+at the end, so a failure never leaves a half-written artifact and never touches existing data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import onnx
+
+from llm2trt.errors import InputError
+from llm2trt.manifest import DATA_NAME, MANIFEST_NAME, MODEL_NAME
+
+logger = logging.getLogger(__name__)
+
+# Tensors at least this large go to the external data file; small ones stay inline so shape
+# inference and constant folding see them without reading the data file.
+EXTERNAL_THRESHOLD = 1024
+_ALIGN = 4096  # page alignment lets runtimes memory-map the weights
+
+
+def check_output(out: Path, force: bool, reads: Iterable[Path] = ()) -> Path:
+    """Fail early (before any slow work) when `out` cannot be written or would lose data."""
+    out = Path(os.path.abspath(out))
+    for src in reads:
+        if Path(os.path.abspath(src)) == out:
+            raise InputError(f"output {out} is the input; write to another directory")
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"output path {out} exists and is a file")
+        entries = list(out.iterdir())
+        if entries and not force:
+            raise InputError(f"output directory {out} exists and is not empty; pass --force to replace it")
+        if entries and not (out / MANIFEST_NAME).is_file():
+            raise InputError(f"refusing to replace {out}: it is not an llm2trt artifact (no {MANIFEST_NAME})")
+    parent = out.parent
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"output directory {out} is not writable ({existing}: permission denied)")
+    return out
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, force: bool) -> Iterator[Path]:
+    """Yield a fresh temporary directory; on success it replaces `out`, on failure it vanishes."""
+    out = check_output(out, force)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise InputError(f"cannot write to {out.parent}: {exc.strerror or exc}") from None
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    old: Path | None = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.rmdir(old)
+        out.rename(old)
+    stage.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_external_candidate(tensor: onnx.TensorProto) -> bool:
+    return tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_THRESHOLD
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graph_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _graph_tensors(sub)
+
+
+def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and the tensors of Constant nodes, in every (sub)graph."""
+    yield from _graph_tensors(model.graph)
+
+
+def save_onnx(model: onnx.ModelProto, directory: Path, name: str = MODEL_NAME) -> int:
+    """Write `name` and its weights into `name`.data (one file, page-aligned); returns data bytes.
+
+    We write the data file ourselves: onnx.save_model resolves an existing data file against the
+    current directory and can append to a stale one (ENVIRONMENT.md), and a model over 2 GB cannot
+    be serialized with its weights inline.
+    """
+    data_name = name + ".data" if name != MODEL_NAME else DATA_NAME
+    data_path = directory / data_name
+    if data_path.exists():
+        raise FileExistsError(data_path)  # staging dirs are fresh; this is a bug, not user input
+    offset = 0
+    with open(data_path, "wb") as fh:
+        for tensor in _tensors(model):
+            if not _is_external_candidate(tensor):
+                continue
+            pad = (-offset) % _ALIGN
+            if pad:
+                fh.write(b"\0" * pad)
+                offset += pad
+            raw = tensor.raw_data
+            fh.write(raw)
+            del tensor.external_data[:]
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            tensor.ClearField("raw_data")
+            offset += len(raw)
+    if offset == 0:
+        data_path.unlink()
+    with open(directory / name, "wb") as fh:
+        fh.write(model.SerializeToString())
+    # Put the weights back so the caller's in-memory model stays usable.
+    onnx.load_external_data_for_model(model, str(directory))
+    return offset
+
+
+def load_onnx(path: Path, with_weights: bool = True) -> onnx.ModelProto:
+    """Load an ONNX file (external data resolved next to it) with clear errors for bad files."""
+    if not path.exists():
+        raise InputError(f"ONNX file does not exist: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ... on garbage
+        raise InputError(f"corrupt ONNX file {path}: cannot parse it ({type(exc).__name__})") from None
+    if model.ir_version == 0 or not model.graph.node or not model.opset_import:
+        raise InputError(f"corrupt ONNX file {path}: not a valid ONNX model (no graph or opset)")
+    if with_weights:
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read the external weights of {path}: {exc}") from None
+    return model
+
+
+def sha256_files(paths: Iterable[Path], root: Path | None = None) -> str:
+    """One digest over several files, names included, in a stable order."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        label = str(path.relative_to(root)) if root else path.name
+        digest.update(label.encode() + b"\0")
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_artifact_files(directory: Path) -> Path:
+    """The artifact's model.onnx, after checking the files the manifest expects are there."""
+    model = directory / MODEL_NAME
+    if not model.is_file():
+        raise InputError(f"artifact {directory} has no {MODEL_NAME}")
+    return model

@@ -1,0 +1,228 @@
+"""The `llm2trt` command line.
+
+Imports of torch, onnx and TensorRT happen inside the commands, so `--help` is fast and works
+where they are missing. Every command shares one option group (--json, -v, -q) and one error
+path: a clear line on stderr and a non-zero exit, never a traceback (unless -vv asks for it).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from llm2trt import __version__
+from llm2trt.errors import Llm2TrtError
+from llm2trt.log import configure
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+PATH = click.Path(path_type=Path)
+
+
+@dataclass
+class Context:
+    as_json: bool
+    verbosity: int
+    emitted: bool = False
+
+    def emit(self, result: dict[str, Any], text: str) -> None:
+        """The command's result: JSON on stdout with --json, else the human text."""
+        self.emitted = True
+        if self.as_json:
+            click.echo(json.dumps(result, default=str))
+        elif text:
+            click.echo(text)
+
+
+def _fail(ctx: Context, message: str, code: int) -> None:
+    if ctx.as_json and not ctx.emitted:  # one JSON object on stdout, whatever happens
+        click.echo(json.dumps({"ok": False, "error": message}))
+    click.echo(f"llm2trt: error: {message}", err=True)
+    sys.exit(code)
+
+
+def common_options(fn: F) -> F:
+    """The option group every command shares, and its error handling."""
+
+    @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
+    @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv: tracebacks too).")
+    @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+    @functools.wraps(fn)
+    def wrapper(as_json: bool, verbose: int, quiet: bool, **kwargs: Any) -> None:
+        verbosity = -1 if quiet else verbose
+        configure(verbosity)
+        _quiet_third_party(verbosity)
+        ctx = Context(as_json, verbosity)
+        try:
+            fn(ctx, **kwargs)
+        except Llm2TrtError as exc:
+            if verbosity >= 2:
+                traceback.print_exc()
+            _fail(ctx, str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail(ctx, "interrupted", 130)
+        except Exception as exc:  # a bug of ours: still one line, the traceback on request
+            if verbosity >= 2:
+                traceback.print_exc()
+            _fail(ctx, f"internal error: {type(exc).__name__}: {str(exc).strip()[:500]} (rerun with -vv for the "
+                  "traceback)", 3)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def output_options(fn: F) -> F:
+    fn = click.option("--force", is_flag=True, help="Replace OUT if it is an existing llm2trt artifact.")(fn)
+    return click.option("-o", "--output", "out", type=PATH, required=True, help="Output artifact directory.")(fn)
+
+
+def _quiet_third_party(verbosity: int) -> None:
+    import logging
+    import os
+    import warnings
+
+    if verbosity < 1:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        warnings.filterwarnings("ignore")
+        for name in ("transformers", "torch", "onnxscript", "accelerate"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="llm2trt")
+def cli() -> None:
+    """Hugging Face / PyTorch transformers to validated TensorRT engines through ONNX.
+
+    \b
+    convert   a model (HF directory, .gguf, tiny:<arch>) to an ONNX artifact
+    optimize  run graph passes over an artifact
+    build     compile an artifact into a TensorRT engine
+    compare   check an artifact's outputs against PyTorch (and other runners)
+    inspect   show what an artifact holds
+    """
+
+
+@cli.command()
+@click.argument("model")
+@output_options
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Weights and activations dtype of the exported graph (engines are strongly typed).")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset of the export.")
+@click.option("--attn-implementation", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True,
+              help="transformers attention implementation traced into the graph.")
+@common_options
+def convert(ctx: Context, model: str, out: Path, force: bool, dtype: str, opset: int,
+            attn_implementation: str) -> None:
+    """Export MODEL (a Hugging Face directory, a .gguf file or tiny:gpt2|llama|bert|vit) to ONNX."""
+    from llm2trt.artifact import check_output
+    from llm2trt.export import convert as run_convert
+    from llm2trt.models import resolve_model
+
+    check_output(out, force)
+    source = resolve_model(model)
+    manifest = run_convert(source, out, dtype=dtype, opset=opset, attn_implementation=attn_implementation,
+                           force=force)
+    ctx.emit({"ok": True, "output": str(out), "manifest": manifest.to_dict()},
+             f"converted {source.display} -> {out} ({manifest.architecture}, {manifest.task}, {dtype}, "
+             f"{sum(manifest.op_counts.values())} nodes)")
+
+
+@cli.command()
+@click.argument("artifact", type=PATH)
+@output_options
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Run input and optimized graphs in ONNX Runtime and fail if they diverge.")
+@common_options
+def optimize(ctx: Context, artifact: Path, out: Path, force: bool, check: bool) -> None:
+    """Run the pass pipeline over ARTIFACT and write the result to OUT."""
+    from llm2trt.optimize import optimize as run_optimize
+
+    report = run_optimize(artifact, out, check=check, force=force)
+    lines = [f"optimized {artifact} -> {out}: {report['nodes_before']} -> {report['nodes_after']} nodes"]
+    for p in report["passes"]:
+        counts = ", ".join(f"{k}={v}" for k, v in p["counts"].items())
+        lines.append(f"  {p['name']:<24} {counts}")
+    verdict = report["numeric_check"]
+    if verdict.get("checked"):
+        worst = max(verdict["max_rel_err"].values())
+        lines.append(f"  numeric check: max relative error {worst:.2e} (tolerance {verdict['tolerance']:.0e})")
+    else:
+        lines.append(f"  numeric check: not run ({verdict.get('reason')})")
+    ctx.emit({"ok": True, "output": str(out), **report}, "\n".join(lines))
+
+
+@cli.command()
+@click.argument("artifact", type=PATH)
+@output_options
+@click.option("--compute-capability", metavar="SM",
+              help="Build ahead of time for this GPU (TensorRT-RTX: sm75 sm80 sm86 sm89 sm120 sm121).")
+@click.option("--profile", multiple=True, metavar="DIM=MIN:OPT:MAX",
+              help="Override a dynamic dim's optimization-profile range, e.g. sequence=1:256:2048.")
+@click.option("--timing-cache", type=PATH, help="Timing cache file to read and update (full TensorRT).")
+@click.option("--strip-weights", is_flag=True, help="Build a weight-stripped engine (full TensorRT).")
+@click.option("--backend", type=click.Choice(["auto", "tensorrt", "tensorrt_rtx"]), default="auto",
+              show_default=True, help="TensorRT flavour; auto prefers full TensorRT.")
+@common_options
+def build(ctx: Context, artifact: Path, out: Path, force: bool, compute_capability: str | None,
+          profile: tuple[str, ...], timing_cache: Path | None, strip_weights: bool, backend: str) -> None:
+    """Compile ARTIFACT into a TensorRT engine in OUT (model.engine, build.json)."""
+    from llm2trt.build import build as run_build
+
+    info = run_build(artifact, out, compute_capability=compute_capability, profile=profile,
+                     timing_cache=timing_cache, strip_weights=strip_weights, backend=backend, force=force,
+                     verbosity=ctx.verbosity)
+    ctx.emit({"ok": True, "output": str(out), **info},
+             f"built {out}/model.engine with {info['backend']} {info['backend_version']} for "
+             f"{info['compute_capability']}: {info['network_layers']} layers, "
+             f"{info['engine_bytes'] / 1e6:.1f} MB in {info['build_seconds']:.1f} s")
+
+
+@cli.command()
+@click.argument("artifact", type=PATH)
+@click.option("--runners", default="torch,ort", show_default=True,
+              help="Comma-separated runners; the first is the reference (torch, ort, trt).")
+@click.option("--atol", type=float, help="Absolute tolerance (default: rtol x max|reference| per output).")
+@click.option("--rtol", type=float, help="Relative tolerance (default by dtype: fp32 1e-4, fp16 1e-2, bf16 5e-2).")
+@click.option("--batch", type=click.IntRange(1), default=3, show_default=True, help="Batch of the sample inputs.")
+@click.option("--sequence", type=click.IntRange(1), default=12, show_default=True,
+              help="Sequence length of the sample inputs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample inputs.")
+@common_options
+def compare(ctx: Context, artifact: Path, runners: str, atol: float | None, rtol: float | None, batch: int,
+            sequence: int, seed: int) -> None:
+    """Compare ARTIFACT's outputs between runners (PyTorch is the reference); exit 1 on a breach."""
+    from llm2trt.compare import compare as run_compare
+    from llm2trt.errors import CheckFailed
+
+    result = run_compare(artifact, [r.strip() for r in runners.split(",") if r.strip()], batch=batch,
+                         sequence=sequence, seed=seed, atol=atol, rtol=rtol, verbosity=ctx.verbosity)
+    verdict = "PASS" if result.passed else "FAIL"
+    ctx.emit(result.to_dict(), f"{result.table()}\n{verdict}: {result.main_output} max relative error "
+             f"{result.main_error():.2e}")
+    if not result.passed:
+        breach = result.first_breach() or {}
+        raise CheckFailed(f"{breach.get('onnx_tensor')} differs between {','.join(result.runners)} beyond "
+                          f"tolerance (max relative error {breach.get('max_rel_err', float('nan')):.2e})")
+
+
+@cli.command(name="inspect")
+@click.argument("artifact", type=PATH)
+@common_options
+def inspect_cmd(ctx: Context, artifact: Path) -> None:
+    """Show ARTIFACT's manifest, I/O, op counts and fusion counts (or a bare .onnx file's)."""
+    from llm2trt.inspect import inspect, render
+
+    info = inspect(artifact)
+    ctx.emit(info, render(info))
+
+
+def main() -> None:
+    cli(prog_name="llm2trt")

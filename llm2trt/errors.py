@@ -1,0 +1,25 @@
+"""Exceptions that reach the user as one clear line.
+
+Everything a user can cause (a bad path, an unsupported architecture, a graph TensorRT rejects)
+raises an `Llm2TrtError`; the CLI prints its message and exits non-zero without a traceback.
+"""
+
+
+class Llm2TrtError(Exception):
+    """An error the user can act on; its message names the cause."""
+
+    exit_code = 2
+
+
+class InputError(Llm2TrtError):
+    """Bad input: a missing path, an unsupported model, a corrupt file."""
+
+
+class BackendError(Llm2TrtError):
+    """A backend (PyTorch, ONNX Runtime, TensorRT) failed or is unavailable."""
+
+
+class CheckFailed(Llm2TrtError):
+    """A check ran and did not pass: a comparison beyond tolerance, a missing fusion."""
+
+    exit_code = 1

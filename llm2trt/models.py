@@ -1,0 +1,215 @@
+"""Model sources: a local Hugging Face directory, a .gguf file, or a built-in `tiny:<arch>` spec.
+
+Resolving a source reads only its config (fast, and enough to refuse an unsupported model before
+any slow work); the weights load when `load()` is called. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llm2trt.artifact import sha256_files
+from llm2trt.errors import InputError
+from llm2trt.exporters import ExportSpec, all_specs, get_spec, spec_for_model_type
+from llm2trt.log import step
+from llm2trt.manifest import SourceInfo
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+TINY_PREFIX = "tiny:"
+TINY_SEED = 0
+DTYPES = ("fp32", "fp16", "bf16")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
+
+# transformers must never reach for a hub: every load is local.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise InputError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return table[name]
+
+
+def numpy_dtype_name(name: str) -> str:
+    return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[name]
+
+
+def tiny_names() -> list[str]:
+    return [TINY_PREFIX + spec.name for spec in all_specs()]
+
+
+@dataclass
+class ModelSource:
+    """A resolved model: its kind, where it lives, its config and the spec that exports it."""
+
+    kind: str  # tiny | hf | gguf
+    location: str  # tiny spec name, or absolute path
+    config: Any
+    spec: ExportSpec
+
+    @property
+    def display(self) -> str:
+        return TINY_PREFIX + self.location if self.kind == "tiny" else self.location
+
+    def weight_files(self) -> list[Path]:
+        if self.kind == "gguf":
+            return [Path(self.location)]
+        root = Path(self.location)
+        files = {root / "config.json"}
+        for pattern in _WEIGHT_PATTERNS:
+            files.update(root.glob(pattern))
+        return sorted(files)
+
+    def info(self) -> SourceInfo:
+        if self.kind == "tiny":
+            blob = json.dumps({"spec": self.location, "seed": TINY_SEED, "config": self.spec.tiny_config},
+                              sort_keys=True)
+            digest = hashlib.sha256(blob.encode()).hexdigest()
+        else:
+            with step(f"hashing {self.location}"):
+                root = Path(self.location) if self.kind == "hf" else None
+                digest = sha256_files(self.weight_files(), root)
+        return SourceInfo(kind=self.kind, location=self.location, sha256=digest)
+
+    def load(self, dtype: str = "fp32", attn_implementation: str = "sdpa") -> torch.nn.Module:
+        """The transformers model in eval mode, in `dtype`."""
+        import torch
+        import transformers
+
+        if attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise InputError(f"unknown attention implementation {attn_implementation!r}; "
+                             f"choose one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+        cls_name = self.spec.model_class(self.config)
+        cls = getattr(transformers, cls_name)
+        tdtype = torch_dtype(dtype)
+        with step(f"loading {self.display} ({cls_name}, {dtype})"):
+            try:
+                if self.kind == "tiny":
+                    torch.manual_seed(TINY_SEED)
+                    model = cls._from_config(self.config, attn_implementation=attn_implementation)
+                    model = model.to(tdtype)
+                elif self.kind == "gguf":
+                    path = Path(self.location)
+                    model = cls.from_pretrained(
+                        str(path.parent), gguf_file=path.name, dtype=tdtype,
+                        attn_implementation=attn_implementation, local_files_only=True,
+                    )
+                else:
+                    model = cls.from_pretrained(
+                        self.location, config=self.config, dtype=tdtype,
+                        attn_implementation=attn_implementation, local_files_only=True,
+                    )
+            except (OSError, ValueError, RuntimeError, KeyError) as exc:
+                raise InputError(f"cannot load weights of {self.display}: {_first_line(exc)}") from None
+        model.eval()
+        return model  # type: ignore[no-any-return]
+
+    def check_unchanged(self, recorded: SourceInfo) -> None:
+        """Refuse to compare against a source that changed since it was converted."""
+        now = self.info()
+        if now.sha256 != recorded.sha256:
+            raise InputError(f"model source {self.display} changed since it was converted "
+                             f"(sha256 {recorded.sha256[:12]} -> {now.sha256[:12]})")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"cannot read {path}: not a JSON object")
+    return data
+
+
+def _resolve_tiny(name: str) -> ModelSource:
+    arch = name[len(TINY_PREFIX):]
+    try:
+        spec = get_spec(arch)
+    except InputError:
+        raise InputError(f"unknown tiny model {name!r}; available: {', '.join(tiny_names())}") from None
+    return ModelSource("tiny", spec.name, spec.make_tiny_config(), spec)
+
+
+def _resolve_hf_dir(path: Path) -> ModelSource:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise InputError(f"{path} is not a Hugging Face model directory: config.json is missing")
+    raw = _read_json(config_path)
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str):
+        raise InputError(f"{config_path} has no model_type; cannot tell the architecture")
+    spec = spec_for_model_type(model_type)
+    if not any(path.glob(p) for p in _WEIGHT_PATTERNS):
+        raise InputError(f"no weights in {path} (expected *.safetensors or pytorch_model.bin)")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"cannot read {config_path}: {_first_line(exc)}") from None
+    spec.check_config(config)
+    return ModelSource("hf", str(path), config, spec)
+
+
+def _resolve_gguf(path: Path) -> ModelSource:
+    from transformers import AutoConfig
+
+    with step(f"reading GGUF metadata of {path.name}"):
+        try:
+            config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
+            raise InputError(f"cannot read GGUF file {path}: {_first_line(exc)}") from None
+        except ImportError as exc:
+            raise InputError(f"reading .gguf needs the gguf package (pip install 'llm2trt[gguf]'): {exc}") from None
+    spec = spec_for_model_type(config.model_type)
+    # GGUF weights come out dequantized; the export is a plain float model.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    spec.check_config(config)
+    return ModelSource("gguf", str(path), config, spec)
+
+
+def resolve_model(model: str) -> ModelSource:
+    """Turn a MODEL argument into a source, reading only its config."""
+    if model.startswith(TINY_PREFIX):
+        return _resolve_tiny(model)
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise InputError(f"model path does not exist: {model} (expected a directory, a .gguf file or "
+                         f"one of {', '.join(tiny_names())})")
+    path = path.resolve()
+    if path.is_dir():
+        return _resolve_hf_dir(path)
+    if path.suffix.lower() == ".gguf":
+        return _resolve_gguf(path)
+    raise InputError(f"unsupported model file {path}: expected a Hugging Face directory or a .gguf file")
+
+
+def source_from_info(info: SourceInfo) -> ModelSource:
+    """Re-open the source an artifact was converted from (for the PyTorch reference)."""
+    if info.kind == "tiny":
+        return _resolve_tiny(TINY_PREFIX + info.location)
+    if not Path(info.location).exists():
+        raise InputError(f"the model this artifact came from is gone: {info.location}")
+    return resolve_model(info.location)

@@ -1,0 +1,96 @@
+"""The one TensorRT adapter: full `tensorrt` when importable, else TensorRT for RTX (`tensorrt_rtx`).
+
+Both share TensorRT's Python API. What differs is written down here once, as capabilities:
+TensorRT-RTX builds ahead of time for a named compute capability (no GPU needed) but cannot host
+custom plugin layers, strip weights, refit, or use a timing cache (measured: ENVIRONMENT.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llm2trt.errors import BackendError, InputError
+
+BACKENDS = ("tensorrt", "tensorrt_rtx")
+# Compute capabilities TensorRT-RTX builds for ahead of time.
+RTX_COMPUTE_CAPABILITIES = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
+# Features full TensorRT has and TensorRT-RTX refuses or breaks on.
+FULL_TRT_ONLY = {
+    "plugins": "custom plugin layers",
+    "strip_weights": "weight-stripped engines (--strip-weights)",
+    "refit": "refitting engines",
+    "timing_cache": "timing caches (--timing-cache)",
+}
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # tensorrt | tensorrt_rtx
+    version: str
+    module: Any
+
+    @property
+    def is_rtx(self) -> bool:
+        return self.name == "tensorrt_rtx"
+
+    def supports(self, feature: str) -> bool:
+        if feature in FULL_TRT_ONLY:
+            return not self.is_rtx
+        if feature == "compute_capability":
+            return self.is_rtx
+        raise KeyError(feature)
+
+    def require(self, feature: str) -> None:
+        if not self.supports(feature):
+            what = FULL_TRT_ONLY.get(feature, feature)
+            raise BackendError(f"{what} need full TensorRT; this build uses TensorRT-RTX {self.version}, "
+                               "which cannot do that")
+
+
+def _import(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except (ImportError, OSError):
+        return None
+
+
+def load_backend(name: str = "auto") -> Backend:
+    """Import the TensorRT module: `auto` prefers full TensorRT, then TensorRT-RTX."""
+    if name not in ("auto", *BACKENDS):
+        raise InputError(f"unknown backend {name!r}; choose auto, {', '.join(BACKENDS)}")
+    for candidate in BACKENDS if name == "auto" else (name,):
+        module = _import(candidate)
+        if module is not None and hasattr(module, "Builder"):
+            return Backend(candidate, str(getattr(module, "__version__", "unknown")), module)
+    if name == "auto":
+        raise BackendError("no TensorRT found: install TensorRT, or TensorRT for RTX with "
+                           "`pip install 'llm2trt[rtx]'`")
+    raise BackendError(f"backend {name} is not importable here")
+
+
+def gpu_visible() -> bool:
+    """A cheap check that a CUDA device exists (no CUDA context is created)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return Path("/dev/nvidiactl").exists() or Path("/dev/dxg").exists()
+
+
+def resolve_compute_capability(backend: Backend, requested: str | None) -> str | None:
+    """The compute capability to build for, or None for "the GPU this runs on"."""
+    if requested is None:
+        if backend.is_rtx and not gpu_visible():
+            raise InputError("no GPU here to build for: pass --compute-capability (one of "
+                             f"{', '.join(RTX_COMPUTE_CAPABILITIES)}) to build ahead of time")
+        return None
+    cc = requested.lower()
+    if not backend.is_rtx:
+        raise InputError("--compute-capability is a TensorRT-RTX option: full TensorRT builds for the GPU "
+                         "it runs on")
+    if cc not in RTX_COMPUTE_CAPABILITIES:
+        raise InputError(f"unsupported compute capability {requested!r}; TensorRT-RTX {backend.version} builds for "
+                         f"{', '.join(RTX_COMPUTE_CAPABILITIES)}")
+    return cc

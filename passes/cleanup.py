@@ -1,0 +1,144 @@
+"""Cleanup passes: constant folding, identity and dead-node removal, shape inference."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import ClassVar
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from llm2trt.passes.core import GraphPass, Model, PassResult
+
+logger = logging.getLogger(__name__)
+
+# Weights at least this large are hidden from shape inference (it only needs their dims), which
+# keeps the serialized graph far below protobuf's 2 GB limit for big models.
+_STASH_BYTES = 1024
+
+
+@contextlib.contextmanager
+def gs_quiet() -> Iterator[None]:
+    """onnx-graphsurgeon logs to stdout; stdout belongs to --json."""
+    old = gs.logger.G_LOGGER.severity
+    gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+    try:
+        yield
+    finally:
+        gs.logger.G_LOGGER.severity = old
+
+
+class ConstantFolding(GraphPass):
+    """Evaluate everything that does not depend on graph inputs (shape arithmetic included)."""
+
+    name = "constant_folding"
+
+    def run(self, model: Model) -> PassResult:
+        graph = model.graph
+        before = len(graph.nodes)
+        with gs_quiet():
+            graph.fold_constants(fold_shapes=True, error_ok=True)
+            graph.cleanup(remove_unused_graph_inputs=False)
+        folded = before - len(graph.nodes)
+        return PassResult(modified=folded > 0, counts={"folded_nodes": folded})
+
+
+class IdentityElimination(GraphPass):
+    """Drop Identity nodes, wiring their consumers to the input."""
+
+    name = "identity_elimination"
+
+    def run(self, model: Model) -> PassResult:
+        graph = model.graph
+        outputs = {t.name for t in graph.outputs}
+        removed = 0
+        for node in list(graph.nodes):
+            if node.op != "Identity" or len(node.inputs) != 1:
+                continue
+            src, dst = node.inputs[0], node.outputs[0]
+            if dst.name in outputs:
+                if src.name in outputs or src in graph.inputs or isinstance(src, gs.Constant):
+                    continue  # the graph output needs a producer of its own
+                # Keep the graph output's name: rename the producer's output instead.
+                producer = src.inputs[0] if src.inputs else None
+                if producer is None:
+                    continue
+                producer.outputs[producer.outputs.index(src)] = dst
+                for consumer in list(src.outputs):
+                    consumer.inputs[:] = [dst if t is src else t for t in consumer.inputs]
+            else:
+                for consumer in list(dst.outputs):
+                    consumer.inputs[:] = [src if t is dst else t for t in consumer.inputs]
+            node.inputs.clear()
+            node.outputs.clear()
+            removed += 1
+        if removed:
+            graph.cleanup(remove_unused_graph_inputs=False)
+        return PassResult(modified=removed > 0, counts={"identities_removed": removed})
+
+
+class DeadNodeElimination(GraphPass):
+    """Remove nodes and weights nothing reads."""
+
+    name = "dead_node_elimination"
+    runs_after: ClassVar[tuple[str, ...]] = ("constant_folding", "identity_elimination")
+
+    def run(self, model: Model) -> PassResult:
+        graph = model.graph
+        nodes = len(graph.nodes)
+        weights = sum(1 for t in graph.tensors().values() if isinstance(t, gs.Constant))
+        graph.cleanup(remove_unused_graph_inputs=False)
+        removed_nodes = nodes - len(graph.nodes)
+        removed_weights = weights - sum(1 for t in graph.tensors().values() if isinstance(t, gs.Constant))
+        return PassResult(modified=bool(removed_nodes or removed_weights),
+                          counts={"nodes_removed": removed_nodes, "weights_removed": removed_weights})
+
+
+class ShapeInference(GraphPass):
+    """ONNX shape inference; records dtype and shape on every tensor it can type."""
+
+    name = "shape_inference"
+
+    def run(self, model: Model) -> PassResult:
+        graph = model.graph
+        proto = gs.export_onnx(graph, do_type_check=False)
+        stashed: list[tuple[onnx.TensorProto, bytes]] = []
+        for tensor in proto.graph.initializer:
+            if tensor.HasField("raw_data") and len(tensor.raw_data) >= _STASH_BYTES:
+                stashed.append((tensor, tensor.raw_data))
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                entry = tensor.external_data.add()
+                entry.key, entry.value = "location", "stashed-by-llm2trt"
+        try:
+            inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+        except onnx.shape_inference.InferenceError as exc:
+            return PassResult(modified=False, counts={"typed_tensors": 0}, notes=[f"shape inference failed: {exc}"])
+        finally:
+            for tensor, raw in stashed:
+                del tensor.external_data[:]
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                tensor.raw_data = raw
+        tensors = graph.tensors()
+        typed = 0
+        for info in inferred.graph.value_info:
+            tensor = tensors.get(info.name)
+            if not isinstance(tensor, gs.Variable) or not info.type.HasField("tensor_type"):
+                continue
+            ttype = info.type.tensor_type
+            changed = False
+            if tensor.dtype is None and ttype.elem_type:
+                tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+                changed = True
+            if tensor.shape is None and ttype.HasField("shape"):
+                tensor.shape = [d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value")
+                                else gs.Tensor.DYNAMIC) for d in ttype.shape.dim]
+                changed = True
+            typed += changed
+        return PassResult(modified=typed > 0, counts={"typed_tensors": typed})
+
+
+def cleanup_passes() -> list[GraphPass]:
+    return [ConstantFolding(), IdentityElimination(), DeadNodeElimination(), ShapeInference()]
