@@ -81,10 +81,8 @@ class ExportSpec:
         ranges = {}
         limit = self.position_limit(config)
         for dim, (lo, opt, hi) in self.default_dims.items():
-            if dim == SEQUENCE and limit:
-                hi = min(hi, int(limit))
-                opt = min(opt, hi)
-            ranges[dim] = DimRange(lo, opt, hi)
+            cap = int(limit) if dim == SEQUENCE and limit else hi
+            ranges[dim] = DimRange(lo, min(opt, cap), min(hi, cap))
         return ranges
 
     # -- what the exporter feeds it ----------------------------------------------------------

@@ -12,8 +12,12 @@ class BertSpec(TextEncoderSpec):
     model_types = ("bert",)
     config_class = "BertConfig"
     tiny_config: ClassVar[dict[str, Any]] = {
-        "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
-        "num_attention_heads": 4, "max_position_embeddings": 256, "vocab_size": 1000,
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 256,
+        "vocab_size": 1000,
         "type_vocab_size": 2,
     }
     classes: ClassVar[dict[str, TaskDecl]] = {

@@ -12,7 +12,11 @@ class GPT2Spec(DecoderSpec):
     model_types = ("gpt2",)
     config_class = "GPT2Config"
     tiny_config: ClassVar[dict[str, Any]] = {
-        "n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 256, "vocab_size": 1000,
+        "n_layer": 2,
+        "n_embd": 64,
+        "n_head": 4,
+        "n_positions": 256,
+        "vocab_size": 1000,
     }
     classes: ClassVar[dict[str, TaskDecl]] = {
         "GPT2LMHeadModel": TaskDecl("text-generation", ("logits",)),

@@ -16,9 +16,14 @@ class LlamaSpec(DecoderSpec):
     model_types = ("llama", "mistral", "qwen2")
     config_class = "LlamaConfig"
     tiny_config: ClassVar[dict[str, Any]] = {
-        "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
-        "num_attention_heads": 4, "num_key_value_heads": 2,  # GQA: fewer KV heads than heads
-        "max_position_embeddings": 256, "vocab_size": 1000, "rope_theta": 10000.0,
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,  # GQA: fewer KV heads than heads
+        "max_position_embeddings": 256,
+        "vocab_size": 1000,
+        "rope_theta": 10000.0,
         "tie_word_embeddings": False,
     }
     classes: ClassVar[dict[str, TaskDecl]] = {
@@ -38,5 +43,7 @@ class LlamaSpec(DecoderSpec):
 
     def check_config(self, config: Any) -> None:
         heads, kv_heads = int(config.num_attention_heads), int(config.num_key_value_heads or 1)
-        require(heads % kv_heads == 0, f"num_attention_heads ({heads}) is not a multiple of "
-                f"num_key_value_heads ({kv_heads})")
+        require(
+            heads % kv_heads == 0,
+            f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})",
+        )

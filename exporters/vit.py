@@ -12,8 +12,13 @@ class ViTSpec(VisionEncoderSpec):
     model_types = ("vit",)
     config_class = "ViTConfig"
     tiny_config: ClassVar[dict[str, Any]] = {
-        "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
-        "num_attention_heads": 4, "image_size": 32, "patch_size": 8, "num_channels": 3,
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "image_size": 32,
+        "patch_size": 8,
+        "num_channels": 3,
         "num_labels": 10,
     }
     classes: ClassVar[dict[str, TaskDecl]] = {

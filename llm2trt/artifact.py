@@ -46,8 +46,12 @@ def check_output(out: Path, force: bool, reads: Iterable[Path] = ()) -> Path:
     existing = parent
     while not existing.exists():
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"output directory {out} is not writable ({existing}: permission denied)")
+    if not existing.is_dir():
+        raise InputError(f"output directory {out} is not writable ({existing} is not a directory)")
+    try:  # a real probe: permission bits do not bind root, and some filesystems refuse anyway
+        os.rmdir(tempfile.mkdtemp(prefix=".llm2trt-probe-", dir=existing))
+    except OSError as exc:
+        raise InputError(f"output directory {out} is not writable ({existing}: {exc.strerror or exc})") from None
     return out
 
 
@@ -59,7 +63,7 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as exc:
-        raise InputError(f"cannot write to {out.parent}: {exc.strerror or exc}") from None
+        raise InputError(f"output directory {out} is not writable ({exc.strerror or exc})") from None
     try:
         yield stage
     except BaseException:
@@ -148,8 +152,8 @@ def load_onnx(path: Path, with_weights: bool = True) -> onnx.ModelProto:
     if with_weights:
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
-        except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read the external weights of {path}: {exc}") from None
+        except Exception as exc:  # onnx raises OSError, ValueError or its C++ ValidationError
+            raise InputError(f"cannot read the external weights of {path}: {str(exc).strip()[:300]}") from None
     return model
 
 

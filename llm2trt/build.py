@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from llm2trt.artifact import check_artifact_files, check_output, staged_output
+from llm2trt.artifact import check_artifact_files, check_output, load_onnx, staged_output
 from llm2trt.errors import BackendError, InputError
 from llm2trt.manifest import BUILD_NAME, ENGINE_NAME, DimRange, Manifest, PassRecord
 from llm2trt.trt import load_backend, resolve_compute_capability
@@ -62,13 +62,16 @@ def _run_worker(request: dict[str, Any], scratch: Path) -> dict[str, Any]:
     request_path.write_text(json.dumps(request))
     proc = subprocess.Popen(
         [sys.executable, "-m", "llm2trt.trt_worker", str(request_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
     )
     tail: deque[str] = deque(maxlen=40)
     phase = "parse"
     for line in proc.stderr or ():
         if line.startswith("[llm2trt] "):
-            message = line[len("[llm2trt] "):].rstrip()
+            message = line[len("[llm2trt] ") :].rstrip()
             if message.startswith("TensorRT parsed"):
                 phase = "build"
             logger.info("%s", message)
@@ -78,8 +81,10 @@ def _run_worker(request: dict[str, Any], scratch: Path) -> dict[str, Any]:
     if code < 0:
         name = signal.Signals(-code).name
         native = next((t for t in reversed(tail) if "Traceback" not in t), "")
-        raise BackendError(f"TensorRT crashed ({name}) while it {'parsed' if phase == 'parse' else 'built'} "
-                           f"{request['onnx']}" + (f": {native}" if native else ""))
+        raise BackendError(
+            f"TensorRT crashed ({name}) while it {'parsed' if phase == 'parse' else 'built'} "
+            f"{request['onnx']}" + (f": {native}" if native else "")
+        )
     if not result_path.exists():
         last = tail[-1] if tail else f"exit code {code}"
         raise BackendError(f"TensorRT {phase} failed: {last}")
@@ -90,12 +95,21 @@ def _run_worker(request: dict[str, Any], scratch: Path) -> dict[str, Any]:
     return result
 
 
-def build(artifact: Path, out: Path, *, compute_capability: str | None = None,
-          profile: tuple[str, ...] | list[str] = (), timing_cache: Path | None = None,
-          strip_weights: bool = False, backend: str = "auto", force: bool = False,
-          verbosity: int = 0) -> dict[str, Any]:
+def build(
+    artifact: Path,
+    out: Path,
+    *,
+    compute_capability: str | None = None,
+    profile: tuple[str, ...] | list[str] = (),
+    timing_cache: Path | None = None,
+    strip_weights: bool = False,
+    backend: str = "auto",
+    force: bool = False,
+    verbosity: int = 0,
+) -> dict[str, Any]:
     manifest = Manifest.read(artifact)
     onnx_path = check_artifact_files(artifact)
+    load_onnx(onnx_path, with_weights=False)  # a clear error for a corrupt file before TensorRT sees it
     trt_backend = load_backend(backend)
     if timing_cache is not None:
         trt_backend.require("timing_cache")
@@ -105,17 +119,24 @@ def build(artifact: Path, out: Path, *, compute_capability: str | None = None,
     dims = {**manifest.dynamic_dims, **parse_dim_overrides(profile)}
     unknown = set(parse_dim_overrides(profile)) - {d for t in manifest.inputs for d in t.symbolic_dims()}
     if unknown:
-        raise InputError(f"--profile names unknown dims {sorted(unknown)}; this model's dims are "
-                         f"{sorted({d for t in manifest.inputs for d in t.symbolic_dims()})}")
+        raise InputError(
+            f"--profile names unknown dims {sorted(unknown)}; this model's dims are "
+            f"{sorted({d for t in manifest.inputs for d in t.symbolic_dims()})}"
+        )
     shapes = profile_shapes(manifest, dims)
     check_output(out, force, reads=[artifact])
     with staged_output(out, force) as stage:
         scratch = stage / ".worker"
         scratch.mkdir()
         request = {
-            "backend": trt_backend.name, "onnx": str(onnx_path.resolve()), "engine": str(stage / ENGINE_NAME),
-            "profiles": [shapes], "compute_capability": cc, "strip_weights": strip_weights,
-            "timing_cache": str(timing_cache.resolve()) if timing_cache else None, "verbosity": verbosity,
+            "backend": trt_backend.name,
+            "onnx": str(onnx_path.resolve()),
+            "engine": str(stage / ENGINE_NAME),
+            "profiles": [shapes],
+            "compute_capability": cc,
+            "strip_weights": strip_weights,
+            "timing_cache": str(timing_cache.resolve()) if timing_cache else None,
+            "verbosity": verbosity,
         }
         start = time.perf_counter()
         result = _run_worker(request, scratch)
@@ -126,11 +147,12 @@ def build(artifact: Path, out: Path, *, compute_capability: str | None = None,
             "precision": manifest.dtype,
             "strongly_typed": True,
             "compute_capability": cc or "current-gpu",
-            "dims": {name: asdict(rng) for name, rng in dims.items() if name in
-                     {d for t in manifest.inputs for d in t.symbolic_dims()}},
-            "optimization_profiles": [
-                {name: {"min": s[0], "opt": s[1], "max": s[2]} for name, s in shapes.items()}
-            ],
+            "dims": {
+                name: asdict(rng)
+                for name, rng in dims.items()
+                if name in {d for t in manifest.inputs for d in t.symbolic_dims()}
+            },
+            "optimization_profiles": [{name: {"min": s[0], "opt": s[1], "max": s[2]} for name, s in shapes.items()}],
             "plugins": [],
             "timing_cache": result["timing_cache"],
             "strip_weights": strip_weights,
@@ -143,8 +165,9 @@ def build(artifact: Path, out: Path, *, compute_capability: str | None = None,
             "fusions": manifest.fusions,
         }
         (stage / BUILD_NAME).write_text(json.dumps(info, indent=2) + "\n")
-        record = PassRecord("tensorrt_build", True, {"network_layers": result["layers"]},
-                            result["build_seconds"], stage="build")
+        record = PassRecord(
+            "tensorrt_build", True, {"network_layers": result["layers"]}, result["build_seconds"], stage="build"
+        )
         engine_manifest = manifest.with_passes([record])
         engine_manifest.files = {**manifest.files, "engine": ENGINE_NAME, "onnx_dir": str(artifact.resolve())}
         engine_manifest.write(stage)

@@ -72,8 +72,11 @@ def common_options(fn: F) -> F:
         except Exception as exc:  # a bug of ours: still one line, the traceback on request
             if verbosity >= 2:
                 traceback.print_exc()
-            _fail(ctx, f"internal error: {type(exc).__name__}: {str(exc).strip()[:500]} (rerun with -vv for the "
-                  "traceback)", 3)
+            _fail(
+                ctx,
+                f"internal error: {type(exc).__name__}: {str(exc).strip()[:500]} (rerun with -vv for the traceback)",
+                3,
+            )
 
     return wrapper  # type: ignore[return-value]
 
@@ -113,14 +116,23 @@ def cli() -> None:
 @cli.command()
 @click.argument("model")
 @output_options
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="Weights and activations dtype of the exported graph (engines are strongly typed).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="Weights and activations dtype of the exported graph (engines are strongly typed).",
+)
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset of the export.")
-@click.option("--attn-implementation", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True,
-              help="transformers attention implementation traced into the graph.")
+@click.option(
+    "--attn-implementation",
+    type=click.Choice(["sdpa", "eager"]),
+    default="sdpa",
+    show_default=True,
+    help="transformers attention implementation traced into the graph.",
+)
 @common_options
-def convert(ctx: Context, model: str, out: Path, force: bool, dtype: str, opset: int,
-            attn_implementation: str) -> None:
+def convert(ctx: Context, model: str, out: Path, force: bool, dtype: str, opset: int, attn_implementation: str) -> None:
     """Export MODEL (a Hugging Face directory, a .gguf file or tiny:gpt2|llama|bert|vit) to ONNX."""
     from llm2trt.artifact import check_output
     from llm2trt.export import convert as run_convert
@@ -128,18 +140,23 @@ def convert(ctx: Context, model: str, out: Path, force: bool, dtype: str, opset:
 
     check_output(out, force)
     source = resolve_model(model)
-    manifest = run_convert(source, out, dtype=dtype, opset=opset, attn_implementation=attn_implementation,
-                           force=force)
-    ctx.emit({"ok": True, "output": str(out), "manifest": manifest.to_dict()},
-             f"converted {source.display} -> {out} ({manifest.architecture}, {manifest.task}, {dtype}, "
-             f"{sum(manifest.op_counts.values())} nodes)")
+    manifest = run_convert(source, out, dtype=dtype, opset=opset, attn_implementation=attn_implementation, force=force)
+    ctx.emit(
+        {"ok": True, "output": str(out), "manifest": manifest.to_dict()},
+        f"converted {source.display} -> {out} ({manifest.architecture}, {manifest.task}, {dtype}, "
+        f"{sum(manifest.op_counts.values())} nodes)",
+    )
 
 
 @cli.command()
 @click.argument("artifact", type=PATH)
 @output_options
-@click.option("--check/--no-check", default=True, show_default=True,
-              help="Run input and optimized graphs in ONNX Runtime and fail if they diverge.")
+@click.option(
+    "--check/--no-check",
+    default=True,
+    show_default=True,
+    help="Run input and optimized graphs in ONNX Runtime and fail if they diverge.",
+)
 @common_options
 def optimize(ctx: Context, artifact: Path, out: Path, force: bool, check: bool) -> None:
     """Run the pass pipeline over ARTIFACT and write the result to OUT."""
@@ -162,55 +179,111 @@ def optimize(ctx: Context, artifact: Path, out: Path, force: bool, check: bool) 
 @cli.command()
 @click.argument("artifact", type=PATH)
 @output_options
-@click.option("--compute-capability", metavar="SM",
-              help="Build ahead of time for this GPU (TensorRT-RTX: sm75 sm80 sm86 sm89 sm120 sm121).")
-@click.option("--profile", multiple=True, metavar="DIM=MIN:OPT:MAX",
-              help="Override a dynamic dim's optimization-profile range, e.g. sequence=1:256:2048.")
+@click.option(
+    "--compute-capability",
+    metavar="SM",
+    help="Build ahead of time for this GPU (TensorRT-RTX: sm75 sm80 sm86 sm89 sm120 sm121).",
+)
+@click.option(
+    "--profile",
+    multiple=True,
+    metavar="DIM=MIN:OPT:MAX",
+    help="Override a dynamic dim's optimization-profile range, e.g. sequence=1:256:2048.",
+)
 @click.option("--timing-cache", type=PATH, help="Timing cache file to read and update (full TensorRT).")
 @click.option("--strip-weights", is_flag=True, help="Build a weight-stripped engine (full TensorRT).")
-@click.option("--backend", type=click.Choice(["auto", "tensorrt", "tensorrt_rtx"]), default="auto",
-              show_default=True, help="TensorRT flavour; auto prefers full TensorRT.")
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "tensorrt", "tensorrt_rtx"]),
+    default="auto",
+    show_default=True,
+    help="TensorRT flavour; auto prefers full TensorRT.",
+)
 @common_options
-def build(ctx: Context, artifact: Path, out: Path, force: bool, compute_capability: str | None,
-          profile: tuple[str, ...], timing_cache: Path | None, strip_weights: bool, backend: str) -> None:
+def build(
+    ctx: Context,
+    artifact: Path,
+    out: Path,
+    force: bool,
+    compute_capability: str | None,
+    profile: tuple[str, ...],
+    timing_cache: Path | None,
+    strip_weights: bool,
+    backend: str,
+) -> None:
     """Compile ARTIFACT into a TensorRT engine in OUT (model.engine, build.json)."""
     from llm2trt.build import build as run_build
 
-    info = run_build(artifact, out, compute_capability=compute_capability, profile=profile,
-                     timing_cache=timing_cache, strip_weights=strip_weights, backend=backend, force=force,
-                     verbosity=ctx.verbosity)
-    ctx.emit({"ok": True, "output": str(out), **info},
-             f"built {out}/model.engine with {info['backend']} {info['backend_version']} for "
-             f"{info['compute_capability']}: {info['network_layers']} layers, "
-             f"{info['engine_bytes'] / 1e6:.1f} MB in {info['build_seconds']:.1f} s")
+    info = run_build(
+        artifact,
+        out,
+        compute_capability=compute_capability,
+        profile=profile,
+        timing_cache=timing_cache,
+        strip_weights=strip_weights,
+        backend=backend,
+        force=force,
+        verbosity=ctx.verbosity,
+    )
+    ctx.emit(
+        {"ok": True, "output": str(out), **info},
+        f"built {out}/model.engine with {info['backend']} {info['backend_version']} for "
+        f"{info['compute_capability']}: {info['network_layers']} layers, "
+        f"{info['engine_bytes'] / 1e6:.1f} MB in {info['build_seconds']:.1f} s",
+    )
 
 
 @cli.command()
 @click.argument("artifact", type=PATH)
-@click.option("--runners", default="torch,ort", show_default=True,
-              help="Comma-separated runners; the first is the reference (torch, ort, trt).")
+@click.option(
+    "--runners",
+    default="torch,ort",
+    show_default=True,
+    help="Comma-separated runners; the first is the reference (torch, ort, trt).",
+)
 @click.option("--atol", type=float, help="Absolute tolerance (default: rtol x max|reference| per output).")
 @click.option("--rtol", type=float, help="Relative tolerance (default by dtype: fp32 1e-4, fp16 1e-2, bf16 5e-2).")
 @click.option("--batch", type=click.IntRange(1), default=3, show_default=True, help="Batch of the sample inputs.")
-@click.option("--sequence", type=click.IntRange(1), default=12, show_default=True,
-              help="Sequence length of the sample inputs.")
+@click.option(
+    "--sequence", type=click.IntRange(1), default=12, show_default=True, help="Sequence length of the sample inputs."
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample inputs.")
 @common_options
-def compare(ctx: Context, artifact: Path, runners: str, atol: float | None, rtol: float | None, batch: int,
-            sequence: int, seed: int) -> None:
+def compare(
+    ctx: Context,
+    artifact: Path,
+    runners: str,
+    atol: float | None,
+    rtol: float | None,
+    batch: int,
+    sequence: int,
+    seed: int,
+) -> None:
     """Compare ARTIFACT's outputs between runners (PyTorch is the reference); exit 1 on a breach."""
     from llm2trt.compare import compare as run_compare
     from llm2trt.errors import CheckFailed
 
-    result = run_compare(artifact, [r.strip() for r in runners.split(",") if r.strip()], batch=batch,
-                         sequence=sequence, seed=seed, atol=atol, rtol=rtol, verbosity=ctx.verbosity)
+    result = run_compare(
+        artifact,
+        [r.strip() for r in runners.split(",") if r.strip()],
+        batch=batch,
+        sequence=sequence,
+        seed=seed,
+        atol=atol,
+        rtol=rtol,
+        verbosity=ctx.verbosity,
+    )
     verdict = "PASS" if result.passed else "FAIL"
-    ctx.emit(result.to_dict(), f"{result.table()}\n{verdict}: {result.main_output} max relative error "
-             f"{result.main_error():.2e}")
+    ctx.emit(
+        result.to_dict(),
+        f"{result.table()}\n{verdict}: {result.main_output} max relative error {result.main_error():.2e}",
+    )
     if not result.passed:
         breach = result.first_breach() or {}
-        raise CheckFailed(f"{breach.get('onnx_tensor')} differs between {','.join(result.runners)} beyond "
-                          f"tolerance (max relative error {breach.get('max_rel_err', float('nan')):.2e})")
+        raise CheckFailed(
+            f"{breach.get('onnx_tensor')} differs between {','.join(result.runners)} beyond "
+            f"tolerance (max relative error {breach.get('max_rel_err', float('nan')):.2e})"
+        )
 
 
 @cli.command(name="inspect")

@@ -58,8 +58,7 @@ class CompareResult:
     def first_breach(self) -> dict[str, Any] | None:
         for row in self.rows:
             if not row.passed:
-                return {"onnx_tensor": row.output, "module": None, "runner": row.runner,
-                        "max_rel_err": row.max_rel_err}
+                return {"onnx_tensor": row.output, "module": None, "runner": row.runner, "max_rel_err": row.max_rel_err}
         return None
 
     def main_error(self) -> float:
@@ -85,8 +84,18 @@ class CompareResult:
             status = "ok" if r.passed else "FAIL"
             if not r.passed and not breach_seen:
                 status, breach_seen = "FAIL <- first breach", True
-            lines.append((r.reference, r.runner, r.output, "x".join(map(str, r.shape)),
-                          f"{r.max_abs_err:.3e}", f"{r.max_rel_err:.3e}", f"{r.rtol:.0e}", status))
+            lines.append(
+                (
+                    r.reference,
+                    r.runner,
+                    r.output,
+                    "x".join(map(str, r.shape)),
+                    f"{r.max_abs_err:.3e}",
+                    f"{r.max_rel_err:.3e}",
+                    f"{r.rtol:.0e}",
+                    status,
+                )
+            )
         widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in lines)
 
@@ -120,17 +129,26 @@ def _to_float_array(value: Any) -> np.ndarray:
     return np.asarray(value).astype(np.float64)
 
 
-def compare(artifact: Path, runners: list[str] | None = None, *, batch: int = DEFAULT_BATCH,
-            sequence: int = DEFAULT_SEQUENCE, seed: int = 0, atol: float | None = None,
-            rtol: float | None = None, verbosity: int = 0) -> CompareResult:
+def compare(
+    artifact: Path,
+    runners: list[str] | None = None,
+    *,
+    batch: int = DEFAULT_BATCH,
+    sequence: int = DEFAULT_SEQUENCE,
+    seed: int = 0,
+    atol: float | None = None,
+    rtol: float | None = None,
+    verbosity: int = 0,
+) -> CompareResult:
     from llm2trt.export import sample_tensors
     from llm2trt.runners import RUNNERS, ort_runner, torch_runner, trt_runner
 
     runners = runners or ["torch", "ort"]
     unknown = [r for r in runners if r not in RUNNERS]
     if unknown or len(runners) < 2 or len(set(runners)) != len(runners):
-        raise InputError(f"--runners takes two or more distinct names from {', '.join(RUNNERS)} "
-                         f"(got {','.join(runners)})")
+        raise InputError(
+            f"--runners takes two or more distinct names from {', '.join(RUNNERS)} (got {','.join(runners)})"
+        )
     manifest = Manifest.read(artifact)
     onnx_path = onnx_path_of(artifact, manifest)
     spec, config = manifest.spec_and_config()
@@ -159,8 +177,7 @@ def compare(artifact: Path, runners: list[str] | None = None, *, batch: int = DE
         except (RuntimeError, ValueError) as exc:  # onnxruntime / torch errors surface as these
             raise BackendError(f"a runner failed: {type(exc).__name__}: {str(exc).strip()[:300]}") from None
         reference = dict(run_results[0][1][0])
-        scales = {name: float(np.abs(_to_float_array(v)).max()) if np.size(v) else 0.0
-                  for name, v in reference.items()}
+        scales = {name: float(np.abs(_to_float_array(v)).max()) if np.size(v) else 0.0 for name, v in reference.items()}
         atols = {name: (atol if atol is not None else rtol * max(scale, 1e-30)) for name, scale in scales.items()}
         func = CompareFunc.simple(atol=atols, rtol=rtol, check_error_stat="elemwise")
         accuracy = Comparator.compare_accuracy(run_results, compare_func=func)
@@ -178,12 +195,18 @@ def compare(artifact: Path, runners: list[str] | None = None, *, batch: int = DE
                 continue
             res = per_output[output]
             scale = scales[output]
-            result.rows.append(OutputResult(
-                reference=ref_name, runner=runner_name, output=output,
-                shape=list(np.shape(other[output])), max_abs_err=float(res.max_absdiff),
-                max_rel_err=float(res.max_absdiff) / scale if scale > 0 else float(res.max_absdiff),
-                elementwise_max_rel_err=float(res.max_reldiff), atol=atols[output], rtol=rtol,
-                passed=bool(res),
-            ))
+            result.rows.append(
+                OutputResult(
+                    reference=ref_name,
+                    runner=runner_name,
+                    output=output,
+                    shape=list(np.shape(other[output])),
+                    max_abs_err=float(res.max_absdiff),
+                    max_rel_err=float(res.max_absdiff) / scale if scale > 0 else float(res.max_absdiff),
+                    elementwise_max_rel_err=float(res.max_reldiff),
+                    atol=atols[output],
+                    rtol=rtol,
+                    passed=bool(res),
+                )
+            )
     return result
-

@@ -11,7 +11,7 @@ import shutil
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import onnx
@@ -22,6 +22,7 @@ from llm2trt.exporters import ExportSpec
 from llm2trt.log import step
 from llm2trt.manifest import Manifest, TensorSpec
 from llm2trt.models import ModelSource, numpy_dtype_name, torch_dtype
+from llm2trt.patches import additive_sdpa_masks
 
 if TYPE_CHECKING:
     import torch
@@ -35,8 +36,9 @@ OPSETS = range(14, 21)
 TRACE_BATCH, TRACE_SEQUENCE = 2, 8
 
 
-def _export_module(model: torch.nn.Module, input_names: list[str], output_names: list[str],
-                   forward_kwargs: dict[str, Any]) -> torch.nn.Module:
+def _export_module(
+    model: torch.nn.Module, input_names: list[str], output_names: list[str], forward_kwargs: dict[str, Any]
+) -> torch.nn.Module:
     """Wrap a transformers model so tensors go in positionally and a tuple comes out."""
     import torch
 
@@ -53,17 +55,18 @@ def _export_module(model: torch.nn.Module, input_names: list[str], output_names:
     return ExportWrapper().eval()
 
 
-def sample_tensors(spec: ExportSpec, config: Any, inputs: list[TensorSpec], batch: int, sequence: int,
-                   seed: int = 0) -> dict[str, np.ndarray]:
+def sample_tensors(
+    spec: ExportSpec, config: Any, inputs: list[TensorSpec], batch: int, sequence: int, seed: int = 0
+) -> dict[str, np.ndarray]:
     """The spec's sample inputs, float ones cast to the graph's input dtype."""
     feeds = spec.sample_inputs(config, batch, sequence, seed)
-    for spec in inputs:
-        if spec.dtype == "bfloat16":
+    for tensor in inputs:
+        if tensor.dtype == "bfloat16":
             import ml_dtypes
 
-            feeds[spec.name] = feeds[spec.name].astype(ml_dtypes.bfloat16)
+            feeds[tensor.name] = feeds[tensor.name].astype(ml_dtypes.bfloat16)
         else:
-            feeds[spec.name] = feeds[spec.name].astype(spec.dtype)
+            feeds[tensor.name] = feeds[tensor.name].astype(tensor.dtype)
     return feeds
 
 
@@ -75,19 +78,29 @@ def to_torch(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def _torchscript_export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path,
-                        inputs: list[TensorSpec], outputs: list[TensorSpec], opset: int) -> None:
+def _torchscript_export(
+    module: torch.nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    opset: int,
+) -> None:
     import torch
 
-    dynamic_axes = {
-        t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in [*inputs, *outputs]
-    }
-    with warnings.catch_warnings():
+    dynamic_axes = {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in [*inputs, *outputs]}
+    with warnings.catch_warnings(), additive_sdpa_masks():
         warnings.simplefilter("ignore")  # TracerWarnings and the exporter's deprecation notice
         torch.onnx.export(
-            module, args, str(path), dynamo=False, opset_version=opset,
-            input_names=[t.name for t in inputs], output_names=[t.name for t in outputs],
-            dynamic_axes=dynamic_axes, do_constant_folding=True,
+            module,
+            args,
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[t.name for t in inputs],
+            output_names=[t.name for t in outputs],
+            dynamic_axes=dynamic_axes,
+            do_constant_folding=True,
         )
 
 
@@ -119,14 +132,22 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def convert(source: ModelSource, out: Path, *, dtype: str = "fp32", opset: int = DEFAULT_OPSET,
-            attn_implementation: str = "sdpa", force: bool = False) -> Manifest:
+def convert(
+    source: ModelSource,
+    out: Path,
+    *,
+    dtype: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    attn_implementation: str = "sdpa",
+    force: bool = False,
+) -> Manifest:
     """Export `source` into the artifact directory `out`."""
-    import torch
 
     if opset not in OPSETS:
-        raise InputError(f"opset {opset} is outside what the TorchScript exporter supports "
-                         f"({OPSETS.start}-{OPSETS.stop - 1}); fused opset-23 ops come from `optimize`")
+        raise InputError(
+            f"opset {opset} is outside what the TorchScript exporter supports "
+            f"({OPSETS.start}-{OPSETS.stop - 1}); fused opset-23 ops come from `optimize`"
+        )
     torch_dtype(dtype)  # validates the name before any slow work
     spec, config = source.spec, source.config
     float_dtype = numpy_dtype_name(dtype)
@@ -134,9 +155,8 @@ def convert(source: ModelSource, out: Path, *, dtype: str = "fp32", opset: int =
     outputs = spec.output_specs(config, float_dtype)
     with staged_output(out, force) as stage:
         model = source.load(dtype, attn_implementation)
-        model.config.use_cache = False
-        module = _export_module(model, [t.name for t in inputs], [t.name for t in outputs],
-                                dict(spec.forward_kwargs))
+        cast(Any, model).config.use_cache = False
+        module = _export_module(model, [t.name for t in inputs], [t.name for t in outputs], dict(spec.forward_kwargs))
         feeds = sample_tensors(spec, config, inputs, TRACE_BATCH, TRACE_SEQUENCE)
         args = tuple(to_torch(feeds[t.name]) for t in inputs)
         scratch = stage / "export"
@@ -145,8 +165,10 @@ def convert(source: ModelSource, out: Path, *, dtype: str = "fp32", opset: int =
             try:
                 _torchscript_export(module, args, scratch / "model.onnx", inputs, outputs, opset)
             except Exception as exc:  # the exporter raises many types; name the cause, keep going no further
-                raise BackendError(f"torch.onnx export failed: {type(exc).__name__}: "
-                                   f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+                raise BackendError(
+                    f"torch.onnx export failed: {type(exc).__name__}: "
+                    f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                ) from None
         del model, module
         proto = onnx.load(str(scratch / "model.onnx"), load_external_data=True)
         shutil.rmtree(scratch)

@@ -77,8 +77,9 @@ class ModelSource:
 
     def info(self) -> SourceInfo:
         if self.kind == "tiny":
-            blob = json.dumps({"spec": self.location, "seed": TINY_SEED, "config": self.spec.tiny_config},
-                              sort_keys=True)
+            blob = json.dumps(
+                {"spec": self.location, "seed": TINY_SEED, "config": self.spec.tiny_config}, sort_keys=True
+            )
             digest = hashlib.sha256(blob.encode()).hexdigest()
         else:
             with step(f"hashing {self.location}"):
@@ -92,8 +93,10 @@ class ModelSource:
         import transformers
 
         if attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise InputError(f"unknown attention implementation {attn_implementation!r}; "
-                             f"choose one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+            raise InputError(
+                f"unknown attention implementation {attn_implementation!r}; "
+                f"choose one of {', '.join(ATTN_IMPLEMENTATIONS)}"
+            )
         cls_name = self.spec.model_class(self.config)
         cls = getattr(transformers, cls_name)
         tdtype = torch_dtype(dtype)
@@ -106,13 +109,19 @@ class ModelSource:
                 elif self.kind == "gguf":
                     path = Path(self.location)
                     model = cls.from_pretrained(
-                        str(path.parent), gguf_file=path.name, dtype=tdtype,
-                        attn_implementation=attn_implementation, local_files_only=True,
+                        str(path.parent),
+                        gguf_file=path.name,
+                        dtype=tdtype,
+                        attn_implementation=attn_implementation,
+                        local_files_only=True,
                     )
                 else:
                     model = cls.from_pretrained(
-                        self.location, config=self.config, dtype=tdtype,
-                        attn_implementation=attn_implementation, local_files_only=True,
+                        self.location,
+                        config=self.config,
+                        dtype=tdtype,
+                        attn_implementation=attn_implementation,
+                        local_files_only=True,
                     )
             except (OSError, ValueError, RuntimeError, KeyError) as exc:
                 raise InputError(f"cannot load weights of {self.display}: {_first_line(exc)}") from None
@@ -123,8 +132,10 @@ class ModelSource:
         """Refuse to compare against a source that changed since it was converted."""
         now = self.info()
         if now.sha256 != recorded.sha256:
-            raise InputError(f"model source {self.display} changed since it was converted "
-                             f"(sha256 {recorded.sha256[:12]} -> {now.sha256[:12]})")
+            raise InputError(
+                f"model source {self.display} changed since it was converted "
+                f"(sha256 {recorded.sha256[:12]} -> {now.sha256[:12]})"
+            )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -143,7 +154,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _resolve_tiny(name: str) -> ModelSource:
-    arch = name[len(TINY_PREFIX):]
+    arch = name[len(TINY_PREFIX) :]
     try:
         spec = get_spec(arch)
     except InputError:
@@ -196,8 +207,10 @@ def resolve_model(model: str) -> ModelSource:
         return _resolve_tiny(model)
     path = Path(model).expanduser()
     if not path.exists():
-        raise InputError(f"model path does not exist: {model} (expected a directory, a .gguf file or "
-                         f"one of {', '.join(tiny_names())})")
+        raise InputError(
+            f"model path does not exist: {model} (expected a directory, a .gguf file or "
+            f"one of {', '.join(tiny_names())})"
+        )
     path = path.resolve()
     if path.is_dir():
         return _resolve_hf_dir(path)

@@ -24,8 +24,12 @@ def normwise_rel_err(value: np.ndarray, reference: np.ndarray) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def run_ort(path: Path | bytes, feeds: dict[str, np.ndarray], providers: list[str] | None = None,
-            disable_optimizations: bool = False) -> dict[str, np.ndarray]:
+def run_ort(
+    path: Path | bytes,
+    feeds: dict[str, np.ndarray],
+    providers: list[str] | None = None,
+    disable_optimizations: bool = False,
+) -> dict[str, np.ndarray]:
     """Run an ONNX file (external data next to it) or serialized model in ONNX Runtime."""
     import onnxruntime as ort
 

@@ -61,8 +61,9 @@ def optimize(artifact: Path, out: Path, *, check: bool = True, force: bool = Fal
     report: dict[str, Any] = {
         "fusions": {},
         "expected": {},
-        "passes": [{"name": r.name, "modified": r.modified, "counts": r.counts, "seconds": r.seconds}
-                   for r in result.records],
+        "passes": [
+            {"name": r.name, "modified": r.modified, "counts": r.counts, "seconds": r.seconds} for r in result.records
+        ],
         "nodes_before": sum(manifest.op_counts.values()),
         "nodes_after": len(optimized.graph.node),
     }
@@ -77,8 +78,10 @@ def optimize(artifact: Path, out: Path, *, check: bool = True, force: bool = Fal
             verdict = report["numeric_check"]
             if verdict["checked"] and not verdict["passed"]:
                 worst = max(verdict["max_rel_err"].items(), key=lambda kv: kv[1])
-                raise CheckFailed(f"optimized graph diverges from its input: {worst[0]} max relative error "
-                                  f"{worst[1]:.2e} > {verdict['tolerance']:.0e}")
+                raise CheckFailed(
+                    f"optimized graph diverges from its input: {worst[0]} max relative error "
+                    f"{worst[1]:.2e} > {verdict['tolerance']:.0e}"
+                )
         else:
             report["numeric_check"] = {"checked": False, "reason": "--no-check"}
         new_manifest.write(stage)

@@ -39,14 +39,20 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     tensor = tensor.detach().cpu()
     if tensor.dtype == torch.bfloat16:
         tensor = tensor.float()
-    return tensor.numpy()  # type: ignore[no-any-return]
+    return tensor.numpy()
 
 
 class TorchRunner(BaseRunner):  # type: ignore[misc]
     """Runs the transformers model the artifact was exported from."""
 
-    def __init__(self, load: Callable[[], torch.nn.Module], inputs: list[TensorSpec], outputs: list[str],
-                 forward_kwargs: dict[str, Any], name: str = "torch") -> None:
+    def __init__(
+        self,
+        load: Callable[[], torch.nn.Module],
+        inputs: list[TensorSpec],
+        outputs: list[str],
+        forward_kwargs: dict[str, Any],
+        name: str = "torch",
+    ) -> None:
         super().__init__(name=name, prefix="torch-runner")
         self._load = load
         self._inputs = inputs
@@ -88,8 +94,7 @@ def torch_runner(manifest: Manifest, check_source: bool = True) -> TorchRunner:
     def load() -> torch.nn.Module:
         return source.load(manifest.dtype, manifest.attn_implementation)
 
-    return TorchRunner(load, manifest.inputs, [t.name for t in manifest.outputs],
-                       dict(source.spec.forward_kwargs))
+    return TorchRunner(load, manifest.inputs, [t.name for t in manifest.outputs], dict(source.spec.forward_kwargs))
 
 
 def ort_runner(onnx_path: Path, providers: list[str] | None = None) -> BaseRunner:
@@ -104,8 +109,9 @@ def trt_runner(artifact: Path, backend_name: str = "auto") -> BaseRunner:
 
     engine = artifact / ENGINE_NAME
     if not engine.is_file():
-        raise InputError(f"no engine in {artifact}: build one with `llm2trt build {artifact} -o DIR` and "
-                         "compare that directory")
+        raise InputError(
+            f"no engine in {artifact}: build one with `llm2trt build {artifact} -o DIR` and compare that directory"
+        )
     backend = load_backend(backend_name)
     from polygraphy import config as polygraphy_config
 
@@ -117,6 +123,8 @@ def trt_runner(artifact: Path, backend_name: str = "auto") -> BaseRunner:
         from llm2trt.trt import gpu_visible
 
         if not gpu_visible():
-            raise BackendError("cannot run a TensorRT-RTX engine here: no GPU (engines build anywhere, "
-                               "but run only on a supported RTX/Ampere/Ada/Blackwell GPU)")
+            raise BackendError(
+                "cannot run a TensorRT-RTX engine here: no GPU (engines build anywhere, "
+                "but run only on a supported RTX/Ampere/Ada/Blackwell GPU)"
+            )
     return TrtRunner(EngineFromBytes(BytesFromPath(str(engine))), name="trt")

@@ -47,8 +47,9 @@ class Backend:
     def require(self, feature: str) -> None:
         if not self.supports(feature):
             what = FULL_TRT_ONLY.get(feature, feature)
-            raise BackendError(f"{what} need full TensorRT; this build uses TensorRT-RTX {self.version}, "
-                               "which cannot do that")
+            raise BackendError(
+                f"{what} need full TensorRT; this build uses TensorRT-RTX {self.version}, which cannot do that"
+            )
 
 
 def _import(name: str) -> Any:
@@ -67,8 +68,7 @@ def load_backend(name: str = "auto") -> Backend:
         if module is not None and hasattr(module, "Builder"):
             return Backend(candidate, str(getattr(module, "__version__", "unknown")), module)
     if name == "auto":
-        raise BackendError("no TensorRT found: install TensorRT, or TensorRT for RTX with "
-                           "`pip install 'llm2trt[rtx]'`")
+        raise BackendError("no TensorRT found: install TensorRT, or TensorRT for RTX with `pip install 'llm2trt[rtx]'`")
     raise BackendError(f"backend {name} is not importable here")
 
 
@@ -83,14 +83,17 @@ def resolve_compute_capability(backend: Backend, requested: str | None) -> str |
     """The compute capability to build for, or None for "the GPU this runs on"."""
     if requested is None:
         if backend.is_rtx and not gpu_visible():
-            raise InputError("no GPU here to build for: pass --compute-capability (one of "
-                             f"{', '.join(RTX_COMPUTE_CAPABILITIES)}) to build ahead of time")
+            raise InputError(
+                "no GPU here to build for: pass --compute-capability (one of "
+                f"{', '.join(RTX_COMPUTE_CAPABILITIES)}) to build ahead of time"
+            )
         return None
     cc = requested.lower()
     if not backend.is_rtx:
-        raise InputError("--compute-capability is a TensorRT-RTX option: full TensorRT builds for the GPU "
-                         "it runs on")
+        raise InputError("--compute-capability is a TensorRT-RTX option: full TensorRT builds for the GPU it runs on")
     if cc not in RTX_COMPUTE_CAPABILITIES:
-        raise InputError(f"unsupported compute capability {requested!r}; TensorRT-RTX {backend.version} builds for "
-                         f"{', '.join(RTX_COMPUTE_CAPABILITIES)}")
+        raise InputError(
+            f"unsupported compute capability {requested!r}; TensorRT-RTX {backend.version} builds for "
+            f"{', '.join(RTX_COMPUTE_CAPABILITIES)}"
+        )
     return cc

@@ -9,7 +9,6 @@ from typing import ClassVar
 
 import onnx
 import onnx_graphsurgeon as gs
-
 from llm2trt.passes.core import GraphPass, Model, PassResult
 
 logger = logging.getLogger(__name__)
@@ -45,6 +44,14 @@ class ConstantFolding(GraphPass):
         return PassResult(modified=folded > 0, counts={"folded_nodes": folded})
 
 
+def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make every node that reads `old` read `new` instead."""
+    for consumer in list(old.outputs):
+        for i, tensor in enumerate(consumer.inputs):
+            if tensor is old:
+                consumer.inputs[i] = new
+
+
 class IdentityElimination(GraphPass):
     """Drop Identity nodes, wiring their consumers to the input."""
 
@@ -59,20 +66,17 @@ class IdentityElimination(GraphPass):
                 continue
             src, dst = node.inputs[0], node.outputs[0]
             if dst.name in outputs:
-                if src.name in outputs or src in graph.inputs or isinstance(src, gs.Constant):
-                    continue  # the graph output needs a producer of its own
-                # Keep the graph output's name: rename the producer's output instead.
                 producer = src.inputs[0] if src.inputs else None
-                if producer is None:
-                    continue
+                if producer is None or src.name in outputs:
+                    continue  # the graph output needs a producer of its own
+                # Keep the graph output's name: the producer writes it directly.
+                node.outputs.clear()
+                replace_uses(src, dst)
                 producer.outputs[producer.outputs.index(src)] = dst
-                for consumer in list(src.outputs):
-                    consumer.inputs[:] = [dst if t is src else t for t in consumer.inputs]
             else:
-                for consumer in list(dst.outputs):
-                    consumer.inputs[:] = [src if t is dst else t for t in consumer.inputs]
+                replace_uses(dst, src)
+                node.outputs.clear()
             node.inputs.clear()
-            node.outputs.clear()
             removed += 1
         if removed:
             graph.cleanup(remove_unused_graph_inputs=False)
@@ -92,8 +96,10 @@ class DeadNodeElimination(GraphPass):
         graph.cleanup(remove_unused_graph_inputs=False)
         removed_nodes = nodes - len(graph.nodes)
         removed_weights = weights - sum(1 for t in graph.tensors().values() if isinstance(t, gs.Constant))
-        return PassResult(modified=bool(removed_nodes or removed_weights),
-                          counts={"nodes_removed": removed_nodes, "weights_removed": removed_weights})
+        return PassResult(
+            modified=bool(removed_nodes or removed_weights),
+            counts={"nodes_removed": removed_nodes, "weights_removed": removed_weights},
+        )
 
 
 class ShapeInference(GraphPass):
@@ -133,8 +139,12 @@ class ShapeInference(GraphPass):
                 tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
                 changed = True
             if tensor.shape is None and ttype.HasField("shape"):
-                tensor.shape = [d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value")
-                                else gs.Tensor.DYNAMIC) for d in ttype.shape.dim]
+                tensor.shape = [
+                    d.dim_param
+                    if d.HasField("dim_param")
+                    else (d.dim_value if d.HasField("dim_value") else gs.Tensor.DYNAMIC)
+                    for d in ttype.shape.dim
+                ]
                 changed = True
             typed += changed
         return PassResult(modified=typed > 0, counts={"typed_tensors": typed})

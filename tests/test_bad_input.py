@@ -1,0 +1,189 @@
+"""Bad input: one clear line on stderr, a non-zero exit, no traceback, no partial output."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from llm2trt.manifest import Manifest, TensorSpec
+from tests.conftest import assert_clean_failure, run_cli
+
+
+def test_missing_model_path(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = run_cli("convert", tmp_path / "nope", "-o", out)
+    assert_clean_failure(result, "model path does not exist", out)
+
+
+def test_directory_without_config(tmp_path: Path) -> None:
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"")
+    out = tmp_path / "out"
+    result = run_cli("convert", tmp_path / "model", "-o", out)
+    assert_clean_failure(result, "config.json is missing", out)
+
+
+def test_unsupported_architecture_is_named_with_the_supported_list(tmp_path: Path) -> None:
+    model = tmp_path / "t5"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "t5", "d_model": 8}')
+    (model / "model.safetensors").write_bytes(b"")
+    out = tmp_path / "out"
+    result = run_cli("convert", model, "-o", out)
+    assert_clean_failure(result, "unsupported architecture 't5'", out)
+    assert "supported: gpt2, llama (llama, mistral, qwen2), bert, vit" in result.stderr
+
+
+def test_unknown_tiny_spec(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = run_cli("convert", "tiny:mamba", "-o", out)
+    assert_clean_failure(result, "unknown tiny model 'tiny:mamba'", out)
+    assert "tiny:gpt2, tiny:llama, tiny:bert, tiny:vit" in result.stderr
+
+
+def test_model_file_that_is_not_gguf(tmp_path: Path) -> None:
+    bogus = tmp_path / "weights.bin"
+    bogus.write_bytes(b"\0" * 16)
+    out = tmp_path / "out"
+    assert_clean_failure(run_cli("convert", bogus, "-o", out), "expected a Hugging Face directory or a .gguf", out)
+
+
+def test_corrupt_gguf(tmp_path: Path) -> None:
+    bogus = tmp_path / "broken.gguf"
+    bogus.write_bytes(b"GGUF" + b"\x07" * 64)
+    out = tmp_path / "out"
+    assert_clean_failure(run_cli("convert", bogus, "-o", out), "cannot read GGUF file", out)
+
+
+@pytest.fixture()
+def corrupt_artifact(artifacts: dict[str, Path], tmp_path: Path) -> Path:
+    broken = tmp_path / "broken"
+    shutil.copytree(artifacts["tiny:bert"], broken)
+    (broken / "model.onnx").write_bytes(b"\x08\x07this is not a protobuf\xff\xff\xff")
+    return broken
+
+
+@pytest.mark.parametrize("command", ["optimize", "build", "inspect"])
+def test_corrupt_onnx(command: str, corrupt_artifact: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = [command, corrupt_artifact] + ([] if command == "inspect" else ["-o", out])
+    if command == "build":
+        args += ["--compute-capability", "sm89"]
+    assert_clean_failure(run_cli(*args), "corrupt ONNX file", out)
+
+
+def test_not_an_artifact(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert_clean_failure(run_cli("optimize", tmp_path, "-o", out), "manifest.json is missing", out)
+
+
+def test_unwritable_output_directory(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    out = blocker / "out"
+    assert_clean_failure(run_cli("convert", "tiny:gpt2", "-o", out), "is not writable", None)
+    assert blocker.read_text() == "not a directory"
+    # Root ignores permission bits; /proc refuses new directories even to root.
+    result = run_cli("optimize", artifacts["tiny:gpt2"], "-o", "/proc/llm2trt-out")
+    assert_clean_failure(result, "not writable", None)
+
+
+def test_existing_output_is_kept_without_force(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    result = run_cli("convert", "tiny:gpt2", "-o", out)
+    assert_clean_failure(result, "exists and is not empty; pass --force", None)
+    # --force replaces artifacts only: a directory that is not one is never deleted.
+    result = run_cli("convert", "tiny:gpt2", "-o", out, "--force")
+    assert_clean_failure(result, "not an llm2trt artifact", None)
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_force_replaces_an_artifact(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "opt"
+    assert run_cli("optimize", artifacts["tiny:vit"], "-o", out, "-q", "--no-check").exit_code == 0
+    first = (out / "manifest.json").stat().st_mtime_ns
+    assert run_cli("optimize", artifacts["tiny:vit"], "-o", out, "-q", "--no-check", "--force").exit_code == 0
+    assert (out / "manifest.json").stat().st_mtime_ns != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["opt"]
+
+
+def test_output_equal_to_input_is_refused(artifacts: dict[str, Path]) -> None:
+    result = run_cli("optimize", artifacts["tiny:vit"], "-o", artifacts["tiny:vit"], "--force")
+    assert_clean_failure(result, "is the input", None)
+    assert (artifacts["tiny:vit"] / "model.onnx").is_file()
+
+
+def _one_node_artifact(template: Path, out: Path, model: onnx.ModelProto) -> Path:
+    """An artifact around a hand-made graph, reusing a real manifest for the rest."""
+    out.mkdir()
+    onnx.save(model, str(out / "model.onnx"))
+    manifest = Manifest.read(template)
+    io = [TensorSpec(v.name, "float32", [d.dim_value for d in v.type.tensor_type.shape.dim]) for v in model.graph.input]
+    outs = [
+        TensorSpec(v.name, "float32", [d.dim_value for d in v.type.tensor_type.shape.dim]) for v in model.graph.output
+    ]
+    dataclasses.replace(manifest, inputs=io, outputs=outs, main_output=outs[0].name, dynamic_dims={}).write(out)
+    return out
+
+
+def test_tensorrt_crash_becomes_a_clear_error(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    # ONNX Runtime's MultiHeadAttention with q fed as q, k and v segfaults TensorRT-RTX 1.7's
+    # builder (ENVIRONMENT.md); the build runs in a child process, so the CLI survives it.
+    q = helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 4, 64])
+    o = helper.make_tensor_value_info("o", TensorProto.FLOAT, [1, 4, 64])
+    node = helper.make_node("MultiHeadAttention", ["q", "q", "q"], ["o"], domain="com.microsoft", num_heads=4)
+    model = helper.make_model(
+        helper.make_graph([node], "mha", [q], [o]),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+    )
+    artifact = _one_node_artifact(artifacts["tiny:vit"], tmp_path / "mha", model)
+    out = tmp_path / "engine"
+    result = run_cli("build", artifact, "-o", out, "--compute-capability", "sm89")
+    assert_clean_failure(result, "TensorRT crashed (SIGSEGV) while it built", out)
+
+
+def test_tensorrt_parse_error_names_the_node(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
+    node = helper.make_node("NoSuchOp", ["x"], ["y"], name="mystery", domain="com.example")
+    model = helper.make_model(
+        helper.make_graph([node], "bad", [x], [y]),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)],
+    )
+    artifact = _one_node_artifact(artifacts["tiny:vit"], tmp_path / "bad", model)
+    out = tmp_path / "engine"
+    result = run_cli("build", artifact, "-o", out, "--compute-capability", "sm89")
+    assert_clean_failure(result, "TensorRT could not parse", out)
+    assert "mystery" in result.stderr
+
+
+def test_bad_cli_values(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert_clean_failure(
+        run_cli("build", artifacts["tiny:gpt2"], "-o", out, "--compute-capability", "sm90"),
+        "unsupported compute capability 'sm90'",
+        out,
+    )
+    assert_clean_failure(
+        run_cli(
+            "build", artifacts["tiny:gpt2"], "-o", out, "--compute-capability", "sm89", "--profile", "sequence=8:4:16"
+        ),
+        "invalid dim range 8:4:16",
+        out,
+    )
+    assert_clean_failure(
+        run_cli("build", artifacts["tiny:gpt2"], "-o", out, "--compute-capability", "sm89", "--profile", "width=1:2:3"),
+        "unknown dims ['width']",
+        out,
+    )
+    assert_clean_failure(run_cli("convert", "tiny:gpt2", "-o", out, "--opset", "23"), "opset 23 is outside", out)
+    assert_clean_failure(
+        run_cli("compare", artifacts["tiny:gpt2"], "--runners", "torch"), "--runners takes two or more", None
+    )

@@ -1,0 +1,106 @@
+"""Engine builds with TensorRT-RTX on this CPU: real engines, ahead of time for sm89."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llm2trt.manifest import Manifest
+from llm2trt.trt import load_backend
+from tests.conftest import TINY, assert_clean_failure, run_cli, run_json
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_build_writes_engine_and_build_json(name: str, artifacts: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "engine"
+    code, info = run_json("build", artifacts[name], "-o", out, "--compute-capability", "sm89", "-q")
+    assert code == 0, info
+    engine = out / "model.engine"
+    assert engine.stat().st_size == info["engine_bytes"] > 100_000
+    on_disk = json.loads((out / "build.json").read_text())
+    assert on_disk["backend"] == "tensorrt_rtx" and on_disk["compute_capability"] == "sm89"
+    assert on_disk["precision"] == "fp32" and on_disk["strongly_typed"] is True
+    assert on_disk["network_layers"] > 50
+    assert on_disk["plugins"] == [] and on_disk["timing_cache"] is None
+    assert on_disk["build_seconds"] > 0
+    profile = on_disk["optimization_profiles"][0]
+    manifest = Manifest.read(artifacts[name])
+    assert set(profile) == {t.name for t in manifest.inputs}
+    # The engine directory carries the manifest forward with the build recorded.
+    built = Manifest.read(out)
+    assert built.passes[-1].name == "tensorrt_build"
+    assert built.passes[-1].counts["network_layers"] == on_disk["network_layers"]
+
+
+def test_profile_override_reaches_the_engine(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "engine"
+    code, info = run_json(
+        "build",
+        artifacts["tiny:llama"],
+        "-o",
+        out,
+        "--compute-capability",
+        "sm89",
+        "--profile",
+        "sequence=4:32:64",
+        "--profile",
+        "batch=2",
+        "-q",
+    )
+    assert code == 0, info
+    assert info["optimization_profiles"][0]["input_ids"] == {"min": [2, 4], "opt": [2, 32], "max": [2, 64]}
+    assert info["dims"] == {"batch": {"min": 2, "opt": 2, "max": 2}, "sequence": {"min": 4, "opt": 32, "max": 64}}
+
+
+def test_default_profile_is_capped_by_the_position_limit(artifacts: dict[str, Path]) -> None:
+    dims = Manifest.read(artifacts["tiny:gpt2"]).dynamic_dims
+    assert (dims["sequence"].min, dims["sequence"].opt, dims["sequence"].max) == (1, 128, 256)
+    assert "sequence" not in Manifest.read(artifacts["tiny:vit"]).dynamic_dims
+
+
+def test_full_tensorrt_features_are_refused_cleanly_under_rtx(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    assert load_backend().is_rtx  # this workplace has TensorRT-RTX only
+    out = tmp_path / "engine"
+    result = run_cli(
+        "build",
+        artifacts["tiny:bert"],
+        "-o",
+        out,
+        "--compute-capability",
+        "sm89",
+        "--timing-cache",
+        tmp_path / "cache.bin",
+    )
+    assert_clean_failure(result, "timing caches (--timing-cache) need full TensorRT", out)
+    assert not (tmp_path / "cache.bin").exists()
+    result = run_cli("build", artifacts["tiny:bert"], "-o", out, "--compute-capability", "sm89", "--strip-weights")
+    assert_clean_failure(result, "weight-stripped engines (--strip-weights) need full TensorRT", out)
+
+
+def test_no_gpu_needs_a_compute_capability(
+    artifacts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    out = tmp_path / "engine"
+    result = run_cli("build", artifacts["tiny:bert"], "-o", out)
+    assert_clean_failure(result, "no GPU here to build for: pass --compute-capability", out)
+
+
+def test_full_tensorrt_refuses_compute_capability() -> None:
+    from llm2trt.errors import InputError
+    from llm2trt.trt import Backend, resolve_compute_capability
+
+    full = Backend("tensorrt", "10.x", object())
+    assert full.supports("timing_cache") and full.supports("strip_weights") and not full.supports("compute_capability")
+    with pytest.raises(InputError, match="full TensorRT builds for the GPU it runs on"):
+        resolve_compute_capability(full, "sm89")
+    assert resolve_compute_capability(full, None) is None
+
+
+def test_trt_runner_cannot_run_here(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "engine"
+    assert run_cli("build", artifacts["tiny:vit"], "-o", out, "--compute-capability", "sm89", "-q").exit_code == 0
+    result = run_cli("compare", out, "--runners", "torch,trt")
+    assert_clean_failure(result, "cannot run a TensorRT-RTX engine here: no GPU", None)
