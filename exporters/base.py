@@ -48,8 +48,9 @@ class ExportSpec:
     # Default optimization-profile ranges per symbolic dim (min, opt, max); `max_sequence`
     # is further capped by the config's position limit.
     default_dims: ClassVar[Mapping[str, tuple[int, int, int]]] = {BATCH: (1, 1, 8), SEQUENCE: (1, 128, 1024)}
-    # fp32 relative error (normwise) allowed between PyTorch and ONNX Runtime on the main output.
-    fp32_tolerance: ClassVar[float] = 1e-4
+    # Fusions the optimized graph must contain: fusion -> (per layer, extra). Missing ones fail
+    # `optimize` loudly instead of shipping a slow graph.
+    fusions_per_layer: ClassVar[Mapping[str, tuple[int, int]]] = {}
 
     # -- what the graph looks like ------------------------------------------------------------
 
@@ -73,6 +74,13 @@ class ExportSpec:
 
     def kv_layout(self, config: Any) -> KVLayout | None:
         return None
+
+    def num_layers(self, config: Any) -> int:
+        return int(config.num_hidden_layers)
+
+    def expected_fusions(self, config: Any) -> dict[str, int]:
+        layers = self.num_layers(config)
+        return {name: per * layers + extra for name, (per, extra) in self.fusions_per_layer.items()}
 
     def position_limit(self, config: Any) -> int | None:
         return getattr(config, "max_position_embeddings", None)

@@ -20,6 +20,8 @@ class BertSpec(TextEncoderSpec):
         "vocab_size": 1000,
         "type_vocab_size": 2,
     }
+    # two post-LayerNorms per layer plus the embeddings' LayerNorm; erf GELU.
+    fusions_per_layer: ClassVar[dict[str, tuple[int, int]]] = {"Attention": (1, 0), "LayerNorm": (2, 1), "Gelu": (1, 0)}
     classes: ClassVar[dict[str, TaskDecl]] = {
         "BertModel": TaskDecl("feature-extraction", ("last_hidden_state", "pooler_output")),
         "BertForMaskedLM": TaskDecl("fill-mask", ("logits",)),

@@ -16,8 +16,12 @@ class GPT2Spec(DecoderSpec):
         "n_embd": 64,
         "n_head": 4,
         "n_positions": 256,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
         "vocab_size": 1000,
     }
+    # ln_1 and ln_2 per block, ln_f at the end; tanh GELU in the MLP.
+    fusions_per_layer: ClassVar[dict[str, tuple[int, int]]] = {"Attention": (1, 0), "LayerNorm": (2, 1), "Gelu": (1, 0)}
     classes: ClassVar[dict[str, TaskDecl]] = {
         "GPT2LMHeadModel": TaskDecl("text-generation", ("logits",)),
     }

@@ -26,6 +26,8 @@ class LlamaSpec(DecoderSpec):
         "rope_theta": 10000.0,
         "tie_word_embeddings": False,
     }
+    # input and post-attention norms per layer plus the final norm; RoPE on Q and on K.
+    fusions_per_layer: ClassVar[dict[str, tuple[int, int]]] = {"Attention": (1, 0), "RMSNorm": (2, 1), "RoPE": (2, 0)}
     classes: ClassVar[dict[str, TaskDecl]] = {
         "LlamaForCausalLM": TaskDecl("text-generation", ("logits",)),
         "MistralForCausalLM": TaskDecl("text-generation", ("logits",)),

@@ -21,6 +21,8 @@ class ViTSpec(VisionEncoderSpec):
         "num_channels": 3,
         "num_labels": 10,
     }
+    # two pre-LayerNorms per layer plus the final one; erf GELU.
+    fusions_per_layer: ClassVar[dict[str, tuple[int, int]]] = {"Attention": (1, 0), "LayerNorm": (2, 1), "Gelu": (1, 0)}
     classes: ClassVar[dict[str, TaskDecl]] = {
         "ViTForImageClassification": TaskDecl("image-classification", ("logits",)),
         "ViTModel": TaskDecl("feature-extraction", ("last_hidden_state", "pooler_output")),

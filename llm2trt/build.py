@@ -161,6 +161,7 @@ def build(
             "total_seconds": round(time.perf_counter() - start, 3),
             "engine_bytes": result["engine_bytes"],
             "network_layers": result["layers"],
+            "attention_ops": result["attention_ops"],
             "onnx": str(onnx_path.resolve()),
             "fusions": manifest.fusions,
         }

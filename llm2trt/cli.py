@@ -157,16 +157,48 @@ def convert(ctx: Context, model: str, out: Path, force: bool, dtype: str, opset:
     show_default=True,
     help="Run input and optimized graphs in ONNX Runtime and fail if they diverge.",
 )
+@click.option(
+    "--skip-fusion",
+    multiple=True,
+    metavar="NAME",
+    help="Turn one fusion off (Attention, LayerNorm, RMSNorm, Gelu, RoPE); repeatable.",
+)
+@click.option(
+    "--allow-missing-fusions",
+    is_flag=True,
+    help="Write the graph even when an expected fusion did not happen (it still warns).",
+)
 @common_options
-def optimize(ctx: Context, artifact: Path, out: Path, force: bool, check: bool) -> None:
-    """Run the pass pipeline over ARTIFACT and write the result to OUT."""
+def optimize(
+    ctx: Context,
+    artifact: Path,
+    out: Path,
+    force: bool,
+    check: bool,
+    skip_fusion: tuple[str, ...],
+    allow_missing_fusions: bool,
+) -> None:
+    """Run the pass pipeline (cleanup, fusions) over ARTIFACT and write the result to OUT."""
     from llm2trt.optimize import optimize as run_optimize
 
-    report = run_optimize(artifact, out, check=check, force=force)
-    lines = [f"optimized {artifact} -> {out}: {report['nodes_before']} -> {report['nodes_after']} nodes"]
+    report = run_optimize(
+        artifact, out, check=check, force=force, skip_fusions=skip_fusion, allow_missing_fusions=allow_missing_fusions
+    )
+    lines = [
+        f"optimized {artifact} -> {out}: {report['nodes_before']} -> {report['nodes_after']} nodes, "
+        f"opset {report['opset']}"
+    ]
     for p in report["passes"]:
         counts = ", ".join(f"{k}={v}" for k, v in p["counts"].items())
         lines.append(f"  {p['name']:<24} {counts}")
+    expected = report["expected"]
+    fusions = ", ".join(
+        f"{k} {v}/{expected[k]}" if k in expected else f"{k} {v}"
+        for k, v in report["fusions"].items()
+        if v or k in expected
+    )
+    lines.append(f"  fusions found/expected: {fusions or 'none'}")
+    lines += [f"  MISSING {line}" for line in report["missing"]]
     verdict = report["numeric_check"]
     if verdict.get("checked"):
         worst = max(verdict["max_rel_err"].values())

@@ -33,6 +33,7 @@ def run_ort(
     """Run an ONNX file (external data next to it) or serialized model in ONNX Runtime."""
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(3)  # its optimizer's notes are not ours to print
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if disable_optimizations:

@@ -77,6 +77,28 @@ def _parse(backend: Backend, onnx_path: str, errors: list[str]) -> tuple[Any, An
     return trt_logger, builder, network, parser
 
 
+def allow_attention_decomposition(trt: Any, network: Any) -> int:
+    """Let TensorRT decompose attention it has no fused kernel for (fp32, some shapes).
+
+    Without this, an ONNX Attention node that no dedicated kernel covers fails the whole build
+    ("Attention operation was not supported by a dedicated kernel"); with it, TensorRT still uses a
+    fused kernel where one exists. Returns the number of attention ops.
+    """
+    seen: set[int] = set()
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type not in (trt.LayerType.ATTENTION_INPUT, trt.LayerType.ATTENTION_OUTPUT):
+            continue
+        layer.__class__ = (
+            trt.IAttentionInputLayer if layer.type == trt.LayerType.ATTENTION_INPUT else (trt.IAttentionOutputLayer)
+        )
+        attention = layer.attention
+        if attention is not None and id(attention) not in seen:
+            attention.decomposable = True
+            seen.add(id(attention))
+    return sum(1 for i in range(network.num_layers) if network.get_layer(i).type == trt.LayerType.ATTENTION_OUTPUT)
+
+
 def build(request: dict[str, Any]) -> dict[str, Any]:
     backend = load_backend(request["backend"])
     trt = backend.module
@@ -85,6 +107,7 @@ def build(request: dict[str, Any]) -> dict[str, Any]:
     trt_logger, builder, network, parser = _parse(backend, request["onnx"], errors)
     parse_seconds = time.perf_counter() - start
     logger.info("TensorRT parsed %d layers in %.1f s", network.num_layers, parse_seconds)
+    attention_ops = allow_attention_decomposition(trt, network)
 
     config = builder.create_builder_config()
     config.progress_monitor = _make_progress(trt)
@@ -139,6 +162,7 @@ def build(request: dict[str, Any]) -> dict[str, Any]:
         "build_seconds": round(build_seconds, 3),
         "engine_bytes": len(data),
         "timing_cache": cache_info,
+        "attention_ops": attention_ops,
     }
 
 

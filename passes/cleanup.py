@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterator
 from typing import ClassVar
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from llm2trt.passes.core import GraphPass, Model, PassResult
@@ -21,6 +22,9 @@ _STASH_BYTES = 1024
 @contextlib.contextmanager
 def gs_quiet() -> Iterator[None]:
     """onnx-graphsurgeon logs to stdout; stdout belongs to --json."""
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)  # folding runs ONNX Runtime, whose notes are not ours
     old = gs.logger.G_LOGGER.severity
     gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
     try:
@@ -30,16 +34,26 @@ def gs_quiet() -> Iterator[None]:
 
 
 class ConstantFolding(GraphPass):
-    """Evaluate everything that does not depend on graph inputs (shape arithmetic included)."""
+    """Evaluate everything that does not depend on graph inputs, shape arithmetic included.
+
+    Static dims (head size, hidden size) are only foldable once shapes are inferred, and folding
+    exposes more of them: infer and fold until nothing changes.
+    """
 
     name = "constant_folding"
+    max_rounds = 4
 
     def run(self, model: Model) -> PassResult:
         graph = model.graph
         before = len(graph.nodes)
-        with gs_quiet():
-            graph.fold_constants(fold_shapes=True, error_ok=True)
-            graph.cleanup(remove_unused_graph_inputs=False)
+        for _ in range(self.max_rounds):
+            count = len(graph.nodes)
+            infer_shapes(model)
+            with gs_quiet():
+                graph.fold_constants(fold_shapes=True, error_ok=True)
+                graph.cleanup(remove_unused_graph_inputs=False)
+            if len(graph.nodes) == count:
+                break
         folded = before - len(graph.nodes)
         return PassResult(modified=folded > 0, counts={"folded_nodes": folded})
 
@@ -83,11 +97,38 @@ class IdentityElimination(GraphPass):
         return PassResult(modified=removed > 0, counts={"identities_removed": removed})
 
 
+class CastElimination(GraphPass):
+    """Drop Casts to the type their input already has (transformers' upcasts, in fp32 graphs)."""
+
+    name = "cast_elimination"
+    runs_after: ClassVar[tuple[str, ...]] = ("constant_folding",)
+
+    def run(self, model: Model) -> PassResult:
+        graph = model.graph
+        outputs = {t.name for t in graph.outputs}
+        removed = 0
+        for node in list(graph.nodes):
+            if node.op != "Cast" or not node.inputs or node.inputs[0].dtype is None:
+                continue
+            src, dst = node.inputs[0], node.outputs[0]
+            if onnx.helper.np_dtype_to_tensor_dtype(np.dtype(src.dtype)) != node.attrs.get("to"):
+                continue
+            if dst.name in outputs:
+                continue  # a graph output keeps its producer
+            replace_uses(dst, src)
+            node.outputs.clear()
+            node.inputs.clear()
+            removed += 1
+        if removed:
+            graph.cleanup(remove_unused_graph_inputs=False)
+        return PassResult(modified=removed > 0, counts={"casts_removed": removed})
+
+
 class DeadNodeElimination(GraphPass):
     """Remove nodes and weights nothing reads."""
 
     name = "dead_node_elimination"
-    runs_after: ClassVar[tuple[str, ...]] = ("constant_folding", "identity_elimination")
+    runs_after: ClassVar[tuple[str, ...]] = ("constant_folding", "identity_elimination", "cast_elimination")
 
     def run(self, model: Model) -> PassResult:
         graph = model.graph
@@ -102,53 +143,58 @@ class DeadNodeElimination(GraphPass):
         )
 
 
+def infer_shapes(model: Model) -> tuple[int, list[str]]:
+    """ONNX shape inference over the graph; records dtype and shape on tensors that had none."""
+    graph = model.graph
+    proto = gs.export_onnx(graph, do_type_check=False)
+    stashed: list[tuple[onnx.TensorProto, bytes]] = []
+    for tensor in proto.graph.initializer:
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= _STASH_BYTES:
+            stashed.append((tensor, tensor.raw_data))
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            entry = tensor.external_data.add()
+            entry.key, entry.value = "location", "stashed-by-llm2trt"
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except onnx.shape_inference.InferenceError as exc:
+        return 0, [f"shape inference failed: {exc}"]
+    finally:
+        for tensor, raw in stashed:
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = raw
+    tensors = graph.tensors()
+    typed = 0
+    for info in inferred.graph.value_info:
+        tensor = tensors.get(info.name)
+        if not isinstance(tensor, gs.Variable) or not info.type.HasField("tensor_type"):
+            continue
+        ttype = info.type.tensor_type
+        changed = False
+        if tensor.dtype is None and ttype.elem_type:
+            tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+            changed = True
+        if tensor.shape is None and ttype.HasField("shape"):
+            tensor.shape = [
+                d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else None)
+                for d in ttype.shape.dim
+            ]
+            changed = True
+        typed += changed
+    return typed, []
+
+
 class ShapeInference(GraphPass):
     """ONNX shape inference; records dtype and shape on every tensor it can type."""
 
     name = "shape_inference"
 
     def run(self, model: Model) -> PassResult:
-        graph = model.graph
-        proto = gs.export_onnx(graph, do_type_check=False)
-        stashed: list[tuple[onnx.TensorProto, bytes]] = []
-        for tensor in proto.graph.initializer:
-            if tensor.HasField("raw_data") and len(tensor.raw_data) >= _STASH_BYTES:
-                stashed.append((tensor, tensor.raw_data))
-                tensor.ClearField("raw_data")
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                entry = tensor.external_data.add()
-                entry.key, entry.value = "location", "stashed-by-llm2trt"
-        try:
-            inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
-        except onnx.shape_inference.InferenceError as exc:
-            return PassResult(modified=False, counts={"typed_tensors": 0}, notes=[f"shape inference failed: {exc}"])
-        finally:
-            for tensor, raw in stashed:
-                del tensor.external_data[:]
-                tensor.data_location = onnx.TensorProto.DEFAULT
-                tensor.raw_data = raw
-        tensors = graph.tensors()
-        typed = 0
-        for info in inferred.graph.value_info:
-            tensor = tensors.get(info.name)
-            if not isinstance(tensor, gs.Variable) or not info.type.HasField("tensor_type"):
-                continue
-            ttype = info.type.tensor_type
-            changed = False
-            if tensor.dtype is None and ttype.elem_type:
-                tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
-                changed = True
-            if tensor.shape is None and ttype.HasField("shape"):
-                tensor.shape = [
-                    d.dim_param
-                    if d.HasField("dim_param")
-                    else (d.dim_value if d.HasField("dim_value") else gs.Tensor.DYNAMIC)
-                    for d in ttype.shape.dim
-                ]
-                changed = True
-            typed += changed
-        return PassResult(modified=typed > 0, counts={"typed_tensors": typed})
+        typed, notes = infer_shapes(model)
+        return PassResult(modified=typed > 0, counts={"typed_tensors": typed}, notes=notes)
 
 
 def cleanup_passes() -> list[GraphPass]:
-    return [ConstantFolding(), IdentityElimination(), DeadNodeElimination(), ShapeInference()]
+    """Cleanup before fusion; ShapeInference goes last in a pipeline, after any fusions."""
+    return [ConstantFolding(), IdentityElimination(), CastElimination(), DeadNodeElimination()]

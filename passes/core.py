@@ -45,7 +45,8 @@ class Model:
 
     def to_onnx(self) -> onnx.ModelProto:
         proto: onnx.ModelProto = gs.export_onnx(self.graph, do_type_check=False)
-        proto.ir_version = self.ir_version
+        # IR 10 is the first with node metadata (the rule tags).
+        proto.ir_version = max(self.ir_version, 10)
         for node in proto.graph.node:
             for key, value in self.node_metadata.get(node.name, {}).items():
                 entry = node.metadata_props.add()

@@ -1,0 +1,872 @@
+"""Probe which fused ONNX ops our fusion passes should emit: each candidate against a decomposed reference.
+
+For every candidate form (LayerNorm, RMSNorm, GELU, RoPE, Attention, in ONNX and com.microsoft spellings)
+it builds a one-node "fused" model and an equivalent graph of primitive ops, then measures:
+
+- ONNX Runtime: does the fused session create and run; max normwise relative error
+  max|fused - ref| / max|ref| against the decomposed graph (run with graph optimizations off, so the
+  reference really is made of primitives; fp16 references compute in fp32 and cast the result back);
+- TensorRT-RTX: parse, build for one compute capability (SM89 by default), layer counts fused / decomposed.
+  Parse and build run in a child process, because TensorRT-RTX can segfault on some graphs;
+- ONNX Runtime latency (default optimizations, as users run it): median of --runs runs after warm-up,
+  reported as decomposed / fused (> 1 means the fused op is faster).
+
+Run:
+    python scripts/probe_fused_ops.py                    # CPU, with TensorRT-RTX columns
+    python scripts/probe_fused_ops.py --providers cuda   # GPU; TensorRT columns only if tensorrt_rtx imports
+    python scripts/probe_fused_ops.py --only attn --dtypes float16
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+EPS = 1e-5
+MS_DOMAIN = "com.microsoft"
+ROPE_BASE = 10000.0
+MAX_POS = 256  # rows of the 2-D cos/sin caches; > seq + the per-batch position offset
+
+
+@dataclass(frozen=True)
+class Sizes:
+    batch: int
+    seq: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def hidden(self) -> int:
+        return self.heads * self.head_dim
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A tiny graph builder: each call appends one node and returns its output name.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Graph:
+    """Builds a static-shape ONNX model. With `compute` set (the fp32 reference of an fp16 form), float inputs
+    and constants are cast to `compute` on the way in and outputs are cast back on the way out."""
+
+    def __init__(self, opset: int, compute: type[np.floating[Any]] | None = None) -> None:
+        self.opset = opset
+        self.compute = compute
+        self.nodes: list[onnx.NodeProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.domains: set[str] = set()
+        self._count = 0
+
+    def _fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def input(self, name: str, value: np.ndarray) -> str:
+        elem = helper.np_dtype_to_tensor_dtype(value.dtype)
+        self.inputs.append(helper.make_tensor_value_info(name, elem, list(value.shape)))
+        if self.compute is not None and value.dtype.kind == "f" and value.dtype != self.compute:
+            return self.op("Cast", name, to=helper.np_dtype_to_tensor_dtype(np.dtype(self.compute)))
+        return name
+
+    def const(self, value: np.ndarray | float | list[int]) -> str:
+        arr = np.asarray(value)
+        if arr.dtype == np.float64:  # Python floats: the graph's own float type
+            arr = arr.astype(np.float32)
+        if self.compute is not None and arr.dtype.kind == "f":
+            arr = arr.astype(self.compute)
+        name = self._fresh("c")
+        self.inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def ints(self, values: Iterable[int]) -> str:
+        return self.const(np.asarray(list(values), dtype=np.int64))
+
+    def op(self, op_type: str, *inputs: str, domain: str = "", **attrs: Any) -> str:
+        return self.multi(op_type, *inputs, n_out=1, domain=domain, **attrs)[0]
+
+    def multi(self, op_type: str, *inputs: str, n_out: int, domain: str = "", **attrs: Any) -> list[str]:
+        outs = [self._fresh(op_type) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self._fresh(f"n_{op_type}"), **attrs))
+        if domain:
+            self.nodes[-1].domain = domain
+            self.domains.add(domain)
+        return outs
+
+    def output(self, tensor: str, dtype: np.dtype[Any]) -> None:
+        if self.compute is not None and dtype != self.compute:
+            tensor = self.op("Cast", tensor, to=helper.np_dtype_to_tensor_dtype(dtype))
+        self.outputs.append(helper.make_tensor_value_info(tensor, helper.np_dtype_to_tensor_dtype(dtype), None))
+
+    def model(self) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, "probe", self.inputs, self.outputs, self.inits)
+        opsets = [helper.make_opsetid("", self.opset)] + [helper.make_opsetid(d, 1) for d in sorted(self.domains)]
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="probe_fused_ops")
+        # onnx 1.23 stamps its newest IR version; ONNX Runtime 1.31 and TensorRT read older ones only.
+        model.ir_version = helper.find_min_ir_version_for(opsets[:1], ignore_unknown=True)
+        return model
+
+    # Primitive helpers shared by the references.
+    def reduce_mean(self, x: str) -> str:
+        if self.opset >= 18:  # axes became an input at opset 18
+            return self.op("ReduceMean", x, self.ints([-1]), keepdims=1)
+        return self.op("ReduceMean", x, axes=[-1], keepdims=1)
+
+    def unsqueeze(self, x: str, axis: int) -> str:
+        return self.op("Unsqueeze", x, self.ints([axis]))
+
+    def reshape(self, x: str, shape: Iterable[int]) -> str:
+        return self.op("Reshape", x, self.ints(shape))
+
+    def last_slice(self, x: str, start: int, end: int) -> str:
+        return self.op("Slice", x, self.ints([start]), self.ints([end]), self.ints([-1]))
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    dtype: str
+    fused: onnx.ModelProto
+    ref: onnx.ModelProto
+    feeds: dict[str, np.ndarray]
+
+
+def _rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def _ref_graph(opset: int, dt: np.dtype[Any]) -> Graph:
+    return Graph(opset, np.float32 if dt == np.float16 else None)
+
+
+def _mask_min(dt: np.dtype[Any]) -> float:
+    # Hugging Face fills masked scores with finfo(dtype).min, not -inf: do what real graphs carry.
+    return float(np.finfo(dt).min)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Candidates
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def layernorm_cases(sz: Sizes, dt: np.dtype[Any]) -> list[Case]:
+    rng = _rng()
+    x = rng.standard_normal((sz.batch, sz.seq, sz.hidden)).astype(dt)
+    scale = (1 + 0.1 * rng.standard_normal(sz.hidden)).astype(dt)
+    bias = (0.1 * rng.standard_normal(sz.hidden)).astype(dt)
+    cases = []
+    for with_bias in (True, False):
+        f = Graph(17)
+        args = [f.input("X", x), f.const(scale)] + ([f.const(bias)] if with_bias else [])
+        f.output(f.op("LayerNormalization", *args, axis=-1, epsilon=EPS), dt)
+
+        r = _ref_graph(17, dt)
+        xi = r.input("X", x)
+        centered = r.op("Sub", xi, r.reduce_mean(xi))
+        var = r.reduce_mean(r.op("Pow", centered, r.const(2.0)))
+        y = r.op("Mul", r.op("Div", centered, r.op("Sqrt", r.op("Add", var, r.const(EPS)))), r.const(scale))
+        if with_bias:
+            y = r.op("Add", y, r.const(bias))
+        r.output(y, dt)
+        name = "layernorm" + ("" if with_bias else "_nobias")
+        cases.append(Case(name, dt.name, f.model(), r.model(), {"X": x}))
+    return cases
+
+
+def rmsnorm_cases(sz: Sizes, dt: np.dtype[Any]) -> list[Case]:
+    rng = _rng()
+    x = rng.standard_normal((sz.batch, sz.seq, sz.hidden)).astype(dt)
+    scale = (1 + 0.1 * rng.standard_normal(sz.hidden)).astype(dt)
+
+    r = _ref_graph(23, dt)
+    xi = r.input("X", x)
+    ms = r.reduce_mean(r.op("Pow", xi, r.const(2.0)))
+    inv = r.op("Reciprocal", r.op("Sqrt", r.op("Add", ms, r.const(EPS))))
+    r.output(r.op("Mul", r.op("Mul", xi, inv), r.const(scale)), dt)
+    ref = r.model()
+
+    # (label, op_type, domain, extra attributes). ONNX Runtime registers SimplifiedLayerNormalization in the
+    # ONNX domain (""), not com.microsoft: probe both spellings.
+    forms: list[tuple[str, str, str, dict[str, Any]]] = [
+        ("rmsnorm_onnx23", "RMSNormalization", "", {"stash_type": 1}),
+        ("simplified_ln", "SimplifiedLayerNormalization", "", {}),
+        ("simplified_ln_ms", "SimplifiedLayerNormalization", MS_DOMAIN, {}),
+    ]
+    cases = []
+    for label, op_type, domain, extra in forms:
+        f = Graph(23)
+        y = f.op(op_type, f.input("X", x), f.const(scale), domain=domain, axis=-1, epsilon=EPS, **extra)
+        f.output(y, dt)
+        cases.append(Case(label, dt.name, f.model(), ref, {"X": x}))
+    return cases
+
+
+def gelu_cases(sz: Sizes, dt: np.dtype[Any]) -> list[Case]:
+    x = (2 * _rng().standard_normal((sz.batch, sz.seq, 4 * sz.hidden))).astype(dt)
+
+    def ref(tanh: bool) -> onnx.ModelProto:
+        r = _ref_graph(20, dt)
+        xi = r.input("X", x)
+        if tanh:  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+            inner = r.op("Add", xi, r.op("Mul", r.op("Pow", xi, r.const(3.0)), r.const(0.044715)))
+            t = r.op("Tanh", r.op("Mul", inner, r.const(math.sqrt(2 / math.pi))))
+        else:  # 0.5 x (1 + erf(x / sqrt 2))
+            t = r.op("Erf", r.op("Mul", xi, r.const(1 / math.sqrt(2))))
+        r.output(r.op("Mul", r.op("Mul", xi, r.op("Add", t, r.const(1.0))), r.const(0.5)), dt)
+        return r.model()
+
+    forms: list[tuple[str, str, str, dict[str, Any], bool]] = [
+        ("gelu_onnx20_none", "Gelu", "", {"approximate": "none"}, False),
+        ("gelu_onnx20_tanh", "Gelu", "", {"approximate": "tanh"}, True),
+        ("gelu_ms", "Gelu", MS_DOMAIN, {}, False),
+        ("fastgelu_ms", "FastGelu", MS_DOMAIN, {}, True),
+    ]
+    cases = []
+    for label, op_type, domain, attrs, tanh in forms:
+        f = Graph(20)
+        f.output(f.op(op_type, f.input("X", x), domain=domain, **attrs), dt)
+        cases.append(Case(label, dt.name, f.model(), ref(tanh), {"X": x}))
+    return cases
+
+
+def _rope_angles(positions: np.ndarray, head_dim: int) -> np.ndarray:
+    inv_freq = 1.0 / ROPE_BASE ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    return positions[..., None].astype(np.float64) * inv_freq  # (..., head_dim / 2)
+
+
+def _ref_rope(g: Graph, x: str, cos: str, sin: str, half: int, head_axis: int) -> str:
+    """Hugging Face Llama: x * cos + rotate_half(x) * sin, cos/sin duplicated from D/2 to D.
+    `cos`/`sin` are (B, S, D/2); `head_axis` is where x keeps its heads (1 for BHSD, 2 for BSHD)."""
+    cos_full = g.unsqueeze(g.op("Concat", cos, cos, axis=-1), head_axis)
+    sin_full = g.unsqueeze(g.op("Concat", sin, sin, axis=-1), head_axis)
+    x1, x2 = g.last_slice(x, 0, half), g.last_slice(x, half, 2 * half)
+    rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
+    return g.op("Add", g.op("Mul", x, cos_full), g.op("Mul", rotated, sin_full))
+
+
+def rope_cases(sz: Sizes, dt: np.dtype[Any]) -> list[Case]:
+    rng = _rng()
+    b, s, h, d = sz.batch, sz.seq, sz.heads, sz.head_dim
+    half = d // 2
+    # Different positions per batch row, so a layout that ignores the batch axis of cos/sin shows up as error.
+    pos = (np.arange(s)[None, :] + 3 * np.arange(b)[:, None]).astype(np.int64)
+    ang = _rope_angles(pos, d)
+    cos3, sin3 = np.cos(ang).astype(dt), np.sin(ang).astype(dt)  # (B, S, D/2)
+    cos3_b1, sin3_b1 = cos3[:1], sin3[:1]  # what torch's dynamo exporter emits: batch 1, broadcast
+    ang_cache = _rope_angles(np.arange(MAX_POS), d)
+    cos_cache, sin_cache = np.cos(ang_cache).astype(dt), np.sin(ang_cache).astype(dt)  # (MAX_POS, D/2)
+    x4 = rng.standard_normal((b, h, s, d)).astype(dt)
+    x3 = rng.standard_normal((b, s, h * d)).astype(dt)
+
+    def ref(x: np.ndarray, cos: np.ndarray | None, sin: np.ndarray | None) -> onnx.ModelProto:
+        """cos/sin given: graph inputs (B or 1, S, D/2); None: Gather from the caches by position_ids."""
+        r = _ref_graph(23, dt)
+        xi = r.input("X", x)
+        if cos is not None and sin is not None:
+            ci, si = r.input("cos", cos), r.input("sin", sin)
+        else:
+            pi = r.input("position_ids", pos)
+            ci = r.op("Gather", r.const(cos_cache), pi, axis=0)
+            si = r.op("Gather", r.const(sin_cache), pi, axis=0)
+        if x.ndim == 4:
+            y = _ref_rope(r, xi, ci, si, half, head_axis=1)
+        else:
+            y = r.reshape(_ref_rope(r, r.reshape(xi, [b, s, h, d]), ci, si, half, head_axis=2), [b, s, h * d])
+        r.output(y, dt)
+        return r.model()
+
+    cases = []
+
+    def add(label: str, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, attrs: dict[str, Any]) -> None:
+        f = Graph(23)
+        f.output(f.op("RotaryEmbedding", f.input("X", x), f.input("cos", cos), f.input("sin", sin), **attrs), dt)
+        feeds = {"X": x, "cos": cos, "sin": sin}
+        cases.append(Case(label, dt.name, f.model(), ref(x, cos, sin), feeds))
+
+    add("rope_4d_cos3d", x4, cos3, sin3, {})  # (a)
+    add("rope_4d_cos3d_b1", x4, cos3_b1, sin3_b1, {})  # dynamo's batch-1 cos/sin
+    add("rope_3d_heads", x3, cos3, sin3, {"num_heads": h})  # (c)
+
+    # (b) 2-D caches as initializers, position_ids (B, S) as an input: ONNX order is X, cos, sin, position_ids.
+    f = Graph(23)
+    y = f.op("RotaryEmbedding", f.input("X", x4), f.const(cos_cache), f.const(sin_cache), f.input("position_ids", pos))
+    f.output(y, dt)
+    cases.append(Case("rope_4d_cache_posids", dt.name, f.model(), ref(x4, None, None), {"X": x4, "position_ids": pos}))
+
+    # com.microsoft.RotaryEmbedding: input, position_ids, cos_cache, sin_cache (2-D caches only). ONNX Runtime
+    # infers the heads of a 3-D input from the cache width; TensorRT-RTX's importer wants num_heads: give it.
+    for label, x, attrs in (("rope_ms_4d", x4, {}), ("rope_ms_3d", x3, {"num_heads": h})):
+        f = Graph(23)
+        xi, pi = f.input("X", x), f.input("position_ids", pos)
+        cc, sc = f.const(cos_cache), f.const(sin_cache)
+        f.output(f.op("RotaryEmbedding", xi, pi, cc, sc, domain=MS_DOMAIN, **attrs), dt)
+        cases.append(Case(label, dt.name, f.model(), ref(x, None, None), {"X": x, "position_ids": pos}))
+    return cases
+
+
+def _ref_attention(
+    g: Graph, q: str, k: str, v: str, sz: Sizes, hq: int, hkv: int, skv: int, scale: float, mask: str | None
+) -> str:
+    """softmax(Q K^T * scale + mask) V on (B, H, S, D); K/V heads repeated for GQA as Hugging Face's repeat_kv."""
+    if hkv != hq:
+        rep, b, d = hq // hkv, sz.batch, sz.head_dim
+        k, v = (
+            g.reshape(g.op("Expand", g.unsqueeze(t, 2), g.ints([b, hkv, rep, skv, d])), [b, hq, skv, d]) for t in (k, v)
+        )
+    scores = g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), g.const(scale))
+    if mask is not None:
+        scores = g.op("Add", scores, mask)
+    return g.op("MatMul", g.op("Softmax", scores, axis=-1), v)
+
+
+def _split_heads(g: Graph, name: str, value: np.ndarray, heads: int, head_dim: int) -> str:
+    """Graph input (B, S, H*D) -> (B, H, S, D)."""
+    b, s, _ = value.shape
+    return g.op("Transpose", g.reshape(g.input(name, value), [b, s, heads, head_dim]), perm=[0, 2, 1, 3])
+
+
+def attention_cases(sz: Sizes, dt: np.dtype[Any]) -> list[Case]:
+    rng = _rng()
+    b, s, d, hq, hkv = sz.batch, sz.seq, sz.head_dim, sz.heads, sz.kv_heads
+    default_scale = 1 / math.sqrt(d)
+    minval = _mask_min(dt)
+
+    def randn(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape).astype(dt)
+
+    # Padding: every other batch row has its last 16 keys padded (never a whole row, so no all-masked query).
+    keep = np.ones((b, 1, s, s), dtype=bool)
+    keep[::2, :, :, s - 16 :] = False
+    causal = np.tril(np.ones((s, s), dtype=bool))[None, None]
+    pad_mask = np.where(keep, 0.0, minval).astype(dt)
+    causal_pad_mask = np.where(keep & causal, 0.0, minval).astype(dt)
+
+    cases: list[Case] = []
+
+    def add4d(
+        label: str,
+        kv_heads: int,
+        attrs: dict[str, Any],
+        mask: np.ndarray | None = None,
+        past: int = 0,
+        past_as_concat: bool = False,
+    ) -> None:
+        """4-D Q (B, Hq, Sq, D), K/V (B, Hkv, Sq, D). With `past` > 0 (a decode chunk of 4 queries), the cache
+        enters as Attention's past_key/past_value (present outputs from the op) or, with `past_as_concat`, through
+        Concat nodes in front of a one-output Attention."""
+        q_len = 4 if past else s
+        feeds = {"Q": randn(b, hq, q_len, d), "K": randn(b, kv_heads, q_len, d), "V": randn(b, kv_heads, q_len, d)}
+        if mask is not None:
+            feeds["attn_mask"] = mask
+        if past:
+            feeds["past_key"], feeds["past_value"] = randn(b, kv_heads, past, d), randn(b, kv_heads, past, d)
+        f = Graph(23)
+        q, k, v = (f.input(n, feeds[n]) for n in ("Q", "K", "V"))
+        presents: list[str] = []
+        if past and past_as_concat:
+            k = f.op("Concat", f.input("past_key", feeds["past_key"]), k, axis=2)
+            v = f.op("Concat", f.input("past_value", feeds["past_value"]), v, axis=2)
+            presents = [k, v]
+        args = [q, k, v, f.input("attn_mask", mask) if mask is not None else ""]
+        if past and not past_as_concat:
+            args += [f.input("past_key", feeds["past_key"]), f.input("past_value", feeds["past_value"])]
+        while args[-1] == "":
+            args.pop()
+        outs = f.multi("Attention", *args, n_out=3 if past and not past_as_concat else 1, **attrs)
+        for o in outs + presents:
+            f.output(o, dt)
+
+        r = _ref_graph(23, dt)
+        q, k, v = (r.input(n, feeds[n]) for n in ("Q", "K", "V"))
+        if past:
+            k = r.op("Concat", r.input("past_key", feeds["past_key"]), k, axis=2)
+            v = r.op("Concat", r.input("past_value", feeds["past_value"]), v, axis=2)
+        total = past + q_len
+        ref_mask: str | None = None
+        if mask is not None:
+            ref_mask = r.input("attn_mask", mask)
+            if mask.dtype == np.bool_:  # boolean: True attends; make it additive
+                ref_mask = r.op("Where", ref_mask, r.const(0.0), r.const(float(np.finfo(np.float32).min)))
+        if attrs.get("is_causal"):  # bottom-right aligned: query i sees key j iff j <= i + past
+            allowed = np.arange(total)[None, :] <= np.arange(q_len)[:, None] + past
+            ref_mask = r.const(np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32))
+        y = _ref_attention(r, q, k, v, sz, hq, kv_heads, total, attrs.get("scale", default_scale), ref_mask)
+        for o in [y, k, v] if past else [y]:
+            r.output(o, dt)
+        cases.append(Case(label, dt.name, f.model(), r.model(), feeds))
+
+    add4d("attn_mha_floatmask", hq, {}, pad_mask)  # (a)
+    add4d("attn_mha_boolmask", hq, {}, keep)
+    add4d("attn_gqa_causal", hkv, {"is_causal": 1})  # (b)
+    add4d("attn_gqa_causal_scale", hkv, {"is_causal": 1, "scale": default_scale})  # (b) + explicit default scale
+    add4d("attn_gqa_floatmask", hkv, {}, causal_pad_mask)  # (c)
+    add4d("attn_mha_nomask", hq, {})  # (d)
+    add4d("attn_mha_scale", hq, {"scale": 0.1})  # (e) a non-default scale, so ignoring it shows as error
+    # KV cache, 4 new queries after s - 4 cached keys. Through the op's past inputs, is_causal aligns bottom-right.
+    # With the cache concatenated outside, the op sees no past and is_causal aligns top-left (the spec counts
+    # past_key only): the reference keeps Hugging Face's bottom-right mask, so that form shows as error on purpose.
+    add4d("attn_gqa_causal_past", hkv, {"is_causal": 1}, past=s - 4)
+    add4d("attn_gqa_causal_concat", hkv, {"is_causal": 1}, past=s - 4, past_as_concat=True)
+    bottom_right = np.arange(s)[None, :] <= np.arange(4)[:, None] + (s - 4)
+    decode_mask = np.broadcast_to(np.where(bottom_right, 0.0, minval), (b, 1, 4, s)).astype(dt)
+    add4d("attn_gqa_concat_mask", hkv, {"scale": default_scale}, decode_mask, past=s - 4, past_as_concat=True)
+
+    def ref3d(feeds: dict[str, np.ndarray], kv_heads: int, causal_mask: bool, mask: str | None) -> Graph:
+        """3-D (B, S, H*D) reference: split heads, attend, merge heads."""
+        r = _ref_graph(23, dt)
+        q, k, v = (_split_heads(r, n, feeds[n], h, d) for n, h in (("Q", hq), ("K", kv_heads), ("V", kv_heads)))
+        mask_in = r.input(mask, feeds[mask]) if mask else None
+        if causal_mask:
+            mask_in = r.const(np.where(causal[0, 0], 0.0, float(np.finfo(np.float32).min)).astype(np.float32))
+        y = _ref_attention(r, q, k, v, sz, hq, kv_heads, s, default_scale, mask_in)
+        r.output(r.reshape(r.op("Transpose", y, perm=[0, 2, 1, 3]), [b, s, hq * d]), dt)
+        return r
+
+    def feeds3d(kv_heads: int) -> dict[str, np.ndarray]:
+        return {"Q": randn(b, s, hq * d), "K": randn(b, s, kv_heads * d), "V": randn(b, s, kv_heads * d)}
+
+    for label, kv_heads, causal_flag in (("attn_3d_mha", hq, 0), ("attn_3d_gqa_causal", hkv, 1)):
+        feeds = feeds3d(kv_heads)
+        f = Graph(23)
+        qkv = [f.input(n, a) for n, a in feeds.items()]
+        attrs: dict[str, Any] = {"q_num_heads": hq, "kv_num_heads": kv_heads, "is_causal": causal_flag}
+        f.output(f.op("Attention", *qkv, **attrs), dt)
+        cases.append(Case(label, dt.name, f.model(), ref3d(feeds, kv_heads, bool(causal_flag), None).model(), feeds))
+
+    # com.microsoft.MultiHeadAttention: 3-D q, k, v; inputs 3/4 (bias, key_padding_mask) empty, 5 = attention_bias.
+    # "selfqkv" passes one tensor as q, k and v: the minimal form ENVIRONMENT.md saw crash TensorRT-RTX.
+    for label, with_bias, self_qkv in (
+        ("mha_ms", False, False),
+        ("mha_ms_bias", True, False),
+        ("mha_ms_selfqkv", False, True),
+    ):
+        feeds = feeds3d(hq)
+        if self_qkv:
+            feeds["K"] = feeds["V"] = feeds["Q"]
+        if with_bias:
+            feeds["attn_mask"] = pad_mask
+        f = Graph(23)
+        args = [f.input("Q", feeds["Q"])] * 3 if self_qkv else [f.input(n, feeds[n]) for n in ("Q", "K", "V")]
+        if with_bias:
+            args += ["", "", f.input("attn_mask", pad_mask)]
+        f.output(f.op("MultiHeadAttention", *args, domain=MS_DOMAIN, num_heads=hq), dt)
+        ref = ref3d(feeds, hq, False, "attn_mask" if with_bias else None).model()
+        cases.append(Case(label, dt.name, f.model(), ref, feeds))
+
+    # com.microsoft.GroupQueryAttention: always causal; seqlens_k = total - 1 per row. TensorRT-RTX wants past_key
+    # and a non-zero `scale`: give both (an empty past for the prompt form).
+    # ONNX Runtime's CPU kernel takes several new tokens on a past only at batch 1: the past form is one token.
+    for label, past in (("gqa_ms_prompt", 0), ("gqa_ms_past", s - 1)):
+        q_len = 1 if past else s
+        feeds = {"Q": randn(b, q_len, hq * d), "K": randn(b, q_len, hkv * d), "V": randn(b, q_len, hkv * d)}
+        feeds["past_key"], feeds["past_value"] = randn(b, hkv, past, d), randn(b, hkv, past, d)
+        feeds["seqlens_k"] = np.full((b,), past + q_len - 1, dtype=np.int32)
+        feeds["total_sequence_length"] = np.array([past + q_len], dtype=np.int32)
+        f = Graph(23)
+        args = [f.input(n, a) for n, a in feeds.items()]
+        gqa_attrs = {"num_heads": hq, "kv_num_heads": hkv, "scale": default_scale}
+        for o in f.multi("GroupQueryAttention", *args, n_out=3, domain=MS_DOMAIN, **gqa_attrs):
+            f.output(o, dt)
+
+        r = _ref_graph(23, dt)
+        q, k, v = (_split_heads(r, n, feeds[n], heads, d) for n, heads in (("Q", hq), ("K", hkv), ("V", hkv)))
+        if past:
+            k = r.op("Concat", r.input("past_key", feeds["past_key"]), k, axis=2)
+            v = r.op("Concat", r.input("past_value", feeds["past_value"]), v, axis=2)
+        allowed = np.arange(past + q_len)[None, :] <= np.arange(q_len)[:, None] + past
+        mask_c = r.const(np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32))
+        y = _ref_attention(r, q, k, v, sz, hq, hkv, past + q_len, default_scale, mask_c)
+        r.output(r.reshape(r.op("Transpose", y, perm=[0, 2, 1, 3]), [b, q_len, hq * d]), dt)
+        r.output(k, dt)
+        r.output(v, dt)
+        cases.append(Case(label, dt.name, f.model(), r.model(), feeds))
+    return cases
+
+
+FAMILIES: dict[str, Callable[[Sizes, np.dtype[Any]], list[Case]]] = {
+    "layernorm": layernorm_cases,
+    "rmsnorm": rmsnorm_cases,
+    "gelu": gelu_cases,
+    "rope": rope_cases,
+    "attention": attention_cases,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ONNX Runtime
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OrtResult:
+    status: str = "-"
+    error: float | None = None
+    ms_fused: float | None = None
+    ms_ref: float | None = None
+    ref_unoptimized: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def _short(exc: BaseException | str, limit: int = 240) -> str:
+    text = " ".join(str(exc).split())
+    # TensorRT and ONNX Runtime wrap the useful sentence in location prefixes: keep the sentence.
+    for marker in ("failed. ", "Status Message: "):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _session(model: onnx.ModelProto, providers: list[str], optimize: bool, strict: bool) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if not optimize:  # the reference must stay made of primitives
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if strict:  # fail instead of silently running the fused node on the CPU
+        opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+
+
+def _feeds_for(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = {i.name for i in sess.get_inputs()}  # ORT rejects feeds a graph does not declare
+    return {n: a for n, a in feeds.items() if n in names}
+
+
+def _bind(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], device: str) -> Callable[[], float]:
+    """A timed runner. IO binding with inputs already on the device: GPU numbers measure kernels, not copies."""
+    binding = sess.io_binding()
+    for name, arr in _feeds_for(sess, feeds).items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr, device, 0))
+    for out in sess.get_outputs():
+        binding.bind_output(out.name, device)
+
+    def run() -> float:
+        start = time.perf_counter()
+        sess.run_with_iobinding(binding)
+        return time.perf_counter() - start
+
+    def run_plain() -> float:
+        start = time.perf_counter()
+        sess.run(None, plain_feeds)
+        return time.perf_counter() - start
+
+    plain_feeds = _feeds_for(sess, feeds)
+    try:
+        run()
+        run()  # the second run reuses the output buffers the first one allocated
+    except Exception:  # seen: GroupQueryAttention's inferred present shape assumes a shared KV buffer
+        return run_plain
+    return run
+
+
+def _time_pair(
+    fused: ort.InferenceSession, ref: ort.InferenceSession, feeds: dict[str, np.ndarray], device: str, runs: int
+) -> tuple[float, float]:
+    """Median ms of fused and ref, runs interleaved so machine noise hits both alike; tiny ops get more runs."""
+    runners = [_bind(fused, feeds, device), _bind(ref, feeds, device)]
+    for run in runners:
+        for _ in range(3):
+            run()
+    per_pair = sum(run() for run in runners)
+    n = max(runs, min(1000, int(0.3 / max(per_pair, 1e-6))))
+    times: list[list[float]] = [[], []]
+    for _ in range(n):
+        for i, run in enumerate(runners):
+            times[i].append(run())
+    return 1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1])
+
+
+def _normwise(got: list[np.ndarray], want: list[np.ndarray]) -> float:
+    worst = 0.0
+    for a, e in zip(got, want, strict=True):
+        a64, e64 = a.astype(np.float64), e.astype(np.float64)
+        if a64.shape != e64.shape:
+            return math.inf
+        worst = max(worst, float(np.max(np.abs(a64 - e64)) / max(np.max(np.abs(e64)), 1e-30)))
+    return worst
+
+
+def probe_ort(case: Case, providers: list[str], device: str, runs: int) -> OrtResult:
+    res = OrtResult()
+    gpu = device != "cpu"
+    try:
+        ref_plain = _session(case.ref, providers, optimize=False, strict=False)
+        want = ref_plain.run(None, _feeds_for(ref_plain, case.feeds))
+    except Exception as exc:
+        res.status = "ref failed"
+        res.notes.append(f"ORT reference: {_short(exc)}")
+        return res
+    try:
+        fused = _session(case.fused, providers, optimize=True, strict=gpu)
+        res.status = "ok"
+    except Exception as exc:
+        if not gpu:
+            res.status = "refused"
+            res.notes.append(f"ORT session: {_short(exc)}")
+            return res
+        try:
+            fused = _session(case.fused, providers, optimize=True, strict=False)
+            res.status = "ok (CPU fallback)"
+            res.notes.append(f"ORT: not on the GPU provider: {_short(exc, 160)}")
+        except Exception as exc2:
+            res.status = "refused"
+            res.notes.append(f"ORT session: {_short(exc2)}")
+            return res
+    try:
+        got = fused.run(None, _feeds_for(fused, case.feeds))
+    except Exception as exc:
+        res.status = "run failed"
+        res.notes.append(f"ORT run: {_short(exc)}")
+        return res
+    res.error = _normwise(got, want)
+    if not all(np.all(np.isfinite(g.astype(np.float64))) for g in got):
+        res.notes.append("ORT: fused output has NaN/Inf")
+    try:
+        ref = _session(case.ref, providers, optimize=True, strict=False)
+    except Exception as exc:  # seen: ORT's LayerNormFusion mistyping an fp16 graph that computes in fp32
+        res.notes.append(
+            f"ORT default optimizations refused the decomposed graph ({_short(exc, 200)}); ref timed unoptimized (*)"
+        )
+        res.ref_unoptimized = True
+        ref = ref_plain
+    try:
+        res.ms_fused, res.ms_ref = _time_pair(fused, ref, case.feeds, device, runs)
+    except Exception as exc:
+        res.notes.append(f"ORT timing: {_short(exc)}")
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TensorRT-RTX, in a child process
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrtResult:
+    parse: str = "-"
+    build: str = "-"
+    layers_fused: int | None = None
+    layers_ref: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _emit(record: dict[str, Any]) -> None:
+    print(json.dumps(record), flush=True)  # flushed per stage: a later crash keeps what came before
+
+
+def trt_child(fused_path: str, ref_path: str, cc: str) -> int:
+    """Child mode: parse the reference, then parse and build the fused model; one JSON line per stage."""
+    import tensorrt_rtx as trt
+
+    errors: list[str] = []
+
+    class Logger(trt.ILogger):  # type: ignore[misc]
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, severity: Any, msg: str) -> None:
+            if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
+                errors.append(msg)
+                print(f"TRT-ERROR: {msg}", file=sys.stderr, flush=True)  # survives a crash, unlike `errors`
+
+    logger = Logger()
+
+    def parse(path: str) -> tuple[Any, Any, Any, str]:
+        builder = trt.Builder(logger)
+        network = builder.create_network(0)  # TensorRT-RTX networks are always strongly typed
+        parser = trt.OnnxParser(network, logger)
+        if parser.parse_from_file(path):
+            return builder, network, parser, ""
+        msgs = [parser.get_error(i).desc() for i in range(parser.num_errors)]
+        return builder, network, parser, "; ".join(msgs) or (errors[-1] if errors else "unknown parse error")
+
+    _, ref_net, _ref_parser, ref_err = parse(ref_path)
+    _emit({"stage": "ref_parse", "ok": not ref_err, "layers": ref_net.num_layers, "error": ref_err})
+
+    builder, network, _parser, err = parse(fused_path)
+    types = Counter(str(network.get_layer(i).type).split(".")[-1] for i in range(network.num_layers))
+    _emit({"stage": "fused_parse", "ok": not err, "layers": network.num_layers, "types": dict(types), "error": err})
+    if err:
+        return 0
+    config = builder.create_builder_config()
+    config.num_compute_capabilities = 1
+    config.set_compute_capability(getattr(trt.ComputeCapability, cc), 0)
+    errors.clear()
+    start = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    seconds = round(time.perf_counter() - start, 2)
+    build_err = "" if plan is not None else (errors[-1] if errors else "no engine returned")
+    _emit({"stage": "fused_build", "ok": plan is not None, "seconds": seconds, "error": build_err})
+    return 0
+
+
+def probe_trt(case: Case, work: Path, cc: str, timeout: int) -> TrtResult:
+    fused_path, ref_path = work / f"{case.name}.{case.dtype}.fused.onnx", work / f"{case.name}.{case.dtype}.ref.onnx"
+    onnx.save(case.fused, fused_path)
+    onnx.save(case.ref, ref_path)
+    res = TrtResult()
+    cmd = [sys.executable, __file__, "--trt-child", str(fused_path), str(ref_path), "--cc", cc]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        res.parse = res.build = f"timeout ({timeout} s)"
+        return res
+    stages = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            rec = json.loads(line)
+            stages[rec["stage"]] = rec
+    if "ref_parse" in stages:
+        res.layers_ref = stages["ref_parse"]["layers"] if stages["ref_parse"]["ok"] else None
+        if not stages["ref_parse"]["ok"]:
+            res.notes.append(f"TRT reference parse: {_short(stages['ref_parse']['error'])}")
+    if "fused_parse" in stages:
+        rec = stages["fused_parse"]
+        res.parse = "ok" if rec["ok"] else "fail"
+        res.layers_fused = rec["layers"] if rec["ok"] else None
+        if rec["ok"]:
+            res.notes.append("TRT layers: " + ", ".join(f"{n}x{t}" for t, n in sorted(rec["types"].items())))
+        else:
+            res.notes.append(f"TRT parse: {_short(rec['error'])}")
+    if "fused_build" in stages:
+        rec = stages["fused_build"]
+        res.build = "ok" if rec["ok"] else "fail"
+        if not rec["ok"]:
+            res.notes.append(f"TRT build: {_short(rec['error'])}")
+    if proc.returncode != 0:
+        why = f"crash ({signal.Signals(-proc.returncode).name})" if proc.returncode < 0 else f"exit {proc.returncode}"
+        if res.parse == "-":
+            res.parse = why
+        elif res.parse == "ok" and res.build == "-":
+            res.build = why
+        last = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        err_lines = [ln for ln in last if ln.startswith("TRT-ERROR")] or last
+        last_msg = _short(err_lines[-1]) if err_lines else "none"
+        res.notes.append(f"TRT {why} during {'build' if res.parse == 'ok' else 'parse'}; last message: {last_msg}")
+    elif res.parse == "ok" and res.build == "-":
+        res.build = "skipped"
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(rows: list[tuple[Case, OrtResult, TrtResult | None]], with_trt: bool, provider_label: str) -> None:
+    head = ["form", "dtype", f"ORT {provider_label}", "max rel err"]
+    if with_trt:
+        head += ["TRT parse", "TRT build", "layers f/ref"]
+    head += ["ms fused", "ms ref", "ref/fused"]
+    table = [head]
+    for case, o, t in rows:
+        row = [case.name, case.dtype, o.status, _fmt(o.error, ".1e")]
+        if with_trt:
+            assert t is not None
+            row += [t.parse, t.build, f"{_fmt(t.layers_fused, 'd')}/{_fmt(t.layers_ref, 'd')}"]
+        ratio = o.ms_ref / o.ms_fused if o.ms_ref is not None and o.ms_fused else None
+        row += [_fmt(o.ms_fused, ".3f"), _fmt(o.ms_ref, ".3f"), _fmt(ratio, ".2f") + ("*" if o.ref_unoptimized else "")]
+        table.append(row)
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    for i, r in enumerate(table):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    notes = [f"  {c.name} [{c.dtype}]: {n}" for c, o, t in rows for n in o.notes + (t.notes if t else [])]
+    print("\nNotes:", *notes or ["  (none)"], sep="\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--providers", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime execution provider")
+    ap.add_argument("--no-trt", action="store_true", help="skip the TensorRT-RTX parse/build columns")
+    ap.add_argument("--cc", default="SM89", help="TensorRT-RTX compute capability to build for (SM75 ... SM121)")
+    ap.add_argument("--only", action="append", default=[], help="keep forms whose name contains this (repeatable)")
+    ap.add_argument(
+        "--dtypes",
+        default="float32,float16",
+        help="comma-separated; fp16 matters: TensorRT has attention kernels for some dtypes only",
+    )
+    ap.add_argument("--batch", type=int, default=2, help="batch > 1 exposes layouts that ignore the batch axis")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=50, help="timed runs per session (median reported)")
+    ap.add_argument("--trt-timeout", type=int, default=300)
+    ap.add_argument("--keep", type=Path, help="write the probe models here instead of a temporary directory")
+    ap.add_argument("--trt-child", nargs=2, metavar=("FUSED", "REF"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.trt_child:
+        return trt_child(args.trt_child[0], args.trt_child[1], args.cc.upper())
+
+    sz = Sizes(args.batch, args.seq, args.heads, args.kv_heads, args.head_dim)
+    if args.providers == "cuda":
+        providers, device = ["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda"
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            print(f"CUDAExecutionProvider not available (have {ort.get_available_providers()})", file=sys.stderr)
+            return 2
+    else:
+        providers, device = ["CPUExecutionProvider"], "cpu"
+    with_trt = not args.no_trt and importlib.util.find_spec("tensorrt_rtx") is not None
+    if not with_trt and not args.no_trt:
+        print("tensorrt_rtx is not importable: TensorRT columns skipped", file=sys.stderr)
+
+    cases: list[Case] = []
+    for make in FAMILIES.values():
+        for dt in (np.dtype(name.strip()) for name in args.dtypes.split(",")):
+            cases += [c for c in make(sz, dt) if not args.only or any(o in c.name for o in args.only)]
+
+    started = time.perf_counter()
+    rows: list[tuple[Case, OrtResult, TrtResult | None]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for case in cases:
+            o = probe_ort(case, providers, device, args.runs)
+            t = probe_trt(case, work, args.cc.upper(), args.trt_timeout) if with_trt else None
+            rows.append((case, o, t))
+            print(f"... {case.name} [{case.dtype}] done", file=sys.stderr, flush=True)
+
+    versions = f"onnxruntime {ort.__version__}, onnx {onnx.__version__}"
+    if with_trt:
+        import tensorrt_rtx as trt
+
+        versions += f", tensorrt_rtx {trt.__version__} (build for {args.cc.upper()})"
+    print(
+        f"Fused-op probe: {versions}; B={sz.batch} S={sz.seq} heads={sz.heads} kv_heads={sz.kv_heads} D={sz.head_dim}"
+    )
+    print(
+        "max rel err = max|fused-ref|/max|ref| vs the decomposed graph; ref/fused = latency ratio (>1: fused faster)\n"
+    )
+    print_table(rows, with_trt, args.providers.upper())
+    print(f"\n{len(cases)} forms in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
