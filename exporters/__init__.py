@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+from llm2trt.errors import InputError
 from llm2trt.exporters.base import ExportSpec
 from llm2trt.exporters.bert import BertSpec
 from llm2trt.exporters.gpt2 import GPT2Spec
 from llm2trt.exporters.llama import LlamaSpec
 from llm2trt.exporters.vit import ViTSpec
-
-from llm2trt.errors import InputError
 
 _REGISTRY: dict[str, ExportSpec] = {}
 

@@ -18,6 +18,7 @@ from llm2trt.artifact import check_artifact_files, check_output, load_onnx, stag
 from llm2trt.errors import BackendError, InputError
 from llm2trt.manifest import BUILD_NAME, ENGINE_NAME, DimRange, Manifest, PassRecord
 from llm2trt.trt import load_backend, resolve_compute_capability
+from llm2trt.trt_worker import PHASE_MARK
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +71,10 @@ def _run_worker(request: dict[str, Any], scratch: Path) -> dict[str, Any]:
     tail: deque[str] = deque(maxlen=40)
     phase = "parse"
     for line in proc.stderr or ():
-        if line.startswith("[llm2trt] "):
-            message = line[len("[llm2trt] ") :].rstrip()
-            if message.startswith("TensorRT parsed"):
-                phase = "build"
-            logger.info("%s", message)
+        if line.startswith(PHASE_MARK):
+            phase = line[len(PHASE_MARK) :].strip()
+        elif line.startswith("[llm2trt] "):
+            logger.info("%s", line[len("[llm2trt] ") :].rstrip())
         elif line.strip():
             tail.append(line.rstrip())
     code = proc.wait()

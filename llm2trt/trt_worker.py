@@ -17,6 +17,7 @@ from llm2trt.log import configure
 from llm2trt.trt import Backend, load_backend
 
 logger = logging.getLogger("llm2trt.trt")
+PHASE_MARK = "[llm2trt-phase] "
 
 
 def _make_logger(trt: Any, errors: list[str]) -> Any:
@@ -84,18 +85,18 @@ def allow_attention_decomposition(trt: Any, network: Any) -> int:
     ("Attention operation was not supported by a dedicated kernel"); with it, TensorRT still uses a
     fused kernel where one exists. Returns the number of attention ops.
     """
-    seen: set[int] = set()
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        if layer.type not in (trt.LayerType.ATTENTION_INPUT, trt.LayerType.ATTENTION_OUTPUT):
+        if layer.type == trt.LayerType.ATTENTION_INPUT:
+            layer.__class__ = trt.IAttentionInputLayer
+        elif layer.type == trt.LayerType.ATTENTION_OUTPUT:
+            layer.__class__ = trt.IAttentionOutputLayer
+        else:
             continue
-        layer.__class__ = (
-            trt.IAttentionInputLayer if layer.type == trt.LayerType.ATTENTION_INPUT else (trt.IAttentionOutputLayer)
-        )
-        attention = layer.attention
-        if attention is not None and id(attention) not in seen:
-            attention.decomposable = True
-            seen.add(id(attention))
+        # Both boundary layers lead to the same attention; setting it twice is harmless (and
+        # Python wrapper ids are reused, so they cannot tell attentions apart).
+        if layer.attention is not None:
+            layer.attention.decomposable = True
     return sum(1 for i in range(network.num_layers) if network.get_layer(i).type == trt.LayerType.ATTENTION_OUTPUT)
 
 
@@ -107,6 +108,9 @@ def build(request: dict[str, Any]) -> dict[str, Any]:
     trt_logger, builder, network, parser = _parse(backend, request["onnx"], errors)
     parse_seconds = time.perf_counter() - start
     logger.info("TensorRT parsed %d layers in %.1f s", network.num_layers, parse_seconds)
+    # A protocol line for the parent, whatever the verbosity: it names the phase a crash hit.
+    sys.stderr.write(f"{PHASE_MARK}build\n")
+    sys.stderr.flush()
     attention_ops = allow_attention_decomposition(trt, network)
 
     config = builder.create_builder_config()

@@ -10,13 +10,10 @@ from typing import ClassVar
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from llm2trt.passes.core import GraphPass, Model, PassResult
+
+from llm2trt.passes.core import GraphPass, Model, PassResult, restore_weights, stash_weights
 
 logger = logging.getLogger(__name__)
-
-# Weights at least this large are hidden from shape inference (it only needs their dims), which
-# keeps the serialized graph far below protobuf's 2 GB limit for big models.
-_STASH_BYTES = 1024
 
 
 @contextlib.contextmanager
@@ -147,23 +144,13 @@ def infer_shapes(model: Model) -> tuple[int, list[str]]:
     """ONNX shape inference over the graph; records dtype and shape on tensors that had none."""
     graph = model.graph
     proto = gs.export_onnx(graph, do_type_check=False)
-    stashed: list[tuple[onnx.TensorProto, bytes]] = []
-    for tensor in proto.graph.initializer:
-        if tensor.HasField("raw_data") and len(tensor.raw_data) >= _STASH_BYTES:
-            stashed.append((tensor, tensor.raw_data))
-            tensor.ClearField("raw_data")
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            entry = tensor.external_data.add()
-            entry.key, entry.value = "location", "stashed-by-llm2trt"
+    stashed = stash_weights(proto)
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     except onnx.shape_inference.InferenceError as exc:
         return 0, [f"shape inference failed: {exc}"]
     finally:
-        for tensor, raw in stashed:
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            tensor.raw_data = raw
+        restore_weights(proto, stashed)
     tensors = graph.tensors()
     typed = 0
     for info in inferred.graph.value_info:

@@ -24,6 +24,32 @@ from llm2trt.manifest import PassRecord
 logger = logging.getLogger(__name__)
 
 RULE_KEY = "llm2trt.rule"  # node metadata: the rewrite rule that made a node
+_STASH_BYTES = 1024
+
+
+def stash_weights(proto: onnx.ModelProto) -> dict[str, bytes]:
+    """Take large initializers' bytes out while ONNX's C++ tools (shape inference, the version
+    converter) serialize the model: they need only dims and types, and a model over 2 GB cannot be
+    serialized. The tensors read as external meanwhile; `restore_weights` puts the bytes back by
+    name, into this proto or into a converted copy of it.
+    """
+    stashed: dict[str, bytes] = {}
+    for tensor in proto.graph.initializer:
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= _STASH_BYTES:
+            stashed[tensor.name] = tensor.raw_data
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            entry = tensor.external_data.add()
+            entry.key, entry.value = "location", "stashed-by-llm2trt"
+    return stashed
+
+
+def restore_weights(proto: onnx.ModelProto, stashed: dict[str, bytes]) -> None:
+    for tensor in proto.graph.initializer:
+        if tensor.name in stashed and tensor.data_location == onnx.TensorProto.EXTERNAL:
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = stashed[tensor.name]
 
 
 class PassCheckError(Llm2TrtError):

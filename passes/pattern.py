@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
 from llm2trt.passes.core import GraphPass, Model, PassResult
 
 logger = logging.getLogger(__name__)

@@ -543,6 +543,8 @@ def _session(model: onnx.ModelProto, providers: list[str], optimize: bool, stric
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if strict:  # fail instead of silently running the fused node on the CPU
         opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        # ONNX Runtime refuses that option next to an explicit CPU provider.
+        providers = [p for p in providers if p != "CPUExecutionProvider"]
     return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
 
 
@@ -673,7 +675,7 @@ def _emit(record: dict[str, Any]) -> None:
     print(json.dumps(record), flush=True)  # flushed per stage: a later crash keeps what came before
 
 
-def trt_child(fused_path: str, ref_path: str, cc: str) -> int:
+def trt_child(fused_path: str, ref_path: str, cc: str, decomposable: bool) -> int:
     """Child mode: parse the reference, then parse and build the fused model; one JSON line per stage."""
     import tensorrt_rtx as trt
 
@@ -710,6 +712,10 @@ def trt_child(fused_path: str, ref_path: str, cc: str) -> int:
     config = builder.create_builder_config()
     config.num_compute_capabilities = 1
     config.set_compute_capability(getattr(trt.ComputeCapability, cc), 0)
+    if decomposable:  # what `llm2trt build` does: fp32 attention has no fused kernel to fall back from
+        from llm2trt.trt_worker import allow_attention_decomposition
+
+        allow_attention_decomposition(trt, network)
     errors.clear()
     start = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
@@ -719,12 +725,14 @@ def trt_child(fused_path: str, ref_path: str, cc: str) -> int:
     return 0
 
 
-def probe_trt(case: Case, work: Path, cc: str, timeout: int) -> TrtResult:
+def probe_trt(case: Case, work: Path, cc: str, timeout: int, decomposable: bool) -> TrtResult:
     fused_path, ref_path = work / f"{case.name}.{case.dtype}.fused.onnx", work / f"{case.name}.{case.dtype}.ref.onnx"
     onnx.save(case.fused, fused_path)
     onnx.save(case.ref, ref_path)
     res = TrtResult()
     cmd = [sys.executable, __file__, "--trt-child", str(fused_path), str(ref_path), "--cc", cc]
+    if decomposable:
+        cmd.append("--decomposable-attention")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
@@ -819,10 +827,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trt-timeout", type=int, default=300)
     ap.add_argument("--keep", type=Path, help="write the probe models here instead of a temporary directory")
     ap.add_argument("--trt-child", nargs=2, metavar=("FUSED", "REF"), help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--decomposable-attention",
+        action="store_true",
+        help="mark attention decomposable before the TensorRT build, as `llm2trt build` does",
+    )
     args = ap.parse_args(argv)
 
     if args.trt_child:
-        return trt_child(args.trt_child[0], args.trt_child[1], args.cc.upper())
+        return trt_child(args.trt_child[0], args.trt_child[1], args.cc.upper(), args.decomposable_attention)
 
     sz = Sizes(args.batch, args.seq, args.heads, args.kv_heads, args.head_dim)
     if args.providers == "cuda":
@@ -848,7 +861,11 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         for case in cases:
             o = probe_ort(case, providers, device, args.runs)
-            t = probe_trt(case, work, args.cc.upper(), args.trt_timeout) if with_trt else None
+            t = (
+                probe_trt(case, work, args.cc.upper(), args.trt_timeout, args.decomposable_attention)
+                if with_trt
+                else None
+            )
             rows.append((case, o, t))
             print(f"... {case.name} [{case.dtype}] done", file=sys.stderr, flush=True)
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from llm2trt.exporters import all_specs
 
 from llm2trt.cli import cli
+from llm2trt.exporters import all_specs
 
 TINY = [f"tiny:{spec.name}" for spec in all_specs()]
 

@@ -104,3 +104,42 @@ def test_trt_runner_cannot_run_here(artifacts: dict[str, Path], tmp_path: Path) 
     assert run_cli("build", artifacts["tiny:vit"], "-o", out, "--compute-capability", "sm89", "-q").exit_code == 0
     result = run_cli("compare", out, "--runners", "torch,trt")
     assert_clean_failure(result, "cannot run a TensorRT-RTX engine here: no GPU", None)
+
+
+def test_every_fp32_attention_is_built(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    """Twelve fp32 Attention nodes: each needs marking decomposable, or the build fails."""
+    import dataclasses
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from llm2trt.manifest import TensorSpec
+
+    shape = [1, 4, 16, 32]
+    # Side by side and summed. (Seen: one Attention's output feeding the next one's query, directly
+    # or through a MatMul, segfaults TensorRT-RTX 1.7's fp32 build; so does one tensor as q, k and v.)
+    nodes = [helper.make_node("Attention", ["x", "k", "v"], ["a0"], name="attn0", scale=0.125)]
+    prev = "a0"
+    for i in range(1, 12):
+        nodes.append(helper.make_node("Attention", ["x", "k", "v"], [f"a{i}"], name=f"attn{i}", scale=0.125 + i / 100))
+        nodes.append(helper.make_node("Add", [prev, f"a{i}"], [f"s{i}"], name=f"add{i}"))
+        prev = f"s{i}"
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("x", "k", "v")]
+    graph = helper.make_graph(nodes, "attn", inputs, [helper.make_tensor_value_info(prev, TensorProto.FLOAT, shape)])
+    artifact = tmp_path / "attn"
+    artifact.mkdir()
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10),
+        str(artifact / "model.onnx"),
+    )
+    manifest = Manifest.read(artifacts["tiny:vit"])
+    dataclasses.replace(
+        manifest,
+        inputs=[TensorSpec(n, "float32", shape) for n in ("x", "k", "v")],
+        outputs=[TensorSpec(prev, "float32", shape)],
+        main_output=prev,
+        dynamic_dims={},
+    ).write(artifact)
+    code, info = run_json("build", artifact, "-o", tmp_path / "engine", "--compute-capability", "sm89", "-q")
+    assert code == 0, info
+    assert info["attention_ops"] == 12

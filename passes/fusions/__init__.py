@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections import Counter
 
 import onnx_graphsurgeon as gs
+
+from llm2trt.errors import InputError
 from llm2trt.passes.fusions.attention import AttentionRule
 from llm2trt.passes.fusions.gelu import GeluErfRule, GeluTanhRule
 from llm2trt.passes.fusions.norms import LayerNormRule, RMSNormRule
 from llm2trt.passes.fusions.rope import RoPERule
 from llm2trt.passes.pattern import RewriteRule
-
-from llm2trt.errors import InputError
 
 # Order matters only for speed and readability of reports: norms and activations first, then
 # RoPE, then attention (whose Q input is the RoPE output).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
 from llm2trt.passes.core import Model
 from llm2trt.passes.pattern import unique_name
 

@@ -10,8 +10,8 @@ import onnx
 import pytest
 import torch
 import transformers
-from llm2trt.exporters import all_specs, spec_for_model_type
 
+from llm2trt.exporters import all_specs, spec_for_model_type
 from llm2trt.kv import KVLayout, past_name, present_name
 from llm2trt.manifest import Manifest
 from tests.conftest import TINY, run_cli, run_json

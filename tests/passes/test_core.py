@@ -8,11 +8,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from llm2trt.passes.cleanup import ConstantFolding, DeadNodeElimination, IdentityElimination, ShapeInference
-from llm2trt.passes.core import GraphPass, Model, PassCheckError, PassManager, PassResult
 from onnx import TensorProto, helper, numpy_helper
 
 from llm2trt.numerics import normwise_rel_err, run_ort
+from llm2trt.passes.cleanup import ConstantFolding, DeadNodeElimination, IdentityElimination, ShapeInference
+from llm2trt.passes.core import GraphPass, Model, PassCheckError, PassManager, PassResult
 
 
 def _model() -> onnx.ModelProto:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import onnx
 import pytest
-from llm2trt.passes.core import RULE_KEY
 from onnx import helper
 
 from llm2trt.manifest import Manifest
+from llm2trt.passes.core import RULE_KEY
 from tests.conftest import TINY, assert_clean_failure, run_cli, run_json
 
 L = 2  # layers of every tiny spec

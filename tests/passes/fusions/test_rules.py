@@ -9,12 +9,12 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 import pytest
-from llm2trt.passes.core import RULE_KEY, Model, check_graph
-from llm2trt.passes.fusions import rules_for
-from llm2trt.passes.pattern import RewritePass
 from onnx import TensorProto, helper, numpy_helper
 
 from llm2trt.numerics import normwise_rel_err, run_ort
+from llm2trt.passes.core import RULE_KEY, Model, check_graph
+from llm2trt.passes.fusions import rules_for
+from llm2trt.passes.pattern import RewritePass
 
 RNG = np.random.default_rng(0)
 B, H, KV, S, D = 2, 4, 2, 5, 8

@@ -1,0 +1,247 @@
+"""ONNX Runtime latency of the unfused export, llm2trt's fused graph, and onnxruntime.transformers'
+optimizer output from the same export, for a mid-size GPT-2 and Llama (random weights).
+
+Prints one table; ratios are from the same run. Run here (CPU) and on the GPU machine:
+
+    python scripts/bench_fusions.py                                   # CPU, fp32
+    python scripts/bench_fusions.py --provider cuda --dtype fp16      # GPU (onnxruntime-gpu)
+    python scripts/bench_fusions.py --layers 2 --shapes 1x16 --runs 3 # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from llm2trt.export import convert, sample_tensors
+from llm2trt.manifest import Manifest
+from llm2trt.models import resolve_model
+from llm2trt.optimize import optimize
+
+VARIANTS = ("unfused", "fused", "ort-opt")
+
+
+def make_model(kind: str, layers: int, hidden: int, heads: int, kv_heads: int, work: Path) -> Path:
+    """A random-weight Hugging Face directory of the given shape."""
+    import torch
+    import transformers
+
+    if kind == "gpt2":
+        config = transformers.GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, n_positions=1024)
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.LlamaConfig(
+            num_hidden_layers=layers,
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            intermediate_size=hidden * 8 // 3 // 64 * 64,
+            vocab_size=32000,
+            max_position_embeddings=2048,
+        )
+        model = transformers.LlamaForCausalLM(config)
+    torch.manual_seed(0)
+    path = work / f"hf-{kind}"
+    model.save_pretrained(str(path))
+    return path
+
+
+def ort_transformers_optimize(src: Path, dst: Path, heads: int, hidden: int) -> dict[str, int]:
+    """onnxruntime.transformers' optimizer on the same export; returns its fused-op counts."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimized = optimize_model(
+            str(src), model_type="gpt2", num_heads=heads, hidden_size=hidden, only_onnxruntime=False
+        )
+    dst.mkdir(parents=True, exist_ok=True)
+    optimized.save_model_to_file(str(dst / "model.onnx"), use_external_data_format=True)
+    ops: dict[str, int] = {}
+    for node in optimized.model.graph.node:
+        if node.domain == "com.microsoft" or node.op_type in ("LayerNormalization", "Gelu", "Attention"):
+            ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return ops
+
+
+def session(path: Path, provider: str, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def placement(path: Path, feeds: dict[str, np.ndarray], provider: str) -> dict[str, dict[str, int]]:
+    """Which execution provider ran each op type, read from one profiled run."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path.parent / "profile")
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
+    sess = ort.InferenceSession(str(path), options, providers=providers)
+    sess.run(None, feeds)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    seen: dict[str, dict[str, int]] = {}
+    for event in events:
+        args = event.get("args", {})
+        if event.get("cat") == "Node" and "op_name" in args and event.get("name", "").endswith("_kernel_time"):
+            per_op = seen.setdefault(args["op_name"], {})
+            ep = args.get("provider", "?").replace("ExecutionProvider", "")
+            per_op[ep] = per_op.get(ep, 0) + 1
+    return seen
+
+
+def time_session(
+    sess: ort.InferenceSession, feeds: dict[str, np.ndarray], provider: str, runs: int, warmup: int
+) -> tuple[float, np.ndarray]:
+    """Median wall time of one inference (IO binding: inputs live on the device beforehand)."""
+    device = "cuda" if provider == "cuda" else "cpu"
+    binding = sess.io_binding()
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, device, 0))
+    outputs = [o.name for o in sess.get_outputs()]
+    for name in outputs:
+        binding.bind_output(name, device)
+    for _ in range(warmup):
+        sess.run_with_iobinding(binding)
+    times = []
+    for _ in range(runs):
+        binding.synchronize_inputs()
+        start = time.perf_counter()
+        sess.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000, binding.copy_outputs_to_cpu()[0]
+
+
+def normwise(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a64 - b64).max() / max(np.abs(b64).max(), 1e-30))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    parser.add_argument("--models", default="gpt2,llama")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--kv-heads", type=int, default=4, help="Llama's KV heads (GQA)")
+    parser.add_argument("--shapes", default="1x128,8x128,1x512,8x512", help="BATCHxSEQ,...")
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    parser.add_argument("--work", type=Path, help="keep the models here (default: a temporary directory)")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    if args.provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        sys.exit("onnxruntime has no CUDAExecutionProvider here: install onnxruntime-gpu")
+
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for kind in args.models.split(","):
+            start = time.perf_counter()
+            hf = make_model(kind, args.layers, args.hidden, args.heads, args.kv_heads, work)
+            paths = {v: work / f"{kind}-{v}" for v in VARIANTS}
+            convert(resolve_model(str(hf)), paths["unfused"], dtype=args.dtype, force=True)
+            report = optimize(paths["unfused"], paths["fused"], force=True, check=False, allow_missing_fusions=True)
+            ort_ops = ort_transformers_optimize(
+                paths["unfused"] / "model.onnx", paths["ort-opt"], args.heads, args.hidden
+            )
+            print(
+                f"# {kind}: {args.layers} layers, hidden {args.hidden}, {args.dtype}; prepared in "
+                f"{time.perf_counter() - start:.0f} s; llm2trt fusions "
+                f"{ {k: v for k, v in report['fusions'].items() if v} }; onnxruntime.transformers ops {ort_ops}",
+                flush=True,
+            )
+            manifest = Manifest.read(paths["unfused"])
+            spec, config = manifest.spec_and_config()
+            probe_feeds = sample_tensors(spec, config, manifest.inputs, 1, 16, seed=0)
+            for v in VARIANTS:
+                where = placement(paths[v] / "model.onnx", probe_feeds, args.provider)
+                cpu = {op: n["CPU"] for op, n in where.items() if "CPU" in n and len(n) == 1}
+                print(f"#   {v}: ops that ran only on the CPU provider: {cpu or 'none'}", flush=True)
+            sessions = {v: session(paths[v] / "model.onnx", args.provider, args.threads) for v in VARIANTS}
+            for batch, seq in shapes:
+                feeds = sample_tensors(spec, config, manifest.inputs, batch, seq, seed=0)
+                times, outs = {}, {}
+                for v in VARIANTS:
+                    times[v], outs[v] = time_session(sessions[v], feeds, args.provider, args.runs, args.warmup)
+                rows.append(
+                    {
+                        "model": kind,
+                        "batch": batch,
+                        "seq": seq,
+                        **{f"{v}_ms": times[v] for v in VARIANTS},
+                        "unfused/fused": times["unfused"] / times["fused"],
+                        "ort-opt/fused": times["ort-opt"] / times["fused"],
+                        "fused_err": normwise(outs["fused"], outs["unfused"]),
+                        "ort_opt_err": normwise(outs["ort-opt"], outs["unfused"]),
+                    }
+                )
+                r = rows[-1]
+                print(
+                    f"  {kind} {batch}x{seq}: unfused {r['unfused_ms']:.2f} ms, fused {r['fused_ms']:.2f} ms, "
+                    f"ort-opt {r['ort-opt_ms']:.2f} ms",
+                    flush=True,
+                )
+            del sessions
+
+    device = ort.get_device() if args.provider == "cuda" else "CPU"
+    print(
+        f"\nONNX Runtime {ort.__version__} ({args.provider}, {device}), {args.dtype}, median of {args.runs} runs "
+        f"after {args.warmup} warm-up; ratios > 1: llm2trt's fused graph is faster"
+    )
+    header = (
+        "model",
+        "batch x seq",
+        "unfused ms",
+        "fused ms",
+        "ort-opt ms",
+        "unfused/fused",
+        "ort-opt/fused",
+        "fused err",
+        "ort-opt err",
+    )
+    table = [header] + [
+        (
+            r["model"],
+            f"{r['batch']}x{r['seq']}",
+            f"{r['unfused_ms']:.2f}",
+            f"{r['fused_ms']:.2f}",
+            f"{r['ort-opt_ms']:.2f}",
+            f"{r['unfused/fused']:.2f}",
+            f"{r['ort-opt/fused']:.2f}",
+            f"{r['fused_err']:.1e}",
+            f"{r['ort_opt_err']:.1e}",
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
