@@ -63,62 +63,67 @@ def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
                 consumer.inputs[i] = new
 
 
-class IdentityElimination(GraphPass):
-    """Drop Identity nodes, wiring their consumers to the input."""
+def bypass(node: gs.Node, graph_outputs: set[str]) -> bool:
+    """Take a one-input, one-output node that changes nothing out of the graph; False if it must stay."""
+    src, dst = node.inputs[0], node.outputs[0]
+    if dst.name in graph_outputs:
+        producer = src.inputs[0] if src.inputs else None
+        if producer is None or src.name in graph_outputs:
+            return False  # the graph output needs a producer of its own
+        # Keep the graph output's name: the producer writes it directly.
+        node.outputs.clear()
+        replace_uses(src, dst)
+        producer.outputs[producer.outputs.index(src)] = dst
+    else:
+        replace_uses(dst, src)
+        node.outputs.clear()
+    node.inputs.clear()
+    return True
 
-    name = "identity_elimination"
+
+class _BypassPass(GraphPass):
+    """Remove every node `removable` accepts, wiring its consumers to its input."""
+
+    counter: ClassVar[str]
+
+    def removable(self, node: gs.Node) -> bool:
+        raise NotImplementedError
 
     def run(self, model: Model) -> PassResult:
         graph = model.graph
         outputs = {t.name for t in graph.outputs}
-        removed = 0
-        for node in list(graph.nodes):
-            if node.op != "Identity" or len(node.inputs) != 1:
-                continue
-            src, dst = node.inputs[0], node.outputs[0]
-            if dst.name in outputs:
-                producer = src.inputs[0] if src.inputs else None
-                if producer is None or src.name in outputs:
-                    continue  # the graph output needs a producer of its own
-                # Keep the graph output's name: the producer writes it directly.
-                node.outputs.clear()
-                replace_uses(src, dst)
-                producer.outputs[producer.outputs.index(src)] = dst
-            else:
-                replace_uses(dst, src)
-                node.outputs.clear()
-            node.inputs.clear()
-            removed += 1
+        removed = sum(
+            1
+            for node in list(graph.nodes)
+            if len(node.inputs) == 1 and len(node.outputs) == 1 and self.removable(node) and bypass(node, outputs)
+        )
         if removed:
             graph.cleanup(remove_unused_graph_inputs=False)
-        return PassResult(modified=removed > 0, counts={"identities_removed": removed})
+        return PassResult(modified=removed > 0, counts={self.counter: removed})
 
 
-class CastElimination(GraphPass):
+class IdentityElimination(_BypassPass):
+    """Drop Identity nodes."""
+
+    name = "identity_elimination"
+    counter = "identities_removed"
+
+    def removable(self, node: gs.Node) -> bool:
+        return bool(node.op == "Identity")
+
+
+class CastElimination(_BypassPass):
     """Drop Casts to the type their input already has (transformers' upcasts, in fp32 graphs)."""
 
     name = "cast_elimination"
+    counter = "casts_removed"
     runs_after: ClassVar[tuple[str, ...]] = ("constant_folding",)
 
-    def run(self, model: Model) -> PassResult:
-        graph = model.graph
-        outputs = {t.name for t in graph.outputs}
-        removed = 0
-        for node in list(graph.nodes):
-            if node.op != "Cast" or not node.inputs or node.inputs[0].dtype is None:
-                continue
-            src, dst = node.inputs[0], node.outputs[0]
-            if onnx.helper.np_dtype_to_tensor_dtype(np.dtype(src.dtype)) != node.attrs.get("to"):
-                continue
-            if dst.name in outputs:
-                continue  # a graph output keeps its producer
-            replace_uses(dst, src)
-            node.outputs.clear()
-            node.inputs.clear()
-            removed += 1
-        if removed:
-            graph.cleanup(remove_unused_graph_inputs=False)
-        return PassResult(modified=removed > 0, counts={"casts_removed": removed})
+    def removable(self, node: gs.Node) -> bool:
+        dtype = node.inputs[0].dtype
+        if node.op != "Cast" or dtype is None:
+            return False
+        return bool(onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)) == node.attrs.get("to"))
 
 
 class DeadNodeElimination(GraphPass):

@@ -5,14 +5,17 @@ from __future__ import annotations
 import importlib.util
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import onnx
 import pytest
 from click.testing import CliRunner, Result
 
 from llm2trt.cli import cli
 from llm2trt.exporters import all_specs
+from llm2trt.manifest import Manifest, TensorSpec
 
 TINY = [f"tiny:{spec.name}" for spec in all_specs()]
 
@@ -38,6 +41,20 @@ def assert_clean_failure(result: Result, fragment: str, out: Path | None = None)
         assert not out.exists(), f"partial output left at {out}"
         leftovers = [p.name for p in out.parent.glob(f".{out.name}.*")] if out.parent.exists() else []
         assert not leftovers, leftovers
+
+
+def graph_artifact(template: Path, out: Path, model: onnx.ModelProto) -> Path:
+    """An artifact around a hand-made graph (fp32, static shapes), reusing a real manifest for the rest."""
+    out.mkdir()
+    onnx.save(model, str(out / "model.onnx"))
+
+    def specs(values: Any) -> list[TensorSpec]:
+        return [TensorSpec(v.name, "float32", [d.dim_value for d in v.type.tensor_type.shape.dim]) for v in values]
+
+    inputs, outputs = specs(model.graph.input), specs(model.graph.output)
+    manifest = Manifest.read(template)
+    replace(manifest, inputs=inputs, outputs=outputs, main_output=outputs[0].name, dynamic_dims={}).write(out)
+    return out
 
 
 @pytest.fixture(scope="session")

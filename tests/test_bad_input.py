@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 
-import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from llm2trt.manifest import Manifest, TensorSpec
-from tests.conftest import assert_clean_failure, run_cli
+from tests.conftest import assert_clean_failure, graph_artifact, run_cli
 
 
 def test_missing_model_path(tmp_path: Path) -> None:
@@ -120,19 +117,6 @@ def test_output_equal_to_input_is_refused(artifacts: dict[str, Path]) -> None:
     assert (artifacts["tiny:vit"] / "model.onnx").is_file()
 
 
-def _one_node_artifact(template: Path, out: Path, model: onnx.ModelProto) -> Path:
-    """An artifact around a hand-made graph, reusing a real manifest for the rest."""
-    out.mkdir()
-    onnx.save(model, str(out / "model.onnx"))
-    manifest = Manifest.read(template)
-    io = [TensorSpec(v.name, "float32", [d.dim_value for d in v.type.tensor_type.shape.dim]) for v in model.graph.input]
-    outs = [
-        TensorSpec(v.name, "float32", [d.dim_value for d in v.type.tensor_type.shape.dim]) for v in model.graph.output
-    ]
-    dataclasses.replace(manifest, inputs=io, outputs=outs, main_output=outs[0].name, dynamic_dims={}).write(out)
-    return out
-
-
 def test_tensorrt_crash_becomes_a_clear_error(artifacts: dict[str, Path], tmp_path: Path) -> None:
     # ONNX Runtime's MultiHeadAttention with q fed as q, k and v segfaults TensorRT-RTX 1.7's
     # builder (ENVIRONMENT.md); the build runs in a child process, so the CLI survives it.
@@ -143,7 +127,7 @@ def test_tensorrt_crash_becomes_a_clear_error(artifacts: dict[str, Path], tmp_pa
         helper.make_graph([node], "mha", [q], [o]),
         opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
     )
-    artifact = _one_node_artifact(artifacts["tiny:vit"], tmp_path / "mha", model)
+    artifact = graph_artifact(artifacts["tiny:vit"], tmp_path / "mha", model)
     out = tmp_path / "engine"
     result = run_cli("build", artifact, "-o", out, "--compute-capability", "sm89")
     assert_clean_failure(result, "TensorRT crashed (SIGSEGV) while it built", out)
@@ -157,7 +141,7 @@ def test_tensorrt_parse_error_names_the_node(artifacts: dict[str, Path], tmp_pat
         helper.make_graph([node], "bad", [x], [y]),
         opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)],
     )
-    artifact = _one_node_artifact(artifacts["tiny:vit"], tmp_path / "bad", model)
+    artifact = graph_artifact(artifacts["tiny:vit"], tmp_path / "bad", model)
     out = tmp_path / "engine"
     result = run_cli("build", artifact, "-o", out, "--compute-capability", "sm89")
     assert_clean_failure(result, "TensorRT could not parse", out)

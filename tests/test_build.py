@@ -9,7 +9,7 @@ import pytest
 
 from llm2trt.manifest import Manifest
 from llm2trt.trt import load_backend
-from tests.conftest import TINY, assert_clean_failure, run_cli, run_json
+from tests.conftest import TINY, assert_clean_failure, graph_artifact, run_cli, run_json
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -108,12 +108,7 @@ def test_trt_runner_cannot_run_here(artifacts: dict[str, Path], tmp_path: Path) 
 
 def test_every_fp32_attention_is_built(artifacts: dict[str, Path], tmp_path: Path) -> None:
     """Twelve fp32 Attention nodes: each needs marking decomposable, or the build fails."""
-    import dataclasses
-
-    import onnx
     from onnx import TensorProto, helper
-
-    from llm2trt.manifest import TensorSpec
 
     shape = [1, 4, 16, 32]
     # Side by side and summed. (Seen: one Attention's output feeding the next one's query, directly
@@ -126,20 +121,8 @@ def test_every_fp32_attention_is_built(artifacts: dict[str, Path], tmp_path: Pat
         prev = f"s{i}"
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("x", "k", "v")]
     graph = helper.make_graph(nodes, "attn", inputs, [helper.make_tensor_value_info(prev, TensorProto.FLOAT, shape)])
-    artifact = tmp_path / "attn"
-    artifact.mkdir()
-    onnx.save(
-        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10),
-        str(artifact / "model.onnx"),
-    )
-    manifest = Manifest.read(artifacts["tiny:vit"])
-    dataclasses.replace(
-        manifest,
-        inputs=[TensorSpec(n, "float32", shape) for n in ("x", "k", "v")],
-        outputs=[TensorSpec(prev, "float32", shape)],
-        main_output=prev,
-        dynamic_dims={},
-    ).write(artifact)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
+    artifact = graph_artifact(artifacts["tiny:vit"], tmp_path / "attn", model)
     code, info = run_json("build", artifact, "-o", tmp_path / "engine", "--compute-capability", "sm89", "-q")
     assert code == 0, info
     assert info["attention_ops"] == 12
