@@ -111,7 +111,12 @@ def optimize(
     found = count_fusions(model.graph)
     spec, config = manifest.spec_and_config()
     expected = {k: v for k, v in spec.expected_fusions(config).items() if k not in skip_fusions}
-    refusals = [r for p in fusion_passes for r in result.results[p.name].details.get("refusals", [])]
+    # A candidate one rule refused that a later rule fused (a ReduceMean LayerNorm looked at, inside
+    # an RMSNorm) is gone from the graph: only refusals at nodes still there explain anything.
+    alive = {n.name for n in model.graph.nodes}
+    refusals = [
+        r for p in fusion_passes for r in result.results[p.name].details.get("refusals", []) if r["node"] in alive
+    ]
     missing = missing_fusions(manifest, model, found, expected, refusals)
     optimized = model.to_onnx()
     report: dict[str, Any] = {

@@ -160,7 +160,7 @@ def test_missing_fusion_fails_loudly_naming_the_layer(artifacts: dict[str, Path]
     assert (out / "model.onnx").is_file()
 
 
-def test_smollm2_exact_counts(smollm2_artifact: Path, tmp_path: Path) -> None:
+def test_smollm2_exact_counts_numerics_and_build(smollm2_artifact: Path, tmp_path: Path) -> None:
     code, report = run_json("optimize", smollm2_artifact, "-o", tmp_path / "opt", "-q")
     assert code == 0, report
     layers = 30
@@ -169,4 +169,13 @@ def test_smollm2_exact_counts(smollm2_artifact: Path, tmp_path: Path) -> None:
         "RMSNorm": 2 * layers + 1,
         "RoPE": 2 * layers,
     }
-    assert max(report["numeric_check"]["max_rel_err"].values()) <= 1e-5
+    assert max(report["numeric_check"]["max_rel_err"].values()) <= 1e-5  # vs the unfused ONNX
+    code, result = run_json("compare", tmp_path / "opt", "-q")  # vs transformers
+    assert code == 0 and result["main_max_rel_err"] <= 1e-4
+    # Every one of the 30 attentions must build (fp32: each marked decomposable).
+    code, fused = run_json("build", tmp_path / "opt", "-o", tmp_path / "engine", "--compute-capability", "sm89", "-q")
+    assert code == 0, fused
+    assert fused["attention_ops"] == layers
+    code, plain = run_json("build", smollm2_artifact, "-o", tmp_path / "plain", "--compute-capability", "sm89", "-q")
+    assert code == 0, plain
+    assert fused["network_layers"] < plain["network_layers"] / 2
