@@ -22,7 +22,7 @@ from llm2trt.exporters import ExportSpec
 from llm2trt.log import step
 from llm2trt.manifest import Manifest, TensorSpec
 from llm2trt.models import ModelSource, numpy_dtype_name, torch_dtype
-from llm2trt.patches import additive_sdpa_masks
+from llm2trt.patches import sdpa_for_export
 
 if TYPE_CHECKING:
     import torch
@@ -89,7 +89,7 @@ def _torchscript_export(
     import torch
 
     dynamic_axes = {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in [*inputs, *outputs]}
-    with warnings.catch_warnings(), additive_sdpa_masks():
+    with warnings.catch_warnings(), sdpa_for_export():
         warnings.simplefilter("ignore")  # TracerWarnings and the exporter's deprecation notice
         torch.onnx.export(
             module,

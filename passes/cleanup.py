@@ -2,32 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from typing import ClassVar
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from llm2trt.passes.core import GraphPass, Model, PassResult, restore_weights, stash_weights
+from llm2trt.passes.core import GraphPass, Model, PassResult, gs_quiet, onnx_dtype, restore_weights, stash_weights
 
 logger = logging.getLogger(__name__)
 
 
-@contextlib.contextmanager
-def gs_quiet() -> Iterator[None]:
-    """onnx-graphsurgeon logs to stdout; stdout belongs to --json."""
-    import onnxruntime
-
-    onnxruntime.set_default_logger_severity(3)  # folding runs ONNX Runtime, whose notes are not ours
-    old = gs.logger.G_LOGGER.severity
-    gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
-    try:
-        yield
-    finally:
-        gs.logger.G_LOGGER.severity = old
+def _unfoldable(node: gs.Node) -> bool:
+    """Nodes ONNX Runtime's CPU provider cannot evaluate (no bfloat16 kernels): one of them would
+    fail the whole folding session, shape arithmetic included."""
+    return any(onnx_dtype(t.dtype) == onnx.TensorProto.BFLOAT16 for t in [*node.inputs, *node.outputs])
 
 
 class ConstantFolding(GraphPass):
@@ -47,7 +36,7 @@ class ConstantFolding(GraphPass):
             count = len(graph.nodes)
             infer_shapes(model)
             with gs_quiet():
-                graph.fold_constants(fold_shapes=True, error_ok=True)
+                graph.fold_constants(fold_shapes=True, error_ok=True, should_exclude_node=_unfoldable)
                 graph.cleanup(remove_unused_graph_inputs=False)
             if len(graph.nodes) == count:
                 break
@@ -120,10 +109,8 @@ class CastElimination(_BypassPass):
     runs_after: ClassVar[tuple[str, ...]] = ("constant_folding",)
 
     def removable(self, node: gs.Node) -> bool:
-        dtype = node.inputs[0].dtype
-        if node.op != "Cast" or dtype is None:
-            return False
-        return bool(onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)) == node.attrs.get("to"))
+        dtype = onnx_dtype(node.inputs[0].dtype)
+        return node.op == "Cast" and dtype is not None and dtype == node.attrs.get("to")
 
 
 class DeadNodeElimination(GraphPass):

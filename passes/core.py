@@ -9,12 +9,14 @@ pass that broke it and the passes that ran before.
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -25,6 +27,16 @@ logger = logging.getLogger(__name__)
 
 RULE_KEY = "llm2trt.rule"  # node metadata: the rewrite rule that made a node
 _STASH_BYTES = 1024
+
+
+def onnx_dtype(dtype: Any) -> int | None:
+    """A tensor's element type as ONNX's enum: onnx-graphsurgeon holds a NumPy dtype, or the
+    ONNX enum itself for types NumPy lacks (bfloat16, float8)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, int):
+        return dtype
+    return int(onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
 
 
 def stash_weights(proto: onnx.ModelProto) -> dict[str, bytes]:
@@ -52,6 +64,20 @@ def restore_weights(proto: onnx.ModelProto, stashed: dict[str, bytes]) -> None:
             tensor.raw_data = stashed[tensor.name]
 
 
+@contextlib.contextmanager
+def gs_quiet() -> Iterator[None]:
+    """onnx-graphsurgeon logs to stdout; stdout belongs to --json."""
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)  # folding runs ONNX Runtime, whose notes are not ours
+    old = gs.logger.G_LOGGER.severity
+    gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+    try:
+        yield
+    finally:
+        gs.logger.G_LOGGER.severity = old
+
+
 class PassCheckError(Llm2TrtError):
     """A graph invariant broke after a pass: a bug in that pass, never user input."""
 
@@ -67,10 +93,12 @@ class Model:
     @classmethod
     def from_onnx(cls, proto: onnx.ModelProto) -> Model:
         metadata = {n.name: {p.key: p.value for p in n.metadata_props} for n in proto.graph.node if n.metadata_props}
-        return cls(gs.import_onnx(proto), metadata, proto.ir_version)
+        with gs_quiet():
+            return cls(gs.import_onnx(proto), metadata, proto.ir_version)
 
     def to_onnx(self) -> onnx.ModelProto:
-        proto: onnx.ModelProto = gs.export_onnx(self.graph, do_type_check=False)
+        with gs_quiet():
+            proto: onnx.ModelProto = gs.export_onnx(self.graph, do_type_check=False)
         # IR 10 is the first with node metadata (the rule tags).
         proto.ir_version = max(self.ir_version, 10)
         for node in proto.graph.node:
@@ -176,7 +204,8 @@ class PassManager:
         results: dict[str, PassResult] = {}
         for p in self.passes:
             start = time.perf_counter()
-            result = p.run(model)
+            with gs_quiet():  # onnx-graphsurgeon warns on stdout, which belongs to --json
+                result = p.run(model)
             seconds = time.perf_counter() - start
             results[p.name] = result
             records.append(PassRecord(p.name, result.modified, dict(result.counts), round(seconds, 3)))

@@ -5,8 +5,7 @@ from __future__ import annotations
 from onnx import version_converter
 
 from llm2trt.errors import BackendError
-from llm2trt.passes.cleanup import gs_quiet
-from llm2trt.passes.core import GraphPass, Model, PassResult, restore_weights, stash_weights
+from llm2trt.passes.core import GraphPass, Model, PassResult, gs_quiet, restore_weights, stash_weights
 
 # ONNX Runtime 1.31 reads IR up to 13; opset 23 wants IR 11 (ENVIRONMENT.md: set both explicitly).
 IR_FOR_OPSET = {23: 11}

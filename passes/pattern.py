@@ -230,7 +230,7 @@ def scalar(value: np.ndarray) -> float | None:
     return float(value.reshape(-1)[0]) if value.size == 1 else None
 
 
-def is_scalar(value: float | None = None, rel: float = 1e-3) -> Callable[[np.ndarray], bool]:
+def is_scalar(value: float | None = None, rel: float = 1e-2) -> Callable[[np.ndarray], bool]:
     """A predicate: a one-element constant, equal to `value` (relatively) when given."""
 
     def check(array: np.ndarray) -> bool:

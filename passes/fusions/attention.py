@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from llm2trt.passes.core import Model
+from llm2trt.passes.core import Model, onnx_dtype
 from llm2trt.passes.fusions.common import make_tensor, new_node_name, node_axes, rank_of, static_dim
 from llm2trt.passes.pattern import AnyOf, Const, Match, Op, Pattern, RewriteRule, Var, is_scalar, scalar
 
@@ -94,7 +94,8 @@ class AttentionRule(RewriteRule):
             mask = m.tensors["mask"]
             if rank_of(mask) not in (2, 3, 4):
                 return f"mask {mask.name!r} has rank {rank_of(mask)}"
-            if mask.dtype is not None and q.dtype is not None and np.dtype(mask.dtype) != np.dtype(q.dtype):
+            mask_type, q_type = onnx_dtype(mask.dtype), onnx_dtype(q.dtype)
+            if mask_type is not None and q_type is not None and mask_type != q_type:
                 return f"additive mask dtype {mask.dtype} differs from Q dtype {q.dtype}"
         casts = [n for n in ("cast_in", "cast_out") if n in m.nodes]
         if casts and (len(casts) != 2 or m.nodes["cast_in"].attrs.get("to") != onnx.TensorProto.FLOAT):

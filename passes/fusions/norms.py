@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from llm2trt.passes.core import Model
+from llm2trt.passes.core import Model, onnx_dtype
 from llm2trt.passes.fusions.common import last_axis_reduction, new_node_name, rank_of
 from llm2trt.passes.pattern import AnyOf, Const, Match, Op, Pattern, RewriteRule, Var, is_scalar, scalar
 
@@ -110,13 +109,11 @@ class RMSNormRule(RewriteRule):
         reason = _check_reductions(m, ("mean",), x) or _check_affine(m, x, ("weight",))
         if reason:
             return reason
-        if "downcast" in m.nodes and x.dtype is not None:
-            to = m.nodes["downcast"].attrs.get("to")
-            if to != onnx.helper.np_dtype_to_tensor_dtype(np.dtype(x.dtype)):
-                return "the normalized value is cast to a type other than the input's"
-        weight = m.tensors["weight"]
-        if x.dtype is not None and np.dtype(weight.dtype) != np.dtype(x.dtype):
-            return f"weight dtype {weight.dtype} differs from input dtype {x.dtype}"
+        x_type, weight_type = onnx_dtype(x.dtype), onnx_dtype(m.tensors["weight"].dtype)
+        if "downcast" in m.nodes and x_type is not None and m.nodes["downcast"].attrs.get("to") != x_type:
+            return "the normalized value is cast to a type other than the input's"
+        if x_type is not None and weight_type != x_type:
+            return f"weight dtype {weight_type} differs from input dtype {x_type} (ONNX types)"
         return None
 
     def rewrite(self, m: Match, model: Model, out: gs.Variable) -> list[gs.Node]:

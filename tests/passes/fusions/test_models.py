@@ -179,3 +179,20 @@ def test_smollm2_exact_counts_numerics_and_build(smollm2_artifact: Path, tmp_pat
     code, plain = run_json("build", smollm2_artifact, "-o", tmp_path / "plain", "--compute-capability", "sm89", "-q")
     assert code == 0, plain
     assert fused["network_layers"] < plain["network_layers"] / 2
+
+
+@pytest.mark.parametrize("name", ["tiny:gpt2", "tiny:llama"])
+def test_bf16_fuses_and_builds(name: str, tmp_path: Path) -> None:
+    base = tmp_path / "bf16"
+    assert run_cli("convert", name, "-o", base, "--dtype", "bf16", "-q").exit_code == 0
+    code, report = run_json("optimize", base, "-o", tmp_path / "opt", "-q")  # stdout must stay pure JSON
+    assert code == 0, report
+    assert {k: v for k, v in report["fusions"].items() if v} == EXPECTED[name]
+    # ONNX Runtime's CPU provider has no bf16 kernels: the check says so instead of passing silently.
+    assert report["numeric_check"]["checked"] is False
+    assert "NOT_IMPLEMENTED" in report["numeric_check"]["reason"]
+    code, info = run_json("build", tmp_path / "opt", "-o", tmp_path / "engine", "--compute-capability", "sm89", "-q")
+    assert code == 0, info
+    assert info["precision"] == "bf16" and info["attention_ops"] == L
+    result = run_cli("compare", tmp_path / "opt")
+    assert_clean_failure(result, "a runner failed: [ONNXRuntimeError] : 9 : NOT_IMPLEMENTED", None)
