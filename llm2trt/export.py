@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import onnx
 
+from llm2trt import __version__
 from llm2trt.artifact import save_onnx, staged_output
 from llm2trt.errors import BackendError, InputError
 from llm2trt.exporters import ExportSpec
@@ -142,7 +143,6 @@ def convert(
     force: bool = False,
 ) -> Manifest:
     """Export `source` into the artifact directory `out`."""
-
     if opset not in OPSETS:
         raise InputError(
             f"opset {opset} is outside what the TorchScript exporter supports "
@@ -174,7 +174,7 @@ def convert(
         shutil.rmtree(scratch)
         _name_dims(proto, inputs, "input")
         _name_dims(proto, outputs, "output")
-        proto.producer_name, proto.producer_version = "llm2trt", _version()
+        proto.producer_name, proto.producer_version = "llm2trt", __version__
         with step("writing model.onnx and its external weights"):
             nbytes = save_onnx(proto, stage)
         logger.info("wrote %d nodes, %.1f MB of weights", len(proto.graph.node), nbytes / 1e6)
@@ -198,9 +198,3 @@ def convert(
         )
         manifest.write(stage)
     return manifest
-
-
-def _version() -> str:
-    from llm2trt import __version__
-
-    return __version__

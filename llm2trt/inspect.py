@@ -101,7 +101,13 @@ def render(info: dict[str, Any]) -> str:
                 )
             )
         if manifest.get("fusions"):
-            lines.append("fusions       " + ", ".join(f"{k}={v}" for k, v in manifest["fusions"].items()))
+            expected = manifest.get("expected_fusions", {})
+            shown = [
+                f"{k} {v}/{expected[k]}" if k in expected else f"{k} {v}"
+                for k, v in manifest["fusions"].items()
+                if v or k in expected
+            ]
+            lines.append("fusions       " + (", ".join(shown) or "none") + " (found/expected)")
     for key in ("inputs", "outputs"):
         for t in info.get(key, []):
             lines.append(f"{key[:-1]:<13} {t['name']}: {t['dtype']}[{', '.join(map(str, t['shape']))}]")
