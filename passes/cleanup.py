@@ -8,7 +8,7 @@ from typing import ClassVar
 import onnx
 import onnx_graphsurgeon as gs
 
-from llm2trt.passes.core import GraphPass, Model, PassResult, gs_quiet, onnx_dtype, restore_weights, stash_weights
+from llm2trt.passes.core import GraphPass, Model, PassResult, gs_quiet, onnx_dtype, weightless
 
 logger = logging.getLogger(__name__)
 
@@ -135,14 +135,11 @@ class DeadNodeElimination(GraphPass):
 def infer_shapes(model: Model) -> tuple[int, list[str]]:
     """ONNX shape inference over the graph; records dtype and shape on tensors that had none."""
     graph = model.graph
-    proto = gs.export_onnx(graph, do_type_check=False)
-    stashed = stash_weights(proto)
+    proto, _ = weightless(graph)
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     except onnx.shape_inference.InferenceError as exc:
         return 0, [f"shape inference failed: {exc}"]
-    finally:
-        restore_weights(proto, stashed)
     tensors = graph.tensors()
     typed = 0
     for info in inferred.graph.value_info:

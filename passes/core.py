@@ -26,7 +26,7 @@ from llm2trt.manifest import PassRecord
 logger = logging.getLogger(__name__)
 
 RULE_KEY = "llm2trt.rule"  # node metadata: the rewrite rule that made a node
-_STASH_BYTES = 1024
+_WEIGHT_ELEMENTS = 256
 
 
 def onnx_dtype(dtype: Any) -> int | None:
@@ -39,29 +39,37 @@ def onnx_dtype(dtype: Any) -> int | None:
     return int(onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
 
 
-def stash_weights(proto: onnx.ModelProto) -> dict[str, bytes]:
-    """Take large initializers' bytes out while ONNX's C++ tools (shape inference, the version
-    converter) serialize the model: they need only dims and types, and a model over 2 GB cannot be
-    serialized. The tensors read as external meanwhile; `restore_weights` puts the bytes back by
-    name, into this proto or into a converted copy of it.
+def weightless(graph: gs.Graph) -> tuple[onnx.ModelProto, dict[str, gs.Constant]]:
+    """The graph as ONNX with its large weights turned into typed graph inputs, and those weights.
+
+    ONNX's C++ tools (shape inference, the version converter) need the weights' dims, not their
+    bytes; exporting the bytes copies every weight (and cannot serialize past 2 GB).
+    `reattach_weights` puts them back into a graph made from the result.
     """
-    stashed: dict[str, bytes] = {}
-    for tensor in proto.graph.initializer:
-        if tensor.HasField("raw_data") and len(tensor.raw_data) >= _STASH_BYTES:
-            stashed[tensor.name] = tensor.raw_data
-            tensor.ClearField("raw_data")
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            entry = tensor.external_data.add()
-            entry.key, entry.value = "location", "stashed-by-llm2trt"
-    return stashed
+    skeleton = graph.copy()  # copies nodes and tensors, not weight values
+    weights: dict[str, gs.Constant] = {}
+    for tensor in list(skeleton.tensors().values()):
+        if not isinstance(tensor, gs.Constant) or tensor.shape is None:
+            continue
+        if int(np.prod(tensor.shape)) < _WEIGHT_ELEMENTS:
+            continue  # small constants stay: shape inference propagates their values
+        stand_in = gs.Variable(tensor.name, dtype=tensor.dtype, shape=list(tensor.shape))
+        for consumer in list(tensor.outputs):
+            consumer.inputs[consumer.inputs.index(tensor)] = stand_in
+        skeleton.inputs.append(stand_in)
+        weights[tensor.name] = tensor
+    with gs_quiet():
+        proto: onnx.ModelProto = gs.export_onnx(skeleton, do_type_check=False)
+    return proto, weights
 
 
-def restore_weights(proto: onnx.ModelProto, stashed: dict[str, bytes]) -> None:
-    for tensor in proto.graph.initializer:
-        if tensor.name in stashed and tensor.data_location == onnx.TensorProto.EXTERNAL:
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            tensor.raw_data = stashed[tensor.name]
+def reattach_weights(graph: gs.Graph, weights: dict[str, gs.Constant]) -> None:
+    """Replace the stand-in inputs `weightless` made with the weights themselves."""
+    stand_ins = {t.name: t for t in graph.inputs if t.name in weights}
+    for name, stand_in in stand_ins.items():
+        for consumer in list(stand_in.outputs):
+            consumer.inputs[consumer.inputs.index(stand_in)] = weights[name]
+    graph.inputs = [t for t in graph.inputs if t.name not in stand_ins]
 
 
 @contextlib.contextmanager
@@ -89,6 +97,22 @@ class Model:
     graph: gs.Graph
     node_metadata: dict[str, dict[str, str]] = field(default_factory=dict)
     ir_version: int = 10
+    # Names taken in the graph, collected on first use; the pass manager drops it after every pass.
+    _taken: set[str] | None = field(default=None, repr=False)
+
+    def fresh_name(self, base: str) -> str:
+        """A tensor/node name not used yet in the graph (and reserved from now on)."""
+        if self._taken is None:
+            self._taken = set(self.graph.tensors().keys()) | {n.name for n in self.graph.nodes}
+        name, i = base, 0
+        while name in self._taken:
+            i += 1
+            name = f"{base}_{i}"
+        self._taken.add(name)
+        return name
+
+    def forget_names(self) -> None:
+        self._taken = None
 
     @classmethod
     def from_onnx(cls, proto: onnx.ModelProto) -> Model:
@@ -206,6 +230,7 @@ class PassManager:
             start = time.perf_counter()
             with gs_quiet():  # onnx-graphsurgeon warns on stdout, which belongs to --json
                 result = p.run(model)
+            model.forget_names()
             seconds = time.perf_counter() - start
             results[p.name] = result
             records.append(PassRecord(p.name, result.modified, dict(result.counts), round(seconds, 3)))

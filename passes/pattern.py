@@ -360,20 +360,26 @@ class RewritePass(GraphPass):
                         continue
                     out = node.outputs[0]
                     node.outputs.clear()
-                    new_nodes = rule.rewrite(m, model, out)
-                    for new in new_nodes:
+                    for new in rule.rewrite(m, model, out):
                         graph.nodes.append(new)
                         model.tag(new, rule.name)
+                    # Nothing outside the match reads its intermediates (_escapes): disconnect the
+                    # matched nodes now so later matches never see them, and clean up once per
+                    # rule (a whole-graph cleanup per fusion made big graphs quadratic).
+                    for dead in m.matched:
+                        dead.inputs.clear()
+                        dead.outputs.clear()
+                        alive.discard(id(dead))
                     counts[rule.name] += 1
                     fused = True
                     break
                 if fused:
-                    graph.cleanup(remove_unused_graph_inputs=False)
-                    alive = {id(n) for n in graph.nodes}
                     continue
                 if refused or (rule.anchor and _reaches(node, rule.anchor, rule.anchor_depth)):
                     module = module_of(node.name)
                     self.refusals.append(Refusal(rule.name, node.name, module, refused or failure.reason))
+            if counts[rule.name]:
+                graph.cleanup(remove_unused_graph_inputs=False)
         graph.toposort()
         notes = [f"{r.rule} not applied at {r.module or r.node}: {r.reason}" for r in self.refusals]
         return PassResult(
@@ -382,14 +388,3 @@ class RewritePass(GraphPass):
             notes=notes,
             details={"refusals": [r.__dict__ for r in self.refusals]},
         )
-
-
-def unique_name(graph: gs.Graph, base: str) -> str:
-    """A tensor/node name not used yet in the graph."""
-    taken = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
-    if base not in taken:
-        return base
-    i = 1
-    while f"{base}_{i}" in taken:
-        i += 1
-    return f"{base}_{i}"

@@ -6,7 +6,6 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from llm2trt.passes.core import Model
-from llm2trt.passes.pattern import unique_name
 
 
 def rank_of(tensor: gs.Tensor) -> int | None:
@@ -45,15 +44,15 @@ def last_axis_reduction(node: gs.Node, rank: int | None) -> str | None:
 def new_node_name(model: Model, near: gs.Node, op: str) -> str:
     """Name a new node after the one it replaces, so its module path (layer) stays readable."""
     prefix = near.name.rsplit("/", 1)[0] if "/" in near.name else near.name
-    return unique_name(model.graph, f"{prefix}/{op}")
+    return model.fresh_name(f"{prefix}/{op}")
 
 
 def make_tensor(
     model: Model, near: gs.Node, label: str, dtype: object = None, shape: list[object] | None = None
 ) -> gs.Variable:
     prefix = near.name.rsplit("/", 1)[0] if "/" in near.name else near.name
-    return gs.Variable(unique_name(model.graph, f"{prefix}/{label}_output_0"), dtype=dtype, shape=shape)
+    return gs.Variable(model.fresh_name(f"{prefix}/{label}_output_0"), dtype=dtype, shape=shape)
 
 
 def int64(values: list[int], model: Model, label: str) -> gs.Constant:
-    return gs.Constant(unique_name(model.graph, label), np.asarray(values, dtype=np.int64))
+    return gs.Constant(model.fresh_name(label), np.asarray(values, dtype=np.int64))

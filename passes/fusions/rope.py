@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 
 from llm2trt.passes.core import Model
 from llm2trt.passes.fusions.common import int64, new_node_name, rank_of, static_dim
-from llm2trt.passes.pattern import Const, Match, Op, Pattern, RewriteRule, Var, unique_name
+from llm2trt.passes.pattern import Const, Match, Op, Pattern, RewriteRule, Var
 
 
 def _slice_bounds(node: gs.Node) -> tuple[int, int, int, int] | None:
@@ -99,13 +99,13 @@ class RoPERule(RewriteRule):
         """(batch, seq, head_dim/2) from the (batch, 1, seq, head_dim) table; one Slice per table."""
         source = table.inputs[0].inputs[0]  # the 3-D tensor before Unsqueeze(axis=1)
         name = f"{source.name}/rope_half"
-        existing = model.graph.tensors().get(name)
-        if existing is not None:
-            return existing
-        out = gs.Variable(name, dtype=source.dtype, shape=None)
+        for consumer in source.outputs:  # Q's and K's RoPE share one Slice per table
+            if consumer.op == "Slice" and consumer.outputs and consumer.outputs[0].name == name:
+                return consumer.outputs[0]
+        out = gs.Variable(model.fresh_name(name), dtype=source.dtype, shape=None)
         node = gs.Node(
             "Slice",
-            unique_name(model.graph, f"{name}/Slice"),
+            model.fresh_name(f"{name}/Slice"),
             inputs=[
                 source,
                 int64([0], model, f"{name}/starts"),
