@@ -58,6 +58,10 @@ class ExportSpec:
         for arch in getattr(config, "architectures", None) or []:
             if arch in self.classes:
                 return str(arch)
+        return self.fallback_class(config)
+
+    def fallback_class(self, config: Any) -> str:
+        """The class to export when config.architectures names none this spec knows."""
         return self.default_class
 
     def task(self, config: Any) -> TaskDecl:

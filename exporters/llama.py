@@ -35,12 +35,9 @@ class LlamaSpec(DecoderSpec):
     }
     default_class = "LlamaForCausalLM"
 
-    def model_class(self, config: Any) -> str:
+    def fallback_class(self, config: Any) -> str:
         # A config may name no class (GGUF, hand-written configs): take the family's own.
         by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-        for arch in getattr(config, "architectures", None) or []:
-            if arch in self.classes:
-                return str(arch)
         return by_type.get(getattr(config, "model_type", "llama"), self.default_class)
 
     def check_config(self, config: Any) -> None:

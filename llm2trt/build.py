@@ -116,13 +116,11 @@ def build(
     if strip_weights:
         trt_backend.require("strip_weights")
     cc = resolve_compute_capability(trt_backend, compute_capability)
-    dims = {**manifest.dynamic_dims, **parse_dim_overrides(profile)}
-    unknown = set(parse_dim_overrides(profile)) - {d for t in manifest.inputs for d in t.symbolic_dims()}
+    overrides, graph_dims = parse_dim_overrides(profile), manifest.symbolic_dims()
+    unknown = set(overrides) - graph_dims
     if unknown:
-        raise InputError(
-            f"--profile names unknown dims {sorted(unknown)}; this model's dims are "
-            f"{sorted({d for t in manifest.inputs for d in t.symbolic_dims()})}"
-        )
+        raise InputError(f"--profile names unknown dims {sorted(unknown)}; this model's dims are {sorted(graph_dims)}")
+    dims = {**manifest.dynamic_dims, **overrides}
     shapes = profile_shapes(manifest, dims)
     check_output(out, force, reads=[artifact])
     with staged_output(out, force) as stage:
@@ -147,11 +145,7 @@ def build(
             "precision": manifest.dtype,
             "strongly_typed": True,
             "compute_capability": cc or "current-gpu",
-            "dims": {
-                name: asdict(rng)
-                for name, rng in dims.items()
-                if name in {d for t in manifest.inputs for d in t.symbolic_dims()}
-            },
+            "dims": {name: asdict(rng) for name, rng in dims.items() if name in graph_dims},
             "optimization_profiles": [{name: {"min": s[0], "opt": s[1], "max": s[2]} for name, s in shapes.items()}],
             "plugins": [],
             "timing_cache": result["timing_cache"],

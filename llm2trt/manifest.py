@@ -97,6 +97,10 @@ class Manifest:
     model_config: dict[str, Any] = field(default_factory=dict)
     llm2trt_version: str = __version__
 
+    def symbolic_dims(self) -> set[str]:
+        """The dynamic dims of the graph inputs (what optimization profiles range over)."""
+        return {d for t in self.inputs for d in t.symbolic_dims()}
+
     def input(self, name: str) -> TensorSpec:
         for spec in self.inputs:
             if spec.name == name:

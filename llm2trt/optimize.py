@@ -10,6 +10,7 @@ from typing import Any
 from llm2trt.artifact import check_artifact_files, check_output, load_onnx, save_onnx, staged_output
 from llm2trt.errors import BackendError, CheckFailed
 from llm2trt.export import op_counts, sample_tensors
+from llm2trt.exporters import ExportSpec
 from llm2trt.log import step
 from llm2trt.manifest import REPORT_NAME, Manifest
 from llm2trt.numerics import normwise_rel_err, run_ort
@@ -26,9 +27,8 @@ OPTIMIZE_RTOL = {"fp32": 1e-5, "fp16": 5e-3, "bf16": 3e-2}
 CHECK_BATCH, CHECK_SEQUENCE = 2, 16
 
 
-def numeric_check(manifest: Manifest, before: Path, after: Path) -> dict[str, Any]:
+def numeric_check(manifest: Manifest, spec: ExportSpec, config: Any, before: Path, after: Path) -> dict[str, Any]:
     """Run both graphs in ONNX Runtime on the same inputs; the error per output and the verdict."""
-    spec, config = manifest.spec_and_config()
     sequence = CHECK_SEQUENCE
     if "sequence" in manifest.dynamic_dims:
         sequence = min(sequence, manifest.dynamic_dims["sequence"].max)
@@ -62,10 +62,14 @@ def build_pipeline(skip_fusions: tuple[str, ...] | list[str] = ()) -> tuple[Pass
 
 
 def missing_fusions(
-    manifest: Manifest, model: Model, found: dict[str, int], expected: dict[str, int], refusals: list[dict[str, str]]
+    spec: ExportSpec,
+    config: Any,
+    model: Model,
+    found: dict[str, int],
+    expected: dict[str, int],
+    refusals: list[dict[str, str]],
 ) -> list[str]:
     """One line per expected fusion that fell short: the layers without it and why."""
-    spec, config = manifest.spec_and_config()
     layers = spec.num_layers(config)
     lines = []
     for fusion, want in expected.items():
@@ -117,7 +121,7 @@ def optimize(
     refusals = [
         r for p in fusion_passes for r in result.results[p.name].details.get("refusals", []) if r["node"] in alive
     ]
-    missing = missing_fusions(manifest, model, found, expected, refusals)
+    missing = missing_fusions(spec, config, model, found, expected, refusals)
     optimized = model.to_onnx()
     report: dict[str, Any] = {
         "fusions": found,
@@ -151,7 +155,7 @@ def optimize(
         new_manifest.expected_fusions = expected
         if check:
             with step("checking the optimized graph against the input in ONNX Runtime"):
-                report["numeric_check"] = numeric_check(manifest, onnx_path, stage / onnx_path.name)
+                report["numeric_check"] = numeric_check(manifest, spec, config, onnx_path, stage / onnx_path.name)
             verdict = report["numeric_check"]
             if verdict["checked"] and not verdict["passed"]:
                 worst = max(verdict["max_rel_err"].items(), key=lambda kv: kv[1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import onnx
 import pytest
 from onnx import TensorProto, helper
 
@@ -117,31 +118,28 @@ def test_output_equal_to_input_is_refused(artifacts: dict[str, Path]) -> None:
     assert (artifacts["tiny:vit"] / "model.onnx").is_file()
 
 
+def _one_node(x: str, y: str, shape: list[int], node: onnx.NodeProto) -> onnx.ModelProto:
+    """A float graph of one node in a custom domain (the node's), x -> y of one shape."""
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in (x, y)]
+    return helper.make_model(
+        helper.make_graph([node], "one", io[:1], io[1:]),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(node.domain, 1)],
+    )
+
+
 def test_tensorrt_crash_becomes_a_clear_error(artifacts: dict[str, Path], tmp_path: Path) -> None:
     # ONNX Runtime's MultiHeadAttention with q fed as q, k and v segfaults TensorRT-RTX 1.7's
     # builder (ENVIRONMENT.md); the build runs in a child process, so the CLI survives it.
-    q = helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 4, 64])
-    o = helper.make_tensor_value_info("o", TensorProto.FLOAT, [1, 4, 64])
     node = helper.make_node("MultiHeadAttention", ["q", "q", "q"], ["o"], domain="com.microsoft", num_heads=4)
-    model = helper.make_model(
-        helper.make_graph([node], "mha", [q], [o]),
-        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
-    )
-    artifact = graph_artifact(artifacts["tiny:vit"], tmp_path / "mha", model)
+    artifact = graph_artifact(artifacts["tiny:vit"], tmp_path / "mha", _one_node("q", "o", [1, 4, 64], node))
     out = tmp_path / "engine"
     result = run_cli("build", artifact, "-o", out, "--compute-capability", "sm89")
     assert_clean_failure(result, "TensorRT crashed (SIGSEGV) while it built", out)
 
 
 def test_tensorrt_parse_error_names_the_node(artifacts: dict[str, Path], tmp_path: Path) -> None:
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
     node = helper.make_node("NoSuchOp", ["x"], ["y"], name="mystery", domain="com.example")
-    model = helper.make_model(
-        helper.make_graph([node], "bad", [x], [y]),
-        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)],
-    )
-    artifact = graph_artifact(artifacts["tiny:vit"], tmp_path / "bad", model)
+    artifact = graph_artifact(artifacts["tiny:vit"], tmp_path / "bad", _one_node("x", "y", [2, 8], node))
     out = tmp_path / "engine"
     result = run_cli("build", artifact, "-o", out, "--compute-capability", "sm89")
     assert_clean_failure(result, "TensorRT could not parse", out)

@@ -41,17 +41,21 @@ def last_axis_reduction(node: gs.Node, rank: int | None) -> str | None:
     return None
 
 
+def _scope(near: gs.Node) -> str:
+    """The module scope of a node's name (/model/layers.0/self_attn/Softmax -> /model/layers.0/self_attn)."""
+    name = str(near.name)
+    return name.rsplit("/", 1)[0] if "/" in name else name
+
+
 def new_node_name(model: Model, near: gs.Node, op: str) -> str:
     """Name a new node after the one it replaces, so its module path (layer) stays readable."""
-    prefix = near.name.rsplit("/", 1)[0] if "/" in near.name else near.name
-    return model.fresh_name(f"{prefix}/{op}")
+    return model.fresh_name(f"{_scope(near)}/{op}")
 
 
 def make_tensor(
     model: Model, near: gs.Node, label: str, dtype: object = None, shape: list[object] | None = None
 ) -> gs.Variable:
-    prefix = near.name.rsplit("/", 1)[0] if "/" in near.name else near.name
-    return gs.Variable(model.fresh_name(f"{prefix}/{label}_output_0"), dtype=dtype, shape=shape)
+    return gs.Variable(model.fresh_name(f"{_scope(near)}/{label}_output_0"), dtype=dtype, shape=shape)
 
 
 def int64(values: list[int], model: Model, label: str) -> gs.Constant:
