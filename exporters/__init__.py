@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-from llm2trt.errors import InputError
-from llm2trt.exporters.base import ExportSpec
+from llm2trt.core.errors import InputError
+from llm2trt.core.registry import Registry
+from llm2trt.exporters.base import ExportSpec, GraphVariant
 from llm2trt.exporters.bert import BertSpec
 from llm2trt.exporters.gpt2 import GPT2Spec
 from llm2trt.exporters.llama import LlamaSpec
 from llm2trt.exporters.vit import ViTSpec
 
-_REGISTRY: dict[str, ExportSpec] = {}
+EXPORTERS: Registry[ExportSpec] = Registry("exporter")
 
 
 def register(spec: ExportSpec) -> ExportSpec:
-    if spec.name in _REGISTRY:
-        raise ValueError(f"exporter {spec.name!r} is registered twice")
-    taken = {t: s.name for s in _REGISTRY.values() for t in s.model_types}
+    taken = {t: s.name for s in EXPORTERS.entries() for t in s.model_types}
     for model_type in spec.model_types:
         if model_type in taken:
             raise ValueError(f"model_type {model_type!r} already belongs to exporter {taken[model_type]!r}")
-    _REGISTRY[spec.name] = spec
-    return spec
+    return EXPORTERS.register(spec.name, spec)
 
 
 for _spec in (GPT2Spec(), LlamaSpec(), BertSpec(), ViTSpec()):
@@ -28,29 +26,37 @@ for _spec in (GPT2Spec(), LlamaSpec(), BertSpec(), ViTSpec()):
 
 
 def all_specs() -> list[ExportSpec]:
-    return list(_REGISTRY.values())
+    return EXPORTERS.entries()
 
 
 def supported_summary() -> str:
     parts = []
-    for spec in _REGISTRY.values():
+    for spec in EXPORTERS.entries():
         extra = [t for t in spec.model_types if t != spec.name]
         parts.append(f"{spec.name} ({', '.join([spec.name, *extra])})" if extra else spec.name)
     return ", ".join(parts)
 
 
 def get_spec(name: str) -> ExportSpec:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise InputError(f"unknown exporter {name!r}; supported: {supported_summary()}") from None
+    if name not in EXPORTERS:
+        raise InputError(f"unknown exporter {name!r}; supported: {supported_summary()}")
+    return EXPORTERS.get(name)
 
 
 def spec_for_model_type(model_type: str) -> ExportSpec:
-    for spec in _REGISTRY.values():
+    for spec in EXPORTERS.entries():
         if model_type in spec.model_types:
             return spec
     raise InputError(f"unsupported architecture {model_type!r} (config model_type); supported: {supported_summary()}")
 
 
-__all__ = ["ExportSpec", "all_specs", "get_spec", "register", "spec_for_model_type", "supported_summary"]
+__all__ = [
+    "EXPORTERS",
+    "ExportSpec",
+    "GraphVariant",
+    "all_specs",
+    "get_spec",
+    "register",
+    "spec_for_model_type",
+    "supported_summary",
+]

@@ -1,24 +1,33 @@
 """Declarative export specs: one registered spec per architecture, mostly attributes.
 
 Inheritance is kept shallow: `ExportSpec` holds the machinery, `DecoderSpec` / `TextEncoderSpec` /
-`VisionEncoderSpec` say what a family's graph looks like, and each architecture only sets its
+`VisionEncoderSpec` say what a family's graphs look like, and each architecture only sets its
 names, its tiny config and what it expects.
+
+A spec declares the graphs an artifact of its architecture can hold (`GraphVariant`: inputs,
+outputs, whether it carries a KV cache); `graph_spec` turns one into the manifest's `GraphSpec`
+for a config and dtype, and `sample_inputs` makes inputs for any such graph.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
-from llm2trt.errors import InputError
-from llm2trt.kv import KVLayout
-from llm2trt.manifest import DimRange, TensorSpec
+from llm2trt.core.dtypes import DType
+from llm2trt.core.errors import InputError
+from llm2trt.core.kv import KVLayout
+from llm2trt.core.manifest import DimRange, GraphSpec, TensorSpec
 
 BATCH = "batch"
 SEQUENCE = "sequence"
+
+# An input declaration: its dtype (None: the model's float dtype) and symbolic shape.
+InputDecl = tuple[DType | None, tuple[str, ...]]
+Sampler = Callable[[Any, int, int, np.random.Generator], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,41 @@ class TaskDecl:
 
     task: str
     outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GraphVariant:
+    """One graph an artifact can hold: its inputs, in graph order (outputs come from the task)."""
+
+    name: str
+    inputs: Mapping[str, InputDecl]
+    kv_cache: bool = False
+
+
+def _input_ids(config: Any, batch: int, sequence: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.integers(0, config.vocab_size, size=(batch, sequence), dtype=np.int64)
+
+
+def _attention_mask(config: Any, batch: int, sequence: int, rng: np.random.Generator) -> np.ndarray:
+    mask = np.ones((batch, sequence), dtype=np.int64)
+    if batch > 1 and sequence > 2:  # the last row right-padded, so masks are exercised
+        mask[-1, -(sequence // 4 or 1) :] = 0
+    return mask
+
+
+def _position_ids(config: Any, batch: int, sequence: int, rng: np.random.Generator) -> np.ndarray:
+    return np.broadcast_to(np.arange(sequence, dtype=np.int64), (batch, sequence)).copy()
+
+
+def _token_type_ids(config: Any, batch: int, sequence: int, rng: np.random.Generator) -> np.ndarray:
+    types = np.zeros((batch, sequence), dtype=np.int64)
+    types[:, sequence // 2 :] = 1
+    return types
+
+
+def _pixel_values(config: Any, batch: int, sequence: int, rng: np.random.Generator) -> np.ndarray:
+    size = int(config.image_size)
+    return rng.standard_normal((batch, int(config.num_channels), size, size)).astype(np.float32)
 
 
 class ExportSpec:
@@ -41,8 +85,16 @@ class ExportSpec:
     # transformers model class -> what it exports; `default_class` when config.architectures is silent.
     classes: ClassVar[Mapping[str, TaskDecl]]
     default_class: ClassVar[str]
-    # Inputs in graph order: name -> (dtype, symbolic shape).
-    inputs: ClassVar[Mapping[str, tuple[str, tuple[str, ...]]]]
+    # The graphs an artifact of this architecture can hold; the first is what `convert` writes.
+    variants: ClassVar[tuple[GraphVariant, ...]]
+    # How to make a sample of each input, by input name.
+    samplers: ClassVar[Mapping[str, Sampler]] = {
+        "input_ids": _input_ids,
+        "attention_mask": _attention_mask,
+        "position_ids": _position_ids,
+        "token_type_ids": _token_type_ids,
+        "pixel_values": _pixel_values,
+    }
     # Extra keyword arguments to the model's forward during export.
     forward_kwargs: ClassVar[Mapping[str, Any]] = {}
     # Default optimization-profile ranges per symbolic dim (min, opt, max); `max_sequence`
@@ -67,11 +119,31 @@ class ExportSpec:
     def task(self, config: Any) -> TaskDecl:
         return self.classes[self.model_class(config)]
 
-    def input_specs(self, config: Any, float_dtype: str) -> list[TensorSpec]:
-        return [TensorSpec(name, dtype, list(shape)) for name, (dtype, shape) in self.inputs.items()]
+    def variant(self, name: str | None = None) -> GraphVariant:
+        if name is None:
+            return self.variants[0]
+        for variant in self.variants:
+            if variant.name == name:
+                return variant
+        known = ", ".join(v.name for v in self.variants)
+        raise InputError(f"{self.name} has no graph variant {name!r}; it has {known}")
 
-    def output_specs(self, config: Any, float_dtype: str) -> list[TensorSpec]:
-        return [TensorSpec(name, float_dtype, self.output_shape(config, name)) for name in self.task(config).outputs]
+    def graph_spec(self, config: Any, dtype: DType, variant: str | None = None) -> GraphSpec:
+        """The manifest's description of one graph variant for this config, in `dtype`."""
+        decl = self.variant(variant)
+        inputs = [
+            TensorSpec(name, in_dtype or dtype, self.input_shape(config, name, shape))
+            for name, (in_dtype, shape) in decl.inputs.items()
+        ]
+        outputs = [TensorSpec(name, dtype, self.output_shape(config, name)) for name in self.task(config).outputs]
+        symbolic = {d for t in inputs for d in t.symbolic_dims()}
+        dims = {k: v for k, v in self.dim_ranges(config).items() if k in symbolic}
+        kv = self.kv_layout(config) if decl.kv_cache else None
+        return GraphSpec(decl.name, inputs, outputs, outputs[0].name, dims, kv)
+
+    def input_shape(self, config: Any, name: str, declared: tuple[str, ...]) -> list[int | str]:
+        """An input's shape: the declared symbolic dims, unless the config fixes some."""
+        return list(declared)
 
     def output_shape(self, config: Any, output: str) -> list[int | str]:
         raise NotImplementedError
@@ -97,33 +169,20 @@ class ExportSpec:
             ranges[dim] = DimRange(lo, min(opt, cap), min(hi, cap))
         return ranges
 
-    # -- what the exporter feeds it ----------------------------------------------------------
+    # -- what the exporter and the checks feed it ----------------------------------------------
 
-    def sample_inputs(self, config: Any, batch: int, sequence: int, seed: int = 0) -> dict[str, np.ndarray]:
-        """Inputs for tracing and comparison; the last row is right-padded to exercise masks."""
+    def sample_inputs(
+        self, config: Any, graph: GraphSpec, batch: int, sequence: int, seed: int = 0
+    ) -> dict[str, np.ndarray]:
+        """Inputs of `graph` for tracing and comparison, in the graph's dtypes."""
         rng = np.random.default_rng(seed)
         feeds: dict[str, np.ndarray] = {}
-        for name, (dtype, _shape) in self.inputs.items():
-            feeds[name] = self.sample_input(config, name, dtype, batch, sequence, rng)
+        for tensor in graph.inputs:
+            sampler = self.samplers.get(tensor.name)
+            if sampler is None:
+                raise NotImplementedError(f"{type(self).__name__} has no sample for input {tensor.name!r}")
+            feeds[tensor.name] = tensor.dtype.cast(sampler(config, batch, sequence, rng))
         return feeds
-
-    def sample_input(
-        self, config: Any, name: str, dtype: str, batch: int, sequence: int, rng: np.random.Generator
-    ) -> np.ndarray:
-        if name == "input_ids":
-            return rng.integers(0, config.vocab_size, size=(batch, sequence), dtype=np.int64)
-        if name == "attention_mask":
-            mask = np.ones((batch, sequence), dtype=np.int64)
-            if batch > 1 and sequence > 2:
-                mask[-1, -(sequence // 4 or 1) :] = 0
-            return mask
-        if name == "position_ids":
-            return np.broadcast_to(np.arange(sequence, dtype=np.int64), (batch, sequence)).copy()
-        if name == "token_type_ids":
-            types = np.zeros((batch, sequence), dtype=np.int64)
-            types[:, sequence // 2 :] = 1
-            return types
-        raise NotImplementedError(f"{type(self).__name__} has no sample for input {name!r}")
 
     # -- the built-in tiny model ---------------------------------------------------------------
 
@@ -138,14 +197,17 @@ class ExportSpec:
         """Refuse configs this spec cannot export, naming the cause."""
 
 
+_TEXT_IDS: dict[str, InputDecl] = {"input_ids": (DType.INT64, (BATCH, SEQUENCE))}
+_MASK: dict[str, InputDecl] = {"attention_mask": (DType.INT64, (BATCH, SEQUENCE))}
+
+
 class DecoderSpec(ExportSpec):
     """Causal language models: token ids in, logits out; a KV cache of (batch, heads, seq, dim)."""
 
-    inputs: ClassVar[Mapping[str, tuple[str, tuple[str, ...]]]] = {
-        "input_ids": ("int64", (BATCH, SEQUENCE)),
-        "attention_mask": ("int64", (BATCH, SEQUENCE)),
-        "position_ids": ("int64", (BATCH, SEQUENCE)),
-    }
+    variants: ClassVar[tuple[GraphVariant, ...]] = (
+        # The whole sequence at once, no cache (the KV-cache graph is the next variant).
+        GraphVariant("logits", {**_TEXT_IDS, **_MASK, "position_ids": (DType.INT64, (BATCH, SEQUENCE))}),
+    )
     forward_kwargs: ClassVar[Mapping[str, Any]] = {"use_cache": False}
 
     def output_shape(self, config: Any, output: str) -> list[int | str]:
@@ -166,11 +228,9 @@ class DecoderSpec(ExportSpec):
 class TextEncoderSpec(ExportSpec):
     """Bidirectional text encoders: ids, mask and segment ids in; hidden states out."""
 
-    inputs: ClassVar[Mapping[str, tuple[str, tuple[str, ...]]]] = {
-        "input_ids": ("int64", (BATCH, SEQUENCE)),
-        "attention_mask": ("int64", (BATCH, SEQUENCE)),
-        "token_type_ids": ("int64", (BATCH, SEQUENCE)),
-    }
+    variants: ClassVar[tuple[GraphVariant, ...]] = (
+        GraphVariant("encoder", {**_TEXT_IDS, **_MASK, "token_type_ids": (DType.INT64, (BATCH, SEQUENCE))}),
+    )
 
     def output_shape(self, config: Any, output: str) -> list[int | str]:
         if output == "pooler_output":
@@ -183,11 +243,15 @@ class TextEncoderSpec(ExportSpec):
 class VisionEncoderSpec(ExportSpec):
     """Vision transformers: a fixed-size image in (only the batch is dynamic)."""
 
+    variants: ClassVar[tuple[GraphVariant, ...]] = (
+        # The image's channel and size dims are fixed per config (input_shape).
+        GraphVariant("encoder", {"pixel_values": (None, (BATCH,))}),
+    )
     default_dims: ClassVar[Mapping[str, tuple[int, int, int]]] = {BATCH: (1, 1, 8)}
 
-    def input_specs(self, config: Any, float_dtype: str) -> list[TensorSpec]:
+    def input_shape(self, config: Any, name: str, declared: tuple[str, ...]) -> list[int | str]:
         size = int(config.image_size)
-        return [TensorSpec("pixel_values", float_dtype, [BATCH, int(config.num_channels), size, size])]
+        return [*declared, int(config.num_channels), size, size]
 
     def num_tokens(self, config: Any) -> int:
         return (int(config.image_size) // int(config.patch_size)) ** 2 + 1
@@ -201,12 +265,6 @@ class VisionEncoderSpec(ExportSpec):
 
     def position_limit(self, config: Any) -> int | None:
         return None
-
-    def sample_inputs(self, config: Any, batch: int, sequence: int, seed: int = 0) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng(seed)
-        size = int(config.image_size)
-        pixels = rng.standard_normal((batch, int(config.num_channels), size, size)).astype(np.float32)
-        return {"pixel_values": pixels}
 
 
 def require(condition: bool, message: str) -> None:

@@ -1,26 +1,52 @@
-"""build: an ONNX artifact to a TensorRT engine, parsed and built in a child process."""
+"""build: an ONNX artifact to a TensorRT engine, parsed and built in a child process.
+
+The child (`llm2trt.trt_worker`) runs in its own session: an interrupt of the CLI (Ctrl-C,
+SIGTERM) stops it here, and Linux kills it if the CLI itself is killed, so no build outlives
+the command and no engine lands in a staging directory that is being removed.
+"""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections import deque
-from dataclasses import asdict
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from llm2trt.artifact import check_artifact_files, check_output, load_onnx, staged_output
-from llm2trt.errors import BackendError, InputError
-from llm2trt.manifest import BUILD_NAME, ENGINE_NAME, DimRange, Manifest, PassRecord
-from llm2trt.trt import load_backend, resolve_compute_capability
-from llm2trt.trt_worker import PHASE_MARK
+from llm2trt.core.artifact import load_onnx, sha256_files, staged_output
+from llm2trt.core.errors import BackendError, InputError
+from llm2trt.core.manifest import BUILD_NAME, ENGINE_NAME, DimRange, GraphSpec, Manifest, PassRecord
+from llm2trt.core.records import Record, RecordError
+from llm2trt.core.reports import BuildInfo, Profile, ShapeRange
+from llm2trt.plugins import refs as plugin_refs
+from llm2trt.trt import Backend, load_backend, resolve_compute_capability
+from llm2trt.trt_worker import PHASE_MARK, PHASES, BuildRequest, BuildResult
 
 logger = logging.getLogger(__name__)
+
+# After SIGTERM, how long the worker gets before SIGKILL.
+_KILL_GRACE_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class Built(Record):
+    """What `build` wrote: build.json's content, and where."""
+
+    output: str
+    info: BuildInfo
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"output": self.output, **self.info.to_dict()}
+
+    def render(self) -> str:
+        return self.info.render().replace(f"built {self.info.engine}", f"built {Path(self.output) / self.info.engine}")
 
 
 def parse_dim_overrides(values: tuple[str, ...] | list[str]) -> dict[str, DimRange]:
@@ -36,40 +62,38 @@ def parse_dim_overrides(values: tuple[str, ...] | list[str]) -> dict[str, DimRan
     return ranges
 
 
-def profile_shapes(manifest: Manifest, dims: dict[str, DimRange]) -> dict[str, list[list[int]]]:
+def profile_shapes(graph: GraphSpec, dims: dict[str, DimRange]) -> Profile:
     """min/opt/max shapes for every dynamic graph input, from the ranges of its named dims."""
-    shapes: dict[str, list[list[int]]] = {}
-    for spec in manifest.inputs:
+    shapes: Profile = {}
+    for spec in graph.inputs:
         if not spec.symbolic_dims():
             continue
         triple: list[list[int]] = [[], [], []]
         for dim in spec.shape:
-            if isinstance(dim, int):
-                for shape in triple:
-                    shape.append(dim)
-                continue
-            if dim not in dims:
+            if isinstance(dim, str) and dim not in dims:
                 raise InputError(f"input {spec.name!r} has dim {dim!r} with no range; pass --profile {dim}=MIN:OPT:MAX")
-            rng = dims[dim]
-            for shape, n in zip(triple, (rng.min, rng.opt, rng.max), strict=True):
+            values = (dims[dim].min, dims[dim].opt, dims[dim].max) if isinstance(dim, str) else (dim, dim, dim)
+            for shape, n in zip(triple, values, strict=True):
                 shape.append(n)
-        shapes[spec.name] = triple
+        shapes[spec.name] = ShapeRange(*triple)
     return shapes
 
 
-def _run_worker(request: dict[str, Any], scratch: Path) -> dict[str, Any]:
-    request_path, result_path = scratch / "request.json", scratch / "result.json"
-    request["result"] = str(result_path)
-    request_path.write_text(json.dumps(request))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llm2trt.trt_worker", str(request_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",
-    )
-    tail: deque[str] = deque(maxlen=40)
-    phase = "parse"
+def _stop(proc: subprocess.Popen[str]) -> None:
+    """Stop the worker's whole process group: SIGTERM, then SIGKILL if it lingers."""
+    for sig, wait in ((signal.SIGTERM, _KILL_GRACE_SECONDS), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _read_phases(proc: subprocess.Popen[str], tail: deque[str]) -> str:
+    """Follow the worker's stderr to its end; returns the last phase it announced."""
+    phase = "plugins"
     for line in proc.stderr or ():
         if line.startswith(PHASE_MARK):
             phase = line[len(PHASE_MARK) :].strip()
@@ -77,22 +101,73 @@ def _run_worker(request: dict[str, Any], scratch: Path) -> dict[str, Any]:
             logger.info("%s", line[len("[llm2trt] ") :].rstrip())
         elif line.strip():
             tail.append(line.rstrip())
-    code = proc.wait()
+    return phase
+
+
+def run_worker(request: BuildRequest, scratch: Path) -> BuildResult:
+    """Run one request in the worker process; a crash or failure becomes one BackendError line."""
+    request_path, result_path = scratch / "request.json", scratch / "result.json"
+    request.write(request_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llm2trt.trt_worker", str(request_path), str(result_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+        start_new_session=True,  # the CLI decides when it stops, not the terminal's Ctrl-C
+    )
+    tail: deque[str] = deque(maxlen=40)
+    try:
+        phase = _read_phases(proc, tail)
+        code = proc.wait()
+    except BaseException:  # Ctrl-C, SIGTERM, anything: the worker must not outlive us
+        _stop(proc)
+        raise
     if code < 0:
         name = signal.Signals(-code).name
         native = next((t for t in reversed(tail) if "Traceback" not in t), "")
+        who = "TensorRT" if phase in ("parse", "build") else "the TensorRT worker"
         raise BackendError(
-            f"TensorRT crashed ({name}) while it {'parsed' if phase == 'parse' else 'built'} "
-            f"{request['onnx']}" + (f": {native}" if native else "")
+            f"{who} crashed ({name}) while it {PHASES.get(phase, phase)} {request.onnx}"
+            + (f": {native}" if native else "")
         )
-    if not result_path.exists():
-        last = tail[-1] if tail else f"exit code {code}"
-        raise BackendError(f"TensorRT {phase} failed: {last}")
-    result: dict[str, Any] = json.loads(result_path.read_text())
-    if not result["ok"]:
-        verb = "could not parse" if result["stage"] == "parse" else "could not build"
-        raise BackendError(f"TensorRT {verb} {request['onnx']}: {result['error']}")
+    try:
+        result = BuildResult.read(result_path)
+    except (OSError, RecordError):
+        raise BackendError(f"TensorRT {phase} failed: {tail[-1] if tail else f'exit code {code}'}") from None
+    if not result.ok:
+        verb = {"parse": "could not parse", "build": "could not build"}.get(
+            result.stage, f"failed at {result.stage} of"
+        )
+        raise BackendError(f"TensorRT {verb} {request.onnx}: {result.error}")
     return result
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything decided before the worker starts."""
+
+    backend: Backend
+    compute_capability: str | None
+    dims: dict[str, DimRange]
+    profile: Profile
+
+
+def _plan(
+    graph: GraphSpec, backend_name: str, cc: str | None, profile: tuple[str, ...] | list[str], cache: bool, strip: bool
+) -> _Plan:
+    backend = load_backend(backend_name)
+    if cache:
+        backend.require("timing_cache")
+    if strip:
+        backend.require("strip_weights")
+    resolved = resolve_compute_capability(backend, cc)
+    overrides, graph_dims = parse_dim_overrides(profile), graph.symbolic_dims()
+    unknown = set(overrides) - graph_dims
+    if unknown:
+        raise InputError(f"--profile names unknown dims {sorted(unknown)}; this model's dims are {sorted(graph_dims)}")
+    dims = {name: rng for name, rng in {**graph.dims, **overrides}.items() if name in graph_dims}
+    return _Plan(backend, resolved, dims, profile_shapes(graph, dims))
 
 
 def build(
@@ -106,64 +181,69 @@ def build(
     backend: str = "auto",
     force: bool = False,
     verbosity: int = 0,
-) -> dict[str, Any]:
+) -> Built:
+    """Build the artifact's default graph into `out` (model.engine, build.json, manifest.json)."""
     manifest = Manifest.read(artifact)
-    onnx_path = check_artifact_files(artifact)
+    graph = manifest.graph()
+    onnx_path = manifest.onnx_path(artifact, graph.name)
     load_onnx(onnx_path, with_weights=False)  # a clear error for a corrupt file before TensorRT sees it
-    trt_backend = load_backend(backend)
-    if timing_cache is not None:
-        trt_backend.require("timing_cache")
-    if strip_weights:
-        trt_backend.require("strip_weights")
-    cc = resolve_compute_capability(trt_backend, compute_capability)
-    overrides, graph_dims = parse_dim_overrides(profile), manifest.symbolic_dims()
-    unknown = set(overrides) - graph_dims
-    if unknown:
-        raise InputError(f"--profile names unknown dims {sorted(unknown)}; this model's dims are {sorted(graph_dims)}")
-    dims = {**manifest.dynamic_dims, **overrides}
-    shapes = profile_shapes(manifest, dims)
-    check_output(out, force, reads=[artifact])
-    with staged_output(out, force) as stage:
+    plan = _plan(graph, backend, compute_capability, profile, timing_cache is not None, strip_weights)
+    with staged_output(out, force, reads=[artifact]) as stage:
         scratch = stage / ".worker"
         scratch.mkdir()
-        request = {
-            "backend": trt_backend.name,
-            "onnx": str(onnx_path.resolve()),
-            "engine": str(stage / ENGINE_NAME),
-            "profiles": [shapes],
-            "compute_capability": cc,
-            "strip_weights": strip_weights,
-            "timing_cache": str(timing_cache.resolve()) if timing_cache else None,
-            "verbosity": verbosity,
-        }
-        start = time.perf_counter()
-        result = _run_worker(request, scratch)
-        shutil.rmtree(scratch)
-        info = {
-            "backend": trt_backend.name,
-            "backend_version": trt_backend.version,
-            "precision": manifest.dtype,
-            "strongly_typed": True,
-            "compute_capability": cc or "current-gpu",
-            "dims": {name: asdict(rng) for name, rng in dims.items() if name in graph_dims},
-            "optimization_profiles": [{name: {"min": s[0], "opt": s[1], "max": s[2]} for name, s in shapes.items()}],
-            "plugins": [],
-            "timing_cache": result["timing_cache"],
-            "strip_weights": strip_weights,
-            "parse_seconds": result["parse_seconds"],
-            "build_seconds": result["build_seconds"],
-            "total_seconds": round(time.perf_counter() - start, 3),
-            "engine_bytes": result["engine_bytes"],
-            "network_layers": result["layers"],
-            "attention_ops": result["attention_ops"],
-            "onnx": str(onnx_path.resolve()),
-            "fusions": manifest.fusions,
-        }
-        (stage / BUILD_NAME).write_text(json.dumps(info, indent=2) + "\n")
-        record = PassRecord(
-            "tensorrt_build", True, {"network_layers": result["layers"]}, result["build_seconds"], stage="build"
+        request = BuildRequest(
+            backend=plan.backend.name,
+            onnx=str(onnx_path.resolve()),
+            engine=str(stage / ENGINE_NAME),
+            profiles=[plan.profile],
+            compute_capability=plan.compute_capability,
+            strip_weights=strip_weights,
+            timing_cache=str(timing_cache.resolve()) if timing_cache else None,
+            plugins=plugin_refs(),
+            verbosity=verbosity,
         )
-        engine_manifest = manifest.with_passes([record])
-        engine_manifest.files = {**manifest.files, "engine": ENGINE_NAME, "onnx_dir": str(artifact.resolve())}
-        engine_manifest.write(stage)
-    return info
+        start = time.perf_counter()
+        result = run_worker(request, scratch)
+        shutil.rmtree(scratch)
+        out_dir = Path(os.path.abspath(out))
+        onnx_rel = os.path.relpath(onnx_path.resolve(), out_dir)
+        info = _info(manifest, graph, plan, result, round(time.perf_counter() - start, 3), strip_weights, onnx_rel)
+        info.write(stage / BUILD_NAME)
+        _engine_manifest(manifest, artifact, out_dir, onnx_path, result).write(stage)
+    return Built(str(out), info)
+
+
+def _info(
+    manifest: Manifest, graph: GraphSpec, plan: _Plan, result: BuildResult, total: float, strip: bool, onnx: str
+) -> BuildInfo:
+    return BuildInfo(
+        backend=plan.backend.name,
+        backend_version=plan.backend.version,
+        precision=manifest.dtype.value,
+        strongly_typed=True,
+        compute_capability=plan.compute_capability or "current-gpu",
+        dims=plan.dims,
+        optimization_profiles=[plan.profile],
+        plugins=result.plugins,
+        timing_cache=result.timing_cache,
+        strip_weights=strip,
+        parse_seconds=result.parse_seconds,
+        build_seconds=result.build_seconds,
+        total_seconds=total,
+        engine_bytes=result.engine_bytes,
+        network_layers=result.layers,
+        attention_ops=result.attention_ops,
+        engine=ENGINE_NAME,
+        onnx=onnx,
+        fusions=graph.fusions,
+        layer_types=result.layer_types,
+    )
+
+
+def _engine_manifest(manifest: Manifest, artifact: Path, out: Path, onnx_path: Path, result: BuildResult) -> Manifest:
+    """The artifact's manifest as seen from the engine directory: the build recorded, the graph's
+    ONNX found by relative path (and its hash), the engine named."""
+    record = PassRecord("tensorrt_build", True, {"network_layers": result.layers}, result.build_seconds, stage="build")
+    moved = manifest.moved(Path(os.path.abspath(artifact)), out).with_passes([record])
+    graph = moved.graph()
+    return moved.with_graph(replace(graph, engine=ENGINE_NAME, onnx_sha256=sha256_files([onnx_path])))

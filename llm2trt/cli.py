@@ -9,18 +9,25 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from types import FrameType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from llm2trt import __version__
-from llm2trt.errors import Llm2TrtError
-from llm2trt.log import configure
+from llm2trt.core.dtypes import DType
+from llm2trt.core.errors import Llm2TrtError, Terminated
+from llm2trt.core.log import configure
+
+if TYPE_CHECKING:
+    from llm2trt.core.records import Record
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -33,13 +40,13 @@ class Context:
     verbosity: int
     emitted: bool = False
 
-    def emit(self, result: dict[str, Any], text: str) -> None:
-        """The command's result: JSON on stdout with --json, else the human text."""
+    def emit(self, record: Record) -> None:
+        """The command's result: the record as JSON on stdout with --json, else rendered."""
         self.emitted = True
         if self.as_json:
-            click.echo(json.dumps(result, default=str))
-        elif text:
-            click.echo(text)
+            click.echo(json.dumps({"ok": True, **record.to_dict()}, default=str))
+        else:
+            click.echo(record.render())
 
 
 def _fail(ctx: Context, message: str, code: int) -> None:
@@ -62,13 +69,16 @@ def common_options(fn: F) -> F:
         _quiet_third_party(verbosity)
         ctx = Context(as_json, verbosity)
         try:
-            fn(ctx, **kwargs)
+            with _sigterm_raises():
+                fn(ctx, **kwargs)
         except Llm2TrtError as exc:
             if verbosity >= 2:
                 traceback.print_exc()
             _fail(ctx, str(exc), exc.exit_code)
         except KeyboardInterrupt:
-            _fail(ctx, "interrupted", 130)
+            _fail(ctx, "interrupted", 128 + signal.SIGINT)
+        except Terminated as exc:
+            _fail(ctx, f"terminated ({signal.Signals(exc.signum).name})", 128 + exc.signum)
         except Exception as exc:  # a bug of ours: still one line, the traceback on request
             if verbosity >= 2:
                 traceback.print_exc()
@@ -79,6 +89,20 @@ def common_options(fn: F) -> F:
             )
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so staged outputs and child processes are cleaned up."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def output_options(fn: F) -> F:
@@ -118,7 +142,7 @@ def cli() -> None:
 @output_options
 @click.option(
     "--dtype",
-    type=click.Choice(["fp32", "fp16", "bf16"]),
+    type=click.Choice(DType.float_choices()),
     default="fp32",
     show_default=True,
     help="Weights and activations dtype of the exported graph (engines are strongly typed).",
@@ -133,19 +157,16 @@ def cli() -> None:
 )
 @common_options
 def convert(ctx: Context, model: str, out: Path, force: bool, dtype: str, opset: int, attn_implementation: str) -> None:
-    """Export MODEL (a Hugging Face directory, a .gguf file or tiny:gpt2|llama|bert|vit) to ONNX."""
-    from llm2trt.artifact import check_output
+    """Export MODEL (a Hugging Face directory or model id in the local cache, a .gguf file, or
+    tiny:gpt2|llama|bert|vit) to ONNX."""
+    from llm2trt.core.artifact import check_output
     from llm2trt.export import convert as run_convert
     from llm2trt.models import resolve_model
 
     check_output(out, force)
     source = resolve_model(model)
-    manifest = run_convert(source, out, dtype=dtype, opset=opset, attn_implementation=attn_implementation, force=force)
-    ctx.emit(
-        {"ok": True, "output": str(out), "manifest": manifest.to_dict()},
-        f"converted {source.display} -> {out} ({manifest.architecture}, {manifest.task}, {dtype}, "
-        f"{sum(manifest.op_counts.values())} nodes)",
-    )
+    kind = DType.parse(dtype)
+    ctx.emit(run_convert(source, out, dtype=kind, opset=opset, attn_implementation=attn_implementation, force=force))
 
 
 @cli.command()
@@ -161,7 +182,7 @@ def convert(ctx: Context, model: str, out: Path, force: bool, dtype: str, opset:
     "--skip-fusion",
     multiple=True,
     metavar="NAME",
-    help="Turn one fusion off (Attention, LayerNorm, RMSNorm, Gelu, RoPE); repeatable.",
+    help="Turn one fusion off by the name optimize reports (e.g. Attention, Gelu); repeatable.",
 )
 @click.option(
     "--allow-missing-fusions",
@@ -180,32 +201,14 @@ def optimize(
 ) -> None:
     """Run the pass pipeline (cleanup, fusions) over ARTIFACT and write the result to OUT."""
     from llm2trt.optimize import optimize as run_optimize
+    from llm2trt.passes.pipeline import PipelineOptions
 
-    report = run_optimize(
-        artifact, out, check=check, force=force, skip_fusions=skip_fusion, allow_missing_fusions=allow_missing_fusions
+    options = PipelineOptions(skip_fusions=skip_fusion)
+    ctx.emit(
+        run_optimize(
+            artifact, out, check=check, force=force, options=options, allow_missing_fusions=allow_missing_fusions
+        )
     )
-    lines = [
-        f"optimized {artifact} -> {out}: {report['nodes_before']} -> {report['nodes_after']} nodes, "
-        f"opset {report['opset']}"
-    ]
-    for p in report["passes"]:
-        counts = ", ".join(f"{k}={v}" for k, v in p["counts"].items())
-        lines.append(f"  {p['name']:<24} {counts}")
-    expected = report["expected"]
-    fusions = ", ".join(
-        f"{k} {v}/{expected[k]}" if k in expected else f"{k} {v}"
-        for k, v in report["fusions"].items()
-        if v or k in expected
-    )
-    lines.append(f"  fusions found/expected: {fusions or 'none'}")
-    lines += [f"  MISSING {line}" for line in report["missing"]]
-    verdict = report["numeric_check"]
-    if verdict.get("checked"):
-        worst = max(verdict["max_rel_err"].values())
-        lines.append(f"  numeric check: max relative error {worst:.2e} (tolerance {verdict['tolerance']:.0e})")
-    else:
-        lines.append(f"  numeric check: not run ({verdict.get('reason')})")
-    ctx.emit({"ok": True, "output": str(out), **report}, "\n".join(lines))
 
 
 @cli.command()
@@ -246,7 +249,7 @@ def build(
     """Compile ARTIFACT into a TensorRT engine in OUT (model.engine, build.json)."""
     from llm2trt.build import build as run_build
 
-    info = run_build(
+    built = run_build(
         artifact,
         out,
         compute_capability=compute_capability,
@@ -257,12 +260,7 @@ def build(
         force=force,
         verbosity=ctx.verbosity,
     )
-    ctx.emit(
-        {"ok": True, "output": str(out), **info},
-        f"built {out}/model.engine with {info['backend']} {info['backend_version']} for "
-        f"{info['compute_capability']}: {info['network_layers']} layers, "
-        f"{info['engine_bytes'] / 1e6:.1f} MB in {info['build_seconds']:.1f} s",
-    )
+    ctx.emit(built)
 
 
 @cli.command()
@@ -293,29 +291,15 @@ def compare(
 ) -> None:
     """Compare ARTIFACT's outputs between runners (PyTorch is the reference); exit 1 on a breach."""
     from llm2trt.compare import compare as run_compare
-    from llm2trt.errors import CheckFailed
+    from llm2trt.core.errors import CheckFailed
 
+    names = [r.strip() for r in runners.split(",") if r.strip()]
     result = run_compare(
-        artifact,
-        [r.strip() for r in runners.split(",") if r.strip()],
-        batch=batch,
-        sequence=sequence,
-        seed=seed,
-        atol=atol,
-        rtol=rtol,
-        verbosity=ctx.verbosity,
+        artifact, names, batch=batch, sequence=sequence, seed=seed, atol=atol, rtol=rtol, verbosity=ctx.verbosity
     )
-    verdict = "PASS" if result.passed else "FAIL"
-    ctx.emit(
-        result.to_dict(),
-        f"{result.table()}\n{verdict}: {result.main_output} max relative error {result.main_error():.2e}",
-    )
+    ctx.emit(result)
     if not result.passed:
-        breach = result.first_breach() or {}
-        raise CheckFailed(
-            f"{breach.get('onnx_tensor')} differs between {','.join(result.runners)} beyond "
-            f"tolerance (max relative error {breach.get('max_rel_err', float('nan')):.2e})"
-        )
+        raise CheckFailed(result.breach_message())
 
 
 @cli.command(name="inspect")
@@ -323,10 +307,9 @@ def compare(
 @common_options
 def inspect_cmd(ctx: Context, artifact: Path) -> None:
     """Show ARTIFACT's manifest, I/O, op counts and fusion counts (or a bare .onnx file's)."""
-    from llm2trt.inspect import inspect, render
+    from llm2trt.inspect import inspect
 
-    info = inspect(artifact)
-    ctx.emit(info, render(info))
+    ctx.emit(inspect(artifact))
 
 
 def main() -> None:

@@ -12,25 +12,24 @@ import contextlib
 import logging
 import sys
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from llm2trt.errors import BackendError, InputError
-from llm2trt.log import step
-from llm2trt.manifest import MODEL_NAME, Manifest
+from llm2trt.core.errors import BackendError, InputError
+from llm2trt.core.log import step
+from llm2trt.core.manifest import Manifest
+from llm2trt.core.records import Record
 
 logger = logging.getLogger(__name__)
 
-# Normwise relative tolerance by the artifact's dtype.
-DEFAULT_RTOL = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
 DEFAULT_BATCH, DEFAULT_SEQUENCE = 3, 12
 
 
-@dataclass
-class OutputResult:
+@dataclass(frozen=True)
+class OutputResult(Record):
     reference: str
     runner: str
     output: str
@@ -43,8 +42,18 @@ class OutputResult:
     passed: bool
 
 
-@dataclass
-class CompareResult:
+@dataclass(frozen=True)
+class Breach(Record):
+    """The first compared tensor beyond tolerance."""
+
+    onnx_tensor: str
+    module: str | None
+    runner: str
+    max_rel_err: float
+
+
+@dataclass(frozen=True)
+class CompareResult(Record):
     runners: list[str]
     main_output: str
     batch: int
@@ -55,16 +64,26 @@ class CompareResult:
     def passed(self) -> bool:
         return all(r.passed for r in self.rows)
 
-    def first_breach(self) -> dict[str, Any] | None:
+    def first_breach(self) -> Breach | None:
         for row in self.rows:
             if not row.passed:
-                return {"onnx_tensor": row.output, "module": None, "runner": row.runner, "max_rel_err": row.max_rel_err}
+                return Breach(row.output, None, row.runner, row.max_rel_err)
         return None
 
     def main_error(self) -> float:
         return max((r.max_rel_err for r in self.rows if r.output == self.main_output), default=float("nan"))
 
+    def breach_message(self) -> str:
+        breach = self.first_breach()
+        if breach is None:
+            return "no breach"
+        return (
+            f"{breach.onnx_tensor} differs between {','.join(self.runners)} beyond tolerance "
+            f"(max relative error {breach.max_rel_err:.2e})"
+        )
+
     def to_dict(self) -> dict[str, Any]:
+        breach = self.first_breach()
         return {
             "passed": self.passed,
             "runners": self.runners,
@@ -72,8 +91,8 @@ class CompareResult:
             "main_max_rel_err": self.main_error(),
             "batch": self.batch,
             "sequence": self.sequence,
-            "results": [asdict(r) for r in self.rows],
-            "first_breach": self.first_breach(),
+            "results": [r.to_dict() for r in self.rows],
+            "first_breach": breach.to_dict() if breach else None,
         }
 
     def table(self) -> str:
@@ -84,20 +103,14 @@ class CompareResult:
             status = "ok" if r.passed else "FAIL"
             if not r.passed and not breach_seen:
                 status, breach_seen = "FAIL <- first breach", True
-            lines.append(
-                (
-                    r.reference,
-                    r.runner,
-                    r.output,
-                    "x".join(map(str, r.shape)),
-                    f"{r.max_abs_err:.3e}",
-                    f"{r.max_rel_err:.3e}",
-                    f"{r.rtol:.0e}",
-                    status,
-                )
-            )
+            errors = (f"{r.max_abs_err:.3e}", f"{r.max_rel_err:.3e}", f"{r.rtol:.0e}")
+            lines.append((r.reference, r.runner, r.output, "x".join(map(str, r.shape)), *errors, status))
         widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in lines)
+
+    def render(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        return f"{self.table()}\n{verdict}: {self.main_output} max relative error {self.main_error():.2e}"
 
 
 @contextlib.contextmanager
@@ -114,19 +127,44 @@ def polygraphy_quiet(verbosity: int) -> Iterator[None]:
         G_LOGGER.module_severity = old
 
 
-def onnx_path_of(directory: Path, manifest: Manifest) -> Path:
-    """The ONNX file an artifact (or an engine directory, through its manifest) stands for."""
-    path = directory / MODEL_NAME
-    if path.is_file():
-        return path
-    onnx_dir = manifest.files.get("onnx_dir")
-    if onnx_dir and (Path(onnx_dir) / MODEL_NAME).is_file():
-        return Path(onnx_dir) / MODEL_NAME
-    raise InputError(f"no {MODEL_NAME} for {directory}")
+def _check_runner_names(runners: list[str]) -> None:
+    from llm2trt.runners import RUNNERS
+
+    unknown = [r for r in runners if r not in RUNNERS]
+    if unknown or len(runners) < 2 or len(set(runners)) != len(runners):
+        raise InputError(
+            f"--runners takes two or more distinct names from {', '.join(RUNNERS)} (got {','.join(runners)})"
+        )
 
 
-def _to_float_array(value: Any) -> np.ndarray:
-    return np.asarray(value).astype(np.float64)
+def _run(built: list[Any], feeds: dict[str, np.ndarray], label: str) -> Any:
+    from polygraphy.comparator import Comparator
+    from polygraphy.exception import PolygraphyException
+
+    try:
+        with step(f"running {label}"):
+            return Comparator.run(built, data_loader=[feeds])
+    except PolygraphyException as exc:
+        raise BackendError(f"a runner failed: {str(exc).strip().splitlines()[-1]}") from None
+    except Exception as exc:  # onnxruntime raises its own exception classes (NotImplemented, Fail, ...)
+        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise BackendError(f"a runner failed: {text}") from None
+
+
+def _accuracy(run_results: Any, atol: float | None, rtol: float) -> tuple[Any, dict[str, float], dict[str, float]]:
+    """Polygraphy's verdict per output, with atol = rtol * max|reference| unless --atol is given."""
+    from polygraphy.comparator import Comparator, CompareFunc
+
+    reference = dict(run_results[0][1][0])
+    scales = {
+        name: float(np.abs(np.asarray(v, dtype=np.float64)).max()) if np.size(v) else 0.0
+        for name, v in reference.items()
+    }
+    atols = {name: (atol if atol is not None else rtol * max(scale, 1e-30)) for name, scale in scales.items()}
+    func = CompareFunc.simple(atol=atols, rtol=rtol, check_error_stat="elemwise")
+    accuracy = Comparator.compare_accuracy(run_results, compare_func=func)
+    # Polygraphy >= 0.53 returns one AccuracyResult per compare function; older ones return it bare.
+    return (accuracy if isinstance(accuracy, dict) else accuracy[0]), scales, atols
 
 
 def compare(
@@ -140,68 +178,35 @@ def compare(
     rtol: float | None = None,
     verbosity: int = 0,
 ) -> CompareResult:
-    from llm2trt.export import sample_tensors
-    from llm2trt.runners import RUNNERS, ort_runner, torch_runner, trt_runner
+    from llm2trt.models import spec_and_config
+    from llm2trt.runners import RunnerContext, make_runner
 
     runners = runners or ["torch", "ort"]
-    unknown = [r for r in runners if r not in RUNNERS]
-    if unknown or len(runners) < 2 or len(set(runners)) != len(runners):
-        raise InputError(
-            f"--runners takes two or more distinct names from {', '.join(RUNNERS)} (got {','.join(runners)})"
-        )
+    _check_runner_names(runners)
     manifest = Manifest.read(artifact)
-    onnx_path = onnx_path_of(artifact, manifest)
-    spec, config = manifest.spec_and_config()
-    if "sequence" in manifest.dynamic_dims:
-        sequence = min(sequence, manifest.dynamic_dims["sequence"].max)
-    feeds = sample_tensors(spec, config, manifest.inputs, batch, sequence, seed)
-    built: list[Any] = []
-    for name in runners:
-        if name == "torch":
-            built.append(torch_runner(manifest))
-        elif name == "ort":
-            built.append(ort_runner(onnx_path))
-        else:
-            built.append(trt_runner(artifact))
-    rtol = rtol if rtol is not None else DEFAULT_RTOL[manifest.dtype]
-
-    from polygraphy.comparator import Comparator, CompareFunc
-    from polygraphy.exception import PolygraphyException
-
+    graph = manifest.graph()
+    spec, config = spec_and_config(manifest)
+    if "sequence" in graph.dims:
+        sequence = min(sequence, graph.dims["sequence"].max)
+    feeds = spec.sample_inputs(config, graph, batch, sequence, seed)
+    ctx = RunnerContext(artifact, manifest, graph)
+    built = [make_runner(name, ctx) for name in runners]
+    rtol = rtol if rtol is not None else manifest.dtype.tolerance.compare
     with polygraphy_quiet(verbosity):
-        try:
-            with step(f"running {', '.join(runners)} on batch {batch}, sequence {sequence}"):
-                run_results = Comparator.run(built, data_loader=[feeds])
-        except PolygraphyException as exc:
-            raise BackendError(f"a runner failed: {str(exc).strip().splitlines()[-1]}") from None
-        except Exception as exc:  # onnxruntime raises its own exception classes (NotImplemented, Fail, ...)
-            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            raise BackendError(f"a runner failed: {text}") from None
-        reference = dict(run_results[0][1][0])
-        scales = {name: float(np.abs(_to_float_array(v)).max()) if np.size(v) else 0.0 for name, v in reference.items()}
-        atols = {name: (atol if atol is not None else rtol * max(scale, 1e-30)) for name, scale in scales.items()}
-        func = CompareFunc.simple(atol=atols, rtol=rtol, check_error_stat="elemwise")
-        accuracy = Comparator.compare_accuracy(run_results, compare_func=func)
-        # Polygraphy >= 0.53 returns one AccuracyResult per compare function; older ones return it bare.
-        if not isinstance(accuracy, dict):
-            accuracy = accuracy[0]
-
-    result = CompareResult(runners=runners, main_output=manifest.main_output, batch=batch, sequence=sequence)
-    outputs_order = [t.name for t in manifest.outputs]
+        run_results = _run(built, feeds, f"{', '.join(runners)} on batch {batch}, sequence {sequence}")
+        accuracy, scales, atols = _accuracy(run_results, atol, rtol)
+    result = CompareResult(runners=runners, main_output=graph.main_output, batch=batch, sequence=sequence)
+    outputs = dict(run_results)
     for (ref_name, runner_name), iterations in accuracy.items():
-        per_output = iterations[0]
-        other = dict(next(r for n, r in run_results if n == runner_name)[0])
-        for output in outputs_order:
-            if output not in per_output:
-                continue
-            res = per_output[output]
-            scale = scales[output]
+        per_output, values = iterations[0], dict(outputs[runner_name][0])
+        for output in (t.name for t in graph.outputs if t.name in iterations[0]):
+            res, scale = per_output[output], scales[output]
             result.rows.append(
                 OutputResult(
                     reference=ref_name,
                     runner=runner_name,
                     output=output,
-                    shape=list(np.shape(other[output])),
+                    shape=list(np.shape(values[output])),
                     max_abs_err=float(res.max_absdiff),
                     max_rel_err=float(res.max_absdiff) / scale if scale > 0 else float(res.max_absdiff),
                     elementwise_max_rel_err=float(res.max_reldiff),

@@ -9,20 +9,20 @@ from __future__ import annotations
 import logging
 import shutil
 import warnings
-from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-import numpy as np
 import onnx
 
 from llm2trt import __version__
-from llm2trt.artifact import save_onnx, staged_output
-from llm2trt.errors import BackendError, InputError
-from llm2trt.exporters import ExportSpec
-from llm2trt.log import step
-from llm2trt.manifest import Manifest, TensorSpec
-from llm2trt.models import ModelSource, numpy_dtype_name, torch_dtype
+from llm2trt.core.artifact import op_counts, save_onnx, staged_output
+from llm2trt.core.dtypes import DType, to_torch
+from llm2trt.core.errors import BackendError, InputError
+from llm2trt.core.log import step
+from llm2trt.core.manifest import GraphSpec, Manifest, TensorSpec
+from llm2trt.core.records import Record
+from llm2trt.models import ModelSource
 from llm2trt.patches import sdpa_for_export
 
 if TYPE_CHECKING:
@@ -35,6 +35,22 @@ DEFAULT_OPSET = 17
 OPSETS = range(14, 21)
 # Shapes traced at export; compare runs other shapes so a dim baked in by tracing shows up.
 TRACE_BATCH, TRACE_SEQUENCE = 2, 8
+
+
+@dataclass(frozen=True)
+class Converted(Record):
+    """What `convert` wrote."""
+
+    source: str
+    output: str
+    manifest: Manifest
+
+    def render(self) -> str:
+        m = self.manifest
+        return (
+            f"converted {self.source} -> {self.output} ({m.architecture}, {m.task}, {m.dtype.value}, "
+            f"{sum(m.op_counts.values())} nodes)"
+        )
 
 
 def _export_module(
@@ -56,53 +72,30 @@ def _export_module(
     return ExportWrapper().eval()
 
 
-def sample_tensors(
-    spec: ExportSpec, config: Any, inputs: list[TensorSpec], batch: int, sequence: int, seed: int = 0
-) -> dict[str, np.ndarray]:
-    """The spec's sample inputs, float ones cast to the graph's input dtype."""
-    feeds = spec.sample_inputs(config, batch, sequence, seed)
-    for tensor in inputs:
-        if tensor.dtype == "bfloat16":
-            import ml_dtypes
-
-            feeds[tensor.name] = feeds[tensor.name].astype(ml_dtypes.bfloat16)
-        else:
-            feeds[tensor.name] = feeds[tensor.name].astype(tensor.dtype)
-    return feeds
-
-
-def to_torch(array: np.ndarray) -> torch.Tensor:
-    import torch
-
-    if array.dtype.name == "bfloat16":
-        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(array))
-
-
 def _torchscript_export(
-    module: torch.nn.Module,
-    args: tuple[torch.Tensor, ...],
-    path: Path,
-    inputs: list[TensorSpec],
-    outputs: list[TensorSpec],
-    opset: int,
+    module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, graph: GraphSpec, opset: int
 ) -> None:
     import torch
 
-    dynamic_axes = {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in [*inputs, *outputs]}
+    tensors = [*graph.inputs, *graph.outputs]
+    dynamic_axes = {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in tensors}
     with warnings.catch_warnings(), sdpa_for_export():
         warnings.simplefilter("ignore")  # TracerWarnings and the exporter's deprecation notice
-        torch.onnx.export(
-            module,
-            args,
-            str(path),
-            dynamo=False,
-            opset_version=opset,
-            input_names=[t.name for t in inputs],
-            output_names=[t.name for t in outputs],
-            dynamic_axes=dynamic_axes,
-            do_constant_folding=True,
-        )
+        try:
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=[t.name for t in graph.inputs],
+                output_names=[t.name for t in graph.outputs],
+                dynamic_axes=dynamic_axes,
+                do_constant_folding=True,
+            )
+        except Exception as exc:  # the exporter raises many types; name the cause, go no further
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise BackendError(f"torch.onnx export failed: {type(exc).__name__}: {first}") from None
 
 
 def _name_dims(model: onnx.ModelProto, specs: list[TensorSpec], kind: str) -> None:
@@ -125,56 +118,49 @@ def _name_dims(model: onnx.ModelProto, specs: list[TensorSpec], kind: str) -> No
                 dim.dim_value = want
 
 
-def op_counts(model: onnx.ModelProto) -> dict[str, int]:
-    counts = Counter(
-        (node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}")
-        for node in model.graph.node
-    )
-    return dict(sorted(counts.items()))
+def _trace(
+    source: ModelSource, graph: GraphSpec, dtype: DType, attn: str, opset: int, scratch: Path
+) -> onnx.ModelProto:
+    """Load the model, trace one graph variant and return it as ONNX with the manifest's dims."""
+    spec = source.spec
+    model = source.load(dtype, attn)
+    cast(Any, model).config.use_cache = False
+    names = [t.name for t in graph.inputs], [t.name for t in graph.outputs]
+    module = _export_module(model, *names, dict(spec.forward_kwargs))
+    feeds = spec.sample_inputs(source.config, graph, TRACE_BATCH, TRACE_SEQUENCE)
+    args = tuple(to_torch(feeds[t.name]) for t in graph.inputs)
+    with step(f"exporting {source.display} to ONNX (TorchScript exporter, opset {opset})"):
+        _torchscript_export(module, args, scratch / "model.onnx", graph, opset)
+    del model, module
+    proto = onnx.load(str(scratch / "model.onnx"), load_external_data=True)
+    _name_dims(proto, graph.inputs, "input")
+    _name_dims(proto, graph.outputs, "output")
+    proto.producer_name, proto.producer_version = "llm2trt", __version__
+    return proto
 
 
 def convert(
     source: ModelSource,
     out: Path,
     *,
-    dtype: str = "fp32",
+    dtype: DType = DType.FP32,
     opset: int = DEFAULT_OPSET,
     attn_implementation: str = "sdpa",
     force: bool = False,
-) -> Manifest:
+) -> Converted:
     """Export `source` into the artifact directory `out`."""
     if opset not in OPSETS:
         raise InputError(
             f"opset {opset} is outside what the TorchScript exporter supports "
             f"({OPSETS.start}-{OPSETS.stop - 1}); fused opset-23 ops come from `optimize`"
         )
-    torch_dtype(dtype)  # validates the name before any slow work
     spec, config = source.spec, source.config
-    float_dtype = numpy_dtype_name(dtype)
-    inputs = spec.input_specs(config, float_dtype)
-    outputs = spec.output_specs(config, float_dtype)
+    graph = spec.graph_spec(config, dtype)
     with staged_output(out, force) as stage:
-        model = source.load(dtype, attn_implementation)
-        cast(Any, model).config.use_cache = False
-        module = _export_module(model, [t.name for t in inputs], [t.name for t in outputs], dict(spec.forward_kwargs))
-        feeds = sample_tensors(spec, config, inputs, TRACE_BATCH, TRACE_SEQUENCE)
-        args = tuple(to_torch(feeds[t.name]) for t in inputs)
         scratch = stage / "export"
         scratch.mkdir()
-        with step(f"exporting {source.display} to ONNX (TorchScript exporter, opset {opset})"):
-            try:
-                _torchscript_export(module, args, scratch / "model.onnx", inputs, outputs, opset)
-            except Exception as exc:  # the exporter raises many types; name the cause, keep going no further
-                raise BackendError(
-                    f"torch.onnx export failed: {type(exc).__name__}: "
-                    f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-                ) from None
-        del model, module
-        proto = onnx.load(str(scratch / "model.onnx"), load_external_data=True)
+        proto = _trace(source, graph, dtype, attn_implementation, opset, scratch)
         shutil.rmtree(scratch)
-        _name_dims(proto, inputs, "input")
-        _name_dims(proto, outputs, "output")
-        proto.producer_name, proto.producer_version = "llm2trt", __version__
         with step("writing model.onnx and its external weights"):
             nbytes = save_onnx(proto, stage)
         logger.info("wrote %d nodes, %.1f MB of weights", len(proto.graph.node), nbytes / 1e6)
@@ -185,16 +171,11 @@ def convert(
             task=spec.task(config).task,
             dtype=dtype,
             opset=opset,
-            inputs=inputs,
-            outputs=outputs,
-            main_output=outputs[0].name,
-            dynamic_dims=spec.dim_ranges(config),
             source=source.info(),
-            kv_cache=None,  # the logits graph: the KV-cache graph comes with the decode exporter
+            graphs={graph.name: replace(graph, op_counts=op_counts(proto))},
             attn_implementation=attn_implementation,
             exporter="torchscript",
-            op_counts=op_counts(proto),
             model_config=config.to_diff_dict(),
         )
         manifest.write(stage)
-    return manifest
+    return Converted(source.display, str(out), manifest)

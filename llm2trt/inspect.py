@@ -2,127 +2,164 @@
 
 from __future__ import annotations
 
-import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm2trt.artifact import load_onnx
-from llm2trt.errors import InputError
-from llm2trt.export import op_counts
-from llm2trt.manifest import BUILD_NAME, MODEL_NAME, REPORT_NAME, Manifest
+from llm2trt.core.artifact import load_onnx, op_counts
+from llm2trt.core.dtypes import DType, name_of_onnx
+from llm2trt.core.errors import InputError
+from llm2trt.core.manifest import BUILD_NAME, REPORT_NAME, Manifest
+from llm2trt.core.records import Record, RecordError
+from llm2trt.core.reports import BuildInfo, OptimizeReport, fusion_summary
+
+# What a user taking the ONNX to Polygraphy or trtexec must know (README: "Building elsewhere").
+_ATTENTION_HINT = (
+    "fp32 Attention needs marking decomposable in TensorRT-RTX 1.7 (llm2trt build does it); "
+    "`polygraphy convert` / trtexec fail on it with 'not supported by a dedicated kernel'"
+)
 
 
-def _io(values: Any) -> list[dict[str, Any]]:
-    import onnx
+@dataclass(frozen=True)
+class IOView(Record):
+    name: str
+    dtype: str
+    shape: list[int | str]
 
+
+@dataclass(frozen=True)
+class GraphView(Record):
+    """One ONNX graph as read from its file."""
+
+    onnx: str
+    opset: int
+    nodes: int
+    op_counts: dict[str, int]
+    inputs: list[IOView]
+    outputs: list[IOView]
+    weights_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class InspectView(Record):
+    """What `inspect` shows: the manifest, the default graph, and the reports beside them."""
+
+    path: str
+    manifest: Manifest | None = None
+    graph: GraphView | None = None
+    report: OptimizeReport | None = None
+    build: BuildInfo | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        # The graph's keys at the top level (onnx, nodes, op_counts, inputs, outputs, ...).
+        data: dict[str, Any] = {"path": self.path}
+        if self.manifest:
+            data["manifest"] = self.manifest.to_dict()
+        if self.graph:
+            data.update(self.graph.to_dict())
+        for key, value in (("report", self.report), ("build", self.build)):
+            if value is not None:
+                data[key] = value.to_dict()
+        data["notes"] = self.notes
+        return data
+
+    def render(self) -> str:
+        lines = _manifest_lines(self.path, self.manifest) if self.manifest else [f"onnx          {self.path}"]
+        if self.graph:
+            lines += _graph_lines(self.graph)
+        if self.build:
+            b = self.build
+            lines.append(
+                f"engine        {b.backend} {b.backend_version}, {b.compute_capability}, {b.network_layers} layers, "
+                f"{b.engine_bytes / 1e6:.1f} MB, built in {b.build_seconds:.1f} s"
+            )
+        lines += [f"note          {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def _manifest_lines(path: str, m: Manifest) -> list[str]:
+    kv = m.kv_cache
+    kv_text = f"{kv.num_layers} layers x {kv.num_kv_heads} heads x {kv.head_dim} ({kv.layout})" if kv else "none"
+    src = m.source
+    lines = [
+        f"artifact      {path}",
+        f"architecture  {m.architecture} ({m.model_class}, model_type {m.model_type})",
+        f"task          {m.task}",
+        f"dtype         {m.dtype.value}   opset {m.opset}   exporter {m.exporter}",
+        f"source        {src.kind}: {src.location} (sha256 {src.sha256[:12]})",
+        "graphs        " + ", ".join(f"{g.name} ({g.onnx})" for g in m.graphs.values()),
+        f"kv cache      {kv_text}",
+        "dims          " + ", ".join(f"{k}={v}" for k, v in m.dynamic_dims.items()),
+    ]
+    if m.passes:
+        shown = [p.name + _counts(p.counts) for p in m.passes]
+        lines.append("passes        " + ", ".join(shown))
+    if m.fusions:
+        lines.append(f"fusions       {fusion_summary(m.fusions, m.expected_fusions)} (found/expected)")
+    return lines
+
+
+def _counts(counts: dict[str, int]) -> str:
+    shown = [f"{k}={v}" for k, v in counts.items() if v]
+    return f"({', '.join(shown)})" if shown else ""
+
+
+def _graph_lines(g: GraphView) -> list[str]:
+    io = [("input", t) for t in g.inputs] + [("output", t) for t in g.outputs]
+    lines = [f"{kind:<13} {t.name}: {t.dtype}[{', '.join(map(str, t.shape))}]" for kind, t in io]
+    ops = ", ".join(f"{k} {v}" for k, v in sorted(g.op_counts.items(), key=lambda kv: -kv[1]))
+    lines.append(f"nodes         {g.nodes}: {ops}")
+    if g.weights_bytes:
+        lines.append(f"weights       {g.weights_bytes / 1e6:.1f} MB (external data)")
+    return lines
+
+
+def _io(values: Any) -> list[IOView]:
     rows = []
     for value in values:
         ttype = value.type.tensor_type
-        shape = [d.dim_param if d.HasField("dim_param") else d.dim_value for d in ttype.shape.dim]
-        rows.append(
-            {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type).name, "shape": shape}
-        )
+        shape: list[int | str] = [d.dim_param if d.HasField("dim_param") else d.dim_value for d in ttype.shape.dim]
+        rows.append(IOView(value.name, name_of_onnx(ttype.elem_type), shape))
     return rows
 
 
-def inspect(path: Path) -> dict[str, Any]:
+def graph_view(onnx_path: Path, external_data: Sequence[Path] = ()) -> GraphView:
+    model = load_onnx(onnx_path, with_weights=False)
+    opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return GraphView(
+        onnx=str(onnx_path),
+        opset=opset,
+        nodes=len(model.graph.node),
+        op_counts=op_counts(model),
+        inputs=_io(model.graph.input),
+        outputs=_io(model.graph.output),
+        weights_bytes=sum(f.stat().st_size for f in external_data if f.exists()),
+    )
+
+
+def _read(cls: type[Any], path: Path) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        return cls.read(path)
+    except (OSError, RecordError) as exc:
+        raise InputError(f"cannot read {path}: {exc}") from None
+
+
+def inspect(path: Path) -> InspectView:
     if path.is_file() and path.suffix == ".onnx":
-        model = load_onnx(path, with_weights=False)
-        return {
-            "onnx": str(path),
-            "opset": _opset(model),
-            "nodes": len(model.graph.node),
-            "op_counts": op_counts(model),
-            "inputs": _io(model.graph.input),
-            "outputs": _io(model.graph.output),
-        }
+        return InspectView(str(path), graph=graph_view(path))
     manifest = Manifest.read(path)
-    info: dict[str, Any] = {"path": str(path), "manifest": manifest.to_dict()}
-    model_path = path / MODEL_NAME
-    if model_path.is_file():
-        model = load_onnx(model_path, with_weights=False)
-        data = [path / f for f in manifest.files.get("external_data", []) if (path / f).exists()]
-        info.update(
-            {
-                "nodes": len(model.graph.node),
-                "op_counts": op_counts(model),
-                "inputs": _io(model.graph.input),
-                "outputs": _io(model.graph.output),
-                "weights_bytes": sum(f.stat().st_size for f in data),
-            }
-        )
-    for name, key in ((REPORT_NAME, "report"), (BUILD_NAME, "build")):
-        if (path / name).is_file():
-            try:
-                info[key] = json.loads((path / name).read_text())
-            except json.JSONDecodeError as exc:
-                raise InputError(f"cannot read {path / name}: {exc}") from None
-    return info
-
-
-def _opset(model: Any) -> int:
-    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def render(info: dict[str, Any]) -> str:
-    """The human-readable view of `inspect`'s result."""
-    lines: list[str] = []
-    manifest = info.get("manifest")
-    if manifest:
-        kv = manifest["kv_cache"]
-        kv_text = (
-            f"{kv['num_layers']} layers x {kv['num_kv_heads']} heads x {kv['head_dim']} ({kv['layout']})"
-            if kv
-            else "none"
-        )
-        lines += [
-            f"artifact      {info['path']}",
-            f"architecture  {manifest['architecture']} ({manifest['model_class']}, "
-            f"model_type {manifest['model_type']})",
-            f"task          {manifest['task']}",
-            f"dtype         {manifest['dtype']}   opset {manifest['opset']}   exporter {manifest['exporter']}",
-            f"source        {manifest['source']['kind']}: {manifest['source']['location']} "
-            f"(sha256 {manifest['source']['sha256'][:12]})",
-            f"kv cache      {kv_text}",
-            "dims          "
-            + ", ".join(f"{k}={v['min']}:{v['opt']}:{v['max']}" for k, v in manifest["dynamic_dims"].items()),
-        ]
-        if manifest["passes"]:
-            lines.append(
-                "passes        "
-                + ", ".join(
-                    p["name"]
-                    + (
-                        "(" + ", ".join(f"{k}={v}" for k, v in p["counts"].items() if v) + ")"
-                        if any(p["counts"].values())
-                        else ""
-                    )
-                    for p in manifest["passes"]
-                )
-            )
-        if manifest.get("fusions"):
-            expected = manifest.get("expected_fusions", {})
-            shown = [
-                f"{k} {v}/{expected[k]}" if k in expected else f"{k} {v}"
-                for k, v in manifest["fusions"].items()
-                if v or k in expected
-            ]
-            lines.append("fusions       " + (", ".join(shown) or "none") + " (found/expected)")
-    for key in ("inputs", "outputs"):
-        for t in info.get(key, []):
-            lines.append(f"{key[:-1]:<13} {t['name']}: {t['dtype']}[{', '.join(map(str, t['shape']))}]")
-    if "nodes" in info:
-        lines.append(
-            f"nodes         {info['nodes']}: "
-            + ", ".join(f"{k} {v}" for k, v in sorted(info["op_counts"].items(), key=lambda kv: -kv[1]))
-        )
-    if "weights_bytes" in info:
-        lines.append(f"weights       {info['weights_bytes'] / 1e6:.1f} MB (external data)")
-    build = info.get("build")
-    if build:
-        lines.append(
-            f"engine        {build['backend']} {build['backend_version']}, {build['compute_capability']}, "
-            f"{build['network_layers']} layers, {build['engine_bytes'] / 1e6:.1f} MB, "
-            f"built in {build['build_seconds']:.1f} s"
-        )
-    return "\n".join(lines)
+    graph = manifest.graph()
+    onnx_path = Path(os.path.normpath(path / graph.onnx))
+    data = [Path(os.path.normpath(path / f)) for f in graph.external_data]
+    view = graph_view(onnx_path, data) if onnx_path.is_file() else None
+    notes = []
+    if manifest.dtype is DType.FP32 and graph.fusions.get("Attention"):
+        notes.append(_ATTENTION_HINT)
+    return InspectView(
+        str(path), manifest, view, _read(OptimizeReport, path / REPORT_NAME), _read(BuildInfo, path / BUILD_NAME), notes
+    )

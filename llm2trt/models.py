@@ -1,4 +1,5 @@
-"""Model sources: a local Hugging Face directory, a .gguf file, or a built-in `tiny:<arch>` spec.
+"""Model sources: a local Hugging Face directory, a model id in the local Hugging Face cache, a
+.gguf file, or a built-in `tiny:<arch>` spec.
 
 Resolving a source reads only its config (fast, and enough to refuse an unsupported model before
 any slow work); the weights load when `load()` is called. Nothing here touches the network.
@@ -10,15 +11,17 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llm2trt.artifact import sha256_files
-from llm2trt.errors import InputError
+from llm2trt.core.artifact import sha256_files
+from llm2trt.core.dtypes import DType
+from llm2trt.core.errors import InputError
+from llm2trt.core.log import step
+from llm2trt.core.manifest import Manifest, SourceInfo
 from llm2trt.exporters import ExportSpec, all_specs, get_spec, spec_for_model_type
-from llm2trt.log import step
-from llm2trt.manifest import SourceInfo
 
 if TYPE_CHECKING:
     import torch
@@ -27,26 +30,12 @@ logger = logging.getLogger(__name__)
 
 TINY_PREFIX = "tiny:"
 TINY_SEED = 0
-DTYPES = ("fp32", "fp16", "bf16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
 
 # transformers must never reach for a hub: every load is local.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    import torch
-
-    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if name not in table:
-        raise InputError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return table[name]
-
-
-def numpy_dtype_name(name: str) -> str:
-    return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[name]
 
 
 def tiny_names() -> list[str]:
@@ -87,7 +76,7 @@ class ModelSource:
                 digest = sha256_files(self.weight_files(), root)
         return SourceInfo(kind=self.kind, location=self.location, sha256=digest)
 
-    def load(self, dtype: str = "fp32", attn_implementation: str = "sdpa") -> torch.nn.Module:
+    def load(self, dtype: DType = DType.FP32, attn_implementation: str = "sdpa") -> torch.nn.Module:
         """The transformers model in eval mode, in `dtype`."""
         import torch
         import transformers
@@ -99,8 +88,8 @@ class ModelSource:
             )
         cls_name = self.spec.model_class(self.config)
         cls = getattr(transformers, cls_name)
-        tdtype = torch_dtype(dtype)
-        with step(f"loading {self.display} ({cls_name}, {dtype})"):
+        tdtype = dtype.torch
+        with step(f"loading {self.display} ({cls_name}, {dtype.value})"):
             try:
                 if self.kind == "tiny":
                     torch.manual_seed(TINY_SEED)
@@ -201,15 +190,48 @@ def _resolve_gguf(path: Path) -> ModelSource:
     return ModelSource("gguf", str(path), config, spec)
 
 
+# A Hugging Face model id: `name` or `org/name` (letters, digits, - _ .).
+_MODEL_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+
+
+def hf_cache_dir() -> Path:
+    """The local Hugging Face hub cache, as huggingface_hub finds it (read now, not at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _resolve_model_id(model_id: str) -> Path:
+    """The snapshot directory of a model id in the local cache (its refs/main revision)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = hf_cache_dir()
+    try:
+        return Path(snapshot_download(model_id, cache_dir=str(cache), local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        raise InputError(
+            f"model {model_id!r} is neither a path nor in the local Hugging Face cache ({cache}); llm2trt never "
+            f"downloads: fetch it where there is a network (`huggingface-cli download {model_id}`), "
+            "or pass a directory, a .gguf file or a tiny:<arch> spec"
+        ) from None
+
+
 def resolve_model(model: str) -> ModelSource:
     """Turn a MODEL argument into a source, reading only its config."""
     if model.startswith(TINY_PREFIX):
         return _resolve_tiny(model)
     path = Path(model).expanduser()
+    if not path.exists() and _MODEL_ID.match(model):
+        path = _resolve_model_id(model)
     if not path.exists():
         raise InputError(
-            f"model path does not exist: {model} (expected a directory, a .gguf file or "
-            f"one of {', '.join(tiny_names())})"
+            f"model path does not exist: {model} (expected a directory, a .gguf file, a model id in the local "
+            f"Hugging Face cache, or one of {', '.join(tiny_names())})"
         )
     path = path.resolve()
     if path.is_dir():
@@ -226,3 +248,12 @@ def source_from_info(info: SourceInfo) -> ModelSource:
     if not Path(info.location).exists():
         raise InputError(f"the model this artifact came from is gone: {info.location}")
     return resolve_model(info.location)
+
+
+def spec_and_config(manifest: Manifest) -> tuple[ExportSpec, Any]:
+    """The exporter spec and a transformers config rebuilt from the manifest (no weights)."""
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in manifest.model_config.items() if k != "model_type"}
+    config = AutoConfig.for_model(manifest.model_type, **fields)
+    return get_spec(manifest.architecture), config

@@ -1,4 +1,8 @@
-"""Polygraphy runners for llm2trt artifacts: PyTorch (the reference), ONNX Runtime, TensorRT.
+"""The runner registry: a name -> a factory that makes a Polygraphy runner for an artifact's graph.
+
+Built in: `torch` (the transformers model the artifact came from, the reference), `ort` (ONNX
+Runtime through Polygraphy's OnnxrtRunner) and `trt` (Polygraphy's TrtRunner over the built
+engine). `register_runner` adds more (a test registers its own; so can a user's plugin module).
 
 Polygraphy's own PytRunner moves inputs to CUDA and feeds them positionally; ours runs where
 torch runs (the CPU here) and feeds transformers' keyword arguments.
@@ -9,6 +13,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,30 +21,46 @@ import numpy as np
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
-from llm2trt.errors import BackendError, InputError
-from llm2trt.manifest import ENGINE_NAME, Manifest, TensorSpec
+from llm2trt.core.dtypes import to_numpy, to_torch
+from llm2trt.core.errors import BackendError, InputError
+from llm2trt.core.manifest import GraphSpec, Manifest, TensorSpec
+from llm2trt.core.registry import Registry
 
 if TYPE_CHECKING:
     import torch
 
-RUNNERS = ("torch", "ort", "trt")
+
+@dataclass(frozen=True)
+class RunnerContext:
+    """What a runner factory is given: the artifact (or engine) directory, its manifest, the graph."""
+
+    artifact: Path
+    manifest: Manifest
+    graph: GraphSpec
+
+    def onnx_path(self) -> Path:
+        return self.manifest.onnx_path(self.artifact, self.graph.name)
+
+
+RunnerFactory = Callable[[RunnerContext], BaseRunner]
+RUNNERS: Registry[RunnerFactory] = Registry("runner")
+
+
+def register_runner(name: str, factory: RunnerFactory, *, replace: bool = False) -> RunnerFactory:
+    return RUNNERS.register(name, factory, replace=replace)
+
+
+def make_runner(name: str, ctx: RunnerContext) -> BaseRunner:
+    runner = RUNNERS.get(name)(ctx)
+    runner.name = name  # results are keyed by the name the user asked for
+    return runner
 
 
 def _metadata(specs: list[TensorSpec]) -> TensorMetadata:
     meta = TensorMetadata()
     for spec in specs:
-        dtype = np.dtype("float32") if spec.dtype == "bfloat16" else np.dtype(spec.dtype)
-        meta.add(spec.name, dtype, [d if isinstance(d, int) else -1 for d in spec.shape])
+        meta.add(spec.name, spec.dtype.host_numpy, [d if isinstance(d, int) else -1 for d in spec.shape])
     return meta
-
-
-def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    import torch
-
-    tensor = tensor.detach().cpu()
-    if tensor.dtype == torch.bfloat16:
-        tensor = tensor.float()
-    return tensor.numpy()
 
 
 class TorchRunner(BaseRunner):  # type: ignore[misc]
@@ -69,8 +90,6 @@ class TorchRunner(BaseRunner):  # type: ignore[misc]
     def infer_impl(self, feed_dict: dict[str, Any]) -> OrderedDict[str, np.ndarray]:
         import torch
 
-        from llm2trt.export import to_torch
-
         if self.model is None:
             raise RuntimeError("runner is not active")
         kwargs = {name: to_torch(np.asarray(value)) for name, value in feed_dict.items()}
@@ -78,15 +97,16 @@ class TorchRunner(BaseRunner):  # type: ignore[misc]
         with torch.no_grad():
             out = self.model(**kwargs, **self._forward_kwargs, return_dict=True)
         self.inference_time = time.perf_counter() - start
-        return OrderedDict((name, _to_numpy(out[name])) for name in self._outputs)
+        return OrderedDict((name, to_numpy(out[name])) for name in self._outputs)
 
     def deactivate_impl(self) -> None:
         self.model = None
 
 
-def torch_runner(manifest: Manifest, check_source: bool = True) -> TorchRunner:
+def torch_runner(ctx: RunnerContext, check_source: bool = True) -> TorchRunner:
     from llm2trt.models import source_from_info
 
+    manifest = ctx.manifest
     source = source_from_info(manifest.source)
     if check_source and source.kind != "tiny":
         source.check_unchanged(manifest.source)
@@ -94,37 +114,42 @@ def torch_runner(manifest: Manifest, check_source: bool = True) -> TorchRunner:
     def load() -> torch.nn.Module:
         return source.load(manifest.dtype, manifest.attn_implementation)
 
-    return TorchRunner(load, manifest.inputs, [t.name for t in manifest.outputs], dict(source.spec.forward_kwargs))
+    outputs = [t.name for t in ctx.graph.outputs]
+    return TorchRunner(load, ctx.graph.inputs, outputs, dict(source.spec.forward_kwargs))
 
 
-def ort_runner(onnx_path: Path, providers: list[str] | None = None) -> BaseRunner:
+def ort_runner(ctx: RunnerContext, providers: list[str] | None = None) -> BaseRunner:
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
-    return OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=providers or ["cpu"]), name="ort")
+    return OnnxrtRunner(SessionFromOnnx(str(ctx.onnx_path()), providers=providers or ["cpu"]), name="ort")
 
 
-def trt_runner(artifact: Path, backend_name: str = "auto") -> BaseRunner:
-    """Polygraphy's TensorRT runner over the artifact's engine (needs a GPU that can run it)."""
+def trt_runner(ctx: RunnerContext, backend_name: str = "auto") -> BaseRunner:
+    """Polygraphy's TensorRT runner over the engine (needs a GPU that can run it)."""
+    from llm2trt.plugins import refs
     from llm2trt.trt import load_backend
 
-    engine = artifact / ENGINE_NAME
-    if not engine.is_file():
+    engine_name = ctx.graph.engine
+    engine = ctx.artifact / engine_name if engine_name else None
+    if engine is None or not engine.is_file():
         raise InputError(
-            f"no engine in {artifact}: build one with `llm2trt build {artifact} -o DIR` and compare that directory"
+            f"no engine in {ctx.artifact}: build one with `llm2trt build {ctx.artifact} -o DIR` and compare that "
+            "directory"
         )
     backend = load_backend(backend_name)
+    reason = backend.cannot_run_engines()
+    if reason:
+        raise BackendError(f"cannot run a {backend.display} engine here: {reason}")
+    backend.load_plugins(refs())
     from polygraphy import config as polygraphy_config
 
     polygraphy_config.USE_TENSORRT_RTX = backend.is_rtx
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-    if backend.is_rtx:
-        from llm2trt.trt import gpu_visible
-
-        if not gpu_visible():
-            raise BackendError(
-                "cannot run a TensorRT-RTX engine here: no GPU (engines build anywhere, "
-                "but run only on a supported RTX/Ampere/Ada/Blackwell GPU)"
-            )
     return TrtRunner(EngineFromBytes(BytesFromPath(str(engine))), name="trt")
+
+
+register_runner("torch", torch_runner)
+register_runner("ort", ort_runner)
+register_runner("trt", trt_runner)

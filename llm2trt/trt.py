@@ -2,22 +2,31 @@
 
 Both share TensorRT's Python API. What differs is written down here once, as capabilities:
 TensorRT-RTX builds ahead of time for a named compute capability (no GPU needed) but cannot host
-custom plugin layers, strip weights, refit, or use a timing cache (measured: ENVIRONMENT.md).
+custom plugin layers, strip weights, refit, or use a timing cache (measured: ENVIRONMENT.md), and
+runs engines only on the GPUs it supports.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llm2trt.errors import BackendError, InputError
+from llm2trt.core.errors import BackendError, InputError
+from llm2trt.core.reports import PluginStatus
+from llm2trt.plugins import PluginRef
+from llm2trt.plugins import resolve as resolve_plugin
 
 BACKENDS = ("tensorrt", "tensorrt_rtx")
 # Compute capabilities TensorRT-RTX builds for ahead of time.
 RTX_COMPUTE_CAPABILITIES = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
+# What an ahead-of-time build targets when nothing else is said (tests, the demo): Ada, the
+# newest generation with mature kernels for every fused op we emit.
+DEFAULT_AOT_TARGET = "sm89"
 # Features full TensorRT has and TensorRT-RTX refuses or breaks on.
 FULL_TRT_ONLY = {
     "plugins": "custom plugin layers",
@@ -37,6 +46,10 @@ class Backend:
     def is_rtx(self) -> bool:
         return self.name == "tensorrt_rtx"
 
+    @property
+    def display(self) -> str:
+        return "TensorRT-RTX" if self.is_rtx else "TensorRT"
+
     def supports(self, feature: str) -> bool:
         if feature in FULL_TRT_ONLY:
             return not self.is_rtx
@@ -50,6 +63,47 @@ class Backend:
             raise BackendError(
                 f"{what} need full TensorRT; this build uses TensorRT-RTX {self.version}, which cannot do that"
             )
+
+    @property
+    def aot_target(self) -> str | None:
+        """The compute capability to build for when none is named and no GPU is here (None: the
+        backend builds for the GPU it runs on)."""
+        return DEFAULT_AOT_TARGET if self.is_rtx else None
+
+    def cannot_run_engines(self) -> str | None:
+        """Why engines cannot run on this machine, or None when they can."""
+        if not gpu_visible():
+            return "no GPU (engines build anywhere, but run only on a GPU)"
+        if not self.is_rtx:
+            return None
+        cc = local_compute_capability()
+        if cc is not None and cc not in RTX_COMPUTE_CAPABILITIES:
+            return (
+                f"this GPU is {cc}, which TensorRT-RTX {self.version} does not run "
+                f"(it runs {', '.join(RTX_COMPUTE_CAPABILITIES)})"
+            )
+        return None
+
+    def load_plugins(self, refs: list[PluginRef]) -> list[PluginStatus]:
+        """Import every registered plugin; register it with TensorRT only where TensorRT can host it.
+
+        Under TensorRT-RTX a registered Python plugin aborts the process (ENVIRONMENT.md), so none
+        is registered there: the parser inlines each op's local-function body instead.
+        """
+        statuses = []
+        for ref in refs:
+            spec = resolve_plugin(ref)
+            if self.supports("plugins"):
+                spec.register_tensorrt(self.module)
+                statuses.append(PluginStatus(spec.name, spec.domain, spec.version, "registered"))
+            else:
+                why = f"TensorRT-RTX {self.version} cannot host plugin layers: the op's reference body is inlined"
+                statuses.append(PluginStatus(spec.name, spec.domain, spec.version, "inlined", why))
+        return statuses
+
+    def polygraphy_env(self) -> dict[str, str]:
+        """What Polygraphy needs in the environment to drive this backend (read at its import)."""
+        return {"POLYGRAPHY_USE_TENSORRT_RTX": "1" if self.is_rtx else "0"}
 
 
 def _import(name: str) -> Any:
@@ -79,6 +133,24 @@ def gpu_visible() -> bool:
     return Path("/dev/nvidiactl").exists() or Path("/dev/dxg").exists()
 
 
+def local_compute_capability() -> str | None:
+    """The first GPU's compute capability as `smXY`, from nvidia-smi (None when it cannot tell)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=compute_cap", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return "sm" + out[0].replace(".", "") if out else None
+
+
 def resolve_compute_capability(backend: Backend, requested: str | None) -> str | None:
     """The compute capability to build for, or None for "the GPU this runs on"."""
     if requested is None:
@@ -87,6 +159,8 @@ def resolve_compute_capability(backend: Backend, requested: str | None) -> str |
                 "no GPU here to build for: pass --compute-capability (one of "
                 f"{', '.join(RTX_COMPUTE_CAPABILITIES)}) to build ahead of time"
             )
+        if not gpu_visible():
+            raise InputError("no GPU here to build for: full TensorRT builds for the GPU it runs on")
         return None
     cc = requested.lower()
     if not backend.is_rtx:

@@ -1,40 +1,117 @@
-"""Parse and build in a child process: TensorRT can abort or segfault on some graphs
-(ENVIRONMENT.md), and a crash there must become a clear error, not a dead CLI.
+"""Parse and build in a child process, through Polygraphy's TensorRT loaders.
 
-Run as `python -m llm2trt.trt_worker REQUEST.json`; it writes RESULT.json named in the request.
+TensorRT can abort or segfault on some graphs (ENVIRONMENT.md), and a crash there must become a
+clear error, not a dead CLI. The parent (`llm2trt.build.run_worker`) and this child share one
+protocol: a `BuildRequest` in, a `BuildResult` out (both typed records), and phase lines on
+stderr so a crash is attributed to the step it hit.
+
+Run as `python -m llm2trt.trt_worker REQUEST.json RESULT.json`.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import ctypes
 import logging
+import os
+import signal
 import sys
 import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm2trt.log import configure
+from llm2trt.core.errors import Llm2TrtError
+from llm2trt.core.log import configure
+from llm2trt.core.records import Record
+from llm2trt.core.reports import PluginStatus, Profile, TimingCacheInfo
+from llm2trt.plugins import PluginRef
 from llm2trt.trt import Backend, load_backend
 
 logger = logging.getLogger("llm2trt.trt")
 PHASE_MARK = "[llm2trt-phase] "
+PHASES = {"plugins": "loaded plugins for", "parse": "parsed", "build": "built"}
 
 
-def _make_logger(trt: Any, errors: list[str]) -> Any:
-    class Logger(trt.ILogger):  # type: ignore[misc]
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
+@dataclass(frozen=True)
+class BuildRequest(Record):
+    """What the parent asks the worker to do."""
 
-        def log(self, severity: Any, msg: str) -> None:
-            if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
-                errors.append(msg)
-                logger.debug("TensorRT error: %s", msg)
-            elif severity == trt.ILogger.WARNING:
-                logger.debug("TensorRT warning: %s", msg)
-            else:
-                logger.debug("TensorRT: %s", msg)
+    backend: str
+    onnx: str
+    engine: str | None  # where to write the plan; None parses (and counts layers) only
+    profiles: list[Profile] = field(default_factory=list)
+    compute_capability: str | None = None
+    strip_weights: bool = False
+    timing_cache: str | None = None
+    plugins: list[PluginRef] = field(default_factory=list)
+    verbosity: int = 0
 
-    return Logger()
+
+@dataclass(frozen=True)
+class BuildResult(Record):
+    """What the worker did; on failure `stage` names the phase that failed."""
+
+    ok: bool
+    stage: str  # plugins | parse | build | done
+    error: str | None = None
+    layers: int = 0
+    layer_types: dict[str, int] = field(default_factory=dict)
+    attention_ops: int = 0
+    parse_seconds: float = 0.0
+    build_seconds: float = 0.0
+    engine_bytes: int = 0
+    timing_cache: TimingCacheInfo | None = None
+    plugins: list[PluginStatus] = field(default_factory=list)
+
+
+class StageFailed(Exception):
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+def _phase(name: str) -> None:
+    """A protocol line for the parent, whatever the verbosity: it names the phase a crash hits."""
+    sys.stderr.write(f"{PHASE_MARK}{name}\n")
+    sys.stderr.flush()
+
+
+class _Errors(logging.Handler):
+    """Collects what Polygraphy and TensorRT report as errors (TensorRT's ERROR goes through
+    Polygraphy's logger), so a failure names its cause rather than "Invalid Engine"."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage().strip()
+        for prefix in ("[E] ", "[!] "):
+            text = text.removeprefix(prefix)
+        self.messages.append(text)
+
+    def last(self, default: str) -> str:
+        useful = [m for m in self.messages if "Invalid Engine" not in m and "Could not parse" not in m]
+        return (useful or self.messages or [default])[-1]
+
+
+@contextlib.contextmanager
+def _polygraphy_logging(verbosity: int) -> Iterator[_Errors]:
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.use_python_logging_system = True
+    G_LOGGER.module_severity = G_LOGGER.INFO if verbosity > 1 else G_LOGGER.ERROR
+    errors = _Errors()
+    poly = logging.getLogger("Polygraphy")
+    poly.addHandler(errors)
+    poly.propagate = verbosity > 1
+    try:
+        yield errors
+    finally:
+        poly.removeHandler(errors)
 
 
 def _make_progress(trt: Any) -> Any:
@@ -59,25 +136,6 @@ def _make_progress(trt: Any) -> Any:
     return Progress()
 
 
-def _parse(backend: Backend, onnx_path: str, errors: list[str]) -> tuple[Any, Any, Any, Any]:
-    trt = backend.module
-    trt_logger = _make_logger(trt, errors)
-    builder = trt.Builder(trt_logger)
-    flags = 0
-    if not backend.is_rtx:  # TensorRT-RTX networks are always strongly typed
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, trt_logger)
-    if not parser.parse_from_file(onnx_path):
-        details = []
-        for i in range(parser.num_errors):
-            err = parser.get_error(i)
-            where = f" (node {err.node_name()!r}, op {err.node_operator()})" if err.node_name() else ""
-            details.append(f"{err.desc()}{where}")
-        raise RuntimeError("parse: " + ("; ".join(details) or (errors[-1] if errors else "unknown error")))
-    return trt_logger, builder, network, parser
-
-
 def allow_attention_decomposition(trt: Any, network: Any) -> int:
     """Let TensorRT decompose attention it has no fused kernel for (fp32, some shapes).
 
@@ -100,85 +158,130 @@ def allow_attention_decomposition(trt: Any, network: Any) -> int:
     return sum(1 for i in range(network.num_layers) if network.get_layer(i).type == trt.LayerType.ATTENTION_OUTPUT)
 
 
-def build(request: dict[str, Any]) -> dict[str, Any]:
-    backend = load_backend(request["backend"])
+def _parse(request: BuildRequest, backend: Backend, errors: _Errors) -> tuple[Any, int, dict[str, int]]:
+    from polygraphy.backend.trt import NetworkFromOnnxPath, PostprocessNetwork
+    from polygraphy.exception import PolygraphyException
+
     trt = backend.module
-    errors: list[str] = []
+    counted: list[int] = []
+
+    def mark(network: Any) -> None:
+        counted.append(allow_attention_decomposition(trt, network))
+
+    # TensorRT-RTX networks are always strongly typed; full TensorRT is asked to be.
+    loader = PostprocessNetwork(NetworkFromOnnxPath(request.onnx, strongly_typed=not backend.is_rtx), mark)
+    try:
+        built = loader()
+    except PolygraphyException:
+        raise StageFailed("parse", errors.last("unknown parse error")) from None
+    network = built[1]
+    types = Counter(str(network.get_layer(i).type).rsplit(".", 1)[-1] for i in range(network.num_layers))
+    return built, counted[0] if counted else 0, dict(types)
+
+
+def _config(request: BuildRequest, backend: Backend) -> Any:
+    from polygraphy.backend.trt import CreateConfig, Profile
+
+    profiles = []
+    for shapes in request.profiles:
+        profile = Profile()
+        for name, rng in shapes.items():
+            profile.add(name, rng.min, rng.opt, rng.max)
+        profiles.append(profile)
+    kwargs: dict[str, Any] = {"profiles": profiles, "progress_monitor": _make_progress(backend.module)}
+    if request.timing_cache:  # full TensorRT only; the parent refuses it under TensorRT-RTX
+        kwargs["load_timing_cache"] = request.timing_cache
+    if request.strip_weights:  # full TensorRT only
+        kwargs.update(strip_plan=True, refittable=True)
+    if backend.is_rtx:
+        from polygraphy.backend.tensorrt_rtx import CreateConfigRTX
+
+        cc = request.compute_capability
+        targets = [(int(cc[2:-1]), int(cc[-1]))] if cc else None
+        return CreateConfigRTX(compute_capabilities=targets, use_gpu=cc is None, **kwargs)
+    return CreateConfig(**kwargs)
+
+
+def _build(request: BuildRequest, backend: Backend, network: Any, errors: _Errors) -> tuple[int, float, Any]:
+    from polygraphy.backend.trt import EngineBytesFromNetwork
+    from polygraphy.exception import PolygraphyException
+
+    before = (
+        Path(request.timing_cache).stat().st_size if request.timing_cache and Path(request.timing_cache).exists() else 0
+    )
     start = time.perf_counter()
-    trt_logger, builder, network, parser = _parse(backend, request["onnx"], errors)
-    parse_seconds = time.perf_counter() - start
-    logger.info("TensorRT parsed %d layers in %.1f s", network.num_layers, parse_seconds)
-    # A protocol line for the parent, whatever the verbosity: it names the phase a crash hit.
-    sys.stderr.write(f"{PHASE_MARK}build\n")
-    sys.stderr.flush()
-    attention_ops = allow_attention_decomposition(trt, network)
-
-    config = builder.create_builder_config()
-    config.progress_monitor = _make_progress(trt)
-    for shapes in request["profiles"]:
-        profile = builder.create_optimization_profile()
-        for i in range(network.num_inputs):
-            tensor = network.get_input(i)
-            if tensor.name not in shapes:
-                if any(d < 0 for d in tensor.shape):
-                    raise RuntimeError(f"build: no profile shape for dynamic input {tensor.name!r}")
-                continue
-            lo, opt, hi = shapes[tensor.name]
-            profile.set_shape(tensor.name, lo, opt, hi)
-        config.add_optimization_profile(profile)
-    cc = request.get("compute_capability")
-    if cc:
-        config.num_compute_capabilities = 1
-        config.set_compute_capability(getattr(trt.ComputeCapability, cc.upper()), 0)
-    cache_info: dict[str, Any] | None = None
-    cache = None
-    if request.get("timing_cache"):  # full TensorRT only; the parent refuses it under RTX
-        cache_path = Path(request["timing_cache"])
-        before = cache_path.read_bytes() if cache_path.exists() else b""
-        cache = config.create_timing_cache(before)
-        config.set_timing_cache(cache, ignore_mismatch=False)
-        cache_info = {"path": str(cache_path), "bytes_before": len(before)}
-    if request.get("strip_weights"):  # full TensorRT only
-        config.set_flag(trt.BuilderFlag.STRIP_PLAN)
-        config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
-
-    build_start = time.perf_counter()
-    plan = builder.build_serialized_network(network, config)
-    build_seconds = time.perf_counter() - build_start
-    if plan is None:
-        raise RuntimeError("build: " + (errors[-1] if errors else "TensorRT returned no engine"))
+    try:
+        plan = EngineBytesFromNetwork(network, _config(request, backend), save_timing_cache=request.timing_cache)()
+    except PolygraphyException:
+        raise StageFailed("build", errors.last("TensorRT returned no engine")) from None
+    seconds = time.perf_counter() - start
     data = memoryview(plan)
-    with open(request["engine"], "wb") as fh:
-        fh.write(data)
-    if cache is not None and cache_info is not None:
-        blob = bytes(memoryview(cache.serialize()))
-        Path(cache_info["path"]).write_bytes(blob)
-        cache_info["bytes_after"] = len(blob)
+    if request.engine:
+        Path(request.engine).write_bytes(data)
+    cache = None
+    if request.timing_cache:
+        after = Path(request.timing_cache).stat().st_size
         # A cache that was non-empty before and did not grow served every tactic: a hit.
-        cache_info["hit"] = cache_info["bytes_before"] > 0 and len(blob) == cache_info["bytes_before"]
-    del parser, trt_logger
-    return {
-        "ok": True,
-        "backend": backend.name,
-        "version": backend.version,
-        "layers": network.num_layers,
-        "parse_seconds": round(parse_seconds, 3),
-        "build_seconds": round(build_seconds, 3),
-        "engine_bytes": len(data),
-        "timing_cache": cache_info,
-        "attention_ops": attention_ops,
-    }
+        cache = TimingCacheInfo(request.timing_cache, before, after, before > 0 and after == before)
+    return len(data), seconds, cache
+
+
+def work(request: BuildRequest) -> BuildResult:
+    backend = load_backend(request.backend)
+    _phase("plugins")
+    try:
+        plugins = backend.load_plugins(request.plugins)
+    except Llm2TrtError as exc:
+        raise StageFailed("plugins", str(exc)) from None
+    _phase("parse")
+    with _polygraphy_logging(request.verbosity) as errors:
+        start = time.perf_counter()
+        network, attention_ops, types = _parse(request, backend, errors)
+        parse_seconds = time.perf_counter() - start
+        layers = network[1].num_layers
+        logger.info("TensorRT parsed %d layers in %.1f s", layers, parse_seconds)
+        parsed = BuildResult(
+            True, "parse", None, layers, types, attention_ops, round(parse_seconds, 3), plugins=plugins
+        )
+        if request.engine is None:
+            return parsed
+        _phase("build")
+        nbytes, seconds, cache = _build(request, backend, network, errors)
+    return BuildResult(
+        True,
+        "done",
+        None,
+        layers,
+        types,
+        attention_ops,
+        parsed.parse_seconds,
+        round(seconds, 3),
+        nbytes,
+        cache,
+        plugins,
+    )
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process if the parent dies first (a SIGKILLed CLI leaves no build behind)."""
+    with contextlib.suppress(OSError, AttributeError):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() == 1:  # the parent is already gone
+            os._exit(1)
 
 
 def main(argv: list[str]) -> int:
-    request = json.loads(Path(argv[0]).read_text())
-    configure(int(request.get("verbosity", 0)))
+    _die_with_parent()
+    request = BuildRequest.read(Path(argv[0]))
+    # Polygraphy reads this at import: it must be set before the first polygraphy import.
+    os.environ.update(load_backend(request.backend).polygraphy_env())
+    configure(request.verbosity)
     try:
-        result = build(request)
-    except RuntimeError as exc:
-        stage, _, message = str(exc).partition(": ")
-        result = {"ok": False, "stage": stage, "error": message}
-    Path(request["result"]).write_text(json.dumps(result))
+        result = work(request)
+    except StageFailed as exc:
+        result = BuildResult(False, exc.stage, str(exc))
+    result.write(Path(argv[1]))
     return 0
 
 

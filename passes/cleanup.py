@@ -8,7 +8,8 @@ from typing import ClassVar
 import onnx
 import onnx_graphsurgeon as gs
 
-from llm2trt.passes.core import GraphPass, Model, PassResult, gs_quiet, onnx_dtype, weightless
+from llm2trt.core.dtypes import DType, numpy_of_onnx, onnx_elem_type
+from llm2trt.passes.core import GraphPass, Model, PassResult, gs_quiet, weightless
 
 logger = logging.getLogger(__name__)
 
@@ -16,7 +17,7 @@ logger = logging.getLogger(__name__)
 def _unfoldable(node: gs.Node) -> bool:
     """Nodes ONNX Runtime's CPU provider cannot evaluate (no bfloat16 kernels): one of them would
     fail the whole folding session, shape arithmetic included."""
-    return any(onnx_dtype(t.dtype) == onnx.TensorProto.BFLOAT16 for t in [*node.inputs, *node.outputs])
+    return any(onnx_elem_type(t.dtype) == DType.BF16.onnx for t in [*node.inputs, *node.outputs])
 
 
 class ConstantFolding(GraphPass):
@@ -109,7 +110,7 @@ class CastElimination(_BypassPass):
     runs_after: ClassVar[tuple[str, ...]] = ("constant_folding",)
 
     def removable(self, node: gs.Node) -> bool:
-        dtype = onnx_dtype(node.inputs[0].dtype)
+        dtype = onnx_elem_type(node.inputs[0].dtype)
         return node.op == "Cast" and dtype is not None and dtype == node.attrs.get("to")
 
 
@@ -149,7 +150,7 @@ def infer_shapes(model: Model) -> tuple[int, list[str]]:
         ttype = info.type.tensor_type
         changed = False
         if tensor.dtype is None and ttype.elem_type:
-            tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+            tensor.dtype = numpy_of_onnx(ttype.elem_type)
             changed = True
         if tensor.shape is None and ttype.HasField("shape"):
             tensor.shape = [

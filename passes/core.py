@@ -14,29 +14,20 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from llm2trt.errors import Llm2TrtError
-from llm2trt.manifest import PassRecord
+from llm2trt.core.errors import Llm2TrtError
+from llm2trt.core.manifest import PassRecord
+from llm2trt.core.reports import Refusal
 
 logger = logging.getLogger(__name__)
 
 RULE_KEY = "llm2trt.rule"  # node metadata: the rewrite rule that made a node
 _WEIGHT_ELEMENTS = 256
-
-
-def onnx_dtype(dtype: Any) -> int | None:
-    """A tensor's element type as ONNX's enum: onnx-graphsurgeon holds a NumPy dtype, or the
-    ONNX enum itself for types NumPy lacks (bfloat16, float8)."""
-    if dtype is None:
-        return None
-    if isinstance(dtype, int):
-        return dtype
-    return int(onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
 
 
 def weightless(graph: gs.Graph) -> tuple[onnx.ModelProto, dict[str, gs.Constant]]:
@@ -144,12 +135,13 @@ class Model:
 
 @dataclass
 class PassResult:
-    """What a pass did: `counts` per rule or per kind of change; `notes` explain refusals."""
+    """What a pass did: `counts` per rule or per kind of change; `refusals` say why a rule left a
+    candidate alone; `notes` are anything else worth a line."""
 
     modified: bool
     counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    details: dict[str, Any] = field(default_factory=dict)
+    refusals: list[Refusal] = field(default_factory=list)
 
 
 class GraphPass(abc.ABC):
@@ -202,6 +194,7 @@ def check_graph(model: Model) -> None:
 @dataclass
 class PipelineResult:
     model: Model
+    passes: list[GraphPass]
     records: list[PassRecord]
     results: dict[str, PassResult]
 
@@ -238,7 +231,7 @@ class PassManager:
             logger.info("pass %-22s %s (%.1f s)", p.name, counts, seconds)
             if self.check_after_each or p is self.passes[-1]:
                 self._check(model, [r.name for r in records])
-        return PipelineResult(model, records, results)
+        return PipelineResult(model, list(self.passes), records, results)
 
     def _check(self, model: Model, ran: list[str]) -> None:
         for check in self.checks:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from onnx import version_converter
 
-from llm2trt.errors import BackendError
+from llm2trt.core.errors import BackendError
 from llm2trt.passes.core import GraphPass, Model, PassResult, gs_quiet, reattach_weights, weightless
 
 # ONNX Runtime 1.31 reads IR up to 13; opset 23 wants IR 11 (ENVIRONMENT.md: set both explicitly).

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from llm2trt.core.reports import Refusal
 from llm2trt.passes.core import GraphPass, Model, PassResult
 
 logger = logging.getLogger(__name__)
@@ -245,21 +246,12 @@ def is_scalar(value: float | None = None, rel: float = 1e-2) -> Callable[[np.nda
 # -- rules and the driver ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Refusal:
-    """A candidate a rule did not fuse, and why."""
-
-    rule: str
-    node: str
-    module: str
-    reason: str
-
-
 class RewriteRule(abc.ABC):
-    """Pattern, check, replacement. Subclasses set `name`, `fusion`, `root` and `anchor`."""
+    """Pattern, check, replacement. Subclasses set `name`, `fusion`, `emits`, `root` and `anchor`."""
 
     name: ClassVar[str]
     fusion: ClassVar[str]  # the fusion it counts toward: Attention, LayerNorm, RMSNorm, Gelu, RoPE
+    emits: ClassVar[str]  # the standard ONNX op the rewrite leaves in the graph
     root: ClassVar[tuple[str, ...]]  # op types a match can end in
     # An op that marks a candidate: a root whose inputs reach an anchor within a few hops and
     # still does not match is reported with the reason the match stopped.
@@ -332,59 +324,62 @@ class RewritePass(GraphPass):
     def __init__(self, name: str, rules: Sequence[RewriteRule]) -> None:
         self.name = name  # type: ignore[misc]
         self.rules = list(rules)
-        self.refusals: list[Refusal] = []
 
     def run(self, model: Model) -> PassResult:
-        graph = model.graph
-        counts = {rule.name: 0 for rule in self.rules}
-        self.refusals = []
-        outputs = {t.name for t in graph.outputs}
+        counts: dict[str, int] = {}
+        refusals: list[Refusal] = []
         for rule in self.rules:
-            pattern = rule.pattern()
-            graph.toposort()
-            alive = {id(n) for n in graph.nodes}
-            # Outputs first: a match ending in a later node is the larger one (LayerNorm's bias
-            # Add before its scale Mul), so the whole pattern fuses, not a prefix of it.
-            for node in reversed(list(graph.nodes)):
-                if id(node) not in alive or node.op not in rule.root or not node.outputs:
-                    continue
-                if not node.outputs[0].outputs and node.outputs[0].name not in outputs:
-                    continue
-                failure = Failure()
-                fused = False
-                refused: str | None = None
-                for m in pattern.match(node.outputs[0], Match(failure=failure)):
-                    reason = _escapes(m, node, outputs) or rule.check(m, model)
-                    if reason:
-                        refused = reason
-                        continue
-                    out = node.outputs[0]
-                    node.outputs.clear()
-                    for new in rule.rewrite(m, model, out):
-                        graph.nodes.append(new)
-                        model.tag(new, rule.name)
-                    # Nothing outside the match reads its intermediates (_escapes): disconnect the
-                    # matched nodes now so later matches never see them, and clean up once per
-                    # rule (a whole-graph cleanup per fusion made big graphs quadratic).
-                    for dead in m.matched:
-                        dead.inputs.clear()
-                        dead.outputs.clear()
-                        alive.discard(id(dead))
-                    counts[rule.name] += 1
-                    fused = True
-                    break
-                if fused:
-                    continue
-                if refused or (rule.anchor and _reaches(node, rule.anchor, rule.anchor_depth)):
-                    module = module_of(node.name)
-                    self.refusals.append(Refusal(rule.name, node.name, module, refused or failure.reason))
-            if counts[rule.name]:
-                graph.cleanup(remove_unused_graph_inputs=False)
-        graph.toposort()
-        notes = [f"{r.rule} not applied at {r.module or r.node}: {r.reason}" for r in self.refusals]
+            counts[rule.name] = _apply_rule(rule, model, refusals)
+        model.graph.toposort()
         return PassResult(
             modified=any(counts.values()),
             counts=counts,
-            notes=notes,
-            details={"refusals": [r.__dict__ for r in self.refusals]},
+            notes=[f"{r.rule} not applied at {r.module or r.node}: {r.reason}" for r in refusals],
+            refusals=refusals,
         )
+
+
+def _apply_rule(rule: RewriteRule, model: Model, refusals: list[Refusal]) -> int:
+    """Rewrite every match of one rule; append a refusal for each candidate left alone."""
+    graph = model.graph
+    outputs = {t.name for t in graph.outputs}
+    pattern = rule.pattern()
+    graph.toposort()
+    alive = {id(n) for n in graph.nodes}
+    count = 0
+    # Outputs first: a match ending in a later node is the larger one (LayerNorm's bias Add
+    # before its scale Mul), so the whole pattern fuses, not a prefix of it.
+    for node in reversed(list(graph.nodes)):
+        if id(node) not in alive or node.op not in rule.root or not node.outputs:
+            continue
+        if not node.outputs[0].outputs and node.outputs[0].name not in outputs:
+            continue
+        failure = Failure()
+        refused: str | None = None
+        for m in pattern.match(node.outputs[0], Match(failure=failure)):
+            refused = _escapes(m, node, outputs) or rule.check(m, model)
+            if refused is None:
+                _replace(rule, m, model, node, alive)
+                count += 1
+                break
+        else:
+            if refused or (rule.anchor and _reaches(node, rule.anchor, rule.anchor_depth)):
+                refusals.append(Refusal(rule.name, node.name, module_of(node.name), refused or failure.reason))
+    if count:
+        graph.cleanup(remove_unused_graph_inputs=False)
+    return count
+
+
+def _replace(rule: RewriteRule, m: Match, model: Model, root: gs.Node, alive: set[int]) -> None:
+    out = root.outputs[0]
+    root.outputs.clear()
+    for new in rule.rewrite(m, model, out):
+        model.graph.nodes.append(new)
+        model.tag(new, rule.name)
+    # Nothing outside the match reads its intermediates (_escapes): disconnect the matched nodes
+    # now so later matches never see them, and clean up once per rule (a whole-graph cleanup
+    # per fusion made big graphs quadratic).
+    for dead in m.matched:
+        dead.inputs.clear()
+        dead.outputs.clear()
+        alive.discard(id(dead))

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from llm2trt.core.manifest import Manifest
 from llm2trt.export import convert, sample_tensors
-from llm2trt.manifest import Manifest
 from llm2trt.models import resolve_model
 from llm2trt.optimize import optimize
 

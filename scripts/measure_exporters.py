@@ -15,9 +15,9 @@ import numpy as np
 import onnx
 import torch
 
+from llm2trt.core.numerics import normwise_rel_err, run_ort
 from llm2trt.export import _export_module, sample_tensors, to_torch
 from llm2trt.models import resolve_model
-from llm2trt.numerics import normwise_rel_err, run_ort
 
 
 def export(kind: str, name: str, work: Path) -> tuple[float, int, float, str, str]:

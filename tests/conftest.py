@@ -14,10 +14,16 @@ import pytest
 from click.testing import CliRunner, Result
 
 from llm2trt.cli import cli
+from llm2trt.core.dtypes import DType
+from llm2trt.core.manifest import GraphSpec, Manifest, TensorSpec
 from llm2trt.exporters import all_specs
-from llm2trt.manifest import Manifest, TensorSpec
+from llm2trt.trt import load_backend
 
 TINY = [f"tiny:{spec.name}" for spec in all_specs()]
+# The backend this machine builds with, asked rather than assumed: TensorRT-RTX here and in CI
+# (ahead of time, for its default target), full TensorRT elsewhere (for the local GPU).
+BACKEND = load_backend()
+CC = ["--compute-capability", BACKEND.aot_target] if BACKEND.aot_target else []
 
 
 def run_cli(*args: str | Path) -> Result:
@@ -49,11 +55,11 @@ def graph_artifact(template: Path, out: Path, model: onnx.ModelProto) -> Path:
     onnx.save(model, str(out / "model.onnx"))
 
     def specs(values: Any) -> list[TensorSpec]:
-        return [TensorSpec(v.name, "float32", [d.dim_value for d in v.type.tensor_type.shape.dim]) for v in values]
+        return [TensorSpec(v.name, DType.FP32, [d.dim_value for d in v.type.tensor_type.shape.dim]) for v in values]
 
     inputs, outputs = specs(model.graph.input), specs(model.graph.output)
-    manifest = Manifest.read(template)
-    replace(manifest, inputs=inputs, outputs=outputs, main_output=outputs[0].name, dynamic_dims={}).write(out)
+    graph = GraphSpec("hand-made", inputs, outputs, outputs[0].name, {}, external_data=[])
+    replace(Manifest.read(template), graphs={graph.name: graph}).write(out)
     return out
 
 

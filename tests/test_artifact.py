@@ -9,8 +9,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from llm2trt.artifact import load_onnx, save_onnx, staged_output
-from llm2trt.errors import InputError
+from llm2trt.core.artifact import load_onnx, save_onnx, staged_output
+from llm2trt.core.errors import InputError
 
 
 def _model(n: int = 3) -> onnx.ModelProto:

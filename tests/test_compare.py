@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from llm2trt.compare import compare
-from tests.conftest import run_cli, run_json
+from tests.conftest import CC, run_cli, run_json
 
 
 def _perturb_weight(artifact: Path, tmp_path: Path, name_part: str) -> Path:
@@ -58,7 +58,7 @@ def test_normwise_error_and_tolerances(artifacts: dict[str, Path]) -> None:
 
 def test_compare_an_engine_directory_uses_its_onnx(artifacts: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "engine"
-    assert run_cli("build", artifacts["tiny:llama"], "-o", out, "--compute-capability", "sm89", "-q").exit_code == 0
+    assert run_cli("build", artifacts["tiny:llama"], "-o", out, *CC, "-q").exit_code == 0
     code, data = run_json("compare", out, "-q")
     assert code == 0 and data["passed"]
 

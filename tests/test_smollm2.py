@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llm2trt.manifest import Manifest
+from llm2trt.core.manifest import Manifest
 from tests.conftest import run_json
 
 

@@ -1,4 +1,5 @@
-"""Fusion rules, grouped by the fusion they count toward, and counting fused ops in a graph.
+"""The fusion registry: each fusion is the rules that count toward it; what it leaves in the
+graph (the ops its rules emit), the opset it needs and the counts all derive from the rules.
 
 Targets are standard ONNX ops that both ONNX Runtime and TensorRT's ONNX parser take (README:
 "Fused-op vocabulary"): LayerNormalization (17), Gelu (20), RMSNormalization, RotaryEmbedding and
@@ -8,50 +9,76 @@ Attention (23).
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from llm2trt.errors import InputError
+from llm2trt.core.errors import InputError
+from llm2trt.core.registry import Registry
 from llm2trt.passes.fusions.attention import AttentionRule
 from llm2trt.passes.fusions.gelu import GeluErfRule, GeluTanhRule
 from llm2trt.passes.fusions.norms import LayerNormRule, RMSNormRule
 from llm2trt.passes.fusions.rope import RoPERule
 from llm2trt.passes.pattern import RewriteRule
 
+
+@dataclass(frozen=True)
+class Fusion:
+    """One fusion: its rules, in the order they are tried."""
+
+    name: str
+    rules: tuple[type[RewriteRule], ...]
+
+    def __post_init__(self) -> None:
+        wrong = [r.__name__ for r in self.rules if r.fusion != self.name]
+        if wrong:
+            raise ValueError(f"rules {wrong} do not count toward fusion {self.name!r}")
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """The ops this fusion leaves in the graph (counted whoever made them)."""
+        return tuple(dict.fromkeys(rule.emits for rule in self.rules))
+
+    @property
+    def min_opset(self) -> int:
+        return max(rule.min_opset for rule in self.rules)
+
+
+FUSIONS: Registry[Fusion] = Registry("fusion")
+
+
+def register_fusion(*rules: type[RewriteRule]) -> Fusion:
+    fusion = Fusion(rules[0].fusion, rules)
+    return FUSIONS.register(fusion.name, fusion)
+
+
 # Order matters only for speed and readability of reports: norms and activations first, then
 # RoPE, then attention (whose Q input is the RoPE output).
-FUSIONS: dict[str, tuple[type[RewriteRule], ...]] = {
-    "LayerNorm": (LayerNormRule,),
-    "RMSNorm": (RMSNormRule,),
-    "Gelu": (GeluErfRule, GeluTanhRule),
-    "RoPE": (RoPERule,),
-    "Attention": (AttentionRule,),
-}
-
-# What each fusion leaves in the graph: counted from the graph, whoever made the node.
-FUSED_OPS: dict[str, tuple[str, ...]] = {
-    "LayerNorm": ("LayerNormalization",),
-    "RMSNorm": ("RMSNormalization",),
-    "Gelu": ("Gelu",),
-    "RoPE": ("RotaryEmbedding",),
-    "Attention": ("Attention",),
-}
+register_fusion(LayerNormRule)
+register_fusion(RMSNormRule)
+register_fusion(GeluErfRule, GeluTanhRule)
+register_fusion(RoPERule)
+register_fusion(AttentionRule)
 
 
-def rules_for(skip: tuple[str, ...] | list[str] = ()) -> dict[str, list[RewriteRule]]:
-    unknown = [s for s in skip if s not in FUSIONS]
+def check_fusion_names(names: tuple[str, ...] | list[str], what: str) -> None:
+    unknown = [s for s in names if s not in FUSIONS]
     if unknown:
-        raise InputError(f"unknown fusion {unknown[0]!r} for --skip-fusion; fusions: {', '.join(FUSIONS)}")
-    return {name: [rule() for rule in rules] for name, rules in FUSIONS.items() if name not in skip}
+        raise InputError(f"unknown fusion {unknown[0]!r} for {what}; fusions: {', '.join(FUSIONS)}")
 
 
-def required_opset(fusions: list[str]) -> int:
-    return max((rule.min_opset for name in fusions for rule in FUSIONS[name]), default=1)
+def selected(skip: tuple[str, ...] | list[str] = ()) -> list[Fusion]:
+    check_fusion_names(skip, "--skip-fusion")
+    return [f for f in FUSIONS.entries() if f.name not in skip]
+
+
+def required_opset(fusions: list[Fusion]) -> int:
+    return max((f.min_opset for f in fusions), default=1)
 
 
 def count_fusions(graph: gs.Graph) -> dict[str, int]:
     ops = Counter(n.op for n in graph.nodes if (n.domain or "") in ("", "ai.onnx"))
-    return {name: sum(ops[op] for op in op_types) for name, op_types in FUSED_OPS.items()}
+    return {f.name: sum(ops[op] for op in f.ops) for f in FUSIONS.entries()}
 
 
-__all__ = ["FUSED_OPS", "FUSIONS", "count_fusions", "required_opset", "rules_for"]
+__all__ = ["FUSIONS", "Fusion", "check_fusion_names", "count_fusions", "register_fusion", "required_opset", "selected"]

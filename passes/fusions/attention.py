@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
-from llm2trt.passes.core import Model, onnx_dtype
+from llm2trt.core.dtypes import DType, onnx_elem_type
+from llm2trt.passes.core import Model
 from llm2trt.passes.fusions.common import make_tensor, new_node_name, node_axes, rank_of, static_dim
 from llm2trt.passes.pattern import AnyOf, Const, Match, Op, Pattern, RewriteRule, Var, is_scalar, scalar
 
@@ -47,6 +47,7 @@ def strip_repeat_kv(t: gs.Tensor) -> gs.Tensor:
 class AttentionRule(RewriteRule):
     name = "Attention.matmul_softmax"
     fusion = "Attention"
+    emits = "Attention"
     root: ClassVar[tuple[str, ...]] = ("MatMul",)
     anchor: ClassVar[tuple[str, ...]] = ("Softmax",)
     anchor_depth = 3
@@ -94,11 +95,11 @@ class AttentionRule(RewriteRule):
             mask = m.tensors["mask"]
             if rank_of(mask) not in (2, 3, 4):
                 return f"mask {mask.name!r} has rank {rank_of(mask)}"
-            mask_type, q_type = onnx_dtype(mask.dtype), onnx_dtype(q.dtype)
+            mask_type, q_type = onnx_elem_type(mask.dtype), onnx_elem_type(q.dtype)
             if mask_type is not None and q_type is not None and mask_type != q_type:
                 return f"additive mask dtype {mask.dtype} differs from Q dtype {q.dtype}"
         casts = [n for n in ("cast_in", "cast_out") if n in m.nodes]
-        if casts and (len(casts) != 2 or m.nodes["cast_in"].attrs.get("to") != onnx.TensorProto.FLOAT):
+        if casts and (len(casts) != 2 or m.nodes["cast_in"].attrs.get("to") != DType.FP32.onnx):
             return "softmax is wrapped in casts other than an fp32 round trip"
         if not np.isfinite(self.scale(m)) or self.scale(m) <= 0:
             return f"scale {self.scale(m)} is not a positive number"
@@ -134,11 +135,11 @@ class AttentionRule(RewriteRule):
         inputs = [m.tensors["q"], key, value] + ([m.tensors["mask"]] if "mask" in m.tensors else [])
         attrs: dict[str, object] = {"scale": float(self.scale(m)), "is_causal": 0}
         if "cast_in" in m.nodes:
-            attrs["softmax_precision"] = onnx.TensorProto.FLOAT
+            attrs["softmax_precision"] = DType.FP32.onnx
         nodes.append(
             gs.Node(
-                "Attention",
-                new_node_name(model, m.nodes["softmax"], "Attention"),
+                self.emits,
+                new_node_name(model, m.nodes["softmax"], self.emits),
                 attrs=attrs,
                 inputs=inputs,
                 outputs=[out],

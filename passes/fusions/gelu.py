@@ -28,6 +28,7 @@ def _half_x_times(x: Var, one_plus: Pattern) -> Pattern:
 
 class _GeluRule(RewriteRule):
     fusion = "Gelu"
+    emits = "Gelu"
     root: ClassVar[tuple[str, ...]] = ("Mul",)
     min_opset = 20
     approximate: ClassVar[str]
@@ -36,8 +37,8 @@ class _GeluRule(RewriteRule):
         near = m.matched[-1]
         return [
             gs.Node(
-                "Gelu",
-                new_node_name(model, near, "Gelu"),
+                self.emits,
+                new_node_name(model, near, self.emits),
                 attrs={"approximate": self.approximate},
                 inputs=[m.tensors["x"]],
                 outputs=[out],

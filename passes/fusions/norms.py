@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import onnx
 import onnx_graphsurgeon as gs
 
-from llm2trt.passes.core import Model, onnx_dtype
+from llm2trt.core.dtypes import DType, onnx_elem_type
+from llm2trt.passes.core import Model
 from llm2trt.passes.fusions.common import last_axis_reduction, new_node_name, rank_of
 from llm2trt.passes.pattern import AnyOf, Const, Match, Op, Pattern, RewriteRule, Var, is_scalar, scalar
 
@@ -42,6 +42,7 @@ class LayerNormRule(RewriteRule):
 
     name = "LayerNorm.decomposed"
     fusion = "LayerNorm"
+    emits = "LayerNormalization"
     root: ClassVar[tuple[str, ...]] = ("Add", "Mul")
     anchor: ClassVar[tuple[str, ...]] = ("ReduceMean",)
     min_opset = 17
@@ -67,8 +68,8 @@ class LayerNormRule(RewriteRule):
         eps = scalar(m.const("eps"))
         return [
             gs.Node(
-                "LayerNormalization",
-                new_node_name(model, m.nodes["sub"], "LayerNormalization"),
+                self.emits,
+                new_node_name(model, m.nodes["sub"], self.emits),
                 attrs={"axis": -1, "epsilon": float(eps or 1e-5)},
                 inputs=inputs,
                 outputs=[out],
@@ -85,13 +86,14 @@ class RMSNormRule(RewriteRule):
 
     name = "RMSNorm.llama"
     fusion = "RMSNorm"
+    emits = "RMSNormalization"
     root: ClassVar[tuple[str, ...]] = ("Mul",)
     anchor: ClassVar[tuple[str, ...]] = ("ReduceMean",)
     min_opset = 23
 
     def pattern(self) -> Pattern:
         x = Var("x")
-        x32 = AnyOf([Op("Cast", x, name="upcast", attrs={"to": onnx.TensorProto.FLOAT}), x])
+        x32 = AnyOf([Op("Cast", x, name="upcast", attrs={"to": DType.FP32.onnx}), x])
         square = AnyOf([Op("Pow", x32, Const("two", is_scalar(2.0))), Op("Mul", x32, x32)])
         std = Op("Sqrt", Op("Add", _reduce_mean(square, "mean"), Const("eps", is_scalar())))
         normed = AnyOf(
@@ -109,7 +111,7 @@ class RMSNormRule(RewriteRule):
         reason = _check_reductions(m, ("mean",), x) or _check_affine(m, x, ("weight",))
         if reason:
             return reason
-        x_type, weight_type = onnx_dtype(x.dtype), onnx_dtype(m.tensors["weight"].dtype)
+        x_type, weight_type = onnx_elem_type(x.dtype), onnx_elem_type(m.tensors["weight"].dtype)
         if "downcast" in m.nodes and x_type is not None and m.nodes["downcast"].attrs.get("to") != x_type:
             return "the normalized value is cast to a type other than the input's"
         if x_type is not None and weight_type != x_type:
@@ -121,8 +123,8 @@ class RMSNormRule(RewriteRule):
         anchor = m.nodes["mean"]
         return [
             gs.Node(
-                "RMSNormalization",
-                new_node_name(model, anchor, "RMSNormalization"),
+                self.emits,
+                new_node_name(model, anchor, self.emits),
                 attrs={"axis": -1, "epsilon": float(eps or 1e-6), "stash_type": 1},
                 inputs=[m.tensors["x"], m.tensors["weight"]],
                 outputs=[out],

@@ -57,6 +57,7 @@ def _duplicated_halves(t: gs.Tensor, depth: int = 8) -> gs.Tensor | None:
 class RoPERule(RewriteRule):
     name = "RoPE.rotate_half"
     fusion = "RoPE"
+    emits = "RotaryEmbedding"
     root: ClassVar[tuple[str, ...]] = ("Add",)
     anchor: ClassVar[tuple[str, ...]] = ("Neg",)
     min_opset = 23
@@ -125,8 +126,8 @@ class RoPERule(RewriteRule):
         sin = self._half_table(model, m.tensors["sin"], half)
         return [
             gs.Node(
-                "RotaryEmbedding",
-                new_node_name(model, m.nodes["neg"], "RotaryEmbedding"),
+                self.emits,
+                new_node_name(model, m.nodes["neg"], self.emits),
                 attrs={"interleaved": 0},
                 inputs=[x, cos, sin],
                 outputs=[out],

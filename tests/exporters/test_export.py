@@ -11,9 +11,11 @@ import pytest
 import torch
 import transformers
 
+from llm2trt.core.dtypes import DType
+from llm2trt.core.kv import KVLayout, past_name, present_name
+from llm2trt.core.manifest import Manifest
 from llm2trt.exporters import all_specs, spec_for_model_type
-from llm2trt.kv import KVLayout, past_name, present_name
-from llm2trt.manifest import Manifest
+from llm2trt.models import spec_and_config
 from tests.conftest import TINY, run_cli, run_json
 
 # Main output of each built-in tiny model, and the fp32 bound the issue sets.
@@ -75,7 +77,7 @@ def test_decoder_manifest_is_ready_for_kv_cache(artifacts: dict[str, Path]) -> N
     manifest = Manifest.read(artifacts["tiny:llama"])
     assert [t.name for t in manifest.inputs] == ["input_ids", "attention_mask", "position_ids"]
     assert manifest.kv_cache is None  # the logits graph; the KV graph comes with the decode exporter
-    layout = spec_for_model_type("llama").kv_layout(manifest.spec_and_config()[1])
+    layout = spec_for_model_type("llama").kv_layout(spec_and_config(manifest)[1])
     assert layout == KVLayout(num_layers=2, num_kv_heads=2, head_dim=16)
     assert layout.past_names[:2] == ["past_key_values.0.key", "past_key_values.0.value"]
     assert layout.present_names[-1] == "present.1.value" == present_name(1, "value")
@@ -133,13 +135,13 @@ def test_fp16_export_is_typed_fp16(tmp_path: Path) -> None:
     assert proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     weights = [t for t in proto.graph.initializer if len(t.dims) == 2]
     assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
-    assert Manifest.read(out).dtype == "fp16"
+    assert Manifest.read(out).dtype is DType.FP16
 
 
 def test_sample_inputs_pad_the_last_row() -> None:
     for spec in all_specs():
         config = spec.make_tiny_config()
-        feeds = spec.sample_inputs(config, 2, 8)
+        feeds = spec.sample_inputs(config, spec.graph_spec(config, DType.FP32), 2, 8)
         if "attention_mask" in feeds:
             mask = feeds["attention_mask"]
             assert mask[0].all() and not mask[-1].all() and mask[-1, 0] == 1

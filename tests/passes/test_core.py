@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from llm2trt.numerics import normwise_rel_err, run_ort
+from llm2trt.core.numerics import normwise_rel_err, run_ort
 from llm2trt.passes.cleanup import ConstantFolding, DeadNodeElimination, IdentityElimination, ShapeInference
 from llm2trt.passes.core import GraphPass, Model, PassCheckError, PassManager, PassResult
 

@@ -12,9 +12,9 @@ import onnx
 import pytest
 from onnx import helper
 
-from llm2trt.manifest import Manifest
+from llm2trt.core.manifest import Manifest
 from llm2trt.passes.core import RULE_KEY
-from tests.conftest import TINY, assert_clean_failure, run_cli, run_json
+from tests.conftest import CC, TINY, assert_clean_failure, run_cli, run_json
 
 L = 2  # layers of every tiny spec
 EXPECTED = {
@@ -91,11 +91,9 @@ def test_fused_graph_numerics(name: str, impl: str, optimized: dict[tuple[str, s
 def test_fused_graph_builds_with_fewer_layers(
     name: str, optimized: dict[tuple[str, str], Path], artifacts: dict[str, Path], tmp_path: Path
 ) -> None:
-    code, fused = run_json(
-        "build", optimized[(name, "sdpa")], "-o", tmp_path / "fused", "--compute-capability", "sm89", "-q"
-    )
+    code, fused = run_json("build", optimized[(name, "sdpa")], "-o", tmp_path / "fused", *CC, "-q")
     assert code == 0, fused
-    code, plain = run_json("build", artifacts[name], "-o", tmp_path / "plain", "--compute-capability", "sm89", "-q")
+    code, plain = run_json("build", artifacts[name], "-o", tmp_path / "plain", *CC, "-q")
     assert code == 0, plain
     assert fused["network_layers"] < plain["network_layers"]
     assert fused["attention_ops"] == L and plain["attention_ops"] == 0
@@ -173,10 +171,10 @@ def test_smollm2_exact_counts_numerics_and_build(smollm2_artifact: Path, tmp_pat
     code, result = run_json("compare", tmp_path / "opt", "-q")  # vs transformers
     assert code == 0 and result["main_max_rel_err"] <= 1e-4
     # Every one of the 30 attentions must build (fp32: each marked decomposable).
-    code, fused = run_json("build", tmp_path / "opt", "-o", tmp_path / "engine", "--compute-capability", "sm89", "-q")
+    code, fused = run_json("build", tmp_path / "opt", "-o", tmp_path / "engine", *CC, "-q")
     assert code == 0, fused
     assert fused["attention_ops"] == layers
-    code, plain = run_json("build", smollm2_artifact, "-o", tmp_path / "plain", "--compute-capability", "sm89", "-q")
+    code, plain = run_json("build", smollm2_artifact, "-o", tmp_path / "plain", *CC, "-q")
     assert code == 0, plain
     assert fused["network_layers"] < plain["network_layers"] / 2
 
@@ -191,7 +189,7 @@ def test_bf16_fuses_and_builds(name: str, tmp_path: Path) -> None:
     # ONNX Runtime's CPU provider has no bf16 kernels: the check says so instead of passing silently.
     assert report["numeric_check"]["checked"] is False
     assert "NOT_IMPLEMENTED" in report["numeric_check"]["reason"]
-    code, info = run_json("build", tmp_path / "opt", "-o", tmp_path / "engine", "--compute-capability", "sm89", "-q")
+    code, info = run_json("build", tmp_path / "opt", "-o", tmp_path / "engine", *CC, "-q")
     assert code == 0, info
     assert info["precision"] == "bf16" and info["attention_ops"] == L
     result = run_cli("compare", tmp_path / "opt")

@@ -11,9 +11,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from llm2trt.numerics import normwise_rel_err, run_ort
-from llm2trt.passes.core import RULE_KEY, Model, check_graph
-from llm2trt.passes.fusions import rules_for
+from llm2trt.core.numerics import normwise_rel_err, run_ort
+from llm2trt.passes.core import RULE_KEY, Model, PassResult, check_graph
+from llm2trt.passes.fusions import FUSIONS
 from llm2trt.passes.pattern import RewritePass
 
 RNG = np.random.default_rng(0)
@@ -54,15 +54,15 @@ class G:
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
 
 
-def fuse(proto: onnx.ModelProto, fusion: str) -> tuple[Model, RewritePass]:
+def fuse(proto: onnx.ModelProto, fusion: str) -> tuple[Model, PassResult]:
     model = Model.from_onnx(proto)
     from llm2trt.passes.cleanup import infer_shapes
 
     infer_shapes(model)
-    rewrite = RewritePass(f"fuse_{fusion.lower()}", rules_for()[fusion])
-    rewrite.run(model)
+    rewrite = RewritePass(f"fuse_{fusion.lower()}", [rule() for rule in FUSIONS.get(fusion).rules])
+    result = rewrite.run(model)
     check_graph(model)
-    return model, rewrite
+    return model, result
 
 
 def ops(model: Model) -> list[str]:

@@ -12,13 +12,14 @@ import logging
 import os
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import onnx
 
-from llm2trt.errors import InputError
-from llm2trt.manifest import DATA_NAME, MANIFEST_NAME, MODEL_NAME
+from llm2trt.core.errors import InputError
+from llm2trt.core.manifest import DATA_NAME, MANIFEST_NAME, MODEL_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -28,12 +29,21 @@ EXTERNAL_THRESHOLD = 1024
 _ALIGN = 4096  # page alignment lets runtimes memory-map the weights
 
 
+def _within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
 def check_output(out: Path, force: bool, reads: Iterable[Path] = ()) -> Path:
     """Fail early (before any slow work) when `out` cannot be written or would lose data."""
     out = Path(os.path.abspath(out))
-    for src in reads:
-        if Path(os.path.abspath(src)) == out:
+    for read in reads:
+        src = Path(os.path.abspath(read))
+        if src == out:
             raise InputError(f"output {out} is the input; write to another directory")
+        if _within(out, src):
+            raise InputError(f"output {out} is inside the input {src}; write outside it")
+        if _within(src, out):
+            raise InputError(f"output {out} contains the input {src}; replacing it would delete the input")
     if out.exists():
         if not out.is_dir():
             raise InputError(f"output path {out} exists and is a file")
@@ -55,13 +65,22 @@ def check_output(out: Path, force: bool, reads: Iterable[Path] = ()) -> Path:
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
-def staged_output(out: Path, force: bool) -> Iterator[Path]:
-    """Yield a fresh temporary directory; on success it replaces `out`, on failure it vanishes."""
-    out = check_output(out, force)
+def staged_output(out: Path, force: bool, reads: Iterable[Path] = ()) -> Iterator[Path]:
+    """Yield a fresh temporary directory; on success it replaces `out`, on failure (an exception,
+    Ctrl-C, SIGTERM) it vanishes."""
+    out = check_output(out, force, reads)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        # mkdtemp makes 0700; the artifact gets what any directory the user makes would get.
+        stage.chmod(0o777 & ~_umask())
     except OSError as exc:
         raise InputError(f"output directory {out} is not writable ({exc.strerror or exc})") from None
     try:
@@ -169,9 +188,10 @@ def sha256_files(paths: Iterable[Path], root: Path | None = None) -> str:
     return digest.hexdigest()
 
 
-def check_artifact_files(directory: Path) -> Path:
-    """The artifact's model.onnx, after checking the files the manifest expects are there."""
-    model = directory / MODEL_NAME
-    if not model.is_file():
-        raise InputError(f"artifact {directory} has no {MODEL_NAME}")
-    return model
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Nodes per op type (`domain.Op` outside the default domain), sorted by name."""
+    counts = Counter(
+        (node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}")
+        for node in model.graph.node
+    )
+    return dict(sorted(counts.items()))

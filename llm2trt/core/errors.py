@@ -23,3 +23,11 @@ class CheckFailed(Llm2TrtError):
     """A check ran and did not pass: a comparison beyond tolerance, a missing fusion."""
 
     exit_code = 1
+
+
+class Terminated(BaseException):
+    """The process was asked to stop (SIGTERM): raised like Ctrl-C so cleanup runs on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm2trt.errors import BackendError
+from llm2trt.core.errors import BackendError
 
 
 def normwise_rel_err(value: np.ndarray, reference: np.ndarray) -> float:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+
+from llm2trt.core.records import Record
 
 KVKind = Literal["key", "value"]
 KV_KINDS: tuple[KVKind, KVKind] = ("key", "value")
@@ -25,7 +27,7 @@ def present_name(layer: int, kind: KVKind) -> str:
 
 
 @dataclass(frozen=True)
-class KVLayout:
+class KVLayout(Record):
     """Shape of a decoder's KV cache; `layout` names the axis order of each cache tensor."""
 
     num_layers: int
@@ -47,21 +49,6 @@ class KVLayout:
             raise ValueError(f"unknown KV layout {self.layout!r}")
         return ["batch", self.num_kv_heads, sequence_dim, self.head_dim]
 
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "num_layers": self.num_layers,
-            "num_kv_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "layout": self.layout,
-            "past_names": self.past_names,
-            "present_names": self.present_names,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, object]) -> KVLayout:
-        return cls(
-            num_layers=int(data["num_layers"]),  # type: ignore[call-overload]
-            num_kv_heads=int(data["num_kv_heads"]),  # type: ignore[call-overload]
-            head_dim=int(data["head_dim"]),  # type: ignore[call-overload]
-            layout=str(data.get("layout", "BHSD")),
-        )
+    def to_dict(self) -> dict[str, Any]:
+        # The names are derived, written for readers that do not know the naming rule.
+        return {**super().to_dict(), "past_names": self.past_names, "present_names": self.present_names}

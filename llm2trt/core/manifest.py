@@ -1,0 +1,243 @@
+"""The artifact manifest: what every stage writes and every later stage reads instead of guessing.
+
+An artifact holds one or more graphs (`GraphSpec`: the variants an exporter spec declares, later
+per-rank graphs), each with its I/O, dim ranges, KV layout and files. Every path in a manifest is
+relative to the directory holding it, so artifacts move. Reading a manifest imports no exporter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from llm2trt import __version__
+from llm2trt.core.dtypes import DType
+from llm2trt.core.errors import InputError
+from llm2trt.core.kv import KVLayout
+from llm2trt.core.records import Record, RecordError
+
+MANIFEST_NAME = "manifest.json"
+MODEL_NAME = "model.onnx"
+DATA_NAME = "model.onnx.data"
+REPORT_NAME = "report.json"
+ENGINE_NAME = "model.engine"
+BUILD_NAME = "build.json"
+
+Dim = int | str
+
+
+@dataclass(frozen=True)
+class TensorSpec(Record):
+    """One graph input or output; symbolic dims are strings shared across tensors."""
+
+    name: str
+    dtype: DType
+    shape: list[Dim]
+
+    def symbolic_dims(self) -> list[str]:
+        return [d for d in self.shape if isinstance(d, str)]
+
+
+@dataclass(frozen=True)
+class DimRange(Record):
+    """Range of one symbolic dim: what TensorRT optimization profiles are made from."""
+
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise InputError(f"invalid dim range {self.min}:{self.opt}:{self.max} (need 1 <= min <= opt <= max)")
+
+    def __str__(self) -> str:
+        return f"{self.min}:{self.opt}:{self.max}"
+
+
+@dataclass(frozen=True)
+class SourceInfo(Record):
+    """Where the model came from, with a content hash so later stages can tell it changed."""
+
+    kind: str  # tiny | hf | gguf
+    location: str  # the tiny spec name, or an absolute path (the model, not part of the artifact)
+    sha256: str
+
+
+@dataclass(frozen=True)
+class PassRecord(Record):
+    """What one pass did: counts per rule (or per thing removed/folded), and whether it changed the graph."""
+
+    name: str
+    modified: bool
+    counts: dict[str, int]
+    seconds: float
+    stage: str = "optimize"
+
+
+@dataclass(frozen=True)
+class GraphSpec(Record):
+    """One graph of an artifact: a variant its exporter spec declares (or a rank's graph)."""
+
+    name: str  # the variant: logits, encoder, ...
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    main_output: str
+    dims: dict[str, DimRange]  # ranges of the symbolic dims (what optimization profiles span)
+    kv_cache: KVLayout | None = None
+    onnx: str = MODEL_NAME  # relative to the manifest's directory
+    external_data: list[str] = field(default_factory=lambda: [DATA_NAME])
+    engine: str | None = None
+    onnx_sha256: str | None = None  # of the ONNX file an engine was built from
+    op_counts: dict[str, int] = field(default_factory=dict)
+    fusions: dict[str, int] = field(default_factory=dict)
+    expected_fusions: dict[str, int] = field(default_factory=dict)
+
+    def symbolic_dims(self) -> set[str]:
+        """The dynamic dims of the graph inputs (what optimization profiles range over)."""
+        return {d for t in self.inputs for d in t.symbolic_dims()}
+
+    def input(self, name: str) -> TensorSpec:
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class Manifest(Record):
+    architecture: str  # the exporter spec's name: gpt2, llama, bert, vit
+    model_type: str  # the config's model_type: llama, mistral, qwen2, ...
+    model_class: str  # the transformers class exported, e.g. LlamaForCausalLM
+    task: str
+    dtype: DType
+    opset: int
+    source: SourceInfo
+    graphs: dict[str, GraphSpec]  # in order; the first is the default
+    attn_implementation: str = "sdpa"
+    exporter: str = "torchscript"
+    passes: list[PassRecord] = field(default_factory=list)
+    # The transformers config as a dict: later stages make sample inputs from it without the weights.
+    model_config: dict[str, Any] = field(default_factory=dict)
+    llm2trt_version: str = __version__
+
+    def __post_init__(self) -> None:
+        if not self.graphs:
+            raise InputError("manifest lists no graphs")
+
+    # -- the default graph, which SPEC.md's top-level keys describe ----------------------------
+
+    def graph(self, name: str | None = None) -> GraphSpec:
+        if name is None:
+            return next(iter(self.graphs.values()))
+        if name not in self.graphs:
+            raise InputError(f"artifact has no graph {name!r}; it holds {', '.join(self.graphs)}")
+        return self.graphs[name]
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return self.graph().inputs
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return self.graph().outputs
+
+    @property
+    def main_output(self) -> str:
+        return self.graph().main_output
+
+    @property
+    def dynamic_dims(self) -> dict[str, DimRange]:
+        return self.graph().dims
+
+    @property
+    def kv_cache(self) -> KVLayout | None:
+        return self.graph().kv_cache
+
+    @property
+    def fusions(self) -> dict[str, int]:
+        return self.graph().fusions
+
+    @property
+    def expected_fusions(self) -> dict[str, int]:
+        return self.graph().expected_fusions
+
+    @property
+    def op_counts(self) -> dict[str, int]:
+        return self.graph().op_counts
+
+    def symbolic_dims(self) -> set[str]:
+        return self.graph().symbolic_dims()
+
+    def with_graph(self, graph: GraphSpec) -> Manifest:
+        """A copy with `graph` replacing the graph of the same name (or added last)."""
+        return replace(self, graphs={**self.graphs, graph.name: graph}, llm2trt_version=__version__)
+
+    def with_passes(self, records: list[PassRecord]) -> Manifest:
+        return replace(self, passes=[*self.passes, *records], llm2trt_version=__version__)
+
+    def moved(self, frm: Path, to: Path) -> Manifest:
+        """This manifest as written in directory `to` while its files stay in `frm`: each graph's
+        paths re-expressed relative to `to` (an engine directory pointing at its ONNX)."""
+        graphs = {}
+        for name, g in self.graphs.items():
+            rel = [os.path.relpath(frm / p, to) for p in (g.onnx, *g.external_data)]
+            graphs[name] = replace(g, onnx=rel[0], external_data=rel[1:])
+        return replace(self, graphs=graphs)
+
+    # -- files ------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        default = self.graph()
+        # SPEC.md's top-level keys: the default graph's I/O and cache, for readers of one graph.
+        data.update(
+            inputs=[t.to_dict() for t in default.inputs],
+            outputs=[t.to_dict() for t in default.outputs],
+            kv_cache=default.kv_cache.to_dict() if default.kv_cache else None,
+        )
+        return data
+
+    def write(self, directory: Path) -> None:
+        (directory / MANIFEST_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def read(cls, directory: Path) -> Manifest:
+        path = directory / MANIFEST_NAME
+        if not directory.exists():
+            raise InputError(f"artifact directory does not exist: {directory}")
+        if not directory.is_dir():
+            raise InputError(f"not an llm2trt artifact directory: {directory} is a file")
+        if not path.is_file():
+            raise InputError(f"not an llm2trt artifact: {path} is missing (make one with `llm2trt convert`)")
+        try:
+            data = json.loads(path.read_text())
+            if isinstance(data, dict) and "graphs" not in data and "inputs" in data:
+                raise InputError(
+                    f"{path} was written by llm2trt {data.get('llm2trt_version', '?')}, before artifacts held "
+                    "several graphs: convert the model again"
+                )
+            return cls.from_dict(data)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"cannot read {path}: {exc}") from None
+        except RecordError as exc:
+            raise InputError(f"manifest {path} is malformed ({exc})") from None
+
+    def onnx_path(self, directory: Path, graph: str | None = None) -> Path:
+        """The ONNX file of a graph, resolved against the manifest's directory and checked."""
+        spec = self.graph(graph)
+        path = Path(os.path.normpath(directory / spec.onnx))
+        if not path.is_file():
+            where = f"{spec.onnx} (relative to {directory})" if spec.onnx != path.name else str(path)
+            raise InputError(
+                f"the ONNX file of graph {spec.name!r} is missing: {where}"
+                + ("; an engine directory finds its ONNX by relative path: move them together" if spec.engine else "")
+            )
+        if spec.onnx_sha256 is not None:
+            from llm2trt.core.artifact import sha256_files
+
+            if sha256_files([path]) != spec.onnx_sha256:
+                raise InputError(f"{path} changed since the engine in {directory} was built from it")
+        return path

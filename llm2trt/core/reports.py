@@ -1,0 +1,143 @@
+"""Reports the stages write into artifacts and print: optimize's report.json, build's build.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llm2trt.core.manifest import DimRange, PassRecord
+from llm2trt.core.records import Record
+
+
+@dataclass(frozen=True)
+class Refusal(Record):
+    """A candidate a rewrite rule did not fuse, and why."""
+
+    rule: str
+    node: str
+    module: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class NumericCheck(Record):
+    """The optimized graph against its input graph, both in ONNX Runtime, on the same inputs."""
+
+    checked: bool
+    reason: str | None = None  # why it was not checked
+    tolerance: float | None = None
+    max_rel_err: dict[str, float] = field(default_factory=dict)
+    passed: bool | None = None
+    batch: int | None = None
+    sequence: int | None = None
+
+    def worst(self) -> tuple[str, float]:
+        return max(self.max_rel_err.items(), key=lambda kv: kv[1])
+
+    def render(self) -> str:
+        if not self.checked:
+            return f"numeric check: not run ({self.reason})"
+        return f"numeric check: max relative error {self.worst()[1]:.2e} (tolerance {self.tolerance:.0e})"
+
+
+def fusion_summary(found: dict[str, int], expected: dict[str, int]) -> str:
+    """'Attention 2/2, RMSNorm 5/5' for expected fusions, 'Gelu 1' for the others found."""
+    shown = [
+        f"{name} {count}/{expected[name]}" if name in expected else f"{name} {count}"
+        for name, count in found.items()
+        if count or name in expected
+    ]
+    return ", ".join(shown) or "none"
+
+
+@dataclass(frozen=True)
+class OptimizeReport(Record):
+    """What `optimize` did: report.json, and the body of its terminal output."""
+
+    fusions: dict[str, int]
+    expected: dict[str, int]
+    skipped: list[str]
+    missing: list[str]
+    rules: dict[str, int]
+    refusals: list[Refusal]
+    passes: list[PassRecord]
+    nodes_before: int
+    nodes_after: int
+    opset: int
+    numeric_check: NumericCheck = field(default_factory=lambda: NumericCheck(False, "not run yet"))
+
+    def render(self) -> str:
+        lines = [f"{self.nodes_before} -> {self.nodes_after} nodes, opset {self.opset}"]
+        for p in self.passes:
+            counts = ", ".join(f"{k}={v}" for k, v in p.counts.items())
+            lines.append(f"  {p.name:<24} {counts}")
+        lines.append(f"  fusions found/expected: {fusion_summary(self.fusions, self.expected)}")
+        lines += [f"  MISSING {line}" for line in self.missing]
+        lines.append(f"  {self.numeric_check.render()}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ShapeRange(Record):
+    """min/opt/max shapes of one input in one optimization profile."""
+
+    min: list[int]
+    opt: list[int]
+    max: list[int]
+
+
+Profile = dict[str, ShapeRange]  # input name -> its shapes
+
+
+@dataclass(frozen=True)
+class TimingCacheInfo(Record):
+    path: str
+    bytes_before: int
+    bytes_after: int = 0
+    hit: bool = False
+
+
+@dataclass(frozen=True)
+class PluginStatus(Record):
+    """What a build did with one registered plugin."""
+
+    name: str
+    domain: str
+    version: int
+    status: str  # registered | inlined
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class BuildInfo(Record):
+    """build.json: how an engine was built."""
+
+    backend: str  # tensorrt | tensorrt_rtx
+    backend_version: str
+    precision: str
+    strongly_typed: bool
+    compute_capability: str  # or "current-gpu"
+    dims: dict[str, DimRange]
+    optimization_profiles: list[Profile]
+    plugins: list[PluginStatus]
+    timing_cache: TimingCacheInfo | None
+    strip_weights: bool
+    parse_seconds: float
+    build_seconds: float
+    total_seconds: float
+    engine_bytes: int
+    network_layers: int
+    attention_ops: int
+    engine: str  # relative to the engine directory
+    onnx: str  # the ONNX it was built from, relative to the engine directory
+    fusions: dict[str, int]
+    layer_types: dict[str, int] = field(default_factory=dict)
+
+    def render(self) -> str:
+        text = (
+            f"built {self.engine} with {self.backend} {self.backend_version} for {self.compute_capability}: "
+            f"{self.network_layers} layers, {self.engine_bytes / 1e6:.1f} MB in {self.build_seconds:.1f} s"
+        )
+        inlined = [p.name for p in self.plugins if p.status != "registered"]
+        if inlined:
+            text += f"\n  plugins inlined from their reference bodies: {', '.join(inlined)}"
+        return text

@@ -1,0 +1,71 @@
+"""The one place the optimize pipeline is assembled: registered entries, ordered, built from options.
+
+An entry turns `PipelineOptions` into the passes it contributes (none when the options turn it
+off). Options carry per-entry configuration (`settings`) and data a pass needs (`data`, e.g.
+calibration samples), so a pass receives them through its constructor rather than globals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from llm2trt.core.registry import Registry
+from llm2trt.passes.cleanup import ShapeInference, cleanup_passes
+from llm2trt.passes.core import GraphPass, PassManager
+from llm2trt.passes.fusions import required_opset, selected
+from llm2trt.passes.opset import OpsetUpgrade
+from llm2trt.passes.pattern import RewritePass
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """What decides which passes run and how."""
+
+    skip_fusions: tuple[str, ...] = ()
+    # Configuration by entry name, e.g. {"opset_upgrade": {"target": 24}}.
+    settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Data passes need, by key (calibration samples, ...).
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+    def setting(self, entry: str, key: str, default: Any = None) -> Any:
+        return self.settings.get(entry, {}).get(key, default)
+
+
+@dataclass(frozen=True)
+class PipelineEntry:
+    """A step of the pipeline: where it goes (`order`) and the passes it makes from the options."""
+
+    name: str
+    order: int
+    make: Callable[[PipelineOptions], Sequence[GraphPass]]
+
+
+PIPELINE: Registry[PipelineEntry] = Registry("pipeline entry")
+
+
+def register_entry(name: str, order: int, make: Callable[[PipelineOptions], Sequence[GraphPass]]) -> PipelineEntry:
+    return PIPELINE.register(name, PipelineEntry(name, order, make))
+
+
+def _opset(options: PipelineOptions) -> list[GraphPass]:
+    fusions = selected(options.skip_fusions)
+    target = options.setting("opset_upgrade", "target", required_opset(fusions) if fusions else None)
+    return [OpsetUpgrade(int(target))] if target else []
+
+
+def _fusions(options: PipelineOptions) -> list[GraphPass]:
+    return [RewritePass(f"fuse_{f.name.lower()}", [rule() for rule in f.rules]) for f in selected(options.skip_fusions)]
+
+
+register_entry("cleanup", 100, lambda options: cleanup_passes())
+register_entry("opset_upgrade", 200, _opset)
+register_entry("fusions", 300, _fusions)
+register_entry("shape_inference", 900, lambda options: [ShapeInference()])
+
+
+def assemble(options: PipelineOptions) -> PassManager:
+    """The pass manager for these options: every registered entry's passes, in entry order."""
+    entries = sorted(PIPELINE.entries(), key=lambda e: e.order)
+    return PassManager([p for entry in entries for p in entry.make(options)])
