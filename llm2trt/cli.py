@@ -143,7 +143,7 @@ def cli() -> None:
 @click.option(
     "--dtype",
     type=click.Choice(DType.float_choices()),
-    default="fp32",
+    default=DType.FP32.value,
     show_default=True,
     help="Weights and activations dtype of the exported graph (engines are strongly typed).",
 )

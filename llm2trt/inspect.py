@@ -15,10 +15,12 @@ from llm2trt.core.manifest import BUILD_NAME, REPORT_NAME, Manifest
 from llm2trt.core.records import Record, RecordError
 from llm2trt.core.reports import BuildInfo, OptimizeReport, fusion_summary
 
-# What a user taking the ONNX to Polygraphy or trtexec must know (README: "Building elsewhere").
+# What a user taking the ONNX to Polygraphy or trtexec must know (README: "Building with
+# Polygraphy or trtexec"); measured with TensorRT-RTX 1.7 and Polygraphy 0.53.
 _ATTENTION_HINT = (
-    "fp32 Attention needs marking decomposable in TensorRT-RTX 1.7 (llm2trt build does it); "
-    "`polygraphy convert` / trtexec fail on it with 'not supported by a dedicated kernel'"
+    "fp32 Attention builds in TensorRT-RTX 1.7 only when marked decomposable ('not supported by a dedicated "
+    "kernel' otherwise); `llm2trt build` marks it; with `polygraphy convert` add --trt-network-postprocess-script "
+    '"$(python -m llm2trt.trt_worker --hook)"; trtexec has no such switch (untested here): use --dtype fp16'
 )
 
 

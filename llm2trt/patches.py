@@ -7,6 +7,8 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+from llm2trt.core.dtypes import DType
+
 
 @contextlib.contextmanager
 def sdpa_for_export() -> Iterator[None]:
@@ -37,7 +39,7 @@ def sdpa_for_export() -> Iterator[None]:
             lowest = torch.finfo(query.dtype).min
             attn_mask = torch.zeros((), dtype=query.dtype).masked_fill(~attn_mask, lowest)
         scale = kwargs.get("scale")
-        if query.dtype == torch.bfloat16 and scale is not None:
+        if DType.find(query.dtype) is DType.BF16 and scale is not None:
             query = query * (float(scale) * math.sqrt(query.shape[-1]))
             kwargs["scale"] = None
         return original(query, key, value, attn_mask, *args, **kwargs)  # type: ignore[no-any-return]

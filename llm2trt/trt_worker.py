@@ -47,6 +47,8 @@ class BuildRequest(Record):
     strip_weights: bool = False
     timing_cache: str | None = None
     plugins: list[PluginRef] = field(default_factory=list)
+    # Let TensorRT decompose attention it has no fused kernel for (what `llm2trt build` does).
+    decomposable_attention: bool = True
     verbosity: int = 0
 
 
@@ -158,6 +160,18 @@ def allow_attention_decomposition(trt: Any, network: Any) -> int:
     return sum(1 for i in range(network.num_layers) if network.get_layer(i).type == trt.LayerType.ATTENTION_OUTPUT)
 
 
+def mark_attention_decomposable(network: Any) -> None:
+    """The same step as a Polygraphy network post-processing hook, for users building an llm2trt
+    graph with Polygraphy themselves (README: "Building with Polygraphy or trtexec"):
+
+        polygraphy convert model.onnx --convert-to trt -o model.engine \\
+            --trt-network-postprocess-script "$(python -m llm2trt.trt_worker --hook)"
+    """
+    from polygraphy.mod.trt_importer import lazy_import_trt
+
+    allow_attention_decomposition(lazy_import_trt(), network)
+
+
 def _parse(request: BuildRequest, backend: Backend, errors: _Errors) -> tuple[Any, int, dict[str, int]]:
     from polygraphy.backend.trt import NetworkFromOnnxPath, PostprocessNetwork
     from polygraphy.exception import PolygraphyException
@@ -166,7 +180,11 @@ def _parse(request: BuildRequest, backend: Backend, errors: _Errors) -> tuple[An
     counted: list[int] = []
 
     def mark(network: Any) -> None:
-        counted.append(allow_attention_decomposition(trt, network))
+        if request.decomposable_attention:
+            counted.append(allow_attention_decomposition(trt, network))
+        else:
+            types = [network.get_layer(i).type for i in range(network.num_layers)]
+            counted.append(types.count(trt.LayerType.ATTENTION_OUTPUT))
 
     # TensorRT-RTX networks are always strongly typed; full TensorRT is asked to be.
     loader = PostprocessNetwork(NetworkFromOnnxPath(request.onnx, strongly_typed=not backend.is_rtx), mark)
@@ -272,6 +290,9 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv == ["--hook"]:  # where Polygraphy finds mark_attention_decomposable
+        sys.stdout.write(f"{__file__}:{mark_attention_decomposable.__name__}\n")
+        return 0
     _die_with_parent()
     request = BuildRequest.read(Path(argv[0]))
     # Polygraphy reads this at import: it must be set before the first polygraphy import.

@@ -161,7 +161,30 @@ GraphCheck = Callable[[Model], None]
 def check_graph(model: Model) -> None:
     """Structural invariants every pass must keep: cheap enough to run after each pass."""
     graph = model.graph
+    _check_single_producers(graph)
+    try:
+        graph.toposort(recurse_subgraphs=False, recurse_functions=False)
+    except Exception as exc:  # onnx-graphsurgeon raises a bare Exception on cycles
+        raise PassCheckError(f"the graph has a cycle: {exc}") from None
+    functions = {(f.domain, f.name) for f in graph.functions}
     produced: set[str] = {t.name for t in graph.inputs}
+    for node in graph.nodes:
+        missing = [t.name for t in node.inputs if not _available(t, produced)]
+        if missing:
+            raise PassCheckError(
+                f"node {node.name!r} ({node.op}) reads {missing[0]!r}, which nothing produces before it"
+            )
+        produced.update(out.name for out in node.outputs)
+        domain = node.domain or ""
+        standard = domain in ("", "ai.onnx") and (domain, node.op) not in functions
+        if standard and not onnx.defs.has(node.op, model.opset):
+            raise PassCheckError(f"node {node.name!r}: {node.op} is not an ONNX op at opset {model.opset}")
+    for out in graph.outputs:
+        if not _available(out, produced):
+            raise PassCheckError(f"graph output {out.name!r} is not produced")
+
+
+def _check_single_producers(graph: gs.Graph) -> None:
     producers: dict[str, str] = {}
     for node in graph.nodes:
         for out in node.outputs:
@@ -170,25 +193,10 @@ def check_graph(model: Model) -> None:
                     f"tensor {out.name!r} is produced by both {producers[out.name]!r} and {node.name!r}"
                 )
             producers[out.name] = node.name
-    try:
-        graph.toposort(recurse_subgraphs=False, recurse_functions=False)
-    except Exception as exc:  # onnx-graphsurgeon raises a bare Exception on cycles
-        raise PassCheckError(f"the graph has a cycle: {exc}") from None
-    functions = {(f.domain, f.name) for f in graph.functions}
-    for node in graph.nodes:
-        for inp in node.inputs:
-            if isinstance(inp, gs.Constant) or inp.is_empty() or inp.name in produced:
-                continue
-            raise PassCheckError(f"node {node.name!r} ({node.op}) reads {inp.name!r}, which nothing produces before it")
-        produced.update(out.name for out in node.outputs)
-        domain = node.domain or ""
-        if (domain, node.op) in functions:
-            continue
-        if domain in ("", "ai.onnx") and not onnx.defs.has(node.op, model.opset):
-            raise PassCheckError(f"node {node.name!r}: {node.op} is not an ONNX op at opset {model.opset}")
-    for out in graph.outputs:
-        if out.name not in produced and not isinstance(out, gs.Constant):
-            raise PassCheckError(f"graph output {out.name!r} is not produced")
+
+
+def _available(tensor: gs.Tensor, produced: set[str]) -> bool:
+    return isinstance(tensor, gs.Constant) or tensor.is_empty() or tensor.name in produced
 
 
 @dataclass

@@ -37,13 +37,7 @@ def check_output(out: Path, force: bool, reads: Iterable[Path] = ()) -> Path:
     """Fail early (before any slow work) when `out` cannot be written or would lose data."""
     out = Path(os.path.abspath(out))
     for read in reads:
-        src = Path(os.path.abspath(read))
-        if src == out:
-            raise InputError(f"output {out} is the input; write to another directory")
-        if _within(out, src):
-            raise InputError(f"output {out} is inside the input {src}; write outside it")
-        if _within(src, out):
-            raise InputError(f"output {out} contains the input {src}; replacing it would delete the input")
+        _check_apart(out, Path(os.path.abspath(read)))
     if out.exists():
         if not out.is_dir():
             raise InputError(f"output path {out} exists and is a file")
@@ -52,8 +46,22 @@ def check_output(out: Path, force: bool, reads: Iterable[Path] = ()) -> Path:
             raise InputError(f"output directory {out} exists and is not empty; pass --force to replace it")
         if entries and not (out / MANIFEST_NAME).is_file():
             raise InputError(f"refusing to replace {out}: it is not an llm2trt artifact (no {MANIFEST_NAME})")
-    parent = out.parent
-    existing = parent
+    _probe_writable(out)
+    return out
+
+
+def _check_apart(out: Path, src: Path) -> None:
+    """The output may be neither the input, nor inside it, nor around it (replacing it would delete it)."""
+    if src == out:
+        raise InputError(f"output {out} is the input; write to another directory")
+    if _within(out, src):
+        raise InputError(f"output {out} is inside the input {src}; write outside it")
+    if _within(src, out):
+        raise InputError(f"output {out} contains the input {src}; replacing it would delete the input")
+
+
+def _probe_writable(out: Path) -> None:
+    existing = out.parent
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
@@ -62,7 +70,6 @@ def check_output(out: Path, force: bool, reads: Iterable[Path] = ()) -> Path:
         os.rmdir(tempfile.mkdtemp(prefix=".llm2trt-probe-", dir=existing))
     except OSError as exc:
         raise InputError(f"output directory {out} is not writable ({existing}: {exc.strerror or exc})") from None
-    return out
 
 
 def _umask() -> int:

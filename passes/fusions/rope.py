@@ -54,6 +54,18 @@ def _duplicated_halves(t: gs.Tensor, depth: int = 8) -> gs.Tensor | None:
     return None
 
 
+def _check_table(m: Match, name: str) -> str | None:
+    """Why the cos or sin input is not a (batch, 1, seq, head_dim) table of duplicated halves."""
+    table = m.tensors[name]
+    if rank_of(table) != 4 or static_dim(table, 1) != 1:
+        return f"{name} {table.name!r} is not (batch, 1, seq, head_dim)"
+    if _duplicated_halves(table) is None:
+        return f"cannot prove {name}'s two halves are equal (not cat(freqs, freqs))"
+    if not table.inputs or table.inputs[0].op != "Unsqueeze":
+        return f"{name} is not an Unsqueeze of a (batch, seq, head_dim) table"
+    return None
+
+
 class RoPERule(RewriteRule):
     name = "RoPE.rotate_half"
     fusion = "RoPE"
@@ -86,15 +98,7 @@ class RoPERule(RewriteRule):
             return f"slices {first[:2]} and {second[:2]} are not the halves of head_dim {dim} (partial rotary?)"
         if int(m.nodes["concat"].attrs.get("axis", 0)) not in (-1, 3):
             return "rotate_half concatenates on another axis than the last"
-        for name in ("cos", "sin"):
-            table = m.tensors[name]
-            if rank_of(table) != 4 or static_dim(table, 1) != 1:
-                return f"{name} {table.name!r} is not (batch, 1, seq, head_dim)"
-            if _duplicated_halves(table) is None:
-                return f"cannot prove {name}'s two halves are equal (not cat(freqs, freqs))"
-            if not table.inputs or table.inputs[0].op != "Unsqueeze":
-                return f"{name} is not an Unsqueeze of a (batch, seq, head_dim) table"
-        return None
+        return _check_table(m, "cos") or _check_table(m, "sin")
 
     def _half_table(self, model: Model, table: gs.Tensor, half: int) -> gs.Tensor:
         """(batch, seq, head_dim/2) from the (batch, 1, seq, head_dim) table; one Slice per table."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +86,28 @@ def test_load_rejects_garbage(tmp_path: Path) -> None:
     (tmp_path / "x" / "model.onnx.data").unlink()
     with pytest.raises(InputError, match="cannot read the external weights"):
         load_onnx(tmp_path / "x" / "model.onnx")
+
+
+def test_nested_outputs_are_refused(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    from tests.conftest import assert_clean_failure, run_cli
+
+    src = tmp_path / "llama"
+    shutil.copytree(artifacts["tiny:llama"], src)
+    inside = src / "sub"
+    assert_clean_failure(run_cli("optimize", src, "-o", inside, "--no-check"), "is inside the input", inside)
+    # An output around the input would delete the input when --force replaces it.
+    nested = src / "deeper"
+    shutil.copytree(artifacts["tiny:llama"], nested)
+    result = run_cli("optimize", nested, "-o", src, "--force", "--no-check")
+    assert_clean_failure(result, "contains the input", None)
+    assert (nested / "model.onnx").is_file() and (src / "manifest.json").is_file()
+
+
+def test_artifact_directories_get_the_usual_permissions(tmp_path: Path) -> None:
+    mask = os.umask(0o022)
+    try:
+        with staged_output(tmp_path / "out", force=False) as stage:
+            (stage / "manifest.json").write_text("{}")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755  # drwxr-xr-x, not mkdtemp's 0700

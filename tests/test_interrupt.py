@@ -1,0 +1,91 @@
+"""Interrupting a command stops its children and leaves nothing behind.
+
+The build worker here is held by a plugin module that ignores SIGINT and SIGTERM and sleeps: the
+worst case of a TensorRT build deaf to signals inside C++ (seen: Ctrl-C left the worker running
+at ~96% CPU and a 664 MB engine in the staging directory). The CLI runs as a real process and
+gets the signal alone, as from a terminal's Ctrl-C: the worker runs in its own session.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CC
+from tests.plugin_helpers import importers, install_fake_plugin
+
+DEAF_WORKER = """
+import signal
+import time
+
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+time.sleep(120)
+"""
+
+
+def _wait_for_worker(proc: subprocess.Popen[str], root: Path) -> int:
+    deadline = time.monotonic() + 60
+    while not importers(root):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the worker never started"
+        time.sleep(0.05)
+    return importers(root)[0]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_build_leaves_no_process_and_no_staging(
+    sig: signal.Signals, artifacts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "plugins"
+    root.mkdir()
+    install_fake_plugin(root, monkeypatch, "Sleeper", DEAF_WORKER)
+    out = tmp_path / "out" / "engine"
+    cli = Path(sys.executable).parent / "llm2trt"
+    args = [str(cli), "build", str(artifacts["tiny:llama"]), "-o", str(out), *CC]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    worker = _wait_for_worker(proc, root)
+    assert Path(f"/proc/{worker}").exists()
+    assert list(out.parent.glob(".engine.tmp-*"))  # the staging directory exists mid-build
+    start = time.monotonic()
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=10)
+    took = time.monotonic() - start
+    assert took < 5, f"took {took:.1f} s"
+    assert proc.returncode == 128 + sig
+    word = "interrupted" if sig == signal.SIGINT else "terminated (SIGTERM)"
+    assert stderr.strip().splitlines()[-1] == f"llm2trt: error: {word}"
+    assert not Path(f"/proc/{worker}").exists(), "the worker outlived the CLI"
+    assert list(out.parent.iterdir()) == []  # no engine, no staging directory
+
+
+def test_a_killed_cli_takes_its_worker_with_it(
+    artifacts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "plugins"
+    root.mkdir()
+    install_fake_plugin(root, monkeypatch, "Sleeper", DEAF_WORKER)
+    cli = Path(sys.executable).parent / "llm2trt"
+    args = [str(cli), "build", str(artifacts["tiny:llama"]), "-o", str(tmp_path / "engine"), *CC]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    worker = _wait_for_worker(proc, root)
+    proc.kill()  # nothing of ours runs after SIGKILL: Linux kills the worker (PR_SET_PDEATHSIG)
+    proc.communicate(timeout=10)
+    deadline = time.monotonic() + 5
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(worker)
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its reaper."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"

@@ -1,0 +1,39 @@
+"""The plugin registry reaches the build worker: a registered plugin is imported there and, under
+TensorRT-RTX, reported as inlined (registering it would abort the process)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from llm2trt.plugins import PLUGINS, PluginRef, refs
+from tests.conftest import BACKEND, CC, run_json
+from tests.plugin_helpers import importers, install_fake_plugin
+
+
+def test_a_dummy_plugin_reaches_the_worker(
+    artifacts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "plugins"
+    root.mkdir()
+    module = install_fake_plugin(root, monkeypatch, "DummyOp")
+    # Announced, not imported: the CLI process never runs plugin code.
+    assert PluginRef("DummyOp", module) in refs() and "DummyOp" not in PLUGINS
+    code, info = run_json("build", artifacts["tiny:llama"], "-o", tmp_path / "engine", *CC, "-q")
+    assert code == 0, info
+    [status] = info["plugins"]
+    assert (status["name"], status["domain"], status["version"]) == ("DummyOp", "llm2trt", 1)
+    if BACKEND.supports("plugins"):
+        assert status["status"] == "registered"
+    else:
+        assert status["status"] == "inlined" and "cannot host plugin layers" in status["reason"]
+    # The module ran in the worker, and only there.
+    pids = importers(root)
+    assert len(pids) == 1 and pids[0] != os.getpid()
+
+
+def test_no_plugins_by_default(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    code, info = run_json("build", artifacts["tiny:bert"], "-o", tmp_path / "engine", *CC, "-q")
+    assert code == 0 and info["plugins"] == [] and refs() == []
