@@ -46,7 +46,7 @@ class Built(Record):
         return {"output": self.output, **self.info.to_dict()}
 
     def render(self) -> str:
-        return self.info.render().replace(f"built {self.info.engine}", f"built {Path(self.output) / self.info.engine}")
+        return self.info.describe(str(Path(self.output) / self.info.engine))
 
 
 def parse_dim_overrides(values: tuple[str, ...] | list[str]) -> dict[str, DimRange]:
@@ -104,8 +104,20 @@ def _read_phases(proc: subprocess.Popen[str], tail: deque[str]) -> str:
     return phase
 
 
+class WorkerFailed(BackendError):
+    """The worker failed in `phase`: it reported the failure (`reported`), crashed (`signal`
+    names how) or exited without a result. `detail` is the backend's own last word; the message
+    is the one line the user sees."""
+
+    def __init__(
+        self, message: str, phase: str, detail: str, *, signal: str | None = None, reported: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.phase, self.detail, self.signal, self.reported = phase, detail, signal, reported
+
+
 def run_worker(request: BuildRequest, scratch: Path) -> BuildResult:
-    """Run one request in the worker process; a crash or failure becomes one BackendError line."""
+    """Run one request in the worker process; a crash or failure raises WorkerFailed."""
     request_path, result_path = scratch / "request.json", scratch / "result.json"
     request.write(request_path)
     proc = subprocess.Popen(
@@ -127,19 +139,19 @@ def run_worker(request: BuildRequest, scratch: Path) -> BuildResult:
         name = signal.Signals(-code).name
         native = next((t for t in reversed(tail) if "Traceback" not in t), "")
         who = "TensorRT" if phase in ("parse", "build") else "the TensorRT worker"
-        raise BackendError(
-            f"{who} crashed ({name}) while it {PHASES.get(phase, phase)} {request.onnx}"
-            + (f": {native}" if native else "")
-        )
+        message = f"{who} crashed ({name}) while it {PHASES.get(phase, phase)} {request.onnx}"
+        raise WorkerFailed(message + (f": {native}" if native else ""), phase, native, signal=name)
     try:
         result = BuildResult.read(result_path)
     except (OSError, RecordError):
-        raise BackendError(f"TensorRT {phase} failed: {tail[-1] if tail else f'exit code {code}'}") from None
+        last = tail[-1] if tail else f"exit code {code}"
+        raise WorkerFailed(f"TensorRT {phase} failed: {last}", phase, last) from None
     if not result.ok:
         verb = {"parse": "could not parse", "build": "could not build"}.get(
             result.stage, f"failed at {result.stage} of"
         )
-        raise BackendError(f"TensorRT {verb} {request.onnx}: {result.error}")
+        detail = result.error or ""
+        raise WorkerFailed(f"TensorRT {verb} {request.onnx}: {detail}", result.stage, detail, reported=True)
     return result
 
 

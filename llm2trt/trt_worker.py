@@ -19,7 +19,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -255,29 +255,23 @@ def work(request: BuildRequest) -> BuildResult:
     with _polygraphy_logging(request.verbosity) as errors:
         start = time.perf_counter()
         network, attention_ops, types = _parse(request, backend, errors)
-        parse_seconds = time.perf_counter() - start
+        parse_seconds = round(time.perf_counter() - start, 3)
         layers = network[1].num_layers
         logger.info("TensorRT parsed %d layers in %.1f s", layers, parse_seconds)
         parsed = BuildResult(
-            True, "parse", None, layers, types, attention_ops, round(parse_seconds, 3), plugins=plugins
+            ok=True,
+            stage="parse",
+            layers=layers,
+            layer_types=types,
+            attention_ops=attention_ops,
+            parse_seconds=parse_seconds,
+            plugins=plugins,
         )
         if request.engine is None:
             return parsed
         _phase("build")
         nbytes, seconds, cache = _build(request, backend, network, errors)
-    return BuildResult(
-        True,
-        "done",
-        None,
-        layers,
-        types,
-        attention_ops,
-        parsed.parse_seconds,
-        round(seconds, 3),
-        nbytes,
-        cache,
-        plugins,
-    )
+    return replace(parsed, stage="done", build_seconds=round(seconds, 3), engine_bytes=nbytes, timing_cache=cache)
 
 
 def _die_with_parent() -> None:

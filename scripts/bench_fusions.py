@@ -11,6 +11,7 @@ Prints one table; ratios are from the same run. Run here (CPU) and on the GPU ma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
@@ -18,15 +19,19 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from llm2trt.core.manifest import Manifest
-from llm2trt.export import convert, sample_tensors
-from llm2trt.models import resolve_model
+from llm2trt.core.dtypes import DType
+from llm2trt.core.manifest import GraphSpec, Manifest
+from llm2trt.export import convert
+from llm2trt.exporters import ExportSpec
+from llm2trt.models import resolve_model, spec_and_config
 from llm2trt.optimize import optimize
 
 VARIANTS = ("unfused", "fused", "ort-opt")
@@ -132,7 +137,7 @@ def normwise(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a64 - b64).max() / max(np.abs(b64).max(), 1e-30))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
@@ -147,64 +152,95 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
     parser.add_argument("--work", type=Path, help="keep the models here (default: a temporary directory)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
-    if args.provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-        sys.exit("onnxruntime has no CUDAExecutionProvider here: install onnxruntime-gpu")
+    return parser.parse_args(argv)
 
-    rows: list[dict[str, Any]] = []
+
+@dataclass(frozen=True)
+class Prepared:
+    """One model's three variants on disk, and what makes sample inputs for them."""
+
+    kind: str
+    paths: dict[str, Path]  # variant -> artifact directory (model.onnx inside)
+    spec: ExportSpec
+    config: Any
+    graph: GraphSpec
+
+    def feeds(self, batch: int, seq: int) -> dict[str, np.ndarray]:
+        return self.spec.sample_inputs(self.config, self.graph, batch, seq, seed=0)
+
+
+def prepare(kind: str, args: argparse.Namespace, work: Path) -> Prepared:
+    """Export a random-weight model, fuse it with llm2trt and with onnxruntime.transformers; say what each fused."""
+    start = time.perf_counter()
+    hf = make_model(kind, args.layers, args.hidden, args.heads, args.kv_heads, work)
+    paths = {v: work / f"{kind}-{v}" for v in VARIANTS}
+    convert(resolve_model(str(hf)), paths["unfused"], dtype=DType.parse(args.dtype), force=True)
+    result = optimize(paths["unfused"], paths["fused"], force=True, check=False, allow_missing_fusions=True)
+    fusions = next(iter(result.reports.values())).fusions
+    ort_ops = ort_transformers_optimize(paths["unfused"] / "model.onnx", paths["ort-opt"], args.heads, args.hidden)
+    print(
+        f"# {kind}: {args.layers} layers, hidden {args.hidden}, {args.dtype}; prepared in "
+        f"{time.perf_counter() - start:.0f} s; llm2trt fusions "
+        f"{ {k: v for k, v in fusions.items() if v} }; onnxruntime.transformers ops {ort_ops}",
+        flush=True,
+    )
+    manifest = Manifest.read(paths["unfused"])
+    spec, config = spec_and_config(manifest)
+    return Prepared(kind, paths, spec, config, manifest.graph())
+
+
+def print_placement(model: Prepared, provider: str) -> None:
+    """Which ops of each variant ran only on the CPU provider, from one profiled run at 1 x 16."""
+    probe_feeds = model.feeds(1, 16)
+    for v in VARIANTS:
+        where = placement(model.paths[v] / "model.onnx", probe_feeds, provider)
+        cpu = {op: n["CPU"] for op, n in where.items() if "CPU" in n and len(n) == 1}
+        print(f"#   {v}: ops that ran only on the CPU provider: {cpu or 'none'}", flush=True)
+
+
+def bench_shape(
+    model: Prepared, sessions: dict[str, ort.InferenceSession], batch: int, seq: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One row: every variant timed on the same inputs, and the fused graphs' error against the unfused one."""
+    feeds = model.feeds(batch, seq)
+    times, outs = {}, {}
+    for v in VARIANTS:
+        times[v], outs[v] = time_session(sessions[v], feeds, args.provider, args.runs, args.warmup)
+    row = {
+        "model": model.kind,
+        "batch": batch,
+        "seq": seq,
+        **{f"{v}_ms": times[v] for v in VARIANTS},
+        "unfused/fused": times["unfused"] / times["fused"],
+        "ort-opt/fused": times["ort-opt"] / times["fused"],
+        "fused_err": normwise(outs["fused"], outs["unfused"]),
+        "ort_opt_err": normwise(outs["ort-opt"], outs["unfused"]),
+    }
+    print(
+        f"  {model.kind} {batch}x{seq}: unfused {row['unfused_ms']:.2f} ms, fused {row['fused_ms']:.2f} ms, "
+        f"ort-opt {row['ort-opt_ms']:.2f} ms",
+        flush=True,
+    )
+    return row
+
+
+def bench_model(kind: str, shapes: list[tuple[int, int]], args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    model = prepare(kind, args, work)
+    print_placement(model, args.provider)
+    sessions = {v: session(model.paths[v] / "model.onnx", args.provider, args.threads) for v in VARIANTS}
+    rows = [bench_shape(model, sessions, batch, seq, args) for batch, seq in shapes]
+    return rows
+
+
+@contextlib.contextmanager
+def work_dir(keep: Path | None) -> Iterator[Path]:
     with tempfile.TemporaryDirectory() as tmp:
-        work = args.work or Path(tmp)
+        work = keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        for kind in args.models.split(","):
-            start = time.perf_counter()
-            hf = make_model(kind, args.layers, args.hidden, args.heads, args.kv_heads, work)
-            paths = {v: work / f"{kind}-{v}" for v in VARIANTS}
-            convert(resolve_model(str(hf)), paths["unfused"], dtype=args.dtype, force=True)
-            report = optimize(paths["unfused"], paths["fused"], force=True, check=False, allow_missing_fusions=True)
-            ort_ops = ort_transformers_optimize(
-                paths["unfused"] / "model.onnx", paths["ort-opt"], args.heads, args.hidden
-            )
-            print(
-                f"# {kind}: {args.layers} layers, hidden {args.hidden}, {args.dtype}; prepared in "
-                f"{time.perf_counter() - start:.0f} s; llm2trt fusions "
-                f"{ {k: v for k, v in report['fusions'].items() if v} }; onnxruntime.transformers ops {ort_ops}",
-                flush=True,
-            )
-            manifest = Manifest.read(paths["unfused"])
-            spec, config = manifest.spec_and_config()
-            probe_feeds = sample_tensors(spec, config, manifest.inputs, 1, 16, seed=0)
-            for v in VARIANTS:
-                where = placement(paths[v] / "model.onnx", probe_feeds, args.provider)
-                cpu = {op: n["CPU"] for op, n in where.items() if "CPU" in n and len(n) == 1}
-                print(f"#   {v}: ops that ran only on the CPU provider: {cpu or 'none'}", flush=True)
-            sessions = {v: session(paths[v] / "model.onnx", args.provider, args.threads) for v in VARIANTS}
-            for batch, seq in shapes:
-                feeds = sample_tensors(spec, config, manifest.inputs, batch, seq, seed=0)
-                times, outs = {}, {}
-                for v in VARIANTS:
-                    times[v], outs[v] = time_session(sessions[v], feeds, args.provider, args.runs, args.warmup)
-                rows.append(
-                    {
-                        "model": kind,
-                        "batch": batch,
-                        "seq": seq,
-                        **{f"{v}_ms": times[v] for v in VARIANTS},
-                        "unfused/fused": times["unfused"] / times["fused"],
-                        "ort-opt/fused": times["ort-opt"] / times["fused"],
-                        "fused_err": normwise(outs["fused"], outs["unfused"]),
-                        "ort_opt_err": normwise(outs["ort-opt"], outs["unfused"]),
-                    }
-                )
-                r = rows[-1]
-                print(
-                    f"  {kind} {batch}x{seq}: unfused {r['unfused_ms']:.2f} ms, fused {r['fused_ms']:.2f} ms, "
-                    f"ort-opt {r['ort-opt_ms']:.2f} ms",
-                    flush=True,
-                )
-            del sessions
+        yield work
 
+
+def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     device = ort.get_device() if args.provider == "cuda" else "CPU"
     print(
         f"\nONNX Runtime {ort.__version__} ({args.provider}, {device}), {args.dtype}, median of {args.runs} runs "
@@ -238,6 +274,20 @@ def main(argv: list[str] | None = None) -> int:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    shapes = [(int(b), int(s)) for b, s in (shape.split("x") for shape in args.shapes.split(","))]
+    if args.provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        sys.exit("onnxruntime has no CUDAExecutionProvider here: install onnxruntime-gpu")
+
+    rows: list[dict[str, Any]] = []
+    with work_dir(args.work) as work:
+        for kind in args.models.split(","):
+            rows += bench_model(kind, shapes, args, work)
+    print_table(rows, args)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0

@@ -7,7 +7,10 @@ it builds a one-node "fused" model and an equivalent graph of primitive ops, the
   max|fused - ref| / max|ref| against the decomposed graph (run with graph optimizations off, so the
   reference really is made of primitives; fp16 references compute in fp32 and cast the result back);
 - TensorRT-RTX: parse, build for one compute capability (SM89 by default), layer counts fused / decomposed.
-  Parse and build run in a child process, because TensorRT-RTX can segfault on some graphs;
+  Parse and build run in llm2trt's build worker (`llm2trt.build.run_worker`: a child process with Polygraphy's
+  TensorRT loaders), because TensorRT-RTX can segfault on some graphs: a crash fills the table's cells, it does
+  not end the probe. run_worker has no time limit of its own; --trt-timeout is enforced here with SIGALRM
+  (run_worker stops its worker on the exception the alarm raises);
 - ONNX Runtime latency (default optimizations, as users run it): median of --runs runs after warm-up,
   reported as decomposed / fused (> 1 means the fused op is faster).
 
@@ -20,25 +23,28 @@ Run:
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
+import contextlib
 import math
+import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
+
+from llm2trt.build import WorkerFailed, run_worker
+from llm2trt.trt import RTX_COMPUTE_CAPABILITIES, Backend, load_backend
+from llm2trt.trt_worker import BuildRequest, BuildResult
 
 EPS = 1e-5
 MS_DOMAIN = "com.microsoft"
@@ -264,64 +270,96 @@ def _ref_rope(g: Graph, x: str, cos: str, sin: str, half: int, head_axis: int) -
     return g.op("Add", g.op("Mul", x, cos_full), g.op("Mul", rotated, sin_full))
 
 
-def rope_cases(sz: Sizes, dt: np.dtype[Any]) -> list[Case]:
-    rng = _rng()
-    b, s, h, d = sz.batch, sz.seq, sz.heads, sz.head_dim
-    half = d // 2
-    # Different positions per batch row, so a layout that ignores the batch axis of cos/sin shows up as error.
-    pos = (np.arange(s)[None, :] + 3 * np.arange(b)[:, None]).astype(np.int64)
-    ang = _rope_angles(pos, d)
-    cos3, sin3 = np.cos(ang).astype(dt), np.sin(ang).astype(dt)  # (B, S, D/2)
-    cos3_b1, sin3_b1 = cos3[:1], sin3[:1]  # what torch's dynamo exporter emits: batch 1, broadcast
-    ang_cache = _rope_angles(np.arange(MAX_POS), d)
-    cos_cache, sin_cache = np.cos(ang_cache).astype(dt), np.sin(ang_cache).astype(dt)  # (MAX_POS, D/2)
-    x4 = rng.standard_normal((b, h, s, d)).astype(dt)
-    x3 = rng.standard_normal((b, s, h * d)).astype(dt)
+@dataclass(frozen=True)
+class RopeInputs:
+    """What every RotaryEmbedding form shares: x in both layouts, positions, cos/sin per position and as caches."""
 
-    def ref(x: np.ndarray, cos: np.ndarray | None, sin: np.ndarray | None) -> onnx.ModelProto:
-        """cos/sin given: graph inputs (B or 1, S, D/2); None: Gather from the caches by position_ids."""
-        r = _ref_graph(23, dt)
-        xi = r.input("X", x)
-        if cos is not None and sin is not None:
-            ci, si = r.input("cos", cos), r.input("sin", sin)
-        else:
-            pi = r.input("position_ids", pos)
-            ci = r.op("Gather", r.const(cos_cache), pi, axis=0)
-            si = r.op("Gather", r.const(sin_cache), pi, axis=0)
-        if x.ndim == 4:
-            y = _ref_rope(r, xi, ci, si, half, head_axis=1)
-        else:
-            y = r.reshape(_ref_rope(r, r.reshape(xi, [b, s, h, d]), ci, si, half, head_axis=2), [b, s, h * d])
-        r.output(y, dt)
-        return r.model()
+    sz: Sizes
+    dt: np.dtype[Any]
+    pos: np.ndarray  # (B, S) position ids
+    cos3: np.ndarray  # (B, S, D/2)
+    sin3: np.ndarray
+    cos_cache: np.ndarray  # (MAX_POS, D/2)
+    sin_cache: np.ndarray
+    x4: np.ndarray  # (B, H, S, D)
+    x3: np.ndarray  # (B, S, H*D)
 
-    cases = []
+    @classmethod
+    def make(cls, sz: Sizes, dt: np.dtype[Any]) -> RopeInputs:
+        rng = _rng()
+        b, s, h, d = sz.batch, sz.seq, sz.heads, sz.head_dim
+        # Different positions per batch row, so a layout that ignores the batch axis of cos/sin shows up as error.
+        pos = (np.arange(s)[None, :] + 3 * np.arange(b)[:, None]).astype(np.int64)
+        ang, ang_cache = _rope_angles(pos, d), _rope_angles(np.arange(MAX_POS), d)
+        x4 = rng.standard_normal((b, h, s, d)).astype(dt)
+        x3 = rng.standard_normal((b, s, h * d)).astype(dt)
+        cos3, sin3 = np.cos(ang).astype(dt), np.sin(ang).astype(dt)
+        cos_cache, sin_cache = np.cos(ang_cache).astype(dt), np.sin(ang_cache).astype(dt)
+        return cls(sz, dt, pos, cos3, sin3, cos_cache, sin_cache, x4, x3)
 
-    def add(label: str, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, attrs: dict[str, Any]) -> None:
-        f = Graph(23)
-        f.output(f.op("RotaryEmbedding", f.input("X", x), f.input("cos", cos), f.input("sin", sin), **attrs), dt)
-        feeds = {"X": x, "cos": cos, "sin": sin}
-        cases.append(Case(label, dt.name, f.model(), ref(x, cos, sin), feeds))
 
-    add("rope_4d_cos3d", x4, cos3, sin3, {})  # (a)
-    add("rope_4d_cos3d_b1", x4, cos3_b1, sin3_b1, {})  # dynamo's batch-1 cos/sin
-    add("rope_3d_heads", x3, cos3, sin3, {"num_heads": h})  # (c)
+def _rope_ref(ri: RopeInputs, x: np.ndarray, cos: np.ndarray | None, sin: np.ndarray | None) -> onnx.ModelProto:
+    """cos/sin given: graph inputs (B or 1, S, D/2); None: Gather from the caches by position_ids."""
+    b, s, h, d = ri.sz.batch, ri.sz.seq, ri.sz.heads, ri.sz.head_dim
+    r = _ref_graph(23, ri.dt)
+    xi = r.input("X", x)
+    if cos is not None and sin is not None:
+        ci, si = r.input("cos", cos), r.input("sin", sin)
+    else:
+        pi = r.input("position_ids", ri.pos)
+        ci = r.op("Gather", r.const(ri.cos_cache), pi, axis=0)
+        si = r.op("Gather", r.const(ri.sin_cache), pi, axis=0)
+    if x.ndim == 4:
+        y = _ref_rope(r, xi, ci, si, d // 2, head_axis=1)
+    else:
+        y = r.reshape(_ref_rope(r, r.reshape(xi, [b, s, h, d]), ci, si, d // 2, head_axis=2), [b, s, h * d])
+    r.output(y, ri.dt)
+    return r.model()
 
-    # (b) 2-D caches as initializers, position_ids (B, S) as an input: ONNX order is X, cos, sin, position_ids.
+
+def _rope_cos_sin_case(
+    ri: RopeInputs, label: str, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, attrs: dict[str, Any]
+) -> Case:
+    """ONNX RotaryEmbedding with cos/sin as graph inputs."""
     f = Graph(23)
-    y = f.op("RotaryEmbedding", f.input("X", x4), f.const(cos_cache), f.const(sin_cache), f.input("position_ids", pos))
-    f.output(y, dt)
-    cases.append(Case("rope_4d_cache_posids", dt.name, f.model(), ref(x4, None, None), {"X": x4, "position_ids": pos}))
+    f.output(f.op("RotaryEmbedding", f.input("X", x), f.input("cos", cos), f.input("sin", sin), **attrs), ri.dt)
+    feeds = {"X": x, "cos": cos, "sin": sin}
+    return Case(label, ri.dt.name, f.model(), _rope_ref(ri, x, cos, sin), feeds)
 
-    # com.microsoft.RotaryEmbedding: input, position_ids, cos_cache, sin_cache (2-D caches only). ONNX Runtime
-    # infers the heads of a 3-D input from the cache width; TensorRT-RTX's importer wants num_heads: give it.
-    for label, x, attrs in (("rope_ms_4d", x4, {}), ("rope_ms_3d", x3, {"num_heads": h})):
+
+def _rope_cache_case(ri: RopeInputs) -> Case:
+    """(b) 2-D caches as initializers, position_ids (B, S) as an input: ONNX order is X, cos, sin, position_ids."""
+    f = Graph(23)
+    xi, pi = f.input("X", ri.x4), f.input("position_ids", ri.pos)
+    f.output(f.op("RotaryEmbedding", xi, f.const(ri.cos_cache), f.const(ri.sin_cache), pi), ri.dt)
+    feeds = {"X": ri.x4, "position_ids": ri.pos}
+    return Case("rope_4d_cache_posids", ri.dt.name, f.model(), _rope_ref(ri, ri.x4, None, None), feeds)
+
+
+def _rope_ms_cases(ri: RopeInputs) -> list[Case]:
+    """com.microsoft.RotaryEmbedding: input, position_ids, cos_cache, sin_cache (2-D caches only). ONNX Runtime
+    infers the heads of a 3-D input from the cache width; TensorRT-RTX's importer wants num_heads: give it."""
+    cases = []
+    for label, x, attrs in (("rope_ms_4d", ri.x4, {}), ("rope_ms_3d", ri.x3, {"num_heads": ri.sz.heads})):
         f = Graph(23)
-        xi, pi = f.input("X", x), f.input("position_ids", pos)
-        cc, sc = f.const(cos_cache), f.const(sin_cache)
-        f.output(f.op("RotaryEmbedding", xi, pi, cc, sc, domain=MS_DOMAIN, **attrs), dt)
-        cases.append(Case(label, dt.name, f.model(), ref(x, None, None), {"X": x, "position_ids": pos}))
+        xi, pi = f.input("X", x), f.input("position_ids", ri.pos)
+        cc, sc = f.const(ri.cos_cache), f.const(ri.sin_cache)
+        f.output(f.op("RotaryEmbedding", xi, pi, cc, sc, domain=MS_DOMAIN, **attrs), ri.dt)
+        feeds = {"X": x, "position_ids": ri.pos}
+        cases.append(Case(label, ri.dt.name, f.model(), _rope_ref(ri, x, None, None), feeds))
     return cases
+
+
+def rope_cases(sz: Sizes, dt: np.dtype[Any]) -> list[Case]:
+    ri = RopeInputs.make(sz, dt)
+    cos3_b1, sin3_b1 = ri.cos3[:1], ri.sin3[:1]  # what torch's dynamo exporter emits: batch 1, broadcast
+    return [
+        _rope_cos_sin_case(ri, "rope_4d_cos3d", ri.x4, ri.cos3, ri.sin3, {}),  # (a)
+        _rope_cos_sin_case(ri, "rope_4d_cos3d_b1", ri.x4, cos3_b1, sin3_b1, {}),  # dynamo's batch-1 cos/sin
+        _rope_cos_sin_case(ri, "rope_3d_heads", ri.x3, ri.cos3, ri.sin3, {"num_heads": sz.heads}),  # (c)
+        _rope_cache_case(ri),  # (b)
+        *_rope_ms_cases(ri),
+    ]
 
 
 def _ref_attention(
@@ -345,162 +383,261 @@ def _split_heads(g: Graph, name: str, value: np.ndarray, heads: int, head_dim: i
     return g.op("Transpose", g.reshape(g.input(name, value), [b, s, heads, head_dim]), perm=[0, 2, 1, 3])
 
 
-def attention_cases(sz: Sizes, dt: np.dtype[Any]) -> list[Case]:
-    rng = _rng()
-    b, s, d, hq, hkv = sz.batch, sz.seq, sz.head_dim, sz.heads, sz.kv_heads
-    default_scale = 1 / math.sqrt(d)
-    minval = _mask_min(dt)
+@dataclass(frozen=True)
+class AttnInputs:
+    """What every attention form shares: sizes, dtype, masks, and one random stream drawn in case order."""
 
-    def randn(*shape: int) -> np.ndarray:
-        return rng.standard_normal(shape).astype(dt)
+    sz: Sizes
+    dt: np.dtype[Any]
+    rng: np.random.Generator
+    keep: np.ndarray  # (B, 1, S, S) bool, True attends
+    causal: np.ndarray  # (1, 1, S, S) bool
+    pad_mask: np.ndarray  # additive, from `keep`
+    causal_pad_mask: np.ndarray  # additive, from `keep & causal`
 
-    # Padding: every other batch row has its last 16 keys padded (never a whole row, so no all-masked query).
-    keep = np.ones((b, 1, s, s), dtype=bool)
-    keep[::2, :, :, s - 16 :] = False
-    causal = np.tril(np.ones((s, s), dtype=bool))[None, None]
-    pad_mask = np.where(keep, 0.0, minval).astype(dt)
-    causal_pad_mask = np.where(keep & causal, 0.0, minval).astype(dt)
+    @classmethod
+    def make(cls, sz: Sizes, dt: np.dtype[Any]) -> AttnInputs:
+        b, s, minval = sz.batch, sz.seq, _mask_min(dt)
+        # Padding: every other batch row has its last 16 keys padded (never a whole row, so no all-masked query).
+        keep = np.ones((b, 1, s, s), dtype=bool)
+        keep[::2, :, :, s - 16 :] = False
+        causal = np.tril(np.ones((s, s), dtype=bool))[None, None]
+        pad_mask = np.where(keep, 0.0, minval).astype(dt)
+        causal_pad_mask = np.where(keep & causal, 0.0, minval).astype(dt)
+        return cls(sz, dt, _rng(), keep, causal, pad_mask, causal_pad_mask)
 
-    cases: list[Case] = []
+    @property
+    def scale(self) -> float:
+        """The default softmax scale, 1 / sqrt(head_dim)."""
+        return 1 / math.sqrt(self.sz.head_dim)
 
-    def add4d(
-        label: str,
-        kv_heads: int,
-        attrs: dict[str, Any],
-        mask: np.ndarray | None = None,
-        past: int = 0,
-        past_as_concat: bool = False,
-    ) -> None:
-        """4-D Q (B, Hq, Sq, D), K/V (B, Hkv, Sq, D). With `past` > 0 (a decode chunk of 4 queries), the cache
-        enters as Attention's past_key/past_value (present outputs from the op) or, with `past_as_concat`, through
-        Concat nodes in front of a one-output Attention."""
-        q_len = 4 if past else s
-        feeds = {"Q": randn(b, hq, q_len, d), "K": randn(b, kv_heads, q_len, d), "V": randn(b, kv_heads, q_len, d)}
-        if mask is not None:
-            feeds["attn_mask"] = mask
-        if past:
-            feeds["past_key"], feeds["past_value"] = randn(b, kv_heads, past, d), randn(b, kv_heads, past, d)
-        f = Graph(23)
-        q, k, v = (f.input(n, feeds[n]) for n in ("Q", "K", "V"))
-        presents: list[str] = []
-        if past and past_as_concat:
-            k = f.op("Concat", f.input("past_key", feeds["past_key"]), k, axis=2)
-            v = f.op("Concat", f.input("past_value", feeds["past_value"]), v, axis=2)
-            presents = [k, v]
-        args = [q, k, v, f.input("attn_mask", mask) if mask is not None else ""]
-        if past and not past_as_concat:
-            args += [f.input("past_key", feeds["past_key"]), f.input("past_value", feeds["past_value"])]
-        while args[-1] == "":
-            args.pop()
-        outs = f.multi("Attention", *args, n_out=3 if past and not past_as_concat else 1, **attrs)
-        for o in outs + presents:
-            f.output(o, dt)
+    def randn(self, *shape: int) -> np.ndarray:
+        return self.rng.standard_normal(shape).astype(self.dt)
 
-        r = _ref_graph(23, dt)
-        q, k, v = (r.input(n, feeds[n]) for n in ("Q", "K", "V"))
-        if past:
-            k = r.op("Concat", r.input("past_key", feeds["past_key"]), k, axis=2)
-            v = r.op("Concat", r.input("past_value", feeds["past_value"]), v, axis=2)
-        total = past + q_len
-        ref_mask: str | None = None
-        if mask is not None:
-            ref_mask = r.input("attn_mask", mask)
-            if mask.dtype == np.bool_:  # boolean: True attends; make it additive
-                ref_mask = r.op("Where", ref_mask, r.const(0.0), r.const(float(np.finfo(np.float32).min)))
-        if attrs.get("is_causal"):  # bottom-right aligned: query i sees key j iff j <= i + past
-            allowed = np.arange(total)[None, :] <= np.arange(q_len)[:, None] + past
-            ref_mask = r.const(np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32))
-        y = _ref_attention(r, q, k, v, sz, hq, kv_heads, total, attrs.get("scale", default_scale), ref_mask)
-        for o in [y, k, v] if past else [y]:
-            r.output(o, dt)
-        cases.append(Case(label, dt.name, f.model(), r.model(), feeds))
 
-    add4d("attn_mha_floatmask", hq, {}, pad_mask)  # (a)
-    add4d("attn_mha_boolmask", hq, {}, keep)
-    add4d("attn_gqa_causal", hkv, {"is_causal": 1})  # (b)
-    add4d("attn_gqa_causal_scale", hkv, {"is_causal": 1, "scale": default_scale})  # (b) + explicit default scale
-    add4d("attn_gqa_floatmask", hkv, {}, causal_pad_mask)  # (c)
-    add4d("attn_mha_nomask", hq, {})  # (d)
-    add4d("attn_mha_scale", hq, {"scale": 0.1})  # (e) a non-default scale, so ignoring it shows as error
-    # KV cache, 4 new queries after s - 4 cached keys. Through the op's past inputs, is_causal aligns bottom-right.
-    # With the cache concatenated outside, the op sees no past and is_causal aligns top-left (the spec counts
-    # past_key only): the reference keeps Hugging Face's bottom-right mask, so that form shows as error on purpose.
-    add4d("attn_gqa_causal_past", hkv, {"is_causal": 1}, past=s - 4)
-    add4d("attn_gqa_causal_concat", hkv, {"is_causal": 1}, past=s - 4, past_as_concat=True)
+@dataclass(frozen=True)
+class Attn4d:
+    """A 4-D ONNX Attention form: Q (B, Hq, Sq, D), K/V (B, Hkv, Sq, D). With `past` > 0 (a decode chunk of 4
+    queries), the cache enters as Attention's past_key/past_value (present outputs from the op) or, with
+    `past_as_concat`, through Concat nodes in front of a one-output Attention."""
+
+    label: str
+    kv_heads: int
+    attrs: dict[str, Any]
+    mask: np.ndarray | None = None
+    past: int = 0
+    past_as_concat: bool = False
+
+    def q_len(self, sz: Sizes) -> int:
+        return 4 if self.past else sz.seq
+
+    @property
+    def op_past(self) -> bool:
+        """The cache goes through the op's own past inputs and comes back as its present outputs."""
+        return bool(self.past) and not self.past_as_concat
+
+
+def _attn4d_forms(a: AttnInputs) -> list[Attn4d]:
+    s, hq, hkv = a.sz.seq, a.sz.heads, a.sz.kv_heads
     bottom_right = np.arange(s)[None, :] <= np.arange(4)[:, None] + (s - 4)
-    decode_mask = np.broadcast_to(np.where(bottom_right, 0.0, minval), (b, 1, 4, s)).astype(dt)
-    add4d("attn_gqa_concat_mask", hkv, {"scale": default_scale}, decode_mask, past=s - 4, past_as_concat=True)
+    decode_mask = np.broadcast_to(np.where(bottom_right, 0.0, _mask_min(a.dt)), (a.sz.batch, 1, 4, s)).astype(a.dt)
+    return [
+        Attn4d("attn_mha_floatmask", hq, {}, a.pad_mask),  # (a)
+        Attn4d("attn_mha_boolmask", hq, {}, a.keep),
+        Attn4d("attn_gqa_causal", hkv, {"is_causal": 1}),  # (b)
+        Attn4d("attn_gqa_causal_scale", hkv, {"is_causal": 1, "scale": a.scale}),  # (b) + explicit default scale
+        Attn4d("attn_gqa_floatmask", hkv, {}, a.causal_pad_mask),  # (c)
+        Attn4d("attn_mha_nomask", hq, {}),  # (d)
+        Attn4d("attn_mha_scale", hq, {"scale": 0.1}),  # (e) a non-default scale, so ignoring it shows as error
+        # KV cache, 4 new queries after s - 4 cached keys. Through the op's past inputs, is_causal aligns
+        # bottom-right. With the cache concatenated outside, the op sees no past and is_causal aligns top-left (the
+        # spec counts past_key only): the reference keeps Hugging Face's bottom-right mask, so that form shows as
+        # error on purpose.
+        Attn4d("attn_gqa_causal_past", hkv, {"is_causal": 1}, past=s - 4),
+        Attn4d("attn_gqa_causal_concat", hkv, {"is_causal": 1}, past=s - 4, past_as_concat=True),
+        Attn4d("attn_gqa_concat_mask", hkv, {"scale": a.scale}, decode_mask, past=s - 4, past_as_concat=True),
+    ]
 
-    def ref3d(feeds: dict[str, np.ndarray], kv_heads: int, causal_mask: bool, mask: str | None) -> Graph:
-        """3-D (B, S, H*D) reference: split heads, attend, merge heads."""
-        r = _ref_graph(23, dt)
-        q, k, v = (_split_heads(r, n, feeds[n], h, d) for n, h in (("Q", hq), ("K", kv_heads), ("V", kv_heads)))
-        mask_in = r.input(mask, feeds[mask]) if mask else None
-        if causal_mask:
-            mask_in = r.const(np.where(causal[0, 0], 0.0, float(np.finfo(np.float32).min)).astype(np.float32))
-        y = _ref_attention(r, q, k, v, sz, hq, kv_heads, s, default_scale, mask_in)
-        r.output(r.reshape(r.op("Transpose", y, perm=[0, 2, 1, 3]), [b, s, hq * d]), dt)
-        return r
 
-    def feeds3d(kv_heads: int) -> dict[str, np.ndarray]:
-        return {"Q": randn(b, s, hq * d), "K": randn(b, s, kv_heads * d), "V": randn(b, s, kv_heads * d)}
+def _attn4d_feeds(a: AttnInputs, form: Attn4d) -> dict[str, np.ndarray]:
+    b, hq, hkv, d, q_len = a.sz.batch, a.sz.heads, form.kv_heads, a.sz.head_dim, form.q_len(a.sz)
+    feeds = {"Q": a.randn(b, hq, q_len, d), "K": a.randn(b, hkv, q_len, d), "V": a.randn(b, hkv, q_len, d)}
+    if form.mask is not None:
+        feeds["attn_mask"] = form.mask
+    if form.past:
+        feeds["past_key"], feeds["past_value"] = a.randn(b, hkv, form.past, d), a.randn(b, hkv, form.past, d)
+    return feeds
 
+
+def _attn4d_fused(form: Attn4d, feeds: dict[str, np.ndarray], dt: np.dtype[Any]) -> onnx.ModelProto:
+    f = Graph(23)
+    q, k, v = (f.input(n, feeds[n]) for n in ("Q", "K", "V"))
+    presents: list[str] = []
+    if form.past and form.past_as_concat:
+        k = f.op("Concat", f.input("past_key", feeds["past_key"]), k, axis=2)
+        v = f.op("Concat", f.input("past_value", feeds["past_value"]), v, axis=2)
+        presents = [k, v]
+    args = [q, k, v, f.input("attn_mask", form.mask) if form.mask is not None else ""]
+    if form.op_past:
+        args += [f.input("past_key", feeds["past_key"]), f.input("past_value", feeds["past_value"])]
+    while args[-1] == "":
+        args.pop()
+    outs = f.multi("Attention", *args, n_out=3 if form.op_past else 1, **form.attrs)
+    for o in outs + presents:
+        f.output(o, dt)
+    return f.model()
+
+
+def _attn4d_ref_mask(r: Graph, form: Attn4d, q_len: int) -> str | None:
+    """The reference's additive mask: the form's own (boolean made additive), or the causal one it implies."""
+    ref_mask: str | None = None
+    if form.mask is not None:
+        ref_mask = r.input("attn_mask", form.mask)
+        if form.mask.dtype == np.bool_:  # boolean: True attends; make it additive
+            ref_mask = r.op("Where", ref_mask, r.const(0.0), r.const(float(np.finfo(np.float32).min)))
+    if form.attrs.get("is_causal"):  # bottom-right aligned: query i sees key j iff j <= i + past
+        allowed = np.arange(form.past + q_len)[None, :] <= np.arange(q_len)[:, None] + form.past
+        ref_mask = r.const(np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32))
+    return ref_mask
+
+
+def _attn4d_ref(a: AttnInputs, form: Attn4d, feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
+    r = _ref_graph(23, a.dt)
+    q, k, v = (r.input(n, feeds[n]) for n in ("Q", "K", "V"))
+    if form.past:
+        k = r.op("Concat", r.input("past_key", feeds["past_key"]), k, axis=2)
+        v = r.op("Concat", r.input("past_value", feeds["past_value"]), v, axis=2)
+    q_len = form.q_len(a.sz)
+    mask = _attn4d_ref_mask(r, form, q_len)
+    scale = form.attrs.get("scale", a.scale)
+    y = _ref_attention(r, q, k, v, a.sz, a.sz.heads, form.kv_heads, form.past + q_len, scale, mask)
+    for o in [y, k, v] if form.past else [y]:
+        r.output(o, a.dt)
+    return r.model()
+
+
+def attention_4d_cases(a: AttnInputs) -> list[Case]:
+    """ONNX Attention on 4-D (B, H, S, D) inputs: masks, GQA, causal, scale, KV cache."""
+    cases = []
+    for form in _attn4d_forms(a):
+        feeds = _attn4d_feeds(a, form)
+        cases.append(Case(form.label, a.dt.name, _attn4d_fused(form, feeds, a.dt), _attn4d_ref(a, form, feeds), feeds))
+    return cases
+
+
+def _attn3d_feeds(a: AttnInputs, kv_heads: int) -> dict[str, np.ndarray]:
+    b, s, d = a.sz.batch, a.sz.seq, a.sz.head_dim
+    return {"Q": a.randn(b, s, a.sz.heads * d), "K": a.randn(b, s, kv_heads * d), "V": a.randn(b, s, kv_heads * d)}
+
+
+def _attn3d_ref(
+    a: AttnInputs, feeds: dict[str, np.ndarray], kv_heads: int, causal_mask: bool, mask: str | None
+) -> onnx.ModelProto:
+    """3-D (B, S, H*D) reference: split heads, attend, merge heads."""
+    b, s, d, hq = a.sz.batch, a.sz.seq, a.sz.head_dim, a.sz.heads
+    r = _ref_graph(23, a.dt)
+    q, k, v = (_split_heads(r, n, feeds[n], h, d) for n, h in (("Q", hq), ("K", kv_heads), ("V", kv_heads)))
+    mask_in = r.input(mask, feeds[mask]) if mask else None
+    if causal_mask:
+        mask_in = r.const(np.where(a.causal[0, 0], 0.0, float(np.finfo(np.float32).min)).astype(np.float32))
+    y = _ref_attention(r, q, k, v, a.sz, hq, kv_heads, s, a.scale, mask_in)
+    r.output(r.reshape(r.op("Transpose", y, perm=[0, 2, 1, 3]), [b, s, hq * d]), a.dt)
+    return r.model()
+
+
+def attention_3d_cases(a: AttnInputs) -> list[Case]:
+    """ONNX Attention on 3-D (B, S, H*D) inputs, the heads given as attributes."""
+    hq, hkv = a.sz.heads, a.sz.kv_heads
+    cases = []
     for label, kv_heads, causal_flag in (("attn_3d_mha", hq, 0), ("attn_3d_gqa_causal", hkv, 1)):
-        feeds = feeds3d(kv_heads)
+        feeds = _attn3d_feeds(a, kv_heads)
         f = Graph(23)
-        qkv = [f.input(n, a) for n, a in feeds.items()]
+        qkv = [f.input(n, x) for n, x in feeds.items()]
         attrs: dict[str, Any] = {"q_num_heads": hq, "kv_num_heads": kv_heads, "is_causal": causal_flag}
-        f.output(f.op("Attention", *qkv, **attrs), dt)
-        cases.append(Case(label, dt.name, f.model(), ref3d(feeds, kv_heads, bool(causal_flag), None).model(), feeds))
+        f.output(f.op("Attention", *qkv, **attrs), a.dt)
+        ref = _attn3d_ref(a, feeds, kv_heads, bool(causal_flag), None)
+        cases.append(Case(label, a.dt.name, f.model(), ref, feeds))
+    return cases
 
-    # com.microsoft.MultiHeadAttention: 3-D q, k, v; inputs 3/4 (bias, key_padding_mask) empty, 5 = attention_bias.
-    # "selfqkv" passes one tensor as q, k and v: the minimal form ENVIRONMENT.md saw crash TensorRT-RTX.
+
+def mha_ms_cases(a: AttnInputs) -> list[Case]:
+    """com.microsoft.MultiHeadAttention: 3-D q, k, v; inputs 3/4 (bias, key_padding_mask) empty, 5 =
+    attention_bias. "selfqkv" passes one tensor as q, k and v: the minimal form ENVIRONMENT.md saw crash
+    TensorRT-RTX."""
+    hq = a.sz.heads
+    cases = []
     for label, with_bias, self_qkv in (
         ("mha_ms", False, False),
         ("mha_ms_bias", True, False),
         ("mha_ms_selfqkv", False, True),
     ):
-        feeds = feeds3d(hq)
+        feeds = _attn3d_feeds(a, hq)
         if self_qkv:
             feeds["K"] = feeds["V"] = feeds["Q"]
         if with_bias:
-            feeds["attn_mask"] = pad_mask
+            feeds["attn_mask"] = a.pad_mask
         f = Graph(23)
         args = [f.input("Q", feeds["Q"])] * 3 if self_qkv else [f.input(n, feeds[n]) for n in ("Q", "K", "V")]
         if with_bias:
-            args += ["", "", f.input("attn_mask", pad_mask)]
-        f.output(f.op("MultiHeadAttention", *args, domain=MS_DOMAIN, num_heads=hq), dt)
-        ref = ref3d(feeds, hq, False, "attn_mask" if with_bias else None).model()
-        cases.append(Case(label, dt.name, f.model(), ref, feeds))
-
-    # com.microsoft.GroupQueryAttention: always causal; seqlens_k = total - 1 per row. TensorRT-RTX wants past_key
-    # and a non-zero `scale`: give both (an empty past for the prompt form).
-    # ONNX Runtime's CPU kernel takes several new tokens on a past only at batch 1: the past form is one token.
-    for label, past in (("gqa_ms_prompt", 0), ("gqa_ms_past", s - 1)):
-        q_len = 1 if past else s
-        feeds = {"Q": randn(b, q_len, hq * d), "K": randn(b, q_len, hkv * d), "V": randn(b, q_len, hkv * d)}
-        feeds["past_key"], feeds["past_value"] = randn(b, hkv, past, d), randn(b, hkv, past, d)
-        feeds["seqlens_k"] = np.full((b,), past + q_len - 1, dtype=np.int32)
-        feeds["total_sequence_length"] = np.array([past + q_len], dtype=np.int32)
-        f = Graph(23)
-        args = [f.input(n, a) for n, a in feeds.items()]
-        gqa_attrs = {"num_heads": hq, "kv_num_heads": hkv, "scale": default_scale}
-        for o in f.multi("GroupQueryAttention", *args, n_out=3, domain=MS_DOMAIN, **gqa_attrs):
-            f.output(o, dt)
-
-        r = _ref_graph(23, dt)
-        q, k, v = (_split_heads(r, n, feeds[n], heads, d) for n, heads in (("Q", hq), ("K", hkv), ("V", hkv)))
-        if past:
-            k = r.op("Concat", r.input("past_key", feeds["past_key"]), k, axis=2)
-            v = r.op("Concat", r.input("past_value", feeds["past_value"]), v, axis=2)
-        allowed = np.arange(past + q_len)[None, :] <= np.arange(q_len)[:, None] + past
-        mask_c = r.const(np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32))
-        y = _ref_attention(r, q, k, v, sz, hq, hkv, past + q_len, default_scale, mask_c)
-        r.output(r.reshape(r.op("Transpose", y, perm=[0, 2, 1, 3]), [b, q_len, hq * d]), dt)
-        r.output(k, dt)
-        r.output(v, dt)
-        cases.append(Case(label, dt.name, f.model(), r.model(), feeds))
+            args += ["", "", f.input("attn_mask", a.pad_mask)]
+        f.output(f.op("MultiHeadAttention", *args, domain=MS_DOMAIN, num_heads=hq), a.dt)
+        ref = _attn3d_ref(a, feeds, hq, False, "attn_mask" if with_bias else None)
+        cases.append(Case(label, a.dt.name, f.model(), ref, feeds))
     return cases
+
+
+def _gqa_ms_feeds(a: AttnInputs, past: int) -> dict[str, np.ndarray]:
+    b, d, hq, hkv = a.sz.batch, a.sz.head_dim, a.sz.heads, a.sz.kv_heads
+    q_len = 1 if past else a.sz.seq
+    feeds = {"Q": a.randn(b, q_len, hq * d), "K": a.randn(b, q_len, hkv * d), "V": a.randn(b, q_len, hkv * d)}
+    feeds["past_key"], feeds["past_value"] = a.randn(b, hkv, past, d), a.randn(b, hkv, past, d)
+    feeds["seqlens_k"] = np.full((b,), past + q_len - 1, dtype=np.int32)
+    feeds["total_sequence_length"] = np.array([past + q_len], dtype=np.int32)
+    return feeds
+
+
+def _gqa_ms_fused(a: AttnInputs, feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
+    f = Graph(23)
+    args = [f.input(n, x) for n, x in feeds.items()]
+    attrs = {"num_heads": a.sz.heads, "kv_num_heads": a.sz.kv_heads, "scale": a.scale}
+    for o in f.multi("GroupQueryAttention", *args, n_out=3, domain=MS_DOMAIN, **attrs):
+        f.output(o, a.dt)
+    return f.model()
+
+
+def _gqa_ms_ref(a: AttnInputs, feeds: dict[str, np.ndarray], past: int) -> onnx.ModelProto:
+    """Causal attention over past + new keys; outputs the merged heads and the present key/value."""
+    b, d, hq, hkv = a.sz.batch, a.sz.head_dim, a.sz.heads, a.sz.kv_heads
+    q_len = feeds["Q"].shape[1]
+    r = _ref_graph(23, a.dt)
+    q, k, v = (_split_heads(r, n, feeds[n], heads, d) for n, heads in (("Q", hq), ("K", hkv), ("V", hkv)))
+    if past:
+        k = r.op("Concat", r.input("past_key", feeds["past_key"]), k, axis=2)
+        v = r.op("Concat", r.input("past_value", feeds["past_value"]), v, axis=2)
+    allowed = np.arange(past + q_len)[None, :] <= np.arange(q_len)[:, None] + past
+    mask_c = r.const(np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32))
+    y = _ref_attention(r, q, k, v, a.sz, hq, hkv, past + q_len, a.scale, mask_c)
+    r.output(r.reshape(r.op("Transpose", y, perm=[0, 2, 1, 3]), [b, q_len, hq * d]), a.dt)
+    r.output(k, a.dt)
+    r.output(v, a.dt)
+    return r.model()
+
+
+def gqa_ms_cases(a: AttnInputs) -> list[Case]:
+    """com.microsoft.GroupQueryAttention: always causal; seqlens_k = total - 1 per row. TensorRT-RTX wants past_key
+    and a non-zero `scale`: give both (an empty past for the prompt form). ONNX Runtime's CPU kernel takes several
+    new tokens on a past only at batch 1: the past form is one token."""
+    cases = []
+    for label, past in (("gqa_ms_prompt", 0), ("gqa_ms_past", a.sz.seq - 1)):
+        feeds = _gqa_ms_feeds(a, past)
+        cases.append(Case(label, a.dt.name, _gqa_ms_fused(a, feeds), _gqa_ms_ref(a, feeds, past), feeds))
+    return cases
+
+
+def attention_cases(sz: Sizes, dt: np.dtype[Any]) -> list[Case]:
+    """Every attention family, drawing from one random stream in this order."""
+    a = AttnInputs.make(sz, dt)
+    return [*attention_4d_cases(a), *attention_3d_cases(a), *mha_ms_cases(a), *gqa_ms_cases(a)]
 
 
 FAMILIES: dict[str, Callable[[Sizes, np.dtype[Any]], list[Case]]] = {
@@ -658,7 +795,7 @@ def probe_ort(case: Case, providers: list[str], device: str, runs: int) -> OrtRe
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# TensorRT-RTX, in a child process
+# TensorRT-RTX, in llm2trt's build worker (a child process)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -671,107 +808,128 @@ class TrtResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _emit(record: dict[str, Any]) -> None:
-    print(json.dumps(record), flush=True)  # flushed per stage: a later crash keeps what came before
+@dataclass(frozen=True)
+class TrtFailure:
+    """A WorkerFailed of run_worker, read back into the table's terms."""
+
+    stage: str  # parse | build | plugins | worker
+    status: str  # fail | crash (SIGSEGV) | error
+    detail: str
+
+    @property
+    def note(self) -> str:
+        if self.status == "fail":
+            return f"TRT {self.stage}: {_short(self.detail)}"
+        return f"TRT {self.status} during {self.stage}; last message: {_short(self.detail) or 'none'}"
 
 
-def trt_child(fused_path: str, ref_path: str, cc: str, decomposable: bool) -> int:
-    """Child mode: parse the reference, then parse and build the fused model; one JSON line per stage."""
-    import tensorrt_rtx as trt
-
-    errors: list[str] = []
-
-    class Logger(trt.ILogger):  # type: ignore[misc]
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-
-        def log(self, severity: Any, msg: str) -> None:
-            if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
-                errors.append(msg)
-                print(f"TRT-ERROR: {msg}", file=sys.stderr, flush=True)  # survives a crash, unlike `errors`
-
-    logger = Logger()
-
-    def parse(path: str) -> tuple[Any, Any, Any, str]:
-        builder = trt.Builder(logger)
-        network = builder.create_network(0)  # TensorRT-RTX networks are always strongly typed
-        parser = trt.OnnxParser(network, logger)
-        if parser.parse_from_file(path):
-            return builder, network, parser, ""
-        msgs = [parser.get_error(i).desc() for i in range(parser.num_errors)]
-        return builder, network, parser, "; ".join(msgs) or (errors[-1] if errors else "unknown parse error")
-
-    _, ref_net, _ref_parser, ref_err = parse(ref_path)
-    _emit({"stage": "ref_parse", "ok": not ref_err, "layers": ref_net.num_layers, "error": ref_err})
-
-    builder, network, _parser, err = parse(fused_path)
-    types = Counter(str(network.get_layer(i).type).split(".")[-1] for i in range(network.num_layers))
-    _emit({"stage": "fused_parse", "ok": not err, "layers": network.num_layers, "types": dict(types), "error": err})
-    if err:
-        return 0
-    config = builder.create_builder_config()
-    config.num_compute_capabilities = 1
-    config.set_compute_capability(getattr(trt.ComputeCapability, cc), 0)
-    if decomposable:  # what `llm2trt build` does: fp32 attention has no fused kernel to fall back from
-        from llm2trt.trt_worker import allow_attention_decomposition
-
-        allow_attention_decomposition(trt, network)
-    errors.clear()
-    start = time.perf_counter()
-    plan = builder.build_serialized_network(network, config)
-    seconds = round(time.perf_counter() - start, 2)
-    build_err = "" if plan is not None else (errors[-1] if errors else "no engine returned")
-    _emit({"stage": "fused_build", "ok": plan is not None, "seconds": seconds, "error": build_err})
-    return 0
+# Where the ONNX parser found the error, in front of what the error is: the node is the probe's only one.
+_PARSER_WHERE = re.compile(r"^In node \d+ with name: .*? and operator: \S+ \(\w+\): \w+: ")
 
 
-def probe_trt(case: Case, work: Path, cc: str, timeout: int, decomposable: bool) -> TrtResult:
+def trt_failure(exc: WorkerFailed) -> TrtFailure:
+    """run_worker's failure in the table's terms: the phase, how it failed, TensorRT's last word."""
+    if exc.signal is not None:
+        return TrtFailure(exc.phase, f"crash ({exc.signal})", exc.detail)
+    if not exc.reported:  # the worker exited without writing a result
+        return TrtFailure(exc.phase, "error", exc.detail)
+    return TrtFailure(exc.phase, "fail", _PARSER_WHERE.sub("", exc.detail))
+
+
+class TrtTimeout(Exception):
+    """--trt-timeout ran out."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: int) -> Iterator[None]:
+    """Raise TrtTimeout after `seconds` (0: no limit). run_worker has no time limit of its own, but it stops its
+    worker (SIGTERM, then SIGKILL) on any exception raised while it waits, this one included."""
+
+    def expire(signum: int, frame: FrameType | None) -> None:
+        raise TrtTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@dataclass(frozen=True)
+class TrtTarget:
+    """How every probe model is parsed and built: TensorRT-RTX, ahead of time for one compute capability."""
+
+    cc: str  # sm89
+    decomposable: bool
+    timeout: int
+
+    def run(self, onnx_path: Path, build: bool) -> BuildResult:
+        """Parse one model in the worker (with `build`, build it too); raises run_worker's WorkerFailed."""
+        with tempfile.TemporaryDirectory(prefix="probe-trt-") as tmp:  # fresh: never a stale result.json
+            scratch = Path(tmp)
+            request = BuildRequest(
+                backend="tensorrt_rtx",
+                onnx=str(onnx_path),
+                engine=str(scratch / "model.engine") if build else None,
+                profiles=[],
+                compute_capability=self.cc,
+                decomposable_attention=self.decomposable,
+            )
+            return run_worker(request, scratch)
+
+
+def _add_layers(res: TrtResult, result: BuildResult | None) -> None:
+    if result is None:
+        return
+    res.layers_fused = result.layers
+    res.notes.append("TRT layers: " + ", ".join(f"{n}x{t}" for t, n in sorted(result.layer_types.items())))
+
+
+def _parse_only(path: Path, target: TrtTarget) -> BuildResult | None:
+    try:
+        return target.run(path, build=False)
+    except WorkerFailed:
+        return None
+
+
+def _probe_trt_ref(res: TrtResult, ref_path: Path, target: TrtTarget) -> None:
+    """Parse the decomposed reference, for its layer count."""
+    try:
+        res.layers_ref = target.run(ref_path, build=False).layers
+    except WorkerFailed as exc:
+        res.notes.append(trt_failure(exc).note.replace("TRT ", "TRT reference ", 1))
+
+
+def _probe_trt_fused(res: TrtResult, fused_path: Path, target: TrtTarget) -> None:
+    """Parse and build the fused model. When the build fails, a parse on its own recovers the layer counts."""
+    try:
+        result = target.run(fused_path, build=True)
+    except WorkerFailed as exc:
+        failure = trt_failure(exc)
+        if failure.stage == "build":
+            res.parse, res.build = "ok", failure.status
+            _add_layers(res, _parse_only(fused_path, target))
+        else:
+            res.parse = failure.status
+        res.notes.append(failure.note)
+        return
+    res.parse = res.build = "ok"
+    _add_layers(res, result)
+
+
+def probe_trt(case: Case, work: Path, target: TrtTarget) -> TrtResult:
     fused_path, ref_path = work / f"{case.name}.{case.dtype}.fused.onnx", work / f"{case.name}.{case.dtype}.ref.onnx"
     onnx.save(case.fused, fused_path)
     onnx.save(case.ref, ref_path)
     res = TrtResult()
-    cmd = [sys.executable, __file__, "--trt-child", str(fused_path), str(ref_path), "--cc", cc]
-    if decomposable:
-        cmd.append("--decomposable-attention")
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        res.parse = res.build = f"timeout ({timeout} s)"
-        return res
-    stages = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            rec = json.loads(line)
-            stages[rec["stage"]] = rec
-    if "ref_parse" in stages:
-        res.layers_ref = stages["ref_parse"]["layers"] if stages["ref_parse"]["ok"] else None
-        if not stages["ref_parse"]["ok"]:
-            res.notes.append(f"TRT reference parse: {_short(stages['ref_parse']['error'])}")
-    if "fused_parse" in stages:
-        rec = stages["fused_parse"]
-        res.parse = "ok" if rec["ok"] else "fail"
-        res.layers_fused = rec["layers"] if rec["ok"] else None
-        if rec["ok"]:
-            res.notes.append("TRT layers: " + ", ".join(f"{n}x{t}" for t, n in sorted(rec["types"].items())))
-        else:
-            res.notes.append(f"TRT parse: {_short(rec['error'])}")
-    if "fused_build" in stages:
-        rec = stages["fused_build"]
-        res.build = "ok" if rec["ok"] else "fail"
-        if not rec["ok"]:
-            res.notes.append(f"TRT build: {_short(rec['error'])}")
-    if proc.returncode != 0:
-        why = f"crash ({signal.Signals(-proc.returncode).name})" if proc.returncode < 0 else f"exit {proc.returncode}"
-        if res.parse == "-":
-            res.parse = why
-        elif res.parse == "ok" and res.build == "-":
-            res.build = why
-        last = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        err_lines = [ln for ln in last if ln.startswith("TRT-ERROR")] or last
-        last_msg = _short(err_lines[-1]) if err_lines else "none"
-        res.notes.append(f"TRT {why} during {'build' if res.parse == 'ok' else 'parse'}; last message: {last_msg}")
-    elif res.parse == "ok" and res.build == "-":
-        res.build = "skipped"
+        with _time_limit(target.timeout):
+            _probe_trt_ref(res, ref_path, target)
+            _probe_trt_fused(res, fused_path, target)
+    except TrtTimeout:
+        return TrtResult(parse=f"timeout ({target.timeout} s)", build=f"timeout ({target.timeout} s)")
     return res
 
 
@@ -779,12 +937,14 @@ def probe_trt(case: Case, work: Path, cc: str, timeout: int, decomposable: bool)
 # Driver
 # ---------------------------------------------------------------------------------------------------------------
 
+Row = tuple[Case, OrtResult, TrtResult | None]
+
 
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def print_table(rows: list[tuple[Case, OrtResult, TrtResult | None]], with_trt: bool, provider_label: str) -> None:
+def print_table(rows: list[Row], with_trt: bool, provider_label: str) -> None:
     head = ["form", "dtype", f"ORT {provider_label}", "max rel err"]
     if with_trt:
         head += ["TRT parse", "TRT build", "layers f/ref"]
@@ -807,11 +967,18 @@ def print_table(rows: list[tuple[Case, OrtResult, TrtResult | None]], with_trt: 
     print("\nNotes:", *notes or ["  (none)"], sep="\n")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--providers", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime execution provider")
     ap.add_argument("--no-trt", action="store_true", help="skip the TensorRT-RTX parse/build columns")
-    ap.add_argument("--cc", default="SM89", help="TensorRT-RTX compute capability to build for (SM75 ... SM121)")
+    ap.add_argument(
+        "--cc",
+        type=str.lower,
+        choices=RTX_COMPUTE_CAPABILITIES,
+        default="sm89",
+        metavar="CC",
+        help=f"TensorRT-RTX compute capability to build for ({', '.join(RTX_COMPUTE_CAPABILITIES)}; any case)",
+    )
     ap.add_argument("--only", action="append", default=[], help="keep forms whose name contains this (repeatable)")
     ap.add_argument(
         "--dtypes",
@@ -824,63 +991,88 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--runs", type=int, default=50, help="timed runs per session (median reported)")
-    ap.add_argument("--trt-timeout", type=int, default=300)
+    ap.add_argument(
+        "--trt-timeout", type=int, default=300, help="seconds for the TensorRT parses and build of one form (0: none)"
+    )
     ap.add_argument("--keep", type=Path, help="write the probe models here instead of a temporary directory")
-    ap.add_argument("--trt-child", nargs=2, metavar=("FUSED", "REF"), help=argparse.SUPPRESS)
     ap.add_argument(
         "--decomposable-attention",
         action="store_true",
         help="mark attention decomposable before the TensorRT build, as `llm2trt build` does",
     )
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    if args.trt_child:
-        return trt_child(args.trt_child[0], args.trt_child[1], args.cc.upper(), args.decomposable_attention)
 
-    sz = Sizes(args.batch, args.seq, args.heads, args.kv_heads, args.head_dim)
-    if args.providers == "cuda":
-        providers, device = ["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda"
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            print(f"CUDAExecutionProvider not available (have {ort.get_available_providers()})", file=sys.stderr)
-            return 2
-    else:
-        providers, device = ["CPUExecutionProvider"], "cpu"
-    with_trt = not args.no_trt and importlib.util.find_spec("tensorrt_rtx") is not None
-    if not with_trt and not args.no_trt:
+def ort_providers(choice: str) -> tuple[list[str], str] | None:
+    """ONNX Runtime providers and the device IO binding puts inputs on; None when CUDA is asked for and absent."""
+    if choice != "cuda":
+        return ["CPUExecutionProvider"], "cpu"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        print(f"CUDAExecutionProvider not available (have {ort.get_available_providers()})", file=sys.stderr)
+        return None
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda"
+
+
+def trt_backend(no_trt: bool) -> Backend | None:
+    if no_trt:
+        return None
+    try:
+        return load_backend("tensorrt_rtx")
+    except WorkerFailed:
         print("tensorrt_rtx is not importable: TensorRT columns skipped", file=sys.stderr)
+        return None
 
+
+def select_cases(sz: Sizes, dtypes: str, only: list[str]) -> list[Case]:
     cases: list[Case] = []
     for make in FAMILIES.values():
-        for dt in (np.dtype(name.strip()) for name in args.dtypes.split(",")):
-            cases += [c for c in make(sz, dt) if not args.only or any(o in c.name for o in args.only)]
+        for dt in (np.dtype(name.strip()) for name in dtypes.split(",")):
+            cases += [c for c in make(sz, dt) if not only or any(o in c.name for o in only)]
+    return cases
 
-    started = time.perf_counter()
-    rows: list[tuple[Case, OrtResult, TrtResult | None]] = []
+
+def run_cases(
+    cases: list[Case], providers: list[str], device: str, runs: int, keep: Path | None, target: TrtTarget | None
+) -> list[Row]:
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
-        work = args.keep or Path(tmp)
+        work = keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         for case in cases:
-            o = probe_ort(case, providers, device, args.runs)
-            t = (
-                probe_trt(case, work, args.cc.upper(), args.trt_timeout, args.decomposable_attention)
-                if with_trt
-                else None
-            )
+            o = probe_ort(case, providers, device, runs)
+            t = probe_trt(case, work, target) if target else None
             rows.append((case, o, t))
             print(f"... {case.name} [{case.dtype}] done", file=sys.stderr, flush=True)
+    return rows
 
+
+def print_header(sz: Sizes, backend: Backend | None, cc: str) -> None:
     versions = f"onnxruntime {ort.__version__}, onnx {onnx.__version__}"
-    if with_trt:
-        import tensorrt_rtx as trt
-
-        versions += f", tensorrt_rtx {trt.__version__} (build for {args.cc.upper()})"
+    if backend is not None:
+        versions += f", tensorrt_rtx {backend.version} (build for {cc.upper()})"
     print(
         f"Fused-op probe: {versions}; B={sz.batch} S={sz.seq} heads={sz.heads} kv_heads={sz.kv_heads} D={sz.head_dim}"
     )
     print(
         "max rel err = max|fused-ref|/max|ref| vs the decomposed graph; ref/fused = latency ratio (>1: fused faster)\n"
     )
-    print_table(rows, with_trt, args.providers.upper())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sz = Sizes(args.batch, args.seq, args.heads, args.kv_heads, args.head_dim)
+    found = ort_providers(args.providers)
+    if found is None:
+        return 2
+    providers, device = found
+    backend = trt_backend(args.no_trt)
+    target = TrtTarget(args.cc, args.decomposable_attention, args.trt_timeout) if backend else None
+    cases = select_cases(sz, args.dtypes, args.only)
+
+    started = time.perf_counter()
+    rows = run_cases(cases, providers, device, args.runs, args.keep, target)
+    print_header(sz, backend, args.cc)
+    print_table(rows, backend is not None, args.providers.upper())
     print(f"\n{len(cases)} forms in {time.perf_counter() - started:.0f} s")
     return 0
 

@@ -133,8 +133,12 @@ class BuildInfo(Record):
     layer_types: dict[str, int] = field(default_factory=dict)
 
     def render(self) -> str:
+        return self.describe(self.engine)
+
+    def describe(self, engine: str) -> str:
+        """The build in a line (and its inlined plugins), naming the engine as given."""
         text = (
-            f"built {self.engine} with {self.backend} {self.backend_version} for {self.compute_capability}: "
+            f"built {engine} with {self.backend} {self.backend_version} for {self.compute_capability}: "
             f"{self.network_layers} layers, {self.engine_bytes / 1e6:.1f} MB in {self.build_seconds:.1f} s"
         )
         inlined = [p.name for p in self.plugins if p.status != "registered"]
