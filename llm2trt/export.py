@@ -53,7 +53,7 @@ class Converted(Record):
         )
 
 
-def _export_module(
+def export_module(
     model: torch.nn.Module, input_names: list[str], output_names: list[str], forward_kwargs: dict[str, Any]
 ) -> torch.nn.Module:
     """Wrap a transformers model so tensors go in positionally and a tuple comes out."""
@@ -72,7 +72,7 @@ def _export_module(
     return ExportWrapper().eval()
 
 
-def _torchscript_export(
+def torchscript_export(
     module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, graph: GraphSpec, opset: int
 ) -> None:
     import torch
@@ -126,11 +126,11 @@ def _trace(
     model = source.load(dtype, attn)
     cast(Any, model).config.use_cache = False
     names = [t.name for t in graph.inputs], [t.name for t in graph.outputs]
-    module = _export_module(model, *names, dict(spec.forward_kwargs))
+    module = export_module(model, *names, dict(spec.forward_kwargs))
     feeds = spec.sample_inputs(source.config, graph, TRACE_BATCH, TRACE_SEQUENCE)
     args = tuple(to_torch(feeds[t.name]) for t in graph.inputs)
     with step(f"exporting {source.display} to ONNX (TorchScript exporter, opset {opset})"):
-        _torchscript_export(module, args, scratch / "model.onnx", graph, opset)
+        torchscript_export(module, args, scratch / "model.onnx", graph, opset)
     del model, module
     proto = onnx.load(str(scratch / "model.onnx"), load_external_data=True)
     _name_dims(proto, graph.inputs, "input")

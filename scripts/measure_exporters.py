@@ -21,26 +21,11 @@ import torch
 from llm2trt.core.dtypes import DType, to_torch
 from llm2trt.core.manifest import GraphSpec
 from llm2trt.core.numerics import normwise_rel_err, run_ort
-from llm2trt.export import _export_module
+from llm2trt.export import export_module, torchscript_export
 from llm2trt.models import ModelSource, resolve_model
 
 MODELS = ("gpt2", "llama", "bert", "vit")
 EXPORTERS = ("torchscript", "dynamo")
-
-
-def _torchscript_export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, graph: GraphSpec) -> None:
-    tensors = [*graph.inputs, *graph.outputs]
-    axes = {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in tensors}
-    torch.onnx.export(
-        module,
-        args,
-        str(path),
-        dynamo=False,
-        opset_version=17,
-        input_names=[t.name for t in graph.inputs],
-        output_names=[t.name for t in graph.outputs],
-        dynamic_axes=axes,
-    )
 
 
 def _dynamo_export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, graph: GraphSpec) -> None:
@@ -78,7 +63,7 @@ def export(kind: str, name: str, work: Path) -> tuple[float, int, float, str, st
     spec, config = source.spec, source.config
     graph = spec.graph_spec(config, DType.FP32)
     model = source.load(DType.FP32, "sdpa")
-    module = _export_module(
+    module = export_module(
         model, [t.name for t in graph.inputs], [t.name for t in graph.outputs], dict(spec.forward_kwargs)
     )
     feeds = spec.sample_inputs(config, graph, 2, 8)
@@ -87,7 +72,10 @@ def export(kind: str, name: str, work: Path) -> tuple[float, int, float, str, st
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        (_torchscript_export if kind == "torchscript" else _dynamo_export)(module, args, path, graph)
+        if kind == "torchscript":  # what `llm2trt convert` runs, export-time patches included
+            torchscript_export(module, args, path, graph, 17)
+        else:
+            _dynamo_export(module, args, path, graph)
     seconds = time.perf_counter() - start
     proto = onnx.load(str(path), load_external_data=False)
     dims = ",".join(d.dim_param or str(d.dim_value) for d in proto.graph.input[0].type.tensor_type.shape.dim)
