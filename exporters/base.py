@@ -12,22 +12,41 @@ for a config and dtype, and `sample_inputs` makes inputs for any such graph.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
 
 from llm2trt.core.dtypes import DType
 from llm2trt.core.errors import InputError
-from llm2trt.core.kv import KVLayout
+from llm2trt.core.kv import (
+    BATCH,
+    CACHE_SEQUENCE,
+    FIXED,
+    GROWING,
+    PAST_SEQUENCE,
+    SEQUENCE,
+    TOTAL_SEQUENCE,
+    KVForm,
+    KVLayout,
+)
 from llm2trt.core.manifest import DimRange, GraphSpec, TensorSpec
-
-BATCH = "batch"
-SEQUENCE = "sequence"
 
 # An input declaration: its dtype (None: the model's float dtype) and symbolic shape.
 InputDecl = tuple[DType | None, tuple[str, ...]]
-Sampler = Callable[[Any, int, int, np.random.Generator], np.ndarray]
+
+
+@dataclass(frozen=True)
+class SampleShape:
+    """The sizes of one set of sample inputs: `past` tokens already in the cache (KV graphs)."""
+
+    batch: int
+    sequence: int
+    past: int = 0
+    cache: int = 0  # slots of a fixed-size cache buffer (>= past + sequence)
+
+
+Sampler = Callable[[Any, SampleShape, np.random.Generator], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -40,37 +59,44 @@ class TaskDecl:
 
 @dataclass(frozen=True)
 class GraphVariant:
-    """One graph an artifact can hold: its inputs, in graph order (outputs come from the task)."""
+    """One graph an artifact can hold: its inputs, in graph order (outputs come from the task),
+    and the form of its KV cache (None: no cache). The cache's tensors follow the inputs and the
+    outputs, named by llm2trt.core.kv."""
 
     name: str
     inputs: Mapping[str, InputDecl]
-    kv_cache: bool = False
+    kv_form: KVForm | None = None
+    exported: bool = True  # False: only a pass makes it (convert never writes it directly)
 
 
-def _input_ids(config: Any, batch: int, sequence: int, rng: np.random.Generator) -> np.ndarray:
-    return rng.integers(0, config.vocab_size, size=(batch, sequence), dtype=np.int64)
+def _input_ids(config: Any, shape: SampleShape, rng: np.random.Generator) -> np.ndarray:
+    return rng.integers(0, config.vocab_size, size=(shape.batch, shape.sequence), dtype=np.int64)
 
 
-def _attention_mask(config: Any, batch: int, sequence: int, rng: np.random.Generator) -> np.ndarray:
-    mask = np.ones((batch, sequence), dtype=np.int64)
-    if batch > 1 and sequence > 2:  # the last row right-padded, so masks are exercised
-        mask[-1, -(sequence // 4 or 1) :] = 0
+def _attention_mask(config: Any, shape: SampleShape, rng: np.random.Generator) -> np.ndarray:
+    # Over the cached tokens too. The last row's newest tokens are padding, so masks are exercised
+    # (right padding: every query still sees a token, as in real batches).
+    total = shape.past + shape.sequence
+    mask = np.ones((shape.batch, total), dtype=np.int64)
+    if shape.batch > 1 and shape.sequence > 2:
+        mask[-1, -(shape.sequence // 4 or 1) :] = 0
     return mask
 
 
-def _position_ids(config: Any, batch: int, sequence: int, rng: np.random.Generator) -> np.ndarray:
-    return np.broadcast_to(np.arange(sequence, dtype=np.int64), (batch, sequence)).copy()
+def _position_ids(config: Any, shape: SampleShape, rng: np.random.Generator) -> np.ndarray:
+    positions = np.arange(shape.past, shape.past + shape.sequence, dtype=np.int64)
+    return np.broadcast_to(positions, (shape.batch, shape.sequence)).copy()
 
 
-def _token_type_ids(config: Any, batch: int, sequence: int, rng: np.random.Generator) -> np.ndarray:
-    types = np.zeros((batch, sequence), dtype=np.int64)
-    types[:, sequence // 2 :] = 1
+def _token_type_ids(config: Any, shape: SampleShape, rng: np.random.Generator) -> np.ndarray:
+    types = np.zeros((shape.batch, shape.sequence), dtype=np.int64)
+    types[:, shape.sequence // 2 :] = 1
     return types
 
 
-def _pixel_values(config: Any, batch: int, sequence: int, rng: np.random.Generator) -> np.ndarray:
+def _pixel_values(config: Any, shape: SampleShape, rng: np.random.Generator) -> np.ndarray:
     size = int(config.image_size)
-    return rng.standard_normal((batch, int(config.num_channels), size, size)).astype(np.float32)
+    return rng.standard_normal((shape.batch, int(config.num_channels), size, size)).astype(np.float32)
 
 
 class ExportSpec:
@@ -128,6 +154,19 @@ class ExportSpec:
         known = ", ".join(v.name for v in self.variants)
         raise InputError(f"{self.name} has no graph variant {name!r}; it has {known}")
 
+    def default_variant(self, kv_cache: bool = True) -> str:
+        """What `convert` exports: the first variant, or the first without a cache."""
+        if kv_cache:
+            return self.variants[0].name
+        return next(v.name for v in self.variants if v.kv_form is None)
+
+    def variant_for(self, kv_form: KVForm | None) -> str:
+        """The variant whose cache has this form (None: without a cache)."""
+        for variant in self.variants:
+            if variant.kv_form == kv_form:
+                return variant.name
+        raise InputError(f"{self.name} has no graph with a {kv_form or 'no'} KV cache")
+
     def graph_spec(self, config: Any, dtype: DType, variant: str | None = None) -> GraphSpec:
         """The manifest's description of one graph variant for this config, in `dtype`."""
         decl = self.variant(variant)
@@ -136,9 +175,13 @@ class ExportSpec:
             for name, (in_dtype, shape) in decl.inputs.items()
         ]
         outputs = [TensorSpec(name, dtype, self.output_shape(config, name)) for name in self.task(config).outputs]
+        layout = self.kv_layout(config)
+        kv = replace(layout, form=decl.kv_form) if decl.kv_form and layout is not None else None
+        if kv is not None:
+            inputs += [TensorSpec(name, dtype, shape) for name, shape in kv.past_shapes()]
+            outputs += [TensorSpec(name, dtype, shape) for name, shape in kv.present_shapes()]
         symbolic = {d for t in inputs for d in t.symbolic_dims()}
         dims = {k: v for k, v in self.dim_ranges(config).items() if k in symbolic}
-        kv = self.kv_layout(config) if decl.kv_cache else None
         return GraphSpec(decl.name, inputs, outputs, outputs[0].name, dims, kv)
 
     def input_shape(self, config: Any, name: str, declared: tuple[str, ...]) -> list[int | str]:
@@ -165,23 +208,33 @@ class ExportSpec:
         ranges = {}
         limit = self.position_limit(config)
         for dim, (lo, opt, hi) in self.default_dims.items():
-            cap = int(limit) if dim == SEQUENCE and limit else hi
+            cap = int(limit) if dim in _POSITION_DIMS and limit else hi
             ranges[dim] = DimRange(lo, min(opt, cap), min(hi, cap))
         return ranges
 
     # -- what the exporter and the checks feed it ----------------------------------------------
 
     def sample_inputs(
-        self, config: Any, graph: GraphSpec, batch: int, sequence: int, seed: int = 0
+        self, config: Any, graph: GraphSpec, batch: int, sequence: int, seed: int = 0, past: int | None = None
     ) -> dict[str, np.ndarray]:
-        """Inputs of `graph` for tracing and comparison, in the graph's dtypes."""
+        """Inputs of `graph` for tracing and comparison, in the graph's dtypes. A KV graph gets
+        `past` cached tokens (by default half the sequence, at least one)."""
         rng = np.random.default_rng(seed)
+        shape = SampleShape(batch, sequence)
+        if graph.kv_cache is not None:
+            past = max(1, sequence // 2) if past is None else past
+            shape = SampleShape(batch, sequence, past, past + sequence)
+        cache = set(graph.kv_cache.past_names) if graph.kv_cache else set()
         feeds: dict[str, np.ndarray] = {}
         for tensor in graph.inputs:
             sampler = self.samplers.get(tensor.name)
-            if sampler is None:
+            if tensor.name in cache:
+                value = _cache_sample(graph.kv_cache, shape, rng)
+            elif sampler is not None:
+                value = sampler(config, shape, rng)
+            else:
                 raise NotImplementedError(f"{type(self).__name__} has no sample for input {tensor.name!r}")
-            feeds[tensor.name] = tensor.dtype.cast(sampler(config, batch, sequence, rng))
+            feeds[tensor.name] = tensor.dtype.cast(value)
         return feeds
 
     # -- the built-in tiny model ---------------------------------------------------------------
@@ -199,15 +252,42 @@ class ExportSpec:
 
 _TEXT_IDS: dict[str, InputDecl] = {"input_ids": (DType.INT64, (BATCH, SEQUENCE))}
 _MASK: dict[str, InputDecl] = {"attention_mask": (DType.INT64, (BATCH, SEQUENCE))}
+_POSITIONS: dict[str, InputDecl] = {"position_ids": (DType.INT64, (BATCH, SEQUENCE))}
+# Dims that count token positions: their ranges are capped by the model's position limit.
+_POSITION_DIMS = (SEQUENCE, PAST_SEQUENCE, TOTAL_SEQUENCE, CACHE_SEQUENCE)
+
+
+def _cache_sample(kv: Any, shape: SampleShape, rng: np.random.Generator) -> np.ndarray:
+    """Cached keys or values: `past` tokens in a growing cache, a buffer of `cache` slots in a fixed one
+    (slots past the valid ones hold garbage, as a real buffer would)."""
+    length = shape.cache if kv.form == FIXED else shape.past
+    return rng.standard_normal((shape.batch, kv.num_kv_heads, length, kv.head_dim)).astype(np.float32)
 
 
 class DecoderSpec(ExportSpec):
     """Causal language models: token ids in, logits out; a KV cache of (batch, heads, seq, dim)."""
 
     variants: ClassVar[tuple[GraphVariant, ...]] = (
-        # The whole sequence at once, no cache (the KV-cache graph is the next variant).
-        GraphVariant("logits", {**_TEXT_IDS, **_MASK, "position_ids": (DType.INT64, (BATCH, SEQUENCE))}),
+        # One graph for prefill and decode: the mask spans cached and new tokens, positions are given
+        # (left padding), the cache goes in and comes out (names from llm2trt.core.kv).
+        GraphVariant(
+            "decoder",
+            {**_TEXT_IDS, "attention_mask": (DType.INT64, (BATCH, TOTAL_SEQUENCE)), **_POSITIONS},
+            kv_form=GROWING,
+        ),
+        # The whole sequence at once, no cache (`convert --no-kv-cache`).
+        GraphVariant("logits", {**_TEXT_IDS, **_MASK, **_POSITIONS}),
+        # A fixed-size cache buffer (`optimize --kv-form fixed`): rows left-aligned, so positions are
+        # cache slots and no attention_mask is needed.
+        GraphVariant("decoder_fixed", {**_TEXT_IDS, **_POSITIONS}, kv_form=FIXED, exported=False),
     )
+    default_dims: ClassVar[Mapping[str, tuple[int, int, int]]] = {
+        BATCH: (1, 1, 8),
+        SEQUENCE: (1, 128, 1024),
+        PAST_SEQUENCE: (1, 128, 1024),
+        TOTAL_SEQUENCE: (1, 256, 1024),
+        CACHE_SEQUENCE: (1, 1024, 1024),
+    }
     forward_kwargs: ClassVar[Mapping[str, Any]] = {"use_cache": False}
 
     def output_shape(self, config: Any, output: str) -> list[int | str]:

@@ -22,6 +22,7 @@ from typing import Any
 
 from llm2trt.core.artifact import load_onnx, sha256_files, staged_output
 from llm2trt.core.errors import BackendError, InputError
+from llm2trt.core.kv import CACHE_SEQUENCE, FIXED, PAST_SEQUENCE, SEQUENCE, TOTAL_SEQUENCE
 from llm2trt.core.manifest import BUILD_NAME, ENGINE_NAME, DimRange, GraphSpec, Manifest, PassRecord
 from llm2trt.core.records import Record, RecordError
 from llm2trt.core.reports import BuildInfo, Profile, ShapeRange
@@ -162,7 +163,24 @@ class _Plan:
     backend: Backend
     compute_capability: str | None
     dims: dict[str, DimRange]
-    profile: Profile
+    profiles: dict[str, Profile]  # by name: "all", or "prefill" and "decode" for KV graphs
+    static: dict[str, int]  # symbolic dims the engine fixes (a fixed-size cache buffer's length)
+
+
+def kv_profile_dims(graph: GraphSpec, dims: dict[str, DimRange]) -> dict[str, dict[str, DimRange]]:
+    """A prefill and a decode profile for a KV graph, neither with a zero-length dim (TensorRT
+    rejects them): a growing cache's prefill takes one masked dummy slot as its past (the runtime
+    feeds it), so past_sequence is 1 there, and total = past + sequence in both."""
+    kv = graph.kv_cache
+    if kv is None:
+        return {"all": dims}
+    seq, one = dims[SEQUENCE], DimRange(1, 1, 1)
+    if kv.form == FIXED:
+        return {"prefill": dims, "decode": {**dims, SEQUENCE: one}}
+    past = dims[PAST_SEQUENCE]
+    prefill = {SEQUENCE: seq, PAST_SEQUENCE: one, TOTAL_SEQUENCE: DimRange(seq.min + 1, seq.opt + 1, seq.max + 1)}
+    decode = {SEQUENCE: one, PAST_SEQUENCE: past, TOTAL_SEQUENCE: DimRange(past.min + 1, past.opt + 1, past.max + 1)}
+    return {"prefill": {**dims, **prefill}, "decode": {**dims, **decode}}
 
 
 def _plan(
@@ -179,7 +197,34 @@ def _plan(
     if unknown:
         raise InputError(f"--profile names unknown dims {sorted(unknown)}; this model's dims are {sorted(graph_dims)}")
     dims = {name: rng for name, rng in {**graph.dims, **overrides}.items() if name in graph_dims}
-    return _Plan(backend, resolved, dims, profile_shapes(graph, dims))
+    static: dict[str, int] = {}
+    if graph.kv_cache is not None and graph.kv_cache.form == FIXED:
+        # TensorRT's KV_CACHE_UPDATE wants the buffer's length static ("The KV cache tensor must
+        # have a static sequence length dimension"): the engine holds the range's max slots.
+        static[CACHE_SEQUENCE] = dims[CACHE_SEQUENCE].max
+        dims[CACHE_SEQUENCE] = DimRange(*[static[CACHE_SEQUENCE]] * 3)
+    profiles = {name: profile_shapes(graph, ranges) for name, ranges in kv_profile_dims(graph, dims).items()}
+    return _Plan(backend, resolved, dims, profiles, static)
+
+
+def specialize(onnx_path: Path, scratch: Path, static: dict[str, int]) -> Path:
+    """A copy of the graph (weights not copied: its data files are linked) whose I/O has the given
+    symbolic dims fixed, for TensorRT layers that need them static."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    for value in [*model.graph.input, *model.graph.output]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in static:
+                dim.dim_value = static[dim.dim_param]
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            target = scratch / entry.value
+            if entry.key == "location" and not target.exists():
+                target.symlink_to(onnx_path.parent.resolve() / entry.value)
+    path = scratch / onnx_path.name
+    onnx.save(model, str(path))
+    return path
 
 
 def build(
@@ -203,11 +248,12 @@ def build(
     with staged_output(out, force, reads=[artifact]) as stage:
         scratch = stage / ".worker"
         scratch.mkdir()
+        source = specialize(onnx_path, scratch, plan.static) if plan.static else onnx_path.resolve()
         request = BuildRequest(
             backend=plan.backend.name,
-            onnx=str(onnx_path.resolve()),
+            onnx=str(source),
             engine=str(stage / ENGINE_NAME),
-            profiles=[plan.profile],
+            profiles=list(plan.profiles.values()),
             compute_capability=plan.compute_capability,
             strip_weights=strip_weights,
             timing_cache=str(timing_cache.resolve()) if timing_cache else None,
@@ -221,7 +267,7 @@ def build(
         onnx_rel = os.path.relpath(onnx_path.resolve(), out_dir)
         info = _info(manifest, graph, plan, result, round(time.perf_counter() - start, 3), strip_weights, onnx_rel)
         info.write(stage / BUILD_NAME)
-        _engine_manifest(manifest, artifact, out_dir, onnx_path, result).write(stage)
+        _engine_manifest(manifest, artifact, out_dir, onnx_path, result, plan).write(stage)
     return Built(str(out), info)
 
 
@@ -235,7 +281,9 @@ def _info(
         strongly_typed=True,
         compute_capability=plan.compute_capability or "current-gpu",
         dims=plan.dims,
-        optimization_profiles=[plan.profile],
+        optimization_profiles=list(plan.profiles.values()),
+        profile_names=list(plan.profiles),
+        static_dims=plan.static,
         plugins=result.plugins,
         timing_cache=result.timing_cache,
         strip_weights=strip,
@@ -252,10 +300,13 @@ def _info(
     )
 
 
-def _engine_manifest(manifest: Manifest, artifact: Path, out: Path, onnx_path: Path, result: BuildResult) -> Manifest:
+def _engine_manifest(
+    manifest: Manifest, artifact: Path, out: Path, onnx_path: Path, result: BuildResult, plan: _Plan
+) -> Manifest:
     """The artifact's manifest as seen from the engine directory: the build recorded, the graph's
     ONNX found by relative path (and its hash), the engine named."""
     record = PassRecord("tensorrt_build", True, {"network_layers": result.layers}, result.build_seconds, stage="build")
     moved = manifest.moved(Path(os.path.abspath(artifact)), out).with_passes([record])
     graph = moved.graph()
-    return moved.with_graph(replace(graph, engine=ENGINE_NAME, onnx_sha256=sha256_files([onnx_path])))
+    dims = {**graph.dims, **{name: plan.dims[name] for name in plan.static}}
+    return moved.with_graph(replace(graph, engine=ENGINE_NAME, onnx_sha256=sha256_files([onnx_path]), dims=dims))

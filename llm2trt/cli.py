@@ -121,6 +121,8 @@ def _quiet_third_party(verbosity: int) -> None:
         warnings.filterwarnings("ignore")
         for name in ("transformers", "torch", "onnxscript", "accelerate"):
             logging.getLogger(name).setLevel(logging.ERROR)
+    if verbosity < 0:  # -q: not even progress bars (transformers' follow huggingface_hub's switch)
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -133,6 +135,7 @@ def cli() -> None:
     optimize  run graph passes over an artifact
     build     compile an artifact into a TensorRT engine
     compare   check an artifact's outputs against PyTorch (and other runners)
+    generate  text from a decoder artifact
     inspect   show what an artifact holds
     """
 
@@ -155,8 +158,16 @@ def cli() -> None:
     show_default=True,
     help="transformers attention implementation traced into the graph.",
 )
+@click.option(
+    "--kv-cache/--no-kv-cache",
+    default=True,
+    show_default=True,
+    help="Decoders: KV-cache inputs and outputs (one graph for prefill and decode).",
+)
 @common_options
-def convert(ctx: Context, model: str, out: Path, force: bool, dtype: str, opset: int, attn_implementation: str) -> None:
+def convert(
+    ctx: Context, model: str, out: Path, force: bool, dtype: str, opset: int, attn_implementation: str, kv_cache: bool
+) -> None:
     """Export MODEL (a Hugging Face directory or model id in the local cache, a .gguf file, or
     tiny:gpt2|llama|bert|vit) to ONNX."""
     from llm2trt.core.artifact import check_output
@@ -166,7 +177,10 @@ def convert(ctx: Context, model: str, out: Path, force: bool, dtype: str, opset:
     check_output(out, force)
     source = resolve_model(model)
     kind = DType.parse(dtype)
-    ctx.emit(run_convert(source, out, dtype=kind, opset=opset, attn_implementation=attn_implementation, force=force))
+    result = run_convert(
+        source, out, dtype=kind, opset=opset, attn_implementation=attn_implementation, kv_cache=kv_cache, force=force
+    )
+    ctx.emit(result)
 
 
 @cli.command()
@@ -189,6 +203,12 @@ def convert(ctx: Context, model: str, out: Path, force: bool, dtype: str, opset:
     is_flag=True,
     help="Write the graph even when an expected fusion did not happen (it still warns).",
 )
+@click.option("--kv-cache", is_flag=True, help="Insert KV-cache I/O into a decoder graph that has none.")
+@click.option(
+    "--kv-form",
+    type=click.Choice(["growing", "fixed"]),
+    help="KV cache form: growing (Concat; the exporter's) or fixed (a buffer updated by TensorScatter).",
+)
 @common_options
 def optimize(
     ctx: Context,
@@ -198,17 +218,20 @@ def optimize(
     check: bool,
     skip_fusion: tuple[str, ...],
     allow_missing_fusions: bool,
+    kv_cache: bool,
+    kv_form: str | None,
 ) -> None:
-    """Run the pass pipeline (cleanup, fusions) over ARTIFACT and write the result to OUT."""
+    """Run the pass pipeline (cleanup, fusions, KV cache) over ARTIFACT and write the result to OUT."""
+    from llm2trt.optimize import KVRequest
     from llm2trt.optimize import optimize as run_optimize
     from llm2trt.passes.pipeline import PipelineOptions
 
     options = PipelineOptions(skip_fusions=skip_fusion)
-    ctx.emit(
-        run_optimize(
-            artifact, out, check=check, force=force, options=options, allow_missing_fusions=allow_missing_fusions
-        )
+    kv = KVRequest(insert=kv_cache, form=kv_form)  # type: ignore[arg-type]
+    result = run_optimize(
+        artifact, out, check=check, force=force, options=options, kv=kv, allow_missing_fusions=allow_missing_fusions
     )
+    ctx.emit(result)
 
 
 @cli.command()
@@ -300,6 +323,75 @@ def compare(
     ctx.emit(result)
     if not result.passed:
         raise CheckFailed(result.breach_message())
+
+
+def _parse_ids(values: tuple[str, ...]) -> list[list[int]]:
+    from llm2trt.core.errors import InputError
+
+    try:
+        return [[int(x) for x in value.replace(" ", "").split(",") if x] for value in values]
+    except ValueError:
+        raise InputError(f"--ids takes comma-separated token ids, e.g. --ids 1,2,3 (got {' '.join(values)})") from None
+
+
+@cli.command()
+@click.argument("artifact", type=PATH)
+@click.option("--prompt", "prompts", multiple=True, help="Prompt text; repeat for a batch.")
+@click.option("--ids", multiple=True, metavar="ID,ID,...", help="A prompt as token ids; repeat for a batch.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=32, show_default=True)
+@click.option(
+    "--runner",
+    default="ort",
+    show_default=True,
+    help="ort (ONNX Runtime), trt (the engine of a build directory) or torch (transformers, the reference).",
+)
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="For ort.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Sample from the k likeliest (0: all).")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Sample from the smallest set of mass p.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--chat", is_flag=True, help="Wrap each prompt in the model's chat template.")
+@common_options
+def generate(
+    ctx: Context,
+    artifact: Path,
+    prompts: tuple[str, ...],
+    ids: tuple[str, ...],
+    max_new_tokens: int,
+    runner: str,
+    provider: str,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int,
+    chat: bool,
+) -> None:
+    """Generate text from a decoder ARTIFACT (greedy unless --temperature); tokens stream as they come."""
+    from llm2trt.generate import Sampling
+    from llm2trt.generate import generate as run_generate
+
+    sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed)
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
+    stream = None if ctx.as_json or ctx.verbosity < 0 or not sys.stdout.isatty() else _echo_inline
+    result = run_generate(
+        artifact,
+        prompts=prompts,
+        ids=_parse_ids(ids),
+        sampling=sampling,
+        runner=runner,
+        providers=providers,
+        chat=chat,
+        stream=stream,
+    )
+    if stream is not None:
+        click.echo()
+        ctx.emitted = True  # the text is out already
+        return
+    ctx.emit(result)
+
+
+def _echo_inline(text: str) -> None:
+    click.echo(text, nl=False)
 
 
 @cli.command(name="inspect")

@@ -6,6 +6,7 @@ measurements behind that choice.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import shutil
 import warnings
@@ -19,8 +20,9 @@ from llm2trt import __version__
 from llm2trt.core.artifact import op_counts, save_onnx, staged_output
 from llm2trt.core.dtypes import DType, to_torch
 from llm2trt.core.errors import BackendError, InputError
+from llm2trt.core.kv import FIXED
 from llm2trt.core.log import step
-from llm2trt.core.manifest import GraphSpec, Manifest, TensorSpec
+from llm2trt.core.manifest import GenerationDefaults, GraphSpec, Manifest, TensorSpec
 from llm2trt.core.records import Record
 from llm2trt.models import ModelSource
 from llm2trt.patches import sdpa_for_export
@@ -53,11 +55,19 @@ class Converted(Record):
         )
 
 
-def export_module(
-    model: torch.nn.Module, input_names: list[str], output_names: list[str], forward_kwargs: dict[str, Any]
-) -> torch.nn.Module:
-    """Wrap a transformers model so tensors go in positionally and a tuple comes out."""
+def export_module(model: torch.nn.Module, graph: GraphSpec, forward_kwargs: dict[str, Any]) -> torch.nn.Module:
+    """The transformers model with the graph's interface: its inputs positionally, in graph order,
+    and a tuple of its outputs. KV graphs take the cache as plain tensors (transformers' cache
+    objects cannot cross the exporter) and return the updated cache after the model's outputs.
+
+    A fixed-size cache (only ever produced by rewriting an exported graph) is emulated for the
+    PyTorch reference: the valid prefix goes in, the new entries are written into the buffer.
+    """
     import torch
+
+    inputs, outputs, kv = [t.name for t in graph.inputs], [t.name for t in graph.outputs], graph.kv_cache
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    model_outputs = [name for name in outputs if kv is None or name not in kv.present_names]
 
     class ExportWrapper(torch.nn.Module):
         def __init__(self) -> None:
@@ -65,11 +75,48 @@ def export_module(
             self.model = model
 
         def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            out = self.model(**dict(zip(input_names, args, strict=True)), **forward_kwargs, return_dict=True)
-            return tuple(out[name] for name in output_names)
+            named = dict(zip(inputs, args, strict=True))
+            if kv is None:
+                out = self.model(**named, **forward_kwargs, return_dict=True)
+                return tuple(out[name] for name in outputs)
+            past = [named.pop(name) for name in kv.past_names]
+            if kv.form == FIXED:
+                return _run_fixed(self.model, named, past, cache_arg, model_outputs)
+            out, presents = _run_cached(self.model, named, past, cache_arg)
+            return (*(out[name] for name in model_outputs), *presents)
 
     # The exporter restores the wrapper's own train/eval mode afterwards: it must be eval too.
     return ExportWrapper().eval()
+
+
+def _run_cached(
+    model: torch.nn.Module, named: dict[str, torch.Tensor], past: list[torch.Tensor], cache_arg: str
+) -> tuple[Any, list[torch.Tensor]]:
+    from transformers import DynamicCache
+
+    cache = DynamicCache(ddp_cache_data=[(past[i], past[i + 1]) for i in range(0, len(past), 2)])
+    out = model(**named, **{cache_arg: cache}, use_cache=True, return_dict=True)
+    updated = out[cache_arg]
+    return out, [t for layer in updated.layers for t in (layer.keys, layer.values)]
+
+
+def _run_fixed(
+    model: torch.nn.Module, named: dict[str, torch.Tensor], buffers: list[torch.Tensor], cache_arg: str,
+    outputs: list[str],
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    import torch
+
+    positions = named["position_ids"]
+    start = int(positions[0, 0])
+    if not bool((positions[:, 0] == start).all()):
+        raise InputError("the PyTorch reference of a fixed-size cache takes rows at one position")
+    length = positions.shape[1]
+    named["attention_mask"] = torch.ones(positions.shape[0], start + length, dtype=torch.int64)
+    out, presents = _run_cached(model, named, [b[:, :, :start] for b in buffers], cache_arg)
+    updated = [buffer.clone() for buffer in buffers]
+    for buffer, present in zip(updated, presents, strict=True):
+        buffer[:, :, start : start + length] = present[:, :, start:]
+    return (*(out[name] for name in outputs), *updated)
 
 
 def torchscript_export(
@@ -124,9 +171,8 @@ def _trace(
     """Load the model, trace one graph variant and return it as ONNX with the manifest's dims."""
     spec = source.spec
     model = source.load(dtype, attn)
-    cast(Any, model).config.use_cache = False
-    names = [t.name for t in graph.inputs], [t.name for t in graph.outputs]
-    module = export_module(model, *names, dict(spec.forward_kwargs))
+    cast(Any, model).config.use_cache = graph.kv_cache is not None
+    module = export_module(model, graph, dict(spec.forward_kwargs))
     feeds = spec.sample_inputs(source.config, graph, TRACE_BATCH, TRACE_SEQUENCE)
     args = tuple(to_torch(feeds[t.name]) for t in graph.inputs)
     with step(f"exporting {source.display} to ONNX (TorchScript exporter, opset {opset})"):
@@ -139,6 +185,20 @@ def _trace(
     return proto
 
 
+TOKENIZER_DIR = "tokenizer"
+
+
+def _save_tokenizer(source: ModelSource, stage: Path) -> GenerationDefaults:
+    """Keep the tokenizer (and chat template) inside the artifact: generation then needs neither the
+    source nor a 30-second GGUF tokenizer load."""
+    tokenizer = source.tokenizer()
+    defaults = source.generation_defaults(tokenizer)
+    if tokenizer is None:
+        return defaults
+    tokenizer.save_pretrained(str(stage / TOKENIZER_DIR))
+    return replace(defaults, tokenizer=TOKENIZER_DIR)
+
+
 def convert(
     source: ModelSource,
     out: Path,
@@ -146,16 +206,18 @@ def convert(
     dtype: DType = DType.FP32,
     opset: int = DEFAULT_OPSET,
     attn_implementation: str = "sdpa",
+    kv_cache: bool = True,
     force: bool = False,
 ) -> Converted:
-    """Export `source` into the artifact directory `out`."""
+    """Export `source` into the artifact directory `out`: decoders with KV-cache I/O unless
+    `kv_cache` is False."""
     if opset not in OPSETS:
         raise InputError(
             f"opset {opset} is outside what the TorchScript exporter supports "
             f"({OPSETS.start}-{OPSETS.stop - 1}); fused opset-23 ops come from `optimize`"
         )
     spec, config = source.spec, source.config
-    graph = spec.graph_spec(config, dtype)
+    graph = spec.graph_spec(config, dtype, spec.default_variant(kv_cache))
     with staged_output(out, force) as stage:
         scratch = stage / "export"
         scratch.mkdir()
@@ -164,6 +226,7 @@ def convert(
         with step("writing model.onnx and its external weights"):
             nbytes = save_onnx(proto, stage)
         logger.info("wrote %d nodes, %.1f MB of weights", len(proto.graph.node), nbytes / 1e6)
+        generation = _save_tokenizer(source, stage) if spec.task(config).task == "text-generation" else None
         manifest = Manifest(
             architecture=spec.name,
             model_type=str(config.model_type),
@@ -176,6 +239,7 @@ def convert(
             attn_implementation=attn_implementation,
             exporter="torchscript",
             model_config=config.to_diff_dict(),
+            generation=generation,
         )
         manifest.write(stage)
     return Converted(source.display, str(out), manifest)

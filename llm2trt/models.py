@@ -20,7 +20,7 @@ from llm2trt.core.artifact import sha256_files
 from llm2trt.core.dtypes import DType
 from llm2trt.core.errors import InputError
 from llm2trt.core.log import step
-from llm2trt.core.manifest import Manifest, SourceInfo
+from llm2trt.core.manifest import GenerationDefaults, Manifest, SourceInfo
 from llm2trt.exporters import ExportSpec, all_specs, get_spec, spec_for_model_type
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ TINY_PREFIX = "tiny:"
 TINY_SEED = 0
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tokenizer_config.json")
 
 # transformers must never reach for a hub: every load is local.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -116,6 +117,52 @@ class ModelSource:
                 raise InputError(f"cannot load weights of {self.display}: {_first_line(exc)}") from None
         model.eval()
         return model  # type: ignore[no-any-return]
+
+    def tokenizer(self) -> Any | None:
+        """The model's tokenizer (HF directory with tokenizer files, or the GGUF's), else None."""
+        from transformers import AutoTokenizer
+
+        if self.kind == "tiny":
+            return None
+        if self.kind == "hf" and not any((Path(self.location) / f).is_file() for f in _TOKENIZER_FILES):
+            return None
+        path = Path(self.location)
+        kwargs = {"gguf_file": path.name} if self.kind == "gguf" else {}
+        where = str(path.parent) if self.kind == "gguf" else self.location
+        with step(f"loading the tokenizer of {self.display}"):
+            try:
+                return AutoTokenizer.from_pretrained(where, local_files_only=True, **kwargs)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                logger.warning("no tokenizer for %s: %s", self.display, _first_line(exc))
+                return None
+
+    def generation_defaults(self, tokenizer: Any | None) -> GenerationDefaults:
+        """EOS, pad and BOS ids: the generation config's, else the model config's, else the tokenizer's."""
+        sources = [self.config]
+        if self.kind == "hf" and (Path(self.location) / "generation_config.json").is_file():
+            from transformers import GenerationConfig
+
+            sources.insert(0, GenerationConfig.from_pretrained(self.location, local_files_only=True))
+        eos: list[int] = []
+        for source in sources:
+            value = getattr(source, "eos_token_id", None)
+            eos = [int(v) for v in (value if isinstance(value, (list, tuple)) else [value]) if v is not None]
+            if eos:
+                break
+        if not eos and tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos = [int(tokenizer.eos_token_id)]
+        pad = next(
+            (getattr(s, "pad_token_id", None) for s in sources if getattr(s, "pad_token_id", None) is not None), None
+        )
+        if pad is None and tokenizer is not None:
+            pad = tokenizer.pad_token_id
+        bos = getattr(self.config, "bos_token_id", None)
+        return GenerationDefaults(
+            eos_token_ids=eos,
+            pad_token_id=int(pad) if pad is not None else (eos[0] if eos else None),
+            bos_token_id=int(bos) if bos is not None else None,
+            chat_template=bool(getattr(tokenizer, "chat_template", None)),
+        )
 
     def check_unchanged(self, recorded: SourceInfo) -> None:
         """Refuse to compare against a source that changed since it was converted."""

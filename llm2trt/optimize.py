@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from llm2trt.core.artifact import load_onnx, op_counts, save_onnx, staged_output
-from llm2trt.core.errors import BackendError, CheckFailed
+from llm2trt.core.errors import BackendError, CheckFailed, InputError
+from llm2trt.core.kv import FIXED, GROWING, SEQUENCE, KVForm, KVLayout
 from llm2trt.core.log import step
 from llm2trt.core.manifest import REPORT_NAME, GraphSpec, Manifest
 from llm2trt.core.numerics import normwise_rel_err, run_ort
 from llm2trt.core.records import Record
 from llm2trt.core.reports import NumericCheck, OptimizeReport, Refusal
+from llm2trt.export import TOKENIZER_DIR
 from llm2trt.exporters import ExportSpec
 from llm2trt.models import spec_and_config
-from llm2trt.passes.core import Model, PipelineResult
+from llm2trt.passes.core import Model, PassCheckError, PipelineResult
 from llm2trt.passes.fusions import FUSIONS, count_fusions
 from llm2trt.passes.pattern import RewritePass, layer_of, module_of
 from llm2trt.passes.pipeline import PipelineOptions, assemble
@@ -55,8 +60,8 @@ def numeric_check(
 ) -> NumericCheck:
     """Run both graphs in ONNX Runtime on the same inputs; the error per output and the verdict."""
     sequence = CHECK_SEQUENCE
-    if "sequence" in graph.dims:
-        sequence = min(sequence, graph.dims["sequence"].max)
+    if SEQUENCE in graph.dims:
+        sequence = min(sequence, graph.dims[SEQUENCE].max)
     feeds = spec.sample_inputs(config, graph, CHECK_BATCH, sequence, seed=1)
     tolerance = manifest.dtype.tolerance.optimize
     try:
@@ -67,6 +72,37 @@ def numeric_check(
     errors = {name: normwise_rel_err(outputs[name], ref) for name, ref in reference.items()}
     passed = all(err <= tolerance for err in errors.values())
     return NumericCheck(True, None, tolerance, errors, passed, CHECK_BATCH, sequence)
+
+
+# The token-by-token check of a KV rewrite: two prompts of different lengths, then a few tokens.
+KV_CHECK_PROMPTS, KV_CHECK_STEPS = (7, 4), 3
+
+
+def kv_numeric_check(
+    manifest: Manifest, before: tuple[GraphSpec, Path], after: tuple[GraphSpec, Path], config: Any
+) -> NumericCheck:
+    """Run both graphs as decoders on the same prompts and tokens (prefill, then one token at a
+    time through each graph's own cache); the logits of every step must agree."""
+    from llm2trt.session import open_session, ort_executor
+
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, int(config.vocab_size), size=n).tolist() for n in KV_CHECK_PROMPTS]
+    tokens = rng.integers(0, int(config.vocab_size), size=(KV_CHECK_STEPS, len(prompts)))
+    capacity = max(KV_CHECK_PROMPTS) + KV_CHECK_STEPS
+    logits: list[list[np.ndarray]] = []
+    for graph, path in (before, after):
+        try:
+            session = open_session(graph, ort_executor(str(path)), capacity=capacity)
+            steps = [session.prefill(prompts)] + [session.decode(t) for t in tokens]
+        except BackendError as exc:
+            if graph is before[0]:
+                return NumericCheck(False, f"the input graph does not run in ONNX Runtime here ({exc})")
+            raise
+        logits.append(steps)
+    errors = {f"logits step {i}": normwise_rel_err(a, b) for i, (b, a) in enumerate(zip(*logits, strict=True))}
+    tolerance = manifest.dtype.tolerance.optimize
+    passed = all(err <= tolerance for err in errors.values())
+    return NumericCheck(True, None, tolerance, errors, passed, len(prompts), max(KV_CHECK_PROMPTS))
 
 
 @dataclass(frozen=True)
@@ -128,24 +164,73 @@ def _report(
     )
 
 
+@dataclass(frozen=True)
+class KVRequest:
+    """What `optimize` was asked to do with the KV cache (`--kv-cache`, `--kv-form`)."""
+
+    insert: bool = False
+    form: KVForm | None = None
+
+    def plan(self, spec: ExportSpec, config: Any, graph: GraphSpec) -> tuple[KVLayout | None, str]:
+        """The cache layout the graph should end with (None: leave it) and the variant it becomes."""
+        if not self.insert and self.form is None:
+            return None, graph.name
+        layout = spec.kv_layout(config)
+        if layout is None:
+            raise InputError(f"--kv-cache/--kv-form: {spec.name} is not a decoder; it has no KV cache")
+        has = graph.kv_cache
+        if self.insert and has is not None:
+            raise InputError(f"--kv-cache: graph {graph.name!r} already has KV-cache I/O ({has.form} cache)")
+        if not self.insert and has is None:
+            raise InputError(f"--kv-form: graph {graph.name!r} has no KV cache; add --kv-cache to insert one")
+        form = self.form or (has.form if has is not None else GROWING)
+        if has is not None and has.form == FIXED and form == GROWING:
+            raise InputError("--kv-form growing: a fixed-size cache buffer cannot be turned back into a growing cache")
+        return replace(layout, form=form), spec.variant_for(form)
+
+
 def _optimize_graph(
-    artifact: Path, manifest: Manifest, graph: GraphSpec, options: PipelineOptions
-) -> tuple[Model, OptimizeReport]:
+    artifact: Path, manifest: Manifest, graph: GraphSpec, options: PipelineOptions, kv: KVRequest
+) -> tuple[Model, OptimizeReport, GraphSpec]:
+    """Run the pipeline over one graph; the graph's new description (its variant may change)."""
+    spec, config = spec_and_config(manifest)
+    layout, variant = kv.plan(spec, config, graph)
     onnx_path = manifest.onnx_path(artifact, graph.name)
     with step(f"loading {onnx_path}"):
         model = Model.from_onnx(load_onnx(onnx_path))
-    result = assemble(options).run(model)
-    spec, config = spec_and_config(manifest)
+    result = assemble(replace(options, kv_layout=layout, kv_insert=kv.insert)).run(model)
+    target = graph if variant == graph.name else spec.graph_spec(config, manifest.dtype, variant)
+    conform(model, target)
     expect = Expectation.of(spec, config, options.skip_fusions)
-    return model, _report(model, result, expect, options, sum(graph.op_counts.values()))
+    return model, _report(model, result, expect, options, sum(graph.op_counts.values())), target
 
 
-def _check(artifact: Path, manifest: Manifest, graph: GraphSpec, written: Path, check: bool) -> NumericCheck:
+def conform(model: Model, graph: GraphSpec) -> None:
+    """Put the graph's inputs and outputs in the order its description lists them; a pass that left
+    different names is a bug, caught here rather than by a runtime."""
+    for kind, want in (("inputs", graph.inputs), ("outputs", graph.outputs)):
+        have = {t.name: t for t in getattr(model.graph, kind)}
+        names = [t.name for t in want]
+        if sorted(have) != sorted(names):
+            raise PassCheckError(f"graph {kind} {sorted(have)} do not match graph {graph.name!r}: {names}")
+        setattr(model.graph, kind, [have[name] for name in names])
+
+
+def _check(
+    artifact: Path, manifest: Manifest, before: GraphSpec, after: GraphSpec, written: Path, check: bool
+) -> NumericCheck:
     if not check:
         return NumericCheck(False, "--no-check")
     spec, config = spec_and_config(manifest)
+    reference = manifest.onnx_path(artifact, before.name)
     with step("checking the optimized graph against the input in ONNX Runtime"):
-        verdict = numeric_check(manifest, graph, spec, config, manifest.onnx_path(artifact, graph.name), written)
+        if before.kv_cache is None and after.kv_cache is None:
+            verdict = numeric_check(manifest, before, spec, config, reference, written)
+        else:
+            # Token by token through each graph's own cache: a random cache is an input no model
+            # makes (on SmolLM2 it put fp32 rounding at 1e-4 instead of 1e-6 through RMSNorm), and a
+            # KV pass changes the interface anyway.
+            verdict = kv_numeric_check(manifest, (before, reference), (after, written), config)
     if verdict.checked and not verdict.passed:
         name, err = verdict.worst()
         raise CheckFailed(
@@ -161,13 +246,14 @@ def optimize(
     check: bool = True,
     force: bool = False,
     options: PipelineOptions | None = None,
+    kv: KVRequest | None = None,
     allow_missing_fusions: bool = False,
 ) -> Optimized:
     """Optimize every graph of `artifact` into the artifact `out`."""
-    options = options or PipelineOptions()
+    options, kv = options or PipelineOptions(), kv or KVRequest()
     manifest = Manifest.read(artifact)
-    results = {g.name: _optimize_graph(artifact, manifest, g, options) for g in manifest.graphs.values()}
-    missing = [line for _model, report in results.values() for line in report.missing]
+    results = {g.name: _optimize_graph(artifact, manifest, g, options, kv) for g in manifest.graphs.values()}
+    missing = [line for _model, report, _graph in results.values() for line in report.missing]
     if missing and not allow_missing_fusions:
         raise CheckFailed(
             "expected fusions missing: "
@@ -178,24 +264,47 @@ def optimize(
         logger.warning("expected fusion missing: %s", line)
     reports: dict[str, OptimizeReport] = {}
     with staged_output(out, force, reads=[artifact]) as stage:
-        new = manifest
-        for name, (model, report) in results.items():
-            graph, reports[name] = _write_graph(stage, artifact, manifest, manifest.graphs[name], model, report, check)
-            new = replace(new.with_graph(graph).with_passes(report.passes), opset=model.opset)
+        graphs: dict[str, GraphSpec] = {}
+        passes = []
+        for name, (model, report, target) in results.items():
+            before = manifest.graphs[name]
+            written, reports[target.name] = _write_graph(
+                stage, artifact, manifest, before, target, model, report, check
+            )
+            graphs[target.name] = written
+            passes += report.passes
+        new = replace(manifest, graphs=graphs, opset=max(m.opset for m, _r, _g in results.values()))
+        new = copy_tokenizer(new.with_passes(passes), artifact, stage)
         new.write(stage)
         next(iter(reports.values())).write(stage / REPORT_NAME)
     return Optimized(str(artifact), str(out), reports)
 
 
+def copy_tokenizer(manifest: Manifest, artifact: Path, stage: Path) -> Manifest:
+    """The tokenizer travels with every artifact made from one that has it."""
+    generation = manifest.generation
+    if generation is None or generation.tokenizer is None:
+        return manifest
+    shutil.copytree(artifact / generation.tokenizer, stage / TOKENIZER_DIR)
+    return replace(manifest, generation=replace(generation, tokenizer=TOKENIZER_DIR))
+
+
 def _write_graph(
-    stage: Path, artifact: Path, manifest: Manifest, graph: GraphSpec, model: Model, report: OptimizeReport, check: bool
+    stage: Path,
+    artifact: Path,
+    manifest: Manifest,
+    before: GraphSpec,
+    graph: GraphSpec,
+    model: Model,
+    report: OptimizeReport,
+    check: bool,
 ) -> tuple[GraphSpec, OptimizeReport]:
     """Save one optimized graph into the staging directory, check it, and describe it."""
-    filename = Path(graph.onnx).name
+    filename = Path(before.onnx).name
     proto = model.to_onnx()
     with step(f"writing the optimized graph {filename}"):
         save_onnx(proto, stage, filename)
-    verdict = _check(artifact, manifest, graph, stage / filename, check)
+    verdict = _check(artifact, manifest, before, graph, stage / filename, check)
     data = f"{filename}.data"
     written = replace(
         graph,

@@ -64,46 +64,40 @@ def _metadata(specs: list[TensorSpec]) -> TensorMetadata:
 
 
 class TorchRunner(BaseRunner):  # type: ignore[misc]
-    """Runs the transformers model the artifact was exported from."""
+    """Runs the transformers model the artifact was exported from, with the graph's interface
+    (the exporter's own wrapper: cache tensors in and out for KV graphs)."""
 
-    def __init__(
-        self,
-        load: Callable[[], torch.nn.Module],
-        inputs: list[TensorSpec],
-        outputs: list[str],
-        forward_kwargs: dict[str, Any],
-        name: str = "torch",
-    ) -> None:
+    def __init__(self, load: Callable[[], torch.nn.Module], graph: GraphSpec, name: str = "torch") -> None:
         super().__init__(name=name, prefix="torch-runner")
         self._load = load
-        self._inputs = inputs
-        self._outputs = outputs
-        self._forward_kwargs = forward_kwargs
-        self.model: torch.nn.Module | None = None
+        self._graph = graph
+        self.module: torch.nn.Module | None = None
 
     def activate_impl(self) -> None:
-        self.model = self._load()
+        self.module = self._load()
 
     def get_input_metadata_impl(self) -> TensorMetadata:
-        return _metadata(self._inputs)
+        return _metadata(self._graph.inputs)
 
     def infer_impl(self, feed_dict: dict[str, Any]) -> OrderedDict[str, np.ndarray]:
         import torch
 
-        if self.model is None:
+        if self.module is None:
             raise RuntimeError("runner is not active")
-        kwargs = {name: to_torch(np.asarray(value)) for name, value in feed_dict.items()}
+        # Polygraphy hands over inputs in the metadata's host dtype (bfloat16 widened): back to the graph's.
+        args = [to_torch(t.dtype.cast(np.asarray(feed_dict[t.name]))) for t in self._graph.inputs]
         start = time.perf_counter()
         with torch.no_grad():
-            out = self.model(**kwargs, **self._forward_kwargs, return_dict=True)
+            out = self.module(*args)
         self.inference_time = time.perf_counter() - start
-        return OrderedDict((name, to_numpy(out[name])) for name in self._outputs)
+        return OrderedDict((t.name, to_numpy(value)) for t, value in zip(self._graph.outputs, out, strict=True))
 
     def deactivate_impl(self) -> None:
-        self.model = None
+        self.module = None
 
 
 def torch_runner(ctx: RunnerContext, check_source: bool = True) -> TorchRunner:
+    from llm2trt.export import export_module
     from llm2trt.models import source_from_info
 
     manifest = ctx.manifest
@@ -112,15 +106,17 @@ def torch_runner(ctx: RunnerContext, check_source: bool = True) -> TorchRunner:
         source.check_unchanged(manifest.source)
 
     def load() -> torch.nn.Module:
-        return source.load(manifest.dtype, manifest.attn_implementation)
+        model = source.load(manifest.dtype, manifest.attn_implementation)
+        return export_module(model, ctx.graph, dict(source.spec.forward_kwargs))
 
-    outputs = [t.name for t in ctx.graph.outputs]
-    return TorchRunner(load, ctx.graph.inputs, outputs, dict(source.spec.forward_kwargs))
+    return TorchRunner(load, ctx.graph)
 
 
 def ort_runner(ctx: RunnerContext, providers: list[str] | None = None) -> BaseRunner:
+    import onnxruntime
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
+    onnxruntime.set_default_logger_severity(3)  # its notes (TensorScatter copying a buffer) are not ours
     return OnnxrtRunner(SessionFromOnnx(str(ctx.onnx_path()), providers=providers or ["cpu"]), name="ort")
 
 

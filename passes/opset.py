@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import onnx
 from onnx import version_converter
 
 from llm2trt.core.errors import BackendError
 from llm2trt.passes.core import GraphPass, Model, PassResult, gs_quiet, reattach_weights, weightless
 
-# ONNX Runtime 1.31 reads IR up to 13; opset 23 wants IR 11 (ENVIRONMENT.md: set both explicitly).
-IR_FOR_OPSET = {23: 11}
+
+def ir_for_opset(opset: int) -> int:
+    """The IR version of the onnx release that introduced `opset` (ONNX Runtime 1.31 reads IR up
+    to 13 while onnx 1.23 writes 14 by default: ENVIRONMENT.md says set both explicitly)."""
+    return min((ir for _release, ir, ai_onnx, *_ in onnx.helper.VERSION_TABLE if ai_onnx >= opset), default=10)
 
 
 class OpsetUpgrade(GraphPass):
@@ -31,7 +35,7 @@ class OpsetUpgrade(GraphPass):
                 f"cannot convert the graph from opset {current} to {self.target}: "
                 f"{str(exc).strip().splitlines()[0][:300]}"
             ) from None
-        converted.ir_version = max(converted.ir_version, IR_FOR_OPSET.get(self.target, 10))
+        converted.ir_version = max(converted.ir_version, ir_for_opset(self.target))
         upgraded = Model.from_onnx(converted)
         reattach_weights(upgraded.graph, weights)
         # The converter writes attributes that became inputs (ReduceMean axes, ...) as Constant

@@ -11,10 +11,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from llm2trt.core.kv import FIXED, KVLayout
 from llm2trt.core.registry import Registry
 from llm2trt.passes.cleanup import ShapeInference, cleanup_passes
 from llm2trt.passes.core import GraphPass, PassManager
 from llm2trt.passes.fusions import required_opset, selected
+from llm2trt.passes.kv import TENSOR_SCATTER_OPSET, KVCachePass
 from llm2trt.passes.opset import OpsetUpgrade
 from llm2trt.passes.pattern import RewritePass
 
@@ -24,6 +26,10 @@ class PipelineOptions:
     """What decides which passes run and how."""
 
     skip_fusions: tuple[str, ...] = ()
+    # The KV cache the graph should end with (None: leave the cache as it is); `kv_insert` when the
+    # graph has none yet (`optimize --kv-cache`), else an existing growing cache is converted.
+    kv_layout: KVLayout | None = None
+    kv_insert: bool = False
     # Configuration by entry name, e.g. {"opset_upgrade": {"target": 24}}.
     settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # Data passes need, by key (calibration samples, ...).
@@ -51,8 +57,17 @@ def register_entry(name: str, order: int, make: Callable[[PipelineOptions], Sequ
 
 def _opset(options: PipelineOptions) -> list[GraphPass]:
     fusions = selected(options.skip_fusions)
-    target = options.setting("opset_upgrade", "target", required_opset(fusions) if fusions else None)
+    needed = required_opset(fusions) if fusions else None
+    if options.kv_layout is not None and options.kv_layout.form == FIXED:
+        needed = max(needed or 1, TENSOR_SCATTER_OPSET)
+    target = options.setting("opset_upgrade", "target", needed)
     return [OpsetUpgrade(int(target))] if target else []
+
+
+def _kv(options: PipelineOptions) -> list[GraphPass]:
+    if options.kv_layout is None:
+        return []
+    return [KVCachePass(options.kv_layout, options.kv_insert)]
 
 
 def _fusions(options: PipelineOptions) -> list[GraphPass]:
@@ -62,6 +77,7 @@ def _fusions(options: PipelineOptions) -> list[GraphPass]:
 register_entry("cleanup", 100, lambda options: cleanup_passes())
 register_entry("opset_upgrade", 200, _opset)
 register_entry("fusions", 300, _fusions)
+register_entry("kv_cache", 350, _kv)
 register_entry("shape_inference", 900, lambda options: [ShapeInference()])
 
 

@@ -53,7 +53,8 @@ def test_profile_override_reaches_the_engine(artifacts: dict[str, Path], tmp_pat
     )
     assert code == 0, info
     assert info["optimization_profiles"][0]["input_ids"] == {"min": [2, 4], "opt": [2, 32], "max": [2, 64]}
-    assert info["dims"] == {"batch": {"min": 2, "opt": 2, "max": 2}, "sequence": {"min": 4, "opt": 32, "max": 64}}
+    assert info["dims"]["batch"] == {"min": 2, "opt": 2, "max": 2}
+    assert info["dims"]["sequence"] == {"min": 4, "opt": 32, "max": 64}  # (and the cache's dims: a KV graph)
 
 
 def test_default_profile_is_capped_by_the_position_limit(artifacts: dict[str, Path]) -> None:
@@ -177,3 +178,31 @@ def test_polygraphy_builds_fused_fp32_attention_with_the_documented_hook(
     assert (tmp_path / "e").stat().st_size > 100_000
     if BACKEND.is_rtx and BACKEND.version.startswith("1.7."):  # measured: without the hook the build fails
         assert plain.returncode != 0 and "not supported by a dedicated kernel" in plain.stdout + plain.stderr
+
+
+@pytest.mark.parametrize("form", ["growing", "fixed"])
+@pytest.mark.parametrize("name", ["tiny:gpt2", "tiny:llama"])
+def test_decoder_engines_have_prefill_and_decode_profiles(
+    name: str, form: str, artifacts: dict[str, Path], tmp_path: Path
+) -> None:
+    source = tmp_path / "fused"
+    args = ["--kv-form", "fixed"] if form == "fixed" else []
+    assert run_cli("optimize", artifacts[name], "-o", source, *args, "-q").exit_code == 0
+    code, info = run_json("build", source, "-o", tmp_path / "engine", *CC, "-q")
+    assert code == 0, info
+    assert info["profile_names"] == ["prefill", "decode"] and len(info["optimization_profiles"]) == 2
+    prefill, decode = info["optimization_profiles"]
+    shapes = [shape for profile in (prefill, decode) for io in profile.values() for shape in io.values()]
+    assert all(dim >= 1 for shape in shapes for dim in shape)  # TensorRT rejects zero-length dims
+    assert prefill["input_ids"] == {"min": [1, 1], "opt": [1, 128], "max": [8, 256]}
+    assert decode["input_ids"] == {"min": [1, 1], "opt": [1, 1], "max": [8, 1]}
+    cache = prefill["past_key_values.0.key"]
+    if form == "growing":  # the prefill's past is one masked dummy slot; decode grows to the limit
+        assert cache["max"][2] == 1 and decode["past_key_values.0.key"]["max"][2] == 256
+        assert "attention_mask" in prefill
+    else:  # a buffer of the model's 256 positions, static (TensorRT's KV_CACHE_UPDATE wants it so)
+        heads = 2 if name == "tiny:llama" else 4  # Llama's GQA caches hold its 2 KV heads
+        assert cache == decode["past_key_values.0.key"] == {k: [8 if k == "max" else 1, heads, 256, 16] for k in cache}
+        assert info["static_dims"] == {"cache_sequence": 256}
+        assert "attention_mask" not in prefill and info["layer_types"].get("KV_CACHE_UPDATE", 0) == 4
+    assert info["attention_ops"] == 2 and info["network_layers"] > 50

@@ -1,19 +1,33 @@
-"""KV-cache I/O naming: the one place the exporter, the KV pass and the runtime take names from."""
+"""KV-cache I/O naming and the symbolic dims: the one place the exporter, the KV passes, the build
+profiles and the runtime take them from."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from llm2trt.core.records import Record
 
 KVKind = Literal["key", "value"]
 KV_KINDS: tuple[KVKind, KVKind] = ("key", "value")
 
-# Symbolic dims of cache tensors. "past_sequence" is what the cache holds before this step;
-# "total_sequence" = past_sequence + sequence is what it holds after.
+BATCH = "batch"
+SEQUENCE = "sequence"
+# Symbolic dims of cache tensors. A growing cache holds "past_sequence" tokens before this step
+# and "total_sequence" = past_sequence + sequence after; a fixed buffer always holds
+# "cache_sequence" slots, of which each row's valid ones are those before its position.
 PAST_SEQUENCE = "past_sequence"
 TOTAL_SEQUENCE = "total_sequence"
+CACHE_SEQUENCE = "cache_sequence"
+
+# The two cache forms of today's ONNX (README: "KV cache"):
+# growing: past_key_values.{i}.* -> Concat -> present.{i}.* (one token longer each step);
+# fixed:   a buffer of cache_sequence slots; TensorScatter writes the new keys and values at each
+#          row's position and present.{i}.* is the same buffer, updated (in place where bound so).
+KVForm = Literal["growing", "fixed"]
+GROWING: Final = "growing"
+FIXED: Final = "fixed"
+KV_FORMS: tuple[KVForm, KVForm] = (GROWING, FIXED)
 
 
 def past_name(layer: int, kind: KVKind) -> str:
@@ -35,6 +49,7 @@ class KVLayout(Record):
     head_dim: int
     # (batch, kv_heads, sequence, head_dim): what transformers' caches and ONNX Attention-23 use.
     layout: str = "BHSD"
+    form: KVForm = GROWING
 
     @property
     def past_names(self) -> list[str]:
@@ -47,7 +62,23 @@ class KVLayout(Record):
     def shape(self, sequence_dim: str) -> list[int | str]:
         if self.layout != "BHSD":
             raise ValueError(f"unknown KV layout {self.layout!r}")
-        return ["batch", self.num_kv_heads, sequence_dim, self.head_dim]
+        return [BATCH, self.num_kv_heads, sequence_dim, self.head_dim]
+
+    @property
+    def past_dim(self) -> str:
+        return CACHE_SEQUENCE if self.form == FIXED else PAST_SEQUENCE
+
+    @property
+    def present_dim(self) -> str:
+        return CACHE_SEQUENCE if self.form == FIXED else TOTAL_SEQUENCE
+
+    def past_shapes(self) -> list[tuple[str, list[int | str]]]:
+        """Graph inputs of the cache, in graph order: (name, symbolic shape)."""
+        return [(name, self.shape(self.past_dim)) for name in self.past_names]
+
+    def present_shapes(self) -> list[tuple[str, list[int | str]]]:
+        """Graph outputs of the cache, in graph order: (name, symbolic shape)."""
+        return [(name, self.shape(self.present_dim)) for name in self.present_names]
 
     def to_dict(self) -> dict[str, Any]:
         # The names are derived, written for readers that do not know the naming rule.

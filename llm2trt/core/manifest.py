@@ -107,6 +107,17 @@ class GraphSpec(Record):
 
 
 @dataclass(frozen=True)
+class GenerationDefaults(Record):
+    """What generation needs from the model: where the tokenizer is, and the special tokens."""
+
+    eos_token_ids: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    tokenizer: str | None = None  # a directory relative to the manifest's, if the model has a tokenizer
+    chat_template: bool = False
+
+
+@dataclass(frozen=True)
 class Manifest(Record):
     architecture: str  # the exporter spec's name: gpt2, llama, bert, vit
     model_type: str  # the config's model_type: llama, mistral, qwen2, ...
@@ -121,6 +132,7 @@ class Manifest(Record):
     passes: list[PassRecord] = field(default_factory=list)
     # The transformers config as a dict: later stages make sample inputs from it without the weights.
     model_config: dict[str, Any] = field(default_factory=dict)
+    generation: GenerationDefaults | None = None  # decoders
     llm2trt_version: str = __version__
 
     def __post_init__(self) -> None:
@@ -185,7 +197,10 @@ class Manifest(Record):
         for name, g in self.graphs.items():
             rel = [os.path.relpath(frm / p, to) for p in (g.onnx, *g.external_data)]
             graphs[name] = replace(g, onnx=rel[0], external_data=rel[1:])
-        return replace(self, graphs=graphs)
+        generation = self.generation
+        if generation is not None and generation.tokenizer is not None:
+            generation = replace(generation, tokenizer=os.path.relpath(frm / generation.tokenizer, to))
+        return replace(self, graphs=graphs, generation=generation)
 
     # -- files ------------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar, Union
+from typing import Any, Literal, TypeVar, Union
 
 R = TypeVar("R", bound="Record")
 
@@ -96,6 +96,10 @@ def _decode_record(cls: type[R], data: Any) -> R:
 def _decode(hint: Any, value: Any) -> Any:
     origin = typing.get_origin(hint)
     if hint is Any:
+        return value
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise RecordError(f"expected one of {', '.join(map(repr, typing.get_args(hint)))}, found {value!r}")
         return value
     if origin in (Union, types.UnionType):
         return _decode_union(typing.get_args(hint), value)

@@ -131,6 +131,8 @@ class BuildInfo(Record):
     onnx: str  # the ONNX it was built from, relative to the engine directory
     fusions: dict[str, int]
     layer_types: dict[str, int] = field(default_factory=dict)
+    profile_names: list[str] = field(default_factory=list)  # what each optimization profile is for
+    static_dims: dict[str, int] = field(default_factory=dict)  # symbolic dims the engine fixes
 
     def render(self) -> str:
         return self.describe(self.engine)

@@ -15,34 +15,41 @@ from tests.conftest import CC, assert_clean_failure, run_cli, run_json
 
 def test_an_artifact_with_two_graphs_round_trips(artifacts: dict[str, Path], tmp_path: Path) -> None:
     manifest = Manifest.read(artifacts["tiny:llama"])
-    kv = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16)
+    kv = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, form="fixed")
     decoder = GraphSpec(
-        "decoder",
+        "decoder_fixed",
         [TensorSpec("input_ids", DType.INT64, ["batch", "sequence"])],
         [TensorSpec("logits", DType.FP16, ["batch", "sequence", 1000])],
         "logits",
         {"batch": DimRange(1, 1, 4), "sequence": DimRange(1, 1, 64)},
         kv_cache=kv,
-        onnx="decoder.onnx",
-        external_data=["decoder.onnx.data"],
+        onnx="fixed.onnx",
+        external_data=["fixed.onnx.data"],
     )
     two = manifest.with_graph(decoder)
     out = tmp_path / "two"
     out.mkdir()
     two.write(out)
     back = Manifest.read(out)
-    assert back == two and list(back.graphs) == ["logits", "decoder"]
-    assert back.graph("decoder").kv_cache == kv and back.graph("decoder").inputs[0].dtype is DType.INT64
+    assert back == two and list(back.graphs) == ["decoder", "decoder_fixed"]
+    fixed = back.graph("decoder_fixed")
+    assert fixed.kv_cache == kv and fixed.inputs[0].dtype is DType.INT64
     # SPEC.md's top-level keys describe the default (first) graph.
     raw = json.loads((out / "manifest.json").read_text())
-    assert [t["name"] for t in raw["inputs"]] == ["input_ids", "attention_mask", "position_ids"]
-    assert raw["kv_cache"] is None and raw["graphs"]["decoder"]["kv_cache"]["past_names"][0] == "past_key_values.0.key"
-    assert raw["dtype"] == "fp32" and raw["graphs"]["decoder"]["outputs"][0]["dtype"] == "fp16"
+    assert [t["name"] for t in raw["inputs"]][:4] == [
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        "past_key_values.0.key",
+    ]
+    assert raw["kv_cache"]["form"] == "growing" and raw["graphs"]["decoder_fixed"]["kv_cache"]["form"] == "fixed"
+    assert raw["graphs"]["decoder_fixed"]["kv_cache"]["past_names"][0] == "past_key_values.0.key"
+    assert raw["dtype"] == "fp32" and raw["graphs"]["decoder_fixed"]["outputs"][0]["dtype"] == "fp16"
     # Paths are relative; each graph's file is resolved against the artifact.
-    shutil.copy(artifacts["tiny:llama"] / "model.onnx", out / "decoder.onnx")
-    assert back.onnx_path(out, "decoder") == out / "decoder.onnx"
-    missing = run_cli("inspect", out)  # the default graph's model.onnx is not there
-    assert missing.exit_code == 0 and "graphs        logits (model.onnx), decoder (decoder.onnx)" in missing.stdout
+    shutil.copy(artifacts["tiny:llama"] / "model.onnx", out / "fixed.onnx")
+    assert back.onnx_path(out, "decoder_fixed") == out / "fixed.onnx"
+    shown = run_cli("inspect", out)  # the default graph's model.onnx is not there: the manifest still shows
+    assert shown.exit_code == 0 and "graphs        decoder (model.onnx), decoder_fixed (fixed.onnx)" in shown.stdout
 
 
 def test_artifacts_and_engine_directories_move(artifacts: dict[str, Path], tmp_path: Path) -> None:
@@ -51,7 +58,8 @@ def test_artifacts_and_engine_directories_move(artifacts: dict[str, Path], tmp_p
     assert run_cli("build", before / "onnx", "-o", before / "engine", *CC, "-q").exit_code == 0
     raw = json.loads((before / "engine" / "manifest.json").read_text())
     assert (
-        raw["graphs"]["logits"]["onnx"] == "../onnx/model.onnx" and raw["graphs"]["logits"]["engine"] == "model.engine"
+        raw["graphs"]["decoder"]["onnx"] == "../onnx/model.onnx"
+        and raw["graphs"]["decoder"]["engine"] == "model.engine"
     )
     assert not any(str(tmp_path) in json.dumps(v) for k, v in raw.items() if k != "source")  # nothing absolute
     after = tmp_path / "elsewhere" / "after"
@@ -68,7 +76,7 @@ def test_artifacts_and_engine_directories_move(artifacts: dict[str, Path], tmp_p
     lone = tmp_path / "lone"
     (after / "engine").rename(lone)
     result = run_cli("compare", lone)
-    assert_clean_failure(result, "the ONNX file of graph 'logits' is missing: ../onnx/model.onnx", None)
+    assert_clean_failure(result, "the ONNX file of graph 'decoder' is missing: ../onnx/model.onnx", None)
     # And one whose ONNX changed since the build says so.
     (after / "engine").mkdir()
     shutil.copytree(lone, after / "engine", dirs_exist_ok=True)

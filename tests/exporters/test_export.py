@@ -73,16 +73,25 @@ def test_manifest_and_external_data(name: str, artifacts: dict[str, Path]) -> No
         assert graph_inputs[spec.name] == spec.shape
 
 
-def test_decoder_manifest_is_ready_for_kv_cache(artifacts: dict[str, Path]) -> None:
+def test_decoder_manifest_describes_its_kv_cache(artifacts: dict[str, Path], tmp_path: Path) -> None:
     manifest = Manifest.read(artifacts["tiny:llama"])
-    assert [t.name for t in manifest.inputs] == ["input_ids", "attention_mask", "position_ids"]
-    assert manifest.kv_cache is None  # the logits graph; the KV graph comes with the decode exporter
+    names = [t.name for t in manifest.inputs]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and manifest.graph().name == "decoder"
     layout = spec_for_model_type("llama").kv_layout(spec_and_config(manifest)[1])
-    assert layout == KVLayout(num_layers=2, num_kv_heads=2, head_dim=16)
+    assert manifest.kv_cache == layout == KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, form="growing")
+    assert names[3:] == layout.past_names and [t.name for t in manifest.outputs][1:] == layout.present_names
+    assert manifest.graph().input("attention_mask").shape == ["batch", "total_sequence"]
+    assert manifest.graph().input("past_key_values.1.value").shape == ["batch", 2, "past_sequence", 16]
+    assert manifest.outputs[-1].shape == ["batch", 2, "total_sequence", 16]
     assert layout.past_names[:2] == ["past_key_values.0.key", "past_key_values.0.value"]
     assert layout.present_names[-1] == "present.1.value" == present_name(1, "value")
     assert past_name(0, "key") in layout.to_dict()["past_names"]
     assert KVLayout.from_dict(layout.to_dict()) == layout
+    # --no-kv-cache: the whole-sequence graph of before.
+    out = tmp_path / "logits"
+    assert run_cli("convert", "tiny:llama", "-o", out, "--no-kv-cache", "-q").exit_code == 0
+    plain = Manifest.read(out)
+    assert plain.kv_cache is None and plain.graph().name == "logits" and len(plain.inputs) == 3
 
 
 def _save_hf(model: torch.nn.Module, path: Path) -> Path:

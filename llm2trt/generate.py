@@ -1,0 +1,310 @@
+"""generate: text from a decoder artifact, token by token through its KV cache.
+
+Runners: `ort` (ONNX Runtime; CPU, or CUDA where onnxruntime-gpu is installed), `torch` (the
+transformers model the artifact came from: the reference), `trt` (the engine of an engine
+directory; needs full TensorRT or a GPU TensorRT-RTX runs on). Greedy by default; temperature,
+top-k and top-p sampling with a seed. A batch of prompts of different lengths is padded the way
+the graph's cache form needs (session.py). Generation stops at an EOS token or after
+`max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llm2trt.core.errors import InputError
+from llm2trt.core.kv import BATCH, SEQUENCE
+from llm2trt.core.manifest import GraphSpec, Manifest
+from llm2trt.core.records import Record
+from llm2trt.core.registry import Registry
+from llm2trt.session import DecoderSession, open_session
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sampling(Record):
+    """How the next token is picked: greedy at temperature 0."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InputError("--max-new-tokens must be at least 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise InputError("sampling needs --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+
+    def picker(self) -> Callable[[np.ndarray], np.ndarray]:
+        rng = np.random.default_rng(self.seed)
+
+        def pick(logits: np.ndarray) -> np.ndarray:
+            if self.temperature == 0:
+                greedy: np.ndarray = np.argmax(logits, axis=-1).astype(np.int64)
+                return greedy
+            return np.array([self._sample(row, rng) for row in logits.astype(np.float64)], dtype=np.int64)
+
+        return pick
+
+    def _sample(self, logits: np.ndarray, rng: np.random.Generator) -> int:
+        logits = logits / self.temperature
+        if self.top_k:
+            cutoff = np.sort(logits)[-min(self.top_k, logits.size)]
+            logits = np.where(logits < cutoff, -np.inf, logits)
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        if self.top_p < 1:
+            order = np.argsort(-probs)
+            keep = np.cumsum(probs[order]) - probs[order] < self.top_p  # the smallest set reaching top_p
+            probs[order[~keep]] = 0
+            probs /= probs.sum()
+        return int(rng.choice(probs.size, p=probs))
+
+
+@dataclass(frozen=True)
+class GeneratedRow(Record):
+    ids: list[int]  # prompt ids + new ids, ending at the first EOS (included)
+    new_ids: list[int]
+    text: str | None  # the new tokens decoded, when the artifact has a tokenizer
+    stop: str  # eos | length
+
+
+@dataclass(frozen=True)
+class Generated(Record):
+    runner: str
+    rows: list[GeneratedRow]
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int
+
+    def to_dict(self) -> dict[str, Any]:
+        first = self.rows[0]
+        return {"text": first.text, "ids": first.ids, "results": [r.to_dict() for r in self.rows], **self._timing()}
+
+    def _timing(self) -> dict[str, Any]:
+        per_step = self.decode_seconds / self.decode_steps * 1e3 if self.decode_steps else None
+        return {"runner": self.runner, "prefill_ms": self.prefill_seconds * 1e3, "decode_ms_per_step": per_step}
+
+    def render(self) -> str:
+        texts = [r.text if r.text is not None else " ".join(map(str, r.new_ids)) for r in self.rows]
+        return "\n".join(texts) if len(texts) == 1 else "\n".join(f"[{i}] {t}" for i, t in enumerate(texts))
+
+
+@dataclass
+class _Rows:
+    """Per-row progress of a batch."""
+
+    eos: set[int]
+    new: list[list[int]] = field(default_factory=list)
+    done: list[bool] = field(default_factory=list)
+
+    def take(self, tokens: np.ndarray) -> None:
+        for row, token in enumerate(tokens.tolist()):
+            if not self.done[row]:
+                self.new[row].append(int(token))
+                self.done[row] = int(token) in self.eos
+
+
+def generate_ids(
+    session: DecoderSession,
+    prompts: Sequence[Sequence[int]],
+    sampling: Sampling,
+    eos_ids: Sequence[int],
+    on_tokens: Callable[[np.ndarray], None] | None = None,
+) -> tuple[list[list[int]], list[str], tuple[float, float, int]]:
+    """New ids per row, why each stopped, and (prefill s, decode s, decode steps)."""
+    pick, rows = sampling.picker(), _Rows(set(eos_ids), [[] for _ in prompts], [False] * len(prompts))
+    start = time.perf_counter()
+    tokens = pick(session.prefill(prompts))
+    prefill = time.perf_counter() - start
+    rows.take(tokens)
+    steps, start = 0, time.perf_counter()
+    while not all(rows.done) and steps + 1 < sampling.max_new_tokens:
+        if on_tokens:
+            on_tokens(tokens)
+        tokens = pick(session.decode(tokens))
+        rows.take(tokens)
+        steps += 1
+    if on_tokens:
+        on_tokens(tokens)
+    stops = ["eos" if done else "length" for done in rows.done]
+    return rows.new, stops, (prefill, time.perf_counter() - start, steps)
+
+
+# -- runners -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerateContext:
+    artifact: Path
+    manifest: Manifest
+    graph: GraphSpec
+    capacity: int  # prompt + new tokens the session must hold
+    providers: list[str]
+
+
+SessionFactory = Callable[[GenerateContext], DecoderSession]
+GENERATE_RUNNERS: Registry[SessionFactory] = Registry("generate runner")
+
+
+def _ort(ctx: GenerateContext) -> DecoderSession:
+    from llm2trt.session import ort_executor
+
+    path = ctx.manifest.onnx_path(ctx.artifact, ctx.graph.name)
+    return open_session(ctx.graph, ort_executor(str(path), ctx.providers), capacity=ctx.capacity, pad_id=_pad(ctx))
+
+
+def _torch(ctx: GenerateContext) -> DecoderSession:
+    """transformers itself, behind the exporter's own cache interface (always a growing cache)."""
+    import torch
+
+    from llm2trt.core.dtypes import to_numpy, to_torch
+    from llm2trt.export import export_module
+    from llm2trt.models import source_from_info, spec_and_config
+
+    spec, config = spec_and_config(ctx.manifest)
+    graph = spec.graph_spec(config, ctx.manifest.dtype, spec.default_variant(kv_cache=True))
+    source = source_from_info(ctx.manifest.source)
+    module = export_module(source.load(ctx.manifest.dtype, ctx.manifest.attn_implementation), graph, {})
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            out = module(*(to_torch(feeds[t.name]) for t in graph.inputs))
+        return {t.name: to_numpy(v) for t, v in zip(graph.outputs, out, strict=True)}
+
+    return open_session(graph, run, capacity=ctx.capacity, pad_id=_pad(ctx))
+
+
+def _trt(ctx: GenerateContext) -> DecoderSession:
+    from llm2trt.trt_runtime import engine_executor
+
+    run, dummy_slot = engine_executor(ctx.artifact, ctx.manifest, ctx.graph)
+    return open_session(ctx.graph, run, capacity=ctx.capacity, pad_id=_pad(ctx), dummy_slot=dummy_slot)
+
+
+def _pad(ctx: GenerateContext) -> int:
+    generation = ctx.manifest.generation
+    return int(generation.pad_token_id) if generation and generation.pad_token_id is not None else 0
+
+
+GENERATE_RUNNERS.register("ort", _ort)
+GENERATE_RUNNERS.register("torch", _torch)
+GENERATE_RUNNERS.register("trt", _trt)
+
+
+# -- the stage ---------------------------------------------------------------------------------
+
+
+def _decoder_graph(manifest: Manifest) -> GraphSpec:
+    if manifest.task != "text-generation":
+        raise InputError(f"generate needs a decoder artifact; this one is {manifest.architecture} ({manifest.task})")
+    graph = next((g for g in manifest.graphs.values() if g.kv_cache is not None), None)
+    if graph is None:
+        raise InputError(
+            "this artifact has no KV cache (converted with --no-kv-cache?): convert again, or add one with "
+            "`llm2trt optimize IN -o OUT --kv-cache`"
+        )
+    return graph
+
+
+def load_tokenizer(artifact: Path, manifest: Manifest) -> Any:
+    generation = manifest.generation
+    if generation is None or generation.tokenizer is None:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(artifact / generation.tokenizer), local_files_only=True)
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat: bool) -> list[list[int]]:
+    if tokenizer is None:
+        raise InputError("this artifact has no tokenizer (tiny models have none): give token ids with --ids")
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InputError("--chat: this model's tokenizer has no chat template")
+        return [
+            list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True))
+            for p in prompts
+        ]
+    return [list(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+
+
+def _capacity(graph: GraphSpec, manifest: Manifest, prompts: list[list[int]], sampling: Sampling) -> int:
+    """prompt + new tokens, refused when it exceeds what the graph (its profiles) or the model allows."""
+    need = max(len(p) for p in prompts) + sampling.max_new_tokens
+    limit = max((r.max for d, r in graph.dims.items() if d not in (BATCH, SEQUENCE)), default=need)
+    positions = manifest.model_config.get("max_position_embeddings") or manifest.model_config.get("n_positions")
+    limit = min(limit, int(positions)) if positions else limit
+    longest = max(len(p) for p in prompts)
+    if SEQUENCE in graph.dims and longest > graph.dims[SEQUENCE].max:
+        raise InputError(
+            f"a prompt of {longest} tokens is longer than this artifact allows ({graph.dims[SEQUENCE].max})"
+        )
+    if need > limit:
+        raise InputError(
+            f"a prompt of {longest} tokens plus {sampling.max_new_tokens} new ones needs {need} positions; "
+            f"this artifact holds {limit}"
+        )
+    return need
+
+
+def generate(
+    artifact: Path,
+    *,
+    prompts: Sequence[str] = (),
+    ids: Sequence[Sequence[int]] = (),
+    sampling: Sampling | None = None,
+    runner: str = "ort",
+    providers: list[str] | None = None,
+    chat: bool = False,
+    stream: Callable[[str], None] | None = None,
+) -> Generated:
+    sampling = sampling or Sampling()
+    manifest = Manifest.read(artifact)
+    graph = _decoder_graph(manifest)
+    if bool(prompts) == bool(ids):
+        raise InputError("give prompts as text (--prompt) or as token ids (--ids), not both, and at least one")
+    tokenizer = load_tokenizer(artifact, manifest) if prompts or chat else _maybe_tokenizer(artifact, manifest)
+    batch = encode_prompts(tokenizer, prompts, chat) if prompts else [list(map(int, p)) for p in ids]
+    ctx = GenerateContext(artifact, manifest, graph, _capacity(graph, manifest, batch, sampling), providers or [])
+    session = GENERATE_RUNNERS.get(runner)(ctx)
+    eos = manifest.generation.eos_token_ids if manifest.generation else []
+    echo = _streamer(tokenizer, stream) if stream and len(batch) == 1 else None
+    new, stops, (prefill, decode, steps) = generate_ids(session, batch, sampling, eos, echo)
+    rows = [
+        GeneratedRow(prompt + n, n, tokenizer.decode(n, skip_special_tokens=True) if tokenizer else None, stop)
+        for prompt, n, stop in zip(batch, new, stops, strict=True)
+    ]
+    return Generated(runner, rows, prefill, decode, steps)
+
+
+def _maybe_tokenizer(artifact: Path, manifest: Manifest) -> Any:
+    try:
+        return load_tokenizer(artifact, manifest)
+    except (OSError, ValueError) as exc:
+        logger.warning("cannot load the tokenizer: %s", exc)
+        return None
+
+
+def _streamer(tokenizer: Any, write: Callable[[str], None]) -> Callable[[np.ndarray], None]:
+    """Print each new token of a single prompt as it comes (decoded in context, so spaces are right)."""
+    seen: list[int] = []
+    shown = [""]
+
+    def on_tokens(tokens: np.ndarray) -> None:
+        seen.append(int(tokens[0]))
+        text = tokenizer.decode(seen, skip_special_tokens=True) if tokenizer else " ".join(map(str, seen))
+        write(text[len(shown[0]) :])
+        shown[0] = text
+
+    return on_tokens

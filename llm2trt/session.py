@@ -1,0 +1,215 @@
+"""Decoder sessions: run a decoder graph token by token for one batch, owning its KV cache.
+
+A session turns "these prompts, then these tokens" into the graph's inputs for the graph's cache
+form and hands back the logits of each row's newest token:
+
+- growing cache (the exporter's): prompts left-padded as transformers pads them, positions
+  counted over real tokens, a 2-D mask over every cached slot; the presents come back as the next
+  step's past (on a backend that cannot take an empty past, one masked dummy slot starts it);
+- fixed buffer: rows left-aligned (each prompt from slot 0, right-padded in the prefill), so a
+  token's position is its slot; the graph writes the new entries in place;
+- no cache: the whole sequence again each step (what `optimize` uses to check a cache it inserted).
+
+The graph runs through an `Executor`: ONNX Runtime here; the TensorRT engine and ONNX Runtime's
+CUDA provider with IO binding plug in the same way.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from llm2trt.core.errors import InputError
+from llm2trt.core.kv import FIXED, KVLayout
+from llm2trt.core.manifest import GraphSpec
+
+Feeds = dict[str, np.ndarray]
+Executor = Callable[[Feeds], dict[str, np.ndarray]]
+
+
+@dataclass
+class _State:
+    """What a session carries between steps."""
+
+    positions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # next position per row
+    mask: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
+    cache: dict[str, np.ndarray] = field(default_factory=dict)
+    tokens: list[list[int]] = field(default_factory=list)
+
+
+class DecoderSession(abc.ABC):
+    """One batch on one graph: `prefill` the prompts, then `decode` one token per row at a time."""
+
+    def __init__(self, graph: GraphSpec, run: Executor, pad_id: int = 0) -> None:
+        self.graph, self.run, self.pad_id = graph, run, pad_id
+        self.dtype = graph.outputs[0].dtype
+        self.state = _State()
+
+    @abc.abstractmethod
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """Logits (batch, vocab) of each prompt's last token."""
+
+    @abc.abstractmethod
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        """Feed one token per row (batch,); logits (batch, vocab) of it."""
+
+    def _logits(self, out: dict[str, np.ndarray]) -> np.ndarray:
+        logits: np.ndarray = np.asarray(out[self.graph.main_output])
+        return logits
+
+
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and the 2-D mask of prompts padded on the left, as transformers batches them."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for row, prompt in enumerate(prompts):
+        if prompt:
+            ids[row, width - len(prompt) :] = prompt
+            mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
+def positions_of(mask: np.ndarray) -> np.ndarray:
+    """transformers' positions for a left-padded batch: counted over real tokens, pads at 0."""
+    positions: np.ndarray = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
+    return positions
+
+
+def _check_prompts(prompts: Sequence[Sequence[int]]) -> None:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise InputError("every prompt needs at least one token")
+
+
+class NoCacheSession(DecoderSession):
+    """Recomputes the whole (left-padded) sequence each step: slow, but a cache-free reference."""
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        _check_prompts(prompts)
+        self.state.tokens = [list(p) for p in prompts]
+        return self._step()
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        for row, token in zip(self.state.tokens, tokens.tolist(), strict=True):
+            row.append(int(token))
+        return self._step()
+
+    def _step(self) -> np.ndarray:
+        ids, mask = left_padded(self.state.tokens, self.pad_id)
+        out = self.run({"input_ids": ids, "attention_mask": mask, "position_ids": positions_of(mask)})
+        return self._logits(out)[:, -1]
+
+
+class GrowingSession(DecoderSession):
+    """A growing cache: left padding, presents fed back as the next past."""
+
+    def __init__(self, graph: GraphSpec, run: Executor, pad_id: int = 0, dummy_slot: bool = False) -> None:
+        super().__init__(graph, run, pad_id)
+        self.kv: KVLayout = _layout(graph)
+        # Backends whose profiles have no zero-length past (TensorRT) start from one masked slot.
+        self.dummy_slot = dummy_slot
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        _check_prompts(prompts)
+        ids, mask = left_padded(prompts, self.pad_id)
+        past = 1 if self.dummy_slot else 0
+        batch = ids.shape[0]
+        shape = (batch, self.kv.num_kv_heads, past, self.kv.head_dim)
+        cache = {name: np.zeros(shape, dtype=self.dtype.numpy) for name in self.kv.past_names}
+        full_mask = np.concatenate([np.zeros((batch, past), dtype=np.int64), mask], axis=1)
+        return self._run(ids, full_mask, positions_of(mask), cache)
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        batch = tokens.shape[0]
+        mask = np.concatenate([self.state.mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+        positions = self.state.positions[:, None]
+        return self._run(tokens.reshape(batch, 1).astype(np.int64), mask, positions, self.state.cache)
+
+    def _run(
+        self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: dict[str, np.ndarray]
+    ) -> np.ndarray:
+        out = self.run({"input_ids": ids, "attention_mask": mask, "position_ids": positions, **cache})
+        self.state.cache = {p: out[q] for p, q in zip(self.kv.past_names, self.kv.present_names, strict=True)}
+        self.state.mask = mask
+        self.state.positions = positions[:, -1] + 1
+        return self._logits(out)[:, -1]
+
+
+class FixedSession(DecoderSession):
+    """A fixed buffer of `capacity` slots: rows left-aligned, positions are slots."""
+
+    def __init__(self, graph: GraphSpec, run: Executor, capacity: int, pad_id: int = 0) -> None:
+        super().__init__(graph, run, pad_id)
+        self.kv = _layout(graph)
+        self.capacity = capacity
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        _check_prompts(prompts)
+        width = max(len(p) for p in prompts)
+        if width > self.capacity:
+            raise InputError(f"a prompt of {width} tokens does not fit the {self.capacity}-slot KV cache")
+        ids = np.full((len(prompts), width), self.pad_id, dtype=np.int64)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = prompt
+        shape = (len(prompts), self.kv.num_kv_heads, self.capacity, self.kv.head_dim)
+        self.state.cache = {name: np.zeros(shape, dtype=self.dtype.numpy) for name in self.kv.past_names}
+        positions = np.broadcast_to(np.arange(width, dtype=np.int64), ids.shape).copy()
+        out = self._run(ids, positions)
+        lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+        self.state.positions = lengths
+        return out[np.arange(len(prompts)), lengths - 1]
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        if int(self.state.positions.max()) >= self.capacity:
+            raise InputError(f"the {self.capacity}-slot KV cache is full")
+        batch = tokens.shape[0]
+        out = self._run(tokens.reshape(batch, 1).astype(np.int64), self.state.positions[:, None].copy())
+        self.state.positions = self.state.positions + 1
+        return out[:, -1]
+
+    def _run(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        out = self.run({"input_ids": ids, "position_ids": positions, **self.state.cache})
+        self.state.cache = {p: out[q] for p, q in zip(self.kv.past_names, self.kv.present_names, strict=True)}
+        return self._logits(out)
+
+
+def _layout(graph: GraphSpec) -> KVLayout:
+    if graph.kv_cache is None:
+        raise InputError(f"graph {graph.name!r} has no KV cache")
+    return graph.kv_cache
+
+
+def open_session(
+    graph: GraphSpec, run: Executor, *, capacity: int, pad_id: int = 0, dummy_slot: bool = False
+) -> DecoderSession:
+    """The session for the graph's cache form; `capacity` bounds prompt + new tokens."""
+    if graph.kv_cache is None:
+        return NoCacheSession(graph, run, pad_id)
+    if graph.kv_cache.form == FIXED:
+        return FixedSession(graph, run, capacity, pad_id)
+    return GrowingSession(graph, run, pad_id, dummy_slot)
+
+
+def ort_executor(path: str, providers: list[str] | None = None) -> Executor:
+    """ONNX Runtime running a graph file: feeds by name, every output back by name."""
+    import onnxruntime as ort
+
+    from llm2trt.core.errors import BackendError
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(path, options, providers=providers or ["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise BackendError(f"ONNX Runtime cannot load {path}: {str(exc).strip().splitlines()[0][:300]}") from None
+    names = [o.name for o in session.get_outputs()]
+    wanted = {i.name for i in session.get_inputs()}
+
+    def run(feeds: Feeds) -> dict[str, np.ndarray]:
+        outputs = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
+        return dict(zip(names, outputs, strict=True))
+
+    return run

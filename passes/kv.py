@@ -1,0 +1,240 @@
+"""KV-cache passes: give a fused decoder graph KV-cache I/O, in either form of today's ONNX.
+
+- insert: a cache-less graph (every layer's `Attention` reads the keys and values of the
+  current tokens) gets past inputs and present outputs, named by llm2trt.core.kv;
+- convert: a graph with a growing cache (the exporter's: `Concat(past, new)` feeding Attention
+  and the present output) becomes a fixed-size buffer.
+
+Growing: `present = Concat(past, new)`; the mask is the causal mask in cache slots (query i of S
+new tokens sits at slot past + i) and the 2-D `attention_mask` over all slots (left padding).
+Fixed: `present = TensorScatter(past, new, write_indices)` writes each row's new entries at its
+position (rows are left-aligned in the buffer, so the position is the slot), and the mask allows
+key slot j for a query at position p iff j <= p: no `attention_mask` input, nothing past a row's
+position is read, whatever the buffer holds there. The explicit mask is used rather than
+Attention's `nonpad_kv_seqlen` because TensorRT-RTX 1.7 treats that input as compile-time only
+("Unused Input: seqlen").
+
+Both need the fused `Attention` nodes (one per layer): they run after the fusion passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from llm2trt.core.dtypes import DType, numpy_of_onnx, onnx_elem_type
+from llm2trt.core.errors import InputError
+from llm2trt.core.kv import FIXED, GROWING, KV_KINDS, KVKind, KVLayout, past_name, present_name
+from llm2trt.passes.core import GraphPass, Model, PassResult
+from llm2trt.passes.pattern import layer_of, module_of
+
+TENSOR_SCATTER_OPSET = 24
+
+
+_SLOTS: tuple[tuple[int, KVKind], ...] = ((1, "key"), (2, "value"))
+
+
+@dataclass
+class _Layer:
+    """One layer's attention and the keys/values of the current tokens that feed its cache."""
+
+    index: int
+    attention: gs.Node
+    new: dict[KVKind, gs.Tensor]  # (batch, kv_heads, sequence, head_dim)
+
+
+class KVCachePass(GraphPass):
+    """Insert KV-cache I/O of `layout.form` into a cache-less graph, or turn a growing cache fixed."""
+
+    name = "kv_cache"
+    runs_after: ClassVar[tuple[str, ...]] = ("fuse_attention", "opset_upgrade")
+
+    def __init__(self, layout: KVLayout, insert: bool) -> None:
+        self.layout = layout
+        self.insert = insert
+
+    def run(self, model: Model) -> PassResult:
+        graph = model.graph
+        layers, cached = self._layers(model)
+        if self.insert and cached:
+            raise InputError("--kv-cache: this graph already has KV-cache I/O (convert made it with a cache)")
+        if not self.insert and not cached:
+            raise InputError("--kv-form: this graph has no KV cache; insert one with --kv-cache")
+        if not self.insert and self.layout.form == GROWING:
+            return PassResult(modified=False, counts={"layers": 0})
+        dtype = layers[0].attention.inputs[0].dtype
+        if self.layout.form == FIXED and model.opset < TENSOR_SCATTER_OPSET:
+            raise InputError(
+                f"a fixed-size KV cache needs opset {TENSOR_SCATTER_OPSET} (TensorScatter); graph is {model.opset}"
+            )
+        past = {
+            (layer.index, kind): self._past_input(graph, layer.index, kind, dtype)
+            for layer in layers
+            for kind in KV_KINDS
+        }
+        mask = (
+            self._fixed_mask(model, past[(0, "key")], dtype)
+            if self.layout.form == FIXED
+            else self._growing_mask(model, dtype)
+        )
+        for layer in layers:
+            for slot, kind in _SLOTS:
+                present = self._update(model, layer, kind, past[(layer.index, kind)])
+                layer.attention.inputs[slot] = present
+            _set_mask(layer.attention, mask)
+        graph.outputs = [t for t in graph.outputs if not t.name.startswith("present.")] + [
+            _find(graph, present_name(i, kind)) for i in range(len(layers)) for kind in KV_KINDS
+        ]
+        graph.cleanup(remove_unused_graph_inputs=False)
+        used = {t.name for n in graph.nodes for t in n.inputs}
+        graph.inputs = [t for t in graph.inputs if t.name in used or t.name.startswith("past_key_values.")]
+        graph.toposort()
+        counted = "caches_inserted" if self.insert else "caches_converted"
+        return PassResult(modified=True, counts={counted: len(layers), "layers": len(layers)})
+
+    # -- what the graph holds --------------------------------------------------------------------
+
+    def _layers(self, model: Model) -> tuple[list[_Layer], bool]:
+        attentions = [n for n in model.graph.nodes if n.op == "Attention" and (n.domain or "") in ("", "ai.onnx")]
+        by_layer = {layer_of(module_of(n.name)): n for n in attentions}
+        if len(attentions) != self.layout.num_layers or set(by_layer) != set(range(self.layout.num_layers)):
+            raise InputError(
+                f"the KV-cache pass needs one fused Attention per layer: found {len(attentions)} for "
+                f"{self.layout.num_layers} layers (is the Attention fusion skipped or missing?)"
+            )
+        layers, cached = [], []
+        for index in range(self.layout.num_layers):
+            node = by_layer[index]
+            new: dict[KVKind, gs.Tensor] = {}
+            for slot, kind in _SLOTS:
+                tensor = node.inputs[slot]
+                concat = tensor.inputs[0] if tensor.inputs and tensor.inputs[0].op == "Concat" else None
+                is_cache = concat is not None and tensor.name == present_name(index, kind)
+                cached.append(is_cache)
+                new[kind] = concat.inputs[-1] if is_cache and concat is not None else tensor
+            layers.append(_Layer(index, node, new))
+        if len(set(cached)) > 1:
+            raise InputError("the graph's KV cache covers only some layers; cannot rewrite it")
+        return layers, cached[0]
+
+    # -- the new tensors --------------------------------------------------------------------------
+
+    def _past_input(self, graph: gs.Graph, layer: int, kind: KVKind, dtype: object) -> gs.Variable:
+        name = past_name(layer, kind)
+        existing = next((t for t in graph.inputs if t.name == name), None)
+        shape = self.layout.shape(self.layout.past_dim)
+        if existing is not None:
+            existing.shape = shape
+            return existing
+        tensor = gs.Variable(name, dtype=dtype, shape=shape)
+        graph.inputs.append(tensor)
+        return tensor
+
+    def _update(self, model: Model, layer: _Layer, kind: KVKind, past: gs.Variable) -> gs.Variable:
+        name = present_name(layer.index, kind)
+        old = _find(model.graph, name)
+        if old is not None:  # the exporter's present output: give its name to the new tensor
+            old.name = model.fresh_name(f"{name}/replaced")
+        new = layer.new[kind]
+        present = gs.Variable(name, dtype=new.dtype, shape=self.layout.shape(self.layout.present_dim))
+        scope = f"{layer.attention.name.rsplit('/', 1)[0]}/kv_{kind}"
+        if self.layout.form == FIXED:
+            node = gs.Node(
+                "TensorScatter",
+                model.fresh_name(f"{scope}/TensorScatter"),
+                attrs={"axis": 2},
+                inputs=[past, new, self._write_indices(model)],
+                outputs=[present],
+            )
+        else:
+            node = gs.Node(
+                "Concat", model.fresh_name(f"{scope}/Concat"), attrs={"axis": 2}, inputs=[past, new], outputs=[present]
+            )
+        model.graph.nodes.append(node)
+        model.tag(node, f"KVCache.{self.layout.form}")
+        return present
+
+    def _write_indices(self, model: Model) -> gs.Variable:
+        """Each row's first new slot: its first position (rows are left-aligned in the buffer)."""
+        existing = _find(model.graph, "kv_cache/write_indices")
+        if existing is not None:
+            return existing
+        positions = _input(model.graph, "position_ids")
+        out = gs.Variable("kv_cache/write_indices", dtype=np.int64, shape=["batch"])
+        zero = gs.Constant(model.fresh_name("kv_cache/first"), np.asarray(0, dtype=np.int64))
+        model.graph.nodes.append(
+            gs.Node("Gather", "kv_cache/Gather_first_position", {"axis": 1}, [positions, zero], [out])
+        )
+        return out
+
+    def _growing_mask(self, model: Model, dtype: object) -> gs.Variable:
+        """(batch, 1, sequence, total) additive: causal in cache slots, and the 2-D attention_mask."""
+        b = _Builder(model, "kv_cache/mask")
+        attention_mask = _input(model.graph, "attention_mask")
+        attention_mask.shape = ["batch", "total_sequence"]
+        ids = _input(model.graph, "input_ids")
+        total = b.op("Gather", b.op("Shape", attention_mask), b.const(1), axis=0)
+        length = b.op("Gather", b.op("Shape", ids), b.const(1), axis=0)
+        keys = b.op("Range", b.const(0), total, b.const(1))
+        queries = b.op("Range", b.op("Sub", total, length), total, b.const(1))
+        causal = b.op("LessOrEqual", b.op("Unsqueeze", keys, b.const([0])), b.op("Unsqueeze", queries, b.const([1])))
+        padding = b.op("Unsqueeze", b.op("Cast", attention_mask, to=DType.BOOL.onnx), b.const([1, 2]))
+        allowed = b.op("And", b.op("Unsqueeze", causal, b.const([0, 1])), padding)
+        return b.additive(allowed, dtype)
+
+    def _fixed_mask(self, model: Model, buffer: gs.Variable, dtype: object) -> gs.Variable:
+        """(batch, 1, sequence, cache) additive: key slot j is visible to a query at position p iff j <= p."""
+        b = _Builder(model, "kv_cache/mask")
+        positions = _input(model.graph, "position_ids")
+        slots = b.op("Range", b.const(0), b.op("Gather", b.op("Shape", buffer), b.const(2), axis=0), b.const(1))
+        allowed = b.op(
+            "LessOrEqual", b.op("Unsqueeze", slots, b.const([0, 1])), b.op("Unsqueeze", positions, b.const([2]))
+        )
+        return b.additive(b.op("Unsqueeze", allowed, b.const([1])), dtype)
+
+
+class _Builder:
+    """Small node builder for the mask subgraph (one scope, fresh names)."""
+
+    def __init__(self, model: Model, scope: str) -> None:
+        self.model, self.scope = model, scope
+
+    def const(self, value: int | list[int] | float, dtype: Any = np.int64) -> gs.Constant:
+        return gs.Constant(self.model.fresh_name(f"{self.scope}/const"), np.asarray(value, dtype=dtype))
+
+    def op(self, op: str, *inputs: gs.Tensor, **attrs: object) -> gs.Variable:
+        out = gs.Variable(self.model.fresh_name(f"{self.scope}/{op}_output"))
+        node = gs.Node(
+            op, self.model.fresh_name(f"{self.scope}/{op}"), attrs=dict(attrs), inputs=list(inputs), outputs=[out]
+        )
+        self.model.graph.nodes.append(node)
+        self.model.tag(node, "KVCache.mask")
+        return out
+
+    def additive(self, allowed: gs.Variable, dtype: object) -> gs.Variable:
+        """0 where allowed, the dtype's lowest value elsewhere (a fully masked row stays finite)."""
+        np_dtype = numpy_of_onnx(onnx_elem_type(dtype) or DType.FP32.onnx)
+        lowest = float(np.finfo(np_dtype).min) if np.issubdtype(np_dtype, np.floating) else -3.0e38
+        out = self.op("Where", allowed, self.const(0.0, np_dtype), self.const(lowest, np_dtype))
+        out.dtype = np_dtype
+        return out
+
+
+def _set_mask(attention: gs.Node, mask: gs.Variable) -> None:
+    while len(attention.inputs) < 4:
+        attention.inputs.append(gs.Variable.empty())
+    attention.inputs[3] = mask
+
+
+def _find(graph: gs.Graph, name: str) -> gs.Tensor | None:
+    return graph.tensors().get(name)
+
+
+def _input(graph: gs.Graph, name: str) -> gs.Variable:
+    for tensor in graph.inputs:
+        if tensor.name == name:
+            return tensor
+    raise InputError(f"the KV-cache pass needs graph input {name!r}, which this graph lacks")

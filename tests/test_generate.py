@@ -1,0 +1,180 @@
+"""generate: greedy tokens identical to transformers' own `generate`, for every cache form kept,
+the KV-cache insertion pass and the fused graphs; sampling; bad input."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llm2trt.core.dtypes import DType
+from llm2trt.core.manifest import Manifest
+from llm2trt.generate import Sampling, generate
+from llm2trt.models import resolve_model, source_from_info
+from tests.conftest import assert_clean_failure, run_cli, run_json
+
+NEW = 32
+TINY_DECODERS = ["tiny:gpt2", "tiny:llama"]
+# The cache forms and how an artifact gets them: the exporter's growing cache, the same fused,
+# a fixed buffer, and a cache inserted into a cache-less export (growing and fixed).
+FORMS = {
+    "growing": [],
+    "growing-fused": [["optimize"]],
+    "fixed-fused": [["optimize", "--kv-form", "fixed"]],
+    "inserted": [["optimize", "--kv-cache"]],
+    "inserted-fixed": [["optimize", "--kv-cache", "--kv-form", "fixed"]],
+}
+
+
+def hf_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], pad: int, new: int = NEW) -> list[list[int]]:
+    """transformers' greedy generate on a left-padded batch; new ids per row, cut after the first EOS."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=pad)
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    rows = []
+    for row in out[:, width:].tolist():
+        cut = next((i + 1 for i, token in enumerate(row) if token in eos_ids), len(row))
+        rows.append(row[:cut])
+    return rows
+
+
+def make(form: str, base: Path, root: Path, name: str) -> Path:
+    """The artifact of one cache form, from a cached (`base`) or cache-less export."""
+    if form.startswith("inserted"):
+        source = root / f"{name}-nocache"
+        if not source.exists():
+            assert run_cli("convert", f"tiny:{name}", "-o", source, "--no-kv-cache", "-q").exit_code == 0
+    else:
+        source = base
+    out = source
+    for step in FORMS[form]:
+        target = root / f"{name}-{form}"
+        result = run_cli(step[0], out, "-o", target, *step[1:], "-q")
+        assert result.exit_code == 0, result.stderr
+        out = target
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_prompts() -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(3, 1000, size=n).tolist() for n in (5, 11, 3, 8)]
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("name", TINY_DECODERS)
+def test_tiny_greedy_tokens_match_transformers(
+    name: str,
+    form: str,
+    artifacts: dict[str, Path],
+    tiny_prompts: list[list[int]],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    artifact = make(form, artifacts[name], tmp_path_factory.mktemp("forms"), name.split(":")[1])
+    manifest = Manifest.read(artifact)
+    want = "fixed" if "fixed" in form else "growing"
+    assert manifest.kv_cache is not None and manifest.kv_cache.form == want
+    model = resolve_model(name).load(DType.FP32)
+    reference = hf_generate(model, tiny_prompts, pad=0)
+    batch = generate(artifact, ids=tiny_prompts, sampling=Sampling(NEW))
+    assert [row.new_ids for row in batch.rows] == reference
+    assert all(len(r) == NEW for r in reference)  # no early EOS: all 32 tokens compared
+    single = generate(artifact, ids=[tiny_prompts[1]], sampling=Sampling(NEW))
+    assert single.rows[0].new_ids == hf_generate(model, [tiny_prompts[1]], pad=0)[0]
+    assert single.rows[0].ids == tiny_prompts[1] + single.rows[0].new_ids
+
+
+SMOL_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Water boils at a temperature of",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2_forms(
+    smollm2_artifact: Path, smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("smol-forms")
+    forms = {"growing": smollm2_artifact}
+    for form, args in (("growing-fused", []), ("fixed-fused", ["--kv-form", "fixed"])):
+        assert run_cli("optimize", smollm2_artifact, "-o", root / form, *args, "-q").exit_code == 0
+        forms[form] = root / form
+    assert run_cli("convert", smollm2_gguf, "-o", root / "nocache", "--no-kv-cache", "-q").exit_code == 0
+    assert run_cli("optimize", root / "nocache", "-o", root / "inserted", "--kv-cache", "-q").exit_code == 0
+    forms["inserted"] = root / "inserted"
+    return forms
+
+
+def test_smollm2_greedy_tokens_match_transformers(smollm2_forms: dict[str, Path]) -> None:
+    manifest = Manifest.read(smollm2_forms["growing"])
+    assert manifest.generation is not None and manifest.generation.tokenizer == "tokenizer"
+    assert manifest.generation.eos_token_ids == [2] and manifest.generation.chat_template
+    from llm2trt.generate import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_forms["growing"], manifest)
+    prompts = [tokenizer(p, add_special_tokens=False).input_ids for p in SMOL_PROMPTS]
+    model = source_from_info(manifest.source).load(DType.FP32)
+    reference = [hf_generate(model, [p], pad=2)[0] for p in prompts]  # each prompt alone, unpadded
+    assert sum(len(r) for r in reference) >= 4 * NEW  # (at most one stops early, at EOS)
+    for form, artifact in smollm2_forms.items():
+        got = generate(artifact, prompts=SMOL_PROMPTS, sampling=Sampling(NEW))  # all five in one batch
+        assert [row.new_ids for row in got.rows] == reference, form
+    assert got.rows[0].text.startswith(" Paris")
+
+
+def test_sampling_is_seeded(artifacts: dict[str, Path]) -> None:
+    sampled = [
+        generate(artifacts["tiny:llama"], ids=[[5, 6, 7]], sampling=Sampling(16, 1.0, 50, 0.9, seed)).rows[0].new_ids
+        for seed in (1, 1, 2)
+    ]
+    greedy = generate(artifacts["tiny:llama"], ids=[[5, 6, 7]], sampling=Sampling(16)).rows[0].new_ids
+    assert sampled[0] == sampled[1] and sampled[0] != sampled[2] and sampled[0] != greedy
+
+
+def test_pick_respects_top_k_and_top_p() -> None:
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
+    top1 = Sampling(4, temperature=1.0, top_k=1).picker()
+    assert {int(top1(logits)[0]) for _ in range(20)} == {0}
+    nucleus = Sampling(4, temperature=1.0, top_p=0.7, seed=3).picker()  # 0.5 + 0.3 reach 0.7
+    assert {int(nucleus(logits)[0]) for _ in range(200)} == {0, 1}
+
+
+def test_cli_json_and_text(artifacts: dict[str, Path]) -> None:
+    code, data = run_json("generate", artifacts["tiny:gpt2"], "--ids", "4,5,6", "--max-new-tokens", "5", "-q")
+    assert code == 0 and data["ids"][:3] == [4, 5, 6] and len(data["ids"]) == 8
+    assert data["text"] is None and data["results"][0]["stop"] == "length" and data["runner"] == "ort"
+    text = run_cli("generate", artifacts["tiny:gpt2"], "--ids", "4,5,6", "--ids", "9", "--max-new-tokens", "3", "-q")
+    assert text.exit_code == 0 and text.stdout.startswith("[0] ") and "\n[1] " in text.stdout
+
+
+def test_bad_input(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    tiny = artifacts["tiny:llama"]
+    assert_clean_failure(run_cli("generate", artifacts["tiny:bert"], "--ids", "1,2"), "generate needs a decoder")
+    assert_clean_failure(run_cli("generate", tiny, "--prompt", "hello"), "has no tokenizer (tiny models have none)")
+    assert_clean_failure(run_cli("generate", tiny, "--prompt", "a", "--ids", "1"), "not both")
+    assert_clean_failure(run_cli("generate", tiny, "--ids", "1,x"), "--ids takes comma-separated token ids")
+    long = ",".join(["7"] * 250)
+    assert_clean_failure(
+        run_cli("generate", tiny, "--ids", long, "--max-new-tokens", "10"),
+        "needs 260 positions; this artifact holds 256",
+    )
+    out = tmp_path / "nocache"
+    assert run_cli("convert", "tiny:llama", "-o", out, "--no-kv-cache", "-q").exit_code == 0
+    assert_clean_failure(run_cli("generate", out, "--ids", "1,2"), "this artifact has no KV cache")
+    assert_clean_failure(run_cli("optimize", out, "-o", tmp_path / "x", "--kv-form", "fixed"), "add --kv-cache")
+    result = run_cli("optimize", tiny, "-o", tmp_path / "y", "--kv-cache")
+    assert_clean_failure(result, "already has KV-cache I/O", tmp_path / "y")
+    result = run_cli("optimize", artifacts["tiny:bert"], "-o", tmp_path / "z", "--kv-cache")
+    assert_clean_failure(result, "bert is not a decoder", tmp_path / "z")
