@@ -23,10 +23,13 @@ from llm2trt.core.kv import (
     BATCH,
     CACHE_SEQUENCE,
     FIXED,
+    GQA,
     GROWING,
     PAST_SEQUENCE,
+    SEQLENS_K,
     SEQUENCE,
     TOTAL_SEQUENCE,
+    TOTAL_SEQUENCE_LENGTH,
     KVForm,
     KVLayout,
 )
@@ -94,6 +97,14 @@ def _token_type_ids(config: Any, shape: SampleShape, rng: np.random.Generator) -
     return types
 
 
+def _seqlens_k(config: Any, shape: SampleShape, rng: np.random.Generator) -> np.ndarray:
+    return np.full((shape.batch,), shape.past + shape.sequence - 1, dtype=np.int32)
+
+
+def _total_sequence_length(config: Any, shape: SampleShape, rng: np.random.Generator) -> np.ndarray:
+    return np.asarray(shape.past + shape.sequence, dtype=np.int32)
+
+
 def _pixel_values(config: Any, shape: SampleShape, rng: np.random.Generator) -> np.ndarray:
     size = int(config.image_size)
     return rng.standard_normal((shape.batch, int(config.num_channels), size, size)).astype(np.float32)
@@ -120,6 +131,8 @@ class ExportSpec:
         "position_ids": _position_ids,
         "token_type_ids": _token_type_ids,
         "pixel_values": _pixel_values,
+        SEQLENS_K: _seqlens_k,
+        TOTAL_SEQUENCE_LENGTH: _total_sequence_length,
     }
     # Extra keyword arguments to the model's forward during export.
     forward_kwargs: ClassVar[Mapping[str, Any]] = {}
@@ -222,7 +235,9 @@ class ExportSpec:
         rng = np.random.default_rng(seed)
         shape = SampleShape(batch, sequence)
         if graph.kv_cache is not None:
-            past = max(1, sequence // 2) if past is None else past
+            # GroupQueryAttention takes several new tokens per row only from an empty cache.
+            default = 0 if graph.kv_cache.form == GQA else max(1, sequence // 2)
+            past = default if past is None else past
             shape = SampleShape(batch, sequence, past, past + sequence)
         cache = set(graph.kv_cache.past_names) if graph.kv_cache else set()
         feeds: dict[str, np.ndarray] = {}
@@ -260,7 +275,7 @@ _POSITION_DIMS = (SEQUENCE, PAST_SEQUENCE, TOTAL_SEQUENCE, CACHE_SEQUENCE)
 def _cache_sample(kv: Any, shape: SampleShape, rng: np.random.Generator) -> np.ndarray:
     """Cached keys or values: `past` tokens in a growing cache, a buffer of `cache` slots in a fixed one
     (slots past the valid ones hold garbage, as a real buffer would)."""
-    length = shape.cache if kv.form == FIXED else shape.past
+    length = shape.cache if kv.is_buffer else shape.past
     return rng.standard_normal((shape.batch, kv.num_kv_heads, length, kv.head_dim)).astype(np.float32)
 
 
@@ -280,6 +295,19 @@ class DecoderSpec(ExportSpec):
         # A fixed-size cache buffer (`optimize --kv-form fixed`): rows left-aligned, so positions are
         # cache slots and no attention_mask is needed.
         GraphVariant("decoder_fixed", {**_TEXT_IDS, **_POSITIONS}, kv_form=FIXED, exported=False),
+        # ONNX Runtime's GroupQueryAttention decoder (`optimize --kv-form gqa`): it counts positions
+        # by each row's valid length. ONNX Runtime only.
+        GraphVariant(
+            "decoder_gqa",
+            {
+                **_TEXT_IDS,
+                **_POSITIONS,
+                SEQLENS_K: (DType.INT32, (BATCH,)),
+                TOTAL_SEQUENCE_LENGTH: (DType.INT32, ()),
+            },
+            kv_form=GQA,
+            exported=False,
+        ),
     )
     default_dims: ClassVar[Mapping[str, tuple[int, int, int]]] = {
         BATCH: (1, 1, 8),

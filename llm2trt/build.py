@@ -22,7 +22,7 @@ from typing import Any
 
 from llm2trt.core.artifact import load_onnx, sha256_files, staged_output
 from llm2trt.core.errors import BackendError, InputError
-from llm2trt.core.kv import CACHE_SEQUENCE, FIXED, PAST_SEQUENCE, SEQUENCE, TOTAL_SEQUENCE
+from llm2trt.core.kv import CACHE_SEQUENCE, GQA, PAST_SEQUENCE, SEQUENCE, TOTAL_SEQUENCE
 from llm2trt.core.manifest import BUILD_NAME, ENGINE_NAME, DimRange, GraphSpec, Manifest, PassRecord
 from llm2trt.core.records import Record, RecordError
 from llm2trt.core.reports import BuildInfo, Profile, ShapeRange
@@ -175,7 +175,7 @@ def kv_profile_dims(graph: GraphSpec, dims: dict[str, DimRange]) -> dict[str, di
     if kv is None:
         return {"all": dims}
     seq, one = dims[SEQUENCE], DimRange(1, 1, 1)
-    if kv.form == FIXED:
+    if kv.is_buffer:
         return {"prefill": dims, "decode": {**dims, SEQUENCE: one}}
     past = dims[PAST_SEQUENCE]
     prefill = {SEQUENCE: seq, PAST_SEQUENCE: one, TOTAL_SEQUENCE: DimRange(seq.min + 1, seq.opt + 1, seq.max + 1)}
@@ -198,7 +198,12 @@ def _plan(
         raise InputError(f"--profile names unknown dims {sorted(unknown)}; this model's dims are {sorted(graph_dims)}")
     dims = {name: rng for name, rng in {**graph.dims, **overrides}.items() if name in graph_dims}
     static: dict[str, int] = {}
-    if graph.kv_cache is not None and graph.kv_cache.form == FIXED:
+    if graph.kv_cache is not None and graph.kv_cache.form == GQA:
+        raise InputError(
+            "this graph's KV cache is ONNX Runtime's GroupQueryAttention (--kv-form gqa), which TensorRT cannot "
+            "build: build the fixed or growing form of the same model"
+        )
+    if graph.kv_cache is not None and graph.kv_cache.is_buffer:
         # TensorRT's KV_CACHE_UPDATE wants the buffer's length static ("The KV cache tensor must
         # have a static sequence length dimension"): the engine holds the range's max slots.
         static[CACHE_SEQUENCE] = dims[CACHE_SEQUENCE].max

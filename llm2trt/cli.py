@@ -121,8 +121,9 @@ def _quiet_third_party(verbosity: int) -> None:
         warnings.filterwarnings("ignore")
         for name in ("transformers", "torch", "onnxscript", "accelerate"):
             logging.getLogger(name).setLevel(logging.ERROR)
-    if verbosity < 0:  # -q: not even progress bars (transformers' follow huggingface_hub's switch)
+    if verbosity < 0:  # -q: not even progress bars (transformers' own, and the GGUF reader's plain tqdm)
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["TQDM_DISABLE"] = "1"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -206,8 +207,9 @@ def convert(
 @click.option("--kv-cache", is_flag=True, help="Insert KV-cache I/O into a decoder graph that has none.")
 @click.option(
     "--kv-form",
-    type=click.Choice(["growing", "fixed"]),
-    help="KV cache form: growing (Concat; the exporter's) or fixed (a buffer updated by TensorScatter).",
+    type=click.Choice(["growing", "fixed", "gqa"]),
+    help="KV cache form: growing (Concat; the exporter's), fixed (a buffer updated by TensorScatter), or gqa "
+    "(ONNX Runtime's GroupQueryAttention decoder, for its CUDA provider; not for TensorRT).",
 )
 @common_options
 def optimize(

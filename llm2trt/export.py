@@ -20,7 +20,7 @@ from llm2trt import __version__
 from llm2trt.core.artifact import op_counts, save_onnx, staged_output
 from llm2trt.core.dtypes import DType, to_torch
 from llm2trt.core.errors import BackendError, InputError
-from llm2trt.core.kv import FIXED
+from llm2trt.core.kv import GQA_COUNTERS
 from llm2trt.core.log import step
 from llm2trt.core.manifest import GenerationDefaults, GraphSpec, Manifest, TensorSpec
 from llm2trt.core.records import Record
@@ -80,7 +80,9 @@ def export_module(model: torch.nn.Module, graph: GraphSpec, forward_kwargs: dict
                 out = self.model(**named, **forward_kwargs, return_dict=True)
                 return tuple(out[name] for name in outputs)
             past = [named.pop(name) for name in kv.past_names]
-            if kv.form == FIXED:
+            for counter in GQA_COUNTERS:  # GroupQueryAttention's view of the positions: derivable
+                named.pop(counter, None)
+            if kv.is_buffer:
                 return _run_fixed(self.model, named, past, cache_arg, model_outputs)
             out, presents = _run_cached(self.model, named, past, cache_arg)
             return (*(out[name] for name in model_outputs), *presents)

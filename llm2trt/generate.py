@@ -161,6 +161,11 @@ def _ort(ctx: GenerateContext) -> DecoderSession:
     from llm2trt.session import ort_executor
 
     path = ctx.manifest.onnx_path(ctx.artifact, ctx.graph.name)
+    kv = ctx.graph.kv_cache
+    if "CUDAExecutionProvider" in ctx.providers and kv is not None and kv.is_buffer:
+        from llm2trt.ort_cuda import OrtCudaSession  # GPU-resident buffers, the decode step as a CUDA graph
+
+        return OrtCudaSession(ctx.graph, str(path), ctx.capacity, _pad(ctx))
     return open_session(ctx.graph, ort_executor(str(path), ctx.providers), capacity=ctx.capacity, pad_id=_pad(ctx))
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from llm2trt.core.artifact import load_onnx, op_counts, save_onnx, staged_output
 from llm2trt.core.errors import BackendError, CheckFailed, InputError
-from llm2trt.core.kv import FIXED, GROWING, SEQUENCE, KVForm, KVLayout
+from llm2trt.core.kv import FIXED, GQA, GROWING, SEQUENCE, KVForm, KVLayout
 from llm2trt.core.log import step
 from llm2trt.core.manifest import REPORT_NAME, GraphSpec, Manifest
 from llm2trt.core.numerics import normwise_rel_err, run_ort
@@ -29,6 +29,8 @@ from llm2trt.passes.pipeline import PipelineOptions, assemble
 logger = logging.getLogger(__name__)
 
 CHECK_BATCH, CHECK_SEQUENCE = 2, 16
+# Rotary tables for a model that states no position limit.
+DEFAULT_MAX_POSITIONS = 4096
 
 
 @dataclass(frozen=True)
@@ -184,8 +186,10 @@ class KVRequest:
         if not self.insert and has is None:
             raise InputError(f"--kv-form: graph {graph.name!r} has no KV cache; add --kv-cache to insert one")
         form = self.form or (has.form if has is not None else GROWING)
-        if has is not None and has.form == FIXED and form == GROWING:
-            raise InputError("--kv-form growing: a fixed-size cache buffer cannot be turned back into a growing cache")
+        # growing -> fixed -> gqa only: each step removes what the one before needs.
+        order = (GROWING, FIXED, GQA)
+        if has is not None and order.index(form) < order.index(has.form):
+            raise InputError(f"--kv-form {form}: a {has.form} cache cannot be turned into a {form} one")
         return replace(layout, form=form), spec.variant_for(form)
 
 
@@ -198,7 +202,9 @@ def _optimize_graph(
     onnx_path = manifest.onnx_path(artifact, graph.name)
     with step(f"loading {onnx_path}"):
         model = Model.from_onnx(load_onnx(onnx_path))
-    result = assemble(replace(options, kv_layout=layout, kv_insert=kv.insert)).run(model)
+    limit = spec.position_limit(config) or DEFAULT_MAX_POSITIONS
+    settings = {**options.settings, "ort_gqa": {"max_positions": limit, **options.settings.get("ort_gqa", {})}}
+    result = assemble(replace(options, kv_layout=layout, kv_insert=kv.insert, settings=settings)).run(model)
     target = graph if variant == graph.name else spec.graph_spec(config, manifest.dtype, variant)
     conform(model, target)
     expect = Expectation.of(spec, config, options.skip_fusions)

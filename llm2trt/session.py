@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llm2trt.core.errors import InputError
-from llm2trt.core.kv import FIXED, KVLayout
+from llm2trt.core.kv import FIXED, GQA, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, KVLayout
 from llm2trt.core.manifest import GraphSpec
 
 Feeds = dict[str, np.ndarray]
@@ -176,6 +176,25 @@ class FixedSession(DecoderSession):
         return self._logits(out)
 
 
+class GqaSession(FixedSession):
+    """ONNX Runtime's GroupQueryAttention graph: a fixed buffer counted by each row's length."""
+
+    def _run(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        # After this step each row holds its position + the new tokens (right padding in a prefill
+        # is masked by the lengths, as GroupQueryAttention reads them).
+        lengths = self.state.positions if positions.shape[1] == 1 else self._lengths
+        seqlens = (lengths + (1 if positions.shape[1] == 1 else 0) - 1).astype(np.int32)
+        total = np.asarray(int(seqlens.max()) + 1, dtype=np.int32)
+        feeds = {"input_ids": ids, "position_ids": positions, SEQLENS_K: seqlens, TOTAL_SEQUENCE_LENGTH: total}
+        out = self.run({**feeds, **self.state.cache})
+        self.state.cache = {p: out[q] for p, q in zip(self.kv.past_names, self.kv.present_names, strict=True)}
+        return self._logits(out)
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        self._lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+        return super().prefill(prompts)
+
+
 def _layout(graph: GraphSpec) -> KVLayout:
     if graph.kv_cache is None:
         raise InputError(f"graph {graph.name!r} has no KV cache")
@@ -190,6 +209,8 @@ def open_session(
         return NoCacheSession(graph, run, pad_id)
     if graph.kv_cache.form == FIXED:
         return FixedSession(graph, run, capacity, pad_id)
+    if graph.kv_cache.form == GQA:
+        return GqaSession(graph, run, capacity, pad_id)
     return GrowingSession(graph, run, pad_id, dummy_slot)
 
 

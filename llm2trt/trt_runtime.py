@@ -20,7 +20,6 @@ import numpy as np
 
 from llm2trt.core.dtypes import to_numpy, to_torch
 from llm2trt.core.errors import BackendError, InputError
-from llm2trt.core.kv import FIXED
 from llm2trt.core.manifest import BUILD_NAME, GraphSpec, Manifest
 from llm2trt.core.reports import BuildInfo
 from llm2trt.session import Executor, Feeds
@@ -40,7 +39,7 @@ def engine_executor(artifact: Path, manifest: Manifest, graph: GraphSpec) -> tup
     backend.load_plugins(refs())
     info = BuildInfo.read(artifact / BUILD_NAME)
     runner = _EngineRunner(backend.module, (artifact / graph.engine).read_bytes(), info.profile_names)
-    dummy = graph.kv_cache is not None and graph.kv_cache.form != FIXED
+    dummy = graph.kv_cache is not None and not graph.kv_cache.is_buffer
     return runner.run, dummy
 
 

@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 
 from llm2trt.core.dtypes import DType, numpy_of_onnx, onnx_elem_type
 from llm2trt.core.errors import InputError
-from llm2trt.core.kv import FIXED, GROWING, KV_KINDS, KVKind, KVLayout, past_name, present_name
+from llm2trt.core.kv import GROWING, KV_KINDS, KVKind, KVLayout, past_name, present_name
 from llm2trt.passes.core import GraphPass, Model, PassResult
 from llm2trt.passes.pattern import layer_of, module_of
 
@@ -35,6 +35,7 @@ TENSOR_SCATTER_OPSET = 24
 
 
 _SLOTS: tuple[tuple[int, KVKind], ...] = ((1, "key"), (2, "value"))
+_CACHE_OPS = {"Concat": GROWING, "TensorScatter": "buffer"}
 
 
 @dataclass
@@ -63,10 +64,10 @@ class KVCachePass(GraphPass):
             raise InputError("--kv-cache: this graph already has KV-cache I/O (convert made it with a cache)")
         if not self.insert and not cached:
             raise InputError("--kv-form: this graph has no KV cache; insert one with --kv-cache")
-        if not self.insert and self.layout.form == GROWING:
-            return PassResult(modified=False, counts={"layers": 0})
+        if cached == ("buffer" if self.layout.is_buffer else GROWING):
+            return PassResult(modified=False, counts={"layers": 0})  # already in the wanted form
         dtype = layers[0].attention.inputs[0].dtype
-        if self.layout.form == FIXED and model.opset < TENSOR_SCATTER_OPSET:
+        if self.layout.is_buffer and model.opset < TENSOR_SCATTER_OPSET:
             raise InputError(
                 f"a fixed-size KV cache needs opset {TENSOR_SCATTER_OPSET} (TensorScatter); graph is {model.opset}"
             )
@@ -77,7 +78,7 @@ class KVCachePass(GraphPass):
         }
         mask = (
             self._fixed_mask(model, past[(0, "key")], dtype)
-            if self.layout.form == FIXED
+            if self.layout.is_buffer
             else self._growing_mask(model, dtype)
         )
         for layer in layers:
@@ -97,7 +98,9 @@ class KVCachePass(GraphPass):
 
     # -- what the graph holds --------------------------------------------------------------------
 
-    def _layers(self, model: Model) -> tuple[list[_Layer], bool]:
+    def _layers(self, model: Model) -> tuple[list[_Layer], str | None]:
+        """Each layer's attention and new keys/values, and the cache the graph has: growing (a
+        Concat), buffer (a TensorScatter) or None."""
         attentions = [n for n in model.graph.nodes if n.op == "Attention" and (n.domain or "") in ("", "ai.onnx")]
         by_layer = {layer_of(module_of(n.name)): n for n in attentions}
         if len(attentions) != self.layout.num_layers or set(by_layer) != set(range(self.layout.num_layers)):
@@ -105,20 +108,23 @@ class KVCachePass(GraphPass):
                 f"the KV-cache pass needs one fused Attention per layer: found {len(attentions)} for "
                 f"{self.layout.num_layers} layers (is the Attention fusion skipped or missing?)"
             )
-        layers, cached = [], []
+        layers, forms = [], []
         for index in range(self.layout.num_layers):
             node = by_layer[index]
             new: dict[KVKind, gs.Tensor] = {}
             for slot, kind in _SLOTS:
                 tensor = node.inputs[slot]
-                concat = tensor.inputs[0] if tensor.inputs and tensor.inputs[0].op == "Concat" else None
-                is_cache = concat is not None and tensor.name == present_name(index, kind)
-                cached.append(is_cache)
-                new[kind] = concat.inputs[-1] if is_cache and concat is not None else tensor
+                producer = tensor.inputs[0] if tensor.inputs else None
+                form = _CACHE_OPS.get(producer.op) if producer is not None else None
+                if form is None or tensor.name != present_name(index, kind):
+                    form = None
+                forms.append(form)
+                # Concat(past, new) or TensorScatter(past, new, indices): the new entries are input 1.
+                new[kind] = producer.inputs[1] if form is not None and producer is not None else tensor
             layers.append(_Layer(index, node, new))
-        if len(set(cached)) > 1:
+        if len(set(forms)) > 1:
             raise InputError("the graph's KV cache covers only some layers; cannot rewrite it")
-        return layers, cached[0]
+        return layers, forms[0]
 
     # -- the new tensors --------------------------------------------------------------------------
 
@@ -141,7 +147,7 @@ class KVCachePass(GraphPass):
         new = layer.new[kind]
         present = gs.Variable(name, dtype=new.dtype, shape=self.layout.shape(self.layout.present_dim))
         scope = f"{layer.attention.name.rsplit('/', 1)[0]}/kv_{kind}"
-        if self.layout.form == FIXED:
+        if self.layout.is_buffer:
             node = gs.Node(
                 "TensorScatter",
                 model.fresh_name(f"{scope}/TensorScatter"),

@@ -11,13 +11,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm2trt.core.kv import FIXED, KVLayout
+from llm2trt.core.kv import GQA, KVLayout
 from llm2trt.core.registry import Registry
 from llm2trt.passes.cleanup import ShapeInference, cleanup_passes
 from llm2trt.passes.core import GraphPass, PassManager
 from llm2trt.passes.fusions import required_opset, selected
 from llm2trt.passes.kv import TENSOR_SCATTER_OPSET, KVCachePass
 from llm2trt.passes.opset import OpsetUpgrade
+from llm2trt.passes.ort_gqa import GroupQueryAttentionPass
 from llm2trt.passes.pattern import RewritePass
 
 
@@ -58,7 +59,7 @@ def register_entry(name: str, order: int, make: Callable[[PipelineOptions], Sequ
 def _opset(options: PipelineOptions) -> list[GraphPass]:
     fusions = selected(options.skip_fusions)
     needed = required_opset(fusions) if fusions else None
-    if options.kv_layout is not None and options.kv_layout.form == FIXED:
+    if options.kv_layout is not None and options.kv_layout.is_buffer:
         needed = max(needed or 1, TENSOR_SCATTER_OPSET)
     target = options.setting("opset_upgrade", "target", needed)
     return [OpsetUpgrade(int(target))] if target else []
@@ -70,6 +71,12 @@ def _kv(options: PipelineOptions) -> list[GraphPass]:
     return [KVCachePass(options.kv_layout, options.kv_insert)]
 
 
+def _gqa(options: PipelineOptions) -> list[GraphPass]:
+    if options.kv_layout is None or options.kv_layout.form != GQA:
+        return []
+    return [GroupQueryAttentionPass(options.kv_layout, int(options.setting("ort_gqa", "max_positions", 4096)))]
+
+
 def _fusions(options: PipelineOptions) -> list[GraphPass]:
     return [RewritePass(f"fuse_{f.name.lower()}", [rule() for rule in f.rules]) for f in selected(options.skip_fusions)]
 
@@ -78,6 +85,7 @@ register_entry("cleanup", 100, lambda options: cleanup_passes())
 register_entry("opset_upgrade", 200, _opset)
 register_entry("fusions", 300, _fusions)
 register_entry("kv_cache", 350, _kv)
+register_entry("ort_gqa", 360, _gqa)
 register_entry("shape_inference", 900, lambda options: [ShapeInference()])
 
 

@@ -24,10 +24,17 @@ CACHE_SEQUENCE = "cache_sequence"
 # growing: past_key_values.{i}.* -> Concat -> present.{i}.* (one token longer each step);
 # fixed:   a buffer of cache_sequence slots; TensorScatter writes the new keys and values at each
 #          row's position and present.{i}.* is the same buffer, updated (in place where bound so).
-KVForm = Literal["growing", "fixed"]
+# gqa:     a fixed buffer that ONNX Runtime's com.microsoft.GroupQueryAttention updates in place
+#          (its CUDA decoders' vocabulary; for ONNX Runtime only, never TensorRT).
+KVForm = Literal["growing", "fixed", "gqa"]
 GROWING: Final = "growing"
 FIXED: Final = "fixed"
-KV_FORMS: tuple[KVForm, KVForm] = (GROWING, FIXED)
+GQA: Final = "gqa"
+KV_FORMS: tuple[KVForm, ...] = (GROWING, FIXED, GQA)
+# What a gqa graph takes instead of positions: each row's valid length - 1, and the longest (int32).
+SEQLENS_K = "seqlens_k"
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
+GQA_COUNTERS = (SEQLENS_K, TOTAL_SEQUENCE_LENGTH)
 
 
 def past_name(layer: int, kind: KVKind) -> str:
@@ -65,12 +72,17 @@ class KVLayout(Record):
         return [BATCH, self.num_kv_heads, sequence_dim, self.head_dim]
 
     @property
+    def is_buffer(self) -> bool:
+        """A fixed-size buffer (fixed, gqa), rather than a cache that grows by a token a step."""
+        return self.form != GROWING
+
+    @property
     def past_dim(self) -> str:
-        return CACHE_SEQUENCE if self.form == FIXED else PAST_SEQUENCE
+        return CACHE_SEQUENCE if self.is_buffer else PAST_SEQUENCE
 
     @property
     def present_dim(self) -> str:
-        return CACHE_SEQUENCE if self.form == FIXED else TOTAL_SEQUENCE
+        return CACHE_SEQUENCE if self.is_buffer else TOTAL_SEQUENCE
 
     def past_shapes(self) -> list[tuple[str, list[int | str]]]:
         """Graph inputs of the cache, in graph order: (name, symbolic shape)."""

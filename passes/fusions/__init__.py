@@ -9,6 +9,7 @@ Attention (23).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
@@ -46,6 +47,17 @@ class Fusion:
 
 FUSIONS: Registry[Fusion] = Registry("fusion")
 
+# Ops outside the standard vocabulary that do a fusion's work (ONNX Runtime's contrib ops, made by
+# passes/ort_gqa.py): (domain, op) -> how many of the fusion one such node counts for.
+NodeCount = Callable[[gs.Node], int]
+EQUIVALENTS: dict[str, dict[tuple[str, str], NodeCount]] = {}
+
+
+def register_equivalent(fusion: str, domain: str, op: str, count: NodeCount = lambda node: 1) -> None:
+    """Count nodes of `domain.op` toward `fusion` (e.g. GroupQueryAttention toward Attention)."""
+    check_fusion_names([fusion], "an equivalent op")
+    EQUIVALENTS.setdefault(fusion, {})[(domain, op)] = count
+
 
 def register_fusion(*rules: type[RewriteRule]) -> Fusion:
     fusion = Fusion(rules[0].fusion, rules)
@@ -78,7 +90,22 @@ def required_opset(fusions: list[Fusion]) -> int:
 
 def count_fusions(graph: gs.Graph) -> dict[str, int]:
     ops = Counter(n.op for n in graph.nodes if (n.domain or "") in ("", "ai.onnx"))
-    return {f.name: sum(ops[op] for op in f.ops) for f in FUSIONS.entries()}
+    counts = {f.name: sum(ops[op] for op in f.ops) for f in FUSIONS.entries()}
+    for name, equivalents in EQUIVALENTS.items():
+        for node in graph.nodes:
+            count = equivalents.get((node.domain or "", node.op))
+            counts[name] += count(node) if count else 0
+    return counts
 
 
-__all__ = ["FUSIONS", "Fusion", "check_fusion_names", "count_fusions", "register_fusion", "required_opset", "selected"]
+__all__ = [
+    "EQUIVALENTS",
+    "FUSIONS",
+    "Fusion",
+    "check_fusion_names",
+    "count_fusions",
+    "register_equivalent",
+    "register_fusion",
+    "required_opset",
+    "selected",
+]

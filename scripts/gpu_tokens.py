@@ -1,0 +1,86 @@
+"""Greedy tokens of llm2trt's fp16 artifacts on ONNX Runtime CUDA against transformers in fp32.
+
+    python scripts/gpu_tokens.py --hf /tmp/bench/hf-smollm2 --artifacts A [A ...]
+
+For five prompts, 32 greedy tokens each: identical or not, and where a row diverges, the step and
+the fp32 reference's margin between its top two logits there (a near-tie that fp16 rounding flips
+is not a graph error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.test_generate import SMOL_PROMPTS
+
+NEW = 32
+
+
+def reference(hf_dir: Path, ids: list[list[int]]) -> tuple[list[list[int]], list[list[float]]]:
+    """fp32 greedy tokens per prompt (alone, unpadded) and the top-2 logit margin at each step."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).cuda().eval()
+    tokens, margins = [], []
+    for prompt in ids:
+        out = model.generate(
+            input_ids=torch.tensor([prompt], device="cuda"), max_new_tokens=NEW, do_sample=False,
+            output_scores=True, return_dict_in_generate=True, pad_token_id=model.config.eos_token_id,
+        )  # fmt: skip
+        new = out.sequences[0, len(prompt) :].tolist()
+        top2 = [torch.topk(score[0].float(), 2).values.tolist() for score in out.scores]
+        tokens.append(new)
+        margins.append([a - b for a, b in top2])
+    return tokens, margins
+
+
+def compare(artifact: Path, ref: list[list[int]], margins: list[list[float]]) -> list[dict[str, object]]:
+    from llm2trt.core.manifest import Manifest
+    from llm2trt.generate import Sampling, generate
+
+    got = generate(artifact, prompts=SMOL_PROMPTS, sampling=Sampling(NEW), providers=["CUDAExecutionProvider"])
+    generation = Manifest.read(artifact).generation
+    eos = generation.eos_token_ids if generation else []
+    rows = []
+    for i, (row, full) in enumerate(zip(got.rows, ref, strict=True)):
+        want = full[: next((k + 1 for k, t in enumerate(full) if t in eos), len(full))]
+        diverge = next((k for k, (a, b) in enumerate(zip(row.new_ids, want, strict=False)) if a != b), None)
+        if diverge is None and len(row.new_ids) != len(want):
+            diverge = min(len(row.new_ids), len(want))
+        margin = margins[i][diverge] if diverge is not None and diverge < len(margins[i]) else None
+        rows.append({"prompt": SMOL_PROMPTS[i], "identical": diverge is None, "diverges_at": diverge,
+                     "fp32_top2_margin_there": margin, "text": row.text})  # fmt: skip
+        print(f"{artifact.name}: [{i}] identical={diverge is None} diverges_at={diverge} margin={margin}")
+    same = sum(bool(r["identical"]) for r in rows)
+    ms = got.to_dict()["decode_ms_per_step"]
+    print(f"{artifact.name}: {same}/{len(rows)} prompts identical to transformers fp32 ({ms:.2f} ms/step)")
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hf", type=Path, required=True)
+    parser.add_argument("--artifacts", type=Path, nargs="+", required=True)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    from llm2trt.core.manifest import Manifest
+    from llm2trt.generate import load_tokenizer
+
+    first = args.artifacts[0]
+    tokenizer = load_tokenizer(first, Manifest.read(first))
+    ids = [tokenizer(p, add_special_tokens=False).input_ids for p in SMOL_PROMPTS]
+    ref, margins = reference(args.hf, ids)
+    report = {artifact.name: compare(artifact, ref, margins) for artifact in args.artifacts}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
