@@ -5,9 +5,11 @@ same buffers, so the step is captured once as a CUDA graph and replayed (ONNX Ru
 `enable_cuda_graph`; the prefill, whose shapes vary, runs uncaptured with `gpu_graph_id` -1).
 The inputs, the cache and the logits are torch tensors bound by address through IO binding;
 the cache buffers are bound as both past and present, so the graph updates them in place.
-Between steps only small device ops run (the greedy pick, position and length counters) and one
-copy of the picked token ids to the host. ONNX Runtime runs on torch's stream, so the two order
-their work without host synchronization.
+Greedy decoding never leaves the GPU but for the picked ids: the between-step work (the pick,
+the position and length counters) is a small torch CUDA graph of its own, ONNX Runtime runs on
+torch's stream and is told not to synchronize at the end of a run, so the host only waits once a
+step, when it copies the picked ids back (what a loop watching for EOS needs). The host's own
+overhead then overlaps the GPU's work instead of adding to it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from llm2trt.core.kv import GQA, SEQLENS_K, TOTAL_SEQUENCE_LENGTH
 from llm2trt.core.manifest import GraphSpec
 from llm2trt.session import DecoderSession
 
-DECODE_GRAPH_ID = "1"  # 0 is ONNX Runtime's own; -1 turns capture off for a run
+UNCAPTURED = "-1"  # ONNX Runtime's graph id for a run it must not capture; 0 is its own
 
 
 @dataclass
@@ -35,7 +37,11 @@ class _Buffers:
     seqlens: Any | None
     total: Any | None
     logits: Any
+    lengths: Any  # each row's valid length (int64), what the counters move on from
     cache: dict[str, Any] = field(default_factory=dict)
+    binding: Any = None  # the decode step's IO binding over these buffers
+    advance: Any = None  # the captured between-step work (greedy pick, counters)
+    graph_id: str = UNCAPTURED  # ONNX Runtime's captured graph of the decode step, one per batch size
 
 
 class OrtCudaSession(DecoderSession):
@@ -56,10 +62,12 @@ class OrtCudaSession(DecoderSession):
         self.stream = torch.cuda.current_stream()
         self.session = _session(onnx_path, self.stream.cuda_stream, cuda_graph)
         self.gqa = graph.kv_cache.form == GQA
+        # Buffers by batch size: a captured graph replays fixed addresses, so each batch size keeps
+        # its own buffers and its own graph id for the session's life.
+        self.batches: dict[int, _Buffers] = {}
         self.buffers: _Buffers | None = None
-        self.binding: Any = None
-        self.lengths: Any = None  # each row's valid length, on the GPU
-        self.longest = 0  # the same, the longest, on the host (no sync to check capacity)
+        self.options = {UNCAPTURED: _run_options(UNCAPTURED)}
+        self.longest = 0  # the longest row's length, on the host (no sync to check capacity)
 
     # -- prefill: uncaptured, any length --------------------------------------------------------
 
@@ -80,8 +88,9 @@ class OrtCudaSession(DecoderSession):
             extra[SEQLENS_K] = (lengths - 1).to(torch.int32)
             extra[TOTAL_SEQUENCE_LENGTH] = torch.tensor(width, dtype=torch.int32)  # host scalar
         binding = self._bind({"input_ids": ids, "position_ids": positions, **extra}, logits)
-        self._run(binding, "-1")
-        self.lengths, self.longest = lengths, width
+        self._run(binding, UNCAPTURED)
+        self._live().lengths.copy_(lengths)
+        self.longest = width
         last = logits[torch.arange(batch, device="cuda"), lengths - 1]
         return last.float().cpu().numpy()  # type: ignore[no-any-return]
 
@@ -90,6 +99,26 @@ class OrtCudaSession(DecoderSession):
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         buffers = self._step(self.torch.as_tensor(tokens, device="cuda").reshape(-1, 1))
         return buffers.logits[:, -1].float().cpu().numpy()  # type: ignore[no-any-return]
+
+    def start_greedy(self, logits: np.ndarray) -> Any:
+        """After `prefill`: load the greedy pick of its logits as the next input; the ids buffer."""
+        b = self._live()
+        b.ids.copy_(self.torch.as_tensor(np.argmax(logits, -1), device="cuda").reshape(-1, 1))
+        b.positions.copy_(b.lengths.reshape(-1, 1))
+        if b.seqlens is not None:
+            b.seqlens.copy_(b.lengths.to(self.torch.int32))
+        return b.ids
+
+    def greedy_step(self) -> Any:
+        """One greedy step on the GPU: the graph replayed, then the captured pick and counter
+        updates. Returns the ids buffer (the picked tokens, also the next step's input)."""
+        b = self._live()
+        if self.longest >= self.capacity:
+            raise InputError(f"the {self.capacity}-slot KV cache is full")
+        self._run(b.binding, b.graph_id)
+        b.advance.replay()
+        self.longest += 1
+        return b.ids
 
     def step(self, tokens: Any) -> Any:
         """One decode step from device token ids (batch, 1); the logits (batch, 1, vocab), on the GPU."""
@@ -110,11 +139,11 @@ class OrtCudaSession(DecoderSession):
         if self.longest >= self.capacity:
             raise InputError(f"the {self.capacity}-slot KV cache is full")
         b.ids.copy_(tokens)
-        b.positions.copy_(self.lengths.reshape(-1, 1))
+        b.positions.copy_(b.lengths.reshape(-1, 1))
         if b.seqlens is not None:
-            b.seqlens.copy_(self.lengths.to(self.torch.int32))
-        self._run(self.binding, DECODE_GRAPH_ID if self.cuda_graph else "-1")
-        self.lengths += 1
+            b.seqlens.copy_(b.lengths.to(self.torch.int32))
+        self._run(b.binding, b.graph_id)
+        b.lengths += 1
         self.longest += 1
         return b
 
@@ -134,7 +163,8 @@ class OrtCudaSession(DecoderSession):
     def _allocate(self, batch: int) -> None:
         """The decode step's buffers, once per batch size (the captured graph keeps their addresses)."""
         torch = self.torch
-        if self.buffers is not None and self.buffers.ids.shape[0] == batch:
+        if batch in self.batches:
+            self.buffers = self.batches[batch]
             for tensor in self.buffers.cache.values():
                 tensor.zero_()
             return
@@ -148,13 +178,39 @@ class OrtCudaSession(DecoderSession):
             # host scalar stays the same every step.
             total=torch.tensor(self.capacity, dtype=torch.int32) if self.gqa else None,
             logits=torch.empty((batch, 1, self._vocab()), dtype=self.dtype.torch, device="cuda"),
+            lengths=torch.zeros((batch,), dtype=torch.int64, device="cuda"),
             cache=cache,
         )
         feeds = {"input_ids": self.buffers.ids, "position_ids": self.buffers.positions}
         if self.gqa:
             feeds[SEQLENS_K] = self.buffers.seqlens
             feeds[TOTAL_SEQUENCE_LENGTH] = self.buffers.total
-        self.binding = self._bind(feeds, self.buffers.logits)
+        self.buffers.binding = self._bind(feeds, self.buffers.logits)
+        self.buffers.advance = self._capture_advance(self.buffers)
+        self.buffers.graph_id = str(batch) if self.cuda_graph else UNCAPTURED
+        self.options.setdefault(self.buffers.graph_id, _run_options(self.buffers.graph_id))
+        self.batches[batch] = self.buffers
+
+    def _capture_advance(self, b: _Buffers) -> Any:
+        """The between-step work as one torch CUDA graph: pick, then move every counter on."""
+        torch = self.torch
+
+        def advance() -> None:
+            b.ids.copy_(torch.argmax(b.logits[:, -1], dim=-1, keepdim=True))
+            b.positions.add_(1)
+            b.lengths.add_(1)
+            if b.seqlens is not None:
+                b.seqlens.add_(1)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            advance()  # warm-up outside the capture (allocations, kernel loads)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            advance()
+        return graph
 
     def _bind(self, feeds: dict[str, Any], logits: Any) -> Any:
         buffers = self._live()
@@ -171,14 +227,21 @@ class OrtCudaSession(DecoderSession):
         return binding
 
     def _run(self, binding: Any, graph_id: str) -> None:
-        import onnxruntime as ort
-
-        options = ort.RunOptions()
-        options.add_run_config_entry("gpu_graph_id", graph_id)
         try:
-            self.session.run_with_iobinding(binding, options)
+            self.session.run_with_iobinding(binding, self.options[graph_id])
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BackendError(f"ONNX Runtime CUDA failed: {str(exc).strip().splitlines()[0][:300]}") from None
+
+
+def _run_options(graph_id: str) -> Any:
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.add_run_config_entry("gpu_graph_id", graph_id)
+    # No stream synchronization at the end of a run: ONNX Runtime works on torch's stream, so the
+    # next torch op is ordered after it anyway, and the host waits only when it reads results.
+    options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+    return options
 
 
 def _bind(bind: Any, name: str, tensor: Any) -> None:

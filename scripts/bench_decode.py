@@ -312,10 +312,12 @@ def genai(hf_dir: Path, work: Path, vocab: int, graph: bool) -> Row:
 def llm2trt_artifact(hf_dir: Path, work: Path) -> Path:
     art, gqa = work / f"llm2trt-{hf_dir.name}", work / f"llm2trt-{hf_dir.name}-gqa"
     cli = [sys.executable, "-m", "llm2trt"]
+    # Run from the work directory: `python -m` puts the working directory first on sys.path, and a
+    # checkout's llm2trt/ (without exporters/ inside) must not shadow the installed package.
     if not (art / "manifest.json").is_file():
-        subprocess.run([*cli, "convert", str(hf_dir), "-o", str(art), "--dtype", "fp16", "-q"], check=True)
+        subprocess.run([*cli, "convert", str(hf_dir), "-o", str(art), "--dtype", "fp16", "-q"], check=True, cwd=work)
     if not (gqa / "manifest.json").is_file():
-        subprocess.run([*cli, "optimize", str(art), "-o", str(gqa), "--kv-form", "gqa", "-q"], check=True)
+        subprocess.run([*cli, "optimize", str(art), "-o", str(gqa), "--kv-form", "gqa", "-q"], check=True, cwd=work)
     return gqa
 
 
@@ -332,14 +334,8 @@ def llm2trt_row(artifact: Path, vocab: int) -> Row:
     session = llm2trt_session(artifact, PREFILL + 8)
 
     def decode(batch: int) -> float:
-        logits = session.prefill(prompts(vocab, batch, PROMPT).tolist())
-        state = {"tok": torch.as_tensor(np.argmax(logits, -1), device="cuda").reshape(-1, 1)}
-
-        def step() -> None:
-            state["tok"] = torch.argmax(session.step(state["tok"])[:, -1], dim=-1, keepdim=True)
-            state["tok"].cpu()
-
-        return decode_ms(step)
+        session.start_greedy(session.prefill(prompts(vocab, batch, PROMPT).tolist()))
+        return decode_ms(lambda: session.greedy_step().cpu())
 
     bs1 = decode(1)
     bs16 = decode(BATCH)
@@ -353,18 +349,42 @@ def profile_llm2trt(artifact: Path, vocab: int, out: Path) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     session = llm2trt_session(artifact, PROMPT + 64)
-    logits = session.prefill(prompts(vocab, 1, PROMPT).tolist())
-    tok = torch.as_tensor(np.argmax(logits, -1), device="cuda").reshape(-1, 1)
+    session.start_greedy(session.prefill(prompts(vocab, 1, PROMPT).tolist()))
     for _ in range(5):
-        tok = torch.argmax(session.step(tok)[:, -1], dim=-1, keepdim=True)
-    torch.cuda.synchronize()
+        session.greedy_step().cpu()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(20):
-            tok = torch.argmax(session.step(tok)[:, -1], dim=-1, keepdim=True)
-            tok.cpu()
+            session.greedy_step().cpu()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     out.write_text(table)
     return table
+
+
+def probe_swiglu() -> str:
+    """Does this onnxruntime-gpu run com.microsoft.SwiGLU on CUDA, and with which semantics? (One
+    kernel for SiLU(gate) * up would replace QuickGelu + Mul in `--kv-form gqa` graphs.)"""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    g = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float16)
+    u = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float16)
+    want = (g * (1 / (1 + np.exp(-g.astype(np.float32)))) * u).astype(np.float32)
+    node = helper.make_node("SwiGLU", ["g", "u"], ["y"], domain="com.microsoft", activation_alpha=1.0, limit=0.0)
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT16, [2, 8]) for n in ("g", "u", "y")]
+    model = helper.make_model(
+        helper.make_graph([node], "swiglu", io[:2], io[2:]),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+        ir_version=9,
+    )
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CUDAExecutionProvider"])
+        got = session.run(None, {"g": g, "u": u})[0].astype(np.float32)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        return f"SwiGLU on CUDA: no ({str(exc).strip().splitlines()[0][:200]})"
+    err = float(np.abs(got - want).max() / np.abs(want).max())
+    return f"SwiGLU on CUDA: yes, silu(gate) * up relative error {err:.2e}"
 
 
 # -- main ----------------------------------------------------------------------------------------------
@@ -413,10 +433,13 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench"))
     parser.add_argument("--runners", default="llm2trt,genai-graph,genai,hf-graph,hf-eager")
     parser.add_argument("--profile", action="store_true", help="also profile llm2trt's decode step")
+    parser.add_argument("--probe", action="store_true", help="also probe contrib-op kernels on CUDA")
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.probe:
+        print(probe_swiglu(), flush=True)
     hf_dir = prepare(args.model, args.work, args.gguf)
     vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
     bandwidth, weights, floor = floor_ms(hf_dir)

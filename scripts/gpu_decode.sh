@@ -19,7 +19,7 @@ if [ ! -f /tmp/site/.ready ]; then
 fi
 # The package as it installs (exporters/, passes/, plugins/ inside llm2trt/), without a build step.
 rm -rf /tmp/pkg/llm2trt && cp -r llm2trt /tmp/pkg/ && cp -r exporters passes plugins /tmp/pkg/llm2trt/
-export PYTHONPATH=/tmp/pkg:/tmp/site:${PWD} PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 # onnxruntime-gpu and onnxruntime-genai find CUDA, cuBLAS and cuDNN in torch's nvidia wheels.
 NVLIBS=$(python3 -c 'import glob, os, nvidia; print(":".join(sorted({d for p in nvidia.__path__ for d in glob.glob(os.path.join(p, "*", "lib"))})))')
 export LD_LIBRARY_PATH=${NVLIBS}:${LD_LIBRARY_PATH:-}

@@ -16,8 +16,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.test_generate import SMOL_PROMPTS
+# The five prompts of tests/test_generate.py (that module's conftest needs TensorRT, absent on the GPU machine).
+SMOL_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Water boils at a temperature of",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+]
 
 NEW = 32
 
