@@ -14,9 +14,10 @@ overhead then overlaps the GPU's work instead of adding to it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -44,6 +45,20 @@ class _Buffers:
     graph_id: str = UNCAPTURED  # ONNX Runtime's captured graph of the decode step, one per batch size
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _on_own_stream(method: F) -> F:
+    """Run the method's torch work on the session's stream, the one ONNX Runtime runs on."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self.torch.cuda.stream(self.stream):
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 class OrtCudaSession(DecoderSession):
     """A fixed-size-cache decoder on ONNX Runtime CUDA; `decode` replays a captured CUDA graph."""
 
@@ -59,7 +74,9 @@ class OrtCudaSession(DecoderSession):
         self.kv = graph.kv_cache
         self.capacity = capacity
         self.cuda_graph = cuda_graph
-        self.stream = torch.cuda.current_stream()
+        # A stream of our own (the legacy default stream's handle is 0, which ONNX Runtime takes for
+        # "none" and then runs on a stream of its own, unordered with torch's work).
+        self.stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         self.session = _session(onnx_path, self.stream.cuda_stream, cuda_graph)
         self.gqa = graph.kv_cache.form == GQA
         # Buffers by batch size: a captured graph replays fixed addresses, so each batch size keeps
@@ -71,6 +88,7 @@ class OrtCudaSession(DecoderSession):
 
     # -- prefill: uncaptured, any length --------------------------------------------------------
 
+    @_on_own_stream
     def prefill(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         torch = self.torch
         batch, width = len(prompts), max(len(p) for p in prompts)
@@ -96,10 +114,12 @@ class OrtCudaSession(DecoderSession):
 
     # -- decode: one token per row, the captured graph -------------------------------------------
 
+    @_on_own_stream
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         buffers = self._step(self.torch.as_tensor(tokens, device="cuda").reshape(-1, 1))
         return buffers.logits[:, -1].float().cpu().numpy()  # type: ignore[no-any-return]
 
+    @_on_own_stream
     def start_greedy(self, logits: np.ndarray) -> Any:
         """After `prefill`: load the greedy pick of its logits as the next input; the ids buffer."""
         b = self._live()
@@ -109,30 +129,17 @@ class OrtCudaSession(DecoderSession):
             b.seqlens.copy_(b.lengths.to(self.torch.int32))
         return b.ids
 
-    def greedy_step(self) -> Any:
+    @_on_own_stream
+    def greedy_step(self) -> list[int]:
         """One greedy step on the GPU: the graph replayed, then the captured pick and counter
-        updates. Returns the ids buffer (the picked tokens, also the next step's input)."""
+        updates (the picked ids are also the next step's input); the ids, copied to the host."""
         b = self._live()
         if self.longest >= self.capacity:
             raise InputError(f"the {self.capacity}-slot KV cache is full")
         self._run(b.binding, b.graph_id)
         b.advance.replay()
         self.longest += 1
-        return b.ids
-
-    def step(self, tokens: Any) -> Any:
-        """One decode step from device token ids (batch, 1); the logits (batch, 1, vocab), on the GPU."""
-        return self._step(tokens).logits
-
-    def greedy(self, first: Any, steps: int) -> list[list[int]]:
-        """`steps` greedy tokens after `first` (a device tensor (batch,)), one host copy of the
-        picked ids a step (what a loop watching for EOS needs); ids per step."""
-        torch = self.torch
-        current, picked = first.reshape(-1, 1), [first.reshape(-1).tolist()]
-        for _ in range(steps):
-            current = torch.argmax(self.step(current)[:, -1], dim=-1, keepdim=True)
-            picked.append(current.reshape(-1).tolist())
-        return picked
+        return b.ids.reshape(-1).tolist()  # type: ignore[no-any-return]
 
     def _step(self, tokens: Any) -> _Buffers:
         b = self._live()

@@ -335,7 +335,7 @@ def llm2trt_row(artifact: Path, vocab: int) -> Row:
 
     def decode(batch: int) -> float:
         session.start_greedy(session.prefill(prompts(vocab, batch, PROMPT).tolist()))
-        return decode_ms(lambda: session.greedy_step().cpu())
+        return decode_ms(session.greedy_step)
 
     bs1 = decode(1)
     bs16 = decode(BATCH)
@@ -351,10 +351,10 @@ def profile_llm2trt(artifact: Path, vocab: int, out: Path) -> str:
     session = llm2trt_session(artifact, PROMPT + 64)
     session.start_greedy(session.prefill(prompts(vocab, 1, PROMPT).tolist()))
     for _ in range(5):
-        session.greedy_step().cpu()
+        session.greedy_step()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(20):
-            session.greedy_step().cpu()
+            session.greedy_step()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     out.write_text(table)
     return table
