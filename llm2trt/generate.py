@@ -125,14 +125,17 @@ def generate_ids(
     """New ids per row, why each stopped, and (prefill s, decode s, decode steps)."""
     pick, rows = sampling.picker(), _Rows(set(eos_ids), [[] for _ in prompts], [False] * len(prompts))
     start = time.perf_counter()
-    tokens = pick(session.prefill(prompts))
+    logits = session.prefill(prompts)
+    tokens = pick(logits)
     prefill = time.perf_counter() - start
     rows.take(tokens)
     steps, start = 0, time.perf_counter()
+    # Greedy on a session that picks on the GPU: its ids, step after step; else logits to the host.
+    pipeline = session.greedy_pipeline(logits) if sampling.temperature == 0 else None
     while not all(rows.done) and steps + 1 < sampling.max_new_tokens:
         if on_tokens:
             on_tokens(tokens)
-        tokens = pick(session.decode(tokens))
+        tokens = np.asarray(next(pipeline)) if pipeline is not None else pick(session.decode(tokens))
         rows.take(tokens)
         steps += 1
     if on_tokens:

@@ -15,7 +15,8 @@ overhead then overlaps the GPU's work instead of adding to it.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -40,6 +41,7 @@ class _Buffers:
     logits: Any
     lengths: Any  # each row's valid length (int64), what the counters move on from
     cache: dict[str, Any] = field(default_factory=dict)
+    picked: list[Any] = field(default_factory=list)  # two pinned host buffers the picks are copied to
     binding: Any = None  # the decode step's IO binding over these buffers
     advance: Any = None  # the captured between-step work (greedy pick, counters)
     graph_id: str = UNCAPTURED  # ONNX Runtime's captured graph of the decode step, one per batch size
@@ -120,7 +122,7 @@ class OrtCudaSession(DecoderSession):
         return buffers.logits[:, -1].float().cpu().numpy()  # type: ignore[no-any-return]
 
     @_on_own_stream
-    def start_greedy(self, logits: np.ndarray) -> Any:
+    def _start_greedy(self, logits: np.ndarray) -> Any:
         """After `prefill`: load the greedy pick of its logits as the next input; the ids buffer."""
         b = self._live()
         b.ids.copy_(self.torch.as_tensor(np.argmax(logits, -1), device="cuda").reshape(-1, 1))
@@ -129,17 +131,39 @@ class OrtCudaSession(DecoderSession):
             b.seqlens.copy_(b.lengths.to(self.torch.int32))
         return b.ids
 
+    def greedy_pipeline(self, logits: np.ndarray) -> Iterator[list[int]]:
+        """Greedy ids, step after step, with one step run ahead: step k+1 is launched before the
+        host waits for step k's ids. The host's own work per step (launching a captured graph of
+        a few hundred nodes costs ~0.3 ms of CPU, measured on the H200) then overlaps the GPU's
+        instead of adding to it. The ids come out in order; a consumer that stops (EOS) leaves one
+        more step computed and unread. `logits` are the prefill's: their pick is the first input."""
+        self._start_greedy(logits)
+        pending: deque[tuple[Any, Any]] = deque()
+        step = 0
+        while True:
+            pending.append(self._launch_greedy(step))
+            step += 1
+            if len(pending) == 2 or self.longest >= self.capacity:
+                host, done = pending.popleft()
+                done.synchronize()
+                yield host.reshape(-1).tolist()
+            if self.longest >= self.capacity and not pending:
+                return
+
     @_on_own_stream
-    def greedy_step(self) -> list[int]:
-        """One greedy step on the GPU: the graph replayed, then the captured pick and counter
-        updates (the picked ids are also the next step's input); the ids, copied to the host."""
+    def _launch_greedy(self, step: int) -> tuple[Any, Any]:
+        """Enqueue one greedy step and the copy of its picks to a pinned host buffer."""
         b = self._live()
         if self.longest >= self.capacity:
             raise InputError(f"the {self.capacity}-slot KV cache is full")
         self._run(b.binding, b.graph_id)
         b.advance.replay()
         self.longest += 1
-        return b.ids.reshape(-1).tolist()  # type: ignore[no-any-return]
+        host = b.picked[step % 2]
+        host.copy_(b.ids, non_blocking=True)
+        done = self.torch.cuda.Event()  # type: ignore[no-untyped-call]
+        done.record(self.stream)
+        return host, done
 
     def _step(self, tokens: Any) -> _Buffers:
         b = self._live()
@@ -187,6 +211,7 @@ class OrtCudaSession(DecoderSession):
             logits=torch.empty((batch, 1, self._vocab()), dtype=self.dtype.torch, device="cuda"),
             lengths=torch.zeros((batch,), dtype=torch.int64, device="cuda"),
             cache=cache,
+            picked=[torch.zeros((batch, 1), dtype=torch.int64).pin_memory() for _ in range(2)],
         )
         feeds = {"input_ids": self.buffers.ids, "position_ids": self.buffers.positions}
         if self.gqa:

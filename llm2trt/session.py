@@ -17,7 +17,7 @@ CUDA provider with IO binding plug in the same way.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,6 +55,11 @@ class DecoderSession(abc.ABC):
     @abc.abstractmethod
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """Feed one token per row (batch,); logits (batch, vocab) of it."""
+
+    def greedy_pipeline(self, logits: np.ndarray) -> Iterator[list[int]] | None:
+        """Greedy ids step after step without the logits crossing to the host, for sessions that
+        can (None: pick from `decode`'s logits). `logits` are the prefill's."""
+        return None
 
     def _logits(self, out: dict[str, np.ndarray]) -> np.ndarray:
         logits: np.ndarray = np.asarray(out[self.graph.main_output])
