@@ -310,15 +310,15 @@ def genai(hf_dir: Path, work: Path, vocab: int, graph: bool) -> Row:
 # -- llm2trt -----------------------------------------------------------------------------------------
 
 
-def llm2trt_artifact(hf_dir: Path, work: Path) -> Path:
-    art, gqa = work / f"llm2trt-{hf_dir.name}", work / f"llm2trt-{hf_dir.name}-gqa"
+def llm2trt_artifact(hf_dir: Path, work: Path, form: str = "gqa") -> Path:
+    art, gqa = work / f"llm2trt-{hf_dir.name}", work / f"llm2trt-{hf_dir.name}-{form}"
     cli = [sys.executable, "-m", "llm2trt"]
     # Run from the work directory: `python -m` puts the working directory first on sys.path, and a
     # checkout's llm2trt/ (without exporters/ inside) must not shadow the installed package.
     if not (art / "manifest.json").is_file():
         subprocess.run([*cli, "convert", str(hf_dir), "-o", str(art), "--dtype", "fp16", "-q"], check=True, cwd=work)
     if not (gqa / "manifest.json").is_file():
-        subprocess.run([*cli, "optimize", str(art), "-o", str(gqa), "--kv-form", "gqa", "-q"], check=True, cwd=work)
+        subprocess.run([*cli, "optimize", str(art), "-o", str(gqa), "--kv-form", form, "-q"], check=True, cwd=work)
     return gqa
 
 
@@ -344,6 +344,40 @@ def llm2trt_row(artifact: Path, vocab: int) -> Row:
     prefill = median_ms(lambda: session.prefill(long))
     note = "ort-gqa, IO binding, CUDA graph, picks read one step behind the GPU"
     return Row("llm2trt", bs1, BATCH / bs16 * 1e3, prefill, note)
+
+
+def llm2trt_fixed_row(artifact: Path, vocab: int) -> Row:
+    """The standard-op fixed-size cache (TensorScatter + Attention) on the same CUDA-graph loop."""
+    try:
+        session = llm2trt_session(artifact, PREFILL + 8)
+        note = "fixed form (standard ops), CUDA graph"
+        steps = session.greedy_pipeline(session.prefill(prompts(vocab, 1, PROMPT).tolist()))
+        bs1 = decode_ms(lambda: next(steps))
+    except Exception as exc:  # capture may refuse a graph with CPU-placed shape ops
+        session = llm2trt_session(artifact, PREFILL + 8, cuda_graph=False)
+        note = f"fixed form, no CUDA graph ({str(exc).strip().splitlines()[0][:100]})"
+        steps = session.greedy_pipeline(session.prefill(prompts(vocab, 1, PROMPT).tolist()))
+        bs1 = decode_ms(lambda: next(steps))
+    long = prompts(vocab, 1, PREFILL).tolist()
+    return Row("llm2trt-fixed", bs1, None, median_ms(lambda: session.prefill(long)), note)
+
+
+def llm2trt_growing_row(artifact: Path, vocab: int) -> Row:
+    """The exporter's growing cache (Concat) fused: shapes change every step, so no CUDA graph and
+    the cache goes through the host (the generic session over ONNX Runtime CUDA)."""
+    from llm2trt.core.manifest import Manifest
+    from llm2trt.session import open_session, ort_executor
+
+    manifest = Manifest.read(artifact)
+    graph = manifest.graph()
+    run = ort_executor(str(manifest.onnx_path(artifact, graph.name)), ["CUDAExecutionProvider"])
+    session = open_session(graph, run, capacity=PREFILL + 8)
+    state = {"tok": np.argmax(session.prefill(prompts(vocab, 1, PROMPT).tolist()), -1)}
+
+    def step() -> None:
+        state["tok"] = np.argmax(session.decode(state["tok"]), -1)
+
+    return Row("llm2trt-growing", decode_ms(step), None, None, "growing form, host I/O, no CUDA graph")
 
 
 def profile_llm2trt(artifact: Path, vocab: int, out: Path) -> str:
@@ -400,6 +434,8 @@ def run_rows(model: str, hf_dir: Path, work: Path, vocab: int, runners: list[str
         "genai": lambda: genai(hf_dir, work, vocab, graph=False),
         "genai-graph": lambda: genai(hf_dir, work, vocab, graph=True),
         "llm2trt": lambda: llm2trt_row(llm2trt_artifact(hf_dir, work), vocab),
+        "llm2trt-fixed": lambda: llm2trt_fixed_row(llm2trt_artifact(hf_dir, work, "fixed"), vocab),
+        "llm2trt-growing": lambda: llm2trt_growing_row(llm2trt_artifact(hf_dir, work, "growing"), vocab),
     }
     for name in runners:
         start = time.perf_counter()
