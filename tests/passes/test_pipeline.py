@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -90,3 +91,30 @@ def test_fusion_registry_derives_ops_and_covers_every_spec() -> None:
         assert set(spec.fusions_per_layer) <= set(FUSIONS), spec.name
     with pytest.raises(ValueError, match="do not count toward fusion 'Gelu'"):
         Fusion("Gelu", FUSIONS.get("Attention").rules)
+
+
+def test_gqa_form_counts_its_contrib_ops_as_fusions(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    """--kv-form gqa: ONNX Runtime's decoder vocabulary, ten nodes a layer, the fusion gate still met."""
+    import onnx
+
+    from tests.conftest import CC, assert_clean_failure, run_cli, run_json
+
+    code, report = run_json("optimize", artifacts["tiny:llama"], "-o", tmp_path / "gqa", "--kv-form", "gqa", "-q")
+    assert code == 0, report
+    assert {k: v for k, v in report["fusions"].items() if v} == {"Attention": 2, "RMSNorm": 5, "RoPE": 4}
+    gqa = next(p for p in report["passes"] if p["name"] == "ort_gqa")["counts"]
+    assert gqa == {"GroupQueryAttention": 2, "packed_qkv": 2, "SkipSimplifiedLayerNorm": 4, "QuickGelu": 2}
+    proto = onnx.load(str(tmp_path / "gqa" / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in proto.graph.node]
+    assert len(ops) == 23 and ops.count("MatMul") == 11  # 5 a layer (qkv, o, gate, up, down) + lm_head
+    assert [i.name for i in proto.graph.input][:4] == [
+        "input_ids",
+        "position_ids",
+        "seqlens_k",
+        "total_sequence_length",
+    ]
+    assert report["numeric_check"]["checked"] and max(report["numeric_check"]["max_rel_err"].values()) < 1e-5
+    result = run_cli("build", tmp_path / "gqa", "-o", tmp_path / "engine", *CC)
+    assert_clean_failure(
+        result, "GroupQueryAttention (--kv-form gqa), which TensorRT cannot build", tmp_path / "engine"
+    )
