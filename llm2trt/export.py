@@ -103,9 +103,12 @@ def _run_cached(
 
 
 def _run_fixed(
-    model: torch.nn.Module, named: dict[str, torch.Tensor], buffers: list[torch.Tensor], cache_arg: str,
+    model: torch.nn.Module,
+    named: dict[str, torch.Tensor],
+    buffers: list[torch.Tensor],
+    cache_arg: str,
     outputs: list[str],
-) -> tuple[torch.Tensor, ...]:  # fmt: skip
+) -> tuple[torch.Tensor, ...]:
     import torch
 
     positions = named["position_ids"]

@@ -16,14 +16,8 @@ from pathlib import Path
 
 import torch
 
-# The five prompts of tests/test_generate.py (that module's conftest needs TensorRT, absent on the GPU machine).
-SMOL_PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Water boils at a temperature of",
-    "Once upon a time, in a small village,",
-    "The three primary colors are",
-]
+# The five prompts tests/test_generate.py asks of the fp32 artifacts on the CPU.
+SMOL_PROMPTS = (Path(__file__).resolve().parents[1] / "tests" / "data" / "smollm2_prompts.txt").read_text().splitlines()
 
 NEW = 32
 
@@ -36,9 +30,13 @@ def reference(hf_dir: Path, ids: list[list[int]]) -> tuple[list[list[int]], list
     tokens, margins = [], []
     for prompt in ids:
         out = model.generate(
-            input_ids=torch.tensor([prompt], device="cuda"), max_new_tokens=NEW, do_sample=False,
-            output_scores=True, return_dict_in_generate=True, pad_token_id=model.config.eos_token_id,
-        )  # fmt: skip
+            input_ids=torch.tensor([prompt], device="cuda"),
+            max_new_tokens=NEW,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=model.config.eos_token_id,
+        )
         new = out.sequences[0, len(prompt) :].tolist()
         top2 = [torch.topk(score[0].float(), 2).values.tolist() for score in out.scores]
         tokens.append(new)
@@ -60,8 +58,15 @@ def compare(artifact: Path, ref: list[list[int]], margins: list[list[float]]) ->
         if diverge is None and len(row.new_ids) != len(want):
             diverge = min(len(row.new_ids), len(want))
         margin = margins[i][diverge] if diverge is not None and diverge < len(margins[i]) else None
-        rows.append({"prompt": SMOL_PROMPTS[i], "identical": diverge is None, "diverges_at": diverge,
-                     "fp32_top2_margin_there": margin, "text": row.text})  # fmt: skip
+        rows.append(
+            {
+                "prompt": SMOL_PROMPTS[i],
+                "identical": diverge is None,
+                "diverges_at": diverge,
+                "fp32_top2_margin_there": margin,
+                "text": row.text,
+            }
+        )
         print(f"{artifact.name}: [{i}] identical={diverge is None} diverges_at={diverge} margin={margin}")
     same = sum(bool(r["identical"]) for r in rows)
     ms = got.to_dict()["decode_ms_per_step"]

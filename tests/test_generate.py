@@ -94,13 +94,8 @@ def test_tiny_greedy_tokens_match_transformers(
     assert single.rows[0].ids == tiny_prompts[1] + single.rows[0].new_ids
 
 
-SMOL_PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Water boils at a temperature of",
-    "Once upon a time, in a small village,",
-    "The three primary colors are",
-]
+# Shared with scripts/gpu_tokens.py, which asks the same of the fp16 artifact on a GPU.
+SMOL_PROMPTS = (Path(__file__).parent / "data" / "smollm2_prompts.txt").read_text().splitlines()
 
 
 @pytest.fixture(scope="module")
