@@ -168,10 +168,11 @@ class ExportSpec:
         raise InputError(f"{self.name} has no graph variant {name!r}; it has {known}")
 
     def default_variant(self, kv_cache: bool = True) -> str:
-        """What `convert` exports: the first variant, or the first without a cache."""
+        """What `convert` exports: the first exportable variant, or the first without a cache."""
+        exportable = [v for v in self.variants if v.exported]
         if kv_cache:
-            return self.variants[0].name
-        return next(v.name for v in self.variants if v.kv_form is None)
+            return exportable[0].name
+        return next(v.name for v in exportable if v.kv_form is None)
 
     def variant_for(self, kv_form: KVForm | None) -> str:
         """The variant whose cache has this form (None: without a cache)."""

@@ -34,8 +34,6 @@ from llm2trt.passes.fusions import register_equivalent
 from llm2trt.passes.pattern import layer_of, module_of
 
 MS = "com.microsoft"
-SEQLENS = SEQLENS_K
-TOTAL = TOTAL_SEQUENCE_LENGTH
 
 # The fusions these contrib ops carry (the expected-fusion gate counts them).
 register_equivalent("Attention", MS, "GroupQueryAttention")
@@ -67,8 +65,8 @@ class GroupQueryAttentionPass(GraphPass):
     def run(self, model: Model) -> PassResult:
         layers = [self._attention(model, n) for n in _attention_nodes(model, self.layout.num_layers)]
         dtype = layers[0].node.inputs[0].dtype
-        seqlens = gs.Variable(SEQLENS, dtype=np.int32, shape=["batch"])
-        total = gs.Variable(TOTAL, dtype=np.int32, shape=[])
+        seqlens = gs.Variable(SEQLENS_K, dtype=np.int32, shape=["batch"])
+        total = gs.Variable(TOTAL_SEQUENCE_LENGTH, dtype=np.int32, shape=[])
         tables = self._rotary_tables(model, layers[0], dtype) if layers[0].rope is not None else None
         packed = 0
         for layer in layers:
