@@ -24,6 +24,7 @@ import click
 from llm2trt import __version__
 from llm2trt.core.dtypes import DType
 from llm2trt.core.errors import Llm2TrtError, Terminated
+from llm2trt.core.kv import KV_FORMS
 from llm2trt.core.log import configure
 
 if TYPE_CHECKING:
@@ -207,7 +208,7 @@ def convert(
 @click.option("--kv-cache", is_flag=True, help="Insert KV-cache I/O into a decoder graph that has none.")
 @click.option(
     "--kv-form",
-    type=click.Choice(["growing", "fixed", "gqa"]),
+    type=click.Choice(KV_FORMS),
     help="KV cache form: growing (Concat; the exporter's), fixed (a buffer updated by TensorScatter), or gqa "
     "(ONNX Runtime's GroupQueryAttention decoder, for its CUDA provider; not for TensorRT).",
 )

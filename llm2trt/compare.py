@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from llm2trt.core.errors import BackendError, InputError
+from llm2trt.core.errors import BackendError, InputError, first_line
 from llm2trt.core.log import step
 from llm2trt.core.manifest import Manifest
 from llm2trt.core.records import Record
@@ -147,8 +147,7 @@ def _run(built: list[Any], feeds: dict[str, np.ndarray], label: str) -> Any:
     except PolygraphyException as exc:
         raise BackendError(f"a runner failed: {str(exc).strip().splitlines()[-1]}") from None
     except Exception as exc:  # onnxruntime raises its own exception classes (NotImplemented, Fail, ...)
-        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise BackendError(f"a runner failed: {text}") from None
+        raise BackendError(f"a runner failed: {first_line(exc)}") from None
 
 
 def _accuracy(run_results: Any, atol: float | None, rtol: float) -> tuple[Any, dict[str, float], dict[str, float]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +105,12 @@ class _Rows:
     """Per-row progress of a batch."""
 
     eos: set[int]
-    new: list[list[int]] = field(default_factory=list)
-    done: list[bool] = field(default_factory=list)
+    new: list[list[int]]
+    done: list[bool]
+
+    @classmethod
+    def start(cls, rows: int, eos: Sequence[int]) -> _Rows:
+        return cls(set(eos), [[] for _ in range(rows)], [False] * rows)
 
     def take(self, tokens: np.ndarray) -> None:
         for row, token in enumerate(tokens.tolist()):
@@ -123,7 +127,7 @@ def generate_ids(
     on_tokens: Callable[[np.ndarray], None] | None = None,
 ) -> tuple[list[list[int]], list[str], tuple[float, float, int]]:
     """New ids per row, why each stopped, and (prefill s, decode s, decode steps)."""
-    pick, rows = sampling.picker(), _Rows(set(eos_ids), [[] for _ in prompts], [False] * len(prompts))
+    pick, rows = sampling.picker(), _Rows.start(len(prompts), eos_ids)
     start = time.perf_counter()
     logits = session.prefill(prompts)
     tokens = pick(logits)
@@ -249,11 +253,11 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat: bool) -> list[l
 
 def _capacity(graph: GraphSpec, manifest: Manifest, prompts: list[list[int]], sampling: Sampling) -> int:
     """prompt + new tokens, refused when it exceeds what the graph (its profiles) or the model allows."""
-    need = max(len(p) for p in prompts) + sampling.max_new_tokens
+    longest = max(len(p) for p in prompts)
+    need = longest + sampling.max_new_tokens
     limit = max((r.max for d, r in graph.dims.items() if d not in (BATCH, SEQUENCE)), default=need)
     positions = manifest.model_config.get("max_position_embeddings") or manifest.model_config.get("n_positions")
     limit = min(limit, int(positions)) if positions else limit
-    longest = max(len(p) for p in prompts)
     if SEQUENCE in graph.dims and longest > graph.dims[SEQUENCE].max:
         raise InputError(
             f"a prompt of {longest} tokens is longer than this artifact allows ({graph.dims[SEQUENCE].max})"

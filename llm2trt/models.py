@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from llm2trt.core.artifact import sha256_files
 from llm2trt.core.dtypes import DType
-from llm2trt.core.errors import InputError
+from llm2trt.core.errors import InputError, first_line
 from llm2trt.core.log import step
 from llm2trt.core.manifest import GenerationDefaults, Manifest, SourceInfo
 from llm2trt.exporters import ExportSpec, all_specs, get_spec, spec_for_model_type
@@ -114,7 +114,7 @@ class ModelSource:
                         local_files_only=True,
                     )
             except (OSError, ValueError, RuntimeError, KeyError) as exc:
-                raise InputError(f"cannot load weights of {self.display}: {_first_line(exc)}") from None
+                raise InputError(f"cannot load weights of {self.display}: {first_line(exc)}") from None
         model.eval()
         return model  # type: ignore[no-any-return]
 
@@ -133,7 +133,7 @@ class ModelSource:
             try:
                 return AutoTokenizer.from_pretrained(where, local_files_only=True, **kwargs)
             except (OSError, ValueError, KeyError, TypeError) as exc:
-                logger.warning("no tokenizer for %s: %s", self.display, _first_line(exc))
+                logger.warning("no tokenizer for %s: %s", self.display, first_line(exc))
                 return None
 
     def generation_defaults(self, tokenizer: Any | None) -> GenerationDefaults:
@@ -174,11 +174,6 @@ class ModelSource:
             )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -214,7 +209,7 @@ def _resolve_hf_dir(path: Path) -> ModelSource:
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"cannot read {config_path}: {_first_line(exc)}") from None
+        raise InputError(f"cannot read {config_path}: {first_line(exc)}") from None
     spec.check_config(config)
     return ModelSource("hf", str(path), config, spec)
 
@@ -226,7 +221,7 @@ def _resolve_gguf(path: Path) -> ModelSource:
         try:
             config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
-            raise InputError(f"cannot read GGUF file {path}: {_first_line(exc)}") from None
+            raise InputError(f"cannot read GGUF file {path}: {first_line(exc)}") from None
         except ImportError as exc:
             raise InputError(f"reading .gguf needs the gguf package (pip install 'llm2trt[gguf]'): {exc}") from None
     spec = spec_for_model_type(config.model_type)

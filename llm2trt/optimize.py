@@ -12,7 +12,7 @@ import numpy as np
 
 from llm2trt.core.artifact import load_onnx, op_counts, save_onnx, staged_output
 from llm2trt.core.errors import BackendError, CheckFailed, InputError
-from llm2trt.core.kv import FIXED, GQA, GROWING, SEQUENCE, KVForm, KVLayout
+from llm2trt.core.kv import GROWING, KV_FORMS, SEQUENCE, KVForm, KVLayout
 from llm2trt.core.log import step
 from llm2trt.core.manifest import REPORT_NAME, GraphSpec, Manifest
 from llm2trt.core.numerics import normwise_rel_err, run_ort
@@ -29,8 +29,6 @@ from llm2trt.passes.pipeline import PipelineOptions, assemble
 logger = logging.getLogger(__name__)
 
 CHECK_BATCH, CHECK_SEQUENCE = 2, 16
-# Rotary tables for a model that states no position limit.
-DEFAULT_MAX_POSITIONS = 4096
 
 
 @dataclass(frozen=True)
@@ -186,29 +184,81 @@ class KVRequest:
         if not self.insert and has is None:
             raise InputError(f"--kv-form: graph {graph.name!r} has no KV cache; add --kv-cache to insert one")
         form = self.form or (has.form if has is not None else GROWING)
-        # growing -> fixed -> gqa only: each step removes what the one before needs.
-        order = (GROWING, FIXED, GQA)
-        if has is not None and order.index(form) < order.index(has.form):
+        # growing -> fixed -> gqa only (KV_FORMS' order): each step removes what the one before needs.
+        if has is not None and KV_FORMS.index(form) < KV_FORMS.index(has.form):
             raise InputError(f"--kv-form {form}: a {has.form} cache cannot be turned into a {form} one")
         return replace(layout, form=form), spec.variant_for(form)
 
 
-def _optimize_graph(
-    artifact: Path, manifest: Manifest, graph: GraphSpec, options: PipelineOptions, kv: KVRequest
-) -> tuple[Model, OptimizeReport, GraphSpec]:
-    """Run the pipeline over one graph; the graph's new description (its variant may change)."""
-    spec, config = spec_and_config(manifest)
-    layout, variant = kv.plan(spec, config, graph)
-    onnx_path = manifest.onnx_path(artifact, graph.name)
-    with step(f"loading {onnx_path}"):
-        model = Model.from_onnx(load_onnx(onnx_path))
-    limit = spec.position_limit(config) or DEFAULT_MAX_POSITIONS
-    settings = {**options.settings, "ort_gqa": {"max_positions": limit, **options.settings.get("ort_gqa", {})}}
-    result = assemble(replace(options, kv_layout=layout, kv_insert=kv.insert, settings=settings)).run(model)
-    target = graph if variant == graph.name else spec.graph_spec(config, manifest.dtype, variant)
-    conform(model, target)
-    expect = Expectation.of(spec, config, options.skip_fusions)
-    return model, _report(model, result, expect, options, sum(graph.op_counts.values())), target
+@dataclass(frozen=True)
+class _Job:
+    """One `optimize` run: the input artifact, its exporter spec and config (rebuilt once), the options."""
+
+    artifact: Path
+    manifest: Manifest
+    spec: ExportSpec
+    config: Any
+    options: PipelineOptions
+    kv: KVRequest
+    check: bool
+
+    def optimize_graph(self, graph: GraphSpec) -> tuple[Model, OptimizeReport, GraphSpec]:
+        """Run the pipeline over one graph; the graph's new description (its variant may change)."""
+        spec, config = self.spec, self.config
+        layout, variant = self.kv.plan(spec, config, graph)
+        onnx_path = self.manifest.onnx_path(self.artifact, graph.name)
+        with step(f"loading {onnx_path}"):
+            model = Model.from_onnx(load_onnx(onnx_path))
+        settings = dict(self.options.settings)
+        limit = spec.position_limit(config)
+        if limit:  # rotary tables as long as the model's positions
+            settings["ort_gqa"] = {"max_positions": limit, **settings.get("ort_gqa", {})}
+        options = replace(self.options, kv_layout=layout, kv_insert=self.kv.insert, settings=settings)
+        result = assemble(options).run(model)
+        target = graph if variant == graph.name else spec.graph_spec(config, self.manifest.dtype, variant)
+        conform(model, target)
+        expect = Expectation.of(spec, config, self.options.skip_fusions)
+        return model, _report(model, result, expect, self.options, sum(graph.op_counts.values())), target
+
+    def numeric_check(self, before: GraphSpec, after: GraphSpec, written: Path) -> NumericCheck:
+        if not self.check:
+            return NumericCheck(False, "--no-check")
+        reference = self.manifest.onnx_path(self.artifact, before.name)
+        with step("checking the optimized graph against the input in ONNX Runtime"):
+            if before.kv_cache is None and after.kv_cache is None:
+                verdict = numeric_check(self.manifest, before, self.spec, self.config, reference, written)
+            else:
+                # Token by token through each graph's own cache: a random cache is an input no model
+                # makes (on SmolLM2 it put fp32 rounding at 1e-4 instead of 1e-6 through RMSNorm), and
+                # a KV pass changes the interface anyway.
+                verdict = kv_numeric_check(self.manifest, (before, reference), (after, written), self.config)
+        if verdict.checked and not verdict.passed:
+            name, err = verdict.worst()
+            raise CheckFailed(
+                f"optimized graph diverges from its input: {name} max relative error {err:.2e} > "
+                f"{verdict.tolerance:.0e}"
+            )
+        return verdict
+
+    def write_graph(
+        self, stage: Path, before: GraphSpec, graph: GraphSpec, model: Model, report: OptimizeReport
+    ) -> tuple[GraphSpec, OptimizeReport]:
+        """Save one optimized graph into the staging directory, check it, and describe it."""
+        filename = Path(before.onnx).name
+        proto = model.to_onnx()
+        with step(f"writing the optimized graph {filename}"):
+            save_onnx(proto, stage, filename)
+        verdict = self.numeric_check(before, graph, stage / filename)
+        data = f"{filename}.data"
+        written = replace(
+            graph,
+            onnx=filename,
+            external_data=[data] if (stage / data).exists() else [],
+            op_counts=op_counts(proto),
+            fusions=report.fusions,
+            expected_fusions=report.expected,
+        )
+        return written, replace(report, numeric_check=verdict)
 
 
 def conform(model: Model, graph: GraphSpec) -> None:
@@ -222,29 +272,6 @@ def conform(model: Model, graph: GraphSpec) -> None:
         setattr(model.graph, kind, [have[name] for name in names])
 
 
-def _check(
-    artifact: Path, manifest: Manifest, before: GraphSpec, after: GraphSpec, written: Path, check: bool
-) -> NumericCheck:
-    if not check:
-        return NumericCheck(False, "--no-check")
-    spec, config = spec_and_config(manifest)
-    reference = manifest.onnx_path(artifact, before.name)
-    with step("checking the optimized graph against the input in ONNX Runtime"):
-        if before.kv_cache is None and after.kv_cache is None:
-            verdict = numeric_check(manifest, before, spec, config, reference, written)
-        else:
-            # Token by token through each graph's own cache: a random cache is an input no model
-            # makes (on SmolLM2 it put fp32 rounding at 1e-4 instead of 1e-6 through RMSNorm), and a
-            # KV pass changes the interface anyway.
-            verdict = kv_numeric_check(manifest, (before, reference), (after, written), config)
-    if verdict.checked and not verdict.passed:
-        name, err = verdict.worst()
-        raise CheckFailed(
-            f"optimized graph diverges from its input: {name} max relative error {err:.2e} > {verdict.tolerance:.0e}"
-        )
-    return verdict
-
-
 def optimize(
     artifact: Path,
     out: Path,
@@ -256,9 +283,10 @@ def optimize(
     allow_missing_fusions: bool = False,
 ) -> Optimized:
     """Optimize every graph of `artifact` into the artifact `out`."""
-    options, kv = options or PipelineOptions(), kv or KVRequest()
     manifest = Manifest.read(artifact)
-    results = {g.name: _optimize_graph(artifact, manifest, g, options, kv) for g in manifest.graphs.values()}
+    spec, config = spec_and_config(manifest)
+    job = _Job(artifact, manifest, spec, config, options or PipelineOptions(), kv or KVRequest(), check)
+    results = {g.name: job.optimize_graph(g) for g in manifest.graphs.values()}
     missing = [line for _model, report, _graph in results.values() for line in report.missing]
     if missing and not allow_missing_fusions:
         raise CheckFailed(
@@ -274,9 +302,7 @@ def optimize(
         passes = []
         for name, (model, report, target) in results.items():
             before = manifest.graphs[name]
-            written, reports[target.name] = _write_graph(
-                stage, artifact, manifest, before, target, model, report, check
-            )
+            written, reports[target.name] = job.write_graph(stage, before, target, model, report)
             graphs[target.name] = written
             passes += report.passes
         new = replace(manifest, graphs=graphs, opset=max(m.opset for m, _r, _g in results.values()))
@@ -293,31 +319,3 @@ def copy_tokenizer(manifest: Manifest, artifact: Path, stage: Path) -> Manifest:
         return manifest
     shutil.copytree(artifact / generation.tokenizer, stage / TOKENIZER_DIR)
     return replace(manifest, generation=replace(generation, tokenizer=TOKENIZER_DIR))
-
-
-def _write_graph(
-    stage: Path,
-    artifact: Path,
-    manifest: Manifest,
-    before: GraphSpec,
-    graph: GraphSpec,
-    model: Model,
-    report: OptimizeReport,
-    check: bool,
-) -> tuple[GraphSpec, OptimizeReport]:
-    """Save one optimized graph into the staging directory, check it, and describe it."""
-    filename = Path(before.onnx).name
-    proto = model.to_onnx()
-    with step(f"writing the optimized graph {filename}"):
-        save_onnx(proto, stage, filename)
-    verdict = _check(artifact, manifest, before, graph, stage / filename, check)
-    data = f"{filename}.data"
-    written = replace(
-        graph,
-        onnx=filename,
-        external_data=[data] if (stage / data).exists() else [],
-        op_counts=op_counts(proto),
-        fusions=report.fusions,
-        expected_fusions=report.expected,
-    )
-    return written, replace(report, numeric_check=verdict)

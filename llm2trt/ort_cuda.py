@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from llm2trt.core.errors import BackendError, InputError
+from llm2trt.core.errors import BackendError, InputError, first_line
 from llm2trt.core.kv import GQA, SEQLENS_K, TOTAL_SEQUENCE_LENGTH
 from llm2trt.core.manifest import GraphSpec
 from llm2trt.session import DecoderSession
@@ -126,9 +126,7 @@ class OrtCudaSession(DecoderSession):
         """After `prefill`: load the greedy pick of its logits as the next input; the ids buffer."""
         b = self._live()
         b.ids.copy_(self.torch.as_tensor(np.argmax(logits, -1), device="cuda").reshape(-1, 1))
-        b.positions.copy_(b.lengths.reshape(-1, 1))
-        if b.seqlens is not None:
-            b.seqlens.copy_(b.lengths.to(self.torch.int32))
+        self._load_counters(b)
         return b.ids
 
     def greedy_pipeline(self, logits: np.ndarray) -> Iterator[list[int]]:
@@ -170,13 +168,17 @@ class OrtCudaSession(DecoderSession):
         if self.longest >= self.capacity:
             raise InputError(f"the {self.capacity}-slot KV cache is full")
         b.ids.copy_(tokens)
-        b.positions.copy_(b.lengths.reshape(-1, 1))
-        if b.seqlens is not None:
-            b.seqlens.copy_(b.lengths.to(self.torch.int32))
+        self._load_counters(b)
         self._run(b.binding, b.graph_id)
         b.lengths += 1
         self.longest += 1
         return b
+
+    def _load_counters(self, b: _Buffers) -> None:
+        """The next token's position is each row's length; GroupQueryAttention counts it as seqlens_k."""
+        b.positions.copy_(b.lengths.reshape(-1, 1))
+        if b.seqlens is not None:
+            b.seqlens.copy_(b.lengths.to(self.torch.int32))
 
     def _live(self) -> _Buffers:
         if self.buffers is None:
@@ -262,7 +264,7 @@ class OrtCudaSession(DecoderSession):
         try:
             self.session.run_with_iobinding(binding, self.options[graph_id])
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise BackendError(f"ONNX Runtime CUDA failed: {str(exc).strip().splitlines()[0][:300]}") from None
+            raise BackendError(f"ONNX Runtime CUDA failed: {first_line(exc)}") from None
 
 
 def _run_options(graph_id: str) -> Any:
@@ -293,6 +295,4 @@ def _session(path: str, stream: int, cuda_graph: bool) -> Any:
     try:
         return ort.InferenceSession(path, options, providers=[("CUDAExecutionProvider", cuda)])
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise BackendError(
-            f"ONNX Runtime cannot load {path} on CUDA: {str(exc).strip().splitlines()[0][:300]}"
-        ) from None
+        raise BackendError(f"ONNX Runtime cannot load {path} on CUDA: {first_line(exc)}") from None

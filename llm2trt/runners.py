@@ -22,7 +22,6 @@ from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
 from llm2trt.core.dtypes import to_numpy, to_torch
-from llm2trt.core.errors import BackendError, InputError
 from llm2trt.core.manifest import GraphSpec, Manifest, TensorSpec
 from llm2trt.core.registry import Registry
 
@@ -122,21 +121,9 @@ def ort_runner(ctx: RunnerContext, providers: list[str] | None = None) -> BaseRu
 
 def trt_runner(ctx: RunnerContext, backend_name: str = "auto") -> BaseRunner:
     """Polygraphy's TensorRT runner over the engine (needs a GPU that can run it)."""
-    from llm2trt.plugins import refs
-    from llm2trt.trt import load_backend
+    from llm2trt.trt import engine_to_run
 
-    engine_name = ctx.graph.engine
-    engine = ctx.artifact / engine_name if engine_name else None
-    if engine is None or not engine.is_file():
-        raise InputError(
-            f"no engine in {ctx.artifact}: build one with `llm2trt build {ctx.artifact} -o DIR` and compare that "
-            "directory"
-        )
-    backend = load_backend(backend_name)
-    reason = backend.cannot_run_engines()
-    if reason:
-        raise BackendError(f"cannot run a {backend.display} engine here: {reason}")
-    backend.load_plugins(refs())
+    backend, engine = engine_to_run(ctx.artifact, ctx.graph.engine, "compare", backend_name)
     from polygraphy import config as polygraphy_config
 
     polygraphy_config.USE_TENSORRT_RTX = backend.is_rtx

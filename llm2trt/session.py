@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llm2trt.core.errors import InputError
+from llm2trt.core.errors import BackendError, InputError, first_line
 from llm2trt.core.kv import FIXED, GQA, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, KVLayout
 from llm2trt.core.manifest import GraphSpec
 
@@ -64,6 +64,14 @@ class DecoderSession(abc.ABC):
     def _logits(self, out: dict[str, np.ndarray]) -> np.ndarray:
         logits: np.ndarray = np.asarray(out[self.graph.main_output])
         return logits
+
+    def _keep_cache(self, kv: KVLayout, out: dict[str, np.ndarray]) -> None:
+        """This step's presents become the next step's past."""
+        self.state.cache = {p: out[q] for p, q in zip(kv.past_names, kv.present_names, strict=True)}
+
+    def _empty_cache(self, kv: KVLayout, batch: int, length: int) -> dict[str, np.ndarray]:
+        shape = (batch, kv.num_kv_heads, length, kv.head_dim)
+        return {name: np.zeros(shape, dtype=self.dtype.numpy) for name in kv.past_names}
 
 
 def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -122,8 +130,7 @@ class GrowingSession(DecoderSession):
         ids, mask = left_padded(prompts, self.pad_id)
         past = 1 if self.dummy_slot else 0
         batch = ids.shape[0]
-        shape = (batch, self.kv.num_kv_heads, past, self.kv.head_dim)
-        cache = {name: np.zeros(shape, dtype=self.dtype.numpy) for name in self.kv.past_names}
+        cache = self._empty_cache(self.kv, batch, past)
         full_mask = np.concatenate([np.zeros((batch, past), dtype=np.int64), mask], axis=1)
         return self._run(ids, full_mask, positions_of(mask), cache)
 
@@ -137,7 +144,7 @@ class GrowingSession(DecoderSession):
         self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: dict[str, np.ndarray]
     ) -> np.ndarray:
         out = self.run({"input_ids": ids, "attention_mask": mask, "position_ids": positions, **cache})
-        self.state.cache = {p: out[q] for p, q in zip(self.kv.past_names, self.kv.present_names, strict=True)}
+        self._keep_cache(self.kv, out)
         self.state.mask = mask
         self.state.positions = positions[:, -1] + 1
         return self._logits(out)[:, -1]
@@ -159,11 +166,10 @@ class FixedSession(DecoderSession):
         ids = np.full((len(prompts), width), self.pad_id, dtype=np.int64)
         for row, prompt in enumerate(prompts):
             ids[row, : len(prompt)] = prompt
-        shape = (len(prompts), self.kv.num_kv_heads, self.capacity, self.kv.head_dim)
-        self.state.cache = {name: np.zeros(shape, dtype=self.dtype.numpy) for name in self.kv.past_names}
+        self.state.cache = self._empty_cache(self.kv, len(prompts), self.capacity)
         positions = np.broadcast_to(np.arange(width, dtype=np.int64), ids.shape).copy()
-        out = self._run(ids, positions)
         lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+        out = self._run(ids, positions, lengths)
         self.state.positions = lengths
         return out[np.arange(len(prompts)), lengths - 1]
 
@@ -171,33 +177,28 @@ class FixedSession(DecoderSession):
         if int(self.state.positions.max()) >= self.capacity:
             raise InputError(f"the {self.capacity}-slot KV cache is full")
         batch = tokens.shape[0]
-        out = self._run(tokens.reshape(batch, 1).astype(np.int64), self.state.positions[:, None].copy())
-        self.state.positions = self.state.positions + 1
+        positions = self.state.positions
+        out = self._run(tokens.reshape(batch, 1).astype(np.int64), positions[:, None].copy(), positions + 1)
+        self.state.positions = positions + 1
         return out[:, -1]
 
-    def _run(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        out = self.run({"input_ids": ids, "position_ids": positions, **self.state.cache})
-        self.state.cache = {p: out[q] for p, q in zip(self.kv.past_names, self.kv.present_names, strict=True)}
+    def _run(self, ids: np.ndarray, positions: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """One step; `lengths`: each row's valid slots after it."""
+        out = self.run({"input_ids": ids, "position_ids": positions, **self._counters(lengths), **self.state.cache})
+        self._keep_cache(self.kv, out)
         return self._logits(out)
+
+    def _counters(self, lengths: np.ndarray) -> Feeds:
+        return {}
 
 
 class GqaSession(FixedSession):
-    """ONNX Runtime's GroupQueryAttention graph: a fixed buffer counted by each row's length."""
+    """ONNX Runtime's GroupQueryAttention graph: a fixed buffer counted by each row's length
+    (right padding in a prefill is masked by the lengths, as GroupQueryAttention reads them)."""
 
-    def _run(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        # After this step each row holds its position + the new tokens (right padding in a prefill
-        # is masked by the lengths, as GroupQueryAttention reads them).
-        lengths = self.state.positions if positions.shape[1] == 1 else self._lengths
-        seqlens = (lengths + (1 if positions.shape[1] == 1 else 0) - 1).astype(np.int32)
-        total = np.asarray(int(seqlens.max()) + 1, dtype=np.int32)
-        feeds = {"input_ids": ids, "position_ids": positions, SEQLENS_K: seqlens, TOTAL_SEQUENCE_LENGTH: total}
-        out = self.run({**feeds, **self.state.cache})
-        self.state.cache = {p: out[q] for p, q in zip(self.kv.past_names, self.kv.present_names, strict=True)}
-        return self._logits(out)
-
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        self._lengths = np.array([len(p) for p in prompts], dtype=np.int64)
-        return super().prefill(prompts)
+    def _counters(self, lengths: np.ndarray) -> Feeds:
+        seqlens = (lengths - 1).astype(np.int32)
+        return {SEQLENS_K: seqlens, TOTAL_SEQUENCE_LENGTH: np.asarray(int(lengths.max()), dtype=np.int32)}
 
 
 def _layout(graph: GraphSpec) -> KVLayout:
@@ -223,14 +224,12 @@ def ort_executor(path: str, providers: list[str] | None = None) -> Executor:
     """ONNX Runtime running a graph file: feeds by name, every output back by name."""
     import onnxruntime as ort
 
-    from llm2trt.core.errors import BackendError
-
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
         session = ort.InferenceSession(path, options, providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise BackendError(f"ONNX Runtime cannot load {path}: {str(exc).strip().splitlines()[0][:300]}") from None
+        raise BackendError(f"ONNX Runtime cannot load {path}: {first_line(exc)}") from None
     names = [o.name for o in session.get_outputs()]
     wanted = {i.name for i in session.get_inputs()}
 

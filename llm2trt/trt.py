@@ -126,6 +126,22 @@ def load_backend(name: str = "auto") -> Backend:
     raise BackendError(f"backend {name} is not importable here")
 
 
+def engine_to_run(directory: Path, engine: str | None, use: str, backend_name: str = "auto") -> tuple[Backend, Path]:
+    """The engine file of an engine directory and a backend that can run it here, its plugins
+    loaded; `use` is the command to run on that directory once it is built (compare, generate)."""
+    from llm2trt.plugins import refs
+
+    path = directory / engine if engine else None
+    if path is None or not path.is_file():
+        raise InputError(f"no engine in {directory}: build one with `llm2trt build {directory} -o DIR` and {use} DIR")
+    backend = load_backend(backend_name)
+    reason = backend.cannot_run_engines()
+    if reason:
+        raise BackendError(f"cannot run a {backend.display} engine here: {reason}")
+    backend.load_plugins(refs())
+    return backend, path
+
+
 def gpu_visible() -> bool:
     """A cheap check that a CUDA device exists (no CUDA context is created)."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from llm2trt.core.dtypes import to_numpy, to_torch
-from llm2trt.core.errors import BackendError, InputError
+from llm2trt.core.dtypes import DType, to_numpy, to_torch
+from llm2trt.core.errors import BackendError
 from llm2trt.core.manifest import BUILD_NAME, GraphSpec, Manifest
 from llm2trt.core.reports import BuildInfo
 from llm2trt.session import Executor, Feeds
@@ -27,18 +27,11 @@ from llm2trt.session import Executor, Feeds
 
 def engine_executor(artifact: Path, manifest: Manifest, graph: GraphSpec) -> tuple[Executor, bool]:
     """An executor over the directory's engine, and whether its prefill needs a dummy past slot."""
-    from llm2trt.plugins import refs
-    from llm2trt.trt import load_backend
+    from llm2trt.trt import engine_to_run
 
-    if graph.engine is None or not (artifact / graph.engine).is_file():
-        raise InputError(f"no engine in {artifact}: build one with `llm2trt build` and generate from that directory")
-    backend = load_backend()
-    reason = backend.cannot_run_engines()
-    if reason:
-        raise BackendError(f"cannot run a {backend.display} engine here: {reason}")
-    backend.load_plugins(refs())
+    backend, engine = engine_to_run(artifact, graph.engine, "generate from")
     info = BuildInfo.read(artifact / BUILD_NAME)
-    runner = _EngineRunner(backend.module, (artifact / graph.engine).read_bytes(), info.profile_names)
+    runner = _EngineRunner(backend.module, engine.read_bytes(), info.profile_names)
     dummy = graph.kv_cache is not None and not graph.kv_cache.is_buffer
     return runner.run, dummy
 
@@ -77,22 +70,10 @@ class _EngineRunner:
             if name in keep:
                 continue
             shape = tuple(self.context.get_tensor_shape(name))
-            dtype = _torch_dtype(self.trt, self.engine.get_tensor_dtype(name))
+            dtype = DType.parse(self.engine.get_tensor_dtype(name)).torch
             outputs[name] = torch.empty(shape, dtype=dtype, device="cuda")
             self.context.set_tensor_address(name, outputs[name].data_ptr())
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise BackendError("TensorRT failed to execute the engine")
         self.stream.synchronize()
         return {name: to_numpy(t) for name, t in outputs.items()}
-
-
-def _torch_dtype(trt: Any, dtype: Any) -> Any:
-    from llm2trt.core.dtypes import DType
-
-    for candidate in DType:
-        try:
-            if candidate.trt(trt) == dtype:
-                return candidate.torch
-        except InputError:
-            continue
-    raise BackendError(f"engine tensor of unsupported type {dtype}")

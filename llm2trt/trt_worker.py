@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -138,12 +139,12 @@ def _make_progress(trt: Any) -> Any:
     return Progress()
 
 
-def allow_attention_decomposition(trt: Any, network: Any) -> int:
+def allow_attention_decomposition(trt: Any, network: Any) -> None:
     """Let TensorRT decompose attention it has no fused kernel for (fp32, some shapes).
 
     Without this, an ONNX Attention node that no dedicated kernel covers fails the whole build
     ("Attention operation was not supported by a dedicated kernel"); with it, TensorRT still uses a
-    fused kernel where one exists. Returns the number of attention ops.
+    fused kernel where one exists.
     """
     for i in range(network.num_layers):
         layer = network.get_layer(i)
@@ -157,7 +158,6 @@ def allow_attention_decomposition(trt: Any, network: Any) -> int:
         # Python wrapper ids are reused, so they cannot tell attentions apart).
         if layer.attention is not None:
             layer.attention.decomposable = True
-    return sum(1 for i in range(network.num_layers) if network.get_layer(i).type == trt.LayerType.ATTENTION_OUTPUT)
 
 
 def mark_attention_decomposable(network: Any) -> None:
@@ -172,29 +172,22 @@ def mark_attention_decomposable(network: Any) -> None:
     allow_attention_decomposition(lazy_import_trt(), network)
 
 
-def _parse(request: BuildRequest, backend: Backend, errors: _Errors) -> tuple[Any, int, dict[str, int]]:
+def _parse(request: BuildRequest, backend: Backend, errors: _Errors) -> tuple[Any, dict[str, int]]:
+    """The parsed network and its layer counts by type (an attention is one ATTENTION_OUTPUT)."""
     from polygraphy.backend.trt import NetworkFromOnnxPath, PostprocessNetwork
     from polygraphy.exception import PolygraphyException
 
-    trt = backend.module
-    counted: list[int] = []
-
-    def mark(network: Any) -> None:
-        if request.decomposable_attention:
-            counted.append(allow_attention_decomposition(trt, network))
-        else:
-            types = [network.get_layer(i).type for i in range(network.num_layers)]
-            counted.append(types.count(trt.LayerType.ATTENTION_OUTPUT))
-
     # TensorRT-RTX networks are always strongly typed; full TensorRT is asked to be.
-    loader = PostprocessNetwork(NetworkFromOnnxPath(request.onnx, strongly_typed=not backend.is_rtx), mark)
+    loader = NetworkFromOnnxPath(request.onnx, strongly_typed=not backend.is_rtx)
+    if request.decomposable_attention:
+        loader = PostprocessNetwork(loader, functools.partial(allow_attention_decomposition, backend.module))
     try:
         built = loader()
     except PolygraphyException:
         raise StageFailed("parse", errors.last("unknown parse error")) from None
     network = built[1]
     types = Counter(str(network.get_layer(i).type).rsplit(".", 1)[-1] for i in range(network.num_layers))
-    return built, counted[0] if counted else 0, dict(types)
+    return built, dict(types)
 
 
 def _config(request: BuildRequest, backend: Backend) -> Any:
@@ -254,7 +247,7 @@ def work(request: BuildRequest) -> BuildResult:
     _phase("parse")
     with _polygraphy_logging(request.verbosity) as errors:
         start = time.perf_counter()
-        network, attention_ops, types = _parse(request, backend, errors)
+        network, types = _parse(request, backend, errors)
         parse_seconds = round(time.perf_counter() - start, 3)
         layers = network[1].num_layers
         logger.info("TensorRT parsed %d layers in %.1f s", layers, parse_seconds)
@@ -263,7 +256,7 @@ def work(request: BuildRequest) -> BuildResult:
             stage="parse",
             layers=layers,
             layer_types=types,
-            attention_ops=attention_ops,
+            attention_ops=types.get("ATTENTION_OUTPUT", 0),
             parse_seconds=parse_seconds,
             plugins=plugins,
         )

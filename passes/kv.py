@@ -29,7 +29,7 @@ from llm2trt.core.dtypes import DType, numpy_of_onnx, onnx_elem_type
 from llm2trt.core.errors import InputError
 from llm2trt.core.kv import GROWING, KV_KINDS, KVKind, KVLayout, past_name, present_name
 from llm2trt.passes.core import GraphPass, Model, PassResult
-from llm2trt.passes.pattern import layer_of, module_of
+from llm2trt.passes.pattern import attention_per_layer
 
 TENSOR_SCATTER_OPSET = 24
 
@@ -76,19 +76,20 @@ class KVCachePass(GraphPass):
             for layer in layers
             for kind in KV_KINDS
         }
-        mask = (
-            self._fixed_mask(model, past[(0, "key")], dtype)
-            if self.layout.is_buffer
-            else self._growing_mask(model, dtype)
-        )
+        if self.layout.is_buffer:
+            mask = self._fixed_mask(model, past[(0, "key")], dtype)
+            write_at: gs.Variable | None = self._write_indices(model)
+        else:
+            mask, write_at = self._growing_mask(model, dtype), None
+        tensors = graph.tensors()  # the exporter's present outputs, found by name before new ones take it
+        presents = []
         for layer in layers:
             for slot, kind in _SLOTS:
-                present = self._update(model, layer, kind, past[(layer.index, kind)])
+                present = self._update(model, tensors, layer, kind, past[(layer.index, kind)], write_at)
                 layer.attention.inputs[slot] = present
+                presents.append(present)
             _set_mask(layer.attention, mask)
-        graph.outputs = [t for t in graph.outputs if not t.name.startswith("present.")] + [
-            _find(graph, present_name(i, kind)) for i in range(len(layers)) for kind in KV_KINDS
-        ]
+        graph.outputs = [t for t in graph.outputs if not t.name.startswith("present.")] + presents
         graph.cleanup(remove_unused_graph_inputs=False)
         used = {t.name for n in graph.nodes for t in n.inputs}
         graph.inputs = [t for t in graph.inputs if t.name in used or t.name.startswith("past_key_values.")]
@@ -101,26 +102,16 @@ class KVCachePass(GraphPass):
     def _layers(self, model: Model) -> tuple[list[_Layer], str | None]:
         """Each layer's attention and new keys/values, and the cache the graph has: growing (a
         Concat), buffer (a TensorScatter) or None."""
-        attentions = [n for n in model.graph.nodes if n.op == "Attention" and (n.domain or "") in ("", "ai.onnx")]
-        by_layer = {layer_of(module_of(n.name)): n for n in attentions}
-        if len(attentions) != self.layout.num_layers or set(by_layer) != set(range(self.layout.num_layers)):
-            raise InputError(
-                f"the KV-cache pass needs one fused Attention per layer: found {len(attentions)} for "
-                f"{self.layout.num_layers} layers (is the Attention fusion skipped or missing?)"
-            )
         layers, forms = [], []
-        for index in range(self.layout.num_layers):
-            node = by_layer[index]
+        for index, node in enumerate(attention_per_layer(model, self.layout.num_layers, "the KV-cache pass")):
             new: dict[KVKind, gs.Tensor] = {}
             for slot, kind in _SLOTS:
                 tensor = node.inputs[slot]
-                producer = tensor.inputs[0] if tensor.inputs else None
+                producer = tensor.inputs[0] if tensor.inputs and tensor.name == present_name(index, kind) else None
                 form = _CACHE_OPS.get(producer.op) if producer is not None else None
-                if form is None or tensor.name != present_name(index, kind):
-                    form = None
                 forms.append(form)
                 # Concat(past, new) or TensorScatter(past, new, indices): the new entries are input 1.
-                new[kind] = producer.inputs[1] if form is not None and producer is not None else tensor
+                new[kind] = producer.inputs[1] if producer is not None and form is not None else tensor
             layers.append(_Layer(index, node, new))
         if len(set(forms)) > 1:
             raise InputError("the graph's KV cache covers only some layers; cannot rewrite it")
@@ -139,35 +130,31 @@ class KVCachePass(GraphPass):
         graph.inputs.append(tensor)
         return tensor
 
-    def _update(self, model: Model, layer: _Layer, kind: KVKind, past: gs.Variable) -> gs.Variable:
+    def _update(
+        self,
+        model: Model,
+        tensors: dict[str, gs.Tensor],
+        layer: _Layer,
+        kind: KVKind,
+        past: gs.Variable,
+        write_at: gs.Variable | None,
+    ) -> gs.Variable:
+        """The present keys or values: Concat(past, new), or TensorScatter(past, new, write_at)."""
         name = present_name(layer.index, kind)
-        old = _find(model.graph, name)
+        old = tensors.get(name)
         if old is not None:  # the exporter's present output: give its name to the new tensor
             old.name = model.fresh_name(f"{name}/replaced")
         new = layer.new[kind]
         present = gs.Variable(name, dtype=new.dtype, shape=self.layout.shape(self.layout.present_dim))
         scope = f"{layer.attention.name.rsplit('/', 1)[0]}/kv_{kind}"
-        if self.layout.is_buffer:
-            node = gs.Node(
-                "TensorScatter",
-                model.fresh_name(f"{scope}/TensorScatter"),
-                attrs={"axis": 2},
-                inputs=[past, new, self._write_indices(model)],
-                outputs=[present],
-            )
-        else:
-            node = gs.Node(
-                "Concat", model.fresh_name(f"{scope}/Concat"), attrs={"axis": 2}, inputs=[past, new], outputs=[present]
-            )
+        op, inputs = ("TensorScatter", [past, new, write_at]) if write_at is not None else ("Concat", [past, new])
+        node = gs.Node(op, model.fresh_name(f"{scope}/{op}"), attrs={"axis": 2}, inputs=inputs, outputs=[present])
         model.graph.nodes.append(node)
         model.tag(node, f"KVCache.{self.layout.form}")
         return present
 
     def _write_indices(self, model: Model) -> gs.Variable:
         """Each row's first new slot: its first position (rows are left-aligned in the buffer)."""
-        existing = _find(model.graph, "kv_cache/write_indices")
-        if existing is not None:
-            return existing
         positions = _input(model.graph, "position_ids")
         out = gs.Variable("kv_cache/write_indices", dtype=np.int64, shape=["batch"])
         zero = gs.Constant(model.fresh_name("kv_cache/first"), np.asarray(0, dtype=np.int64))
@@ -233,10 +220,6 @@ def _set_mask(attention: gs.Node, mask: gs.Variable) -> None:
     while len(attention.inputs) < 4:
         attention.inputs.append(gs.Variable.empty())
     attention.inputs[3] = mask
-
-
-def _find(graph: gs.Graph, name: str) -> gs.Tensor | None:
-    return graph.tensors().get(name)
 
 
 def _input(graph: gs.Graph, name: str) -> gs.Variable:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 from onnx import version_converter
 
-from llm2trt.core.errors import BackendError
+from llm2trt.core.errors import BackendError, first_line
 from llm2trt.passes.core import GraphPass, Model, PassResult, gs_quiet, reattach_weights, weightless
 
 
@@ -32,8 +32,7 @@ class OpsetUpgrade(GraphPass):
             converted = version_converter.convert_version(proto, self.target)
         except Exception as exc:  # the converter raises RuntimeError or its C++ errors
             raise BackendError(
-                f"cannot convert the graph from opset {current} to {self.target}: "
-                f"{str(exc).strip().splitlines()[0][:300]}"
+                f"cannot convert the graph from opset {current} to {self.target}: {first_line(exc)}"
             ) from None
         converted.ir_version = max(converted.ir_version, ir_for_opset(self.target))
         upgraded = Model.from_onnx(converted)

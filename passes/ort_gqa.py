@@ -31,9 +31,11 @@ from llm2trt.core.errors import InputError
 from llm2trt.core.kv import SEQLENS_K, TOTAL_SEQUENCE_LENGTH, KVLayout
 from llm2trt.passes.core import GraphPass, Model, PassResult, gs_quiet
 from llm2trt.passes.fusions import register_equivalent
-from llm2trt.passes.pattern import layer_of, module_of
+from llm2trt.passes.pattern import attention_per_layer
 
 MS = "com.microsoft"
+# Rotary tables for a model that states no position limit.
+DEFAULT_MAX_POSITIONS = 4096
 
 # The fusions these contrib ops carry (the expected-fusion gate counts them).
 register_equivalent("Attention", MS, "GroupQueryAttention")
@@ -58,12 +60,13 @@ class GroupQueryAttentionPass(GraphPass):
     name = "ort_gqa"
     runs_after: ClassVar[tuple[str, ...]] = ("kv_cache",)
 
-    def __init__(self, layout: KVLayout, max_positions: int) -> None:
+    def __init__(self, layout: KVLayout, max_positions: int = DEFAULT_MAX_POSITIONS) -> None:
         self.layout = layout
         self.max_positions = max_positions
 
     def run(self, model: Model) -> PassResult:
-        layers = [self._attention(model, n) for n in _attention_nodes(model, self.layout.num_layers)]
+        nodes = attention_per_layer(model, self.layout.num_layers, "--kv-form gqa")
+        layers = [self._attention(index, node) for index, node in enumerate(nodes)]
         dtype = layers[0].node.inputs[0].dtype
         seqlens = gs.Variable(SEQLENS_K, dtype=np.int32, shape=["batch"])
         total = gs.Variable(TOTAL_SEQUENCE_LENGTH, dtype=np.int32, shape=[])
@@ -87,14 +90,13 @@ class GroupQueryAttentionPass(GraphPass):
 
     # -- reading the fused graph ----------------------------------------------------------------
 
-    def _attention(self, model: Model, node: gs.Node) -> _Attention:
-        index = layer_of(module_of(node.name))
+    def _attention(self, index: int, node: gs.Node) -> _Attention:
         where = f"layer {index}"
         q, rope = _before_heads(node.inputs[0], where)
         k, _ = _before_heads(_new_entries(node.inputs[1], where), where)
         v, _ = _before_heads(_new_entries(node.inputs[2], where), where)
         output = _after_heads(node.outputs[0], where)
-        return _Attention(int(index or 0), node, {"q": q, "k": k, "v": v}, rope, output)
+        return _Attention(index, node, {"q": q, "k": k, "v": v}, rope, output)
 
     def _rotary_tables(self, model: Model, layer: _Attention, dtype: Any) -> tuple[gs.Constant, gs.Constant]:
         """(max_positions, head_dim / 2) cos and sin: the graph's own rotary subgraph, run once on
@@ -132,22 +134,23 @@ class GroupQueryAttentionPass(GraphPass):
     def _packed_qkv(self, model: Model, layer: _Attention) -> tuple[list[gs.Tensor], int]:
         """[packed] when q, k and v are MatMuls of one input by constant weights (+ constant biases),
         else [q, k, v]."""
-        parts = [_linear(layer.projections[name]) for name in ("q", "k", "v")]
-        if any(p is None for p in parts) or len({id(p[0]) for p in parts if p}) != 1:
-            return [layer.projections[n] for n in ("q", "k", "v")], 0
-        x = parts[0][0]  # type: ignore[index]
-        weight = np.concatenate([np.asarray(p[1].values) for p in parts], axis=1)  # type: ignore[index]
+        names = ("q", "k", "v")
+        parts = [p for p in (_linear(layer.projections[name]) for name in names) if p is not None]
+        if len(parts) != len(names) or len({id(x) for x, _w, _b in parts}) != 1:
+            return [layer.projections[n] for n in names], 0
+        x = parts[0][0]
+        weights = [np.asarray(w.values) for _x, w, _b in parts]
+        weight = np.concatenate(weights, axis=1)
         scope = layer.node.name.rsplit("/", 1)[0]
         out = gs.Variable(model.fresh_name(f"{scope}/qkv_proj/MatMul_output_0"), dtype=x.dtype)
         w = gs.Constant(model.fresh_name(f"{scope}/qkv_proj.weight"), weight)
         nodes = [gs.Node("MatMul", model.fresh_name(f"{scope}/qkv_proj/MatMul"), inputs=[x, w], outputs=[out])]
-        biases = [p[2] for p in parts]  # type: ignore[index]
+        biases = [b for _x, _w, b in parts]
         if any(b is not None for b in biases):
-            sizes = [np.asarray(p[1].values).shape[1] for p in parts]  # type: ignore[index]
             bias = np.concatenate(
                 [
-                    np.asarray(b.values) if b is not None else np.zeros(n, weight.dtype)
-                    for b, n in zip(biases, sizes, strict=True)
+                    np.asarray(b.values) if b is not None else np.zeros(part.shape[1], weight.dtype)
+                    for b, part in zip(biases, weights, strict=True)
                 ]
             )
             biased = gs.Variable(model.fresh_name(f"{scope}/qkv_proj/Add_output_0"), dtype=x.dtype)
@@ -208,13 +211,6 @@ def _heads(layer: _Attention, layout: KVLayout) -> int:
     if not isinstance(width, (int, np.integer)) or width % layout.head_dim:
         raise InputError("--kv-form gqa: cannot tell the number of query heads (no static query width)")
     return int(width) // layout.head_dim
-
-
-def _attention_nodes(model: Model, layers: int) -> list[gs.Node]:
-    nodes = [n for n in model.graph.nodes if n.op == "Attention" and (n.domain or "") in ("", "ai.onnx")]
-    if len(nodes) != layers:
-        raise InputError(f"--kv-form gqa needs one fused Attention per layer: found {len(nodes)} for {layers} layers")
-    return sorted(nodes, key=lambda n: layer_of(module_of(n.name)) or 0)
 
 
 def _producer(tensor: gs.Tensor, op: str, where: str) -> gs.Node:

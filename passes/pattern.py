@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from llm2trt.core.errors import InputError
 from llm2trt.core.reports import Refusal
 from llm2trt.passes.core import GraphPass, Model, PassResult
 
@@ -287,6 +288,19 @@ _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)(?:\.|$)")
 def layer_of(module: str) -> int | None:
     found = _LAYER.search(module)
     return int(found.group(1)) if found else None
+
+
+def attention_per_layer(model: Model, num_layers: int, what: str) -> list[gs.Node]:
+    """The fused standard `Attention` of every layer, in layer order; `what` (the pass, as the user
+    asked for it) names who needs them when they are not one per layer."""
+    nodes = [n for n in model.graph.nodes if n.op == "Attention" and (n.domain or "") in ("", "ai.onnx")]
+    by_layer = {layer_of(module_of(n.name)): n for n in nodes}
+    if len(nodes) != num_layers or set(by_layer) != set(range(num_layers)):
+        raise InputError(
+            f"{what} needs one fused Attention per layer: found {len(nodes)} for {num_layers} layers "
+            "(is the Attention fusion skipped or missing?)"
+        )
+    return [by_layer[i] for i in range(num_layers)]
 
 
 def _reaches(node: gs.Node, ops: tuple[str, ...], depth: int) -> bool:

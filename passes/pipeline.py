@@ -18,7 +18,7 @@ from llm2trt.passes.core import GraphPass, PassManager
 from llm2trt.passes.fusions import required_opset, selected
 from llm2trt.passes.kv import TENSOR_SCATTER_OPSET, KVCachePass
 from llm2trt.passes.opset import OpsetUpgrade
-from llm2trt.passes.ort_gqa import GroupQueryAttentionPass
+from llm2trt.passes.ort_gqa import DEFAULT_MAX_POSITIONS, GroupQueryAttentionPass
 from llm2trt.passes.pattern import RewritePass
 
 
@@ -74,7 +74,8 @@ def _kv(options: PipelineOptions) -> list[GraphPass]:
 def _gqa(options: PipelineOptions) -> list[GraphPass]:
     if options.kv_layout is None or options.kv_layout.form != GQA:
         return []
-    return [GroupQueryAttentionPass(options.kv_layout, int(options.setting("ort_gqa", "max_positions", 4096)))]
+    limit = options.setting("ort_gqa", "max_positions", DEFAULT_MAX_POSITIONS)
+    return [GroupQueryAttentionPass(options.kv_layout, int(limit))]
 
 
 def _fusions(options: PipelineOptions) -> list[GraphPass]:

@@ -92,6 +92,9 @@ def test_tiny_greedy_tokens_match_transformers(
     single = generate(artifact, ids=[tiny_prompts[1]], sampling=Sampling(NEW))
     assert single.rows[0].new_ids == hf_generate(model, [tiny_prompts[1]], pad=0)[0]
     assert single.rows[0].ids == tiny_prompts[1] + single.rows[0].new_ids
+    # One-token prompts: a prefill as wide as a decode step.
+    ones = generate(artifact, ids=[[7], [5]], sampling=Sampling(8))
+    assert [row.new_ids for row in ones.rows] == hf_generate(model, [[7], [5]], pad=0, new=8)
 
 
 # Shared with scripts/gpu_tokens.py, which asks the same of the fp16 artifact on a GPU.

@@ -57,7 +57,8 @@ class DType(enum.Enum):
 
     @classmethod
     def parse(cls, value: object) -> DType:
-        """A DType from any spelling: our name, an alias (float16), a NumPy dtype, an ONNX enum, a torch dtype."""
+        """A DType from any spelling: our name, an alias (float16), a NumPy dtype, an ONNX enum, a torch
+        dtype, a TensorRT DataType."""
         found = cls.find(value)
         if found is None:
             names = ", ".join(d.value for d in cls)
@@ -76,6 +77,9 @@ class DType(enum.Enum):
         torch_name = _torch_name(value)
         if torch_name is not None:
             return _BY_NAME.get(torch_name)
+        trt_name = _trt_name(value)
+        if trt_name is not None:
+            return _BY_TRT.get(trt_name)
         try:
             return _BY_NAME.get(np.dtype(value).name)  # type: ignore[call-overload]
         except TypeError:
@@ -161,12 +165,21 @@ _BY_NAME: dict[str, DType] = {
     name: dtype for dtype, s in _SPELLINGS.items() for name in (dtype.value, np.dtype(s.numpy).name, *s.aliases)
 }
 _BY_ONNX: dict[int, DType] = {s.onnx: dtype for dtype, s in _SPELLINGS.items()}
+_BY_TRT: dict[str, DType] = {s.trt: dtype for dtype, s in _SPELLINGS.items() if s.trt}
 
 
 def _torch_name(value: object) -> str | None:
     """'float16' for torch.float16, without importing torch (None for anything else)."""
     if type(value).__module__ == "torch" and type(value).__name__ == "dtype":
         return str(value).removeprefix("torch.")
+    return None
+
+
+def _trt_name(value: object) -> str | None:
+    """'HALF' for TensorRT's (or TensorRT-RTX's) DataType.HALF, without importing it."""
+    kind = type(value)
+    if kind.__name__ == "DataType" and kind.__module__.split(".")[0].startswith("tensorrt"):
+        return str(getattr(value, "name", ""))
     return None
 
 

@@ -216,7 +216,7 @@ class Manifest(Record):
         return data
 
     def write(self, directory: Path) -> None:
-        (directory / MANIFEST_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        (directory / MANIFEST_NAME).write_text(self.to_json())
 
     @classmethod
     def read(cls, directory: Path) -> Manifest:

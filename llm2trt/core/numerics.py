@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm2trt.core.errors import BackendError
+from llm2trt.core.errors import BackendError, first_line
 
 
 def normwise_rel_err(value: np.ndarray, reference: np.ndarray) -> float:
@@ -45,4 +45,4 @@ def run_ort(
         return dict(zip(names, session.run(names, feeds), strict=True))
     except Exception as exc:  # onnxruntime raises its own exception types for load and run failures
         where = path if isinstance(path, Path) else "the model"
-        raise BackendError(f"ONNX Runtime failed on {where}: {str(exc).strip().splitlines()[0][:300]}") from None
+        raise BackendError(f"ONNX Runtime failed on {where}: {first_line(exc)}") from None

@@ -9,6 +9,7 @@ import ml_dtypes
 import numpy as np
 import onnx
 import pytest
+import tensorrt_rtx
 import torch
 
 from llm2trt.core.dtypes import DType, name_of_onnx, onnx_elem_type, to_numpy, to_torch
@@ -33,6 +34,7 @@ def test_every_spelling_maps_to_one_dtype(dtype: DType, numpy: type, onnx_type: 
     for spelling in (dtype.value, np.dtype(numpy), np.dtype(numpy).name, onnx_type, torch_type, dtype):
         assert DType.parse(spelling) is dtype, spelling
     assert name_of_onnx(onnx_type) == dtype.value
+    assert DType.parse(dtype.trt(tensorrt_rtx)) is dtype  # what an engine reports its tensors as
 
 
 def test_aliases_tolerances_and_refusals() -> None:
