@@ -28,6 +28,7 @@ from llm2trt.core.kv import KV_FORMS
 from llm2trt.core.log import configure
 
 if TYPE_CHECKING:
+    from llm2trt.compare import CompareResult
     from llm2trt.core.records import Record
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -137,6 +138,7 @@ def cli() -> None:
     optimize  run graph passes over an artifact
     build     compile an artifact into a TensorRT engine
     compare   check an artifact's outputs against PyTorch (and other runners)
+    debug     find the first layer whose outputs go wrong (bisect)
     generate  text from a decoder artifact
     inspect   show what an artifact holds
     """
@@ -289,43 +291,121 @@ def build(
     ctx.emit(built)
 
 
+@dataclass(frozen=True)
+class Comparing:
+    """The shared options of compare and debug bisect, as one value."""
+
+    runners: list[str]
+    runners_given: bool  # --runners on the command line (else the default)
+    atol: float | None
+    rtol: float | None
+    batch: int
+    sequence: int
+    seed: int
+
+    def sample(self) -> dict[str, Any]:
+        return {"batch": self.batch, "sequence": self.sequence, "seed": self.seed, "atol": self.atol, "rtol": self.rtol}
+
+
+def comparison_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """Runners, tolerances and sample inputs, handed to the command as one `Comparing`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, runners: str, atol: float | None, rtol: float | None, **kwargs: Any) -> None:
+        batch, sequence, seed = kwargs.pop("batch"), kwargs.pop("sequence"), kwargs.pop("seed")
+        given = click.get_current_context().get_parameter_source("runners") != click.core.ParameterSource.DEFAULT
+        names = [r.strip() for r in runners.split(",") if r.strip()]
+        fn(*args, comparing=Comparing(names, given, atol, rtol, batch, sequence, seed), **kwargs)
+
+    options = [
+        click.option(
+            "--runners",
+            default="torch,ort",
+            show_default=True,
+            help="Comma-separated runners; the first is the reference (torch, ort, trt).",
+        ),
+        click.option("--atol", type=float, help="Absolute tolerance (default: rtol x max|reference| per output)."),
+        click.option(
+            "--rtol", type=float, help="Relative tolerance (default by dtype: fp32 1e-4, fp16 1e-2, bf16 5e-2)."
+        ),
+        click.option(
+            "--batch", type=click.IntRange(1), default=3, show_default=True, help="Batch of the sample inputs."
+        ),
+        click.option(
+            "--sequence",
+            type=click.IntRange(1),
+            default=12,
+            show_default=True,
+            help="Sequence length of the sample inputs (KV graphs: new tokens, after half as many cached).",
+        ),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample inputs."),
+    ]
+    decorated: Callable[..., None] = wrapper
+    for option in reversed(options):
+        decorated = option(decorated)
+    return decorated
+
+
 @cli.command()
 @click.argument("artifact", type=PATH)
 @click.option(
-    "--runners",
-    default="torch,ort",
+    "--mark",
+    default="none",
     show_default=True,
-    help="Comma-separated runners; the first is the reference (torch, ort, trt).",
+    metavar="none|all|REGEX",
+    help="Also compare intermediate tensors: every PyTorch module output (all), or those whose tensor "
+    "or module name matches REGEX; layer by layer.",
 )
-@click.option("--atol", type=float, help="Absolute tolerance (default: rtol x max|reference| per output).")
-@click.option("--rtol", type=float, help="Relative tolerance (default by dtype: fp32 1e-4, fp16 1e-2, bf16 5e-2).")
-@click.option("--batch", type=click.IntRange(1), default=3, show_default=True, help="Batch of the sample inputs.")
-@click.option(
-    "--sequence", type=click.IntRange(1), default=12, show_default=True, help="Sequence length of the sample inputs."
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample inputs.")
+@click.option("--save-golden", type=PATH, help="Write the inputs and every compared tensor (.npz) for CI checks.")
+@click.option("--check-golden", type=PATH, help="Re-run a golden file's runner and inputs; exit 1 on a regression.")
 @common_options
+@comparison_options
 def compare(
-    ctx: Context,
-    artifact: Path,
-    runners: str,
-    atol: float | None,
-    rtol: float | None,
-    batch: int,
-    sequence: int,
-    seed: int,
+    ctx: Context, comparing: Comparing, mark: str, save_golden: Path | None, check_golden: Path | None, artifact: Path
 ) -> None:
     """Compare ARTIFACT's outputs between runners (PyTorch is the reference); exit 1 on a breach."""
-    from llm2trt.compare import compare as run_compare
-    from llm2trt.core.errors import CheckFailed
+    from llm2trt.core.errors import CheckFailed, InputError
 
-    names = [r.strip() for r in runners.split(",") if r.strip()]
-    result = run_compare(
-        artifact, names, batch=batch, sequence=sequence, seed=seed, atol=atol, rtol=rtol, verbosity=ctx.verbosity
-    )
+    result: CompareResult
+    if check_golden is not None:
+        if save_golden is not None or mark != "none":
+            raise InputError("--check-golden re-runs the golden file's own tensors: drop --save-golden and --mark")
+        from llm2trt.debug import check_golden as run_check
+
+        # Unless --runners is given, the runner the golden was saved from re-runs.
+        runner = comparing.runners[-1] if comparing.runners_given else None
+        result = run_check(artifact, check_golden, runner=runner, atol=comparing.atol, rtol=comparing.rtol)
+    elif mark != "none" or save_golden is not None:
+        from llm2trt.debug import compare_marked
+
+        result = compare_marked(artifact, comparing.runners, mark=mark, save_golden=save_golden, **comparing.sample())
+    else:
+        from llm2trt.compare import compare as run_compare
+
+        result = run_compare(artifact, comparing.runners, verbosity=ctx.verbosity, **comparing.sample())
     ctx.emit(result)
     if not result.passed:
         raise CheckFailed(result.breach_message())
+
+
+@cli.group()
+def debug() -> None:
+    """Find where an artifact's numbers go wrong."""
+
+
+@debug.command()
+@click.argument("artifact", type=PATH)
+@common_options
+@comparison_options
+def bisect(ctx: Context, comparing: Comparing, artifact: Path) -> None:
+    """Find the first layer, then module, whose output is beyond tolerance, by halving; exit 1 if one is."""
+    from llm2trt.core.errors import CheckFailed
+    from llm2trt.debug import bisect as run_bisect
+
+    result = run_bisect(artifact, comparing.runners, **comparing.sample())
+    ctx.emit(result)
+    if result.diverged:
+        raise CheckFailed(result.message())
 
 
 def _parse_ids(values: tuple[str, ...]) -> list[list[int]]:

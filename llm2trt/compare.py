@@ -14,14 +14,17 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from llm2trt.core.errors import BackendError, InputError, first_line
 from llm2trt.core.log import step
-from llm2trt.core.manifest import Manifest
+from llm2trt.core.manifest import GraphSpec, Manifest
 from llm2trt.core.records import Record
+
+if TYPE_CHECKING:
+    from llm2trt.runners import RunnerContext
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,8 @@ class OutputResult(Record):
     atol: float
     rtol: float
     passed: bool
+    module: str | None = None  # the PyTorch module whose output the tensor is (marked compares)
+    cosine: float | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,9 @@ class CompareResult(Record):
     batch: int
     sequence: int
     rows: list[OutputResult] = field(default_factory=list)
+    marked: int = 0  # intermediate tensors compared besides the outputs
+    segments: int = 0  # marked compares: ONNX Runtime ran the graph once, cut into this many segments
+    skipped: list[str] = field(default_factory=list)  # marks without a counterpart in some runner
 
     @property
     def passed(self) -> bool:
@@ -67,7 +75,7 @@ class CompareResult(Record):
     def first_breach(self) -> Breach | None:
         for row in self.rows:
             if not row.passed:
-                return Breach(row.output, None, row.runner, row.max_rel_err)
+                return Breach(row.output, row.module, row.runner, row.max_rel_err)
         return None
 
     def main_error(self) -> float:
@@ -77,8 +85,9 @@ class CompareResult(Record):
         breach = self.first_breach()
         if breach is None:
             return "no breach"
+        module = f" (output of {breach.module})" if breach.module else ""
         return (
-            f"{breach.onnx_tensor} differs between {','.join(self.runners)} beyond tolerance "
+            f"{breach.onnx_tensor}{module} differs between {','.join(self.runners)} beyond tolerance "
             f"(max relative error {breach.max_rel_err:.2e})"
         )
 
@@ -93,24 +102,45 @@ class CompareResult(Record):
             "sequence": self.sequence,
             "results": [r.to_dict() for r in self.rows],
             "first_breach": breach.to_dict() if breach else None,
+            "marked": self.marked,
+            "segments": self.segments,
+            "skipped": self.skipped,
         }
 
     def table(self) -> str:
-        header = ("reference", "runner", "output", "shape", "max_abs_err", "max_rel_err", "rtol", "status")
-        lines = [header]
+        marked = any(r.cosine is not None for r in self.rows)
+        header: tuple[str, ...] = ("reference", "runner", "output", "shape", "max_abs_err", "max_rel_err")
+        if marked:
+            header = ("reference", "runner", "module", "output", "shape", "max_rel_err", "cosine")
+        header += ("rtol", "status")
+        lines: list[tuple[str, ...]] = [header]
         breach_seen = False
         for r in self.rows:
             status = "ok" if r.passed else "FAIL"
             if not r.passed and not breach_seen:
                 status, breach_seen = "FAIL <- first breach", True
-            errors = (f"{r.max_abs_err:.3e}", f"{r.max_rel_err:.3e}", f"{r.rtol:.0e}")
-            lines.append((r.reference, r.runner, r.output, "x".join(map(str, r.shape)), *errors, status))
+            shape = "x".join(map(str, r.shape))
+            if marked:
+                cosine = f"{r.cosine:.6f}" if r.cosine is not None else "-"
+                errors = (f"{r.max_rel_err:.3e}", cosine, f"{r.rtol:.0e}")
+                lines.append((r.reference, r.runner, r.module or "-", r.output, shape, *errors, status))
+            else:
+                errors = (f"{r.max_abs_err:.3e}", f"{r.max_rel_err:.3e}", f"{r.rtol:.0e}")
+                lines.append((r.reference, r.runner, r.output, shape, *errors, status))
         widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in lines)
 
     def render(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
-        return f"{self.table()}\n{verdict}: {self.main_output} max relative error {self.main_error():.2e}"
+        tail = f" ({self.marked} marked tensors; graph run once, in {self.segments} segments)" if self.segments else ""
+        if self.skipped:
+            tail += f"; {len(self.skipped)} marks had no counterpart in every runner"
+        lines = [self.table()]
+        breach = self.first_breach()
+        if breach is not None and breach.module:
+            lines.append(f"first breach: {breach.onnx_tensor}, output of {breach.module}")
+        lines.append(f"{verdict}: {self.main_output} max relative error {self.main_error():.2e}{tail}")
+        return "\n".join(lines)
 
 
 @contextlib.contextmanager
@@ -127,7 +157,31 @@ def polygraphy_quiet(verbosity: int) -> Iterator[None]:
         G_LOGGER.module_severity = old
 
 
-def _check_runner_names(runners: list[str]) -> None:
+@dataclass(frozen=True)
+class Setup:
+    """What every comparison starts from: the artifact's default graph and its sample inputs."""
+
+    manifest: Manifest
+    graph: GraphSpec
+    feeds: dict[str, np.ndarray]
+    ctx: RunnerContext
+    sequence: int  # capped by the graph's sequence range
+
+    @classmethod
+    def of(cls, artifact: Path, batch: int, sequence: int, seed: int) -> Setup:
+        from llm2trt.models import spec_and_config
+        from llm2trt.runners import RunnerContext
+
+        manifest = Manifest.read(artifact)
+        graph = manifest.graph()
+        spec, config = spec_and_config(manifest)
+        if "sequence" in graph.dims:
+            sequence = min(sequence, graph.dims["sequence"].max)
+        feeds = spec.sample_inputs(config, graph, batch, sequence, seed)
+        return cls(manifest, graph, feeds, RunnerContext(artifact, manifest, graph), sequence)
+
+
+def check_runner_names(runners: list[str]) -> None:
     from llm2trt.runners import RUNNERS
 
     unknown = [r for r in runners if r not in RUNNERS]
@@ -177,18 +231,12 @@ def compare(
     rtol: float | None = None,
     verbosity: int = 0,
 ) -> CompareResult:
-    from llm2trt.models import spec_and_config
-    from llm2trt.runners import RunnerContext, make_runner
+    from llm2trt.runners import make_runner
 
     runners = runners or ["torch", "ort"]
-    _check_runner_names(runners)
-    manifest = Manifest.read(artifact)
-    graph = manifest.graph()
-    spec, config = spec_and_config(manifest)
-    if "sequence" in graph.dims:
-        sequence = min(sequence, graph.dims["sequence"].max)
-    feeds = spec.sample_inputs(config, graph, batch, sequence, seed)
-    ctx = RunnerContext(artifact, manifest, graph)
+    check_runner_names(runners)
+    setup = Setup.of(artifact, batch, sequence, seed)
+    manifest, graph, feeds, ctx, sequence = setup.manifest, setup.graph, setup.feeds, setup.ctx, setup.sequence
     built = [make_runner(name, ctx) for name in runners]
     rtol = rtol if rtol is not None else manifest.dtype.tolerance.compare
     with polygraphy_quiet(verbosity):

@@ -95,7 +95,9 @@ class TorchRunner(BaseRunner):  # type: ignore[misc]
         self.module = None
 
 
-def torch_runner(ctx: RunnerContext, check_source: bool = True) -> TorchRunner:
+def torch_loader(ctx: RunnerContext, check_source: bool = True) -> Callable[[], torch.nn.Module]:
+    """Loads the artifact's source model with the graph's interface (`export_module`); its
+    `.model` is the transformers model, whose module names the graph's node scopes carry."""
     from llm2trt.export import export_module
     from llm2trt.models import source_from_info
 
@@ -108,7 +110,11 @@ def torch_runner(ctx: RunnerContext, check_source: bool = True) -> TorchRunner:
         model = source.load(manifest.dtype, manifest.attn_implementation)
         return export_module(model, ctx.graph, dict(source.spec.forward_kwargs))
 
-    return TorchRunner(load, ctx.graph)
+    return load
+
+
+def torch_runner(ctx: RunnerContext, check_source: bool = True) -> TorchRunner:
+    return TorchRunner(torch_loader(ctx, check_source), ctx.graph)
 
 
 def ort_runner(ctx: RunnerContext, providers: list[str] | None = None) -> BaseRunner:

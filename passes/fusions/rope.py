@@ -110,7 +110,8 @@ class RoPERule(RewriteRule):
         out = gs.Variable(model.fresh_name(name), dtype=source.dtype, shape=None)
         node = gs.Node(
             "Slice",
-            model.fresh_name(f"{name}/Slice"),
+            # Named in the table producer's scope (rotary_emb), so the node maps to its module.
+            new_node_name(model, source.inputs[0], "Slice_rope_half") if source.inputs else model.fresh_name(name),
             inputs=[
                 source,
                 int64([0], model, f"{name}/starts"),

@@ -1,0 +1,127 @@
+"""Run an ONNX graph in ONNX Runtime one segment at a time, handing out marked tensors as it goes.
+
+The graph's nodes (topologically ordered) are cut after the last producer of each round of
+marks. Each segment becomes a small model of its own (its nodes, the initializers they read,
+still in the artifact's external data file); its inputs are the graph inputs and the earlier
+segments' tensors it reads, its outputs the marks it produces and the tensors later segments
+read. Between segments only that frontier is kept, so memory holds one segment's activations,
+not every marked tensor of the graph; the graph still runs once in total.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from llm2trt.core.dtypes import DType
+from llm2trt.core.errors import BackendError, first_line
+
+logger = logging.getLogger(__name__)
+
+
+def _reads(node: onnx.NodeProto) -> list[str]:
+    """Every tensor a node reads, outer-scope reads of its subgraphs (If, Loop) included."""
+    names = [n for n in node.input if n]
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for graph in graphs:
+            for inner in graph.node:
+                names += _reads(inner)
+    return names
+
+
+class SegmentedGraph:
+    """One graph, cut into segments that end at given node indices."""
+
+    def __init__(self, proto: onnx.ModelProto, folder: Path, providers: Sequence[str]) -> None:
+        self.proto = proto
+        self.folder = folder
+        self.providers = list(providers)
+        self.nodes = list(proto.graph.node)
+        self.initializers = {t.name: t for t in proto.graph.initializer}
+        self.graph_outputs = [o.name for o in proto.graph.output]
+        self._reads = [_reads(n) for n in self.nodes]
+        self.last_read: dict[str, int] = {}
+        for i, reads in enumerate(self._reads):
+            for name in reads:
+                self.last_read[name] = i
+
+    def run(
+        self, feeds: dict[str, np.ndarray], cuts: Sequence[tuple[int, list[str]]]
+    ) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield each cut's tensors (in the order asked) once its segment has run; `cuts` are
+        (last node index, tensors to hand out), in increasing order. The last cut may be the end."""
+        values: dict[str, np.ndarray] = dict(feeds)
+        start = 0
+        for end, wanted in cuts:
+            if end < start:  # everything asked here was produced by an earlier segment
+                for name in wanted:
+                    yield name, values[name]
+                continue
+            produced = self._run_segment(start, end, values, wanted)
+            values.update(produced)
+            for name in wanted:
+                yield name, values[name]
+            for name in [n for n in values if n not in feeds and self.last_read.get(n, -1) <= end]:
+                del values[name]  # nothing later reads it: drop it
+            start = end + 1
+
+    def _run_segment(
+        self, start: int, end: int, values: dict[str, np.ndarray], wanted: list[str]
+    ) -> dict[str, np.ndarray]:
+        nodes = self.nodes[start : end + 1]
+        made = {o for n in nodes for o in n.output if o}
+        reads = dict.fromkeys(r for i in range(start, end + 1) for r in self._reads[i])
+        inputs = [r for r in reads if r in values and r not in self.initializers]
+        outputs = [o for o in made if o in wanted or o in self.graph_outputs or self.last_read.get(o, -1) > end]
+        model = self._model(nodes, inputs, outputs, values, [r for r in reads if r in self.initializers])
+        session = self._session(model, start, end)
+        try:
+            results = session.run(outputs, {name: values[name] for name in inputs})
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BackendError(f"ONNX Runtime failed on nodes {start}-{end}: {first_line(exc)}") from None
+        return dict(zip(outputs, (np.asarray(r) for r in results), strict=True))
+
+    def _model(
+        self,
+        nodes: list[onnx.NodeProto],
+        inputs: list[str],
+        outputs: list[str],
+        values: dict[str, np.ndarray],
+        initializers: list[str],
+    ) -> onnx.ModelProto:
+        graph = onnx.helper.make_graph(
+            nodes,
+            f"{self.proto.graph.name}_segment",
+            [_value_info(name, values[name]) for name in inputs],
+            [onnx.ValueInfoProto(name=name) for name in outputs],  # ONNX Runtime infers their types
+            initializer=[self.initializers[name] for name in initializers],
+        )
+        model = onnx.helper.make_model(graph, opset_imports=list(self.proto.opset_import))
+        model.ir_version = self.proto.ir_version
+        model.functions.extend(self.proto.functions)
+        return model
+
+    def _session(self, model: onnx.ModelProto, start: int, end: int) -> Any:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        # A segment runs once: an arena, which exists to reuse memory across runs, only holds it
+        # (measured on SmolLM2 at 4x512 beside the PyTorch reference: 7.9 GB peak with, 3.1 GB without).
+        options.enable_cpu_mem_arena = False
+        # Weights stay in the artifact's external data file; the segment travels as bytes.
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.folder))
+        try:
+            return ort.InferenceSession(model.SerializeToString(), options, providers=self.providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BackendError(f"ONNX Runtime could not load nodes {start}-{end}: {first_line(exc)}") from None
+
+
+def _value_info(name: str, value: np.ndarray) -> onnx.ValueInfoProto:
+    return onnx.helper.make_tensor_value_info(name, DType.parse(value.dtype).onnx, [None] * value.ndim)
