@@ -139,6 +139,7 @@ def cli() -> None:
     build     compile an artifact into a TensorRT engine
     compare   check an artifact's outputs against PyTorch (and other runners)
     debug     find the first layer whose outputs go wrong (bisect)
+    eval      perplexity of a text under an artifact (ppl)
     generate  text from a decoder artifact
     inspect   show what an artifact holds
     """
@@ -406,6 +407,26 @@ def bisect(ctx: Context, comparing: Comparing, artifact: Path) -> None:
     ctx.emit(result)
     if result.diverged:
         raise CheckFailed(result.message())
+
+
+@cli.group(name="eval")
+def eval_group() -> None:
+    """Measure an artifact's quality."""
+
+
+@eval_group.command()
+@click.argument("artifact", type=PATH)
+@click.option("--text", type=PATH, required=True, help="UTF-8 text file to score (tokenized whole).")
+@click.option(
+    "--window", type=click.IntRange(2), default=512, show_default=True, help="Tokens per window (no context carried)."
+)
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@common_options
+def ppl(ctx: Context, artifact: Path, text: Path, window: int, provider: str) -> None:
+    """Perplexity of TEXT under a decoder ARTIFACT, in ONNX Runtime."""
+    from llm2trt.evaluate import perplexity
+
+    ctx.emit(perplexity(artifact, text, window=window, provider=provider))
 
 
 def _parse_ids(values: tuple[str, ...]) -> list[list[int]]:

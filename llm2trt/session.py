@@ -38,6 +38,7 @@ class _State:
     mask: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
     cache: dict[str, np.ndarray] = field(default_factory=dict)
     tokens: list[list[int]] = field(default_factory=list)
+    logits: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))  # the last step's, whole
 
 
 class DecoderSession(abc.ABC):
@@ -63,7 +64,13 @@ class DecoderSession(abc.ABC):
 
     def _logits(self, out: dict[str, np.ndarray]) -> np.ndarray:
         logits: np.ndarray = np.asarray(out[self.graph.main_output])
+        self.state.logits = logits
         return logits
+
+    def prompt_logits(self, prompt: Sequence[int]) -> np.ndarray:
+        """Logits (len(prompt), vocab) at every position of one prompt, from a fresh prefill."""
+        self.prefill([prompt])
+        return self.state.logits[0, -len(prompt) :]
 
     def _keep_cache(self, kv: KVLayout, out: dict[str, np.ndarray]) -> None:
         """This step's presents become the next step's past."""

@@ -11,4 +11,4 @@ ruff format --check .
 echo "== mypy"
 ./scripts/typecheck.sh
 echo "== pytest"
-python -m pytest -n "${PYTEST_WORKERS:-2}" --durations=15 "$@"
+python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadgroup --durations=15 "$@"

@@ -116,6 +116,7 @@ def smollm2_forms(
     return forms
 
 
+@pytest.mark.xdist_group("smollm2_forms")  # one worker builds the forms once
 def test_smollm2_greedy_tokens_match_transformers(smollm2_forms: dict[str, Path]) -> None:
     manifest = Manifest.read(smollm2_forms["growing"])
     assert manifest.generation is not None and manifest.generation.tokenizer == "tokenizer"
@@ -201,3 +202,48 @@ def test_bad_input(artifacts: dict[str, Path], tmp_path: Path) -> None:
     assert_clean_failure(result, "already has KV-cache I/O", tmp_path / "y")
     result = run_cli("optimize", artifacts["tiny:bert"], "-o", tmp_path / "z", "--kv-cache")
     assert_clean_failure(result, "bert is not a decoder", tmp_path / "z")
+
+
+def _zen(tmp_path: Path) -> Path:
+    import codecs
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        import this
+    path = tmp_path / "zen.txt"
+    path.write_text(codecs.decode(this.s, "rot13"))
+    return path
+
+
+@pytest.mark.xdist_group("smollm2_forms")
+def test_smollm2_perplexity_matches_transformers(smollm2_forms: dict[str, Path], tmp_path: Path) -> None:
+    """eval ppl on every cache form equals transformers' own loss over the same windows."""
+    from llm2trt.evaluate import windows_of
+    from llm2trt.generate import load_tokenizer
+
+    text = _zen(tmp_path)
+    manifest = Manifest.read(smollm2_forms["growing"])
+    ids = load_tokenizer(smollm2_forms["growing"], manifest)(text.read_text(), add_special_tokens=False).input_ids
+    model = source_from_info(manifest.source).load(DType.FP32)
+    total, scored = 0.0, 0
+    with torch.no_grad():
+        for window in windows_of(ids, 64):
+            loss = model(input_ids=torch.tensor([window]), labels=torch.tensor([window])).loss
+            total, scored = total + float(loss) * (len(window) - 1), scored + len(window) - 1
+    reference = float(np.exp(total / scored))
+    assert 10 < reference < 60 and scored == len(ids) - 4  # 4 windows, each scores all but its first
+    for form, artifact in smollm2_forms.items():
+        code, got = run_json("eval", "ppl", artifact, "--text", text, "--window", "64")
+        assert code == 0 and got["windows"] == 4 and got["scored"] == scored, form
+        assert abs(got["ppl"] / reference - 1) < 1e-4, (form, got["ppl"], reference)
+
+
+def test_eval_ppl_bad_input(artifacts: dict[str, Path], smollm2_artifact: Path, tmp_path: Path) -> None:
+    text = _zen(tmp_path)
+    assert_clean_failure(run_cli("eval", "ppl", artifacts["tiny:llama"], "--text", text), "has no tokenizer")
+    assert_clean_failure(run_cli("eval", "ppl", artifacts["tiny:bert"], "--text", text), "needs a decoder")
+    missing = tmp_path / "none.txt"
+    assert_clean_failure(run_cli("eval", "ppl", smollm2_artifact, "--text", missing), "no text file")
+    (tmp_path / "one.txt").write_text("Hi")
+    assert_clean_failure(run_cli("eval", "ppl", smollm2_artifact, "--text", tmp_path / "one.txt"), "fewer than 2")

@@ -10,7 +10,8 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 logger = logging.getLogger("llm2trt")
 
@@ -35,3 +36,18 @@ def step(what: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     logger.info("%s: done in %.1f s", what, time.perf_counter() - start)
+
+
+T = TypeVar("T")
+
+
+def progress(items: Sequence[T], what: str, every: float = 5.0) -> Iterator[T]:
+    """Yield `items`, logging how far along `what` is at most every `every` seconds, and at the end."""
+    start = last = time.perf_counter()
+    for i, item in enumerate(items):
+        yield item
+        now = time.perf_counter()
+        if now - last >= every and i + 1 < len(items):
+            logger.info("%s: %d/%d (%.0f s)", what, i + 1, len(items), now - start)
+            last = now
+    logger.info("%s: %d/%d done in %.1f s", what, len(items), len(items), time.perf_counter() - start)
