@@ -165,6 +165,7 @@ class Setup:
     graph: GraphSpec
     feeds: dict[str, np.ndarray]
     ctx: RunnerContext
+    batch: int
     sequence: int  # capped by the graph's sequence range
 
     @classmethod
@@ -178,7 +179,7 @@ class Setup:
         if "sequence" in graph.dims:
             sequence = min(sequence, graph.dims["sequence"].max)
         feeds = spec.sample_inputs(config, graph, batch, sequence, seed)
-        return cls(manifest, graph, feeds, RunnerContext(artifact, manifest, graph), sequence)
+        return cls(manifest, graph, feeds, RunnerContext(artifact, manifest, graph), batch, sequence)
 
 
 def check_runner_names(runners: list[str]) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +26,10 @@ from llm2trt.core.errors import InputError
 from llm2trt.core.log import step
 from llm2trt.core.records import Record
 from llm2trt.core.tolerance import TolerancePolicy, errors, profile_for
-from llm2trt.golden import Golden, GoldenIndex, GoldenWriter
+from llm2trt.golden import FORMAT, Golden, GoldenIndex, GoldenWriter
 from llm2trt.marks import GraphMap, Mark, fusion_splits
 from llm2trt.runners import RUNNERS
-from llm2trt.taps import OrtTap, Stream, Tap, Values, make_tap
+from llm2trt.taps import Stream, Tap, Values, make_tap
 
 logger = logging.getLogger(__name__)
 
@@ -177,20 +177,11 @@ def _boundary_marks(setup: Setup, graph_map: GraphMap, marks: list[Mark], mode: 
 def _writer(path: Path | None, setup: Setup, runner: str, seed: int) -> GoldenWriter | None:
     if path is None:
         return None
-    index = GoldenIndex(1, runner, setup.graph.name, setup.graph.onnx_sha256, *_shape(setup), seed)
+    index = GoldenIndex(FORMAT, runner, setup.graph.name, setup.graph.onnx_sha256, setup.batch, setup.sequence, seed)
     writer = GoldenWriter(path, index)
     for name, value in setup.feeds.items():
         writer.add(name, "input", value, None, None)
     return writer
-
-
-def _shape(setup: Setup) -> tuple[int, int]:
-    first = next(iter(setup.feeds.values()))
-    return int(first.shape[0]), setup.sequence
-
-
-def _segments(taps: list[Tap]) -> int:
-    return max((tap.segments for tap in taps if isinstance(tap, OrtTap)), default=1)
 
 
 def compare_marked(
@@ -213,7 +204,7 @@ def compare_marked(
     marks = _boundary_marks(setup, graph_map, graph_map.select(mark), mark, runners)
     if mark == "all" and not graph_map.marks:
         logger.warning("the graph's node names carry no module scopes: only its outputs are compared")
-    outputs = [o for o in graph_map.outputs]
+    outputs = list(graph_map.outputs)
     policy = profile_for(setup.manifest.dtype).with_rtol(rtol)
     writer = _writer(save_golden, setup, runners[-1], seed)
     comparison = Comparison([], setup.feeds, lambda m: policy, atol, writer)
@@ -222,9 +213,10 @@ def compare_marked(
             comparison.taps = taps
             with step(f"comparing {len(marks)} marked tensors and {len(outputs)} outputs"):
                 comparison.run([*marks, *outputs])
-            segments = _segments(taps)
+            segments = max(tap.segments for tap in taps)
         if writer is not None:
-            logger.info("golden file %s: %.1f MB", writer.close(), save_golden.stat().st_size / 1e6)  # type: ignore[union-attr]
+            written = writer.close()
+            logger.info("golden file %s: %.1f MB", written, written.stat().st_size / 1e6)
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -233,14 +225,13 @@ def compare_marked(
 
 
 def _result(setup: Setup, runners: list[str], comparison: Comparison, marked: int, segments: int) -> CompareResult:
-    batch, sequence = _shape(setup)
     if comparison.skipped:
         logger.warning("%d marked tensors have no counterpart in every runner: not compared", len(comparison.skipped))
     return CompareResult(
         runners=runners,
         main_output=setup.graph.main_output,
-        batch=batch,
-        sequence=sequence,
+        batch=setup.batch,
+        sequence=setup.sequence,
         rows=comparison.rows,
         marked=marked,
         segments=segments,
@@ -280,7 +271,7 @@ def check_golden(
             comparison.taps = taps
             with step(f"checking {len(marks)} marked tensors and {len(outputs)} outputs"):
                 comparison.run([*marks, *outputs])
-            segments = _segments(taps)
+            segments = max(tap.segments for tap in taps)
         return _result(setup, ["golden", runner], comparison, len(marks), segments)
     finally:
         golden.close()
@@ -290,7 +281,7 @@ def _with_feeds(setup: Setup, feeds: dict[str, np.ndarray], path: Path) -> Setup
     want = [t.name for t in setup.graph.inputs]
     if sorted(feeds) != sorted(want):
         raise InputError(f"{path} holds inputs {', '.join(feeds)}; the graph takes {', '.join(want)}")
-    return Setup(setup.manifest, setup.graph, {n: feeds[n] for n in want}, setup.ctx, setup.sequence)
+    return replace(setup, feeds={n: feeds[n] for n in want})
 
 
 def _golden_marks(graph_map: GraphMap, index: GoldenIndex, path: Path) -> tuple[list[Mark], list[Mark]]:

@@ -9,7 +9,6 @@ artifact works: cache-less or any cache form, fp32 or fp16/bf16, fused or quanti
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass
@@ -21,8 +20,6 @@ from llm2trt.core.errors import InputError
 from llm2trt.core.log import progress
 from llm2trt.core.manifest import Manifest
 from llm2trt.core.records import Record
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 512
 

@@ -12,7 +12,6 @@ import json
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 
@@ -102,15 +101,11 @@ class Golden:
 
     def array(self, tensor: GoldenTensor) -> np.ndarray:
         with self._zip.open(tensor.member) as handle:
-            return _read(handle)
+            array: np.ndarray = np.lib.format.read_array(handle, allow_pickle=False)
+            return array
 
     def feeds(self) -> dict[str, np.ndarray]:
         return {t.name: self.array(t) for t in self.index.inputs()}
 
     def close(self) -> None:
         self._zip.close()
-
-
-def _read(handle: IO[bytes]) -> np.ndarray:
-    array: np.ndarray = np.lib.format.read_array(handle, allow_pickle=False)
-    return array

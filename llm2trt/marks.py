@@ -10,7 +10,6 @@ named by the innermost.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,12 +20,9 @@ import onnx
 from llm2trt.core.errors import InputError
 from llm2trt.core.records import Record
 from llm2trt.passes.core import RULE_KEY
-from llm2trt.passes.pattern import layer_of
-
-logger = logging.getLogger(__name__)
+from llm2trt.passes.pattern import RewritePass, is_layer, layer_of, module_of
 
 MODULE_KEY = "llm2trt.module"
-_LAYER_SCOPE = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.\d+$")
 
 
 @dataclass(frozen=True)
@@ -46,12 +42,7 @@ def node_module(node: onnx.NodeProto) -> str:
     for prop in node.metadata_props:
         if prop.key == MODULE_KEY:
             return str(prop.value)
-    if not node.name.startswith("/"):
-        return ""
-    parts = node.name.strip("/").split("/")[:-1]  # the last part is the op
-    if parts and parts[0] == "model":  # the export wrapper's own attribute
-        parts = parts[1:]
-    return ".".join(parts)
+    return module_of(node.name)
 
 
 def _within(module: str, scope: str) -> bool:
@@ -92,7 +83,7 @@ class GraphMap:
         owner: dict[str, str] = {}
         for scope, (_, tensor) in sorted(last.items(), key=lambda kv: len(kv[0])):
             owner[tensor] = scope  # deeper scopes come later and win
-        layers = {tensor for scope, (_, tensor) in last.items() if _LAYER_SCOPE.search(scope)}
+        layers = {tensor for scope, (_, tensor) in last.items() if is_layer(scope)}
         outputs_set = set(graph_outputs)
 
         def mark(t: str, index: int, output: bool) -> Mark:
@@ -209,18 +200,15 @@ def fusion_splits(onnx_path: Path, graph_map: GraphMap, marks: Iterable[Mark]) -
 
 def fused_away(onnx_path: Path) -> dict[str, str]:
     """Tensors of the graph that the fusion passes remove, by the fusion that removed them."""
-    from llm2trt.passes.cleanup import cleanup_passes
     from llm2trt.passes.core import Model, PassManager
-    from llm2trt.passes.fusions import required_opset, selected
-    from llm2trt.passes.opset import OpsetUpgrade
-    from llm2trt.passes.pattern import RewritePass
+    from llm2trt.passes.pipeline import PipelineOptions, assemble
 
     model = Model.from_onnx(onnx.load(str(onnx_path), load_external_data=True))
-    fusions = selected()
-    PassManager([*cleanup_passes(), OpsetUpgrade(required_opset(fusions))]).run(model)
     removed: dict[str, str] = {}
-    for fusion in fusions:
+    for graph_pass in assemble(PipelineOptions()).passes:  # what `optimize` runs, one pass at a time
         before = set(model.graph.tensors())
-        PassManager([RewritePass(fusion.name, [rule() for rule in fusion.rules])]).run(model)
-        removed.update({t: fusion.name for t in before - set(model.graph.tensors())})
+        PassManager([graph_pass]).run(model)
+        if isinstance(graph_pass, RewritePass):
+            fusion = graph_pass.rules[0].fusion
+            removed.update({t: fusion for t in before - set(model.graph.tensors())})
     return removed

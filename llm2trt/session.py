@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llm2trt.core.errors import BackendError, InputError, first_line
+from llm2trt.core.errors import InputError
 from llm2trt.core.kv import FIXED, GQA, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, KVLayout
 from llm2trt.core.manifest import GraphSpec
 
@@ -229,14 +229,9 @@ def open_session(
 
 def ort_executor(path: str, providers: list[str] | None = None) -> Executor:
     """ONNX Runtime running a graph file: feeds by name, every output back by name."""
-    import onnxruntime as ort
+    from llm2trt.core.numerics import ort_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(path, options, providers=providers or ["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise BackendError(f"ONNX Runtime cannot load {path}: {first_line(exc)}") from None
+    session = ort_session(path, providers)
     names = [o.name for o in session.get_outputs()]
     wanted = {i.name for i in session.get_inputs()}
 

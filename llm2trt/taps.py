@@ -44,6 +44,7 @@ Stream = Iterator[tuple[str, Values]]
 
 class Tap(abc.ABC):
     name: str
+    segments = 1  # how many pieces its last run computed the graph in
 
     def provides(self, marks: Sequence[Mark]) -> set[str]:
         """The marks this tap has a counterpart for (the comparison asks it only for those)."""

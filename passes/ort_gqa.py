@@ -101,7 +101,7 @@ class GroupQueryAttentionPass(GraphPass):
     def _rotary_tables(self, model: Model, layer: _Attention, dtype: Any) -> tuple[gs.Constant, gs.Constant]:
         """(max_positions, head_dim / 2) cos and sin: the graph's own rotary subgraph, run once on
         positions 0..max-1 (so any rotary scaling the model has comes along)."""
-        import onnxruntime as ort
+        from llm2trt.core.numerics import run_ort
 
         rope = layer.rope
         if rope is None:
@@ -121,8 +121,8 @@ class GroupQueryAttentionPass(GraphPass):
             feeds[tensor.name] = np.zeros(shape, dtype=np.dtype(tensor.dtype))
         with gs_quiet():
             proto = gs.export_onnx(graph, do_type_check=False)
-        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-        cos_value, sin_value = (np.asarray(v)[0] for v in session.run(None, feeds))
+        values = run_ort(proto.SerializeToString(), feeds)
+        cos_value, sin_value = (np.asarray(values[t.name])[0] for t in (cos, sin))
         np_dtype = np.dtype(dtype) if not isinstance(dtype, int) else cos_value.dtype
         return (
             gs.Constant(model.fresh_name("gqa/cos_cache"), cos_value.astype(np_dtype)),

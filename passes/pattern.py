@@ -273,10 +273,11 @@ class RewriteRule(abc.ABC):
 
 
 def module_of(node_name: str) -> str:
-    """The torch module a TorchScript-exported node came from: /model/model/layers.0/mlp/Mul -> model.layers.0.mlp."""
-    parts = [p for p in node_name.strip("/").split("/") if p]
-    if len(parts) > 1:
-        parts = parts[:-1]
+    """The torch module a TorchScript-exported node came from: /model/model/layers.0/mlp/Mul ->
+    model.layers.0.mlp; '' for a node outside every module (/Concat, Constant_12)."""
+    if not node_name.startswith("/"):
+        return ""
+    parts = [p for p in node_name.strip("/").split("/") if p][:-1]  # the last part is the op
     if parts and parts[0] == "model":  # the export wrapper's own attribute
         parts = parts[1:]
     return ".".join(parts)
@@ -288,6 +289,12 @@ _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)(?:\.|$)")
 def layer_of(module: str) -> int | None:
     found = _LAYER.search(module)
     return int(found.group(1)) if found else None
+
+
+def is_layer(module: str) -> bool:
+    """The module is a whole layer of the model's stack (model.layers.3, not model.layers.3.mlp)."""
+    found = _LAYER.search(module)
+    return found is not None and found.end() == len(module)
 
 
 def attention_per_layer(model: Model, num_layers: int, what: str) -> list[gs.Node]:

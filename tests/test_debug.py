@@ -13,11 +13,9 @@ from llm2trt.core.dtypes import DType
 from llm2trt.core.tolerance import PROFILES, errors, profile_for
 from llm2trt.golden import Golden
 from llm2trt.marks import GraphMap, fusion_splits, rounds_of
-from llm2trt.passes.cleanup import cleanup_passes
-from llm2trt.passes.core import Model, PassManager
-from llm2trt.passes.fusions import count_fusions, required_opset, selected
-from llm2trt.passes.opset import OpsetUpgrade
-from llm2trt.passes.pattern import RewritePass
+from llm2trt.passes.core import Model
+from llm2trt.passes.fusions import count_fusions
+from llm2trt.passes.pipeline import PipelineOptions, assemble
 from tests.conftest import assert_clean_failure, run_cli, run_json
 from tests.corrupt import corrupt_linear
 
@@ -105,15 +103,12 @@ def test_mark_regex_selects_modules(artifacts: dict[str, Path]) -> None:
 
 
 def _fusion_counts(proto: onnx.ModelProto, marks: list[str]) -> dict[str, int]:
-    """Our fusion passes' counts on the graph with `marks` as extra outputs."""
+    """What `optimize`'s pipeline fuses in the graph with `marks` as extra outputs."""
     proto = onnx.ModelProto.FromString(proto.SerializeToString())
     for name in marks:
         proto.graph.output.add().name = name
     model = Model.from_onnx(proto)
-    fusions = selected()
-    passes = [*cleanup_passes(), OpsetUpgrade(required_opset(fusions))]
-    passes += [RewritePass(f.name, [rule() for rule in f.rules]) for f in fusions]
-    PassManager(passes).run(model)
+    assemble(PipelineOptions()).run(model)
     return count_fusions(model.graph)
 
 

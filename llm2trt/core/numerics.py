@@ -3,25 +3,51 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from llm2trt.core.errors import BackendError, first_line
+from llm2trt.core.tolerance import errors
 
 
 def normwise_rel_err(value: np.ndarray, reference: np.ndarray) -> float:
-    """max|value - reference| / max|reference| (0 when both are all zeros)."""
-    value = np.asarray(value, dtype=np.float64)
-    reference = np.asarray(reference, dtype=np.float64)
+    """max|value - reference| / max|reference| (0 when both are all zeros; inf for other shapes)."""
+    value, reference = np.asarray(value), np.asarray(reference)
     if value.shape != reference.shape:
         return float("inf")
-    if value.size == 0:
-        return 0.0
-    scale = float(np.abs(reference).max())
-    diff = float(np.abs(value - reference).max())
-    if np.isnan(diff):
-        return float("inf")
-    return diff / scale if scale > 0 else diff
+    return errors(value, reference).max_rel_err
+
+
+def ort_session(
+    model: Path | str | bytes,
+    providers: list[str] | None = None,
+    *,
+    what: str | None = None,
+    weights_folder: Path | None = None,
+    arena: bool = True,
+    disable_optimizations: bool = False,
+) -> Any:
+    """A quiet ONNX Runtime session; a load failure is one BackendError line naming `what`.
+
+    `weights_folder`: where the external data of a model given as bytes lives. `arena`: off for a
+    session that runs once (the arena only holds memory then)."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)  # its optimizer's notes are not ours to print
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.enable_cpu_mem_arena = arena
+    if disable_optimizations:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if weights_folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_folder))
+    source = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        where = what or (model if not isinstance(model, bytes) else "the model")
+        raise BackendError(f"ONNX Runtime cannot load {where}: {first_line(exc)}") from None
 
 
 def run_ort(
@@ -31,18 +57,10 @@ def run_ort(
     disable_optimizations: bool = False,
 ) -> dict[str, np.ndarray]:
     """Run an ONNX file (external data next to it) or serialized model in ONNX Runtime."""
-    import onnxruntime as ort
-
-    ort.set_default_logger_severity(3)  # its optimizer's notes are not ours to print
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if disable_optimizations:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    model = path if isinstance(path, bytes) else str(path)
+    session = ort_session(path, providers, disable_optimizations=disable_optimizations)
+    names = [o.name for o in session.get_outputs()]
     try:
-        session = ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, feeds), strict=True))
-    except Exception as exc:  # onnxruntime raises its own exception types for load and run failures
+    except Exception as exc:  # onnxruntime raises its own exception types
         where = path if isinstance(path, Path) else "the model"
         raise BackendError(f"ONNX Runtime failed on {where}: {first_line(exc)}") from None
