@@ -248,7 +248,12 @@ def build(
     manifest = Manifest.read(artifact)
     graph = manifest.graph()
     onnx_path = manifest.onnx_path(artifact, graph.name)
-    load_onnx(onnx_path, with_weights=False)  # a clear error for a corrupt file before TensorRT sees it
+    from llm2trt.passes.quant import unfused_qdq
+
+    # A clear error for a corrupt file before TensorRT sees it; Q/DQ TensorRT would not fuse, named.
+    unfused = unfused_qdq(load_onnx(onnx_path, with_weights=False))
+    for line in unfused[:5]:
+        logger.warning("TensorRT cannot fuse %s: it stays a standalone scale layer", line)
     plan = _plan(graph, backend, compute_capability, profile, timing_cache is not None, strip_weights)
     with staged_output(out, force, reads=[artifact]) as stage:
         scratch = stage / ".worker"
@@ -270,14 +275,22 @@ def build(
         shutil.rmtree(scratch)
         out_dir = Path(os.path.abspath(out))
         onnx_rel = os.path.relpath(onnx_path.resolve(), out_dir)
-        info = _info(manifest, graph, plan, result, round(time.perf_counter() - start, 3), strip_weights, onnx_rel)
+        seconds = round(time.perf_counter() - start, 3)
+        info = _info(manifest, graph, plan, result, seconds, strip_weights, onnx_rel, unfused)
         info.write(stage / BUILD_NAME)
         _engine_manifest(manifest, artifact, out_dir, onnx_path, result, plan).write(stage)
     return Built(str(out), info)
 
 
 def _info(
-    manifest: Manifest, graph: GraphSpec, plan: _Plan, result: BuildResult, total: float, strip: bool, onnx: str
+    manifest: Manifest,
+    graph: GraphSpec,
+    plan: _Plan,
+    result: BuildResult,
+    total: float,
+    strip: bool,
+    onnx: str,
+    unfused: list[str],
 ) -> BuildInfo:
     return BuildInfo(
         backend=plan.backend.name,
@@ -302,6 +315,10 @@ def _info(
         onnx=onnx,
         fusions=graph.fusions,
         layer_types=result.layer_types,
+        layer_precisions=result.layer_precisions,
+        matmul_precisions=result.matmul_precisions,
+        quantization=manifest.quantization.method if manifest.quantization else None,
+        unfused_qdq=unfused,
     )
 
 

@@ -26,9 +26,11 @@ from llm2trt.core.dtypes import DType
 from llm2trt.core.errors import Llm2TrtError, Terminated
 from llm2trt.core.kv import KV_FORMS
 from llm2trt.core.log import configure
+from llm2trt.core.quant import DEFAULT_CALIB_SAMPLES, DEFAULT_GROUP_SIZE, DEFAULT_KEEP, METHODS
 
 if TYPE_CHECKING:
     from llm2trt.compare import CompareResult
+    from llm2trt.core.quant import QuantRequest
     from llm2trt.core.records import Record
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -188,6 +190,65 @@ def convert(
     ctx.emit(result)
 
 
+def quant_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """--quant and what goes with it, handed to the command as one checked `QuantRequest` (or None)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, quant: str | None, keep: tuple[str, ...], calib: Path | None, **kwargs: Any) -> None:
+        settings = {k: kwargs.pop(k) for k in ("calib_samples", "group_size", "alpha", "keep_sensitive")}
+        request = None
+        if quant is not None:
+            from llm2trt.core.quant import QuantRequest
+
+            where = str(calib) if calib is not None else None
+            request = QuantRequest(quant, keep=list(keep or DEFAULT_KEEP), calib=where, **settings)
+        elif calib is not None or keep or settings["keep_sensitive"]:
+            raise click.UsageError("--calib, --keep and --keep-sensitive go with --quant")
+        fn(*args, quant=request, **kwargs)
+
+    options = [
+        click.option(
+            "--quant",
+            type=click.Choice(METHODS.names()),
+            help="Insert Q/DQ on the linear layers: int8-sq (SmoothQuant W8A8), fp8 (E4M3 W8A8), int8-wo, "
+            "int4-rtn, int4-awq (weight-only; INT4 in blocks of --group-size input channels).",
+        ),
+        click.option("--calib", type=PATH, metavar="TEXTFILE", help="Calibration text (int8-sq, fp8, int4-awq)."),
+        click.option(
+            "--calib-samples",
+            type=int,
+            default=DEFAULT_CALIB_SAMPLES,
+            show_default=True,
+            help="Calibration windows (512 tokens each) taken from the text.",
+        ),
+        click.option("--group-size", type=int, default=DEFAULT_GROUP_SIZE, show_default=True, help="INT4 block size."),
+        click.option(
+            "--alpha",
+            type=float,
+            help="SmoothQuant migration strength in [0, 1]; by default searched per layer group on calibration data.",
+        ),
+        click.option(
+            "--keep",
+            multiple=True,
+            metavar="REGEX",
+            help="Leave linear layers whose module matches in high precision; repeatable (default: lm_head).",
+        ),
+        click.option(
+            "--keep-sensitive",
+            type=int,
+            default=0,
+            show_default=True,
+            metavar="N",
+            help="int8-sq/fp8: also leave the N layer groups whose quantized outputs err most on the calibration "
+            "data in high precision (each group's error is in the manifest).",
+        ),
+    ]
+    decorated: Callable[..., None] = wrapper
+    for option in reversed(options):
+        decorated = option(decorated)
+    return decorated
+
+
 @cli.command()
 @click.argument("artifact", type=PATH)
 @output_options
@@ -216,6 +277,7 @@ def convert(
     "(ONNX Runtime's GroupQueryAttention decoder, for its CUDA provider; not for TensorRT).",
 )
 @common_options
+@quant_options
 def optimize(
     ctx: Context,
     artifact: Path,
@@ -226,8 +288,10 @@ def optimize(
     allow_missing_fusions: bool,
     kv_cache: bool,
     kv_form: str | None,
+    quant: QuantRequest | None,
 ) -> None:
-    """Run the pass pipeline (cleanup, fusions, KV cache) over ARTIFACT and write the result to OUT."""
+    """Run the pass pipeline (cleanup, fusions, quantization, KV cache) over ARTIFACT and write the
+    result to OUT."""
     from llm2trt.optimize import KVRequest
     from llm2trt.optimize import optimize as run_optimize
     from llm2trt.passes.pipeline import PipelineOptions
@@ -235,7 +299,14 @@ def optimize(
     options = PipelineOptions(skip_fusions=skip_fusion)
     kv = KVRequest(insert=kv_cache, form=kv_form)  # type: ignore[arg-type]
     result = run_optimize(
-        artifact, out, check=check, force=force, options=options, kv=kv, allow_missing_fusions=allow_missing_fusions
+        artifact,
+        out,
+        check=check,
+        force=force,
+        options=options,
+        kv=kv,
+        allow_missing_fusions=allow_missing_fusions,
+        quant=quant,
     )
     ctx.emit(result)
 

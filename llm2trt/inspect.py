@@ -101,6 +101,8 @@ def _manifest_lines(path: str, m: Manifest) -> list[str]:
         lines.append("passes        " + ", ".join(shown))
     if m.fusions:
         lines.append(f"fusions       {fusion_summary(m.fusions, m.expected_fusions)} (found/expected)")
+    if m.quantization is not None:
+        lines.append(f"quantization  {m.quantization.render()}")
     return lines
 
 

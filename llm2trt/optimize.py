@@ -15,9 +15,11 @@ from llm2trt.core.errors import BackendError, CheckFailed, InputError
 from llm2trt.core.kv import GROWING, KV_FORMS, SEQUENCE, KVForm, KVLayout
 from llm2trt.core.log import step
 from llm2trt.core.manifest import REPORT_NAME, GraphSpec, Manifest
-from llm2trt.core.numerics import normwise_rel_err, run_ort
+from llm2trt.core.numerics import run_ort
+from llm2trt.core.quant import QuantRequest
 from llm2trt.core.records import Record
 from llm2trt.core.reports import NumericCheck, OptimizeReport, Refusal
+from llm2trt.core.tolerance import TolerancePolicy, errors, profile_for
 from llm2trt.export import TOKENIZER_DIR
 from llm2trt.exporters import ExportSpec
 from llm2trt.models import spec_and_config
@@ -25,6 +27,7 @@ from llm2trt.passes.core import Model, PassCheckError, PipelineResult
 from llm2trt.passes.fusions import FUSIONS, count_fusions
 from llm2trt.passes.pattern import RewritePass, layer_of, module_of
 from llm2trt.passes.pipeline import PipelineOptions, assemble
+from llm2trt.passes.quant import QuantPass
 
 logger = logging.getLogger(__name__)
 
@@ -55,23 +58,33 @@ class Optimized(Record):
         return "\n".join(lines)
 
 
+def _verdict(
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]], policy: TolerancePolicy, batch: int, sequence: int
+) -> NumericCheck:
+    """Each (output, reference) pair's normwise error and cosine, held to the policy."""
+    found = {name: errors(out, ref) if out.shape == ref.shape else None for name, (out, ref) in pairs.items()}
+    rel = {name: e.max_rel_err if e else float("inf") for name, e in found.items()}
+    cosine = {name: e.cosine if e else 0.0 for name, e in found.items()}
+    passed = all(e is not None and policy.verdict(e.max_rel_err, e.max_abs_err, e.cosine) for e in found.values())
+    return NumericCheck(
+        True, None, policy.rtol, rel, passed, batch, sequence, cosine if policy.min_cosine else {}, policy.min_cosine
+    )
+
+
 def numeric_check(
-    manifest: Manifest, graph: GraphSpec, spec: ExportSpec, config: Any, before: Path, after: Path
+    graph: GraphSpec, spec: ExportSpec, config: Any, before: Path, after: Path, policy: TolerancePolicy
 ) -> NumericCheck:
     """Run both graphs in ONNX Runtime on the same inputs; the error per output and the verdict."""
     sequence = CHECK_SEQUENCE
     if SEQUENCE in graph.dims:
         sequence = min(sequence, graph.dims[SEQUENCE].max)
     feeds = spec.sample_inputs(config, graph, CHECK_BATCH, sequence, seed=1)
-    tolerance = manifest.dtype.tolerance.optimize
     try:
         reference = run_ort(before, feeds)
     except BackendError as exc:
         return NumericCheck(False, f"the input graph does not run in ONNX Runtime here ({exc})")
     outputs = run_ort(after, feeds)
-    errors = {name: normwise_rel_err(outputs[name], ref) for name, ref in reference.items()}
-    passed = all(err <= tolerance for err in errors.values())
-    return NumericCheck(True, None, tolerance, errors, passed, CHECK_BATCH, sequence)
+    return _verdict({name: (outputs[name], ref) for name, ref in reference.items()}, policy, CHECK_BATCH, sequence)
 
 
 # The token-by-token check of a KV rewrite: two prompts of different lengths, then a few tokens.
@@ -79,7 +92,7 @@ KV_CHECK_PROMPTS, KV_CHECK_STEPS = (7, 4), 3
 
 
 def kv_numeric_check(
-    manifest: Manifest, before: tuple[GraphSpec, Path], after: tuple[GraphSpec, Path], config: Any
+    before: tuple[GraphSpec, Path], after: tuple[GraphSpec, Path], config: Any, policy: TolerancePolicy
 ) -> NumericCheck:
     """Run both graphs as decoders on the same prompts and tokens (prefill, then one token at a
     time through each graph's own cache); the logits of every step must agree."""
@@ -99,10 +112,8 @@ def kv_numeric_check(
                 return NumericCheck(False, f"the input graph does not run in ONNX Runtime here ({exc})")
             raise
         logits.append(steps)
-    errors = {f"logits step {i}": normwise_rel_err(a, b) for i, (b, a) in enumerate(zip(*logits, strict=True))}
-    tolerance = manifest.dtype.tolerance.optimize
-    passed = all(err <= tolerance for err in errors.values())
-    return NumericCheck(True, None, tolerance, errors, passed, len(prompts), max(KV_CHECK_PROMPTS))
+    pairs = {f"logits step {i}": (a, b) for i, (b, a) in enumerate(zip(*logits, strict=True))}
+    return _verdict(pairs, policy, len(prompts), max(KV_CHECK_PROMPTS))
 
 
 @dataclass(frozen=True)
@@ -149,7 +160,7 @@ def _report(
     # A candidate one rule refused that a later rule fused (a ReduceMean LayerNorm looked at, inside
     # an RMSNorm) is gone from the graph: only refusals at nodes still there explain anything.
     alive = {n.name for n in model.graph.nodes}
-    refusals = [r for name in rewrites for r in result.results[name].refusals if r.node in alive]
+    refusals = [r for res in result.results.values() for r in res.refusals if r.node in alive]
     return OptimizeReport(
         fusions=found,
         expected=expect.total,
@@ -161,6 +172,7 @@ def _report(
         nodes_before=nodes_before,
         nodes_after=len(model.graph.nodes),
         opset=model.opset,
+        quantization=next((p.summary for p in result.passes if isinstance(p, QuantPass)), None),
     )
 
 
@@ -201,6 +213,15 @@ class _Job:
     options: PipelineOptions
     kv: KVRequest
     check: bool
+    quant: QuantRequest | None = None
+
+    @property
+    def tolerance(self) -> TolerancePolicy:
+        """How far the optimized graph may be from its input: a quantization's profile (which also
+        bounds the cosine), else the dtype's optimize tolerance."""
+        if self.quant is not None:
+            return profile_for(self.manifest.dtype, self.quant.method)
+        return TolerancePolicy(self.manifest.dtype.value, self.manifest.dtype.tolerance.optimize)
 
     def optimize_graph(self, graph: GraphSpec) -> tuple[Model, OptimizeReport, GraphSpec]:
         """Run the pipeline over one graph; the graph's new description (its variant may change)."""
@@ -213,7 +234,14 @@ class _Job:
         limit = spec.position_limit(config)
         if limit:  # rotary tables as long as the model's positions
             settings["ort_gqa"] = {"max_positions": limit, **settings.get("ort_gqa", {})}
-        options = replace(self.options, kv_layout=layout, kv_insert=self.kv.insert, settings=settings)
+        data = dict(self.options.data)
+        if self.quant is not None:
+            settings["quantize"] = {"request": self.quant}
+            if self.quant.spec.needs_calibration:
+                from llm2trt.calibrate import TextCalibrator
+
+                data["calibrator"] = TextCalibrator.from_request(self.artifact, self.manifest, graph, self.quant, limit)
+        options = replace(self.options, kv_layout=layout, kv_insert=self.kv.insert, settings=settings, data=data)
         result = assemble(options).run(model)
         target = graph if variant == graph.name else spec.graph_spec(config, self.manifest.dtype, variant)
         conform(model, target)
@@ -226,18 +254,14 @@ class _Job:
         reference = self.manifest.onnx_path(self.artifact, before.name)
         with step("checking the optimized graph against the input in ONNX Runtime"):
             if before.kv_cache is None and after.kv_cache is None:
-                verdict = numeric_check(self.manifest, before, self.spec, self.config, reference, written)
+                verdict = numeric_check(before, self.spec, self.config, reference, written, self.tolerance)
             else:
                 # Token by token through each graph's own cache: a random cache is an input no model
                 # makes (on SmolLM2 it put fp32 rounding at 1e-4 instead of 1e-6 through RMSNorm), and
                 # a KV pass changes the interface anyway.
-                verdict = kv_numeric_check(self.manifest, (before, reference), (after, written), self.config)
+                verdict = kv_numeric_check((before, reference), (after, written), self.config, self.tolerance)
         if verdict.checked and not verdict.passed:
-            name, err = verdict.worst()
-            raise CheckFailed(
-                f"optimized graph diverges from its input: {name} max relative error {err:.2e} > "
-                f"{verdict.tolerance:.0e}"
-            )
+            raise CheckFailed(f"optimized graph diverges from its input: {verdict.breach()}")
         return verdict
 
     def write_graph(
@@ -281,11 +305,17 @@ def optimize(
     options: PipelineOptions | None = None,
     kv: KVRequest | None = None,
     allow_missing_fusions: bool = False,
+    quant: QuantRequest | None = None,
 ) -> Optimized:
     """Optimize every graph of `artifact` into the artifact `out`."""
     manifest = Manifest.read(artifact)
+    if quant is not None and manifest.quantization is not None:
+        raise InputError(
+            f"--quant: {artifact} is already quantized ({manifest.quantization.method}); "
+            "quantize its unquantized source"
+        )
     spec, config = spec_and_config(manifest)
-    job = _Job(artifact, manifest, spec, config, options or PipelineOptions(), kv or KVRequest(), check)
+    job = _Job(artifact, manifest, spec, config, options or PipelineOptions(), kv or KVRequest(), check, quant)
     results = {g.name: job.optimize_graph(g) for g in manifest.graphs.values()}
     missing = [line for _model, report, _graph in results.values() for line in report.missing]
     if missing and not allow_missing_fusions:
@@ -305,7 +335,9 @@ def optimize(
             written, reports[target.name] = job.write_graph(stage, before, target, model, report)
             graphs[target.name] = written
             passes += report.passes
-        new = replace(manifest, graphs=graphs, opset=max(m.opset for m, _r, _g in results.values()))
+        quantization = next(iter(reports.values())).quantization or manifest.quantization
+        opset = max(m.opset for m, _r, _g in results.values())
+        new = replace(manifest, graphs=graphs, opset=opset, quantization=quantization)
         new = copy_tokenizer(new.with_passes(passes), artifact, stage)
         new.write(stage)
         next(iter(reports.values())).write(stage / REPORT_NAME)

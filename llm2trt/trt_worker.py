@@ -62,6 +62,10 @@ class BuildResult(Record):
     error: str | None = None
     layers: int = 0
     layer_types: dict[str, int] = field(default_factory=dict)
+    # Layers by output type, and matrix multiplies by their operands' types (a DequantizeLinear
+    # operand counts as its quantized type): how much of the network runs in each precision.
+    layer_precisions: dict[str, int] = field(default_factory=dict)
+    matmul_precisions: dict[str, int] = field(default_factory=dict)
     attention_ops: int = 0
     parse_seconds: float = 0.0
     build_seconds: float = 0.0
@@ -190,6 +194,40 @@ def _parse(request: BuildRequest, backend: Backend, errors: _Errors) -> tuple[An
     return built, dict(types)
 
 
+def _type_name(dtype: Any) -> str:
+    from llm2trt.core.dtypes import DType
+
+    found = DType.find(dtype)
+    return found.value if found is not None else str(dtype).rsplit(".", 1)[-1].lower()
+
+
+def _kind(layer: Any) -> str:
+    return str(layer.type).rsplit(".", 1)[-1]
+
+
+def precisions(network: Any) -> tuple[dict[str, int], dict[str, int]]:
+    """Layers by output type; matrix multiplies by operand types ('int8 x int8', 'fp32 x int4')."""
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    producers = {layer.get_output(j).name: layer for layer in layers for j in range(layer.num_outputs)}
+    by_output: Counter[str] = Counter()
+    matmuls: Counter[str] = Counter()
+    for layer in layers:
+        by_output[_type_name(layer.get_output(0).dtype)] += 1
+        if _kind(layer) != "MATRIX_MULTIPLY":
+            continue
+        operands = []
+        for k in range(layer.num_inputs):
+            tensor = layer.get_input(k)
+            producer = producers.get(tensor.name)
+            while producer is not None and _kind(producer) == "SHUFFLE":  # the parser's broadcast reshapes
+                producer = producers.get(producer.get_input(0).name)
+            if producer is not None and _kind(producer) == "DEQUANTIZE":
+                tensor = producer.get_input(0)  # the quantized operand
+            operands.append(_type_name(tensor.dtype))
+        matmuls[" x ".join(operands)] += 1
+    return dict(by_output), dict(matmuls)
+
+
 def _config(request: BuildRequest, backend: Backend) -> Any:
     from polygraphy.backend.trt import CreateConfig, Profile
 
@@ -251,11 +289,14 @@ def work(request: BuildRequest) -> BuildResult:
         parse_seconds = round(time.perf_counter() - start, 3)
         layers = network[1].num_layers
         logger.info("TensorRT parsed %d layers in %.1f s", layers, parse_seconds)
+        by_output, matmuls = precisions(network[1])
         parsed = BuildResult(
             ok=True,
             stage="parse",
             layers=layers,
             layer_types=types,
+            layer_precisions=by_output,
+            matmul_precisions=matmuls,
             attention_ops=types.get("ATTENTION_OUTPUT", 0),
             parse_seconds=parse_seconds,
             plugins=plugins,

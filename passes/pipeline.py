@@ -20,6 +20,7 @@ from llm2trt.passes.kv import TENSOR_SCATTER_OPSET, KVCachePass
 from llm2trt.passes.opset import OpsetUpgrade
 from llm2trt.passes.ort_gqa import DEFAULT_MAX_POSITIONS, GroupQueryAttentionPass
 from llm2trt.passes.pattern import RewritePass
+from llm2trt.passes.quant import QUANT_OPSET, QuantPass
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ def _opset(options: PipelineOptions) -> list[GraphPass]:
     needed = required_opset(fusions) if fusions else None
     if options.kv_layout is not None and options.kv_layout.is_buffer:
         needed = max(needed or 1, TENSOR_SCATTER_OPSET)
+    if options.setting("quantize", "request") is not None:
+        needed = max(needed or 1, QUANT_OPSET)
     target = options.setting("opset_upgrade", "target", needed)
     return [OpsetUpgrade(int(target))] if target else []
 
@@ -78,6 +81,13 @@ def _gqa(options: PipelineOptions) -> list[GraphPass]:
     return [GroupQueryAttentionPass(options.kv_layout, int(limit))]
 
 
+def _quant(options: PipelineOptions) -> list[GraphPass]:
+    request = options.setting("quantize", "request")
+    if request is None:
+        return []
+    return [QuantPass(request, options.data.get("calibrator"))]
+
+
 def _fusions(options: PipelineOptions) -> list[GraphPass]:
     return [RewritePass(f"fuse_{f.name.lower()}", [rule() for rule in f.rules]) for f in selected(options.skip_fusions)]
 
@@ -85,6 +95,7 @@ def _fusions(options: PipelineOptions) -> list[GraphPass]:
 register_entry("cleanup", 100, lambda options: cleanup_passes())
 register_entry("opset_upgrade", 200, _opset)
 register_entry("fusions", 300, _fusions)
+register_entry("quantize", 320, _quant)  # after the norms fused: scales fold into them
 register_entry("kv_cache", 350, _kv)
 register_entry("ort_gqa", 360, _gqa)
 register_entry("shape_inference", 900, lambda options: [ShapeInference()])

@@ -17,6 +17,7 @@ from llm2trt import __version__
 from llm2trt.core.dtypes import DType
 from llm2trt.core.errors import InputError
 from llm2trt.core.kv import KVLayout
+from llm2trt.core.quant import Quantization
 from llm2trt.core.records import Record, RecordError
 
 MANIFEST_NAME = "manifest.json"
@@ -133,6 +134,7 @@ class Manifest(Record):
     # The transformers config as a dict: later stages make sample inputs from it without the weights.
     model_config: dict[str, Any] = field(default_factory=dict)
     generation: GenerationDefaults | None = None  # decoders
+    quantization: Quantization | None = None  # optimize --quant
     llm2trt_version: str = __version__
 
     def __post_init__(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llm2trt.core.manifest import DimRange, PassRecord
+from llm2trt.core.quant import Quantization
 from llm2trt.core.records import Record
 
 
@@ -29,14 +30,29 @@ class NumericCheck(Record):
     passed: bool | None = None
     batch: int | None = None
     sequence: int | None = None
+    cosine: dict[str, float] = field(default_factory=dict)  # when the policy bounds it (quantized graphs)
+    min_cosine: float | None = None
 
     def worst(self) -> tuple[str, float]:
         return max(self.max_rel_err.items(), key=lambda kv: kv[1])
 
+    def breach(self) -> str:
+        """The first output out of tolerance, in a phrase."""
+        for name, err in self.max_rel_err.items():
+            if self.tolerance is not None and err > self.tolerance:
+                return f"{name} max relative error {err:.2e} > {self.tolerance:.0e}"
+            cosine = self.cosine.get(name)
+            if self.min_cosine is not None and cosine is not None and cosine < self.min_cosine:
+                return f"{name} cosine similarity {cosine:.4f} < {self.min_cosine}"
+        return "within tolerance"
+
     def render(self) -> str:
         if not self.checked:
             return f"numeric check: not run ({self.reason})"
-        return f"numeric check: max relative error {self.worst()[1]:.2e} (tolerance {self.tolerance:.0e})"
+        text = f"numeric check: max relative error {self.worst()[1]:.2e} (tolerance {self.tolerance:.0e})"
+        if self.cosine:
+            text += f", min cosine {min(self.cosine.values()):.4f} (at least {self.min_cosine})"
+        return text
 
 
 def fusion_summary(found: dict[str, int], expected: dict[str, int]) -> str:
@@ -64,6 +80,7 @@ class OptimizeReport(Record):
     nodes_after: int
     opset: int
     numeric_check: NumericCheck = field(default_factory=lambda: NumericCheck(False, "not run yet"))
+    quantization: Quantization | None = None
 
     def render(self) -> str:
         lines = [f"{self.nodes_before} -> {self.nodes_after} nodes, opset {self.opset}"]
@@ -72,6 +89,8 @@ class OptimizeReport(Record):
             lines.append(f"  {p.name:<24} {counts}")
         lines.append(f"  fusions found/expected: {fusion_summary(self.fusions, self.expected)}")
         lines += [f"  MISSING {line}" for line in self.missing]
+        if self.quantization is not None:
+            lines.append(f"  quantized {self.quantization.render()}")
         lines.append(f"  {self.numeric_check.render()}")
         return "\n".join(lines)
 
@@ -133,6 +152,10 @@ class BuildInfo(Record):
     layer_types: dict[str, int] = field(default_factory=dict)
     profile_names: list[str] = field(default_factory=list)  # what each optimization profile is for
     static_dims: dict[str, int] = field(default_factory=dict)  # symbolic dims the engine fixes
+    layer_precisions: dict[str, int] = field(default_factory=dict)  # network layers by output type
+    matmul_precisions: dict[str, int] = field(default_factory=dict)  # 'int8 x int8': count
+    quantization: str | None = None  # the artifact's method (optimize --quant)
+    unfused_qdq: list[str] = field(default_factory=list)  # Q/DQ TensorRT would leave as scale layers
 
     def render(self) -> str:
         return self.describe(self.engine)
@@ -143,6 +166,12 @@ class BuildInfo(Record):
             f"built {engine} with {self.backend} {self.backend_version} for {self.compute_capability}: "
             f"{self.network_layers} layers, {self.engine_bytes / 1e6:.1f} MB in {self.build_seconds:.1f} s"
         )
+        if self.quantization is not None:
+            mms = ", ".join(f"{k} {v}" for k, v in sorted(self.matmul_precisions.items()))
+            text += f"\n  {self.quantization}: matrix multiplies by operand types: {mms}"
+        if self.unfused_qdq:
+            shown = "; ".join(self.unfused_qdq[:3])
+            text += f"\n  WARNING {len(self.unfused_qdq)} Q/DQ nodes TensorRT cannot fuse: {shown}"
         inlined = [p.name for p in self.plugins if p.status != "registered"]
         if inlined:
             text += f"\n  plugins inlined from their reference bodies: {', '.join(inlined)}"

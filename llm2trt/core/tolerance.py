@@ -42,11 +42,14 @@ def register_profile(policy: TolerancePolicy, *, replace: bool = False) -> Toler
 
 for _dtype in (DType.FP32, DType.FP16, DType.BF16):
     register_profile(TolerancePolicy(_dtype.value, _dtype.tolerance.compare))
-register_profile(TolerancePolicy("int8-sq", 0.15, 0.99))
-register_profile(TolerancePolicy("fp8", 0.15, 0.99))
-register_profile(TolerancePolicy("int8-wo", 0.05, 0.999))
-register_profile(TolerancePolicy("int4-awq", 0.3, 0.98))
-register_profile(TolerancePolicy("int4-rtn", 0.3, 0.97))
+# Quantized graphs against their unquantized input on random tokens (optimize's check): the
+# normwise error of logits reaches 0.5 on SmolLM2 int8-sq where perplexity moves 3%, so the
+# direction (cosine) is what is bounded; rtol only catches a broken graph.
+register_profile(TolerancePolicy("int8-sq", 1.0, 0.9))
+register_profile(TolerancePolicy("fp8", 1.0, 0.9))
+register_profile(TolerancePolicy("int8-wo", 1.0, 0.98))
+register_profile(TolerancePolicy("int4-awq", 1.0, 0.9))
+register_profile(TolerancePolicy("int4-rtn", 1.0, 0.85))
 
 
 def profile_for(dtype: DType, quant: str | None = None) -> TolerancePolicy:

@@ -1,0 +1,610 @@
+"""Q/DQ quantization of linear layers, placed where TensorRT's explicit quantization fuses it.
+
+A linear layer is a MatMul whose second input is a constant 2-D weight [in, out]. Its weight becomes
+`DequantizeLinear(q, scale)` (per output channel, axis 1; or INT4 blocks of `group_size` input
+channels, axis 0 with `block_size`, opset 21) and, for W8A8/FP8, its input gets a static per-tensor
+`QuantizeLinear -> DequantizeLinear` pair, shared by the layers that read the same tensor. Scales
+are symmetric (TensorRT refuses non-zero zero points). Methods (`llm2trt.core.quant.METHODS`):
+
+- SmoothQuant (int8-sq): per input channel s = amax_x^a / amax_w^(1-a) moves activation outliers into
+  the weights: weight rows are multiplied by s, and 1/s is folded into what produces the input (the
+  norm's scale and bias, or the previous linear's output columns, e.g. up_proj before down_proj),
+  so the graph gains no op. An input with nowhere to fold stays unsmoothed (a refusal says why).
+- AWQ (int4-awq): the same fold, with s = mean|x|^a and a searched on calibration rows to minimise
+  the layer's output error after quantization, then a per-block clipping ratio searched the same way.
+
+The NumPy functions here are the reference the graph's constants are computed with; tests check them
+against independent arithmetic and the graph against a fake-quantized PyTorch model.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from llm2trt.core.dtypes import DType
+from llm2trt.core.quant import Calibration, Quantization, QuantMethod, QuantRequest, qmax
+from llm2trt.core.reports import Refusal
+from llm2trt.passes.core import GraphPass, Model, PassResult
+from llm2trt.passes.pattern import module_of
+
+logger = logging.getLogger(__name__)
+
+QUANT_OPSET = 21  # DequantizeLinear's block_size and INT4 types
+NORM_OPS = ("RMSNormalization", "LayerNormalization", "SimplifiedLayerNormalization")
+FUSING_CONSUMERS = ("MatMul", "Gemm", "Conv")  # where TensorRT fuses a DequantizeLinear
+AWQ_GRID = 20  # exponents 0, 0.05, ..., 0.95 (0 is plain rounding: AWQ is never worse on its rows)
+AWQ_CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0 .. 0.5 of each block's amax
+SQ_STRENGTHS = tuple(i / 10 for i in range(11))  # searched when --alpha is not given
+ACT_CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # of a static activation range
+MIN_BLOCK = 16  # the smallest INT4 block a layer falls back to when --group-size does not divide it
+SEARCH_ROWS = 256  # calibration tokens sampled per input tensor for the searches (bounds memory)
+_EPS = 1e-8
+
+
+# -- the NumPy reference ------------------------------------------------------------------------
+
+
+def _expand(scale: np.ndarray, method: QuantMethod, group: int) -> np.ndarray:
+    out: np.ndarray = np.repeat(scale, group, axis=0) if method.blockwise else scale[None, :]
+    return out
+
+
+def weight_scale(w: np.ndarray, method: QuantMethod, group: int, clip: np.ndarray | None = None) -> np.ndarray:
+    """Symmetric scales of a [in, out] weight: [out] per channel, [in // group, out] per block;
+    `clip` shrinks each block's amax (AWQ's clipping search)."""
+    a = np.abs(w.astype(np.float32))
+    amax = a.reshape(-1, group, a.shape[1]).max(axis=1) if method.blockwise else a.max(axis=0)
+    if clip is not None:
+        amax = amax * clip
+    scale = amax / qmax(method.weights)
+    return np.where(scale > 0, scale, 1.0).astype(np.float32)
+
+
+def quantize_weight(w: np.ndarray, scale: np.ndarray, method: QuantMethod, group: int) -> np.ndarray:
+    x = w.astype(np.float32) / _expand(scale, method, group)
+    return quantize_values(x, method.weights)
+
+
+def quantize_values(x: np.ndarray, dtype: DType) -> np.ndarray:
+    """x (already divided by its scale) as `dtype`, rounding and saturating as ONNX QuantizeLinear does."""
+    high = qmax(dtype)
+    codes = np.clip(x, -high, high) if dtype is DType.FP8 else np.clip(np.rint(x), -high - 1, high)
+    out: np.ndarray = codes.astype(dtype.numpy)
+    return out
+
+
+def dequantize_weight(q: np.ndarray, scale: np.ndarray, method: QuantMethod, group: int) -> np.ndarray:
+    out: np.ndarray = q.astype(np.float32) * _expand(scale, method, group)
+    return out
+
+
+def fake_quant_weight(w: np.ndarray, method: QuantMethod, group: int, clip: np.ndarray | None = None) -> np.ndarray:
+    scale = weight_scale(w, method, group, clip)
+    return dequantize_weight(quantize_weight(w, scale, method, group), scale, method, group)
+
+
+def smooth_scale(act_amax: np.ndarray, weights: Sequence[np.ndarray], alpha: float) -> np.ndarray:
+    """SmoothQuant's per-input-channel s = amax_x^a / amax_w^(1-a) over the layers sharing the input."""
+    w_amax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0).astype(np.float64)
+    x_amax = act_amax.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = x_amax**alpha / w_amax ** (1.0 - alpha)
+    s = np.where((x_amax > 0) & (w_amax > 0) & np.isfinite(s), s, 1.0)
+    return np.clip(s, 1e-5, 1e5).astype(np.float32)
+
+
+def fake_quant_values(x: np.ndarray, scale: float, dtype: DType) -> np.ndarray:
+    """QuantizeLinear then DequantizeLinear with one scale, in NumPy."""
+    return quantize_values(x / np.float32(scale), dtype).astype(np.float32) * np.float32(scale)
+
+
+def activation_scale(act_amax: np.ndarray, s: np.ndarray | None, dtype: DType, clip: float = 1.0) -> float:
+    """The static per-tensor scale of an input whose channels are divided by s (SmoothQuant), its
+    range clipped to `clip` of the amax."""
+    amax = act_amax / s if s is not None else act_amax
+    return max(float(amax.max()), _EPS) * clip / qmax(dtype)
+
+
+def sq_search(
+    rows: np.ndarray,
+    act_amax: np.ndarray,
+    weights: Sequence[np.ndarray],
+    method: QuantMethod,
+    strengths: Sequence[float | None] = SQ_STRENGTHS,
+) -> tuple[np.ndarray | None, float | None, float]:
+    """SmoothQuant per group: the migration strength among `strengths` (None: no migration), then
+    the clipping of the activation range (1, 0.95, .., 0.5 of amax), each the one whose quantized
+    input and weights best reproduce X W on the calibration rows (squared error: the rows include
+    the largest tokens, whose accuracy matters beyond their number; measured on SmolLM2, a per-token
+    relative error chose worse). Returns s, a and the clip."""
+    act = method.activations
+    assert act is not None
+    x = rows.astype(np.float32)
+    reference = [x @ w for w in weights]
+
+    def loss(s: np.ndarray | None, clip: float) -> float:
+        ones = np.ones(x.shape[1], np.float32) if s is None else s
+        xq = fake_quant_values(x / ones, activation_scale(act_amax, s, act, clip), act)
+        return sum(
+            float(np.square(xq @ fake_quant_weight(w * ones[:, None], method, 0) - ref).sum())
+            for w, ref in zip(weights, reference, strict=True)
+        )
+
+    scales = {a: smooth_scale(act_amax, weights, a) if a is not None else None for a in strengths}
+    a = min(strengths, key=lambda a: loss(scales[a], 1.0)) if len(strengths) > 1 else strengths[0]
+    clip = min(ACT_CLIP_RATIOS, key=lambda c: loss(scales[a], c))
+    return scales[a], a, clip
+
+
+def _output_error(rows: np.ndarray, weights: Sequence[np.ndarray], approx: Sequence[np.ndarray]) -> float:
+    return float(sum(np.square(rows @ (a - w)).sum() for w, a in zip(weights, approx, strict=True)))
+
+
+def awq_scale(
+    rows: np.ndarray, mean_abs: np.ndarray, weights: Sequence[np.ndarray], method: QuantMethod, group: int
+) -> tuple[np.ndarray, float, float]:
+    """AWQ's per-channel scale for layers sharing an input: s = mean|x|^a, a on a grid, minimising
+    || X W - (X/s) Q(diag(s) W) ||^2 over the calibration rows. Returns s, a, and the loss ratio to
+    plain rounding (a = 0)."""
+    x = rows.astype(np.float32)
+    best: tuple[float, float, np.ndarray] | None = None
+    base = 0.0
+    for i in range(AWQ_GRID):
+        a = i / AWQ_GRID
+        s = np.maximum(mean_abs.astype(np.float64), _EPS) ** a
+        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+        # (X/s) Q(sW) - XW = X ((Q(sW)/s) - W): compare in the original basis.
+        approx = [fake_quant_weight(w * s[:, None], method, group) / s[:, None] for w in weights]
+        loss = _output_error(x, weights, approx)
+        if i == 0:
+            base = loss
+        if best is None or loss < best[0]:
+            best = (loss, a, s)
+    assert best is not None
+    return best[2], best[1], best[0] / base if base > 0 else 1.0
+
+
+def awq_clip(rows: np.ndarray, w: np.ndarray, method: QuantMethod, group: int) -> np.ndarray:
+    """AWQ's clipping search: per block and output channel, the fraction of amax that minimises
+    the block's contribution to the output error on the calibration rows."""
+    blocks = w.shape[0] // group
+    x = rows.astype(np.float32).reshape(rows.shape[0], blocks, group)
+    best_err = np.full((blocks, w.shape[1]), np.inf, np.float32)
+    best = np.ones((blocks, w.shape[1]), np.float32)
+    for ratio in AWQ_CLIP_RATIOS:
+        clip = np.full((blocks, w.shape[1]), ratio, np.float32)
+        delta = (fake_quant_weight(w, method, group, clip) - w).reshape(blocks, group, w.shape[1])
+        err = np.square(np.einsum("rbg,bgo->bro", x, delta)).sum(axis=1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best = np.where(better, ratio, best)
+    return best
+
+
+class ActStats:
+    """Per-channel statistics of one activation tensor over calibration, in bounded memory: the
+    channels' max|x| and mean|x|, and a uniform sample of at most `rows` tokens (for AWQ)."""
+
+    def __init__(self, channels: int, rows: int = 0, seed: int = 0) -> None:
+        self.amax = np.zeros(channels, np.float32)
+        self._abs_sum = np.zeros(channels, np.float64)
+        self.tokens = 0
+        self._rows = rows
+        self._rng = np.random.default_rng(seed)
+        self._keys = np.zeros(0, np.float64)
+        self._uniform = np.zeros((0, channels), np.float32)
+        self._heavy = np.zeros((0, channels), np.float32)
+
+    def update(self, x: np.ndarray) -> None:
+        flat = np.asarray(x, np.float32).reshape(-1, self.amax.shape[0])
+        a = np.abs(flat)
+        self.amax = np.maximum(self.amax, a.max(axis=0))
+        self._abs_sum += a.sum(axis=0, dtype=np.float64)
+        self.tokens += flat.shape[0]
+        if self._rows:
+            # Priority sampling: the tokens with the largest random keys are a uniform sample.
+            keys = np.concatenate([self._keys, self._rng.random(flat.shape[0])])
+            keep = np.argsort(keys)[-self._rows :]
+            self._keys = keys[keep]
+            self._uniform = np.concatenate([self._uniform, flat])[keep]
+            # The largest tokens too (attention sinks' massive activations are rare and decisive):
+            # a search on the uniform rows alone would clip them away.
+            rows = np.concatenate([self._heavy, flat])
+            self._heavy = rows[np.argsort(np.abs(rows).max(axis=1))[-max(self._rows // 8, 1) :]]
+
+    @property
+    def sample(self) -> np.ndarray:
+        """The rows searches run on: a uniform sample plus the heaviest tokens seen."""
+        return np.concatenate([self._uniform, self._heavy])
+
+    @property
+    def mean_abs(self) -> np.ndarray:
+        return (self._abs_sum / max(self.tokens, 1)).astype(np.float32)
+
+
+class Calibrator(Protocol):
+    """Runs a graph over calibration data and returns statistics of the named tensors."""
+
+    def observe(self, model: Model, tensors: dict[str, int], rows: int) -> dict[str, ActStats]:
+        """`tensors`: name -> channels (the last dim)."""
+        ...
+
+    @property
+    def record(self) -> Calibration | None: ...
+
+
+# -- the graph -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Linear:
+    node: gs.Node
+    module: str
+
+    @property
+    def weight(self) -> gs.Constant:
+        w: gs.Constant = self.node.inputs[1]
+        return w
+
+    @property
+    def values(self) -> np.ndarray:
+        return np.asarray(self.weight.values)
+
+    @property
+    def x(self) -> gs.Variable:
+        x: gs.Variable = self.node.inputs[0]
+        return x
+
+
+@dataclass
+class _Group:
+    """Linear layers reading one input tensor (q/k/v; gate/up): they share its scale."""
+
+    x: gs.Variable
+    linears: list[_Linear]
+    channels: int  # input channels (the weights' rows), read before the weights are replaced
+    fold: list[tuple[gs.Node, int]] = field(default_factory=list)  # constants that take 1/s
+    s: np.ndarray | None = None  # the migrated per-channel scale (None: not smoothed)
+    clip: float = 1.0  # of the input's amax, for its static scale
+
+
+def _attr(node: gs.Node, name: str, default: Any) -> Any:
+    return node.attrs.get(name, default)
+
+
+def _is_linear(node: gs.Node) -> bool:
+    """x @ W with W a constant float [in, out]: a MatMul, or a Gemm that neither transposes nor scales."""
+    if node.op not in ("MatMul", "Gemm") or len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+        return False
+    if node.op == "Gemm" and (
+        _attr(node, "transA", 0)
+        or _attr(node, "transB", 0)
+        or _attr(node, "alpha", 1.0) != 1.0
+        or _attr(node, "beta", 1.0) != 1.0
+    ):
+        return False
+    w = node.inputs[1]
+    return len(w.shape) == 2 and DType.find(np.asarray(w.values).dtype) in (DType.FP32, DType.FP16, DType.BF16)
+
+
+def _vector(tensor: gs.Tensor, channels: int) -> bool:
+    return isinstance(tensor, gs.Constant) and tuple(tensor.shape) == (channels,)
+
+
+def _other_readers(tensor: gs.Tensor, allowed: set[str]) -> list[gs.Node]:
+    return [n for n in tensor.outputs if n.name not in allowed and n.op != "Shape"]  # Shape reads no values
+
+
+Folds = list[tuple[gs.Node, int]]  # (node, input index) of constants divided by the scale
+
+
+def _fold_targets(x: gs.Variable, channels: int, members: set[str]) -> tuple[Folds, str]:
+    """The constants an input-channel scale can be folded into (divided by), or why there are none."""
+    readers = _other_readers(x, members)
+    while not readers and x.inputs and x.inputs[0].op in ("Reshape", "Flatten"):  # [b, s, C] -> [b*s, C]
+        reshape = x.inputs[0]
+        x = reshape.inputs[0]
+        readers = _other_readers(x, {reshape.name})
+    if readers:
+        return [], f"its input is also read by {readers[0].op} {readers[0].name}"
+    if not x.inputs:
+        return [], "its input is a graph input"
+    producer = x.inputs[0]
+    found = _fold_into(producer, channels)
+    if found:
+        return found, ""
+    return [], f"its input comes from {producer.op} {producer.name}: nowhere to fold a per-channel scale"
+
+
+def _fold_into(producer: gs.Node, channels: int) -> Folds:
+    if producer.op in NORM_OPS:  # scale and bias
+        slots = [i for i in (1, 2) if i < len(producer.inputs) and not producer.inputs[i].is_empty()]
+        return [(producer, i) for i in slots] if all(_vector(producer.inputs[i], channels) for i in slots) else []
+    vectors = [i for i, side in enumerate(producer.inputs) if _vector(side, channels)]
+    if producer.op == "Mul" and vectors:  # a decomposed norm's final scale
+        return [(producer, vectors[0])]
+    if producer.op == "Add" and vectors:  # a decomposed LayerNorm's bias, after its scale
+        scaled = producer.inputs[1 - vectors[0]]
+        before = scaled.inputs[0] if scaled.inputs and len(scaled.outputs) == 1 else None
+        inner = [i for i, side in enumerate(before.inputs) if _vector(side, channels)] if before is not None else []
+        return (
+            [(producer, vectors[0]), (before, inner[0])] if before is not None and before.op == "Mul" and inner else []
+        )
+    if producer.op == "Mul":  # a gated MLP: up_proj's output columns (and bias) take the scale
+        for side in producer.inputs:
+            before = side.inputs[0] if side.inputs else None
+            if before is not None and _is_linear(before) and len(side.outputs) == 1:
+                bias = [2] if len(before.inputs) > 2 and _vector(before.inputs[2], channels) else []
+                return [(before, 1), *((before, i) for i in bias)]
+    return []
+
+
+def _constant(model: Model, name: str, values: np.ndarray) -> gs.Constant:
+    """A constant serialized by ONNX's own converter: onnx-graphsurgeon writes INT4 one byte per
+    element, where ONNX packs two."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    name = model.fresh_name(name)
+    return gs.Constant(name, LazyValues(onnx.numpy_helper.from_array(values, name)))
+
+
+def _divide(model: Model, node: gs.Node, index: int, s: np.ndarray) -> None:
+    """node.inputs[index] /= s along its last axis, as a new constant (others reading it keep theirs)."""
+    old: gs.Constant = node.inputs[index]
+    values = np.asarray(old.values)
+    node.inputs[index] = gs.Constant(model.fresh_name(f"{old.name}_smoothed"), (values / s).astype(values.dtype))
+
+
+class QuantPass(GraphPass):
+    """`optimize --quant`: Q/DQ on every linear layer not kept in high precision."""
+
+    name = "quantize"
+    runs_after = ("fuse_rmsnorm", "fuse_layernorm")  # folds go into fused norms' scales
+
+    def __init__(self, request: QuantRequest, calibrator: Calibrator | None = None) -> None:
+        self.request = request
+        self.method = request.spec
+        self.calibrator = calibrator
+        self.summary: Quantization | None = None
+        self.alphas: dict[str, float] = {}  # per smoothed group (by its first layer): the strength used
+        self.clips: dict[str, float] = {}  # per group: the fraction of the activation amax kept
+        self.sensitivity: dict[str, float] = {}  # per group: its output's relative error, quantized
+        self.blocks: dict[str, int] = {}  # layers whose block is smaller than --group-size
+
+    def run(self, model: Model) -> PassResult:
+        method, request = self.method, self.request
+        refusals: list[Refusal] = []
+        kept: dict[str, str] = {}
+        linears = self._linears(model, kept, refusals)
+        groups = self._groups(linears)
+        stats = self._calibrate(model, groups)
+        smoothed = sum(self._smooth(model, g, stats, refusals) for g in groups)
+        groups = self._keep_sensitive(groups, stats, kept)
+        for group in groups:
+            for linear in group.linears:
+                self._quantize_weight(model, linear, group, stats)
+            if method.activations is not None:
+                self._quantize_input(model, group, stats)
+        quantized = [lin.module for g in groups for lin in g.linears]
+        counts = {f"weights_{method.weights.value}": len(quantized), "kept": len(kept), "smoothed": smoothed}
+        if method.activations is not None:
+            counts[f"activations_{method.activations.value}"] = len(groups)
+        record = self.calibrator.record if self.calibrator is not None else None
+        self.summary = Quantization(
+            method=method.name,
+            weights=method.weights,
+            activations=method.activations,
+            granularity=method.granularity,
+            group_size=request.group_size if method.blockwise else None,
+            alpha=request.alpha if method.smooth else None,
+            alphas=self.alphas,
+            activation_clips=self.clips,
+            sensitivity=self.sensitivity,
+            block_sizes=self.blocks,
+            quantized=quantized,
+            kept=kept,
+            smoothed=smoothed,
+            scales=f"calibration on {record.text}" if record else "weights (absmax)",
+            calibration=record,
+        )
+        return PassResult(bool(quantized), counts, refusals=refusals)
+
+    def _linears(self, model: Model, kept: dict[str, str], refusals: list[Refusal]) -> list[_Linear]:
+        keep = [re.compile(p) for p in self.request.keep]
+        found = []
+        for node in model.graph.nodes:
+            if not _is_linear(node):
+                continue
+            module = module_of(node.name) or node.name
+            reason = self._refuse(node, module, keep)
+            if reason:
+                kept[module] = reason
+                refusals.append(Refusal(f"quant.{self.method.name}", node.name, module, reason))
+            else:
+                found.append(_Linear(node, module))
+        return found
+
+    def _refuse(self, node: gs.Node, module: str, keep: list[re.Pattern[str]]) -> str:
+        for pattern in keep:
+            if pattern.search(module):
+                return f"kept in high precision (--keep {pattern.pattern})"
+        rows = int(node.inputs[1].shape[0])
+        if self.method.blockwise and not self._block(rows):
+            return f"{rows} input channels are not a multiple of {MIN_BLOCK} or more"
+        return ""
+
+    @staticmethod
+    def _groups(linears: list[_Linear]) -> list[_Group]:
+        by_input: dict[str, _Group] = {}
+        for linear in linears:
+            channels = int(linear.values.shape[0])
+            by_input.setdefault(linear.x.name, _Group(linear.x, [], channels)).linears.append(linear)
+        return list(by_input.values())
+
+    def _calibrate(self, model: Model, groups: list[_Group]) -> dict[str, ActStats]:
+        if not self.method.needs_calibration:
+            return {}
+        if self.calibrator is None:
+            raise ValueError(f"{self.method.name} needs a calibrator")
+        tensors = {g.x.name: g.channels for g in groups}
+        searched = self.method.awq or self.method.activations is not None  # searches run on sampled rows
+        return self.calibrator.observe(model, tensors, SEARCH_ROWS if searched else 0)
+
+    def _smooth(self, model: Model, group: _Group, stats: dict[str, ActStats], refusals: list[Refusal]) -> int:
+        """Migrate a per-channel scale into the group's weights and fold 1/s upstream; 1 if it did."""
+        method = self.method
+        if not (method.smooth or method.awq):
+            return 0
+        members = {lin.node.name for lin in group.linears}
+        group.fold, reason = _fold_targets(group.x, group.channels, members)
+        stat, first = stats[group.x.name], group.linears[0]
+        weights = [lin.values.astype(np.float32) for lin in group.linears]
+        if not group.fold:
+            refusals.append(Refusal(f"quant.{method.name}.smooth", first.node.name, first.module, reason))
+            if method.smooth:  # still searched: the activation range's clipping
+                _s, _a, group.clip = sq_search(stat.sample, stat.amax, weights, method, [None])
+                self.clips[first.module] = group.clip
+            return 0
+        if method.awq:
+            s, alpha, ratio = awq_scale(stat.sample, stat.mean_abs, weights, method, self._block(group.channels))
+            logger.debug("awq %s: a=%.2f, loss %.3f of rounding", first.module, alpha, ratio)
+        else:
+            fixed = self.request.alpha
+            found, a, group.clip = sq_search(
+                stat.sample, stat.amax, weights, method, SQ_STRENGTHS if fixed is None else [fixed]
+            )
+            assert found is not None and a is not None
+            s, alpha = found, a
+            self.clips[first.module] = group.clip
+        self.alphas[first.module] = alpha
+        group.s = s
+        for node, index in group.fold:
+            _divide(model, node, index, s)
+        for linear, w in zip(group.linears, weights, strict=True):
+            linear.node.inputs[1] = gs.Constant(
+                model.fresh_name(f"{linear.weight.name}_smoothed"), (w * s[:, None]).astype(linear.values.dtype)
+            )
+        return len(group.linears)
+
+    def _block(self, rows: int) -> int:
+        """The block size for a weight of `rows` input channels: --group-size, or where that does not
+        divide them (TensorRT needs whole blocks: SmolLM2's 576 and 128), the largest power of two
+        below it that does, down to MIN_BLOCK; 0 if none does."""
+        size = self.request.group_size
+        while size >= MIN_BLOCK and rows % size:
+            size //= 2
+        return size if size >= MIN_BLOCK else 0
+
+    def _keep_sensitive(self, groups: list[_Group], stats: dict[str, ActStats], kept: dict[str, str]) -> list[_Group]:
+        """Measure each group's sensitivity (the relative error of its outputs on the calibration rows,
+        quantized as it will be) and leave the `keep_sensitive` worst in high precision. Their
+        migration stays: it is exact in high precision."""
+        if self.method.activations is None:  # weight-only methods sample no rows unless AWQ
+            return groups
+        for group in groups:
+            self.sensitivity[group.linears[0].module] = round(self._group_error(group, stats[group.x.name]), 5)
+        worst = sorted(groups, key=lambda g: -self.sensitivity[g.linears[0].module])[: self.request.keep_sensitive]
+        for group in worst:
+            error = self.sensitivity[group.linears[0].module]
+            for linear in group.linears:
+                kept[linear.module] = f"sensitive: {error:.3f} relative output error quantized (--keep-sensitive)"
+        return [g for g in groups if g not in worst]
+
+    def _group_error(self, group: _Group, stat: ActStats) -> float:
+        act = self.method.activations
+        assert act is not None
+        x = stat.sample.astype(np.float32)
+        s = group.s if group.s is not None else np.ones(x.shape[1], np.float32)
+        xq = fake_quant_values(x / s, activation_scale(stat.amax, group.s, act, group.clip), act)
+        error = total = 0.0
+        for linear in group.linears:
+            w = linear.values.astype(np.float32)  # already migrated
+            reference = (x / s) @ w
+            approx = xq @ fake_quant_weight(w, self.method, self._block(group.channels))
+            error += float(np.square(approx - reference).sum())
+            total += float(np.square(reference).sum())
+        return float(np.sqrt(error / total)) if total > 0 else 0.0
+
+    def _quantize_weight(self, model: Model, linear: _Linear, group: _Group, stats: dict[str, ActStats]) -> None:
+        method, size = self.method, self._block(group.channels)
+        if method.blockwise and size != self.request.group_size:
+            self.blocks[linear.module] = size
+        w = linear.values.astype(np.float32)
+        clip = None
+        if method.awq:  # after every fold: the weight as it will be quantized, the rows it will see
+            s = group.s if group.s is not None else np.ones(w.shape[0], np.float32)
+            clip = awq_clip(stats[group.x.name].sample / s, w, method, size)
+        scale = weight_scale(w, method, size, clip)
+        q = quantize_weight(w, scale, method, size)
+        base = linear.weight.name
+        dtype = linear.values.dtype
+        out = gs.Variable(model.fresh_name(f"{base}_dequantized"), dtype=dtype, shape=list(w.shape))
+        attrs: dict[str, Any] = {"axis": 0, "block_size": size} if method.blockwise else {"axis": 1}
+        dq = gs.Node(
+            "DequantizeLinear",
+            name=model.fresh_name(f"{linear.node.name}_weight_dq"),
+            inputs=[
+                _constant(model, f"{base}_quantized", q),
+                gs.Constant(model.fresh_name(f"{base}_scale"), scale.astype(dtype)),
+            ],
+            outputs=[out],
+            attrs=attrs,
+        )
+        model.graph.nodes.append(dq)
+        model.tag(dq, f"quant.{method.name}")
+        linear.node.inputs[1] = out
+
+    def _quantize_input(self, model: Model, group: _Group, stats: dict[str, ActStats]) -> None:
+        """A static per-tensor Q/DQ pair in front of the group, its scale from the (smoothed) amax."""
+        act = self.method.activations
+        assert act is not None
+        scale = activation_scale(stats[group.x.name].amax, group.s, act, group.clip)
+        x, first = group.x, group.linears[0].node
+        dtype = DType.parse(x.dtype).numpy if x.dtype is not None else np.dtype(np.float32)
+        s = gs.Constant(model.fresh_name(f"{first.name}_input_scale"), np.array(scale, dtype=dtype))
+        zero = _constant(model, f"{first.name}_input_zero_point", np.zeros((), act.numpy))
+        q_out = gs.Variable(model.fresh_name(f"{x.name}_quantized"), dtype=act.numpy, shape=x.shape)
+        dq_out = gs.Variable(model.fresh_name(f"{x.name}_dequantized"), dtype=x.dtype, shape=x.shape)
+        q = gs.Node(
+            "QuantizeLinear", name=model.fresh_name(f"{first.name}_input_q"), inputs=[x, s, zero], outputs=[q_out]
+        )
+        dq = gs.Node(
+            "DequantizeLinear",
+            name=model.fresh_name(f"{first.name}_input_dq"),
+            inputs=[q_out, s, zero],
+            outputs=[dq_out],
+        )
+        model.graph.nodes += [q, dq]
+        for node in (q, dq):
+            model.tag(node, f"quant.{self.method.name}")
+        for linear in group.linears:
+            linear.node.inputs[0] = dq_out
+
+
+def unfused_qdq(proto: onnx.ModelProto) -> list[str]:
+    """Q/DQ nodes TensorRT's explicit quantization would leave as standalone scale layers: a
+    QuantizeLinear not feeding only DequantizeLinear, or a DequantizeLinear not feeding only
+    MatMul/Gemm/Conv. One line per node."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in proto.graph.output}
+    found = []
+    for node in proto.graph.node:
+        want = {"QuantizeLinear": ("DequantizeLinear",), "DequantizeLinear": FUSING_CONSUMERS}.get(node.op_type)
+        if want is None:
+            continue
+        consumers = readers.get(node.output[0], [])
+        odd = [c.op_type for c in consumers if c.op_type not in want]
+        if odd or not consumers or node.output[0] in outputs:
+            found.append(f"{node.op_type} {node.name} feeds {', '.join(sorted(set(odd))) or 'a graph output'}")
+    return found

