@@ -43,11 +43,8 @@ def read_text(path: Path) -> str:
 class TextCalibrator:
     """Calibration windows from a text file, run through a graph with `graph`'s interface."""
 
-    def __init__(
-        self, graph: GraphSpec, windows: list[list[int]], text: Path, digest: str, source: Path | None = None
-    ) -> None:
+    def __init__(self, graph: GraphSpec, windows: list[list[int]], text: Path, digest: str) -> None:
         self.graph, self.windows, self.text, self.digest = graph, windows, text, digest
-        self.source = source  # the input graph's file, run in place of the rewritten one when it can be
         self._record: Calibration | None = None
 
     @classmethod
@@ -76,20 +73,11 @@ class TextCalibrator:
         windows = [w for w in windows_of(ids, sequence) if len(w) > 1][: request.calib_samples]
         if not windows:
             raise InputError(f"--calib {path}: the text has fewer than 2 tokens")
-        digest = hashlib.sha256(content.encode("utf-8")).hexdigest()
-        return cls(graph, windows, path, digest, manifest.onnx_path(artifact, graph.name))
+        return cls(graph, windows, path, hashlib.sha256(content.encode("utf-8")).hexdigest())
 
     @property
     def record(self) -> Calibration | None:
         return self._record
-
-    def _original(self, tensors: dict[str, int]) -> onnx.ModelProto | None:
-        """The input graph (weights left on disk) if it produces every tensor asked for, else None."""
-        if self.source is None:
-            return None
-        proto = onnx.load(str(self.source), load_external_data=False)
-        produced = {out for node in proto.graph.node for out in node.output}
-        return proto if all(name in produced for name in tensors) else None
 
     def observe(self, model: Model, tensors: dict[str, int], rows: int) -> dict[str, ActStats]:
         from llm2trt.core.artifact import save_onnx
@@ -98,25 +86,14 @@ class TextCalibrator:
         start = time.perf_counter()
         stats = {name: ActStats(channels, rows, seed=i) for i, (name, channels) in enumerate(tensors.items())}
         known = model.graph.tensors()
-
-        def with_outputs(proto: onnx.ModelProto) -> onnx.ModelProto:
+        with tempfile.TemporaryDirectory(prefix="llm2trt-calib-") as tmp:
+            proto = model.to_onnx()
             for name in tensors:
                 dtype = DType.parse(known[name].dtype).onnx
                 proto.graph.output.append(onnx.helper.make_tensor_value_info(name, dtype, None))
-            return proto
-
-        with tempfile.TemporaryDirectory(prefix="llm2trt-calib-") as tmp:
-            original = self._original(tensors)
-            if original is not None and self.source is not None:
-                # The fusions keep the tensors' names and values (to fp32 rounding): run the input
-                # file over its own weights instead of writing the rewritten model out again.
-                bytes_ = with_outputs(original).SerializeToString()
-                executor = ort_executor(bytes_, weights_folder=self.source.parent)
-                logger.debug("calibrating on %s (its tensors are the rewritten graph's)", self.source)
-            else:
-                logger.debug("calibrating on the rewritten graph (%s lacks some tensors)", self.source)
-                save_onnx(with_outputs(model.to_onnx()), Path(tmp), "calibrate.onnx")
-                executor = ort_executor(str(Path(tmp) / "calibrate.onnx"))
+            save_onnx(proto, Path(tmp), "calibrate.onnx")
+            del proto
+            executor = ort_executor(str(Path(tmp) / "calibrate.onnx"))
 
             def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                 out = executor(feeds)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -228,12 +227,11 @@ def open_session(
     return GrowingSession(graph, run, pad_id, dummy_slot)
 
 
-def ort_executor(path: str | bytes, providers: list[str] | None = None, weights_folder: Path | None = None) -> Executor:
-    """ONNX Runtime running a graph file (or serialized graph whose external weights are in
-    `weights_folder`): feeds by name, every output back by name."""
+def ort_executor(path: str, providers: list[str] | None = None) -> Executor:
+    """ONNX Runtime running a graph file: feeds by name, every output back by name."""
     from llm2trt.core.numerics import ort_session
 
-    session = ort_session(path, providers, weights_folder=weights_folder)
+    session = ort_session(path, providers)
     names = [o.name for o in session.get_outputs()]
     wanted = {i.name for i in session.get_inputs()}
 
