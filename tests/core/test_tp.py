@@ -1,0 +1,83 @@
+"""Tensor parallelism's mapping, head checks and the pure weight-slicing function."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llm2trt.core.errors import InputError
+from llm2trt.core.tp import Heads, Mapping, Split, padded, shard, shard_vocab
+
+
+def test_mapping_is_explicit_and_checked() -> None:
+    assert [m.rank for m in Mapping.ranks(3)] == [0, 1, 2]
+    assert Mapping.from_dict(Mapping(4, 3).to_dict()) == Mapping(4, 3)
+    with pytest.raises(InputError, match="rank 2 is outside tp 2"):
+        Mapping(2, 2)
+    with pytest.raises(InputError, match="--tp must be at least 1"):
+        Mapping(0, 0)
+
+
+def test_head_checks_name_the_numbers() -> None:
+    smollm2 = Heads(heads=9, kv_heads=3, head_dim=64)
+    smollm2.check(3)
+    with pytest.raises(InputError, match="--tp 2: 9 attention heads do not divide into 2 ranks"):
+        smollm2.check(2)
+    Heads(4, 2, 16).check(4)  # fewer KV heads than ranks: each KV head serves two ranks
+    with pytest.raises(InputError, match="3 KV heads cannot be replicated evenly over 4 ranks"):
+        Heads(12, 3, 16).check(4)
+    with pytest.raises(InputError, match="6 KV heads do not divide into 4 ranks"):
+        Heads(12, 6, 16).check(4)
+
+
+def test_kv_heads_follow_the_query_heads() -> None:
+    tiny = Heads(4, 2, 16)
+    assert [list(tiny.kv_heads_of(m)) for m in Mapping.ranks(4)] == [[0], [0], [1], [1]]  # replicated
+    assert [list(tiny.kv_heads_of(m)) for m in Mapping.ranks(2)] == [[0], [1]]
+    assert [list(tiny.kv_heads_of(m)) for m in Mapping.ranks(1)] == [[0, 1]]
+    smollm2 = Heads(9, 3, 64)
+    assert [(list(smollm2.q_heads(m)), list(smollm2.kv_heads_of(m))) for m in Mapping.ranks(3)] == [
+        ([0, 1, 2], [0]),
+        ([3, 4, 5], [1]),
+        ([6, 7, 8], [2]),
+    ]
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_column_and_row_shards_recompose_the_layer(tp: int) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 64))
+    w_in, bias, w_out = rng.normal(size=(64, 128)), rng.normal(size=128), rng.normal(size=(128, 64))
+    full = np.maximum(x @ w_in + bias, 0) @ w_out
+    # Column-parallel then row-parallel, as gate/up then down: per-rank partial sums, one all-reduce.
+    partial = [
+        np.maximum(x @ shard(w_in, Split.COLUMN, m) + shard(bias, Split.COLUMN, m), 0) @ shard(w_out, Split.ROW, m)
+        for m in Mapping.ranks(tp)
+    ]
+    assert np.allclose(sum(partial), full, rtol=1e-10, atol=1e-10)
+    assert np.array_equal(np.concatenate([shard(w_in, Split.COLUMN, m) for m in Mapping.ranks(tp)], axis=1), w_in)
+    assert shard(bias, Split.REPLICATE, Mapping(tp, 0)) is bias
+
+
+def test_column_shards_take_whole_heads() -> None:
+    heads, head_dim = Heads(4, 2, 16), 16
+    wk = np.arange(64 * 32, dtype=np.float64).reshape(64, 32)  # k_proj: 2 KV heads of 16
+    for m in Mapping.ranks(4):
+        kv = heads.kv_heads_of(m)
+        got = shard(wk, Split.COLUMN, m, units=kv, unit=head_dim)
+        assert np.array_equal(got, wk[:, kv.start * head_dim : kv.stop * head_dim])
+    with pytest.raises(InputError, match="--tp 3: 64 features do not divide into 3 ranks"):
+        shard(np.zeros((8, 64)), Split.COLUMN, Mapping(3, 0))
+
+
+def test_vocab_is_padded_to_a_multiple_of_tp() -> None:
+    rng = np.random.default_rng(1)
+    table = rng.normal(size=(1000, 8))  # vocab 1000 over 3 ranks: 1002 rows, 334 each
+    assert padded(1000, 3) == 1002
+    parts = [shard(table, Split.VOCAB, m) for m in Mapping.ranks(3)]
+    assert [p.shape for p in parts] == [(334, 8)] * 3
+    assert np.array_equal(np.concatenate(parts)[:1000], table) and not parts[2][-2:].any()
+    lm_head = table.T  # [hidden, vocab]: logits split by columns, gathered, padding dropped
+    h = rng.normal(size=(2, 8))
+    logits = np.concatenate([h @ shard_vocab(lm_head, m, axis=1) for m in Mapping.ranks(3)], axis=1)[:, :1000]
+    assert np.allclose(logits, h @ lm_head)
