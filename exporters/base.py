@@ -34,6 +34,7 @@ from llm2trt.core.kv import (
     KVLayout,
 )
 from llm2trt.core.manifest import DimRange, GraphSpec, TensorSpec
+from llm2trt.core.tp import Heads, Split
 
 # An input declaration: its dtype (None: the model's float dtype) and symbolic shape.
 InputDecl = tuple[DType | None, tuple[str, ...]]
@@ -142,6 +143,21 @@ class ExportSpec:
     # Fusions the optimized graph must contain: fusion -> (per layer, extra). Missing ones fail
     # `optimize` loudly instead of shipping a slow graph.
     fusions_per_layer: ClassVar[Mapping[str, tuple[int, int]]] = {}
+    # Tensor parallelism: how each linear layer and embedding splits over ranks, by the last parts
+    # of its module name (q_proj, attn.c_attn). Empty: the architecture cannot be split yet.
+    tp_splits: ClassVar[Mapping[str, Split]] = {}
+
+    def split_of(self, module: str) -> Split | None:
+        """The declared split of a module (model.layers.3.self_attn.q_proj -> COLUMN), if any."""
+        for suffix, split in self.tp_splits.items():
+            if module == suffix or module.endswith("." + suffix):
+                return split
+        return None
+
+    def check_tp(self, config: Any, tp: int) -> None:
+        """Refuse, in one line naming the numbers, a tp this model cannot be split into."""
+        if tp > 1 and not self.tp_splits:
+            raise InputError(f"--tp {tp}: {self.name} declares no tensor-parallel split")
 
     # -- what the graph looks like ------------------------------------------------------------
 
@@ -323,6 +339,14 @@ class DecoderSpec(ExportSpec):
         if output == "logits":
             return [BATCH, SEQUENCE, int(config.vocab_size)]
         return [BATCH, SEQUENCE, int(config.hidden_size)]
+
+    def heads(self, config: Any) -> Heads:
+        kv = self.kv_layout(config)
+        return Heads(int(config.num_attention_heads), kv.num_kv_heads, kv.head_dim)
+
+    def check_tp(self, config: Any, tp: int) -> None:
+        super().check_tp(config, tp)
+        self.heads(config).check(tp)
 
     def kv_layout(self, config: Any) -> KVLayout:
         heads = int(config.num_attention_heads)

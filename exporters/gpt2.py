@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from llm2trt.core.tp import Split
 from llm2trt.exporters.base import DecoderSpec, TaskDecl
 
 
@@ -22,6 +23,12 @@ class GPT2Spec(DecoderSpec):
     }
     # ln_1 and ln_2 per block, ln_f at the end; tanh GELU in the MLP.
     fusions_per_layer: ClassVar[dict[str, tuple[int, int]]] = {"Attention": (1, 0), "LayerNorm": (2, 1), "Gelu": (1, 0)}
+    # c_attn packs q, k and v: split by heads within each of the three; biases go with the columns.
+    tp_splits: ClassVar[dict[str, Split]] = {
+        **dict.fromkeys(("attn.c_attn", "mlp.c_fc"), Split.COLUMN),
+        **dict.fromkeys(("attn.c_proj", "mlp.c_proj"), Split.ROW),
+        **dict.fromkeys(("wte", "lm_head"), Split.VOCAB),
+    }
     classes: ClassVar[dict[str, TaskDecl]] = {
         "GPT2LMHeadModel": TaskDecl("text-generation", ("logits",)),
     }

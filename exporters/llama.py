@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from llm2trt.core.tp import Split
 from llm2trt.exporters.base import DecoderSpec, TaskDecl, require
 
 
@@ -28,6 +29,12 @@ class LlamaSpec(DecoderSpec):
     }
     # input and post-attention norms per layer plus the final norm; RoPE on Q and on K.
     fusions_per_layer: ClassVar[dict[str, tuple[int, int]]] = {"Attention": (1, 0), "RMSNorm": (2, 1), "RoPE": (2, 0)}
+    # q/k/v by whole heads and gate/up by columns; o_proj and down by rows (one all-reduce each).
+    tp_splits: ClassVar[dict[str, Split]] = {
+        **dict.fromkeys(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"), Split.COLUMN),
+        **dict.fromkeys(("o_proj", "down_proj"), Split.ROW),
+        **dict.fromkeys(("embed_tokens", "lm_head"), Split.VOCAB),
+    }
     classes: ClassVar[dict[str, TaskDecl]] = {
         "LlamaForCausalLM": TaskDecl("text-generation", ("logits",)),
         "MistralForCausalLM": TaskDecl("text-generation", ("logits",)),

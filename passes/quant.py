@@ -280,7 +280,7 @@ def _attr(node: gs.Node, name: str, default: Any) -> Any:
     return node.attrs.get(name, default)
 
 
-def _is_linear(node: gs.Node) -> bool:
+def is_linear(node: gs.Node) -> bool:
     """x @ W with W a constant float [in, out]: a MatMul, or a Gemm that neither transposes nor scales."""
     if node.op not in ("MatMul", "Gemm") or len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
         return False
@@ -341,7 +341,7 @@ def _fold_into(producer: gs.Node, channels: int) -> Folds:
     if producer.op == "Mul":  # a gated MLP: up_proj's output columns (and bias) take the scale
         for side in producer.inputs:
             before = side.inputs[0] if side.inputs else None
-            if before is not None and _is_linear(before) and len(side.outputs) == 1:
+            if before is not None and is_linear(before) and len(side.outputs) == 1:
                 bias = [2] if len(before.inputs) > 2 and _vector(before.inputs[2], channels) else []
                 return [(before, 1), *((before, i) for i in bias)]
     return []
@@ -421,7 +421,7 @@ class QuantPass(GraphPass):
         keep = [re.compile(p) for p in self.request.keep]
         found = []
         for node in model.graph.nodes:
-            if not _is_linear(node):
+            if not is_linear(node):
                 continue
             module = module_of(node.name) or node.name
             reason = self._refuse(node, module, keep)
