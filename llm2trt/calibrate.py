@@ -59,7 +59,8 @@ class TextCalibrator:
             raise InputError(
                 f"--quant {request.method} calibrates on text: it needs a decoder artifact, not {manifest.task}"
             )
-        assert request.calib is not None  # QuantRequest checks it
+        if request.calib is None:
+            raise InputError(f"--quant {request.method} calibrates its scales: pass --calib TEXTFILE")
         path = Path(request.calib)
         content = read_text(path)
         tokenizer = load_tokenizer(artifact, manifest)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -113,20 +113,16 @@ def activation_scale(act_amax: np.ndarray, s: np.ndarray | None, dtype: DType, c
     return max(float(amax.max()), _EPS) * clip / qmax(dtype)
 
 
-def sq_search(
-    rows: np.ndarray,
-    act_amax: np.ndarray,
-    weights: Sequence[np.ndarray],
-    method: QuantMethod,
-    strengths: Sequence[float | None] = SQ_STRENGTHS,
-) -> tuple[np.ndarray | None, float | None, float]:
-    """SmoothQuant per group: the migration strength among `strengths` (None: no migration), then
-    the clipping of the activation range (1, 0.95, .., 0.5 of amax), each the one whose quantized
-    input and weights best reproduce X W on the calibration rows (squared error: the rows include
-    the largest tokens, whose accuracy matters beyond their number; measured on SmolLM2, a per-token
-    relative error chose worse). Returns s, a and the clip."""
+def _w8a8_loss(
+    rows: np.ndarray, act_amax: np.ndarray, weights: Sequence[np.ndarray], method: QuantMethod
+) -> Callable[[np.ndarray | None, float], float]:
+    """The squared error of X W against its W8A8 version, for a migration s (None: none) and an
+    activation clip, on the calibration rows (squared, not per-token relative: the rows include the
+    largest tokens, whose accuracy matters beyond their number; on SmolLM2 a per-token relative
+    error chose worse)."""
     act = method.activations
-    assert act is not None
+    if act is None:
+        raise ValueError(f"{method.name} quantizes no activations")
     x = rows.astype(np.float32)
     reference = [x @ w for w in weights]
 
@@ -138,10 +134,29 @@ def sq_search(
             for w, ref in zip(weights, reference, strict=True)
         )
 
-    scales = {a: smooth_scale(act_amax, weights, a) if a is not None else None for a in strengths}
+    return loss
+
+
+def sq_search(
+    rows: np.ndarray,
+    act_amax: np.ndarray,
+    weights: Sequence[np.ndarray],
+    method: QuantMethod,
+    strengths: Sequence[float] = SQ_STRENGTHS,
+) -> tuple[np.ndarray, float, float]:
+    """SmoothQuant per group: the migration strength among `strengths`, then the clipping of the
+    activation range (1, 0.95, .., 0.5 of amax), each the one with the least W8A8 error on the
+    calibration rows. Returns s, a and the clip."""
+    loss = _w8a8_loss(rows, act_amax, weights, method)
+    scales = {a: smooth_scale(act_amax, weights, a) for a in strengths}
     a = min(strengths, key=lambda a: loss(scales[a], 1.0)) if len(strengths) > 1 else strengths[0]
-    clip = min(ACT_CLIP_RATIOS, key=lambda c: loss(scales[a], c))
-    return scales[a], a, clip
+    return scales[a], a, min(ACT_CLIP_RATIOS, key=lambda c: loss(scales[a], c))
+
+
+def clip_search(rows: np.ndarray, act_amax: np.ndarray, weights: Sequence[np.ndarray], method: QuantMethod) -> float:
+    """The activation clip alone, for an input nothing was migrated out of."""
+    loss = _w8a8_loss(rows, act_amax, weights, method)
+    return min(ACT_CLIP_RATIOS, key=lambda c: loss(None, c))
 
 
 def _output_error(rows: np.ndarray, weights: Sequence[np.ndarray], approx: Sequence[np.ndarray]) -> float:
@@ -155,21 +170,17 @@ def awq_scale(
     || X W - (X/s) Q(diag(s) W) ||^2 over the calibration rows. Returns s, a, and the loss ratio to
     plain rounding (a = 0)."""
     x = rows.astype(np.float32)
-    best: tuple[float, float, np.ndarray] | None = None
-    base = 0.0
+    tried: list[tuple[float, float, np.ndarray]] = []
     for i in range(AWQ_GRID):
         a = i / AWQ_GRID
         s = np.maximum(mean_abs.astype(np.float64), _EPS) ** a
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
         # (X/s) Q(sW) - XW = X ((Q(sW)/s) - W): compare in the original basis.
         approx = [fake_quant_weight(w * s[:, None], method, group) / s[:, None] for w in weights]
-        loss = _output_error(x, weights, approx)
-        if i == 0:
-            base = loss
-        if best is None or loss < best[0]:
-            best = (loss, a, s)
-    assert best is not None
-    return best[2], best[1], best[0] / base if base > 0 else 1.0
+        tried.append((_output_error(x, weights, approx), a, s))
+    base = tried[0][0]  # a = 0: plain rounding
+    loss, alpha, s = min(tried, key=lambda t: t[0])
+    return s, alpha, loss / base if base > 0 else 1.0
 
 
 def awq_clip(rows: np.ndarray, w: np.ndarray, method: QuantMethod, group: int) -> np.ndarray:
@@ -392,7 +403,7 @@ class QuantPass(GraphPass):
             for linear in group.linears:
                 self._quantize_weight(model, linear, group, stats)
             if method.activations is not None:
-                self._quantize_input(model, group, stats)
+                self._quantize_input(model, group, stats, method.activations)
         quantized = [lin.module for g in groups for lin in g.linears]
         counts = {f"weights_{method.weights.value}": len(quantized), "kept": len(kept), "smoothed": smoothed}
         if method.activations is not None:
@@ -470,7 +481,7 @@ class QuantPass(GraphPass):
         if not group.fold:
             refusals.append(Refusal(f"quant.{method.name}.smooth", first.node.name, first.module, reason))
             if method.smooth:  # still searched: the activation range's clipping
-                _s, _a, group.clip = sq_search(stat.sample, stat.amax, weights, method, [None])
+                group.clip = clip_search(stat.sample, stat.amax, weights, method)
                 self.clips[first.module] = group.clip
             return 0
         if method.awq:
@@ -478,11 +489,8 @@ class QuantPass(GraphPass):
             logger.debug("awq %s: a=%.2f, loss %.3f of rounding", first.module, alpha, ratio)
         else:
             fixed = self.request.alpha
-            found, a, group.clip = sq_search(
-                stat.sample, stat.amax, weights, method, SQ_STRENGTHS if fixed is None else [fixed]
-            )
-            assert found is not None and a is not None
-            s, alpha = found, a
+            strengths = SQ_STRENGTHS if fixed is None else (fixed,)
+            s, alpha, group.clip = sq_search(stat.sample, stat.amax, weights, method, strengths)
             self.clips[first.module] = group.clip
         self.alphas[first.module] = alpha
         group.s = s
@@ -507,10 +515,11 @@ class QuantPass(GraphPass):
         """Measure each group's sensitivity (the relative error of its outputs on the calibration rows,
         quantized as it will be) and leave the `keep_sensitive` worst in high precision. Their
         migration stays: it is exact in high precision."""
-        if self.method.activations is None:  # weight-only methods sample no rows unless AWQ
+        act = self.method.activations
+        if act is None:  # weight-only methods sample no rows unless AWQ
             return groups
         for group in groups:
-            self.sensitivity[group.linears[0].module] = round(self._group_error(group, stats[group.x.name]), 5)
+            self.sensitivity[group.linears[0].module] = round(self._group_error(group, stats[group.x.name], act), 5)
         worst = sorted(groups, key=lambda g: -self.sensitivity[g.linears[0].module])[: self.request.keep_sensitive]
         for group in worst:
             error = self.sensitivity[group.linears[0].module]
@@ -518,9 +527,7 @@ class QuantPass(GraphPass):
                 kept[linear.module] = f"sensitive: {error:.3f} relative output error quantized (--keep-sensitive)"
         return [g for g in groups if g not in worst]
 
-    def _group_error(self, group: _Group, stat: ActStats) -> float:
-        act = self.method.activations
-        assert act is not None
+    def _group_error(self, group: _Group, stat: ActStats, act: DType) -> float:
         x = stat.sample.astype(np.float32)
         s = group.s if group.s is not None else np.ones(x.shape[1], np.float32)
         xq = fake_quant_values(x / s, activation_scale(stat.amax, group.s, act, group.clip), act)
@@ -562,10 +569,8 @@ class QuantPass(GraphPass):
         model.tag(dq, f"quant.{method.name}")
         linear.node.inputs[1] = out
 
-    def _quantize_input(self, model: Model, group: _Group, stats: dict[str, ActStats]) -> None:
+    def _quantize_input(self, model: Model, group: _Group, stats: dict[str, ActStats], act: DType) -> None:
         """A static per-tensor Q/DQ pair in front of the group, its scale from the (smoothed) amax."""
-        act = self.method.activations
-        assert act is not None
         scale = activation_scale(stats[group.x.name].amax, group.s, act, group.clip)
         x, first = group.x, group.linears[0].node
         dtype = DType.parse(x.dtype).numpy if x.dtype is not None else np.dtype(np.float32)

@@ -122,7 +122,10 @@ class Bench:
         act = method.activations
         s, clip = None, 1.0
         if act is not None and method.smooth:
-            s, _a, clip = q.sq_search(stat.sample, stat.amax, weights, method, q.SQ_STRENGTHS if folds else [None])
+            if folds:
+                s, _a, clip = q.sq_search(stat.sample, stat.amax, weights, method)
+            else:
+                clip = q.clip_search(stat.sample, stat.amax, weights, method)
         if s is not None:  # exact in high precision: applied even to kept layers, as the pass does
             for lin, w in zip(linears, weights, strict=True):
                 lin.weight.data = torch.from_numpy(np.ascontiguousarray((w * s[:, None]).T))
