@@ -29,14 +29,10 @@ sys.path.insert(0, str(ROOT))
 from llm2trt.core.quant import METHODS, QuantMethod  # noqa: E402
 from llm2trt.passes import quant as q  # noqa: E402
 from scripts.measure_quant import TEXT, _gguf  # noqa: E402
+from tests.fake_quant import GROUPS, Folds, fake_quantize, migrate  # noqa: E402
 
-# Llama's layer groups (modules sharing an input) and where SmoothQuant folds 1/s, as the pass does.
-GROUPS = [
-    (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], [("input_layernorm", None)]),
-    (["self_attn.o_proj"], []),
-    (["mlp.gate_proj", "mlp.up_proj"], [("post_attention_layernorm", None)]),
-    (["mlp.down_proj"], [("mlp.up_proj", 0)]),
-]
+LLAMA = GROUPS["llama"]
+
 CANDIDATES = {  # name -> module-name fragments kept in high precision (lm_head always is)
     "none": (),
     "q/k/v": ("q_proj", "k_proj", "v_proj"),
@@ -72,7 +68,7 @@ class Bench:
         return [w for w in (ids[i : i + 512] for i in range(0, len(ids), 512)) if len(w) > 1][:count]
 
     def _calibrate(self) -> dict[str, q.ActStats]:
-        firsts = [f"model.layers.{i}.{mods[0]}" for i in range(self.layers) for mods, _ in GROUPS]
+        firsts = [f"model.layers.{i}.{mods[0]}" for i in range(self.layers) for mods, _ in LLAMA]
         stats = {n: q.ActStats(self.model.get_submodule(n).in_features, q.SEARCH_ROWS, k) for k, n in enumerate(firsts)}
 
         def hook(name: str) -> Any:
@@ -99,7 +95,7 @@ class Bench:
         self.model.load_state_dict(self.state)
         hooks = []
         for i in range(self.layers):
-            for mods, folds in GROUPS:
+            for mods, folds in LLAMA:
                 hooks += self._quantize_group(method, i, mods, folds, keep)
         try:
             return self.ppl()
@@ -108,12 +104,7 @@ class Bench:
                 h.remove()
 
     def _quantize_group(
-        self,
-        method: QuantMethod,
-        layer: int,
-        mods: list[str],
-        folds: list[tuple[str, int | None]],
-        keep: tuple[str, ...],
+        self, method: QuantMethod, layer: int, mods: list[str], folds: Folds, keep: tuple[str, ...]
     ) -> list[Any]:
         base = f"model.layers.{layer}"
         linears = [self.model.get_submodule(f"{base}.{m}") for m in mods]
@@ -126,25 +117,13 @@ class Bench:
                 s, _a, clip = q.sq_search(stat.sample, stat.amax, weights, method)
             else:
                 clip = q.clip_search(stat.sample, stat.amax, weights, method)
-        if s is not None:  # exact in high precision: applied even to kept layers, as the pass does
-            for lin, w in zip(linears, weights, strict=True):
-                lin.weight.data = torch.from_numpy(np.ascontiguousarray((w * s[:, None]).T))
-            for owner, axis in folds:
-                p = self.model.get_submodule(f"{base}.{owner}").weight
-                p.data = p.data / torch.from_numpy(s).reshape((-1, 1) if axis == 0 else (-1,))
-        if any(k in f"{base}.{mods[0]}" for k in keep):
-            return []
-        for lin in linears:
-            w = lin.weight.detach().numpy().T
-            lin.weight.data = torch.from_numpy(np.ascontiguousarray(q.fake_quant_weight(w, method, 0).T))
-        if act is None:
-            return []
-        scale = q.activation_scale(stat.amax, s, act, clip)
-
-        def fake(_m: Any, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
-            return (torch.from_numpy(q.fake_quant_values(args[0].numpy(), scale, act)),)
-
-        return [lin.register_forward_pre_hook(fake) for lin in linears]
+        with torch.no_grad():
+            if s is not None:  # exact in high precision: applied even to kept layers, as the pass does
+                migrate(self.model, base, linears, folds, s)
+            if any(k in f"{base}.{mods[0]}" for k in keep):
+                return []
+            scale = q.activation_scale(stat.amax, s, act, clip) if act is not None else None
+            return fake_quantize(linears, method, 0, scale)
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from llm2trt.core.tolerance import errors
 from llm2trt.models import resolve_model
 from llm2trt.passes import quant as q
 from tests.conftest import CC, assert_clean_failure, run_cli
+from tests.fake_quant import GROUPS, PREFIX, fake_quantize, migrate, weight_in_out
 
 CALIB = Path(__file__).resolve().parents[1] / "data" / "text" / "calib.txt"
 SAMPLES, GROUP = 4, 16
@@ -29,23 +30,6 @@ MODELS = ("tiny:llama", "tiny:gpt2")
 # Linear layers per model (lm_head kept) and the inputs they read (one activation Q/DQ each).
 LINEARS = {"tiny:llama": 14, "tiny:gpt2": 8}
 INPUTS = {"tiny:llama": 8, "tiny:gpt2": 8}
-# Modules sharing one input, and where SmoothQuant folds 1/s: (module, attribute, axis) of the
-# parameters divided (axis None: a vector), as the pass must.
-GROUPS: dict[str, list[tuple[list[str], list[tuple[str, str, int | None]]]]] = {
-    "tiny:llama": [
-        (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], [("input_layernorm", "weight", None)]),
-        (["self_attn.o_proj"], []),
-        (["mlp.gate_proj", "mlp.up_proj"], [("post_attention_layernorm", "weight", None)]),
-        (["mlp.down_proj"], [("mlp.up_proj", "weight", 0)]),  # nn.Linear [out, in]: its output rows
-    ],
-    "tiny:gpt2": [
-        (["attn.c_attn"], [("ln_1", "weight", None), ("ln_1", "bias", None)]),
-        (["attn.c_proj"], []),
-        (["mlp.c_fc"], [("ln_2", "weight", None), ("ln_2", "bias", None)]),
-        (["mlp.c_proj"], []),
-    ],
-}
-PREFIX = {"tiny:llama": "model.layers", "tiny:gpt2": "transformer.h"}
 
 
 def method_args(method: str) -> list[str]:
@@ -211,17 +195,7 @@ def torch_stats(model: torch.nn.Module, modules: list[str], windows: list[list[i
     return amax
 
 
-def weight_in_out(module: torch.nn.Module) -> torch.Tensor:
-    """A linear layer's weight as [in, out] (nn.Linear stores [out, in]; GPT-2's Conv1D [in, out])."""
-    return module.weight.T if isinstance(module, torch.nn.Linear) else module.weight
-
-
-def set_weight_in_out(module: torch.nn.Module, w: np.ndarray) -> None:
-    value = torch.from_numpy(np.ascontiguousarray(w.T if isinstance(module, torch.nn.Linear) else w))
-    module.weight.data = value.to(module.weight.dtype)
-
-
-def fake_quantize(model_name: str, method: QuantMethod, searched: Any) -> tuple[Any, Any, list[float]]:
+def fake_quantized(model_name: str, method: QuantMethod, searched: Any) -> tuple[Any, Any, list[float]]:
     """The torch model, and a copy fake-quantized the way the method says: SmoothQuant migration (at
     the strengths and activation clipping the manifest records as searched), weights through the
     NumPy reference, static per-tensor activation Q/DQ from PyTorch's own calibration. Returns both
@@ -233,44 +207,28 @@ def fake_quantize(model_name: str, method: QuantMethod, searched: Any) -> tuple[
         512, int(getattr(source.config, "max_position_embeddings", getattr(source.config, "n_positions", 512)))
     )
     windows = calibration_ids(int(source.config.vocab_size), sequence)
-    names = [f"{PREFIX[model_name]}.{i}.{m}" for i in range(layers) for group, _ in GROUPS[model_name] for m in group]
+    arch = model_name.split(":")[1]
+    names = [f"{PREFIX[arch]}.{i}.{m}" for i in range(layers) for group, _ in GROUPS[arch] for m in group]
     amax = torch_stats(model, names, windows)
     scales: list[float] = []
-    hooks = []
     with torch.no_grad():
         for i in range(layers):
-            base = f"{PREFIX[model_name]}.{i}"
-            for group, folds in GROUPS[model_name]:
+            base = f"{PREFIX[arch]}.{i}"
+            for group, folds in GROUPS[arch]:
                 mods = [model.get_submodule(f"{base}.{m}") for m in group]
                 first = f"{base}.{group[0]}"
                 s = None
                 if method.smooth and folds:
                     weights = [weight_in_out(m).numpy().astype(np.float32) for m in mods]
                     s = q.smooth_scale(amax[first], weights, searched.alphas[first])
-                    for m, w in zip(mods, weights, strict=True):
-                        set_weight_in_out(m, w * s[:, None])
-                    for owner, attr, axis in folds:
-                        p = getattr(model.get_submodule(f"{base}.{owner}"), attr)
-                        shape = (-1, 1) if axis == 0 else (-1,)
-                        p.data = p.data / torch.from_numpy(s).reshape(shape)
-                for m in mods:
-                    set_weight_in_out(m, q.fake_quant_weight(weight_in_out(m).numpy(), method, GROUP))
+                    migrate(model, base, mods, folds, s)
+                scale = None
                 if method.activations is not None:
-                    scale = q.activation_scale(
-                        amax[first], s, method.activations, searched.activation_clips.get(first, 1.0)
-                    )
+                    clip = searched.activation_clips.get(first, 1.0)
+                    scale = q.activation_scale(amax[first], s, method.activations, clip)
                     scales.append(scale)
-                    for m in mods:
-                        hooks.append(m.register_forward_pre_hook(act_quant(scale, method.activations)))
+                fake_quantize(mods, method, GROUP, scale)
     return reference, model, scales
-
-
-def act_quant(scale: float, dtype: DType) -> Any:
-    def hook(_module: Any, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        x = args[0]
-        return (torch.from_numpy(q.fake_quant_values(x.numpy(), scale, dtype)),)
-
-    return hook
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -284,7 +242,7 @@ def test_onnx_runtime_matches_fake_quantized_torch(quantized: Any, model: str, m
     manifest = Manifest.read(path)
     assert manifest.quantization is not None
     proto = graph(path)
-    reference, fake, scales = fake_quantize(model, spec, manifest.quantization)
+    reference, fake, scales = fake_quantized(model, spec, manifest.quantization)
     # Calibration in ONNX Runtime agrees with PyTorch's: the activation scales in the graph.
     inits = initializers(proto)
     graph_scales = [float(inits[n.input[1]]) for n in proto.graph.node if n.op_type == "QuantizeLinear"]
