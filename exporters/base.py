@@ -34,7 +34,8 @@ from llm2trt.core.kv import (
     KVLayout,
 )
 from llm2trt.core.manifest import DimRange, GraphSpec, TensorSpec
-from llm2trt.core.tp import Heads, Split
+from llm2trt.core.tp import Heads, LayerSplit, Split, TPPlan, Units
+from llm2trt.core.tp import Mapping as TPMapping
 
 # An input declaration: its dtype (None: the model's float dtype) and symbolic shape.
 InputDecl = tuple[DType | None, tuple[str, ...]]
@@ -146,6 +147,8 @@ class ExportSpec:
     # Tensor parallelism: how each linear layer and embedding splits over ranks, by the last parts
     # of its module name (q_proj, attn.c_attn). Empty: the architecture cannot be split yet.
     tp_splits: ClassVar[Mapping[str, Split]] = {}
+    # How a split layer's features group into heads (the rest split evenly).
+    tp_units: ClassVar[Mapping[str, Units]] = {}
 
     def split_of(self, module: str) -> Split | None:
         """The declared split of a module (model.layers.3.self_attn.q_proj -> COLUMN), if any."""
@@ -158,6 +161,10 @@ class ExportSpec:
         """Refuse, in one line naming the numbers, a tp this model cannot be split into."""
         if tp > 1 and not self.tp_splits:
             raise InputError(f"--tp {tp}: {self.name} declares no tensor-parallel split")
+
+    def tp_plan(self, config: Any, mapping: TPMapping) -> TPPlan:
+        """The rewrite's plan for one rank (after `check_tp`)."""
+        raise InputError(f"--tp {mapping.tp}: {self.name} declares no tensor-parallel split")
 
     # -- what the graph looks like ------------------------------------------------------------
 
@@ -347,6 +354,14 @@ class DecoderSpec(ExportSpec):
     def check_tp(self, config: Any, tp: int) -> None:
         super().check_tp(config, tp)
         self.heads(config).check(tp)
+
+    def tp_plan(self, config: Any, mapping: TPMapping) -> TPPlan:
+        self.check_tp(config, mapping.tp)
+        layers = tuple(
+            (suffix, LayerSplit(split, self.tp_units.get(suffix, Units.EVEN)))
+            for suffix, split in self.tp_splits.items()
+        )
+        return TPPlan(mapping, self.heads(config), layers)
 
     def kv_layout(self, config: Any) -> KVLayout:
         heads = int(config.num_attention_heads)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from llm2trt.core.tp import Split
+from llm2trt.core.tp import Split, Units
 from llm2trt.exporters.base import DecoderSpec, TaskDecl
 
 
@@ -29,6 +29,7 @@ class GPT2Spec(DecoderSpec):
         **dict.fromkeys(("attn.c_proj", "mlp.c_proj"), Split.ROW),
         **dict.fromkeys(("wte", "lm_head"), Split.VOCAB),
     }
+    tp_units: ClassVar[dict[str, Units]] = {"attn.c_attn": Units.QKV, "attn.c_proj": Units.Q}
     classes: ClassVar[dict[str, TaskDecl]] = {
         "GPT2LMHeadModel": TaskDecl("text-generation", ("logits",)),
     }

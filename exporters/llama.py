@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from llm2trt.core.tp import Split
+from llm2trt.core.tp import Split, Units
 from llm2trt.exporters.base import DecoderSpec, TaskDecl, require
 
 
@@ -34,6 +34,12 @@ class LlamaSpec(DecoderSpec):
         **dict.fromkeys(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"), Split.COLUMN),
         **dict.fromkeys(("o_proj", "down_proj"), Split.ROW),
         **dict.fromkeys(("embed_tokens", "lm_head"), Split.VOCAB),
+    }
+    tp_units: ClassVar[dict[str, Units]] = {
+        "q_proj": Units.Q,
+        "k_proj": Units.KV,
+        "v_proj": Units.KV,
+        "o_proj": Units.Q,
     }
     classes: ClassVar[dict[str, TaskDecl]] = {
         "LlamaForCausalLM": TaskDecl("text-generation", ("logits",)),

@@ -26,6 +26,7 @@ from llm2trt.core.kv import CACHE_SEQUENCE, GQA, PAST_SEQUENCE, SEQUENCE, TOTAL_
 from llm2trt.core.manifest import BUILD_NAME, ENGINE_NAME, DimRange, GraphSpec, Manifest, PassRecord
 from llm2trt.core.records import Record, RecordError
 from llm2trt.core.reports import BuildInfo, Profile, ShapeRange
+from llm2trt.core.tp import TensorParallel
 from llm2trt.plugins import refs as plugin_refs
 from llm2trt.trt import Backend, load_backend, resolve_compute_capability
 from llm2trt.trt_worker import PHASE_MARK, PHASES, BuildRequest, BuildResult
@@ -232,6 +233,18 @@ def specialize(onnx_path: Path, scratch: Path, static: dict[str, int]) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class _Options:
+    """What `build` was asked, the same for every rank."""
+
+    compute_capability: str | None
+    profile: tuple[str, ...] | list[str]
+    timing_cache: Path | None
+    strip_weights: bool
+    backend: str
+    verbosity: int
+
+
 def build(
     artifact: Path,
     out: Path,
@@ -243,9 +256,68 @@ def build(
     backend: str = "auto",
     force: bool = False,
     verbosity: int = 0,
-) -> Built:
-    """Build the artifact's default graph into `out` (model.engine, build.json, manifest.json)."""
+) -> Built | RanksBuilt:
+    """Build the artifact's default graph into `out` (model.engine, build.json, manifest.json); a
+    tensor-parallel artifact's ranks into rank{r}.engine, one per rank."""
     manifest = Manifest.read(artifact)
+    options = _Options(compute_capability, profile, timing_cache, strip_weights, backend, verbosity)
+    if manifest.tensor_parallel is not None and manifest.tensor_parallel.ranks:
+        return _build_ranks(artifact, manifest, manifest.tensor_parallel, out, options, force)
+    if manifest.tensor_parallel is not None:
+        raise InputError(f"{artifact} is one rank of a tensor-parallel artifact: build the artifact above it")
+    with staged_output(out, force, reads=[artifact]) as stage:
+        info, engine_manifest = _build_graph(artifact, manifest, out, stage, options, ENGINE_NAME)
+        info.write(stage / BUILD_NAME)
+        engine_manifest.write(stage)
+    return Built(str(out), info)
+
+
+@dataclass(frozen=True)
+class RanksBuilt(Record):
+    """What `build` wrote for a tensor-parallel artifact: one engine per rank."""
+
+    output: str
+    tp: int
+    ranks: list[BuildInfo]
+
+    def to_dict(self) -> dict[str, Any]:
+        # build.json's SPEC keys from rank 0 (every rank is built alike), then each rank's own.
+        return {
+            "output": self.output,
+            **self.ranks[0].to_dict(),
+            "tp": self.tp,
+            "ranks": [r.to_dict() for r in self.ranks],
+        }
+
+    def render(self) -> str:
+        return "\n".join(info.describe(str(Path(self.output) / info.engine)) for info in self.ranks)
+
+
+def _build_ranks(
+    artifact: Path, manifest: Manifest, tp: TensorParallel, out: Path, options: _Options, force: bool
+) -> RanksBuilt:
+    from llm2trt.tp_runtime import rank_dirs
+
+    with staged_output(out, force, reads=[artifact]) as stage:
+        infos = []
+        for rank, folder in enumerate(rank_dirs(artifact, manifest)):
+            info, _moved = _build_graph(folder, Manifest.read(folder), out, stage, options, f"rank{rank}.engine")
+            infos.append(info)
+        built = RanksBuilt(str(out), tp.tp, infos)
+        (stage / BUILD_NAME).write_text(built.to_json())
+        out_dir = Path(os.path.abspath(out))
+        moved = manifest.moved(Path(os.path.abspath(artifact)), out_dir)
+        ranks = [os.path.relpath(Path(os.path.abspath(artifact)) / r, out_dir) for r in tp.ranks]
+        graph = replace(moved.graph(), engine=infos[0].engine)
+        replace(moved.with_graph(graph), tensor_parallel=replace(tp, ranks=ranks)).write(stage)
+    return RanksBuilt(str(out), tp.tp, infos)
+
+
+def _build_graph(
+    artifact: Path, manifest: Manifest, out: Path, stage: Path, options: _Options, engine: str
+) -> tuple[BuildInfo, Manifest]:
+    """Build the default graph of one artifact into `stage/engine`; its build info and the manifest
+    the engine directory would hold for it."""
     graph = manifest.graph()
     onnx_path = manifest.onnx_path(artifact, graph.name)
     from llm2trt.passes.quant import unfused_qdq
@@ -254,32 +326,30 @@ def build(
     unfused = unfused_qdq(load_onnx(onnx_path, with_weights=False))
     for line in unfused[:5]:
         logger.warning("TensorRT cannot fuse %s: it stays a standalone scale layer", line)
-    plan = _plan(graph, backend, compute_capability, profile, timing_cache is not None, strip_weights)
-    with staged_output(out, force, reads=[artifact]) as stage:
-        scratch = stage / ".worker"
-        scratch.mkdir()
-        source = specialize(onnx_path, scratch, plan.static) if plan.static else onnx_path.resolve()
-        request = BuildRequest(
-            backend=plan.backend.name,
-            onnx=str(source),
-            engine=str(stage / ENGINE_NAME),
-            profiles=list(plan.profiles.values()),
-            compute_capability=plan.compute_capability,
-            strip_weights=strip_weights,
-            timing_cache=str(timing_cache.resolve()) if timing_cache else None,
-            plugins=plugin_refs(),
-            verbosity=verbosity,
-        )
-        start = time.perf_counter()
-        result = run_worker(request, scratch)
-        shutil.rmtree(scratch)
-        out_dir = Path(os.path.abspath(out))
-        onnx_rel = os.path.relpath(onnx_path.resolve(), out_dir)
-        seconds = round(time.perf_counter() - start, 3)
-        info = _info(manifest, graph, plan, result, seconds, strip_weights, onnx_rel, unfused)
-        info.write(stage / BUILD_NAME)
-        _engine_manifest(manifest, artifact, out_dir, onnx_path, result, plan).write(stage)
-    return Built(str(out), info)
+    cache, strip = options.timing_cache, options.strip_weights
+    plan = _plan(graph, options.backend, options.compute_capability, options.profile, cache is not None, strip)
+    scratch = stage / ".worker"
+    scratch.mkdir()
+    source = specialize(onnx_path, scratch, plan.static) if plan.static else onnx_path.resolve()
+    request = BuildRequest(
+        backend=plan.backend.name,
+        onnx=str(source),
+        engine=str(stage / engine),
+        profiles=list(plan.profiles.values()),
+        compute_capability=plan.compute_capability,
+        strip_weights=strip,
+        timing_cache=str(cache.resolve()) if cache else None,
+        plugins=plugin_refs(),
+        verbosity=options.verbosity,
+    )
+    start = time.perf_counter()
+    result = run_worker(request, scratch)
+    shutil.rmtree(scratch)
+    out_dir = Path(os.path.abspath(out))
+    onnx_rel = os.path.relpath(onnx_path.resolve(), out_dir)
+    seconds = round(time.perf_counter() - start, 3)
+    info = replace(_info(manifest, graph, plan, result, seconds, strip, onnx_rel, unfused), engine=engine)
+    return info, _engine_manifest(manifest, artifact, out_dir, onnx_path, result, plan)
 
 
 def _info(

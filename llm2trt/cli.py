@@ -276,6 +276,14 @@ def quant_options(fn: Callable[..., None]) -> Callable[..., None]:
     help="KV cache form: growing (Concat; the exporter's), fixed (a buffer updated by TensorScatter), or gqa "
     "(ONNX Runtime's GroupQueryAttention decoder, for its CUDA provider; not for TensorRT).",
 )
+@click.option(
+    "--tp",
+    type=int,
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Tensor parallelism: write one graph per rank under OUT/rank{r}/ (checked together with gloo).",
+)
 @common_options
 @quant_options
 def optimize(
@@ -288,6 +296,7 @@ def optimize(
     allow_missing_fusions: bool,
     kv_cache: bool,
     kv_form: str | None,
+    tp: int,
     quant: QuantRequest | None,
 ) -> None:
     """Run the pass pipeline (cleanup, fusions, quantization, KV cache) over ARTIFACT and write the
@@ -307,6 +316,7 @@ def optimize(
         kv=kv,
         allow_missing_fusions=allow_missing_fusions,
         quant=quant,
+        tp=tp,
     )
     ctx.emit(result)
 

@@ -174,6 +174,7 @@ class Setup:
         from llm2trt.runners import RunnerContext
 
         manifest = Manifest.read(artifact)
+        manifest.require_whole("compare")
         graph = manifest.graph()
         spec, config = spec_and_config(manifest)
         if "sequence" in graph.dims:

@@ -68,6 +68,7 @@ def perplexity(artifact: Path, text: Path, *, window: int = DEFAULT_WINDOW, prov
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read {text} as UTF-8 text: {exc}") from None
     manifest = Manifest.read(artifact)
+    manifest.require_whole("eval ppl")
     graph = manifest.graph()
     if manifest.task != "text-generation":
         raise InputError(f"eval ppl needs a decoder artifact; {artifact} is {manifest.task}")

@@ -289,15 +289,48 @@ def generate(
     tokenizer = load_tokenizer(artifact, manifest) if prompts or chat else _maybe_tokenizer(artifact, manifest)
     batch = encode_prompts(tokenizer, prompts, chat) if prompts else [list(map(int, p)) for p in ids]
     ctx = GenerateContext(artifact, manifest, graph, _capacity(graph, manifest, batch, sampling), providers or [])
-    session = GENERATE_RUNNERS.get(runner)(ctx)
     eos = manifest.generation.eos_token_ids if manifest.generation else []
-    echo = _streamer(tokenizer, stream) if stream and len(batch) == 1 else None
-    new, stops, (prefill, decode, steps) = generate_ids(session, batch, sampling, eos, echo)
+    if manifest.tensor_parallel is not None:
+        new, stops, (prefill, decode, steps) = _generate_ranks(ctx, runner, batch, sampling, eos)
+        runner = f"{runner} tp{manifest.tensor_parallel.tp}"
+    else:
+        session = GENERATE_RUNNERS.get(runner)(ctx)
+        echo = _streamer(tokenizer, stream) if stream and len(batch) == 1 else None
+        new, stops, (prefill, decode, steps) = generate_ids(session, batch, sampling, eos, echo)
     rows = [
         GeneratedRow(prompt + n, n, tokenizer.decode(n, skip_special_tokens=True) if tokenizer else None, stop)
         for prompt, n, stop in zip(batch, new, stops, strict=True)
     ]
     return Generated(runner, rows, prefill, decode, steps)
+
+
+def _rank_task(
+    rank: Any, prompts: list[list[int]], sampling: Sampling, eos: list[int], capacity: int, pad_id: int
+) -> tuple[list[list[int]], list[str], tuple[float, float, int]]:
+    """Every rank decodes its own graph and cache; the gathered logits make every rank pick alike."""
+    graph = _decoder_graph(rank.manifest)
+    session = open_session(graph, rank.executor(graph), capacity=capacity, pad_id=pad_id)
+    return generate_ids(session, prompts, sampling, eos)
+
+
+def _generate_ranks(
+    ctx: GenerateContext, runner: str, prompts: list[list[int]], sampling: Sampling, eos: list[int]
+) -> tuple[list[list[int]], list[str], tuple[float, float, int]]:
+    """A tensor-parallel artifact: one process per rank (llm2trt.tp_runtime), ONNX Runtime in each."""
+    import functools
+
+    from llm2trt.tp_runtime import run_ranks
+
+    if runner != "ort":
+        raise InputError(
+            f"--runner {runner}: a tensor-parallel artifact runs on the rank harness (--runner ort); "
+            "its engines need NCCL TensorRT plugins at run time, which this build does not load"
+        )
+    task = functools.partial(
+        _rank_task, prompts=prompts, sampling=sampling, eos=list(eos), capacity=ctx.capacity, pad_id=_pad(ctx)
+    )
+    result: tuple[list[list[int]], list[str], tuple[float, float, int]] = run_ranks(ctx.artifact, task, ctx.providers)
+    return result
 
 
 def _maybe_tokenizer(artifact: Path, manifest: Manifest) -> Any:

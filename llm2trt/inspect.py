@@ -103,6 +103,8 @@ def _manifest_lines(path: str, m: Manifest) -> list[str]:
         lines.append(f"fusions       {fusion_summary(m.fusions, m.expected_fusions)} (found/expected)")
     if m.quantization is not None:
         lines.append(f"quantization  {m.quantization.render()}")
+    if m.tensor_parallel is not None:
+        lines.append(f"tensor para.  {m.tensor_parallel.render()}")
     return lines
 
 

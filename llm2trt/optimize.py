@@ -6,7 +6,7 @@ import logging
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from llm2trt.passes.fusions import FUSIONS, count_fusions
 from llm2trt.passes.pattern import RewritePass, layer_of, module_of
 from llm2trt.passes.pipeline import PipelineOptions, assemble
 from llm2trt.passes.quant import QuantPass
+
+if TYPE_CHECKING:
+    from llm2trt.session import DecoderSession
 
 logger = logging.getLogger(__name__)
 
@@ -98,22 +101,42 @@ def kv_numeric_check(
     time through each graph's own cache); the logits of every step must agree."""
     from llm2trt.session import open_session, ort_executor
 
-    rng = np.random.default_rng(1)
-    prompts = [rng.integers(0, int(config.vocab_size), size=n).tolist() for n in KV_CHECK_PROMPTS]
-    tokens = rng.integers(0, int(config.vocab_size), size=(KV_CHECK_STEPS, len(prompts)))
-    capacity = max(KV_CHECK_PROMPTS) + KV_CHECK_STEPS
+    probe = DecodeProbe.of(config)
     logits: list[list[np.ndarray]] = []
     for graph, path in (before, after):
         try:
-            session = open_session(graph, ort_executor(str(path)), capacity=capacity)
-            steps = [session.prefill(prompts)] + [session.decode(t) for t in tokens]
+            logits.append(probe.run(open_session(graph, ort_executor(str(path)), capacity=probe.capacity)))
         except BackendError as exc:
             if graph is before[0]:
                 return NumericCheck(False, f"the input graph does not run in ONNX Runtime here ({exc})")
             raise
-        logits.append(steps)
-    pairs = {f"logits step {i}": (a, b) for i, (b, a) in enumerate(zip(*logits, strict=True))}
-    return _verdict(pairs, policy, len(prompts), max(KV_CHECK_PROMPTS))
+    return probe.verdict(logits[0], logits[1], policy)
+
+
+@dataclass(frozen=True)
+class DecodeProbe:
+    """Prompts and tokens a decoder is run on to compare two ways of running it, step by step."""
+
+    prompts: list[list[int]]
+    tokens: np.ndarray  # (steps, rows)
+
+    @classmethod
+    def of(cls, config: Any) -> DecodeProbe:
+        rng = np.random.default_rng(1)
+        prompts = [rng.integers(0, int(config.vocab_size), size=n).tolist() for n in KV_CHECK_PROMPTS]
+        return cls(prompts, rng.integers(0, int(config.vocab_size), size=(KV_CHECK_STEPS, len(prompts))))
+
+    @property
+    def capacity(self) -> int:
+        return max(len(p) for p in self.prompts) + len(self.tokens)
+
+    def run(self, session: DecoderSession) -> list[np.ndarray]:
+        """Logits of the prefill, then of each token fed."""
+        return [session.prefill(self.prompts)] + [session.decode(t) for t in self.tokens]
+
+    def verdict(self, reference: list[np.ndarray], got: list[np.ndarray], policy: TolerancePolicy) -> NumericCheck:
+        pairs = {f"logits step {i}": (a, b) for i, (b, a) in enumerate(zip(reference, got, strict=True))}
+        return _verdict(pairs, policy, len(self.prompts), max(len(p) for p in self.prompts))
 
 
 @dataclass(frozen=True)
@@ -306,15 +329,24 @@ def optimize(
     kv: KVRequest | None = None,
     allow_missing_fusions: bool = False,
     quant: QuantRequest | None = None,
+    tp: int = 1,
 ) -> Optimized:
-    """Optimize every graph of `artifact` into the artifact `out`."""
+    """Optimize every graph of `artifact` into the artifact `out` (with `tp` > 1, one per rank)."""
     manifest = Manifest.read(artifact)
+    if manifest.tensor_parallel is not None:
+        raise InputError(
+            f"{artifact} is a tensor-parallel artifact ({manifest.tensor_parallel.render()}); optimize its source"
+        )
     if quant is not None and manifest.quantization is not None:
         raise InputError(
             f"--quant: {artifact} is already quantized ({manifest.quantization.method}); "
             "quantize its unquantized source"
         )
     spec, config = spec_and_config(manifest)
+    if tp != 1:
+        from llm2trt.ranks import check_request
+
+        check_request(spec, config, manifest, tp, quant is not None)
     job = _Job(artifact, manifest, spec, config, options or PipelineOptions(), kv or KVRequest(), check, quant)
     results = {g.name: job.optimize_graph(g) for g in manifest.graphs.values()}
     missing = [line for _model, report, _graph in results.values() for line in report.missing]
@@ -326,6 +358,8 @@ def optimize(
         )
     for line in missing:
         logger.warning("expected fusion missing: %s", line)
+    if tp > 1:
+        return _optimize_ranks(job, results, out, force, tp)
     reports: dict[str, OptimizeReport] = {}
     with staged_output(out, force, reads=[artifact]) as stage:
         graphs: dict[str, GraphSpec] = {}
@@ -342,6 +376,37 @@ def optimize(
         new.write(stage)
         next(iter(reports.values())).write(stage / REPORT_NAME)
     return Optimized(str(artifact), str(out), reports)
+
+
+def _optimize_ranks(
+    job: _Job, results: dict[str, tuple[Model, OptimizeReport, GraphSpec]], out: Path, force: bool, tp: int
+) -> Optimized:
+    """optimize --tp: the ranks' artifacts, checked together against the input."""
+    from llm2trt.ranks import check_ranks, write_ranks
+
+    manifest, artifact = job.manifest, job.artifact
+    with staged_output(out, force, reads=[artifact]) as stage:
+        passes = [r for _m, report, _g in results.values() for r in report.passes]
+        opset = max(m.opset for m, _r, _g in results.values())
+        base = copy_tokenizer(replace(manifest, opset=opset).with_passes(passes), artifact, stage)
+        top, ranks = write_ranks(stage, base, job.spec, job.config, results, tp)
+        top.write(stage)
+        name, (_model, report, target) = next(iter(results.items()))
+        verdict = NumericCheck(False, "--no-check")
+        if job.check:
+            if target.kv_cache is None and manifest.graphs[name].kv_cache is None:
+                verdict = NumericCheck(
+                    False, "tensor-parallel graphs are checked as decoders; this one has no KV cache"
+                )
+            else:
+                with step(f"checking the {tp} ranks together against the input (ONNX Runtime + gloo)"):
+                    before = (manifest.graphs[name], manifest.onnx_path(artifact, name))
+                    verdict = check_ranks(stage, before, job.config, job.tolerance)
+                if not verdict.passed:
+                    raise CheckFailed(f"the ranks together diverge from the input: {verdict.breach()}")
+        report = replace(report, numeric_check=verdict, ranks=ranks)
+        report.write(stage / REPORT_NAME)
+    return Optimized(str(artifact), str(out), {target.name: report})
 
 
 def copy_tokenizer(manifest: Manifest, artifact: Path, stage: Path) -> Manifest:

@@ -22,14 +22,14 @@ from llm2trt.core.errors import BackendError, first_line
 from llm2trt.core.numerics import ort_session
 
 
-def _reads(node: onnx.NodeProto) -> list[str]:
+def reads_of(node: onnx.NodeProto) -> list[str]:
     """Every tensor a node reads, outer-scope reads of its subgraphs (If, Loop) included."""
     names = [n for n in node.input if n]
     for attr in node.attribute:
         graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
         for graph in graphs:
             for inner in graph.node:
-                names += _reads(inner)
+                names += reads_of(inner)
     return names
 
 
@@ -43,7 +43,7 @@ class SegmentedGraph:
         self.nodes = list(proto.graph.node)
         self.initializers = {t.name: t for t in proto.graph.initializer}
         self.graph_outputs = [o.name for o in proto.graph.output]
-        self._reads = [_reads(n) for n in self.nodes]
+        self._reads = [reads_of(n) for n in self.nodes]
         self.last_read: dict[str, int] = {}
         for i, reads in enumerate(self._reads):
             for name in reads:
@@ -89,17 +89,8 @@ class SegmentedGraph:
         values: dict[str, np.ndarray],
         initializers: list[str],
     ) -> onnx.ModelProto:
-        graph = onnx.helper.make_graph(
-            nodes,
-            f"{self.proto.graph.name}_segment",
-            [_value_info(name, values[name]) for name in inputs],
-            [onnx.ValueInfoProto(name=name) for name in outputs],  # ONNX Runtime infers their types
-            initializer=[self.initializers[name] for name in initializers],
-        )
-        model = onnx.helper.make_model(graph, opset_imports=list(self.proto.opset_import))
-        model.ir_version = self.proto.ir_version
-        model.functions.extend(self.proto.functions)
-        return model
+        typed = [value_info(name, values[name]) for name in inputs]
+        return segment_model(self.proto, nodes, typed, outputs, [self.initializers[name] for name in initializers])
 
     def _session(self, model: onnx.ModelProto, start: int, end: int) -> Any:
         # The segment travels as bytes, its weights stay in the artifact's external data file. It
@@ -114,5 +105,28 @@ class SegmentedGraph:
         )
 
 
-def _value_info(name: str, value: np.ndarray) -> onnx.ValueInfoProto:
+def segment_model(
+    proto: onnx.ModelProto,
+    nodes: list[onnx.NodeProto],
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[str],
+    initializers: list[onnx.TensorProto],
+) -> onnx.ModelProto:
+    """A model of some of `proto`'s nodes: the given inputs, outputs typed by ONNX Runtime, the
+    initializers they read (still pointing at the artifact's external data)."""
+    graph = onnx.helper.make_graph(
+        nodes,
+        f"{proto.graph.name}_segment",
+        inputs,
+        [onnx.ValueInfoProto(name=name) for name in outputs],  # ONNX Runtime infers their types
+        initializer=initializers,
+    )
+    model = onnx.helper.make_model(graph, opset_imports=list(proto.opset_import))
+    model.ir_version = proto.ir_version
+    model.functions.extend(proto.functions)
+    return model
+
+
+def value_info(name: str, value: np.ndarray) -> onnx.ValueInfoProto:
+    """A graph input typed like `value`, every dim dynamic."""
     return onnx.helper.make_tensor_value_info(name, DType.parse(value.dtype).onnx, [None] * value.ndim)

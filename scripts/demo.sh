@@ -47,3 +47,7 @@ GGUF=$(python -c "import importlib.util, pathlib; print(pathlib.Path(importlib.u
 llm2trt convert "$GGUF" -o "$OUT/smollm2/onnx" --force -q > /dev/null
 llm2trt optimize "$OUT/smollm2/onnx" -o "$OUT/smollm2/opt" --force -q > /dev/null
 llm2trt generate "$OUT/smollm2/opt" --prompt "The capital of France is" --max-new-tokens 12 -q
+echo
+echo "== tensor parallelism: SmolLM2 split over 3 ranks (9 heads / 3 KV heads), checked together, run as 3 processes"
+llm2trt optimize "$OUT/smollm2/onnx" -o "$OUT/smollm2/tp3" --tp 3 --force -q | grep -E "^  (rank|numeric)"
+llm2trt generate "$OUT/smollm2/tp3" --prompt "The capital of France is" --max-new-tokens 12 -q

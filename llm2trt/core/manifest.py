@@ -19,6 +19,7 @@ from llm2trt.core.errors import InputError
 from llm2trt.core.kv import KVLayout
 from llm2trt.core.quant import Quantization
 from llm2trt.core.records import Record, RecordError
+from llm2trt.core.tp import TensorParallel
 
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
@@ -135,6 +136,7 @@ class Manifest(Record):
     model_config: dict[str, Any] = field(default_factory=dict)
     generation: GenerationDefaults | None = None  # decoders
     quantization: Quantization | None = None  # optimize --quant
+    tensor_parallel: TensorParallel | None = None  # optimize --tp: the ranks, or which rank this is
     llm2trt_version: str = __version__
 
     def __post_init__(self) -> None:
@@ -184,6 +186,15 @@ class Manifest(Record):
 
     def symbolic_dims(self) -> set[str]:
         return self.graph().symbolic_dims()
+
+    def require_whole(self, command: str) -> None:
+        """Refuse a tensor-parallel artifact in a command that runs one graph (ONNX Runtime has no
+        collectives; the rank harness does them)."""
+        if self.tensor_parallel is not None:
+            raise InputError(
+                f"{command}: this artifact is tensor-parallel ({self.tensor_parallel.render()}); "
+                "`llm2trt generate` runs its ranks, or give its unsplit source"
+            )
 
     def with_graph(self, graph: GraphSpec) -> Manifest:
         """A copy with `graph` replacing the graph of the same name (or added last)."""

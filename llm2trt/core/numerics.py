@@ -27,17 +27,21 @@ def ort_session(
     weights_folder: Path | None = None,
     arena: bool = True,
     disable_optimizations: bool = False,
+    threads: int | None = None,
 ) -> Any:
     """A quiet ONNX Runtime session; a load failure is one BackendError line naming `what`.
 
     `weights_folder`: where the external data of a model given as bytes lives. `arena`: off for a
-    session that runs once (the arena only holds memory then)."""
+    session that runs once (the arena only holds memory then). `threads`: intra-op threads (a share
+    of the cores, when several processes run at once)."""
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)  # its optimizer's notes are not ours to print
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.enable_cpu_mem_arena = arena
+    if threads:
+        options.intra_op_num_threads = threads
     if disable_optimizations:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     # ONNX Runtime turns DequantizeLinear -> MatMul into MatMulNBits, which by default quantizes the

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from llm2trt.core.manifest import DimRange, PassRecord
 from llm2trt.core.quant import Quantization
 from llm2trt.core.records import Record
+from llm2trt.core.tp import RankReport
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class OptimizeReport(Record):
     opset: int
     numeric_check: NumericCheck = field(default_factory=lambda: NumericCheck(False, "not run yet"))
     quantization: Quantization | None = None
+    ranks: list[RankReport] = field(default_factory=list)  # optimize --tp
 
     def render(self) -> str:
         lines = [f"{self.nodes_before} -> {self.nodes_after} nodes, opset {self.opset}"]
@@ -91,6 +93,7 @@ class OptimizeReport(Record):
         lines += [f"  MISSING {line}" for line in self.missing]
         if self.quantization is not None:
             lines.append(f"  quantized {self.quantization.render()}")
+        lines += [f"  {r.render()}" for r in self.ranks]
         lines.append(f"  {self.numeric_check.render()}")
         return "\n".join(lines)
 

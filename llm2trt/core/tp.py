@@ -8,7 +8,7 @@ input), an embedding table [vocab, hidden]. No global state: every function take
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -80,30 +80,63 @@ def padded(size: int, tp: int) -> int:
     return -(-size // tp) * tp
 
 
-def shard(
-    weight: np.ndarray, split: Split, mapping: Mapping, *, units: range | None = None, unit: int = 1
-) -> np.ndarray:
+class Units(enum.Enum):
+    """How a split layer's features are grouped, so a rank takes whole groups."""
+
+    EVEN = "even"  # an even share (gate/up/down, c_fc)
+    Q = "q"  # query heads of head_dim (q_proj's outputs, o_proj's inputs)
+    KV = "kv"  # KV heads (k_proj, v_proj), replicated when there are fewer than ranks
+    QKV = "qkv"  # query, key and value heads side by side (GPT-2's c_attn)
+
+
+def feature_index(units: Units, heads: Heads, mapping: Mapping, size: int) -> np.ndarray:
+    """The features of a `size`-feature axis that belong to the rank, in order."""
+    hd = heads.head_dim
+
+    def span(r: range, offset: int = 0) -> np.ndarray:
+        return np.arange(offset + r.start * hd, offset + r.stop * hd)
+
+    q, kv = heads.q_heads(mapping), heads.kv_heads_of(mapping)
+    want = {
+        Units.Q: heads.heads * hd,
+        Units.KV: heads.kv_heads * hd,
+        Units.QKV: (heads.heads + 2 * heads.kv_heads) * hd,
+    }.get(units)
+    if want is not None and want != size:
+        raise InputError(f"--tp {mapping.tp}: {size} features are not the {want} of {units.value} heads")
+    if units is Units.Q:
+        return span(q)
+    if units is Units.KV:
+        return span(kv)
+    if units is Units.QKV:
+        k0 = heads.heads * hd
+        return np.concatenate([span(q), span(kv, k0), span(kv, k0 + heads.kv_heads * hd)])
+    if size % mapping.tp:
+        raise InputError(f"--tp {mapping.tp}: {size} features do not divide into {mapping.tp} ranks")
+    per = size // mapping.tp
+    return np.arange(mapping.rank * per, (mapping.rank + 1) * per)
+
+
+def shard(weight: np.ndarray, split: Split, mapping: Mapping, index: np.ndarray | None = None) -> np.ndarray:
     """The rank's slice of a weight.
 
-    COLUMN slices the last axis (a column-parallel bias the same way): with `units` (e.g. the rank's
-    heads) of `unit` features each (head_dim), those whole units; else an even share. ROW slices
-    axis 0 of an [in, out] weight; its bias is not sliced, it is added once after the all-reduce.
-    VOCAB is `shard_vocab` on axis 0 (an embedding table). REPLICATE returns the weight.
+    COLUMN slices the last axis (a column-parallel bias the same way), ROW axis 0 of an [in, out]
+    weight (its bias is not sliced: it is added once, after the all-reduce); both take `index`
+    (`feature_index`: whole heads) or an even share. VOCAB is `shard_vocab` on axis 0 (an
+    embedding table). REPLICATE returns the weight.
     """
     if split is Split.REPLICATE:
         return weight
     if split is Split.VOCAB:
         return shard_vocab(weight, mapping, axis=0)
     axis = weight.ndim - 1 if split is Split.COLUMN else 0
-    size = weight.shape[axis]
-    if units is None:
+    if index is None:
+        size = weight.shape[axis]
         if size % mapping.tp:
             raise InputError(f"--tp {mapping.tp}: {size} features do not divide into {mapping.tp} ranks")
         per = size // mapping.tp
-        units, unit = range(mapping.rank, mapping.rank + 1), per
-    if units.stop * unit > size:
-        raise ValueError(f"units {units} of {unit} exceed the {size} features of axis {axis}")
-    return np.take(weight, np.arange(units.start * unit, units.stop * unit), axis=axis)
+        index = np.arange(mapping.rank * per, (mapping.rank + 1) * per)
+    return np.take(weight, index, axis=axis)
 
 
 def shard_vocab(weight: np.ndarray, mapping: Mapping, axis: int) -> np.ndarray:
@@ -117,3 +150,59 @@ def shard_vocab(weight: np.ndarray, mapping: Mapping, axis: int) -> np.ndarray:
         weight = np.pad(weight, pad)
     per = total // mapping.tp
     return np.take(weight, np.arange(mapping.rank * per, (mapping.rank + 1) * per), axis=axis)
+
+
+@dataclass(frozen=True)
+class LayerSplit:
+    """One layer kind's split: how its weight divides and how its features group."""
+
+    split: Split
+    units: Units = Units.EVEN
+
+
+@dataclass(frozen=True)
+class TPPlan:
+    """Everything the tensor-parallel rewrite needs for one rank: the mapping, the attention shape
+    and each layer kind's split by the last parts of its module name (q_proj, attn.c_attn)."""
+
+    mapping: Mapping
+    heads: Heads
+    layers: tuple[tuple[str, LayerSplit], ...]
+
+    def of(self, module: str) -> LayerSplit | None:
+        for suffix, layer in self.layers:
+            if module == suffix or module.endswith("." + suffix):
+                return layer
+        return None
+
+    def index(self, layer: LayerSplit, size: int) -> np.ndarray:
+        return feature_index(layer.units, self.heads, self.mapping, size)
+
+
+@dataclass(frozen=True)
+class TensorParallel(Record):
+    """The manifest's record of a tensor-parallel artifact: at its top, `ranks` names each rank's
+    directory (relative); in a rank's own manifest, `rank` says which it is."""
+
+    tp: int
+    rank: int | None = None
+    ranks: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        return f"tp {self.tp}" + (f", rank {self.rank}" if self.rank is not None else f": {', '.join(self.ranks)}")
+
+
+@dataclass(frozen=True)
+class RankReport(Record):
+    """What the tensor-parallel rewrite did to one rank's graph."""
+
+    rank: int
+    counts: dict[str, int]  # column, row, embedding, lm_head, all_reduce, all_gather, kv_tensors
+    fusions: dict[str, int]
+    kv_heads: int | None
+    weight_bytes: int
+
+    def render(self) -> str:
+        counts = ", ".join(f"{k}={v}" for k, v in self.counts.items())
+        heads = f", {self.kv_heads} KV heads" if self.kv_heads is not None else ""
+        return f"rank {self.rank}: {counts}{heads}, {self.weight_bytes / 1e6:.1f} MB of weights"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from llm2trt.core.errors import InputError
-from llm2trt.core.tp import Heads, Mapping, Split, padded, shard, shard_vocab
+from llm2trt.core.tp import Heads, Mapping, Split, Units, feature_index, padded, shard, shard_vocab
 
 
 def test_mapping_is_explicit_and_checked() -> None:
@@ -64,8 +64,15 @@ def test_column_shards_take_whole_heads() -> None:
     wk = np.arange(64 * 32, dtype=np.float64).reshape(64, 32)  # k_proj: 2 KV heads of 16
     for m in Mapping.ranks(4):
         kv = heads.kv_heads_of(m)
-        got = shard(wk, Split.COLUMN, m, units=kv, unit=head_dim)
+        got = shard(wk, Split.COLUMN, m, feature_index(Units.KV, heads, m, 32))
         assert np.array_equal(got, wk[:, kv.start * head_dim : kv.stop * head_dim])
+    # GPT-2's c_attn: q, k and v side by side; a rank takes its heads of each.
+    qkv = np.arange(3 * 64)
+    for m in Mapping.ranks(2):
+        got = feature_index(Units.QKV, Heads(4, 4, 16), m, 3 * 64)
+        assert np.array_equal(got, np.concatenate([qkv[s : s + 32] + 32 * m.rank for s in (0, 64, 128)]))
+    with pytest.raises(InputError, match="48 features are not the 64 of q heads"):
+        feature_index(Units.Q, heads, Mapping(2, 0), 48)
     with pytest.raises(InputError, match="--tp 3: 64 features do not divide into 3 ranks"):
         shard(np.zeros((8, 64)), Split.COLUMN, Mapping(3, 0))
 

@@ -1,0 +1,150 @@
+"""optimize --tp: one artifact per rank under rank{r}/, checked together against the input.
+
+The pipeline runs once (fusions, cache form); each rank's graph is then the tensor-parallel pass
+over a copy of the result, typed again and written to `rank{r}/` with a manifest of its own (its
+KV heads, its mapping). The top manifest lists the ranks; its graphs are rank 0's (paths into
+rank0/), so readers of one graph see a rank's I/O. The check runs every rank in the harness
+(llm2trt.tp_runtime) on the probe prompts and compares its logits to the input artifact's.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llm2trt.core.artifact import op_counts, save_onnx
+from llm2trt.core.errors import CheckFailed, InputError
+from llm2trt.core.log import step
+from llm2trt.core.manifest import GraphSpec, Manifest, PassRecord, TensorSpec
+from llm2trt.core.reports import NumericCheck, OptimizeReport
+from llm2trt.core.tolerance import TolerancePolicy
+from llm2trt.core.tp import Mapping, RankReport, TensorParallel, TPPlan
+from llm2trt.exporters import ExportSpec
+from llm2trt.passes.cleanup import ShapeInference
+from llm2trt.passes.core import Model, PassManager
+from llm2trt.passes.fusions import count_fusions
+from llm2trt.passes.tp import TensorParallelPass
+
+RANK_DIR = "rank{}"
+
+
+def rank_graph(graph: GraphSpec, plan: TPPlan) -> GraphSpec:
+    """A graph's description on one rank: the cache holds the rank's KV heads."""
+    kv = graph.kv_cache
+    if kv is None:
+        return graph
+    heads = len(plan.heads.kv_heads_of(plan.mapping))
+    names = {*kv.past_names, *kv.present_names}
+
+    def local(tensors: list[TensorSpec]) -> list[TensorSpec]:
+        return [replace(t, shape=[t.shape[0], heads, *t.shape[2:]]) if t.name in names else t for t in tensors]
+
+    return replace(
+        graph, inputs=local(graph.inputs), outputs=local(graph.outputs), kv_cache=replace(kv, num_kv_heads=heads)
+    )
+
+
+def check_request(spec: ExportSpec, config: Any, manifest: Manifest, tp: int, quantizing: bool) -> None:
+    """Refuse, before any work, a --tp this artifact cannot take."""
+    if tp < 1:
+        raise InputError(f"--tp must be at least 1 (got {tp})")
+    if manifest.tensor_parallel is not None:
+        raise InputError(f"--tp: the input is already split ({manifest.tensor_parallel.render()})")
+    if tp > 1 and (quantizing or manifest.quantization is not None):
+        raise InputError("--tp with quantization is not built yet: split an unquantized artifact")
+    spec.check_tp(config, tp)
+
+
+def split_graph(
+    model: Model, graph: GraphSpec, plan: TPPlan, num_layers: int
+) -> tuple[Model, RankReport, list[PassRecord]]:
+    """One rank's copy of an optimized graph, rewritten and typed."""
+    copy = Model(model.graph.copy(), dict(model.node_metadata), model.ir_version)
+    result = PassManager([TensorParallelPass(plan, graph.kv_cache, num_layers), ShapeInference()]).run(copy)
+    counts = result.results[TensorParallelPass.name].counts
+    weights = sum(int(np.asarray(t.values).nbytes) for t in copy.graph.tensors().values() if hasattr(t, "values"))
+    heads = len(plan.heads.kv_heads_of(plan.mapping)) if graph.kv_cache is not None else None
+    report = RankReport(plan.mapping.rank, dict(counts), count_fusions(copy.graph), heads, weights)
+    return copy, report, result.records
+
+
+def write_ranks(
+    stage: Path,
+    manifest: Manifest,
+    spec: ExportSpec,
+    config: Any,
+    optimized: dict[str, tuple[Model, OptimizeReport, GraphSpec]],
+    tp: int,
+) -> tuple[Manifest, list[RankReport]]:
+    """Write rank{r}/ for every rank; the top manifest (not yet written) and the per-rank reports."""
+    from llm2trt.optimize import conform
+
+    reports: list[RankReport] = []
+    ranks = [RANK_DIR.format(r) for r in range(tp)]
+    top_graphs: dict[str, GraphSpec] = {}
+    for mapping in Mapping.ranks(tp):
+        plan = spec.tp_plan(config, mapping)
+        folder = stage / ranks[mapping.rank]
+        folder.mkdir()
+        graphs: dict[str, GraphSpec] = {}
+        for name, (model, report, target) in optimized.items():
+            with step(f"rank {mapping.rank} of {tp}: splitting graph {name!r}"):
+                rank_model, rank_report, records = split_graph(model, target, plan, spec.num_layers(config))
+            graph = rank_graph(target, plan)
+            conform(rank_model, graph)
+            missing = {k: v for k, v in report.expected.items() if rank_report.fusions.get(k, 0) < v}
+            if missing:
+                raise CheckFailed(f"rank {mapping.rank}: fusions lost by the split: {missing} of {report.expected}")
+            proto = rank_model.to_onnx()
+            filename = Path(target.onnx).name
+            save_onnx(proto, folder, filename)
+            data = f"{filename}.data"
+            graphs[name] = replace(
+                graph,
+                onnx=filename,
+                external_data=[data] if (folder / data).exists() else [],
+                op_counts=op_counts(proto),
+                fusions=rank_report.fusions,
+                expected_fusions=report.expected,
+            )
+            reports.append(rank_report)
+        generation = manifest.generation
+        if generation is not None and generation.tokenizer is not None:
+            generation = replace(generation, tokenizer=f"../{generation.tokenizer}")
+        rank_manifest = replace(
+            manifest.with_passes(records),
+            graphs=graphs,
+            generation=generation,
+            tensor_parallel=TensorParallel(tp, mapping.rank),
+        )
+        rank_manifest.write(folder)
+        if mapping.rank == 0:
+            top_graphs = rank_manifest.moved(folder, stage).graphs
+    return replace(manifest, graphs=top_graphs, tensor_parallel=TensorParallel(tp, None, ranks)), reports
+
+
+def _probe_task(ctx: Any, prompts: list[list[int]], tokens: np.ndarray, capacity: int) -> list[np.ndarray]:
+    """In each rank: the probe through the rank's decoder graph."""
+    from llm2trt.optimize import DecodeProbe
+    from llm2trt.session import open_session
+
+    graph = next(iter(ctx.manifest.graphs.values()))
+    session = open_session(graph, ctx.executor(graph), capacity=capacity)
+    return DecodeProbe(prompts, tokens).run(session)
+
+
+def check_ranks(artifact: Path, before: tuple[GraphSpec, Path], config: Any, policy: TolerancePolicy) -> NumericCheck:
+    """Every rank together (the harness, gloo) against the input graph, step by step."""
+    from llm2trt.optimize import DecodeProbe
+    from llm2trt.session import open_session, ort_executor
+    from llm2trt.tp_runtime import run_ranks
+
+    probe = DecodeProbe.of(config)
+    reference = probe.run(open_session(before[0], ort_executor(str(before[1])), capacity=probe.capacity))
+    task = functools.partial(_probe_task, prompts=probe.prompts, tokens=probe.tokens, capacity=probe.capacity)
+    got = run_ranks(artifact, task)
+    return probe.verdict(reference, got, policy)

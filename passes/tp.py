@@ -1,0 +1,353 @@
+"""Tensor parallelism: rewrite an optimized decoder graph into one rank's graph.
+
+Each linear layer and embedding the exporter spec names is sliced for the rank (`llm2trt.core.tp`):
+
+- column-parallel (q/k/v by whole heads, gate/up, GPT-2's c_attn by heads of each of q, k, v): the
+  weight's output columns and the bias; shape constants that spell the full width downstream
+  (GPT-2's Reshape to [batch, seq, 3*hidden] and its Split) are narrowed to the rank's width;
+- row-parallel (o_proj, down): the weight's input rows; the output becomes a partial sum, one
+  all-reduce makes it whole, and a bias is added once, after it;
+- vocab-parallel embedding: the rank's rows of the (padded) table, ids outside them masked to
+  zero, an all-reduce; lm_head: the rank's vocabulary columns, the logits gathered from all ranks
+  (along the first axis, which is what TensorRT's ALL_GATHER concatenates) and the padding dropped.
+
+Norms, RoPE tables and everything else stay replicated. Collectives are `DistCollective` nodes
+(domain `trt`), which TensorRT's ONNX parser builds into NCCL layers; ONNX Runtime has no such op,
+so the rank harness (llm2trt.tp_runtime) runs the graph between them and does the collective itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from llm2trt.core.dtypes import DType
+from llm2trt.core.errors import InputError
+from llm2trt.core.kv import KVLayout
+from llm2trt.core.tp import LayerSplit, Split, TPPlan, shard_vocab
+from llm2trt.passes.core import GraphPass, Model, PassResult
+from llm2trt.passes.pattern import layer_of, module_of
+from llm2trt.passes.quant import is_linear
+
+COLLECTIVE_OP, COLLECTIVE_DOMAIN = "DistCollective", "trt"
+# Attributes that count heads, on attention-like nodes of 3-D (packed) form.
+_Q_HEAD_ATTRS, _KV_HEAD_ATTRS = ("num_heads", "q_num_heads"), ("kv_num_heads",)
+
+
+def is_collective(node: gs.Node | onnx.NodeProto) -> bool:
+    op = node.op if isinstance(node, gs.Node) else node.op_type
+    return op == COLLECTIVE_OP
+
+
+def collective_kind(node: onnx.NodeProto) -> str:
+    for attr in node.attribute:
+        if attr.name == "collective_operation":
+            return str(attr.s.decode())
+    raise ValueError(f"{node.name}: a DistCollective without collective_operation")
+
+
+def _const(model: Model, base: str, values: np.ndarray) -> gs.Constant:
+    return gs.Constant(model.fresh_name(base), np.ascontiguousarray(values))
+
+
+def _values(tensor: gs.Tensor) -> np.ndarray | None:
+    return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
+
+
+def _weight(tensor: gs.Tensor) -> np.ndarray:
+    """A split layer's weight, which the rules matched as a constant."""
+    values = _values(tensor)
+    if values is None:
+        raise InputError(
+            f"--tp: the weight {tensor.name!r} is computed in the graph, not a constant; it cannot be split"
+        )
+    return values
+
+
+@dataclass
+class _Rewrite:
+    """One rank's rewrite of one graph."""
+
+    model: Model
+    plan: TPPlan
+    counts: Counter[str] = field(default_factory=Counter)
+    layers: dict[str, set[int]] = field(default_factory=lambda: {"column": set(), "row": set()})
+
+    @property
+    def tp(self) -> int:
+        return self.plan.mapping.tp
+
+    def collective(self, kind: str, x: gs.Variable, out: gs.Variable, where: str) -> None:
+        attrs = {
+            "collective_operation": kind,
+            "reduce_op": "sum" if kind == "all_reduce" else "none",
+            "root": -1,
+            "group_size": 0,
+            "nb_rank": self.tp,
+        }
+        name = self.model.fresh_name(f"{where}/{kind}")
+        self.model.graph.nodes.append(gs.Node(COLLECTIVE_OP, name, attrs, [x], [out], domain=COLLECTIVE_DOMAIN))
+        self.counts[kind] += 1
+
+    def partial(self, node: gs.Node, what: str) -> tuple[gs.Variable, gs.Variable]:
+        """Make the node write a new (partial) tensor; its old output is for the collective to make."""
+        whole = node.outputs[0]
+        part = gs.Variable(self.model.fresh_name(f"{whole.name}/{what}"), dtype=whole.dtype)
+        node.outputs[0] = part
+        return part, whole
+
+    # -- linear layers ---------------------------------------------------------------------------
+
+    def column(self, node: gs.Node, layer: LayerSplit) -> None:
+        weight = _weight(node.inputs[1])
+        index = self.plan.index(layer, weight.shape[1])
+        add = _bias_add(node)  # before the weight narrows: the bias is as wide as the whole layer
+        node.inputs[1] = _const(self.model, f"{node.inputs[1].name}.rank", weight[:, index])
+        out = node.outputs[0]
+        if node.op == "Gemm" and len(node.inputs) > 2:
+            node.inputs[2] = self._sliced_bias(node.inputs[2], index)
+        elif add is not None:
+            i = 1 if add.inputs[0] is out else 0
+            add.inputs[i] = self._sliced_bias(add.inputs[i], index)
+            out = add.outputs[0]
+        for reshape in [c for c in out.outputs if c.op == "Reshape" and c.inputs[0] is out]:
+            self._narrow_shape(reshape, weight.shape[1], len(index))
+            for split in [c for c in reshape.outputs[0].outputs if c.op == "Split"]:
+                self._narrow_split(split, index)
+        self.counts["column"] += 1
+        self._seen("column", node)
+
+    def row(self, node: gs.Node, layer: LayerSplit) -> None:
+        weight = _weight(node.inputs[1])
+        index = self.plan.index(layer, weight.shape[0])
+        node.inputs[1] = _const(self.model, f"{node.inputs[1].name}.rank", weight[index, :])
+        source = node.inputs[0]
+        if len(source.inputs) == 1 and source.inputs[0].op == "Reshape":
+            self._narrow_shape(source.inputs[0], weight.shape[0], len(index))
+        where = node.name.rsplit("/", 1)[0]
+        if node.op == "Gemm" and len(node.inputs) > 2:
+            # The bias once, after the sum: Gemm without it, all-reduce, then Add.
+            bias = node.inputs[2]
+            node.inputs = node.inputs[:2]
+            part, whole = self.partial(node, "partial")
+            summed = gs.Variable(self.model.fresh_name(f"{whole.name}/summed"), dtype=whole.dtype)
+            self.collective("all_reduce", part, summed, where)
+            name = self.model.fresh_name(f"{where}/bias_after_all_reduce")
+            self.model.graph.nodes.append(gs.Node("Add", name, inputs=[summed, bias], outputs=[whole]))
+        else:
+            part, whole = self.partial(node, "partial")  # a MatMul's bias Add stays after it
+            self.collective("all_reduce", part, whole, where)
+        self.counts["row"] += 1
+        self._seen("row", node)
+
+    def _seen(self, kind: str, node: gs.Node) -> None:
+        layer = layer_of(module_of(node.name))
+        if layer is not None:
+            self.layers[kind].add(layer)
+
+    def _sliced_bias(self, bias: gs.Tensor, index: np.ndarray) -> gs.Tensor:
+        values = _values(bias)
+        if values is None or values.ndim != 1:
+            raise InputError(f"--tp: the bias {bias.name!r} of a column-parallel layer is not a constant vector")
+        return _const(self.model, f"{bias.name}.rank", values[index])
+
+    def _narrow_shape(self, reshape: gs.Node, full: int, local: int) -> None:
+        """A Reshape target that spells the full width last ([-1, 256], [b, s, 192]) gets the rank's."""
+        shape = reshape.inputs[1]
+        values = _values(shape)
+        if values is not None:
+            if values.size and int(values[-1]) == full:
+                reshape.inputs[1] = _const(self.model, f"{shape.name}.rank", np.append(values[:-1], local))
+            return
+        concat = shape.inputs[0] if len(shape.inputs) == 1 else None
+        if concat is not None and concat.op == "Concat":
+            last = _values(concat.inputs[-1])
+            if last is not None and last.size == 1 and int(last[0]) == full:
+                concat.inputs[-1] = _const(self.model, f"{concat.inputs[-1].name}.rank", np.full_like(last, local))
+
+    def _narrow_split(self, split: gs.Node, index: np.ndarray) -> None:
+        sizes = _values(split.inputs[1]) if len(split.inputs) > 1 else None
+        if sizes is None:
+            return
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        local = [int(((index >= a) & (index < b)).sum()) for a, b in itertools.pairwise(bounds)]
+        split.inputs[1] = _const(self.model, f"{split.inputs[1].name}.rank", np.asarray(local, dtype=sizes.dtype))
+
+    # -- vocabulary ------------------------------------------------------------------------------
+
+    def embedding(self, node: gs.Node) -> None:
+        """Gather(table, ids) over the rank's rows: ids outside them read row 0 and are zeroed."""
+        table = _weight(node.inputs[0])
+        local = shard_vocab(table, self.plan.mapping, axis=0)
+        per = local.shape[0]
+        ids = node.inputs[1]
+        itype = DType.find(ids.dtype) if ids.dtype is not None else None
+        inp = np.int32 if itype is DType.INT32 else np.int64
+        where = node.name.rsplit("/", 1)[0]
+        m = self.model
+
+        def var(base: str, dtype: object) -> gs.Variable:
+            return gs.Variable(m.fresh_name(f"{where}/{base}"), dtype=dtype)
+
+        shifted, low, high, inside, safe = (var(n, None) for n in ("shifted", "low", "high", "inside", "safe"))
+        mask, fmask = var("mask", None), var("fmask", table.dtype)
+        start = _const(m, f"{where}/vocab_start", np.asarray(self.plan.mapping.rank * per, dtype=inp))
+        zero, size = (
+            _const(m, f"{where}/zero", np.asarray(0, dtype=inp)),
+            _const(m, f"{where}/per", np.asarray(per, dtype=inp)),
+        )
+        axes = _const(m, f"{where}/last_axis", np.asarray([-1], dtype=np.int64))
+        nodes = [
+            gs.Node("Sub", m.fresh_name(f"{where}/vocab_shift"), inputs=[ids, start], outputs=[shifted]),
+            gs.Node("GreaterOrEqual", m.fresh_name(f"{where}/vocab_low"), inputs=[shifted, zero], outputs=[low]),
+            gs.Node("Less", m.fresh_name(f"{where}/vocab_high"), inputs=[shifted, size], outputs=[high]),
+            gs.Node("And", m.fresh_name(f"{where}/vocab_inside"), inputs=[low, high], outputs=[inside]),
+            gs.Node("Where", m.fresh_name(f"{where}/vocab_safe"), inputs=[inside, shifted, zero], outputs=[safe]),
+            gs.Node("Unsqueeze", m.fresh_name(f"{where}/vocab_mask"), inputs=[inside, axes], outputs=[mask]),
+            gs.Node(
+                "Cast", m.fresh_name(f"{where}/vocab_fmask"), {"to": DType.parse(table.dtype).onnx}, [mask], [fmask]
+            ),
+        ]
+        node.inputs = [_const(m, f"{node.inputs[0].name}.rank", local), safe]
+        gathered, whole = self.partial(node, "rows")
+        masked = var("masked", table.dtype)
+        nodes.append(gs.Node("Mul", m.fresh_name(f"{where}/vocab_zero"), inputs=[gathered, fmask], outputs=[masked]))
+        m.graph.nodes.extend(nodes)
+        self.collective("all_reduce", masked, whole, where)
+        self.counts["embedding"] += 1
+
+    def lm_head(self, node: gs.Node) -> None:
+        """The rank's vocabulary columns; logits gathered along a leading vocab axis, then put back."""
+        weight = _weight(node.inputs[1])
+        vocab = weight.shape[1]
+        node.inputs[1] = _const(self.model, f"{node.inputs[1].name}.rank", shard_vocab(weight, self.plan.mapping, 1))
+        part, whole = self.partial(node, "vocab_part")
+        rank = len(whole.shape) if whole.shape is not None else 3
+        where, m = node.name.rsplit("/", 1)[0], self.model
+        front, gathered, back = (
+            gs.Variable(m.fresh_name(f"{where}/{n}"), dtype=whole.dtype)
+            for n in ("vocab_first", "gathered", "vocab_last")
+        )
+        to_front = [rank - 1, *range(rank - 1)]
+        to_back = [*range(1, rank), 0]
+        m.graph.nodes.append(
+            gs.Node("Transpose", m.fresh_name(f"{where}/vocab_first"), {"perm": to_front}, [part], [front])
+        )
+        self.collective("all_gather", front, gathered, where)
+        padded = weight.shape[1] != shard_vocab(weight, self.plan.mapping, 1).shape[1] * self.tp
+        m.graph.nodes.append(
+            gs.Node(
+                "Transpose",
+                m.fresh_name(f"{where}/vocab_last"),
+                {"perm": to_back},
+                [gathered],
+                [back if padded else whole],
+            )
+        )
+        if padded:
+            starts, ends, axes = (np.asarray([v], dtype=np.int64) for v in (0, vocab, -1))
+            inputs = [
+                back,
+                _const(m, f"{where}/vocab_s", starts),
+                _const(m, f"{where}/vocab_e", ends),
+                _const(m, f"{where}/vocab_a", axes),
+            ]
+            m.graph.nodes.append(
+                gs.Node("Slice", m.fresh_name(f"{where}/drop_vocab_padding"), inputs=inputs, outputs=[whole])
+            )
+        self.counts["lm_head"] += 1
+
+
+def _bias_add(node: gs.Node) -> gs.Node | None:
+    """The Add that adds a constant bias to a MatMul's output, if that is its only consumer."""
+    consumers = node.outputs[0].outputs
+    if len(consumers) != 1 or consumers[0].op != "Add":
+        return None
+    add = consumers[0]
+    other = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
+    values = _values(other)
+    width = _values(node.inputs[1])
+    return add if values is not None and width is not None and values.shape == (width.shape[1],) else None
+
+
+class TensorParallelPass(GraphPass):
+    """Rewrite the graph into rank `plan.mapping.rank`'s of `plan.mapping.tp`."""
+
+    name = "tensor_parallel"
+    runs_after = ("fuse_attention", "quantize", "kv_cache")
+
+    def __init__(self, plan: TPPlan, kv: KVLayout | None, num_layers: int) -> None:
+        self.plan, self.kv, self.num_layers = plan, kv, num_layers
+
+    def run(self, model: Model) -> PassResult:
+        if any(n.op == "DequantizeLinear" for n in model.graph.nodes):
+            raise InputError(
+                "--tp: this graph is quantized; split the unquantized artifact (quantizing ranks is not built yet)"
+            )
+        if any(n.domain == "com.microsoft" for n in model.graph.nodes):
+            raise InputError(
+                "--tp: ONNX Runtime's com.microsoft ops (the gqa cache form) are not split; "
+                "use a growing or fixed cache"
+            )
+        rewrite = _Rewrite(model, self.plan)
+        for node in list(model.graph.nodes):
+            self._node(rewrite, node)
+        self._heads(rewrite)
+        self._check(rewrite)
+        # Intermediate shapes changed; shape inference (last in the pipeline) types them again.
+        io = {t.name for t in (*model.graph.inputs, *model.graph.outputs)}
+        for tensor in model.graph.tensors().values():
+            if isinstance(tensor, gs.Variable) and tensor.name not in io:
+                tensor.shape = None
+        model.graph.cleanup().toposort()
+        return PassResult(True, dict(rewrite.counts))
+
+    def _node(self, rewrite: _Rewrite, node: gs.Node) -> None:
+        layer = self.plan.of(module_of(node.name))
+        if layer is None:
+            return
+        if layer.split is Split.VOCAB:
+            if node.op == "Gather" and isinstance(node.inputs[0], gs.Constant):
+                rewrite.embedding(node)
+            elif is_linear(node):
+                rewrite.lm_head(node)
+        elif is_linear(node):
+            (rewrite.column if layer.split is Split.COLUMN else rewrite.row)(node, layer)
+
+    def _heads(self, rewrite: _Rewrite) -> None:
+        """Head counts in attributes (packed attention forms) and in the cache's I/O shapes."""
+        q = len(self.plan.heads.q_heads(self.plan.mapping))
+        kv = len(self.plan.heads.kv_heads_of(self.plan.mapping))
+        for node in rewrite.model.graph.nodes:
+            for attr in _Q_HEAD_ATTRS:
+                if attr in node.attrs:
+                    node.attrs[attr] = q
+            for attr in _KV_HEAD_ATTRS:
+                if attr in node.attrs:
+                    node.attrs[attr] = kv
+        if self.kv is None:
+            return
+        names = {*self.kv.past_names, *self.kv.present_names}
+        for tensor in (*rewrite.model.graph.inputs, *rewrite.model.graph.outputs):
+            if tensor.name in names and tensor.shape is not None:
+                tensor.shape = [tensor.shape[0], kv, *tensor.shape[2:]]
+        rewrite.counts["kv_tensors"] += len(names)
+
+    def _check(self, rewrite: _Rewrite) -> None:
+        """Every layer split both ways, the embedding and lm_head once: else the graph would run, and
+        be right, on every rank without being split at all."""
+        layers = set(range(self.num_layers))
+        for kind in ("column", "row"):
+            if rewrite.layers[kind] != layers:
+                missing = sorted(layers - rewrite.layers[kind])
+                raise InputError(
+                    f"--tp: no {kind}-parallel linear layer found in layers {missing[:8]} (is it fused or renamed?)"
+                )
+        for kind in ("embedding", "lm_head"):
+            if rewrite.counts[kind] != 1:
+                raise InputError(f"--tp: found {rewrite.counts[kind]} vocab-parallel {kind} nodes, expected 1")
