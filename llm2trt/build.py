@@ -310,7 +310,7 @@ def _build_ranks(
         ranks = [os.path.relpath(Path(os.path.abspath(artifact)) / r, out_dir) for r in tp.ranks]
         graph = replace(moved.graph(), engine=infos[0].engine)
         replace(moved.with_graph(graph), tensor_parallel=replace(tp, ranks=ranks)).write(stage)
-    return RanksBuilt(str(out), tp.tp, infos)
+    return built
 
 
 def _build_graph(

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from llm2trt.core.manifest import GraphSpec, Manifest
 from llm2trt.core.records import Record
 from llm2trt.core.registry import Registry
 from llm2trt.session import DecoderSession, open_session
+
+if TYPE_CHECKING:
+    from llm2trt.tp_runtime import RankContext
 
 logger = logging.getLogger(__name__)
 
@@ -305,12 +308,10 @@ def generate(
 
 
 def _rank_task(
-    rank: Any, prompts: list[list[int]], sampling: Sampling, eos: list[int], capacity: int, pad_id: int
+    rank: RankContext, prompts: list[list[int]], sampling: Sampling, eos: list[int], capacity: int, pad_id: int
 ) -> tuple[list[list[int]], list[str], tuple[float, float, int]]:
     """Every rank decodes its own graph and cache; the gathered logits make every rank pick alike."""
-    graph = _decoder_graph(rank.manifest)
-    session = open_session(graph, rank.executor(graph), capacity=capacity, pad_id=pad_id)
-    return generate_ids(session, prompts, sampling, eos)
+    return generate_ids(rank.session(_decoder_graph(rank.manifest), capacity, pad_id), prompts, sampling, eos)
 
 
 def _generate_ranks(

@@ -99,13 +99,11 @@ def kv_numeric_check(
 ) -> NumericCheck:
     """Run both graphs as decoders on the same prompts and tokens (prefill, then one token at a
     time through each graph's own cache); the logits of every step must agree."""
-    from llm2trt.session import open_session, ort_executor
-
     probe = DecodeProbe.of(config)
     logits: list[list[np.ndarray]] = []
     for graph, path in (before, after):
         try:
-            logits.append(probe.run(open_session(graph, ort_executor(str(path)), capacity=probe.capacity)))
+            logits.append(probe.run_graph(graph, path))
         except BackendError as exc:
             if graph is before[0]:
                 return NumericCheck(False, f"the input graph does not run in ONNX Runtime here ({exc})")
@@ -133,6 +131,12 @@ class DecodeProbe:
     def run(self, session: DecoderSession) -> list[np.ndarray]:
         """Logits of the prefill, then of each token fed."""
         return [session.prefill(self.prompts)] + [session.decode(t) for t in self.tokens]
+
+    def run_graph(self, graph: GraphSpec, path: Path) -> list[np.ndarray]:
+        """`run` on a graph file in ONNX Runtime (CPU)."""
+        from llm2trt.session import open_session, ort_executor
+
+        return self.run(open_session(graph, ort_executor(str(path)), capacity=self.capacity))
 
     def verdict(self, reference: list[np.ndarray], got: list[np.ndarray], policy: TolerancePolicy) -> NumericCheck:
         pairs = {f"logits step {i}": (a, b) for i, (b, a) in enumerate(zip(reference, got, strict=True))}
@@ -292,20 +296,27 @@ class _Job:
     ) -> tuple[GraphSpec, OptimizeReport]:
         """Save one optimized graph into the staging directory, check it, and describe it."""
         filename = Path(before.onnx).name
-        proto = model.to_onnx()
         with step(f"writing the optimized graph {filename}"):
-            save_onnx(proto, stage, filename)
+            written = save_graph(model, graph, stage / filename, report.fusions, report.expected)
         verdict = self.numeric_check(before, graph, stage / filename)
-        data = f"{filename}.data"
-        written = replace(
-            graph,
-            onnx=filename,
-            external_data=[data] if (stage / data).exists() else [],
-            op_counts=op_counts(proto),
-            fusions=report.fusions,
-            expected_fusions=report.expected,
-        )
         return written, replace(report, numeric_check=verdict)
+
+
+def save_graph(
+    model: Model, graph: GraphSpec, path: Path, fusions: dict[str, int], expected: dict[str, int]
+) -> GraphSpec:
+    """Write a graph (weights in external data beside it) and describe what was written."""
+    proto = model.to_onnx()
+    save_onnx(proto, path.parent, path.name)
+    data = f"{path.name}.data"
+    return replace(
+        graph,
+        onnx=path.name,
+        external_data=[data] if (path.parent / data).exists() else [],
+        op_counts=op_counts(proto),
+        fusions=fusions,
+        expected_fusions=expected,
+    )
 
 
 def conform(model: Model, graph: GraphSpec) -> None:

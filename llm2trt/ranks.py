@@ -12,11 +12,10 @@ from __future__ import annotations
 import functools
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llm2trt.core.artifact import op_counts, save_onnx
 from llm2trt.core.errors import CheckFailed, InputError
 from llm2trt.core.log import step
 from llm2trt.core.manifest import GraphSpec, Manifest, PassRecord, TensorSpec
@@ -29,6 +28,9 @@ from llm2trt.passes.core import Model, PassManager
 from llm2trt.passes.fusions import count_fusions
 from llm2trt.passes.tp import TensorParallelPass
 
+if TYPE_CHECKING:
+    from llm2trt.tp_runtime import RankContext
+
 RANK_DIR = "rank{}"
 
 
@@ -37,7 +39,7 @@ def rank_graph(graph: GraphSpec, plan: TPPlan) -> GraphSpec:
     kv = graph.kv_cache
     if kv is None:
         return graph
-    heads = len(plan.heads.kv_heads_of(plan.mapping))
+    heads = plan.local_heads[1]
     names = {*kv.past_names, *kv.present_names}
 
     def local(tensors: list[TensorSpec]) -> list[TensorSpec]:
@@ -67,7 +69,7 @@ def split_graph(
     result = PassManager([TensorParallelPass(plan, graph.kv_cache, num_layers), ShapeInference()]).run(copy)
     counts = result.results[TensorParallelPass.name].counts
     weights = sum(int(np.asarray(t.values).nbytes) for t in copy.graph.tensors().values() if hasattr(t, "values"))
-    heads = len(plan.heads.kv_heads_of(plan.mapping)) if graph.kv_cache is not None else None
+    heads = plan.local_heads[1] if graph.kv_cache is not None else None
     report = RankReport(plan.mapping.rank, dict(counts), count_fusions(copy.graph), heads, weights)
     return copy, report, result.records
 
@@ -81,7 +83,7 @@ def write_ranks(
     tp: int,
 ) -> tuple[Manifest, list[RankReport]]:
     """Write rank{r}/ for every rank; the top manifest (not yet written) and the per-rank reports."""
-    from llm2trt.optimize import conform
+    from llm2trt.optimize import conform, save_graph
 
     reports: list[RankReport] = []
     ranks = [RANK_DIR.format(r) for r in range(tp)]
@@ -91,26 +93,18 @@ def write_ranks(
         folder = stage / ranks[mapping.rank]
         folder.mkdir()
         graphs: dict[str, GraphSpec] = {}
+        records: list[PassRecord] = []
         for name, (model, report, target) in optimized.items():
             with step(f"rank {mapping.rank} of {tp}: splitting graph {name!r}"):
-                rank_model, rank_report, records = split_graph(model, target, plan, spec.num_layers(config))
+                rank_model, rank_report, ran = split_graph(model, target, plan, spec.num_layers(config))
+            records += ran
             graph = rank_graph(target, plan)
             conform(rank_model, graph)
             missing = {k: v for k, v in report.expected.items() if rank_report.fusions.get(k, 0) < v}
             if missing:
                 raise CheckFailed(f"rank {mapping.rank}: fusions lost by the split: {missing} of {report.expected}")
-            proto = rank_model.to_onnx()
-            filename = Path(target.onnx).name
-            save_onnx(proto, folder, filename)
-            data = f"{filename}.data"
-            graphs[name] = replace(
-                graph,
-                onnx=filename,
-                external_data=[data] if (folder / data).exists() else [],
-                op_counts=op_counts(proto),
-                fusions=rank_report.fusions,
-                expected_fusions=report.expected,
-            )
+            path = folder / Path(target.onnx).name
+            graphs[name] = save_graph(rank_model, graph, path, rank_report.fusions, report.expected)
             reports.append(rank_report)
         generation = manifest.generation
         if generation is not None and generation.tokenizer is not None:
@@ -127,24 +121,20 @@ def write_ranks(
     return replace(manifest, graphs=top_graphs, tensor_parallel=TensorParallel(tp, None, ranks)), reports
 
 
-def _probe_task(ctx: Any, prompts: list[list[int]], tokens: np.ndarray, capacity: int) -> list[np.ndarray]:
+def _probe_task(ctx: RankContext, prompts: list[list[int]], tokens: np.ndarray, capacity: int) -> list[np.ndarray]:
     """In each rank: the probe through the rank's decoder graph."""
     from llm2trt.optimize import DecodeProbe
-    from llm2trt.session import open_session
 
-    graph = next(iter(ctx.manifest.graphs.values()))
-    session = open_session(graph, ctx.executor(graph), capacity=capacity)
-    return DecodeProbe(prompts, tokens).run(session)
+    return DecodeProbe(prompts, tokens).run(ctx.session(ctx.manifest.graph(), capacity))
 
 
 def check_ranks(artifact: Path, before: tuple[GraphSpec, Path], config: Any, policy: TolerancePolicy) -> NumericCheck:
     """Every rank together (the harness, gloo) against the input graph, step by step."""
     from llm2trt.optimize import DecodeProbe
-    from llm2trt.session import open_session, ort_executor
     from llm2trt.tp_runtime import run_ranks
 
     probe = DecodeProbe.of(config)
-    reference = probe.run(open_session(before[0], ort_executor(str(before[1])), capacity=probe.capacity))
+    reference = probe.run_graph(*before)
     task = functools.partial(_probe_task, prompts=probe.prompts, tokens=probe.tokens, capacity=probe.capacity)
     got = run_ranks(artifact, task)
     return probe.verdict(reference, got, policy)

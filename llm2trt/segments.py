@@ -22,14 +22,14 @@ from llm2trt.core.errors import BackendError, first_line
 from llm2trt.core.numerics import ort_session
 
 
-def reads_of(node: onnx.NodeProto) -> list[str]:
+def _reads(node: onnx.NodeProto) -> list[str]:
     """Every tensor a node reads, outer-scope reads of its subgraphs (If, Loop) included."""
     names = [n for n in node.input if n]
     for attr in node.attribute:
         graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
         for graph in graphs:
             for inner in graph.node:
-                names += reads_of(inner)
+                names += _reads(inner)
     return names
 
 
@@ -43,7 +43,7 @@ class SegmentedGraph:
         self.nodes = list(proto.graph.node)
         self.initializers = {t.name: t for t in proto.graph.initializer}
         self.graph_outputs = [o.name for o in proto.graph.output]
-        self._reads = [reads_of(n) for n in self.nodes]
+        self._reads = [_reads(n) for n in self.nodes]
         self.last_read: dict[str, int] = {}
         for i, reads in enumerate(self._reads):
             for name in reads:
@@ -65,15 +65,22 @@ class SegmentedGraph:
                 del values[name]  # nothing later reads it: drop it
             start = end + 1
 
+    def frontier(self, start: int, end: int, wanted: Sequence[str] = ()) -> tuple[list[str], list[str], list[str]]:
+        """What nodes start..end (inclusive) need and leave: the tensors they read from before them
+        (initializers aside), the tensors they make that are wanted, graph outputs or read after
+        them, and the initializers they read."""
+        made = {o for n in self.nodes[start : end + 1] for o in n.output if o}
+        reads = dict.fromkeys(r for i in range(start, end + 1) for r in self._reads[i])
+        inputs = [r for r in reads if r not in made and r not in self.initializers]
+        outputs = [o for o in made if o in wanted or o in self.graph_outputs or self.last_read.get(o, -1) > end]
+        return inputs, outputs, [r for r in reads if r in self.initializers]
+
     def _run_segment(
         self, start: int, end: int, values: dict[str, np.ndarray], wanted: list[str]
     ) -> dict[str, np.ndarray]:
         nodes = self.nodes[start : end + 1]
-        made = {o for n in nodes for o in n.output if o}
-        reads = dict.fromkeys(r for i in range(start, end + 1) for r in self._reads[i])
-        inputs = [r for r in reads if r in values and r not in self.initializers]
-        outputs = [o for o in made if o in wanted or o in self.graph_outputs or self.last_read.get(o, -1) > end]
-        model = self._model(nodes, inputs, outputs, values, [r for r in reads if r in self.initializers])
+        inputs, outputs, initializers = self.frontier(start, end, wanted)
+        model = self._model(nodes, inputs, outputs, values, initializers)
         session = self._session(model, start, end)
         try:
             results = session.run(outputs, {name: values[name] for name in inputs})

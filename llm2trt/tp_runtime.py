@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -33,7 +33,10 @@ from llm2trt.core.manifest import GraphSpec, Manifest
 from llm2trt.core.numerics import ort_session
 from llm2trt.core.tp import Mapping
 from llm2trt.passes.tp import collective_kind, is_collective
-from llm2trt.segments import reads_of, segment_model, value_info
+from llm2trt.segments import SegmentedGraph, segment_model, value_info
+
+if TYPE_CHECKING:
+    from llm2trt.session import DecoderSession
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +81,7 @@ class _Segment:
     nodes: list[onnx.NodeProto]
     inputs: list[str]
     outputs: list[str]
+    initializers: list[str]
     collective: tuple[str, str, str] | None  # (kind, input, output)
     session: Any = None
 
@@ -90,8 +94,8 @@ class RankExecutor:
     ) -> None:
         self.path, self.graph, self.comm, self.providers, self.threads = path, graph, comm, providers, threads
         self.proto = onnx.load(str(path), load_external_data=False)
-        self.initializers = {t.name: t for t in self.proto.graph.initializer}
-        self.outputs = [o.name for o in self.proto.graph.output]
+        self.cut = SegmentedGraph(self.proto, path.parent, providers)
+        self.outputs = self.cut.graph_outputs
         self.segments = self._cut()
         self.cuda = any((p if isinstance(p, str) else p[0]) == CUDA for p in providers)
         self.device_id = int(comm.device.split(":")[1]) if self.cuda else 0
@@ -112,24 +116,16 @@ class RankExecutor:
                     self.types[out] = _dynamic(self.types[x], out)
 
     def _cut(self) -> list[_Segment]:
-        nodes = list(self.proto.graph.node)
-        reads = [reads_of(n) for n in nodes]
-        last_read: dict[str, int] = {}
-        for i, names in enumerate(reads):
-            for name in names:
-                last_read[name] = i
+        """A segment ends before each collective, and one more at the graph's end."""
+        nodes = self.cut.nodes
         segments, start = [], 0
         for end in [i for i, n in enumerate(nodes) if is_collective(n)] + [len(nodes)]:
-            body = nodes[start:end]
-            made = {o for n in body for o in n.output if o}
-            wanted = dict.fromkeys(r for i in range(start, end) for r in reads[i] if r not in made)
-            inputs = [r for r in wanted if r not in self.initializers]
-            outputs = [o for o in made if o in self.outputs or last_read.get(o, -1) >= end]
+            inputs, outputs, initializers = self.cut.frontier(start, end - 1)
             collective = None
             if end < len(nodes):
                 node = nodes[end]
                 collective = (collective_kind(node), node.input[0], node.output[0])
-            segments.append(_Segment(body, inputs, outputs, collective))
+            segments.append(_Segment(nodes[start:end], inputs, outputs, initializers, collective))
             start = end + 1
         return segments
 
@@ -138,8 +134,7 @@ class RankExecutor:
             _dynamic(self.types[name]) if name in self.types else value_info(name, _typed(values[name]))
             for name in segment.inputs
         ]
-        used = {r for n in segment.nodes for r in reads_of(n)}
-        inits = [t for name, t in self.initializers.items() if name in used]
+        inits = [self.cut.initializers[name] for name in segment.initializers]
         model = segment_model(self.proto, segment.nodes, typed, segment.outputs, inits)
         return ort_session(
             model.SerializeToString(),
@@ -183,7 +178,7 @@ class RankExecutor:
                     name,
                     "cuda",
                     self.device_id,
-                    DType.parse(str(tensor.dtype).removeprefix("torch.")).numpy,
+                    DType.parse(tensor.dtype).numpy,
                     tuple(tensor.shape),
                     tensor.data_ptr(),
                 )
@@ -234,9 +229,9 @@ def _typed(value: Any) -> np.ndarray:
     """A stand-in with the value's dtype and rank (for typing a segment's inputs)."""
     if isinstance(value, np.ndarray):
         return value
-    shape = tuple(value.shape()) if callable(getattr(value, "shape", None)) else tuple(value.shape)
-    dtype = value.data_type() if hasattr(value, "data_type") else str(value.dtype).removeprefix("torch.")
-    return np.empty((0,) * len(shape), dtype=DType.parse(_ort_type(dtype)).numpy)
+    if hasattr(value, "data_type"):  # an ONNX Runtime OrtValue
+        return np.empty((0,) * len(value.shape()), dtype=DType.parse(_ort_type(value.data_type())).numpy)
+    return np.empty((0,) * value.dim(), dtype=DType.parse(value.dtype).numpy)  # a torch tensor
 
 
 def _ort_type(name: str) -> str:
@@ -274,6 +269,12 @@ class RankContext:
     def executor(self, graph: GraphSpec) -> RankExecutor:
         path = self.manifest.onnx_path(self.artifact, graph.name)
         return RankExecutor(path, graph, self.comm, self.providers, self.threads)
+
+    def session(self, graph: GraphSpec, capacity: int, pad_id: int = 0) -> DecoderSession:
+        """A decoder session over this rank's graph, its cache holding the rank's heads."""
+        from llm2trt.session import open_session
+
+        return open_session(graph, self.executor(graph), capacity=capacity, pad_id=pad_id)
 
 
 RankTask = Callable[[RankContext], Any]

@@ -29,7 +29,7 @@ import onnx_graphsurgeon as gs
 from llm2trt.core.dtypes import DType
 from llm2trt.core.errors import InputError
 from llm2trt.core.kv import KVLayout
-from llm2trt.core.tp import LayerSplit, Split, TPPlan, shard_vocab
+from llm2trt.core.tp import LayerSplit, Split, TPPlan, padded, shard_vocab
 from llm2trt.passes.core import GraphPass, Model, PassResult
 from llm2trt.passes.pattern import layer_of, module_of
 from llm2trt.passes.quant import is_linear
@@ -49,10 +49,6 @@ def collective_kind(node: onnx.NodeProto) -> str:
         if attr.name == "collective_operation":
             return str(attr.s.decode())
     raise ValueError(f"{node.name}: a DistCollective without collective_operation")
-
-
-def _const(model: Model, base: str, values: np.ndarray) -> gs.Constant:
-    return gs.Constant(model.fresh_name(base), np.ascontiguousarray(values))
 
 
 def _values(tensor: gs.Tensor) -> np.ndarray | None:
@@ -82,16 +78,35 @@ class _Rewrite:
     def tp(self) -> int:
         return self.plan.mapping.tp
 
+    def var(self, where: str, base: str, dtype: object = None) -> gs.Variable:
+        return gs.Variable(self.model.fresh_name(f"{where}/{base}"), dtype=dtype)
+
+    def const(self, base: str, values: np.ndarray) -> gs.Constant:
+        return gs.Constant(self.model.fresh_name(base), np.ascontiguousarray(values))
+
+    def add(
+        self,
+        op: str,
+        where: str,
+        base: str,
+        inputs: list[gs.Tensor],
+        outputs: list[gs.Tensor],
+        attrs: dict[str, object] | None = None,
+        domain: str | None = None,
+    ) -> None:
+        """A new node (appended: the pass sorts the graph at the end)."""
+        name = self.model.fresh_name(f"{where}/{base}")
+        self.model.graph.nodes.append(gs.Node(op, name, attrs or {}, inputs, outputs, domain=domain))
+
     def collective(self, kind: str, x: gs.Variable, out: gs.Variable, where: str) -> None:
-        attrs = {
+        attrs: dict[str, object] = {
             "collective_operation": kind,
             "reduce_op": "sum" if kind == "all_reduce" else "none",
             "root": -1,
             "group_size": 0,
             "nb_rank": self.tp,
         }
-        name = self.model.fresh_name(f"{where}/{kind}")
-        self.model.graph.nodes.append(gs.Node(COLLECTIVE_OP, name, attrs, [x], [out], domain=COLLECTIVE_DOMAIN))
+        self.add(COLLECTIVE_OP, where, kind, [x], [out], attrs, COLLECTIVE_DOMAIN)
         self.counts[kind] += 1
 
     def partial(self, node: gs.Node, what: str) -> tuple[gs.Variable, gs.Variable]:
@@ -107,7 +122,7 @@ class _Rewrite:
         weight = _weight(node.inputs[1])
         index = self.plan.index(layer, weight.shape[1])
         add = _bias_add(node)  # before the weight narrows: the bias is as wide as the whole layer
-        node.inputs[1] = _const(self.model, f"{node.inputs[1].name}.rank", weight[:, index])
+        node.inputs[1] = self.const(f"{node.inputs[1].name}.rank", weight[:, index])
         out = node.outputs[0]
         if node.op == "Gemm" and len(node.inputs) > 2:
             node.inputs[2] = self._sliced_bias(node.inputs[2], index)
@@ -125,23 +140,19 @@ class _Rewrite:
     def row(self, node: gs.Node, layer: LayerSplit) -> None:
         weight = _weight(node.inputs[1])
         index = self.plan.index(layer, weight.shape[0])
-        node.inputs[1] = _const(self.model, f"{node.inputs[1].name}.rank", weight[index, :])
+        node.inputs[1] = self.const(f"{node.inputs[1].name}.rank", weight[index, :])
         source = node.inputs[0]
         if len(source.inputs) == 1 and source.inputs[0].op == "Reshape":
             self._narrow_shape(source.inputs[0], weight.shape[0], len(index))
-        where = node.name.rsplit("/", 1)[0]
-        if node.op == "Gemm" and len(node.inputs) > 2:
-            # The bias once, after the sum: Gemm without it, all-reduce, then Add.
-            bias = node.inputs[2]
-            node.inputs = node.inputs[:2]
-            part, whole = self.partial(node, "partial")
-            summed = gs.Variable(self.model.fresh_name(f"{whole.name}/summed"), dtype=whole.dtype)
-            self.collective("all_reduce", part, summed, where)
-            name = self.model.fresh_name(f"{where}/bias_after_all_reduce")
-            self.model.graph.nodes.append(gs.Node("Add", name, inputs=[summed, bias], outputs=[whole]))
-        else:
-            part, whole = self.partial(node, "partial")  # a MatMul's bias Add stays after it
-            self.collective("all_reduce", part, whole, where)
+        where = _scope(node)
+        # A Gemm's bias goes after the sum, added once (a MatMul's bias Add already is after it).
+        bias = node.inputs[2] if node.op == "Gemm" and len(node.inputs) > 2 else None
+        node.inputs = node.inputs[:2]
+        part, whole = self.partial(node, "partial")
+        summed = whole if bias is None else self.var(where, "summed", whole.dtype)
+        self.collective("all_reduce", part, summed, where)
+        if bias is not None:
+            self.add("Add", where, "bias_after_all_reduce", [summed, bias], [whole])
         self.counts["row"] += 1
         self._seen("row", node)
 
@@ -154,7 +165,7 @@ class _Rewrite:
         values = _values(bias)
         if values is None or values.ndim != 1:
             raise InputError(f"--tp: the bias {bias.name!r} of a column-parallel layer is not a constant vector")
-        return _const(self.model, f"{bias.name}.rank", values[index])
+        return self.const(f"{bias.name}.rank", values[index])
 
     def _narrow_shape(self, reshape: gs.Node, full: int, local: int) -> None:
         """A Reshape target that spells the full width last ([-1, 256], [b, s, 192]) gets the rank's."""
@@ -162,13 +173,13 @@ class _Rewrite:
         values = _values(shape)
         if values is not None:
             if values.size and int(values[-1]) == full:
-                reshape.inputs[1] = _const(self.model, f"{shape.name}.rank", np.append(values[:-1], local))
+                reshape.inputs[1] = self.const(f"{shape.name}.rank", np.append(values[:-1], local))
             return
         concat = shape.inputs[0] if len(shape.inputs) == 1 else None
         if concat is not None and concat.op == "Concat":
             last = _values(concat.inputs[-1])
             if last is not None and last.size == 1 and int(last[0]) == full:
-                concat.inputs[-1] = _const(self.model, f"{concat.inputs[-1].name}.rank", np.full_like(last, local))
+                concat.inputs[-1] = self.const(f"{concat.inputs[-1].name}.rank", np.full_like(last, local))
 
     def _narrow_split(self, split: gs.Node, index: np.ndarray) -> None:
         sizes = _values(split.inputs[1]) if len(split.inputs) > 1 else None
@@ -176,7 +187,7 @@ class _Rewrite:
             return
         bounds = np.concatenate([[0], np.cumsum(sizes)])
         local = [int(((index >= a) & (index < b)).sum()) for a, b in itertools.pairwise(bounds)]
-        split.inputs[1] = _const(self.model, f"{split.inputs[1].name}.rank", np.asarray(local, dtype=sizes.dtype))
+        split.inputs[1] = self.const(f"{split.inputs[1].name}.rank", np.asarray(local, dtype=sizes.dtype))
 
     # -- vocabulary ------------------------------------------------------------------------------
 
@@ -186,38 +197,26 @@ class _Rewrite:
         local = shard_vocab(table, self.plan.mapping, axis=0)
         per = local.shape[0]
         ids = node.inputs[1]
-        itype = DType.find(ids.dtype) if ids.dtype is not None else None
-        inp = np.int32 if itype is DType.INT32 else np.int64
-        where = node.name.rsplit("/", 1)[0]
-        m = self.model
-
-        def var(base: str, dtype: object) -> gs.Variable:
-            return gs.Variable(m.fresh_name(f"{where}/{base}"), dtype=dtype)
-
-        shifted, low, high, inside, safe = (var(n, None) for n in ("shifted", "low", "high", "inside", "safe"))
-        mask, fmask = var("mask", None), var("fmask", table.dtype)
-        start = _const(m, f"{where}/vocab_start", np.asarray(self.plan.mapping.rank * per, dtype=inp))
-        zero, size = (
-            _const(m, f"{where}/zero", np.asarray(0, dtype=inp)),
-            _const(m, f"{where}/per", np.asarray(per, dtype=inp)),
+        index_type = np.int32 if ids.dtype is not None and DType.find(ids.dtype) is DType.INT32 else np.int64
+        where = _scope(node)
+        shifted, low, high, inside, safe, mask = (
+            self.var(where, n) for n in ("shifted", "low", "high", "inside", "safe", "mask")
         )
-        axes = _const(m, f"{where}/last_axis", np.asarray([-1], dtype=np.int64))
-        nodes = [
-            gs.Node("Sub", m.fresh_name(f"{where}/vocab_shift"), inputs=[ids, start], outputs=[shifted]),
-            gs.Node("GreaterOrEqual", m.fresh_name(f"{where}/vocab_low"), inputs=[shifted, zero], outputs=[low]),
-            gs.Node("Less", m.fresh_name(f"{where}/vocab_high"), inputs=[shifted, size], outputs=[high]),
-            gs.Node("And", m.fresh_name(f"{where}/vocab_inside"), inputs=[low, high], outputs=[inside]),
-            gs.Node("Where", m.fresh_name(f"{where}/vocab_safe"), inputs=[inside, shifted, zero], outputs=[safe]),
-            gs.Node("Unsqueeze", m.fresh_name(f"{where}/vocab_mask"), inputs=[inside, axes], outputs=[mask]),
-            gs.Node(
-                "Cast", m.fresh_name(f"{where}/vocab_fmask"), {"to": DType.parse(table.dtype).onnx}, [mask], [fmask]
-            ),
-        ]
-        node.inputs = [_const(m, f"{node.inputs[0].name}.rank", local), safe]
+        fmask, masked = self.var(where, "fmask", table.dtype), self.var(where, "masked", table.dtype)
+        start = self.const(f"{where}/vocab_start", np.asarray(self.plan.mapping.rank * per, dtype=index_type))
+        zero = self.const(f"{where}/zero", np.asarray(0, dtype=index_type))
+        size = self.const(f"{where}/per", np.asarray(per, dtype=index_type))
+        axes = self.const(f"{where}/last_axis", np.asarray([-1], dtype=np.int64))
+        self.add("Sub", where, "vocab_shift", [ids, start], [shifted])
+        self.add("GreaterOrEqual", where, "vocab_low", [shifted, zero], [low])
+        self.add("Less", where, "vocab_high", [shifted, size], [high])
+        self.add("And", where, "vocab_inside", [low, high], [inside])
+        self.add("Where", where, "vocab_safe", [inside, shifted, zero], [safe])
+        self.add("Unsqueeze", where, "vocab_mask", [inside, axes], [mask])
+        self.add("Cast", where, "vocab_fmask", [mask], [fmask], {"to": DType.parse(table.dtype).onnx})
+        node.inputs = [self.const(f"{node.inputs[0].name}.rank", local), safe]
         gathered, whole = self.partial(node, "rows")
-        masked = var("masked", table.dtype)
-        nodes.append(gs.Node("Mul", m.fresh_name(f"{where}/vocab_zero"), inputs=[gathered, fmask], outputs=[masked]))
-        m.graph.nodes.extend(nodes)
+        self.add("Mul", where, "vocab_zero", [gathered, fmask], [masked])
         self.collective("all_reduce", masked, whole, where)
         self.counts["embedding"] += 1
 
@@ -225,42 +224,28 @@ class _Rewrite:
         """The rank's vocabulary columns; logits gathered along a leading vocab axis, then put back."""
         weight = _weight(node.inputs[1])
         vocab = weight.shape[1]
-        node.inputs[1] = _const(self.model, f"{node.inputs[1].name}.rank", shard_vocab(weight, self.plan.mapping, 1))
+        node.inputs[1] = self.const(f"{node.inputs[1].name}.rank", shard_vocab(weight, self.plan.mapping, 1))
         part, whole = self.partial(node, "vocab_part")
         rank = len(whole.shape) if whole.shape is not None else 3
-        where, m = node.name.rsplit("/", 1)[0], self.model
-        front, gathered, back = (
-            gs.Variable(m.fresh_name(f"{where}/{n}"), dtype=whole.dtype)
-            for n in ("vocab_first", "gathered", "vocab_last")
-        )
-        to_front = [rank - 1, *range(rank - 1)]
-        to_back = [*range(1, rank), 0]
-        m.graph.nodes.append(
-            gs.Node("Transpose", m.fresh_name(f"{where}/vocab_first"), {"perm": to_front}, [part], [front])
-        )
+        where = _scope(node)
+        front, gathered = self.var(where, "vocab_first", whole.dtype), self.var(where, "gathered", whole.dtype)
+        self.add("Transpose", where, "vocab_first", [part], [front], {"perm": [rank - 1, *range(rank - 1)]})
         self.collective("all_gather", front, gathered, where)
-        padded = weight.shape[1] != shard_vocab(weight, self.plan.mapping, 1).shape[1] * self.tp
-        m.graph.nodes.append(
-            gs.Node(
-                "Transpose",
-                m.fresh_name(f"{where}/vocab_last"),
-                {"perm": to_back},
-                [gathered],
-                [back if padded else whole],
-            )
-        )
-        if padded:
-            starts, ends, axes = (np.asarray([v], dtype=np.int64) for v in (0, vocab, -1))
-            inputs = [
-                back,
-                _const(m, f"{where}/vocab_s", starts),
-                _const(m, f"{where}/vocab_e", ends),
-                _const(m, f"{where}/vocab_a", axes),
+        pads = padded(vocab, self.tp) != vocab
+        back = self.var(where, "vocab_last", whole.dtype) if pads else whole
+        self.add("Transpose", where, "vocab_last", [gathered], [back], {"perm": [*range(1, rank), 0]})
+        if pads:
+            bounds = [
+                self.const(f"{where}/vocab_{n}", np.asarray([v], dtype=np.int64))
+                for n, v in (("s", 0), ("e", vocab), ("a", -1))
             ]
-            m.graph.nodes.append(
-                gs.Node("Slice", m.fresh_name(f"{where}/drop_vocab_padding"), inputs=inputs, outputs=[whole])
-            )
+            self.add("Slice", where, "drop_vocab_padding", [back, *bounds], [whole])
         self.counts["lm_head"] += 1
+
+
+def _scope(node: gs.Node) -> str:
+    """The node's module path, where the nodes a rewrite adds for it are named."""
+    return str(node.name).rsplit("/", 1)[0]
 
 
 def _bias_add(node: gs.Node) -> gs.Node | None:
@@ -321,8 +306,7 @@ class TensorParallelPass(GraphPass):
 
     def _heads(self, rewrite: _Rewrite) -> None:
         """Head counts in attributes (packed attention forms) and in the cache's I/O shapes."""
-        q = len(self.plan.heads.q_heads(self.plan.mapping))
-        kv = len(self.plan.heads.kv_heads_of(self.plan.mapping))
+        q, kv = self.plan.local_heads
         for node in rewrite.model.graph.nodes:
             for attr in _Q_HEAD_ATTRS:
                 if attr in node.attrs:

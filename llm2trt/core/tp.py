@@ -111,6 +111,11 @@ def feature_index(units: Units, heads: Heads, mapping: Mapping, size: int) -> np
     if units is Units.QKV:
         k0 = heads.heads * hd
         return np.concatenate([span(q), span(kv, k0), span(kv, k0 + heads.kv_heads * hd)])
+    return even_index(size, mapping)
+
+
+def even_index(size: int, mapping: Mapping) -> np.ndarray:
+    """The rank's even share of `size` features."""
     if size % mapping.tp:
         raise InputError(f"--tp {mapping.tp}: {size} features do not divide into {mapping.tp} ranks")
     per = size // mapping.tp
@@ -131,11 +136,7 @@ def shard(weight: np.ndarray, split: Split, mapping: Mapping, index: np.ndarray 
         return shard_vocab(weight, mapping, axis=0)
     axis = weight.ndim - 1 if split is Split.COLUMN else 0
     if index is None:
-        size = weight.shape[axis]
-        if size % mapping.tp:
-            raise InputError(f"--tp {mapping.tp}: {size} features do not divide into {mapping.tp} ranks")
-        per = size // mapping.tp
-        index = np.arange(mapping.rank * per, (mapping.rank + 1) * per)
+        index = even_index(weight.shape[axis], mapping)
     return np.take(weight, index, axis=axis)
 
 
@@ -177,6 +178,11 @@ class TPPlan:
 
     def index(self, layer: LayerSplit, size: int) -> np.ndarray:
         return feature_index(layer.units, self.heads, self.mapping, size)
+
+    @property
+    def local_heads(self) -> tuple[int, int]:
+        """The rank's query heads and KV heads (a replicated KV head counts on every rank)."""
+        return len(self.heads.q_heads(self.mapping)), len(self.heads.kv_heads_of(self.mapping))
 
 
 @dataclass(frozen=True)
