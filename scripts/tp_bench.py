@@ -63,15 +63,28 @@ def _tp1(artifact: Path, providers: list[str]) -> dict[str, Any]:
     return {"ids": new[0], "prefill_ms": prefill * 1e3, "decode_ms_per_step": decode / max(steps, 1) * 1e3}
 
 
-def _tpn(artifact: Path, providers: list[str]) -> dict[str, Any]:
-    from llm2trt.generate import Sampling, generate
+def _rank_timed(rank: Any, eos: list[int]) -> tuple[list[list[int]], list[str], tuple[float, float, int]]:
+    """In every rank process: a warm-up generate, then the timed one, on the same sessions and
+    communicators (a second `generate` call would spawn cold processes)."""
+    from llm2trt.generate import Sampling, _decoder_graph, generate_ids
 
-    ids = [PROMPT_IDS]
-    generate(
-        artifact, ids=ids, sampling=Sampling(max_new_tokens=4), providers=providers
-    )  # warm-up (processes, sessions)
-    result = generate(artifact, ids=ids, sampling=Sampling(NEW_TOKENS), providers=providers).to_dict()
-    return {"ids": result["ids"][len(PROMPT_IDS) :], **{k: result[k] for k in ("prefill_ms", "decode_ms_per_step")}}
+    session = rank.session(_decoder_graph(rank.manifest), capacity=len(PROMPT_IDS) + NEW_TOKENS)
+    generate_ids(session, [PROMPT_IDS], Sampling(max_new_tokens=4), [])
+    return generate_ids(session, [PROMPT_IDS], Sampling(NEW_TOKENS), eos)
+
+
+def _tpn(artifact: Path, providers: list[str]) -> dict[str, Any]:
+    import functools
+
+    from llm2trt.core.manifest import Manifest
+    from llm2trt.tp_runtime import run_ranks
+
+    manifest = Manifest.read(artifact)
+    eos = manifest.generation.eos_token_ids if manifest.generation else []
+    new, _stops, (prefill, decode, steps) = run_ranks(
+        artifact, functools.partial(_rank_timed, eos=list(eos)), providers
+    )
+    return {"ids": new[0], "prefill_ms": prefill * 1e3, "decode_ms_per_step": decode / max(steps, 1) * 1e3}
 
 
 def _cli(*args: Any) -> None:
