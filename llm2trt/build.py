@@ -8,6 +8,7 @@ the command and no engine lands in a staging directory that is being removed.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -20,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from llm2trt.core.artifact import load_onnx, sha256_files, staged_output
+from llm2trt.core.artifact import load_onnx, save_beside, sha256_files, staged_output
 from llm2trt.core.errors import BackendError, InputError
 from llm2trt.core.kv import CACHE_SEQUENCE, GQA, PAST_SEQUENCE, SEQUENCE, TOTAL_SEQUENCE
 from llm2trt.core.manifest import BUILD_NAME, ENGINE_NAME, DimRange, GraphSpec, Manifest, PassRecord
@@ -29,10 +30,11 @@ from llm2trt.core.reports import BuildInfo, Profile, ShapeRange
 from llm2trt.core.tp import TensorParallel
 from llm2trt.plugins import refs as plugin_refs
 from llm2trt.trt import Backend, load_backend, resolve_compute_capability
-from llm2trt.trt_worker import PHASE_MARK, PHASES, BuildRequest, BuildResult
+from llm2trt.trt_worker import PHASE_MARK, PHASES, PROGRESS_MARK, BuildRequest, BuildResult
 
 logger = logging.getLogger(__name__)
 
+MAX_OPT_LEVEL = 5
 # After SIGTERM, how long the worker gets before SIGKILL.
 _KILL_GRACE_SECONDS = 2.0
 
@@ -64,6 +66,26 @@ def parse_dim_overrides(values: tuple[str, ...] | list[str]) -> dict[str, DimRan
     return ranges
 
 
+def load_profiles(path: Path) -> dict[str, dict[str, DimRange]]:
+    """A profiles file: {"profiles": [{"name": "short", "dims": {"sequence": "1:64:128"}}, ...]};
+    each entry one optimization profile (a dim given as N is fixed), in order."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"--profiles {path}: cannot read it as JSON ({exc})") from None
+    entries = data.get("profiles") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise InputError(f'--profiles {path}: expected {{"profiles": [{{"name": ..., "dims": {{...}}}}, ...]}}')
+    profiles: dict[str, dict[str, DimRange]] = {}
+    for i, entry in enumerate(entries):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        dims = entry.get("dims") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name or not isinstance(dims, dict) or name in profiles:
+            raise InputError(f"--profiles {path}: profile {i} needs a unique name and a dims object")
+        profiles[name] = parse_dim_overrides([f"{dim}={value}" for dim, value in dims.items()])
+    return profiles
+
+
 def profile_shapes(graph: GraphSpec, dims: dict[str, DimRange]) -> Profile:
     """min/opt/max shapes for every dynamic graph input, from the ranges of its named dims."""
     shapes: Profile = {}
@@ -93,10 +115,41 @@ def _stop(proc: subprocess.Popen[str]) -> None:
             continue
 
 
-def _read_phases(proc: subprocess.Popen[str], tail: deque[str]) -> str:
+class ProgressBar:
+    """TensorRT's progress monitor as one self-rewriting line on a terminal (nothing elsewhere)."""
+
+    WIDTH = 24
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.shown = False
+
+    def update(self, text: str) -> None:
+        """`text`: the worker's progress line, "<steps done> <steps> <phase name>"."""
+        done, total, name = text.split(" ", 2)
+        if not self.enabled or not total.isdigit() or int(total) <= 0:
+            return
+        filled = self.WIDTH * min(int(done), int(total)) // int(total)
+        bar = "#" * filled + "-" * (self.WIDTH - filled)
+        sys.stderr.write(f"\r[llm2trt] TensorRT [{bar}] {done}/{total} {name[:48]:<48}")
+        sys.stderr.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.shown = False
+
+
+def _read_phases(proc: subprocess.Popen[str], tail: deque[str], bar: ProgressBar) -> str:
     """Follow the worker's stderr to its end; returns the last phase it announced."""
     phase = "plugins"
     for line in proc.stderr or ():
+        if line.startswith(PROGRESS_MARK):
+            bar.update(line[len(PROGRESS_MARK) :].rstrip("\n"))
+            continue
+        bar.close()
         if line.startswith(PHASE_MARK):
             phase = line[len(PHASE_MARK) :].strip()
         elif line.startswith("[llm2trt] "):
@@ -131,12 +184,15 @@ def run_worker(request: BuildRequest, scratch: Path) -> BuildResult:
         start_new_session=True,  # the CLI decides when it stops, not the terminal's Ctrl-C
     )
     tail: deque[str] = deque(maxlen=40)
+    bar = ProgressBar(request.verbosity >= 0 and sys.stderr.isatty())
     try:
-        phase = _read_phases(proc, tail)
+        phase = _read_phases(proc, tail, bar)
         code = proc.wait()
     except BaseException:  # Ctrl-C, SIGTERM, anything: the worker must not outlive us
         _stop(proc)
         raise
+    finally:
+        bar.close()
     if code < 0:
         name = signal.Signals(-code).name
         native = next((t for t in reversed(tail) if "Traceback" not in t), "")
@@ -184,53 +240,49 @@ def kv_profile_dims(graph: GraphSpec, dims: dict[str, DimRange]) -> dict[str, di
     return {"prefill": {**dims, **prefill}, "decode": {**dims, **decode}}
 
 
-def _plan(
-    graph: GraphSpec, backend_name: str, cc: str | None, profile: tuple[str, ...] | list[str], cache: bool, strip: bool
-) -> _Plan:
-    backend = load_backend(backend_name)
-    if cache:
+def _plan(graph: GraphSpec, options: _Options) -> _Plan:
+    backend = load_backend(options.backend)
+    if options.timing_cache is not None:
         backend.require("timing_cache")
-    if strip:
+    if options.strip_weights:
         backend.require("strip_weights")
-    resolved = resolve_compute_capability(backend, cc)
-    overrides, graph_dims = parse_dim_overrides(profile), graph.symbolic_dims()
-    unknown = set(overrides) - graph_dims
+    resolved = resolve_compute_capability(backend, options.compute_capability)
+    graph_dims = graph.symbolic_dims()
+    named = load_profiles(options.profiles_file) if options.profiles_file else {"": {}}
+    overrides = parse_dim_overrides(options.profile)
+    unknown = set(overrides).union(*named.values()) - graph_dims
     if unknown:
-        raise InputError(f"--profile names unknown dims {sorted(unknown)}; this model's dims are {sorted(graph_dims)}")
-    dims = {name: rng for name, rng in {**graph.dims, **overrides}.items() if name in graph_dims}
-    static: dict[str, int] = {}
+        raise InputError(f"profiles name unknown dims {sorted(unknown)}; this model's dims are {sorted(graph_dims)}")
     if graph.kv_cache is not None and graph.kv_cache.form == GQA:
         raise InputError(
             "this graph's KV cache is ONNX Runtime's GroupQueryAttention (--kv-form gqa), which TensorRT cannot "
             "build: build the fixed or growing form of the same model"
         )
-    if graph.kv_cache is not None and graph.kv_cache.is_buffer:
-        # TensorRT's KV_CACHE_UPDATE wants the buffer's length static ("The KV cache tensor must
-        # have a static sequence length dimension"): the engine holds the range's max slots.
-        static[CACHE_SEQUENCE] = dims[CACHE_SEQUENCE].max
-        dims[CACHE_SEQUENCE] = DimRange(*[static[CACHE_SEQUENCE]] * 3)
-    profiles = {name: profile_shapes(graph, ranges) for name, ranges in kv_profile_dims(graph, dims).items()}
+    profiles: dict[str, Profile] = {}
+    static: dict[str, int] = {}
+    dims: dict[str, DimRange] = {}
+    for prefix, ranges in named.items():
+        dims = {name: rng for name, rng in {**graph.dims, **ranges, **overrides}.items() if name in graph_dims}
+        if graph.kv_cache is not None and graph.kv_cache.is_buffer:
+            # TensorRT's KV_CACHE_UPDATE wants the buffer's length static ("The KV cache tensor must
+            # have a static sequence length dimension"): the engine holds the range's max slots.
+            slots = static.setdefault(CACHE_SEQUENCE, dims[CACHE_SEQUENCE].max)
+            dims[CACHE_SEQUENCE] = DimRange(slots, slots, slots)
+        for kind, kv_ranges in kv_profile_dims(graph, dims).items():
+            name = ".".join(p for p in (prefix, "" if prefix and kind == "all" else kind) if p)
+            profiles[name] = profile_shapes(graph, kv_ranges)
     return _Plan(backend, resolved, dims, profiles, static)
 
 
 def specialize(onnx_path: Path, scratch: Path, static: dict[str, int]) -> Path:
     """A copy of the graph (weights not copied: its data files are linked) whose I/O has the given
     symbolic dims fixed, for TensorRT layers that need them static."""
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    model = load_onnx(onnx_path, with_weights=False)
     for value in [*model.graph.input, *model.graph.output]:
         for dim in value.type.tensor_type.shape.dim:
             if dim.HasField("dim_param") and dim.dim_param in static:
                 dim.dim_value = static[dim.dim_param]
-    for tensor in model.graph.initializer:
-        for entry in tensor.external_data:
-            target = scratch / entry.value
-            if entry.key == "location" and not target.exists():
-                target.symlink_to(onnx_path.parent.resolve() / entry.value)
-    path = scratch / onnx_path.name
-    onnx.save(model, str(path))
-    return path
+    return save_beside(model, onnx_path, scratch)
 
 
 @dataclass(frozen=True)
@@ -243,6 +295,8 @@ class _Options:
     strip_weights: bool
     backend: str
     verbosity: int
+    opt_level: int | None = None  # TensorRT's builder optimization level (0-5; its default 3)
+    profiles_file: Path | None = None  # named optimization profiles (load_profiles)
 
 
 def build(
@@ -256,11 +310,17 @@ def build(
     backend: str = "auto",
     force: bool = False,
     verbosity: int = 0,
+    opt_level: int | None = None,
+    profiles_file: Path | None = None,
 ) -> Built | RanksBuilt:
     """Build the artifact's default graph into `out` (model.engine, build.json, manifest.json); a
     tensor-parallel artifact's ranks into rank{r}.engine, one per rank."""
     manifest = Manifest.read(artifact)
-    options = _Options(compute_capability, profile, timing_cache, strip_weights, backend, verbosity)
+    if opt_level is not None and not 0 <= opt_level <= MAX_OPT_LEVEL:
+        raise InputError(f"--opt-level {opt_level}: TensorRT's builder optimization levels are 0 to {MAX_OPT_LEVEL}")
+    options = _Options(
+        compute_capability, profile, timing_cache, strip_weights, backend, verbosity, opt_level, profiles_file
+    )
     if manifest.tensor_parallel is not None and manifest.tensor_parallel.ranks:
         return _build_ranks(artifact, manifest, manifest.tensor_parallel, out, options, force)
     if manifest.tensor_parallel is not None:
@@ -327,7 +387,7 @@ def _build_graph(
     for line in unfused[:5]:
         logger.warning("TensorRT cannot fuse %s: it stays a standalone scale layer", line)
     cache, strip = options.timing_cache, options.strip_weights
-    plan = _plan(graph, options.backend, options.compute_capability, options.profile, cache is not None, strip)
+    plan = _plan(graph, options)
     scratch = stage / ".worker"
     scratch.mkdir()
     source = specialize(onnx_path, scratch, plan.static) if plan.static else onnx_path.resolve()
@@ -340,6 +400,8 @@ def _build_graph(
         strip_weights=strip,
         timing_cache=str(cache.resolve()) if cache else None,
         plugins=plugin_refs(),
+        scratch=str(scratch),
+        optimization_level=options.opt_level,
         verbosity=options.verbosity,
     )
     start = time.perf_counter()
@@ -348,7 +410,8 @@ def _build_graph(
     out_dir = Path(os.path.abspath(out))
     onnx_rel = os.path.relpath(onnx_path.resolve(), out_dir)
     seconds = round(time.perf_counter() - start, 3)
-    info = replace(_info(manifest, graph, plan, result, seconds, strip, onnx_rel, unfused), engine=engine)
+    info = _info(manifest, graph, plan, result, seconds, strip, onnx_rel, unfused)
+    info = replace(info, engine=engine, optimization_level=options.opt_level)
     return info, _engine_manifest(manifest, artifact, out_dir, onnx_path, result, plan)
 
 

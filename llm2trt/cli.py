@@ -284,6 +284,13 @@ def quant_options(fn: Callable[..., None]) -> Callable[..., None]:
     metavar="N",
     help="Tensor parallelism: write one graph per rank under OUT/rank{r}/ (checked together with gloo).",
 )
+@click.option(
+    "--plugin",
+    "plugins",
+    multiple=True,
+    metavar="NAME",
+    help="Rewrite this plugin's pattern into its llm2trt op (see `llm2trt plugins`); repeatable.",
+)
 @common_options
 @quant_options
 def optimize(
@@ -297,6 +304,7 @@ def optimize(
     kv_cache: bool,
     kv_form: str | None,
     tp: int,
+    plugins: tuple[str, ...],
     quant: QuantRequest | None,
 ) -> None:
     """Run the pass pipeline (cleanup, fusions, quantization, KV cache) over ARTIFACT and write the
@@ -304,8 +312,10 @@ def optimize(
     from llm2trt.optimize import KVRequest
     from llm2trt.optimize import optimize as run_optimize
     from llm2trt.passes.pipeline import PipelineOptions
+    from llm2trt.plugins import find
 
-    options = PipelineOptions(skip_fusions=skip_fusion)
+    # Plugins sit above passes: their specs (rules, reference body) reach the pass as pipeline data.
+    options = PipelineOptions(skip_fusions=skip_fusion, data={"plugins": [find(name) for name in plugins]})
     kv = KVRequest(insert=kv_cache, form=kv_form)  # type: ignore[arg-type]
     result = run_optimize(
         artifact,
@@ -335,6 +345,19 @@ def optimize(
     metavar="DIM=MIN:OPT:MAX",
     help="Override a dynamic dim's optimization-profile range, e.g. sequence=1:256:2048.",
 )
+@click.option(
+    "--profiles",
+    "profiles_file",
+    type=PATH,
+    help='Optimization profiles from a JSON file: {"profiles": [{"name": "short", "dims": {"sequence": '
+    '"1:64:128"}}, ...]}, one engine profile each (a KV graph gets a prefill and a decode one per entry).',
+)
+@click.option(
+    "--opt-level",
+    type=int,
+    metavar="0-5",
+    help="TensorRT's builder optimization level (default 3): higher searches longer for faster kernels.",
+)
 @click.option("--timing-cache", type=PATH, help="Timing cache file to read and update (full TensorRT).")
 @click.option("--strip-weights", is_flag=True, help="Build a weight-stripped engine (full TensorRT).")
 @click.option(
@@ -352,6 +375,8 @@ def build(
     force: bool,
     compute_capability: str | None,
     profile: tuple[str, ...],
+    profiles_file: Path | None,
+    opt_level: int | None,
     timing_cache: Path | None,
     strip_weights: bool,
     backend: str,
@@ -369,6 +394,8 @@ def build(
         backend=backend,
         force=force,
         verbosity=ctx.verbosity,
+        opt_level=opt_level,
+        profiles_file=profiles_file,
     )
     ctx.emit(built)
 
@@ -577,6 +604,36 @@ def generate(
 
 def _echo_inline(text: str) -> None:
     click.echo(text, nl=False)
+
+
+@cli.command(name="plugins")
+@common_options
+def plugins_cmd(ctx: Context) -> None:
+    """List the plugins this install provides: ONNX op, TensorRT plugin, whether its kernel runs here."""
+    from llm2trt.plugins import listing
+    from llm2trt.trt import load_backend
+
+    try:
+        backend = load_backend()
+        note = f"builds here use {backend.display} {backend.version}: " + (
+            "plugins are registered" if backend.supports("plugins") else "each op's reference body is inlined"
+        )
+    except Llm2TrtError as exc:
+        note = f"no TensorRT here ({exc})"
+    ctx.emit(listing(note))
+
+
+@cli.command()
+@click.argument("engine_dir", type=PATH)
+@click.option("--weights", type=PATH, required=True, help="The artifact whose weights fill the engine.")
+@click.option("-o", "--output", "out", type=PATH, help="Write the refitted engine directory here (default: in place).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@common_options
+def refit(ctx: Context, engine_dir: Path, weights: Path, out: Path | None, force: bool) -> None:
+    """Fill a weight-stripped engine (build --strip-weights) with the weights of an artifact (full TensorRT)."""
+    from llm2trt.refit import refit as run_refit
+
+    ctx.emit(run_refit(engine_dir, weights, out, force=force))
 
 
 @cli.command(name="inspect")

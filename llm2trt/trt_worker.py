@@ -33,6 +33,7 @@ from llm2trt.trt import Backend, load_backend
 
 logger = logging.getLogger("llm2trt.trt")
 PHASE_MARK = "[llm2trt-phase] "
+PROGRESS_MARK = "[llm2trt-progress] "  # "<done> <steps> <phase>": the parent draws a bar
 PHASES = {"plugins": "loaded plugins for", "parse": "parsed", "build": "built"}
 
 
@@ -48,6 +49,8 @@ class BuildRequest(Record):
     strip_weights: bool = False
     timing_cache: str | None = None
     plugins: list[PluginRef] = field(default_factory=list)
+    optimization_level: int | None = None  # TensorRT's builder optimization level
+    scratch: str | None = None  # where the worker may write a variant of the graph (plugin bodies inlined)
     # Let TensorRT decompose attention it has no fused kernel for (what `llm2trt build` does).
     decomposable_attention: bool = True
     verbosity: int = 0
@@ -122,25 +125,38 @@ def _polygraphy_logging(verbosity: int) -> Iterator[_Errors]:
 
 
 def _make_progress(trt: Any) -> Any:
+    """TensorRT's progress monitor: top-level phases go to the parent as progress lines (its bar),
+    long phases to the log."""
+
     class Progress(trt.IProgressMonitor):  # type: ignore[misc]
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
             self._start: dict[str, float] = {}
+            self._steps: dict[str, int] = {}
+            self._top: str | None = None
 
         def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
             self._start[phase_name] = time.perf_counter()
             if parent_phase is None:
-                logger.info("TensorRT: %s (%d steps)", phase_name, num_steps)
+                self._top, self._steps[phase_name] = phase_name, num_steps
+                _progress(0, num_steps, phase_name)
 
         def step_complete(self, phase_name: str, step: int) -> bool:
-            return True
+            if phase_name == self._top:
+                _progress(step + 1, self._steps[phase_name], phase_name)
+            return True  # never cancel
 
         def phase_finish(self, phase_name: str) -> None:
             took = time.perf_counter() - self._start.pop(phase_name, time.perf_counter())
             if took > 2.0:
-                logger.info("TensorRT: %s done in %.1f s", phase_name, took)
+                logger.debug("TensorRT: %s done in %.1f s", phase_name, took)
 
     return Progress()
+
+
+def _progress(done: int, steps: int, phase: str) -> None:
+    sys.stderr.write(f"{PROGRESS_MARK}{done} {steps} {phase}\n")
+    sys.stderr.flush()
 
 
 def allow_attention_decomposition(trt: Any, network: Any) -> None:
@@ -238,6 +254,8 @@ def _config(request: BuildRequest, backend: Backend) -> Any:
             profile.add(name, rng.min, rng.opt, rng.max)
         profiles.append(profile)
     kwargs: dict[str, Any] = {"profiles": profiles, "progress_monitor": _make_progress(backend.module)}
+    if request.optimization_level is not None:
+        kwargs["builder_optimization_level"] = request.optimization_level
     if request.timing_cache:  # full TensorRT only; the parent refuses it under TensorRT-RTX
         kwargs["load_timing_cache"] = request.timing_cache
     if request.strip_weights:  # full TensorRT only
@@ -275,6 +293,30 @@ def _build(request: BuildRequest, backend: Backend, network: Any, errors: _Error
     return len(data), seconds, cache
 
 
+def inline_unhosted(request: BuildRequest, plugins: list[PluginStatus]) -> tuple[BuildRequest, list[PluginStatus]]:
+    """Count each plugin's nodes; inline the local function of every op used whose plugin is not
+    registered. ONNX's inliner gives each call its own names: TensorRT's parser inlines a function
+    called more than once under the same layer names and fails (measured, TensorRT-RTX 1.7)."""
+    import onnx
+    import onnx.inliner
+
+    from llm2trt.core.artifact import load_onnx, save_beside
+
+    model = load_onnx(Path(request.onnx), with_weights=False)
+    used = Counter(n.op_type for n in model.graph.node if n.domain in {p.domain for p in plugins})
+    plugins = [replace(p, nodes=used.get(p.name, 0)) for p in plugins]
+    inline = [(p.domain, p.name) for p in plugins if p.status == "inlined" and p.nodes]
+    if not inline:
+        return request, plugins
+    if request.scratch is None:
+        raise StageFailed("plugins", "no scratch directory to write the graph with plugin bodies inlined")
+    inlined: onnx.ModelProto = onnx.inliner.inline_selected_functions(model, inline, exclude=False)
+    for domain, name in inline:
+        logger.info("plugin %s::%s: %d nodes run its reference body (inlined)", domain, name, used[name])
+    path = save_beside(inlined, Path(request.onnx), Path(request.scratch) / "inlined")
+    return replace(request, onnx=str(path)), plugins
+
+
 def work(request: BuildRequest) -> BuildResult:
     backend = load_backend(request.backend)
     _phase("plugins")
@@ -282,6 +324,7 @@ def work(request: BuildRequest) -> BuildResult:
         plugins = backend.load_plugins(request.plugins)
     except Llm2TrtError as exc:
         raise StageFailed("plugins", str(exc)) from None
+    request, plugins = inline_unhosted(request, plugins)
     _phase("parse")
     with _polygraphy_logging(request.verbosity) as errors:
         start = time.perf_counter()

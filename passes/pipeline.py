@@ -88,6 +88,12 @@ def _quant(options: PipelineOptions) -> list[GraphPass]:
     return [QuantPass(request, options.data.get("calibrator"))]
 
 
+def _plugins(options: PipelineOptions) -> list[GraphPass]:
+    from llm2trt.passes.plugins import PluginPass
+
+    return [PluginPass(spec) for spec in options.data.get("plugins", ())]
+
+
 def _fusions(options: PipelineOptions) -> list[GraphPass]:
     return [RewritePass(f"fuse_{f.name.lower()}", [rule() for rule in f.rules]) for f in selected(options.skip_fusions)]
 
@@ -98,6 +104,7 @@ register_entry("fusions", 300, _fusions)
 register_entry("quantize", 320, _quant)  # after the norms fused: scales fold into them
 register_entry("kv_cache", 350, _kv)
 register_entry("ort_gqa", 360, _gqa)
+register_entry("plugins", 380, _plugins)  # after quantization: it rewrites the Q/DQ it wrote
 register_entry("shape_inference", 900, lambda options: [ShapeInference()])
 
 

@@ -358,7 +358,7 @@ def _fold_into(producer: gs.Node, channels: int) -> Folds:
     return []
 
 
-def _constant(model: Model, name: str, values: np.ndarray) -> gs.Constant:
+def constant(model: Model, name: str, values: np.ndarray) -> gs.Constant:
     """A constant serialized by ONNX's own converter: onnx-graphsurgeon writes INT4 one byte per
     element, where ONNX packs two."""
     from onnx_graphsurgeon.ir.tensor import LazyValues
@@ -559,7 +559,7 @@ class QuantPass(GraphPass):
             "DequantizeLinear",
             name=model.fresh_name(f"{linear.node.name}_weight_dq"),
             inputs=[
-                _constant(model, f"{base}_quantized", q),
+                constant(model, f"{base}_quantized", q),
                 gs.Constant(model.fresh_name(f"{base}_scale"), scale.astype(dtype)),
             ],
             outputs=[out],
@@ -575,7 +575,7 @@ class QuantPass(GraphPass):
         x, first = group.x, group.linears[0].node
         dtype = DType.parse(x.dtype).numpy if x.dtype is not None else np.dtype(np.float32)
         s = gs.Constant(model.fresh_name(f"{first.name}_input_scale"), np.array(scale, dtype=dtype))
-        zero = _constant(model, f"{first.name}_input_zero_point", np.zeros((), act.numpy))
+        zero = constant(model, f"{first.name}_input_zero_point", np.zeros((), act.numpy))
         q_out = gs.Variable(model.fresh_name(f"{x.name}_quantized"), dtype=act.numpy, shape=x.shape)
         dq_out = gs.Variable(model.fresh_name(f"{x.name}_dequantized"), dtype=x.dtype, shape=x.shape)
         q = gs.Node(

@@ -51,3 +51,9 @@ echo
 echo "== tensor parallelism: SmolLM2 split over 3 ranks (9 heads / 3 KV heads), checked together, run as 3 processes"
 llm2trt optimize "$OUT/smollm2/onnx" -o "$OUT/smollm2/tp3" --tp 3 --force -q | grep -E "^  (rank|numeric)"
 llm2trt generate "$OUT/smollm2/tp3" --prompt "The capital of France is" --max-new-tokens 12 -q
+echo
+echo "== plugin: SmolLM2 int4 weights through the Int4GroupGemm op (ONNX Runtime runs its body; TensorRT-RTX inlines it)"
+llm2trt optimize "$OUT/smollm2/onnx" -o "$OUT/smollm2/int4" --quant int4-rtn --plugin Int4GroupGemm --force -q \
+    | grep -E "plugin_int4|numeric"
+llm2trt generate "$OUT/smollm2/int4" --prompt "The capital of France is" --max-new-tokens 12 -q
+llm2trt build "$OUT/smollm2/int4" -o "$OUT/smollm2/int4-engine" --compute-capability sm89 --force -q | grep -E "^built|plugin"

@@ -1,5 +1,6 @@
-"""The layering holds: the foundation (llm2trt.core) imports nothing else of ours; exporters,
-passes and plugins import only the foundation (and themselves); stages and the CLI sit on top."""
+"""The layering holds: the foundation (llm2trt.core) imports nothing else of ours; exporters and
+passes import only the foundation (and themselves); plugins also the passes (a plugin's rewrite
+rule is written in their pattern language); stages and the CLI sit on top."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ LAYERS = {
     "llm2trt/core": ("llm2trt.core", ("llm2trt.core",)),
     "exporters": ("llm2trt.exporters", ("llm2trt.core", "llm2trt.exporters")),
     "passes": ("llm2trt.passes", ("llm2trt.core", "llm2trt.passes")),
-    "plugins": ("llm2trt.plugins", ("llm2trt.core", "llm2trt.plugins")),
+    "plugins": ("llm2trt.plugins", ("llm2trt.core", "llm2trt.passes", "llm2trt.plugins")),
 }
 
 

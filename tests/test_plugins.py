@@ -23,7 +23,8 @@ def test_a_dummy_plugin_reaches_the_worker(
     assert PluginRef("DummyOp", module) in refs() and "DummyOp" not in PLUGINS
     code, info = run_json("build", artifacts["tiny:llama"], "-o", tmp_path / "engine", *CC, "-q")
     assert code == 0, info
-    [status] = info["plugins"]
+    [status] = [p for p in info["plugins"] if p["name"] == "DummyOp"]
+    assert status["nodes"] == 0  # announced and loaded, not used by this graph
     assert (status["name"], status["domain"], status["version"]) == ("DummyOp", "llm2trt", 1)
     if BACKEND.supports("plugins"):
         assert status["status"] == "registered"
@@ -34,6 +35,7 @@ def test_a_dummy_plugin_reaches_the_worker(
     assert len(pids) == 1 and pids[0] != os.getpid()
 
 
-def test_no_plugins_by_default(artifacts: dict[str, Path], tmp_path: Path) -> None:
+def test_only_the_builtin_plugin_by_default(artifacts: dict[str, Path], tmp_path: Path) -> None:
     code, info = run_json("build", artifacts["tiny:bert"], "-o", tmp_path / "engine", *CC, "-q")
-    assert code == 0 and info["plugins"] == [] and refs() == []
+    assert code == 0 and [(p["name"], p["nodes"]) for p in info["plugins"]] == [("Int4GroupGemm", 0)]
+    assert refs() == [PluginRef("Int4GroupGemm", "llm2trt.plugins.int4_gemm")]

@@ -202,3 +202,17 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
         for node in model.graph.node
     )
     return dict(sorted(counts.items()))
+
+
+def save_beside(model: onnx.ModelProto, source: Path, scratch: Path) -> Path:
+    """Write `model` (a variant of the graph at `source`, loaded without weights) into `scratch`,
+    its external-data files linked to the originals rather than copied."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    for tensor in _tensors(model):
+        for entry in tensor.external_data:
+            target = scratch / entry.value
+            if entry.key == "location" and not target.exists():
+                target.symlink_to(source.parent.resolve() / entry.value)
+    path = scratch / source.name
+    onnx.save(model, str(path))
+    return path

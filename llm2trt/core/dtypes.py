@@ -126,6 +126,14 @@ class DType(enum.Enum):
         return getattr(module.DataType, name)
 
     @property
+    def triton(self) -> str:
+        """Triton's spelling, as in a kernel signature's `*fp16` (the types llm2trt's kernels take)."""
+        names = {DType.FP32: "fp32", DType.FP16: "fp16", DType.BF16: "bf16", DType.INT8: "i8", DType.INT32: "i32"}
+        if self not in names:
+            raise InputError(f"no Triton kernel here takes {self.value}")
+        return names[self]
+
+    @property
     def is_float(self) -> bool:
         return self._spelling.tolerance is not None
 

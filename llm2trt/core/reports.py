@@ -127,6 +127,7 @@ class PluginStatus(Record):
     version: int
     status: str  # registered | inlined
     reason: str = ""
+    nodes: int = 0  # the op's nodes in the graph built
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ class BuildInfo(Record):
     matmul_precisions: dict[str, int] = field(default_factory=dict)  # 'int8 x int8': count
     quantization: str | None = None  # the artifact's method (optimize --quant)
     unfused_qdq: list[str] = field(default_factory=list)  # Q/DQ TensorRT would leave as scale layers
+    optimization_level: int | None = None  # --opt-level (None: TensorRT's default, 3)
 
     def render(self) -> str:
         return self.describe(self.engine)
@@ -175,7 +177,8 @@ class BuildInfo(Record):
         if self.unfused_qdq:
             shown = "; ".join(self.unfused_qdq[:3])
             text += f"\n  WARNING {len(self.unfused_qdq)} Q/DQ nodes TensorRT cannot fuse: {shown}"
-        inlined = [p.name for p in self.plugins if p.status != "registered"]
-        if inlined:
-            text += f"\n  plugins inlined from their reference bodies: {', '.join(inlined)}"
+        for p in self.plugins:
+            if p.nodes:
+                how = "as TensorRT plugin layers" if p.status == "registered" else f"inlined: {p.reason}"
+                text += f"\n  plugin {p.domain}::{p.name} ({p.nodes} nodes) {how}"
         return text
