@@ -12,7 +12,8 @@ import importlib
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,21 +85,27 @@ class Backend:
             )
         return None
 
-    def load_plugins(self, refs: list[PluginRef]) -> list[PluginStatus]:
-        """Import every registered plugin; register it with TensorRT only where TensorRT can host it.
+    def load_plugins(self, refs: list[PluginRef], used: Mapping[str, int] | None = None) -> list[PluginStatus]:
+        """Import every registered plugin; register with TensorRT those the graph uses (`used`: nodes
+        per op; None registers all) where TensorRT can host them.
 
         Under TensorRT-RTX a registered Python plugin aborts the process (ENVIRONMENT.md), so none
-        is registered there: the parser inlines each op's local-function body instead.
+        is registered there: the op's local-function body is inlined instead.
         """
         statuses = []
         for ref in refs:
             spec = resolve_plugin(ref)
-            if self.supports("plugins"):
+            nodes = used.get(spec.name, 0) if used is not None else 0
+            status = PluginStatus(spec.name, spec.domain, spec.version, "unused", "not in this graph", nodes)
+            if used is not None and not nodes:
+                pass
+            elif self.supports("plugins"):
                 spec.register_tensorrt(self.module)
-                statuses.append(PluginStatus(spec.name, spec.domain, spec.version, "registered"))
+                status = replace(status, status="registered", reason="")
             else:
                 why = f"TensorRT-RTX {self.version} cannot host plugin layers: the op's reference body is inlined"
-                statuses.append(PluginStatus(spec.name, spec.domain, spec.version, "inlined", why))
+                status = replace(status, status="inlined", reason=why)
+            statuses.append(status)
         return statuses
 
     def polygraphy_env(self) -> dict[str, str]:

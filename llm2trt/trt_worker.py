@@ -293,38 +293,45 @@ def _build(request: BuildRequest, backend: Backend, network: Any, errors: _Error
     return len(data), seconds, cache
 
 
-def inline_unhosted(request: BuildRequest, plugins: list[PluginStatus]) -> tuple[BuildRequest, list[PluginStatus]]:
-    """Count each plugin's nodes; inline the local function of every op used whose plugin is not
-    registered. ONNX's inliner gives each call its own names: TensorRT's parser inlines a function
-    called more than once under the same layer names and fails (measured, TensorRT-RTX 1.7)."""
+def plugin_nodes(request: BuildRequest) -> Counter[str]:
+    """Nodes per op type outside the standard domains (the graph read without weights)."""
+    from llm2trt.core.artifact import load_onnx
+
+    model = load_onnx(Path(request.onnx), with_weights=False)
+    return Counter(n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx"))
+
+
+def inline_unhosted(request: BuildRequest, plugins: list[PluginStatus]) -> BuildRequest:
+    """The graph with the local function of every used, unregistered plugin op inlined. ONNX's
+    inliner gives each call its own names: TensorRT's parser inlines a function called more than
+    once under the same layer names and fails (measured, TensorRT-RTX 1.7)."""
     import onnx
     import onnx.inliner
 
     from llm2trt.core.artifact import load_onnx, save_beside
 
-    model = load_onnx(Path(request.onnx), with_weights=False)
-    used = Counter(n.op_type for n in model.graph.node if n.domain in {p.domain for p in plugins})
-    plugins = [replace(p, nodes=used.get(p.name, 0)) for p in plugins]
     inline = [(p.domain, p.name) for p in plugins if p.status == "inlined" and p.nodes]
     if not inline:
-        return request, plugins
+        return request
     if request.scratch is None:
         raise StageFailed("plugins", "no scratch directory to write the graph with plugin bodies inlined")
+    model = load_onnx(Path(request.onnx), with_weights=False)
     inlined: onnx.ModelProto = onnx.inliner.inline_selected_functions(model, inline, exclude=False)
-    for domain, name in inline:
-        logger.info("plugin %s::%s: %d nodes run its reference body (inlined)", domain, name, used[name])
+    for p in plugins:
+        if (p.domain, p.name) in inline:
+            logger.info("plugin %s::%s: %d nodes run its reference body (inlined)", p.domain, p.name, p.nodes)
     path = save_beside(inlined, Path(request.onnx), Path(request.scratch) / "inlined")
-    return replace(request, onnx=str(path)), plugins
+    return replace(request, onnx=str(path))
 
 
 def work(request: BuildRequest) -> BuildResult:
     backend = load_backend(request.backend)
     _phase("plugins")
     try:
-        plugins = backend.load_plugins(request.plugins)
+        plugins = backend.load_plugins(request.plugins, plugin_nodes(request))
     except Llm2TrtError as exc:
         raise StageFailed("plugins", str(exc)) from None
-    request, plugins = inline_unhosted(request, plugins)
+    request = inline_unhosted(request, plugins)
     _phase("parse")
     with _polygraphy_logging(request.verbosity) as errors:
         start = time.perf_counter()

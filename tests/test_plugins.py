@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llm2trt.plugins import PLUGINS, PluginRef, refs
-from tests.conftest import BACKEND, CC, run_json
+from tests.conftest import CC, run_json
 from tests.plugin_helpers import importers, install_fake_plugin
 
 
@@ -24,12 +24,9 @@ def test_a_dummy_plugin_reaches_the_worker(
     code, info = run_json("build", artifacts["tiny:llama"], "-o", tmp_path / "engine", *CC, "-q")
     assert code == 0, info
     [status] = [p for p in info["plugins"] if p["name"] == "DummyOp"]
-    assert status["nodes"] == 0  # announced and loaded, not used by this graph
+    # Imported in the worker, not registered: this graph has no DummyOp node.
     assert (status["name"], status["domain"], status["version"]) == ("DummyOp", "llm2trt", 1)
-    if BACKEND.supports("plugins"):
-        assert status["status"] == "registered"
-    else:
-        assert status["status"] == "inlined" and "cannot host plugin layers" in status["reason"]
+    assert (status["status"], status["nodes"]) == ("unused", 0)
     # The module ran in the worker, and only there.
     pids = importers(root)
     assert len(pids) == 1 and pids[0] != os.getpid()
