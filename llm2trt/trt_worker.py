@@ -297,7 +297,7 @@ def plugin_nodes(request: BuildRequest) -> Counter[str]:
     """Nodes per op type outside the standard domains (the graph read without weights)."""
     from llm2trt.core.artifact import load_onnx
 
-    model = load_onnx(Path(request.onnx), with_weights=False)
+    model = load_onnx(Path(request.onnx), with_weights=False, confine=False)  # the parent checked it
     return Counter(n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx"))
 
 
@@ -315,7 +315,7 @@ def inline_unhosted(request: BuildRequest, plugins: list[PluginStatus]) -> Build
         return request
     if request.scratch is None:
         raise StageFailed("plugins", "no scratch directory to write the graph with plugin bodies inlined")
-    model = load_onnx(Path(request.onnx), with_weights=False)
+    model = load_onnx(Path(request.onnx), with_weights=False, confine=False)  # the parent checked it
     inlined: onnx.ModelProto = onnx.inliner.inline_selected_functions(model, inline, exclude=False)
     for p in plugins:
         if (p.domain, p.name) in inline:

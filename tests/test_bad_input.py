@@ -173,3 +173,45 @@ def test_bad_cli_values(artifacts: dict[str, Path], tmp_path: Path) -> None:
     assert_clean_failure(
         run_cli("compare", artifacts["tiny:gpt2"], "--runners", "torch"), "--runners takes two or more", None
     )
+
+
+def _relocate(artifact: Path, out: Path, how: str) -> Path:
+    """A copy of `artifact` whose weights point outside it (or are cut short)."""
+    shutil.copytree(artifact, out)
+    data = out / "model.onnx.data"
+    outside = out.parent / f"outside-{how}.data"
+    shutil.copy(data, outside)
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    if how == "truncated":
+        with open(data, "r+b") as fh:
+            fh.truncate(data.stat().st_size // 2)
+        return out
+    if how == "symlink":
+        data.unlink()
+        data.symlink_to(outside)
+        return out
+    location = f"../{outside.name}" if how == "parent" else str(outside)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(model, str(out / "model.onnx"))
+    return out
+
+
+@pytest.mark.parametrize("how", ["parent", "absolute", "symlink", "truncated"])
+@pytest.mark.parametrize("command", ["optimize", "build", "compare", "inspect", "generate"])
+def test_external_data_outside_the_artifact_is_refused(
+    how: str, command: str, artifacts: dict[str, Path], tmp_path: Path
+) -> None:
+    bad = _relocate(artifacts["tiny:llama"], tmp_path / "bad", how)
+    out = tmp_path / "out"
+    args: list[str | Path] = {
+        "optimize": ["optimize", bad, "-o", out],
+        "build": ["build", bad, "-o", out, *CC],
+        "compare": ["compare", bad, "--runners", "torch,ort"],
+        "inspect": ["inspect", bad],
+        "generate": ["generate", bad, "--ids", "1,2,3", "--max-new-tokens", "2"],
+    }[command]
+    fragment = "the file is truncated" if how == "truncated" else "refusing to read it"
+    assert_clean_failure(run_cli(*args), fragment, out)

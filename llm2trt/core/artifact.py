@@ -165,8 +165,37 @@ def save_onnx(model: onnx.ModelProto, directory: Path, name: str = MODEL_NAME) -
     return offset
 
 
-def load_onnx(path: Path, with_weights: bool = True) -> onnx.ModelProto:
-    """Load an ONNX file (external data resolved next to it) with clear errors for bad files."""
+def check_external_data(model: onnx.ModelProto, directory: Path) -> None:
+    """Every external-data location a relative path to a file inside `directory` (symlinks followed),
+    each weight within its file: checked from the graph and file sizes, before any weight is read."""
+    root = directory.resolve()
+    sizes: dict[str, int] = {}
+    for tensor in _tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        where = f"weight {tensor.name!r} has its data at {location!r}"
+        if not location or Path(location).is_absolute() or ".." in Path(location).parts:
+            raise InputError(f"{where}, outside the artifact {directory}: refusing to read it")
+        if not (directory / location).resolve().is_relative_to(root):
+            raise InputError(f"{where}, a link leading outside the artifact {directory}: refusing to read it")
+        if location not in sizes:
+            if not (directory / location).is_file():
+                raise InputError(f"{where}, which does not exist in {directory}")
+            sizes[location] = (directory / location).stat().st_size
+        offset, length = info.get("offset") or "0", info.get("length") or "0"
+        if not (offset.isdigit() and length.isdigit()):
+            raise InputError(f"{where} with a bad offset or length ({offset!r}, {length!r})")
+        end = int(offset) + int(length)
+        if end > sizes[location]:
+            raise InputError(f"{where}: the file is truncated ({sizes[location]} bytes; the weight ends at {end})")
+
+
+def load_onnx(path: Path, with_weights: bool = True, confine: bool = True) -> onnx.ModelProto:
+    """Load an ONNX file (external data resolved next to it) with clear errors for bad files.
+    `confine`: refuse external data outside the file's directory (False only for llm2trt's own
+    scratch copies, whose data files link to the artifact they came from)."""
     if not path.exists():
         raise InputError(f"ONNX file does not exist: {path}")
     try:
@@ -175,6 +204,8 @@ def load_onnx(path: Path, with_weights: bool = True) -> onnx.ModelProto:
         raise InputError(f"corrupt ONNX file {path}: cannot parse it ({type(exc).__name__})") from None
     if model.ir_version == 0 or not model.graph.node or not model.opset_import:
         raise InputError(f"corrupt ONNX file {path}: not a valid ONNX model (no graph or opset)")
+    if confine:
+        check_external_data(model, path.parent)
     if with_weights:
         try:
             onnx.load_external_data_for_model(model, str(path.parent))

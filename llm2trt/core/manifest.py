@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,7 @@ class PassRecord(Record):
     name: str
     modified: bool
     counts: dict[str, int]
-    seconds: float
+    seconds: float = 0.0  # written to the manifest's `timings`, apart from what must be reproducible
     stage: str = "optimize"
 
 
@@ -219,6 +220,10 @@ class Manifest(Record):
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
+        # Durations apart: two runs on the same input write the same manifest but for `timings`.
+        for entry in data["passes"]:
+            del entry["seconds"]
+        data["timings"] = {"pass_seconds": [p.seconds for p in self.passes]}
         default = self.graph()
         # SPEC.md's top-level keys: the default graph's I/O and cache, for readers of one graph.
         data.update(
@@ -227,6 +232,13 @@ class Manifest(Record):
             kv_cache=default.kv_cache.to_dict() if default.kv_cache else None,
         )
         return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
+        passes, seconds = data.get("passes"), (data.get("timings") or {}).get("pass_seconds")
+        if isinstance(passes, list) and isinstance(seconds, list) and len(passes) == len(seconds):
+            data = {**data, "passes": [{**p, "seconds": s} for p, s in zip(passes, seconds, strict=True)]}
+        return super().from_dict(data)
 
     def write(self, directory: Path) -> None:
         (directory / MANIFEST_NAME).write_text(self.to_json())
@@ -263,9 +275,11 @@ class Manifest(Record):
                 f"the ONNX file of graph {spec.name!r} is missing: {where}"
                 + ("; an engine directory finds its ONNX by relative path: move them together" if spec.engine else "")
             )
-        if spec.onnx_sha256 is not None:
-            from llm2trt.core.artifact import sha256_files
+        from llm2trt.core.artifact import load_onnx, sha256_files
 
-            if sha256_files([path]) != spec.onnx_sha256:
-                raise InputError(f"{path} changed since the engine in {directory} was built from it")
+        if spec.onnx_sha256 is not None and sha256_files([path]) != spec.onnx_sha256:
+            raise InputError(f"{path} changed since the engine in {directory} was built from it")
+        # A corrupt file, or weights whose location leads outside the artifact or past a file's
+        # end, stop every command here, before anything reads a weight.
+        load_onnx(path, with_weights=False)
         return path

@@ -47,6 +47,7 @@ def test_an_artifact_with_two_graphs_round_trips(artifacts: dict[str, Path], tmp
     assert raw["dtype"] == "fp32" and raw["graphs"]["decoder_fixed"]["outputs"][0]["dtype"] == "fp16"
     # Paths are relative; each graph's file is resolved against the artifact.
     shutil.copy(artifacts["tiny:llama"] / "model.onnx", out / "fixed.onnx")
+    shutil.copy(artifacts["tiny:llama"] / "model.onnx.data", out)  # its weights, where it says they are
     assert back.onnx_path(out, "decoder_fixed") == out / "fixed.onnx"
     shown = run_cli("inspect", out)  # the default graph's model.onnx is not there: the manifest still shows
     assert shown.exit_code == 0 and "graphs        decoder (model.onnx), decoder_fixed (fixed.onnx)" in shown.stdout
