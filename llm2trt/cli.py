@@ -7,6 +7,7 @@ path: a clear line on stderr and a non-zero exit, never a traceback (unless -vv 
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import signal
@@ -83,16 +84,28 @@ def common_options(fn: F) -> F:
             _fail(ctx, "interrupted", 128 + signal.SIGINT)
         except Terminated as exc:
             _fail(ctx, f"terminated ({signal.Signals(exc.signum).name})", 128 + exc.signum)
+        except OSError as exc:
+            if exc.errno not in _OUT_OF_SPACE:
+                _internal(ctx, exc, verbosity)
+                return
+            # The staged output is already gone (staged_output removes it on any exception).
+            where = f" writing {exc.filename}" if exc.filename else ""
+            _fail(ctx, f"out of disk space{where}: {exc.strerror} (nothing was written)", 2)
         except Exception as exc:  # a bug of ours: still one line, the traceback on request
-            if verbosity >= 2:
-                traceback.print_exc()
-            _fail(
-                ctx,
-                f"internal error: {type(exc).__name__}: {str(exc).strip()[:500]} (rerun with -vv for the traceback)",
-                3,
-            )
+            _internal(ctx, exc, verbosity)
 
     return wrapper  # type: ignore[return-value]
+
+
+# A full disk, a quota, or a file-size limit (RLIMIT_FSIZE: Python ignores SIGXFSZ, writes fail).
+_OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _internal(ctx: Context, exc: Exception, verbosity: int) -> None:
+    """A bug of ours: still one line, the traceback on request."""
+    if verbosity >= 2:
+        traceback.print_exc()
+    _fail(ctx, f"internal error: {type(exc).__name__}: {str(exc).strip()[:500]} (rerun with -vv for the traceback)", 3)
 
 
 @contextmanager

@@ -215,3 +215,30 @@ def test_external_data_outside_the_artifact_is_refused(
     }[command]
     fragment = "the file is truncated" if how == "truncated" else "refusing to read it"
     assert_clean_failure(run_cli(*args), fragment, out)
+
+
+def _small_disk() -> None:
+    """The child may write files of 300 KB at most (RLIMIT_FSIZE): a full disk, for one process."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+
+
+@pytest.mark.parametrize("command", ["convert", "optimize", "optimize --tp 2", "build"])
+def test_a_full_disk_leaves_one_line_and_nothing_written(
+    command: str, artifacts: dict[str, Path], tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    verb, *options = command.split()
+    source = "tiny:llama" if verb == "convert" else str(artifacts["tiny:llama"])
+    out = tmp_path / "out" / "artifact"
+    out.parent.mkdir()
+    args = [str(Path(sys.executable).parent / "llm2trt"), verb, source, *options, "-o", str(out)]
+    args += [*CC] if verb == "build" else []
+    proc = subprocess.run(args, capture_output=True, text=True, preexec_fn=_small_disk, timeout=300, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("llm2trt: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "File too large" in errors[0] and "internal error" not in errors[0], errors[0]
+    assert list(out.parent.iterdir()) == []  # no artifact, no staging directory

@@ -89,3 +89,48 @@ def _alive(pid: int) -> bool:
     except (FileNotFoundError, IndexError):
         return False
     return state != "Z"
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                kids = [int(k) for k in (task / "children").read_text().split()]
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("command", ["convert", "optimize", "optimize --tp 2"])
+def test_a_signal_mid_write_leaves_nothing(
+    command: str, sig: signal.Signals, artifacts: dict[str, Path], tmp_path: Path
+) -> None:
+    """The signal arrives as soon as the staging directory appears (the command is writing or
+    checking): the CLI stops with the signal's exit code, its children with it, and leaves nothing."""
+    out = tmp_path / "out" / "artifact"
+    out.parent.mkdir()
+    source = "tiny:llama" if command == "convert" else str(artifacts["tiny:llama"])
+    cli = Path(sys.executable).parent / "llm2trt"
+    verb, *options = command.split()
+    args = [str(cli), verb, source, *options, "-o", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.parent.glob(".artifact.tmp-*")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no staging directory appeared"
+        time.sleep(0.005)
+    children = _descendants(proc.pid)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + sig, stderr
+    word = "interrupted" if sig == signal.SIGINT else "terminated (SIGTERM)"
+    assert stderr.strip().splitlines()[-1] == f"llm2trt: error: {word}"
+    assert list(out.parent.iterdir()) == []  # no artifact, no staging directory
+    deadline = time.monotonic() + 10
+    while any(_alive(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [c for c in children if _alive(c)], "a child outlived the CLI"
