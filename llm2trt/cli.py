@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
@@ -54,7 +54,7 @@ class Context:
             click.echo(record.render())
 
 
-def _fail(ctx: Context, message: str, code: int) -> None:
+def _fail(ctx: Context, message: str, code: int) -> NoReturn:
     if ctx.as_json and not ctx.emitted:  # one JSON object on stdout, whatever happens
         click.echo(json.dumps({"ok": False, "error": message}))
     click.echo(f"llm2trt: error: {message}", err=True)
@@ -85,12 +85,10 @@ def common_options(fn: F) -> F:
         except Terminated as exc:
             _fail(ctx, f"terminated ({signal.Signals(exc.signum).name})", 128 + exc.signum)
         except OSError as exc:
-            if exc.errno not in _OUT_OF_SPACE:
-                _internal(ctx, exc, verbosity)
-                return
-            # The staged output is already gone (staged_output removes it on any exception).
-            where = f" writing {exc.filename}" if exc.filename else ""
-            _fail(ctx, f"out of disk space{where}: {exc.strerror} (nothing was written)", 2)
+            if exc.errno in _OUT_OF_SPACE:  # staged_output already removed what was half-written
+                where = f" writing {exc.filename}" if exc.filename else ""
+                _fail(ctx, f"out of disk space{where}: {exc.strerror} (nothing was written)", 2)
+            _internal(ctx, exc, verbosity)
         except Exception as exc:  # a bug of ours: still one line, the traceback on request
             _internal(ctx, exc, verbosity)
 
@@ -101,7 +99,7 @@ def common_options(fn: F) -> F:
 _OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def _internal(ctx: Context, exc: Exception, verbosity: int) -> None:
+def _internal(ctx: Context, exc: Exception, verbosity: int) -> NoReturn:
     """A bug of ours: still one line, the traceback on request."""
     if verbosity >= 2:
         traceback.print_exc()

@@ -7,7 +7,6 @@ anything. The TensorRT calls below are type-checked against `tensorrt-stubs` (sc
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from dataclasses import dataclass, replace
@@ -19,8 +18,6 @@ from llm2trt.core.manifest import BUILD_NAME, Manifest
 from llm2trt.core.records import Record, RecordError
 from llm2trt.core.reports import BuildInfo
 from llm2trt.trt import load_backend
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

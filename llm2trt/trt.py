@@ -19,7 +19,7 @@ from typing import Any
 
 from llm2trt.core.errors import BackendError, InputError
 from llm2trt.core.reports import PluginStatus
-from llm2trt.plugins import PluginRef
+from llm2trt.plugins import PluginRef, PluginSpec
 from llm2trt.plugins import resolve as resolve_plugin
 
 BACKENDS = ("tensorrt", "tensorrt_rtx")
@@ -97,16 +97,17 @@ class Backend:
             spec = resolve_plugin(ref)
             nodes = used.get(spec.name, 0) if used is not None else 0
             status = PluginStatus(spec.name, spec.domain, spec.version, "unused", "not in this graph", nodes)
-            if used is not None and not nodes:
-                pass
-            elif self.supports("plugins"):
-                spec.register_tensorrt(self.module)
-                status = replace(status, status="registered", reason="")
-            else:
-                why = f"TensorRT-RTX {self.version} cannot host plugin layers: the op's reference body is inlined"
-                status = replace(status, status="inlined", reason=why)
+            if used is None or nodes:
+                status = self._host(spec, status)
             statuses.append(status)
         return statuses
+
+    def _host(self, spec: PluginSpec, status: PluginStatus) -> PluginStatus:
+        if not self.supports("plugins"):
+            why = f"TensorRT-RTX {self.version} cannot host plugin layers: the op's reference body is inlined"
+            return replace(status, status="inlined", reason=why)
+        spec.register_tensorrt(self.module)
+        return replace(status, status="registered", reason="")
 
     def polygraphy_env(self) -> dict[str, str]:
         """What Polygraphy needs in the environment to drive this backend (read at its import)."""

@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llm2trt.core.errors import Llm2TrtError
 from llm2trt.core.log import configure
@@ -30,6 +30,9 @@ from llm2trt.core.records import Record
 from llm2trt.core.reports import PluginStatus, Profile, TimingCacheInfo
 from llm2trt.plugins import PluginRef
 from llm2trt.trt import Backend, load_backend
+
+if TYPE_CHECKING:
+    import onnx
 
 logger = logging.getLogger("llm2trt.trt")
 PHASE_MARK = "[llm2trt-phase] "
@@ -293,29 +296,24 @@ def _build(request: BuildRequest, backend: Backend, network: Any, errors: _Error
     return len(data), seconds, cache
 
 
-def plugin_nodes(request: BuildRequest) -> Counter[str]:
-    """Nodes per op type outside the standard domains (the graph read without weights)."""
-    from llm2trt.core.artifact import load_onnx
-
-    model = load_onnx(Path(request.onnx), with_weights=False, confine=False)  # the parent checked it
+def plugin_nodes(model: onnx.ModelProto) -> Counter[str]:
+    """Nodes per op type outside the standard domains."""
     return Counter(n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx"))
 
 
-def inline_unhosted(request: BuildRequest, plugins: list[PluginStatus]) -> BuildRequest:
+def inline_unhosted(request: BuildRequest, plugins: list[PluginStatus], model: onnx.ModelProto) -> BuildRequest:
     """The graph with the local function of every used, unregistered plugin op inlined. ONNX's
     inliner gives each call its own names: TensorRT's parser inlines a function called more than
     once under the same layer names and fails (measured, TensorRT-RTX 1.7)."""
-    import onnx
     import onnx.inliner
 
-    from llm2trt.core.artifact import load_onnx, save_beside
+    from llm2trt.core.artifact import save_beside
 
     inline = [(p.domain, p.name) for p in plugins if p.status == "inlined" and p.nodes]
     if not inline:
         return request
     if request.scratch is None:
         raise StageFailed("plugins", "no scratch directory to write the graph with plugin bodies inlined")
-    model = load_onnx(Path(request.onnx), with_weights=False, confine=False)  # the parent checked it
     inlined: onnx.ModelProto = onnx.inliner.inline_selected_functions(model, inline, exclude=False)
     for p in plugins:
         if (p.domain, p.name) in inline:
@@ -325,13 +323,16 @@ def inline_unhosted(request: BuildRequest, plugins: list[PluginStatus]) -> Build
 
 
 def work(request: BuildRequest) -> BuildResult:
+    from llm2trt.core.artifact import load_onnx
+
     backend = load_backend(request.backend)
     _phase("plugins")
+    graph = load_onnx(Path(request.onnx), with_weights=False, confine=False)  # the parent checked it
     try:
-        plugins = backend.load_plugins(request.plugins, plugin_nodes(request))
+        plugins = backend.load_plugins(request.plugins, plugin_nodes(graph))
     except Llm2TrtError as exc:
         raise StageFailed("plugins", str(exc)) from None
-    request = inline_unhosted(request, plugins)
+    request = inline_unhosted(request, plugins, graph)
     _phase("parse")
     with _polygraphy_logging(request.verbosity) as errors:
         start = time.perf_counter()

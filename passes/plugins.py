@@ -42,6 +42,7 @@ class PluginPass(RewritePass):
             raise InputError(f"plugin {spec.name!r} has no rewrite for optimize --plugin")
         super().__init__(f"plugin_{spec.name.lower()}", spec.rules())
         self.spec = spec
+        self.make_function = spec.function
 
     def run(self, model: Model) -> PassResult:
         result = super().run(model)
@@ -52,9 +53,8 @@ class PluginPass(RewritePass):
                 + (f" ({reasons[0]})" if reasons else f": it rewrites {self.spec.matches}")
             )
         graph = model.graph
-        assert self.spec.function is not None  # checked in __init__
         if not any(f.name == self.spec.name and f.domain == self.spec.domain for f in graph.functions):
-            graph.functions.append(self.spec.function(model.opset))
+            graph.functions.append(self.make_function(model.opset))
         domains = list(graph.import_domains or [])
         if not any(d.domain == self.spec.domain for d in domains):
             domains.append(onnx.helper.make_opsetid(self.spec.domain, self.spec.version))

@@ -133,7 +133,7 @@ def _is_int4(tensor: Any) -> bool:
 
 @functools.cache
 def _rule_class() -> type[RewriteRule]:
-    """Built on first use: the pattern language lives in llm2trt.passes, which imports this package."""
+    """Built on first use: the build worker imports this module, and needs no pattern language."""
     from llm2trt.passes.pattern import Const, Op, RewriteRule, Var
 
     class Int4MatMulRule(RewriteRule):

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 
-from llm2trt.core.artifact import load_onnx
 from llm2trt.core.errors import BackendError, first_line
 from llm2trt.core.tolerance import errors
 
@@ -52,9 +51,6 @@ def ort_session(
     if weights_folder is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_folder))
     source = model if isinstance(model, bytes) else str(model)
-    if not isinstance(model, bytes) and weights_folder is None:
-        # ONNX Runtime would follow any external-data location: refuse escaping ones first.
-        load_onnx(Path(model), with_weights=False)
     try:
         return ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types

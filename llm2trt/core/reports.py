@@ -125,7 +125,7 @@ class PluginStatus(Record):
     name: str
     domain: str
     version: int
-    status: str  # registered | inlined
+    status: str  # registered | inlined | unused
     reason: str = ""
     nodes: int = 0  # the op's nodes in the graph built
 
