@@ -92,7 +92,7 @@ class TextCalibrator:
             for name in tensors:
                 dtype = DType.parse(known[name].dtype).onnx
                 proto.graph.output.append(onnx.helper.make_tensor_value_info(name, dtype, None))
-            save_onnx(proto, Path(tmp), "calibrate.onnx")
+            save_onnx(proto, Path(tmp), "calibrate.onnx", source=model.weights_dir)
             del proto
             executor = ort_executor(str(Path(tmp) / "calibrate.onnx"))
 

@@ -24,7 +24,7 @@ import click
 
 from llm2trt import __version__
 from llm2trt.core.dtypes import DType
-from llm2trt.core.errors import Llm2TrtError, Terminated
+from llm2trt.core.errors import InputError, Llm2TrtError, Terminated
 from llm2trt.core.kv import KV_FORMS
 from llm2trt.core.log import configure
 from llm2trt.core.quant import DEFAULT_CALIB_SAMPLES, DEFAULT_GROUP_SIZE, DEFAULT_KEEP, METHODS
@@ -141,7 +141,57 @@ def _quiet_third_party(verbosity: int) -> None:
         os.environ["TQDM_DISABLE"] = "1"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class CommandLineError(click.UsageError):
+    """A mistake on the command line (a bad option value, a missing argument, an unknown command),
+    shown like every other failure: one `llm2trt: error:` line (and the JSON object with --json),
+    not click's usage block."""
+
+    def __init__(self, exc: click.UsageError, as_json: bool) -> None:
+        super().__init__(exc.format_message(), exc.ctx)
+        self.as_json = as_json
+
+    def show(self, file: Any = None) -> None:
+        message = self.format_message()
+        if self.ctx is not None:
+            message += f" (see `{self.ctx.command_path} --help`)"
+        if self.as_json:
+            click.echo(json.dumps({"ok": False, "error": message}))
+        click.echo(f"llm2trt: error: {message}", err=True)
+
+
+@contextmanager
+def _one_line_usage(args: list[str]) -> Iterator[None]:
+    as_json = "--json" in args  # read before parsing: click's parser pops from this list
+    try:
+        yield
+    except (click.exceptions.NoArgsIsHelpError, CommandLineError):
+        raise  # a bare `llm2trt debug` prints its help
+    except click.UsageError as exc:
+        raise CommandLineError(exc, as_json) from None
+
+
+class _Command(click.Command):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        with _one_line_usage(args):
+            return super().parse_args(ctx, args)
+
+
+class _Group(click.Group):
+    command_class = _Command
+    group_class = type  # subgroups (debug, eval) are _Groups too
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        with _one_line_usage(args):
+            return super().parse_args(ctx, args)
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        with _one_line_usage(args):
+            return super().resolve_command(ctx, args)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="llm2trt")
 def cli() -> None:
     """Hugging Face / PyTorch transformers to validated TensorRT engines through ONNX.
@@ -214,7 +264,7 @@ def quant_options(fn: Callable[..., None]) -> Callable[..., None]:
             where = str(calib) if calib is not None else None
             request = QuantRequest(quant, keep=list(keep or DEFAULT_KEEP), calib=where, **settings)
         elif calib is not None or keep or settings["keep_sensitive"]:
-            raise click.UsageError("--calib, --keep and --keep-sensitive go with --quant")
+            raise InputError("--calib, --keep and --keep-sensitive go with --quant")
         fn(*args, quant=request, **kwargs)
 
     options = [
@@ -444,9 +494,15 @@ def comparison_options(fn: Callable[..., None]) -> Callable[..., None]:
             show_default=True,
             help="Comma-separated runners; the first is the reference (torch, ort, trt).",
         ),
-        click.option("--atol", type=float, help="Absolute tolerance (default: rtol x max|reference| per output)."),
         click.option(
-            "--rtol", type=float, help="Relative tolerance (default by dtype: fp32 1e-4, fp16 1e-2, bf16 5e-2)."
+            "--atol",
+            type=click.FloatRange(min=0),
+            help="Absolute tolerance (default: rtol x max|reference| per output).",
+        ),
+        click.option(
+            "--rtol",
+            type=click.FloatRange(min=0),
+            help="Relative tolerance (default by dtype: fp32 1e-4, fp16 1e-2, bf16 5e-2).",
         ),
         click.option(
             "--batch", type=click.IntRange(1), default=3, show_default=True, help="Batch of the sample inputs."
@@ -658,4 +714,7 @@ def inspect_cmd(ctx: Context, artifact: Path) -> None:
 
 
 def main() -> None:
+    from llm2trt.core.memory import return_freed_buffers
+
+    return_freed_buffers()
     cli(prog_name="llm2trt")

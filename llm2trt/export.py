@@ -177,17 +177,51 @@ def _trace(
     spec = source.spec
     model = source.load(dtype, attn)
     cast(Any, model).config.use_cache = graph.kv_cache is not None
+    tied = _tied_embedding(model)
     module = export_module(model, graph, dict(spec.forward_kwargs))
     feeds = spec.sample_inputs(source.config, graph, TRACE_BATCH, TRACE_SEQUENCE)
     args = tuple(to_torch(feeds[t.name]) for t in graph.inputs)
     with step(f"exporting {source.display} to ONNX (TorchScript exporter, opset {opset})"):
         torchscript_export(module, args, scratch / "model.onnx", graph, opset)
     del model, module
-    proto = onnx.load(str(scratch / "model.onnx"), load_external_data=True)
+    # Over 2 GB the exporter writes its weights beside the file: they stay there until save_onnx
+    # copies them file to file (reading them in would hold a second copy of the model).
+    proto = onnx.load(str(scratch / "model.onnx"), load_external_data=False)
+    if tied is not None:
+        _tie(proto, f"model.{tied}", scratch)
     _name_dims(proto, graph.inputs, "input")
     _name_dims(proto, graph.outputs, "output")
     proto.producer_name, proto.producer_version = "llm2trt", __version__
     return proto
+
+
+def _tied_embedding(model: torch.nn.Module) -> str | None:
+    """The parameter name of an input embedding the output projection shares, if it does."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    inner, outer = (get_in() if get_in else None), (get_out() if get_out else None)
+    weight = getattr(inner, "weight", None)
+    if weight is None or outer is None or getattr(outer, "weight", None) is not weight:
+        return None
+    return next((name for name, p in model.named_parameters(remove_duplicate=False) if p is weight), None)
+
+
+def _tie(proto: onnx.ModelProto, name: str, scratch: Path) -> None:
+    """Write a tied embedding once: the exporter folds lm_head's transpose of it into a second
+    initializer; read it as Transpose(embedding) instead (ONNX Runtime and TensorRT fold that at
+    load time; `optimize` leaves it, see ConstantFolding)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    table = inits.get(name)
+    if table is None or len(table.dims) != 2:
+        return
+    values = numpy_helper.to_array(table, base_dir=str(scratch))
+    for copy in [t for t in proto.graph.initializer if list(t.dims) == list(table.dims)[::-1]]:
+        if copy.data_type == table.data_type and (numpy_helper.to_array(copy, base_dir=str(scratch)) == values.T).all():
+            proto.graph.initializer.remove(copy)
+            node = onnx.helper.make_node("Transpose", [name], [copy.name], name=f"{name}/Transpose_tied", perm=[1, 0])
+            proto.graph.node.insert(0, node)
+            logger.info("tied embedding %s written once (lm_head reads its transpose)", name)
 
 
 TOKENIZER_DIR = "tokenizer"
@@ -227,10 +261,10 @@ def convert(
         scratch = stage / "export"
         scratch.mkdir()
         proto = _trace(source, graph, dtype, attn_implementation, opset, scratch)
-        shutil.rmtree(scratch)
         with step("writing model.onnx and its external weights"):
-            nbytes = save_onnx(proto, stage)
-        logger.info("wrote %d nodes, %.1f MB of weights", len(proto.graph.node), nbytes / 1e6)
+            written = save_onnx(proto, stage, source=scratch, clone=False)  # the exporter's files: one per weight
+        shutil.rmtree(scratch)
+        logger.info("wrote %d nodes, %.1f MB of weights", len(proto.graph.node), written.nbytes / 1e6)
         generation = _save_tokenizer(source, stage) if spec.task(config).task == "text-generation" else None
         manifest = Manifest(
             architecture=spec.name,
@@ -240,7 +274,7 @@ def convert(
             dtype=dtype,
             opset=opset,
             source=source.info(),
-            graphs={graph.name: replace(graph, op_counts=op_counts(proto))},
+            graphs={graph.name: replace(graph, op_counts=op_counts(proto), external_data=written.files)},
             attn_implementation=attn_implementation,
             exporter="torchscript",
             model_config=config.to_diff_dict(),

@@ -238,7 +238,9 @@ def load_tokenizer(artifact: Path, manifest: Manifest) -> Any:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(artifact / generation.tokenizer), local_files_only=True)
+    return AutoTokenizer.from_pretrained(
+        str(artifact / generation.tokenizer), local_files_only=True, trust_remote_code=False
+    )
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat: bool) -> list[list[int]]:
@@ -291,6 +293,7 @@ def generate(
         raise InputError("give prompts as text (--prompt) or as token ids (--ids), not both, and at least one")
     tokenizer = load_tokenizer(artifact, manifest) if prompts or chat else _maybe_tokenizer(artifact, manifest)
     batch = encode_prompts(tokenizer, prompts, chat) if prompts else [list(map(int, p)) for p in ids]
+    _check_ids(manifest, batch)
     ctx = GenerateContext(artifact, manifest, graph, _capacity(graph, manifest, batch, sampling), providers or [])
     eos = manifest.generation.eos_token_ids if manifest.generation else []
     if manifest.tensor_parallel is not None:
@@ -305,6 +308,18 @@ def generate(
         for prompt, n, stop in zip(batch, new, stops, strict=True)
     ]
     return Generated(runner, rows, prefill, decode, steps)
+
+
+def _check_ids(manifest: Manifest, prompts: list[list[int]]) -> None:
+    """Refuse token ids the embedding has no row for: ONNX Runtime would fail deep in a Gather
+    (an internal error), and a negative id would quietly index from the end."""
+    vocab = manifest.model_config.get("vocab_size")
+    if not isinstance(vocab, int) or isinstance(vocab, bool):
+        return
+    bad = sorted({i for prompt in prompts for i in prompt if not 0 <= i < vocab})
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        raise InputError(f"token ids outside this model's vocabulary of {vocab} (0 to {vocab - 1}): {shown}")
 
 
 def _rank_task(

@@ -2,7 +2,10 @@
 .gguf file, or a built-in `tiny:<arch>` spec.
 
 Resolving a source reads only its config (fast, and enough to refuse an unsupported model before
-any slow work); the weights load when `load()` is called. Nothing here touches the network.
+any slow work); the weights load when `load()` is called. Nothing here touches the network, and
+nothing here runs a checkpoint's own code: `trust_remote_code` is always False (a config's
+`auto_map` is ignored; the transformers class of its `model_type` is exported) and .bin weights are
+unpickled with `weights_only=True` (a pickle that would call anything is refused).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +35,8 @@ logger = logging.getLogger(__name__)
 TINY_PREFIX = "tiny:"
 TINY_SEED = 0
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
+_ST_INDEX, _BIN_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"
+_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", _BIN_INDEX)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tokenizer_config.json")
 
 # transformers must never reach for a hub: every load is local.
@@ -62,7 +67,9 @@ class ModelSource:
         root = Path(self.location)
         files = {root / "config.json"}
         for pattern in _WEIGHT_PATTERNS:
-            files.update(root.glob(pattern))
+            # A dangling link (a cache snapshot of the format transformers does not load, whose
+            # blobs were never fetched) holds no weights: nothing to hash.
+            files.update(f for f in root.glob(pattern) if f.exists())
         return sorted(files)
 
     def info(self) -> SourceInfo:
@@ -90,6 +97,8 @@ class ModelSource:
         cls_name = self.spec.model_class(self.config)
         cls = getattr(transformers, cls_name)
         tdtype = dtype.torch
+        from safetensors import SafetensorError
+
         with step(f"loading {self.display} ({cls_name}, {dtype.value})"):
             try:
                 if self.kind == "tiny":
@@ -112,8 +121,12 @@ class ModelSource:
                         dtype=tdtype,
                         attn_implementation=attn_implementation,
                         local_files_only=True,
+                        weights_only=True,  # .bin: torch.load(weights_only=True), tensors and nothing else
+                        trust_remote_code=False,  # nor custom_generate/generate.py
                     )
-            except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            except pickle.UnpicklingError as exc:
+                raise InputError(_unpickling_refusal(Path(self.location), exc)) from None
+            except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
                 raise InputError(f"cannot load weights of {self.display}: {first_line(exc)}") from None
         model.eval()
         return model  # type: ignore[no-any-return]
@@ -131,10 +144,18 @@ class ModelSource:
         where = str(path.parent) if self.kind == "gguf" else self.location
         with step(f"loading the tokenizer of {self.display}"):
             try:
-                return AutoTokenizer.from_pretrained(where, local_files_only=True, **kwargs)
+                tokenizer = AutoTokenizer.from_pretrained(
+                    where, local_files_only=True, trust_remote_code=False, **kwargs
+                )
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 logger.warning("no tokenizer for %s: %s", self.display, first_line(exc))
                 return None
+        # A tokenizer_config.json auto_map points at Python that was not run and is not copied: saved
+        # as is, the artifact's tokenizer would name code it does not hold.
+        tokenizer.init_kwargs.pop("auto_map", None)
+        if getattr(tokenizer, "_auto_map", None) is not None:
+            tokenizer._auto_map = None
+        return tokenizer
 
     def generation_defaults(self, tokenizer: Any | None) -> GenerationDefaults:
         """EOS, pad and BOS ids: the generation config's, else the model config's, else the tokenizer's."""
@@ -177,11 +198,60 @@ class ModelSource:
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from None
+    except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise InputError(f"cannot read {path}: {first_line(exc)}") from None
     if not isinstance(data, dict):
         raise InputError(f"cannot read {path}: not a JSON object")
     return data
+
+
+def _unpickling_refusal(path: Path, exc: pickle.UnpicklingError) -> str:
+    """One line for a .bin that torch's weights-only unpickler refused: which file (when there is
+    one) and what it would have called. torch's own message advises weights_only=False; never that."""
+    lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+    detail = next((line for line in lines if not line.startswith("Check the documentation")), first_line(exc))
+    bins = sorted(p.name for p in path.glob("pytorch_model*.bin"))
+    where = str(path / bins[0]) if len(bins) == 1 else f"one of the {len(bins)} pytorch_model*.bin files in {path}"
+    return (
+        f"refusing to unpickle {where}: it holds more than "
+        f"tensors ({detail[:200].rstrip('.')}); llm2trt loads .bin weights with torch.load(weights_only=True) and "
+        "never runs code from a checkpoint: get its safetensors from a source you trust"
+    )
+
+
+def _check_complete(path: Path) -> None:
+    """Refuse an incomplete checkpoint before any slow work: a dangling link (a cache snapshot whose
+    blob is missing, an interrupted download) or a shard its index names that is not there. Only the
+    format transformers will load is checked (safetensors when there are any): a snapshot fetched
+    with `--include "*.safetensors" "*.json"` has pytorch_model.bin.index.json and no .bin files."""
+    safetensors = any(path.glob("*.safetensors")) or (path / _ST_INDEX).exists()
+    pattern, index_name = ("*.safetensors", _ST_INDEX) if safetensors else ("pytorch_model*.bin", _BIN_INDEX)
+    for file in sorted(path.glob(pattern)):
+        if not file.exists():
+            raise InputError(
+                f"incomplete weights in {path}: {file.name} is a link to a missing file ({os.readlink(file)})"
+            )
+    index = path / index_name
+    if not index.exists() and not index.is_symlink():
+        return
+    if not index.exists():
+        raise InputError(
+            f"incomplete weights in {path}: {index_name} is a link to a missing file ({os.readlink(index)})"
+        )
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InputError(f"cannot read {index}: it has no weight_map")
+    shards = sorted({str(name) for name in weight_map.values()})
+    outside = [name for name in shards if Path(name).name != name]
+    if outside:
+        raise InputError(f"{index} names a shard outside {path}: {outside[0]!r}")
+    missing = [name for name in shards if not (path / name).exists()]
+    if missing:
+        listed = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise InputError(
+            f"incomplete weights in {path}: {len(missing)} of the {len(shards)} shards {index_name} names "
+            f"{'is' if len(missing) == 1 else 'are'} missing ({listed})"
+        )
 
 
 def _resolve_tiny(name: str) -> ModelSource:
@@ -202,15 +272,26 @@ def _resolve_hf_dir(path: Path) -> ModelSource:
     if not isinstance(model_type, str):
         raise InputError(f"{config_path} has no model_type; cannot tell the architecture")
     spec = spec_for_model_type(model_type)
-    if not any(path.glob(p) for p in _WEIGHT_PATTERNS):
+    if not any(any(path.glob(p)) for p in _WEIGHT_PATTERNS):
         raise InputError(f"no weights in {path} (expected *.safetensors or pytorch_model.bin)")
+    _check_complete(path)
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as exc:  # the last: a field's type
         raise InputError(f"cannot read {config_path}: {first_line(exc)}") from None
     spec.check_config(config)
+    if raw.get("auto_map"):
+        logger.warning(
+            "ignoring custom code in %s (auto_map: %s): llm2trt never runs a model's own Python; it exports "
+            "transformers' %s for model_type %r",
+            config_path,
+            ", ".join(sorted(map(str, raw["auto_map"]))) if isinstance(raw["auto_map"], dict) else raw["auto_map"],
+            spec.model_class(config),
+            model_type,
+        )
     return ModelSource("hf", str(path), config, spec)
 
 
@@ -219,7 +300,9 @@ def _resolve_gguf(path: Path) -> ModelSource:
 
     with step(f"reading GGUF metadata of {path.name}"):
         try:
-            config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+            config = AutoConfig.from_pretrained(
+                str(path.parent), gguf_file=path.name, local_files_only=True, trust_remote_code=False
+            )
         except (OSError, ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
             raise InputError(f"cannot read GGUF file {path}: {first_line(exc)}") from None
         except ImportError as exc:

@@ -23,7 +23,7 @@ from llm2trt.core.tolerance import TolerancePolicy, errors, profile_for
 from llm2trt.export import TOKENIZER_DIR
 from llm2trt.exporters import ExportSpec
 from llm2trt.models import spec_and_config
-from llm2trt.passes.core import Model, PassCheckError, PipelineResult
+from llm2trt.passes.core import Model, PassCheckError, PipelineResult, WeightSpill
 from llm2trt.passes.fusions import FUSIONS, count_fusions
 from llm2trt.passes.pattern import RewritePass, layer_of, module_of
 from llm2trt.passes.pipeline import PipelineOptions, assemble
@@ -250,13 +250,16 @@ class _Job:
             return profile_for(self.manifest.dtype, self.quant.method)
         return TolerancePolicy(self.manifest.dtype.value, self.manifest.dtype.tolerance.optimize)
 
-    def optimize_graph(self, graph: GraphSpec) -> tuple[Model, OptimizeReport, GraphSpec]:
-        """Run the pipeline over one graph; the graph's new description (its variant may change)."""
+    def optimize_graph(self, graph: GraphSpec, spill: Path | None = None) -> tuple[Model, OptimizeReport, GraphSpec]:
+        """Run the pipeline over one graph; the graph's new description (its variant may change).
+        Large weights the passes make go to the file `spill` as they are made."""
         spec, config = self.spec, self.config
         layout, variant = self.kv.plan(spec, config, graph)
         onnx_path = self.manifest.onnx_path(self.artifact, graph.name)
         with step(f"loading {onnx_path}"):
-            model = Model.from_onnx(load_onnx(onnx_path))
+            # The weights stay on disk: passes read the few they rewrite (FileValues).
+            model = Model.from_onnx(load_onnx(onnx_path, with_weights=False), weights_dir=onnx_path.parent)
+        model.spill = WeightSpill(spill) if spill is not None else None
         settings = dict(self.options.settings)
         limit = spec.position_limit(config)
         if limit:  # rotary tables as long as the model's positions
@@ -307,12 +310,11 @@ def save_graph(
 ) -> GraphSpec:
     """Write a graph (weights in external data beside it) and describe what was written."""
     proto = model.to_onnx()
-    save_onnx(proto, path.parent, path.name)
-    data = f"{path.name}.data"
+    written = save_onnx(proto, path.parent, path.name, source=model.weights_dir)
     return replace(
         graph,
         onnx=path.name,
-        external_data=[data] if (path.parent / data).exists() else [],
+        external_data=written.files,
         op_counts=op_counts(proto),
         fusions=fusions,
         expected_fusions=expected,
@@ -359,9 +361,22 @@ def optimize(
 
         check_request(spec, config, manifest, tp, quant is not None)
     job = _Job(artifact, manifest, spec, config, options or PipelineOptions(), kv or KVRequest(), check, quant)
-    results = {g.name: job.optimize_graph(g) for g in manifest.graphs.values()}
+    with staged_output(out, force, reads=[artifact]) as stage:
+        spill = stage / SPILL_DIR  # the weights passes make, on disk until they are saved
+        spill.mkdir()
+        results = {g.name: job.optimize_graph(g, spill / f"{g.name}.data") for g in manifest.graphs.values()}
+        _check_expected(results, allow_missing_fusions)
+        optimized = _optimize_ranks(job, results, stage, tp) if tp > 1 else _write(job, results, stage)
+        shutil.rmtree(spill)
+    return replace(optimized, output=str(out))
+
+
+SPILL_DIR = ".spill"
+
+
+def _check_expected(results: dict[str, tuple[Model, OptimizeReport, GraphSpec]], allow_missing: bool) -> None:
     missing = [line for _model, report, _graph in results.values() for line in report.missing]
-    if missing and not allow_missing_fusions:
+    if missing and not allow_missing:
         raise CheckFailed(
             "expected fusions missing: "
             + " | ".join(missing)
@@ -369,55 +384,54 @@ def optimize(
         )
     for line in missing:
         logger.warning("expected fusion missing: %s", line)
-    if tp > 1:
-        return _optimize_ranks(job, results, out, force, tp)
+
+
+def _write(job: _Job, results: dict[str, tuple[Model, OptimizeReport, GraphSpec]], stage: Path) -> Optimized:
+    """optimize without --tp: each graph, the manifest and the report into the staging directory."""
+    manifest, artifact = job.manifest, job.artifact
     reports: dict[str, OptimizeReport] = {}
-    with staged_output(out, force, reads=[artifact]) as stage:
-        graphs: dict[str, GraphSpec] = {}
-        passes = []
-        for name, (model, report, target) in results.items():
-            before = manifest.graphs[name]
-            written, reports[target.name] = job.write_graph(stage, before, target, model, report)
-            graphs[target.name] = written
-            passes += report.passes
-        quantization = next(iter(reports.values())).quantization or manifest.quantization
-        opset = max(m.opset for m, _r, _g in results.values())
-        new = replace(manifest, graphs=graphs, opset=opset, quantization=quantization)
-        new = copy_tokenizer(new.with_passes(passes), artifact, stage)
-        new.write(stage)
-        next(iter(reports.values())).write(stage / REPORT_NAME)
-    return Optimized(str(artifact), str(out), reports)
+    graphs: dict[str, GraphSpec] = {}
+    passes = []
+    for name, (model, report, target) in results.items():
+        before = manifest.graphs[name]
+        written, reports[target.name] = job.write_graph(stage, before, target, model, report)
+        graphs[target.name] = written
+        passes += report.passes
+    quantization = next(iter(reports.values())).quantization or manifest.quantization
+    opset = max(m.opset for m, _r, _g in results.values())
+    new = replace(manifest, graphs=graphs, opset=opset, quantization=quantization)
+    new = copy_tokenizer(new.with_passes(passes), artifact, stage)
+    new.write(stage)
+    next(iter(reports.values())).write(stage / REPORT_NAME)
+    return Optimized(str(artifact), str(stage), reports)
 
 
 def _optimize_ranks(
-    job: _Job, results: dict[str, tuple[Model, OptimizeReport, GraphSpec]], out: Path, force: bool, tp: int
+    job: _Job, results: dict[str, tuple[Model, OptimizeReport, GraphSpec]], stage: Path, tp: int
 ) -> Optimized:
     """optimize --tp: the ranks' artifacts, checked together against the input."""
     from llm2trt.ranks import check_ranks, write_ranks
 
     manifest, artifact = job.manifest, job.artifact
-    with staged_output(out, force, reads=[artifact]) as stage:
-        passes = [r for _m, report, _g in results.values() for r in report.passes]
-        opset = max(m.opset for m, _r, _g in results.values())
-        base = copy_tokenizer(replace(manifest, opset=opset).with_passes(passes), artifact, stage)
-        top, ranks = write_ranks(stage, base, job.spec, job.config, results, tp)
-        top.write(stage)
-        name, (_model, report, target) = next(iter(results.items()))
-        verdict = NumericCheck(False, "--no-check")
-        if job.check:
-            if target.kv_cache is None and manifest.graphs[name].kv_cache is None:
-                verdict = NumericCheck(
-                    False, "tensor-parallel graphs are checked as decoders; this one has no KV cache"
-                )
-            else:
-                with step(f"checking the {tp} ranks together against the input (ONNX Runtime + gloo)"):
-                    before = (manifest.graphs[name], manifest.onnx_path(artifact, name))
-                    verdict = check_ranks(stage, before, job.config, job.tolerance)
-                if not verdict.passed:
-                    raise CheckFailed(f"the ranks together diverge from the input: {verdict.breach()}")
-        report = replace(report, numeric_check=verdict, ranks=ranks)
-        report.write(stage / REPORT_NAME)
-    return Optimized(str(artifact), str(out), {target.name: report})
+    passes = [r for _m, report, _g in results.values() for r in report.passes]
+    opset = max(m.opset for m, _r, _g in results.values())
+    base = copy_tokenizer(replace(manifest, opset=opset).with_passes(passes), artifact, stage)
+    top, ranks = write_ranks(stage, base, job.spec, job.config, results, tp)
+    top.write(stage)
+    name, (_model, report, target) = next(iter(results.items()))
+    verdict = NumericCheck(False, "--no-check")
+    if job.check:
+        if target.kv_cache is None and manifest.graphs[name].kv_cache is None:
+            verdict = NumericCheck(False, "tensor-parallel graphs are checked as decoders; this one has no KV cache")
+        else:
+            with step(f"checking the {tp} ranks together against the input (ONNX Runtime + gloo)"):
+                before = (manifest.graphs[name], manifest.onnx_path(artifact, name))
+                verdict = check_ranks(stage, before, job.config, job.tolerance)
+            if not verdict.passed:
+                raise CheckFailed(f"the ranks together diverge from the input: {verdict.breach()}")
+    report = replace(report, numeric_check=verdict, ranks=ranks)
+    report.write(stage / REPORT_NAME)
+    return Optimized(str(artifact), str(stage), {target.name: report})
 
 
 def copy_tokenizer(manifest: Manifest, artifact: Path, stage: Path) -> Manifest:

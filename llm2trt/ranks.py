@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from llm2trt.core.errors import CheckFailed, InputError
 from llm2trt.core.log import step
@@ -24,7 +25,7 @@ from llm2trt.core.tolerance import TolerancePolicy
 from llm2trt.core.tp import Mapping, RankReport, TensorParallel, TPPlan
 from llm2trt.exporters import ExportSpec
 from llm2trt.passes.cleanup import ShapeInference
-from llm2trt.passes.core import Model, PassManager
+from llm2trt.passes.core import Model, PassManager, WeightSpill, weight_bytes
 from llm2trt.passes.fusions import count_fusions
 from llm2trt.passes.tp import TensorParallelPass
 
@@ -62,13 +63,15 @@ def check_request(spec: ExportSpec, config: Any, manifest: Manifest, tp: int, qu
 
 
 def split_graph(
-    model: Model, graph: GraphSpec, plan: TPPlan, num_layers: int
+    model: Model, graph: GraphSpec, plan: TPPlan, num_layers: int, spill: Path | None = None
 ) -> tuple[Model, RankReport, list[PassRecord]]:
-    """One rank's copy of an optimized graph, rewritten and typed."""
-    copy = Model(model.graph.copy(), dict(model.node_metadata), model.ir_version)
+    """One rank's copy of an optimized graph, rewritten and typed; its slices go to `spill` as they
+    are cut (else they stay in memory)."""
+    copy = Model(model.graph.copy(), dict(model.node_metadata), model.ir_version, model.weights_dir)
+    copy.spill = WeightSpill(spill) if spill is not None else None
     result = PassManager([TensorParallelPass(plan, graph.kv_cache, num_layers), ShapeInference()]).run(copy)
     counts = result.results[TensorParallelPass.name].counts
-    weights = sum(int(np.asarray(t.values).nbytes) for t in copy.graph.tensors().values() if hasattr(t, "values"))
+    weights = sum(weight_bytes(t) for t in copy.graph.tensors().values() if isinstance(t, gs.Constant))
     heads = plan.local_heads[1] if graph.kv_cache is not None else None
     report = RankReport(plan.mapping.rank, dict(counts), count_fusions(copy.graph), heads, weights)
     return copy, report, result.records
@@ -95,8 +98,9 @@ def write_ranks(
         graphs: dict[str, GraphSpec] = {}
         records: list[PassRecord] = []
         for name, (model, report, target) in optimized.items():
+            spill = stage / f".rank{mapping.rank}-{name}.spill"
             with step(f"rank {mapping.rank} of {tp}: splitting graph {name!r}"):
-                rank_model, rank_report, ran = split_graph(model, target, plan, spec.num_layers(config))
+                rank_model, rank_report, ran = split_graph(model, target, plan, spec.num_layers(config), spill)
             records += ran
             graph = rank_graph(target, plan)
             conform(rank_model, graph)
@@ -105,6 +109,8 @@ def write_ranks(
                 raise CheckFailed(f"rank {mapping.rank}: fusions lost by the split: {missing} of {report.expected}")
             path = folder / Path(target.onnx).name
             graphs[name] = save_graph(rank_model, graph, path, rank_report.fusions, report.expected)
+            del rank_model  # before the next rank's slices
+            spill.unlink(missing_ok=True)
             reports.append(rank_report)
         generation = manifest.generation
         if generation is not None and generation.tokenizer is not None:

@@ -369,6 +369,9 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str]) -> int:
+    from llm2trt.core.memory import return_freed_buffers
+
+    return_freed_buffers()
     if argv == ["--hook"]:  # where Polygraphy finds mark_attention_decomposable
         sys.stdout.write(f"{__file__}:{mark_attention_decomposable.__name__}\n")
         return 0

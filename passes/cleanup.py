@@ -9,15 +9,39 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from llm2trt.core.dtypes import DType, numpy_of_onnx, onnx_elem_type
-from llm2trt.passes.core import GraphPass, Model, PassResult, gs_quiet, weightless
+from llm2trt.passes.core import FileValues, GraphPass, Model, PassResult, gs_quiet, weight_bytes, weightless
 
 logger = logging.getLogger(__name__)
+
+_SHARED_BYTES = 1 << 16  # a shared constant this large is a weight, not shape arithmetic
 
 
 def _unfoldable(node: gs.Node) -> bool:
     """Nodes ONNX Runtime's CPU provider cannot evaluate (no bfloat16 kernels): one of them would
-    fail the whole folding session, shape arithmetic included."""
+    fail the whole folding session, shape arithmetic included. And the transpose of a weight
+    something else also reads (a tied embedding): folding it would store the weight twice."""
+    if node.op == "Transpose" and _shared_weight(node.inputs[0]):
+        return True
     return any(onnx_elem_type(t.dtype) == DType.BF16.onnx for t in [*node.inputs, *node.outputs])
+
+
+def _shared_weight(tensor: gs.Tensor) -> bool:
+    return isinstance(tensor, gs.Constant) and len(tensor.outputs) > 1 and weight_bytes(tensor) >= _SHARED_BYTES
+
+
+def _read_foldable(graph: gs.Graph) -> None:
+    """Read the on-disk weights folding will evaluate (ONNX Runtime gets the folded subgraph without
+    its artifact directory): those of nodes whose inputs are all constant, and Constant nodes'."""
+    for node in graph.nodes:
+        if node.op == "Constant":
+            tensors = [a for a in node.attrs.values() if isinstance(a, gs.Constant)]
+        elif node.inputs and all(isinstance(t, gs.Constant) for t in node.inputs) and not _unfoldable(node):
+            tensors = list(node.inputs)
+        else:
+            continue
+        for tensor in tensors:
+            if isinstance(tensor._values, FileValues):
+                tensor.values = tensor._values.load()
 
 
 class ConstantFolding(GraphPass):
@@ -36,6 +60,7 @@ class ConstantFolding(GraphPass):
         for _ in range(self.max_rounds):
             count = len(graph.nodes)
             infer_shapes(model)
+            _read_foldable(graph)
             with gs_quiet():
                 graph.fold_constants(fold_shapes=True, error_ok=True, should_exclude_node=_unfoldable)
                 graph.cleanup(remove_unused_graph_inputs=False)

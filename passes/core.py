@@ -14,11 +14,13 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from llm2trt.core.errors import Llm2TrtError
 from llm2trt.core.manifest import PassRecord
@@ -28,6 +30,86 @@ logger = logging.getLogger(__name__)
 
 RULE_KEY = "llm2trt.rule"  # node metadata: the rewrite rule that made a node
 _WEIGHT_ELEMENTS = 256
+
+
+class FileValues(LazyValues):  # type: ignore[misc]  # onnx-graphsurgeon is untyped
+    """A weight left in its artifact's data file: passes see its shape and dtype for free and read
+    its bytes only if they ask (`Constant.values`); one they never read is cloned or copied file to
+    file when the graph is saved, so rewriting a graph does not hold its weights in memory."""
+
+    def __init__(self, tensor: onnx.TensorProto, directory: Path) -> None:
+        super().__init__(tensor)
+        info = {e.key: e.value for e in tensor.external_data}
+        self.path = directory / info["location"]
+        self.offset, self.length = int(info.get("offset") or 0), int(info.get("length") or 0)
+
+    def load(self) -> np.ndarray:
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset)
+            raw = fh.read(self.length) if self.length else fh.read()
+        inline = onnx.TensorProto()
+        inline.CopyFrom(self.tensor)
+        del inline.external_data[:]
+        inline.data_location = onnx.TensorProto.DEFAULT
+        inline.raw_data = raw
+        return np.array(onnx.numpy_helper.to_array(inline))
+
+
+class WeightSpill:
+    """An append-only scratch file for the weights a pass makes (a rank's slices, quantized
+    weights): they go to disk as they are made, and on to the artifact file to file at save."""
+
+    SPILL_BYTES = 1 << 16  # smaller constants stay in memory
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+
+    def write(self, name: str, values: np.ndarray) -> FileValues:
+        packed = onnx.numpy_helper.from_array(values, name)  # ONNX's packing (two INT4 a byte)
+        raw = packed.raw_data
+        pad = (-self.offset) % 4096
+        with open(self.path, "ab") as fh:
+            fh.write(b"\0" * pad + raw)
+        self.offset += pad
+        # A new message: clearing raw_data would leave the bytes in the message's arena.
+        proto = onnx.TensorProto(name=name, data_type=packed.data_type, dims=packed.dims)
+        del packed
+        proto.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", str(self.path)), ("offset", str(self.offset)), ("length", str(len(raw)))):
+            entry = proto.external_data.add()
+            entry.key, entry.value = key, value
+        self.offset += len(raw)
+        return FileValues(proto, self.path.parent)
+
+
+def _lazy_constants(graph: gs.Graph) -> Iterator[gs.Constant]:
+    """Constants of the graph and its subgraphs whose values have not been read."""
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and type(tensor._values) is LazyValues:
+            yield tensor
+    for node in graph.nodes:
+        for attr in node.attrs.values():
+            if isinstance(attr, gs.Constant) and type(attr._values) is LazyValues:
+                yield attr
+            elif isinstance(attr, gs.Graph):
+                yield from _lazy_constants(attr)
+
+
+def read_values(tensor: gs.Constant) -> np.ndarray:
+    """A constant's values; one on disk is read without being kept (`Constant.values` would keep it
+    for the graph's lifetime: a pass reading every weight once would hold the whole model)."""
+    if isinstance(tensor._values, FileValues):
+        return tensor._values.load()
+    return np.asarray(tensor.values)
+
+
+def weight_bytes(tensor: gs.Constant) -> int:
+    """A constant's size without reading it."""
+    values = tensor._values
+    if isinstance(values, LazyValues):
+        return int(values.nbytes)
+    return int(np.asarray(values).nbytes)
 
 
 def weightless(graph: gs.Graph) -> tuple[onnx.ModelProto, dict[str, gs.Constant]]:
@@ -88,6 +170,10 @@ class Model:
     graph: gs.Graph
     node_metadata: dict[str, dict[str, str]] = field(default_factory=dict)
     ir_version: int = 10
+    # Where the weights the graph was loaded without live (their external-data directory).
+    weights_dir: Path | None = None
+    # Where passes put the large weights they make (None: in memory).
+    spill: WeightSpill | None = None
     # Names taken in the graph, collected on first use; the pass manager drops it after every pass.
     _taken: set[str] | None = field(default=None, repr=False)
 
@@ -102,14 +188,27 @@ class Model:
         self._taken.add(name)
         return name
 
+    def constant(self, name: str, values: np.ndarray) -> gs.Constant:
+        """A new constant named `name` (taken as is); a large one goes to the spill file if there is one."""
+        values = np.ascontiguousarray(values)
+        if self.spill is None or values.nbytes < WeightSpill.SPILL_BYTES:
+            return gs.Constant(name, LazyValues(onnx.numpy_helper.from_array(values, name)))
+        return gs.Constant(name, self.spill.write(name, values))
+
     def forget_names(self) -> None:
         self._taken = None
 
     @classmethod
-    def from_onnx(cls, proto: onnx.ModelProto) -> Model:
+    def from_onnx(cls, proto: onnx.ModelProto, weights_dir: Path | None = None) -> Model:
+        """The graph of `proto`; with `weights_dir`, external weights stay on disk there (FileValues)."""
         metadata = {n.name: {p.key: p.value for p in n.metadata_props} for n in proto.graph.node if n.metadata_props}
         with gs_quiet():
-            return cls(gs.import_onnx(proto), metadata, proto.ir_version)
+            model = cls(gs.import_onnx(proto), metadata, proto.ir_version, weights_dir)
+        if weights_dir is not None:
+            for constant in _lazy_constants(model.graph):
+                if constant._values.tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    constant._values = FileValues(constant._values.tensor, weights_dir)
+        return model
 
     def to_onnx(self) -> onnx.ModelProto:
         with gs_quiet():

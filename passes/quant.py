@@ -32,7 +32,7 @@ import onnx_graphsurgeon as gs
 from llm2trt.core.dtypes import DType
 from llm2trt.core.quant import Calibration, Quantization, QuantMethod, QuantRequest, qmax
 from llm2trt.core.reports import Refusal
-from llm2trt.passes.core import GraphPass, Model, PassResult
+from llm2trt.passes.core import GraphPass, Model, PassResult, read_values
 from llm2trt.passes.pattern import module_of
 
 logger = logging.getLogger(__name__)
@@ -267,7 +267,7 @@ class _Linear:
 
     @property
     def values(self) -> np.ndarray:
-        return np.asarray(self.weight.values)
+        return read_values(self.weight)  # read, not kept: the graph would hold every weight
 
     @property
     def x(self) -> gs.Variable:
@@ -303,7 +303,21 @@ def is_linear(node: gs.Node) -> bool:
     ):
         return False
     w = node.inputs[1]
-    return len(w.shape) == 2 and DType.find(np.asarray(w.values).dtype) in (DType.FP32, DType.FP16, DType.BF16)
+    # The dtype, not the values: weights on disk stay there (FileValues).
+    return len(w.shape) == 2 and DType.find(w.dtype) in (DType.FP32, DType.FP16, DType.BF16)
+
+
+def transposed_constant(tensor: gs.Tensor) -> gs.Node | None:
+    """The Transpose making `tensor` from a constant, if that is how it is made."""
+    producer = tensor.inputs[0] if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 else None
+    if producer is not None and producer.op == "Transpose" and isinstance(producer.inputs[0], gs.Constant):
+        return producer
+    return None
+
+
+def reads_tied_weight(node: gs.Node) -> bool:
+    """A MatMul reading Transpose(constant): lm_head on a tied embedding, written once (export)."""
+    return node.op == "MatMul" and len(node.inputs) == 2 and transposed_constant(node.inputs[1]) is not None
 
 
 def _vector(tensor: gs.Tensor, channels: int) -> bool:
@@ -361,10 +375,7 @@ def _fold_into(producer: gs.Node, channels: int) -> Folds:
 def constant(model: Model, name: str, values: np.ndarray) -> gs.Constant:
     """A constant serialized by ONNX's own converter: onnx-graphsurgeon writes INT4 one byte per
     element, where ONNX packs two."""
-    from onnx_graphsurgeon.ir.tensor import LazyValues
-
-    name = model.fresh_name(name)
-    return gs.Constant(name, LazyValues(onnx.numpy_helper.from_array(values, name)))
+    return model.constant(model.fresh_name(name), values)
 
 
 def _divide(model: Model, node: gs.Node, index: int, s: np.ndarray) -> None:
@@ -432,10 +443,11 @@ class QuantPass(GraphPass):
         keep = [re.compile(p) for p in self.request.keep]
         found = []
         for node in model.graph.nodes:
-            if not is_linear(node):
+            tied = reads_tied_weight(node)
+            if not (tied or is_linear(node)):
                 continue
             module = module_of(node.name) or node.name
-            reason = self._refuse(node, module, keep)
+            reason = self._refuse(node, module, keep, tied)
             if reason:
                 kept[module] = reason
                 refusals.append(Refusal(f"quant.{self.method.name}", node.name, module, reason))
@@ -443,10 +455,12 @@ class QuantPass(GraphPass):
                 found.append(_Linear(node, module))
         return found
 
-    def _refuse(self, node: gs.Node, module: str, keep: list[re.Pattern[str]]) -> str:
+    def _refuse(self, node: gs.Node, module: str, keep: list[re.Pattern[str]], tied: bool = False) -> str:
         for pattern in keep:
             if pattern.search(module):
                 return f"kept in high precision (--keep {pattern.pattern})"
+        if tied:
+            return "reads the input embedding it is tied to (one copy of the table, kept in high precision)"
         rows = int(node.inputs[1].shape[0])
         if self.method.blockwise and not self._block(rows):
             return f"{rows} input channels are not a multiple of {MIN_BLOCK} or more"
@@ -544,7 +558,8 @@ class QuantPass(GraphPass):
         method, size = self.method, self._block(group.channels)
         if method.blockwise and size != self.request.group_size:
             self.blocks[linear.module] = size
-        w = linear.values.astype(np.float32)
+        original = linear.values
+        w = original.astype(np.float32)
         clip = None
         if method.awq:  # after every fold: the weight as it will be quantized, the rows it will see
             s = group.s if group.s is not None else np.ones(w.shape[0], np.float32)
@@ -552,7 +567,8 @@ class QuantPass(GraphPass):
         scale = weight_scale(w, method, size, clip)
         q = quantize_weight(w, scale, method, size)
         base = linear.weight.name
-        dtype = linear.values.dtype
+        dtype = original.dtype
+        del original
         out = gs.Variable(model.fresh_name(f"{base}_dequantized"), dtype=dtype, shape=list(w.shape))
         attrs: dict[str, Any] = {"axis": 0, "block_size": size} if method.blockwise else {"axis": 1}
         dq = gs.Node(

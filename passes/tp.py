@@ -30,9 +30,9 @@ from llm2trt.core.dtypes import DType
 from llm2trt.core.errors import InputError
 from llm2trt.core.kv import KVLayout
 from llm2trt.core.tp import LayerSplit, Split, TPPlan, padded, shard_vocab
-from llm2trt.passes.core import GraphPass, Model, PassResult
+from llm2trt.passes.core import GraphPass, Model, PassResult, read_values
 from llm2trt.passes.pattern import layer_of, module_of
-from llm2trt.passes.quant import is_linear
+from llm2trt.passes.quant import is_linear, reads_tied_weight, transposed_constant
 
 COLLECTIVE_OP, COLLECTIVE_DOMAIN = "DistCollective", "trt"
 # Attributes that count heads, on attention-like nodes of 3-D (packed) form.
@@ -52,11 +52,16 @@ def collective_kind(node: onnx.NodeProto) -> str:
 
 
 def _values(tensor: gs.Tensor) -> np.ndarray | None:
-    return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
+    return read_values(tensor) if isinstance(tensor, gs.Constant) else None
 
 
 def _weight(tensor: gs.Tensor) -> np.ndarray:
-    """A split layer's weight, which the rules matched as a constant."""
+    """A split layer's weight, which the rules matched as a constant (or the transpose of one: a
+    tied embedding's lm_head; each rank gets its own slice of it)."""
+    producer = transposed_constant(tensor)
+    if producer is not None:
+        perm = producer.attrs.get("perm")
+        return np.transpose(read_values(producer.inputs[0]), perm if perm is None else list(perm))
     values = _values(tensor)
     if values is None:
         raise InputError(
@@ -82,7 +87,7 @@ class _Rewrite:
         return gs.Variable(self.model.fresh_name(f"{where}/{base}"), dtype=dtype)
 
     def const(self, base: str, values: np.ndarray) -> gs.Constant:
-        return gs.Constant(self.model.fresh_name(base), np.ascontiguousarray(values))
+        return self.model.constant(self.model.fresh_name(base), values)
 
     def add(
         self,
@@ -299,7 +304,7 @@ class TensorParallelPass(GraphPass):
         if layer.split is Split.VOCAB:
             if node.op == "Gather" and isinstance(node.inputs[0], gs.Constant):
                 rewrite.embedding(node)
-            elif is_linear(node):
+            elif is_linear(node) or reads_tied_weight(node):
                 rewrite.lm_head(node)
         elif is_linear(node):
             (rewrite.column if layer.split is Split.COLUMN else rewrite.row)(node, layer)

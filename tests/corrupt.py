@@ -38,3 +38,14 @@ def corrupt_linear(artifact: Path, module: str, out: Path, scale: float = 10.0) 
             fh.write(w.tobytes())
         return out
     raise AssertionError(f"no linear weight in {module}")
+
+
+def point_weights_at(artifact: Path, location: str) -> Path:
+    """Rewrite every external-data location of the artifact's model.onnx to `location`."""
+    model = onnx.load(str(artifact / "model.onnx"), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(model, str(artifact / "model.onnx"))
+    return artifact

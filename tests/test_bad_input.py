@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from tests.conftest import CC, assert_clean_failure, graph_artifact, run_cli
+from tests.corrupt import point_weights_at
 from tests.plugin_helpers import importers, install_fake_plugin
 
 
@@ -181,7 +182,6 @@ def _relocate(artifact: Path, out: Path, how: str) -> Path:
     data = out / "model.onnx.data"
     outside = out.parent / f"outside-{how}.data"
     shutil.copy(data, outside)
-    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     if how == "truncated":
         with open(data, "r+b") as fh:
             fh.truncate(data.stat().st_size // 2)
@@ -190,13 +190,7 @@ def _relocate(artifact: Path, out: Path, how: str) -> Path:
         data.unlink()
         data.symlink_to(outside)
         return out
-    location = f"../{outside.name}" if how == "parent" else str(outside)
-    for tensor in model.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = location
-    onnx.save(model, str(out / "model.onnx"))
-    return out
+    return point_weights_at(out, f"../{outside.name}" if how == "parent" else str(outside))
 
 
 @pytest.mark.parametrize("how", ["parent", "absolute", "symlink", "truncated"])

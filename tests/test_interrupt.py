@@ -8,6 +8,8 @@ gets the signal alone, as from a terminal's Ctrl-C: the worker runs in its own s
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CC
+from tests.conftest import CC, run_cli
 from tests.plugin_helpers import importers, install_fake_plugin
 
 DEAF_WORKER = """
@@ -134,3 +136,109 @@ def test_a_signal_mid_write_leaves_nothing(
     while any(_alive(c) for c in children) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not [c for c in children if _alive(c)], "a child outlived the CLI"
+
+
+# Holds a command mid-run without a special build: every process started with this directory on
+# PYTHONPATH imports it (as sitecustomize) and sleeps in ONNX Runtime's `run` from its Nth call on,
+# after leaving a file `held-<pid>`. The sleep is plain Python, so a signal reaches the handlers
+# the CLI installs, as it would between two decode steps of a slow model.
+HOLD_IN_ORT = """
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # what llm2trt sets before onnxruntime loads
+import onnxruntime
+
+_run = onnxruntime.InferenceSession.run
+_calls = [0]
+
+
+def run(self, *args, **kwargs):
+    _calls[0] += 1
+    if _calls[0] >= int(os.environ["LLM2TRT_HOLD_AT"]):
+        Path(os.environ["LLM2TRT_HOLD_DIR"], f"held-{os.getpid()}").write_text(str(_calls[0]))
+        time.sleep(120)
+    return _run(self, *args, **kwargs)
+
+
+onnxruntime.InferenceSession.run = run
+"""
+
+
+def _held(root: Path) -> list[int]:
+    return [int(p.name.split("-")[1]) for p in root.glob("held-*")]
+
+
+@pytest.fixture(scope="module")
+def tp_artifact(artifacts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama split over 2 ranks (generate runs one process per rank)."""
+    out = tmp_path_factory.mktemp("interrupt") / "llama-tp2"
+    result = run_cli("optimize", artifacts["tiny:llama"], "-o", out, "--tp", "2", "--no-check", "-q")
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+RUNS = {
+    # command: (the run, the ORT call it is held at: generate mid-decode, compare once torch has run)
+    "generate": (["generate", "{llama}", "--ids", "1,2,3", "--max-new-tokens", "16"], 3),
+    "generate --tp 2": (["generate", "{tp}", "--ids", "1,2,3", "--max-new-tokens", "16"], 3),
+    "compare": (["compare", "{llama}", "--save-golden", "{out}/golden.npz"], 1),
+}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("command", list(RUNS))
+def test_a_signal_mid_run_stops_generate_and_compare(
+    command: str, sig: signal.Signals, artifacts: dict[str, Path], request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """generate (one process, or one per rank) and compare stop promptly on SIGINT or SIGTERM with
+    the signal's exit code and one line (the one --json object on stdout), take their children
+    with them and leave nothing: no golden file or `.partial` of one, nothing in the cwd."""
+    hold, out, cwd = tmp_path / "hold", tmp_path / "out", tmp_path / "cwd"
+    for folder in (hold, out, cwd):
+        folder.mkdir()
+    (hold / "sitecustomize.py").write_text(HOLD_IN_ORT)
+    template, hold_at = RUNS[command]
+    tp = str(request.getfixturevalue("tp_artifact")) if "--tp" in command else ""
+    places = {"{llama}": str(artifacts["tiny:llama"]), "{tp}": tp, "{out}": str(out)}
+    args = [str(Path(sys.executable).parent / "llm2trt")] + [_fill(a, places) for a in template] + ["--json"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(hold), os.environ.get("PYTHONPATH")])),
+        "LLM2TRT_HOLD_DIR": str(hold),
+        "LLM2TRT_HOLD_AT": str(hold_at),
+    }
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not _held(hold):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run never reached ONNX Runtime"
+        time.sleep(0.02)
+    children = _descendants(proc.pid)
+    if "--tp" in command:
+        assert set(_held(hold)) <= set(children) and len(children) >= 2  # the ranks hold, the CLI waits
+    else:
+        assert _held(hold) == [proc.pid]
+    start = time.monotonic()
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=30)
+    took = time.monotonic() - start
+    assert took < 5, f"took {took:.1f} s"
+    assert proc.returncode == 128 + sig, stderr
+    word = "interrupted" if sig == signal.SIGINT else "terminated (SIGTERM)"
+    assert "Traceback" not in stderr
+    assert [line for line in stderr.splitlines() if line.startswith("llm2trt: error:")] == [f"llm2trt: error: {word}"]
+    assert stderr.strip().splitlines()[-1] == f"llm2trt: error: {word}"
+    assert stdout.splitlines() == [json.dumps({"ok": False, "error": word})]
+    assert list(out.iterdir()) == [] and list(cwd.iterdir()) == []  # no golden, no .partial, nothing else
+    deadline = time.monotonic() + 10
+    while any(_alive(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [c for c in children if _alive(c)], "a child outlived the CLI"
+
+
+def _fill(arg: str, places: dict[str, str]) -> str:
+    for key, value in places.items():
+        arg = arg.replace(key, value)
+    return arg

@@ -7,6 +7,8 @@ at the end, so a failure never leaves a half-written artifact and never touches 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -14,7 +16,9 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import onnx
 
@@ -27,6 +31,8 @@ logger = logging.getLogger(__name__)
 # inference and constant folding see them without reading the data file.
 EXTERNAL_THRESHOLD = 1024
 _ALIGN = 4096  # page alignment lets runtimes memory-map the weights
+_FICLONE = 0x40049409  # linux/fs.h: share a file's extents (btrfs, xfs)
+_CHUNK = 1 << 24
 
 
 def _within(path: Path, root: Path) -> bool:
@@ -79,10 +85,57 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
+def _output_lock(out: Path) -> Iterator[None]:
+    """Hold `.NAME.lock` beside `out` for the whole run: a second run writing the same output fails
+    at once instead of racing the first to the final rename (the kernel drops the lock if we die)."""
+    lock = out.parent / f".{out.name}.lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise InputError(f"output directory {out} is not writable ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise InputError(
+                f"another llm2trt run (pid {holder}) is writing {out}; wait for it or write elsewhere"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # else the holder before us removed it between our open and our lock: take the new one
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def staged_output(out: Path, force: bool, reads: Iterable[Path] = ()) -> Iterator[Path]:
     """Yield a fresh temporary directory; on success it replaces `out`, on failure (an exception,
-    Ctrl-C, SIGTERM) it vanishes."""
+    Ctrl-C, SIGTERM) it vanishes. One run at a time per output (`_output_lock`)."""
     out = check_output(out, force, reads)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"output directory {out} is not writable ({exc.strerror or exc})") from None
+    with _output_lock(out):
+        out = check_output(out, force, reads)  # again, under the lock: another run may have finished
+        with _stage(out) as stage:
+            yield stage
+
+
+@contextlib.contextmanager
+def _stage(out: Path) -> Iterator[Path]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -105,10 +158,6 @@ def staged_output(out: Path, force: bool, reads: Iterable[Path] = ()) -> Iterato
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _is_external_candidate(tensor: onnx.TensorProto) -> bool:
-    return tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_THRESHOLD
-
-
 def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     yield from graph.initializer
     for node in graph.node:
@@ -127,42 +176,194 @@ def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     yield from _graph_tensors(model.graph)
 
 
-def save_onnx(model: onnx.ModelProto, directory: Path, name: str = MODEL_NAME) -> int:
-    """Write `name` and its weights into `name`.data (one file, page-aligned); returns data bytes.
+SHARD_BYTES = 1 << 30  # new weights go into files of about this size: several files for big models
+REUSE_FRACTION = 0.5  # an input data file the output still reads this much of is cloned, not rewritten
 
-    We write the data file ourselves: onnx.save_model resolves an existing data file against the
+
+@dataclass(frozen=True)
+class Written:
+    """What `save_onnx` wrote: the ONNX file's data files (relative names, in order) and their bytes."""
+
+    files: list[str]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class _Span:
+    """Where a weight's bytes are now: a file (offset, length) or the tensor's own raw_data."""
+
+    tensor: onnx.TensorProto
+    path: Path | None
+    offset: int
+    length: int
+
+
+def _external_info(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def _spans(model: onnx.ModelProto, source: Path | None) -> list[_Span]:
+    """Every weight to write, in graph order: inline bytes, or external data under `source`."""
+    spans: list[_Span] = []
+    for tensor in _tensors(model):
+        if tensor.HasField("raw_data"):
+            # onnx-graphsurgeon keeps EXTERNAL on a weight a pass read and replaced: the bytes are inline now.
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+            if len(tensor.raw_data) >= EXTERNAL_THRESHOLD:
+                spans.append(_Span(tensor, None, 0, len(tensor.raw_data)))
+        elif tensor.data_location == onnx.TensorProto.EXTERNAL:
+            if source is None:  # a graph loaded without weights must say where they are
+                raise ValueError(f"weight {tensor.name!r} is external but no source directory was given")
+            info = _external_info(tensor)
+            length = int(info.get("length") or 0)
+            path = source / info["location"]
+            spans.append(_Span(tensor, path, int(info.get("offset") or 0), length or path.stat().st_size))
+    return spans
+
+
+def _point(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
+
+
+def _clone(src: Path, dst: Path) -> None:
+    """Copy a file without reading it into this process: a copy-on-write clone where the filesystem
+    has them, else the kernel's copy (never a hard link: editing one artifact must not edit another)."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        try:
+            fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
+            return
+        except OSError:
+            pass
+    shutil.copyfile(src, dst)
+
+
+def _copy_range(fin: BinaryIO, fout: BinaryIO, offset: int, length: int) -> None:
+    """`length` bytes of `fin` from `offset` appended to `fout`, in the kernel where it can."""
+    fout.flush()
+    done = 0
+    try:
+        while done < length:
+            n = os.copy_file_range(fin.fileno(), fout.fileno(), length - done, offset + done)
+            if n == 0:
+                raise OSError(f"{fin.name} ends before byte {offset + length}")
+            done += n
+        fout.seek(0, os.SEEK_END)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL) or done:
+            raise
+    fin.seek(offset)
+    while done < length:
+        chunk = fin.read(min(_CHUNK, length - done))
+        if not chunk:
+            raise OSError(f"{fin.name} ends before byte {offset + length}")
+        fout.write(chunk)
+        done += len(chunk)
+
+
+class _Shards:
+    """New data files, named after the ONNX file, each weight page-aligned, a new file past SHARD_BYTES."""
+
+    def __init__(self, directory: Path, name: str, taken: set[str]) -> None:
+        self.directory, self.name, self.taken = directory, name, set(taken)
+        self.files: list[str] = []
+        self.fh: BinaryIO | None = None
+        self.offset = 0
+
+    def _next_name(self) -> str:
+        base = DATA_NAME if self.name == MODEL_NAME else f"{self.name}.data"
+        k = 0
+        while (candidate := base if k == 0 else f"{self.name}.{k}.data") in self.taken:
+            k += 1
+        self.taken.add(candidate)
+        return candidate
+
+    def place(self, length: int) -> tuple[BinaryIO, str, int]:
+        """The open file, its name and the aligned offset where a weight of `length` bytes goes."""
+        if self.fh is None or (self.offset and self.offset + length > SHARD_BYTES):
+            self.close()
+            self.files.append(self._next_name())
+            self.fh = open(self.directory / self.files[-1], "xb")  # noqa: SIM115 (closed in close())
+            self.offset = 0
+        pad = (-self.offset) % _ALIGN
+        if pad:
+            self.fh.write(b"\0" * pad)
+            self.offset += pad
+        return self.fh, self.files[-1], self.offset
+
+    def advance(self, length: int) -> None:
+        self.offset += length
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+
+
+def _clone_inputs(spans: list[_Span], directory: Path, source: Path) -> dict[Path, str]:
+    """Clone into `directory` each data file of `source` the graph still reads at least REUSE_FRACTION
+    of (a pass's scratch files elsewhere are copied from, never cloned)."""
+    used: dict[Path, int] = {}
+    for span in spans:
+        if span.path is not None and span.path.parent == source:
+            used[span.path] = used.get(span.path, 0) + span.length
+    cloned: dict[Path, str] = {}
+    for path, nbytes in used.items():
+        if nbytes >= REUSE_FRACTION * path.stat().st_size and path.name not in cloned.values():
+            if (directory / path.name).exists():
+                raise FileExistsError(directory / path.name)  # staging dirs are fresh: a bug, not input
+            _clone(path, directory / path.name)
+            cloned[path] = path.name
+    return cloned
+
+
+def save_onnx(
+    model: onnx.ModelProto, directory: Path, name: str = MODEL_NAME, source: Path | None = None, clone: bool = True
+) -> Written:
+    """Write `name` and its weights (external data, page-aligned, in files of about SHARD_BYTES).
+
+    Weights come from the tensors' raw_data or, for a graph loaded without its weights, from the
+    external data under `source`. An input data file the graph still reads mostly is cloned whole
+    (same name, same offsets) unless `clone` is False; every other weight is copied file to file, never through a buffer
+    the size of the model. The tensors end up pointing at the written files; `model` is not
+    reloaded (callers that need the values read them from disk).
+
+    We write the data files ourselves: onnx.save_model resolves an existing data file against the
     current directory and can append to a stale one (ENVIRONMENT.md), and a model over 2 GB cannot
     be serialized with its weights inline.
     """
-    data_name = name + ".data" if name != MODEL_NAME else DATA_NAME
-    data_path = directory / data_name
-    if data_path.exists():
-        raise FileExistsError(data_path)  # staging dirs are fresh; this is a bug, not user input
-    offset = 0
-    with open(data_path, "wb") as fh:
-        for tensor in _tensors(model):
-            if not _is_external_candidate(tensor):
+    spans = _spans(model, source)
+    cloned = _clone_inputs(spans, directory, source) if clone and source is not None else {}
+    shards = _Shards(directory, name, set(cloned.values()))
+    handles: dict[Path, BinaryIO] = {}
+    try:
+        for span in spans:
+            if span.path in cloned:
+                _point(span.tensor, cloned[span.path], span.offset, span.length)
                 continue
-            pad = (-offset) % _ALIGN
-            if pad:
-                fh.write(b"\0" * pad)
-                offset += pad
-            raw = tensor.raw_data
-            fh.write(raw)
-            del tensor.external_data[:]
-            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            tensor.ClearField("raw_data")
-            offset += len(raw)
-    if offset == 0:
-        data_path.unlink()
-    with open(directory / name, "wb") as fh:
-        fh.write(model.SerializeToString())
-    # Put the weights back so the caller's in-memory model stays usable.
-    onnx.load_external_data_for_model(model, str(directory))
-    return offset
+            fh, location, offset = shards.place(span.length)
+            if span.path is None:
+                fh.write(span.tensor.raw_data)
+            else:
+                if span.path not in handles:
+                    handles[span.path] = open(span.path, "rb")  # noqa: SIM115 (closed below)
+                _copy_range(handles[span.path], fh, span.offset, span.length)
+            shards.advance(span.length)
+            _point(span.tensor, location, offset, span.length)
+    finally:
+        shards.close()
+        for handle in handles.values():
+            handle.close()
+    with open(directory / name, "wb") as out:
+        out.write(model.SerializeToString())
+    files = [*sorted(set(cloned.values())), *shards.files]
+    return Written(files, sum((directory / f).stat().st_size for f in files))
 
 
 def check_external_data(model: onnx.ModelProto, directory: Path) -> None:

@@ -254,13 +254,15 @@ class Manifest(Record):
             raise InputError(f"not an llm2trt artifact: {path} is missing (make one with `llm2trt convert`)")
         try:
             data = json.loads(path.read_text())
-            if isinstance(data, dict) and "graphs" not in data and "inputs" in data:
+            if not isinstance(data, dict):
+                raise RecordError(f"not a JSON object but {type(data).__name__}")
+            if "graphs" not in data and "inputs" in data:
                 raise InputError(
                     f"{path} was written by llm2trt {data.get('llm2trt_version', '?')}, before artifacts held "
                     "several graphs: convert the model again"
                 )
             return cls.from_dict(data)
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InputError(f"cannot read {path}: {exc}") from None
         except RecordError as exc:
             raise InputError(f"manifest {path} is malformed ({exc})") from None

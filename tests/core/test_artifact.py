@@ -36,9 +36,9 @@ def _model(n: int = 3) -> onnx.ModelProto:
 
 def test_save_writes_one_aligned_data_file(tmp_path: Path) -> None:
     model = _model()
-    nbytes = save_onnx(model, tmp_path)
+    written = save_onnx(model, tmp_path)
     data = tmp_path / "model.onnx.data"
-    assert data.stat().st_size == nbytes
+    assert written.files == ["model.onnx.data"] and data.stat().st_size == written.nbytes
     proto = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
     offsets = [
         int(next(e.value for e in t.external_data if e.key == "offset"))
@@ -48,8 +48,9 @@ def test_save_writes_one_aligned_data_file(tmp_path: Path) -> None:
     assert len(offsets) == 3 and all(o % 4096 == 0 for o in offsets)
     small = next(t for t in proto.graph.initializer if t.name == "small")
     assert small.data_location == TensorProto.DEFAULT  # tiny tensors stay inline
-    # The caller's model keeps its weights, and what was saved loads back equal.
-    assert numpy_helper.to_array(model.graph.initializer[1])[0, 0] == 1.0
+    # The caller's model now points at the written files (it is not read back into memory).
+    assert model.graph.initializer[1].data_location == TensorProto.EXTERNAL
+    assert not model.graph.initializer[1].HasField("raw_data")
     loaded = load_onnx(tmp_path / "model.onnx")
     assert numpy_helper.to_array(loaded.graph.initializer[2])[0, 0] == 2.0
 
@@ -60,9 +61,43 @@ def test_saving_again_elsewhere_does_not_append(tmp_path: Path, monkeypatch: pyt
     first.mkdir()
     second.mkdir()
     monkeypatch.chdir(first)  # onnx.save_model would resolve a stale data file against the cwd
-    size = save_onnx(model, first)
-    assert save_onnx(model, second) == size
+    size = save_onnx(model, first).nbytes
+    # Saved once, the model's weights are in `first`: saving it again reads them from there.
+    assert save_onnx(model, second, source=first).nbytes == size
     assert (second / "model.onnx.data").stat().st_size == (first / "model.onnx.data").stat().st_size
+
+
+def test_big_weights_go_into_several_aligned_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("llm2trt.core.artifact.SHARD_BYTES", 40_000)  # two 16 KB weights per file
+    written = save_onnx(_model(5), tmp_path)
+    assert written.files == ["model.onnx.data", "model.onnx.1.data", "model.onnx.2.data"]
+    proto = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    where = [{e.key: e.value for e in t.external_data} for t in proto.graph.initializer if t.external_data]
+    assert [w["location"] for w in where] == ["model.onnx.data"] * 2 + ["model.onnx.1.data"] * 2 + ["model.onnx.2.data"]
+    assert all(int(w["offset"]) % 4096 == 0 for w in where)
+    loaded = load_onnx(tmp_path / "model.onnx")
+    assert [float(numpy_helper.to_array(t)[0, 0]) for t in loaded.graph.initializer[:5]] == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_unchanged_weights_are_cloned_and_changed_ones_written_new(tmp_path: Path) -> None:
+    from llm2trt.passes.core import FileValues, Model
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    save_onnx(_model(4), first)
+    model = Model.from_onnx(load_onnx(first / "model.onnx", with_weights=False), weights_dir=first)
+    weights = {t.name: t for t in model.graph.tensors().values() if isinstance(getattr(t, "_values", None), FileValues)}
+    assert sorted(weights) == ["w0", "w1", "w2", "w3"]  # on disk, not read
+    weights["w3"].values = weights["w3"].values * 10  # one pass changes one weight
+    written = save_onnx(model.to_onnx(), second, source=first)
+    # The input file is still 3/4 read: cloned whole (same bytes); the changed weight goes to a new file.
+    assert written.files == ["model.onnx.data", "model.onnx.1.data"]
+    assert (second / "model.onnx.data").read_bytes() == (first / "model.onnx.data").read_bytes()
+    assert (second / "model.onnx.1.data").stat().st_size == 64 * 64 * 4
+    loaded = load_onnx(second / "model.onnx")
+    values = {t.name: float(numpy_helper.to_array(t)[0, 0]) for t in loaded.graph.initializer if t.name.startswith("w")}
+    assert values == {"w0": 0.0, "w1": 1.0, "w2": 2.0, "w3": 30.0}
 
 
 def test_staged_output_leaves_nothing_on_failure(tmp_path: Path) -> None:

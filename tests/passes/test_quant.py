@@ -156,7 +156,12 @@ def test_qdq_placement(quantized: Any, model: str, method: str) -> None:
         assert DType.parse(weight.dtype) is spec.weights
         assert attrs == ({"axis": 0, "block_size": GROUP} if spec.blockwise else {"axis": 1})
     lm_head = next(n for n in proto.graph.node if n.op_type == "MatMul" and n.output[0] == "logits")
-    assert lm_head.input[1] in inits and inits[lm_head.input[1]].dtype == np.float32  # kept
+    producers = {out: n for n in proto.graph.node for out in n.output}
+    weight_name = lm_head.input[1]
+    if weight_name in producers:  # a tied embedding, written once: lm_head reads its transpose
+        assert producers[weight_name].op_type == "Transpose"
+        weight_name = producers[weight_name].input[0]
+    assert inits[weight_name].dtype == np.float32  # kept
     manifest = json.loads((path / "manifest.json").read_text())["quantization"]
     assert manifest["method"] == method and len(manifest["quantized"]) == LINEARS[model]
     assert manifest["kept"] == {"lm_head": "kept in high precision (--keep lm_head)"}
