@@ -90,7 +90,7 @@ def floor(work: Path, rows: list[Row], notes: list[str]) -> None:
     built = json.loads(record.read_text())
     notes.append(
         f"build: {built['network_layers']:,} layers, {built['engine_bytes'] / 1e6:,.0f} MB engine, "
-        f"{built['total_seconds']:.1f} s; TensorRT-RTX alone: {out.strip()}"
+        f"{built['total_seconds']:.1f} s; TensorRT-RTX alone: {out.strip().splitlines()[-1]}"
     )
     notes.append(f"build / TensorRT-RTX alone, peak RSS: {rows[-2][2] / rows[-1][2]:.2f}x")
 
@@ -100,9 +100,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"])
     parser.add_argument("--work", type=Path, default=Path("/tmp/scale"))
     parser.add_argument("--skip", nargs="*", default=[], help="stages to leave out (build, tp, int4, compare)")
+    parser.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     work = opts.work / opts.dtype
     work.mkdir(parents=True, exist_ok=True)
+    if opts.prepare_only:
+        prepare(opts.work)
+        return
+    # In a child: a process forked from one that held the 1.1B model in memory would report that
+    # high-water mark as its own (Linux keeps ru_maxrss across exec).
+    subprocess.run([sys.executable, __file__, "--work", str(opts.work), "--prepare-only"], check=True)
     hf = prepare(opts.work)
     cli = [sys.executable, "-m", "llm2trt"]
     onnx_dir = work / "onnx"
