@@ -368,3 +368,28 @@ def test_custom_architecture_is_refused(untied: transformers.LlamaForCausalLM, t
     assert_clean_failure(result, "unsupported architecture 'evil'", out)
     assert result.exit_code == 2
     assert not marker.exists()
+
+
+# -- f. a narrow checkpoint converted wide ----------------------------------------------------------
+
+
+def test_fp16_checkpoint_to_fp32_is_exact_and_drops_the_mapped_pages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loaded as stored (fp16, memory-mapped), then widened one tensor at a time with each source's
+    pages dropped: the same weights as transformers' own fp32 load, and the pages really go."""
+    from llm2trt.core import memory
+    from llm2trt.core.dtypes import DType
+    from llm2trt.models import resolve_model
+
+    hf = tmp_path / "hf"
+    tiny_llama(seed=5).half().save_pretrained(str(hf))
+    dropped: list[int] = []
+    real = memory.drop_mapped_pages
+    monkeypatch.setattr(memory, "drop_mapped_pages", lambda spans: dropped.append(real(spans)) or dropped[-1])
+    ours = resolve_model(str(hf)).load(DType.FP32)
+    theirs = transformers.LlamaForCausalLM.from_pretrained(str(hf), dtype=torch.float32)
+    mine, reference = ours.state_dict(), theirs.state_dict()
+    assert mine.keys() == reference.keys()
+    assert all(mine[k].dtype == torch.float32 and torch.equal(mine[k], reference[k]) for k in mine)
+    assert len(dropped) >= 17 and sum(dropped) >= 100_000  # 2 layers x 9 weights + embeddings, norms

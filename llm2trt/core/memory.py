@@ -24,3 +24,42 @@ def return_freed_buffers(threshold: int = 1 << 20) -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, threshold))
+
+
+_MADV_DONTNEED = 4  # linux/mman.h
+_PAGE = 4096
+
+
+def _file_mappings(suffix: str) -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of files whose names end with `suffix`."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 6 and parts[5].endswith(suffix):
+                    start, end = (int(x, 16) for x in parts[0].split("-"))
+                    ranges.append((start, end))
+    except OSError:
+        return []
+    return ranges
+
+
+def drop_mapped_pages(spans: list[tuple[int, int]], suffix: str = ".safetensors") -> int:
+    """Drop from this process the resident pages of (address, length) spans that lie in a mapping
+    of a `suffix` file: they stay in the page cache and fault back in if read again, so nothing is
+    lost; only spans inside such file mappings are touched (never anonymous memory, which would be
+    zeroed). Returns the bytes dropped."""
+    mappings = _file_mappings(suffix)
+    name = ctypes.util.find_library("c")
+    if not mappings or name is None:
+        return 0
+    madvise = ctypes.CDLL(name, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    dropped = 0
+    for addr, length in spans:
+        start, end = -(-addr // _PAGE) * _PAGE, (addr + length) // _PAGE * _PAGE
+        inside = end > start and any(lo <= start and end <= hi for lo, hi in mappings)
+        if inside and madvise(start, end - start, _MADV_DONTNEED) == 0:
+            dropped += end - start
+    return dropped
