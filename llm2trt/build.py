@@ -24,6 +24,7 @@ from typing import Any
 from llm2trt.core.artifact import load_onnx, save_beside, sha256_files, staged_output
 from llm2trt.core.errors import BackendError, InputError
 from llm2trt.core.kv import CACHE_SEQUENCE, GQA, PAST_SEQUENCE, SEQUENCE, TOTAL_SEQUENCE
+from llm2trt.core.log import step
 from llm2trt.core.manifest import BUILD_NAME, ENGINE_NAME, DimRange, GraphSpec, Manifest, PassRecord
 from llm2trt.core.records import Record, RecordError
 from llm2trt.core.reports import BuildInfo, Profile, ShapeRange
@@ -380,6 +381,8 @@ def _build_graph(
     the engine directory would hold for it."""
     graph = manifest.graph()
     onnx_path = manifest.onnx_path(artifact, graph.name)
+    with step(f"checking the weights of {artifact} against their recorded sha256"):
+        manifest.verify_weights(artifact, graph.name)  # an engine bakes them in: a flipped byte stops here
     from llm2trt.passes.quant import unfused_qdq
 
     # A clear error for a corrupt file before TensorRT sees it; Q/DQ TensorRT would not fuse, named.

@@ -705,12 +705,13 @@ def refit(ctx: Context, engine_dir: Path, weights: Path, out: Path | None, force
 
 @cli.command(name="inspect")
 @click.argument("artifact", type=PATH)
+@click.option("--verify", is_flag=True, help="Check the weights against the sha256 recorded when they were written.")
 @common_options
-def inspect_cmd(ctx: Context, artifact: Path) -> None:
+def inspect_cmd(ctx: Context, artifact: Path, verify: bool) -> None:
     """Show ARTIFACT's manifest, I/O, op counts and fusion counts (or a bare .onnx file's)."""
     from llm2trt.inspect import inspect
 
-    ctx.emit(inspect(artifact))
+    ctx.emit(inspect(artifact, verify))
 
 
 def main() -> None:

@@ -274,7 +274,14 @@ def convert(
             dtype=dtype,
             opset=opset,
             source=source.info(),
-            graphs={graph.name: replace(graph, op_counts=op_counts(proto), external_data=written.files)},
+            graphs={
+                graph.name: replace(
+                    graph,
+                    op_counts=op_counts(proto),
+                    external_data=written.files,
+                    external_data_sha256=written.sha256,
+                )
+            },
             attn_implementation=attn_implementation,
             exporter="torchscript",
             model_config=config.to_diff_dict(),

@@ -155,7 +155,9 @@ def _read(cls: type[Any], path: Path) -> Any:
         raise InputError(f"cannot read {path}: {exc}") from None
 
 
-def inspect(path: Path) -> InspectView:
+def inspect(path: Path, verify: bool = False) -> InspectView:
+    """What an artifact (or a bare .onnx file) holds; with `verify`, its weights checked against
+    the sha256 recorded when they were written."""
     if path.is_file() and path.suffix == ".onnx":
         return InspectView(str(path), graph=graph_view(path))
     manifest = Manifest.read(path)
@@ -164,6 +166,14 @@ def inspect(path: Path) -> InspectView:
     data = [Path(os.path.normpath(path / f)) for f in graph.external_data]
     view = graph_view(onnx_path, data) if onnx_path.is_file() else None
     notes = []
+    if verify:
+        checked = manifest.verify_weights(path)
+        recorded = len(graph.external_data_sha256)
+        notes.append(
+            f"weights verified: {recorded} file(s), {checked / 1e6:,.1f} MB match their recorded sha256"
+            if recorded
+            else "weights not verified: this artifact records no sha256 (written before llm2trt recorded them)"
+        )
     if manifest.dtype is DType.FP32 and graph.fusions.get("Attention"):
         notes.append(_ATTENTION_HINT)
     return InspectView(

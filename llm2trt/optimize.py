@@ -315,6 +315,7 @@ def save_graph(
         graph,
         onnx=path.name,
         external_data=written.files,
+        external_data_sha256=written.sha256,
         op_counts=op_counts(proto),
         fusions=fusions,
         expected_fusions=expected,

@@ -115,6 +115,17 @@ def edit_manifest(path: Path, change: Callable[[dict[str, Any]], Any]) -> Path:
     return path
 
 
+def flip(artifact: Path, name: str) -> Path:
+    """Flip one byte in the middle of the artifact's file `name`: sizes and offsets still agree."""
+    path = artifact / name
+    with open(path, "r+b") as fh:
+        fh.seek(path.stat().st_size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([byte[0] ^ 0x40]))
+    return artifact
+
+
 def cut(artifact: Path, name: str) -> Path:
     """Truncate the artifact's file `name` to half its size."""
     path = artifact / name
@@ -425,6 +436,17 @@ CASES: list[Case] = [
         "build/truncated-external-data",
         lambda ws: ["build", cut(ws.copy("tiny:llama"), "model.onnx.data"), "-o", ws.out, *CC],
         "the file is truncated",
+        json=True,
+    ),
+    Case(
+        "build/flipped-byte-in-weights",
+        lambda ws: ["build", flip(ws.copy("tiny:llama"), "model.onnx.data"), "-o", ws.out, *CC],
+        "is corrupt: its sha256 is not the one recorded",
+    ),
+    Case(
+        "inspect/verify-flipped-byte",
+        lambda ws: ["inspect", flip(ws.copy("tiny:gpt2"), "model.onnx.data"), "--verify"],
+        "is corrupt: its sha256 is not the one recorded",
         json=True,
     ),
     Case(

@@ -186,6 +186,7 @@ class Written:
 
     files: list[str]
     nbytes: int
+    sha256: list[str]  # of each file, in order
 
 
 @dataclass(frozen=True)
@@ -216,9 +217,9 @@ def _spans(model: onnx.ModelProto, source: Path | None) -> list[_Span]:
             if source is None:  # a graph loaded without weights must say where they are
                 raise ValueError(f"weight {tensor.name!r} is external but no source directory was given")
             info = _external_info(tensor)
-            length = int(info.get("length") or 0)
-            path = source / info["location"]
-            spans.append(_Span(tensor, path, int(info.get("offset") or 0), length or path.stat().st_size))
+            path, offset = source / info["location"], int(info.get("offset") or 0)
+            length = int(info.get("length") or 0) or path.stat().st_size - offset  # no length: to the end
+            spans.append(_Span(tensor, path, offset, length))
     return spans
 
 
@@ -363,7 +364,8 @@ def save_onnx(
     with open(directory / name, "wb") as out:
         out.write(model.SerializeToString())
     files = [*sorted(set(cloned.values())), *shards.files]
-    return Written(files, sum((directory / f).stat().st_size for f in files))
+    digests = [sha256_files([directory / f]) for f in files]
+    return Written(files, sum((directory / f).stat().st_size for f in files), digests)
 
 
 def check_external_data(model: onnx.ModelProto, directory: Path) -> None:

@@ -92,6 +92,9 @@ class GraphSpec(Record):
     kv_cache: KVLayout | None = None
     onnx: str = MODEL_NAME  # relative to the manifest's directory
     external_data: list[str] = field(default_factory=lambda: [DATA_NAME])
+    # sha256 of each external_data file, in the same order (empty in artifacts from before 0.1.0's
+    # scale work): `build` and `inspect --verify` check them.
+    external_data_sha256: list[str] = field(default_factory=list)
     engine: str | None = None
     onnx_sha256: str | None = None  # of the ONNX file an engine was built from
     op_counts: dict[str, int] = field(default_factory=dict)
@@ -285,3 +288,20 @@ class Manifest(Record):
         # end, stop every command here, before anything reads a weight.
         load_onnx(path, with_weights=False)
         return path
+
+    def verify_weights(self, directory: Path, graph: str | None = None) -> int:
+        """Check a graph's data files against the sha256 recorded when they were written (a flipped
+        byte passes every size check); the bytes checked. Reads every weight: `build` and
+        `inspect --verify` ask for it, not every command."""
+        from llm2trt.core.artifact import sha256_files
+
+        spec = self.graph(graph)
+        checked = 0
+        for name, digest in zip(spec.external_data, spec.external_data_sha256, strict=False):
+            path = Path(os.path.normpath(directory / name))
+            if sha256_files([path]) != digest:
+                raise InputError(
+                    f"weights file {path} is corrupt: its sha256 is not the one recorded when it was written"
+                )
+            checked += path.stat().st_size
+        return checked

@@ -98,3 +98,20 @@ def test_old_manifests_are_refused_with_a_reason(artifacts: dict[str, Path], tmp
     (old / "manifest.json").write_text(json.dumps(data))
     assert_clean_failure(run_cli("inspect", old), "unknown dtype 'complex64'")
     assert replace(Manifest.read(artifacts["tiny:vit"])).dtype is DType.FP32
+
+
+def test_weights_carry_their_sha256_and_verify(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    """convert and optimize record each data file's sha256; inspect --verify (and build) check them."""
+    import hashlib
+
+    from tests.conftest import run_cli
+
+    for name in ("tiny:llama", "tiny:gpt2"):
+        graph = Manifest.read(artifacts[name]).graph()
+        assert len(graph.external_data_sha256) == len(graph.external_data) >= 1
+        data = artifacts[name] / graph.external_data[0]
+        digest = hashlib.sha256(data.name.encode() + b"\0" + data.read_bytes()).hexdigest()
+        assert graph.external_data_sha256[0] == digest
+    result = run_cli("inspect", artifacts["tiny:llama"], "--verify")
+    assert result.exit_code == 0
+    assert "weights verified: 1 file(s)" in result.stdout
