@@ -115,11 +115,10 @@ class ModelSource:
                         local_files_only=True,
                     )
                 else:
-                    stored = _stored_dtype(self.config, tdtype)
                     model = cls.from_pretrained(
                         self.location,
                         config=self.config,
-                        dtype=stored,
+                        dtype=_stored_dtype(self.config, dtype).torch,
                         attn_implementation=attn_implementation,
                         local_files_only=True,
                         weights_only=True,  # .bin: torch.load(weights_only=True), tensors and nothing else
@@ -198,16 +197,12 @@ class ModelSource:
             )
 
 
-def _stored_dtype(config: Any, wanted: torch.dtype) -> torch.dtype:
+def _stored_dtype(config: Any, wanted: DType) -> DType:
     """The checkpoint's float dtype when `wanted` is wider (load as stored, then `_upcast`), else `wanted`."""
-    import torch
-
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(stored, str):
-        stored = getattr(torch, stored, None)
-    floats = (torch.float16, torch.bfloat16, torch.float32)
-    if stored in floats and wanted in floats and torch.finfo(stored).bits < torch.finfo(wanted).bits:
-        return stored  # type: ignore[no-any-return]
+    stored = DType.find(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
+    floats = (DType.FP16, DType.BF16, DType.FP32)
+    if stored in floats and wanted in floats and stored.numpy.itemsize < wanted.numpy.itemsize:
+        return stored
     return wanted
 
 
