@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
@@ -28,6 +27,7 @@ from llm2trt.core.errors import InputError, Llm2TrtError, Terminated
 from llm2trt.core.kv import KV_FORMS
 from llm2trt.core.log import configure
 from llm2trt.core.quant import DEFAULT_CALIB_SAMPLES, DEFAULT_GROUP_SIZE, DEFAULT_KEEP, METHODS
+from llm2trt.entry import RECEIVED, on_sigint, on_sigterm, signal_message
 
 if TYPE_CHECKING:
     from llm2trt.compare import CompareResult
@@ -81,15 +81,17 @@ def common_options(fn: F) -> F:
                 traceback.print_exc()
             _fail(ctx, str(exc), exc.exit_code)
         except KeyboardInterrupt:
-            _fail(ctx, "interrupted", 128 + signal.SIGINT)
+            _fail(ctx, signal_message(signal.SIGINT), 128 + signal.SIGINT)
         except Terminated as exc:
-            _fail(ctx, f"terminated ({signal.Signals(exc.signum).name})", 128 + exc.signum)
+            _fail(ctx, signal_message(exc.signum), 128 + exc.signum)
         except OSError as exc:
             if exc.errno in _OUT_OF_SPACE:  # staged_output already removed what was half-written
                 where = f" writing {exc.filename}" if exc.filename else ""
                 _fail(ctx, f"out of disk space{where}: {exc.strerror} (nothing was written)", 2)
             _internal(ctx, exc, verbosity)
         except Exception as exc:  # a bug of ours: still one line, the traceback on request
+            if RECEIVED:  # a signal that a C extension turned into its own error (ImportError mid-import)
+                _fail(ctx, signal_message(RECEIVED[-1]), 128 + RECEIVED[-1])
             _internal(ctx, exc, verbosity)
 
     return wrapper  # type: ignore[return-value]
@@ -110,14 +112,15 @@ def _internal(ctx: Context, exc: Exception, verbosity: int) -> NoReturn:
 def _sigterm_raises() -> Iterator[None]:
     """SIGTERM unwinds like Ctrl-C, so staged outputs and child processes are cleaned up."""
 
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise Terminated(signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    ours = signal.getsignal(signal.SIGINT) is signal.default_int_handler  # leave anyone else's handler alone
+    previous_int = signal.signal(signal.SIGINT, on_sigint) if ours else None
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
 
 
 def output_options(fn: F) -> F:

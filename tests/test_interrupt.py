@@ -242,3 +242,26 @@ def _fill(arg: str, places: dict[str, str]) -> str:
     for key, value in places.items():
         arg = arg.replace(key, value)
     return arg
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.3, 0.8, 1.5])
+def test_ctrl_c_at_any_moment_of_start_up_is_one_line(delay: float, artifacts: dict[str, Path], tmp_path: Path) -> None:
+    """Ctrl-C while Python is still importing (torch, ONNX Runtime): a C extension can turn the
+    KeyboardInterrupt into its own ImportError ("initialization failed"); the CLI still reports the
+    signal, exit 130, never an internal error."""
+    out = tmp_path / "out"
+    cli = Path(sys.executable).parent / "llm2trt"
+    proc = subprocess.Popen(
+        [str(cli), "optimize", str(artifacts["tiny:llama"]), "-o", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    lines = [line for line in stderr.splitlines() if line.startswith("llm2trt: error:")]
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert lines == ["llm2trt: error: interrupted"], stderr
+    assert "Traceback" not in stderr
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
