@@ -111,7 +111,7 @@ def test_gqa_form_counts_its_contrib_ops_as_fusions(artifacts: dict[str, Path], 
         "untied_lm_head": 0,
     }
     # GPT-2 ties lm_head to its embedding (stored once): the ONNX Runtime CUDA form gives lm_head its
-    # own copy (a Transpose in front of it ran the prefill 1.5x slower there).
+    # own copy (a Transpose in front of it slowed the prefill there).
     code, tied = run_json("optimize", artifacts["tiny:gpt2"], "-o", tmp_path / "gpt2-gqa", "--kv-form", "gqa", "-q")
     assert code == 0, tied
     assert next(p for p in tied["passes"] if p["name"] == "ort_gqa")["counts"]["untied_lm_head"] == 1
