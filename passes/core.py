@@ -22,6 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from llm2trt.core.artifact import external_info, point_external
 from llm2trt.core.errors import Llm2TrtError
 from llm2trt.core.manifest import PassRecord
 from llm2trt.core.reports import Refusal
@@ -39,7 +40,7 @@ class FileValues(LazyValues):  # type: ignore[misc]  # onnx-graphsurgeon is unty
 
     def __init__(self, tensor: onnx.TensorProto, directory: Path) -> None:
         super().__init__(tensor)
-        info = {e.key: e.value for e in tensor.external_data}
+        info = external_info(tensor)
         self.path = directory / info["location"]
         self.offset, self.length = int(info.get("offset") or 0), int(info.get("length") or 0)
 
@@ -75,10 +76,7 @@ class WeightSpill:
         # A new message: clearing raw_data would leave the bytes in the message's arena.
         proto = onnx.TensorProto(name=name, data_type=packed.data_type, dims=packed.dims)
         del packed
-        proto.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", str(self.path)), ("offset", str(self.offset)), ("length", str(len(raw)))):
-            entry = proto.external_data.add()
-            entry.key, entry.value = key, value
+        point_external(proto, str(self.path), self.offset, len(raw))
         self.offset += len(raw)
         return FileValues(proto, self.path.parent)
 

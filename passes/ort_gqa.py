@@ -29,10 +29,10 @@ import onnx_graphsurgeon as gs
 
 from llm2trt.core.errors import InputError
 from llm2trt.core.kv import SEQLENS_K, TOTAL_SEQUENCE_LENGTH, KVLayout
-from llm2trt.passes.core import GraphPass, Model, PassResult, gs_quiet, read_values
+from llm2trt.passes.core import GraphPass, Model, PassResult, gs_quiet
 from llm2trt.passes.fusions import register_equivalent
 from llm2trt.passes.pattern import attention_per_layer
-from llm2trt.passes.quant import reads_tied_weight, transposed_constant
+from llm2trt.passes.quant import reads_tied_weight, transposed_values
 
 MS = "com.microsoft"
 # Rotary tables for a model that states no position limit.
@@ -343,16 +343,9 @@ def _untie_lm_head(model: Model) -> int:
     Transpose to 0.81x with the copy; the standard forms keep the one copy."""
     count = 0
     for node in model.graph.nodes:
-        if not reads_tied_weight(node):
+        tied = transposed_values(node.inputs[1]) if reads_tied_weight(node) else None
+        if tied is None:
             continue
-        transpose = transposed_constant(node.inputs[1])
-        if transpose is None:
-            continue
-        perm = transpose.attrs.get("perm")
-        table = read_values(transpose.inputs[0])
-        node.inputs[1] = model.constant(
-            model.fresh_name(f"{transpose.inputs[0].name}.transposed"),
-            np.transpose(table, None if perm is None else list(perm)),
-        )
+        node.inputs[1] = model.constant(model.fresh_name(f"{node.inputs[1].name}.untied"), tied)
         count += 1
     return count

@@ -315,6 +315,15 @@ def transposed_constant(tensor: gs.Tensor) -> gs.Node | None:
     return None
 
 
+def transposed_values(tensor: gs.Tensor) -> np.ndarray | None:
+    """The values of `tensor` when it is Transpose(constant) (a tied lm_head), read from the constant."""
+    producer = transposed_constant(tensor)
+    if producer is None:
+        return None
+    perm = producer.attrs.get("perm")
+    return np.transpose(read_values(producer.inputs[0]), None if perm is None else list(perm))
+
+
 def reads_tied_weight(node: gs.Node) -> bool:
     """A MatMul reading Transpose(constant): lm_head on a tied embedding, written once (export)."""
     return node.op == "MatMul" and len(node.inputs) == 2 and transposed_constant(node.inputs[1]) is not None

@@ -32,7 +32,7 @@ from llm2trt.core.kv import KVLayout
 from llm2trt.core.tp import LayerSplit, Split, TPPlan, padded, shard_vocab
 from llm2trt.passes.core import GraphPass, Model, PassResult, read_values
 from llm2trt.passes.pattern import layer_of, module_of
-from llm2trt.passes.quant import is_linear, reads_tied_weight, transposed_constant
+from llm2trt.passes.quant import is_linear, reads_tied_weight, transposed_values
 
 COLLECTIVE_OP, COLLECTIVE_DOMAIN = "DistCollective", "trt"
 # Attributes that count heads, on attention-like nodes of 3-D (packed) form.
@@ -58,10 +58,9 @@ def _values(tensor: gs.Tensor) -> np.ndarray | None:
 def _weight(tensor: gs.Tensor) -> np.ndarray:
     """A split layer's weight, which the rules matched as a constant (or the transpose of one: a
     tied embedding's lm_head; each rank gets its own slice of it)."""
-    producer = transposed_constant(tensor)
-    if producer is not None:
-        perm = producer.attrs.get("perm")
-        return np.transpose(read_values(producer.inputs[0]), perm if perm is None else list(perm))
+    tied = transposed_values(tensor)
+    if tied is not None:
+        return tied
     values = _values(tensor)
     if values is None:
         raise InputError(

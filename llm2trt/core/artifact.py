@@ -199,7 +199,8 @@ class _Span:
     length: int
 
 
-def _external_info(tensor: onnx.TensorProto) -> dict[str, str]:
+def external_info(tensor: onnx.TensorProto) -> dict[str, str]:
+    """A tensor's external-data entries (location, offset, length) as a dict."""
     return {e.key: e.value for e in tensor.external_data}
 
 
@@ -216,14 +217,15 @@ def _spans(model: onnx.ModelProto, source: Path | None) -> list[_Span]:
         elif tensor.data_location == onnx.TensorProto.EXTERNAL:
             if source is None:  # a graph loaded without weights must say where they are
                 raise ValueError(f"weight {tensor.name!r} is external but no source directory was given")
-            info = _external_info(tensor)
+            info = external_info(tensor)
             path, offset = source / info["location"], int(info.get("offset") or 0)
             length = int(info.get("length") or 0) or path.stat().st_size - offset  # no length: to the end
             spans.append(_Span(tensor, path, offset, length))
     return spans
 
 
-def _point(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+def point_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Make `tensor` an external-data tensor at (location, offset, length), its inline bytes dropped."""
     del tensor.external_data[:]
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         entry = tensor.external_data.add()
@@ -346,7 +348,7 @@ def save_onnx(
     try:
         for span in spans:
             if span.path in cloned:
-                _point(span.tensor, cloned[span.path], span.offset, span.length)
+                point_external(span.tensor, cloned[span.path], span.offset, span.length)
                 continue
             fh, location, offset = shards.place(span.length)
             if span.path is None:
@@ -356,7 +358,7 @@ def save_onnx(
                     handles[span.path] = open(span.path, "rb")  # noqa: SIM115 (closed below)
                 _copy_range(handles[span.path], fh, span.offset, span.length)
             shards.advance(span.length)
-            _point(span.tensor, location, offset, span.length)
+            point_external(span.tensor, location, offset, span.length)
     finally:
         shards.close()
         for handle in handles.values():
@@ -376,7 +378,7 @@ def check_external_data(model: onnx.ModelProto, directory: Path) -> None:
     for tensor in _tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        info = {e.key: e.value for e in tensor.external_data}
+        info = external_info(tensor)
         location = info.get("location", "")
         where = f"weight {tensor.name!r} has its data at {location!r}"
         if not location or Path(location).is_absolute() or ".." in Path(location).parts:
