@@ -15,6 +15,7 @@ overhead then overlaps the GPU's work instead of adding to it.
 from __future__ import annotations
 
 import functools
+import logging
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from llm2trt.core.kv import GQA, SEQLENS_K, TOTAL_SEQUENCE_LENGTH
 from llm2trt.core.manifest import GraphSpec
 from llm2trt.session import DecoderSession
 
+log = logging.getLogger(__name__)
 UNCAPTURED = "-1"  # ONNX Runtime's graph id for a run it must not capture; 0 is its own
 
 
@@ -284,6 +286,21 @@ def _bind(bind: Any, name: str, tensor: Any) -> None:
     bind(name, device, 0, dtype, tuple(tensor.shape), tensor.data_ptr())
 
 
+def _register_kernels(options: Any, path: str) -> None:
+    """llm2trt's CUDA kernels for the graph's `llm2trt` ops (built on first use); without them ONNX
+    Runtime runs the ops' reference bodies, slower but the same numbers."""
+    from llm2trt.plugins import ort_kernels
+
+    if not ort_kernels.graph_uses(path):
+        return
+    try:
+        library = ort_kernels.library(ort_kernels.device_arch())
+    except BackendError as exc:
+        log.warning("%s: running the llm2trt ops' reference bodies instead", exc)
+        return
+    options.register_custom_ops_library(str(library))
+
+
 def _session(path: str, stream: int, cuda_graph: bool) -> Any:
     import onnxruntime as ort
 
@@ -291,6 +308,7 @@ def _session(path: str, stream: int, cuda_graph: bool) -> Any:
         raise BackendError("ONNX Runtime has no CUDA provider here: install onnxruntime-gpu (llm2trt[gpu])")
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    _register_kernels(options, path)
     cuda = {"device_id": "0", "user_compute_stream": str(stream), "enable_cuda_graph": "1" if cuda_graph else "0"}
     try:
         return ort.InferenceSession(path, options, providers=[("CUDAExecutionProvider", cuda)])

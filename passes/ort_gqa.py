@@ -61,9 +61,10 @@ class GroupQueryAttentionPass(GraphPass):
     name = "ort_gqa"
     runs_after: ClassVar[tuple[str, ...]] = ("kv_cache",)
 
-    def __init__(self, layout: KVLayout, max_positions: int = DEFAULT_MAX_POSITIONS) -> None:
+    def __init__(self, layout: KVLayout, max_positions: int = DEFAULT_MAX_POSITIONS, untie: bool = True) -> None:
         self.layout = layout
         self.max_positions = max_positions
+        self.untie = untie  # off where llm2trt's kernels follow: their lm_head reads the embedding's rows
 
     def run(self, model: Model) -> PassResult:
         nodes = attention_per_layer(model, self.layout.num_layers, "--kv-form gqa")
@@ -79,7 +80,7 @@ class GroupQueryAttentionPass(GraphPass):
             self._replace(model, layer, qkv, seqlens, total, tables)
         skips = _skip_norms(model)
         silus = _silus(model)
-        untied = _untie_lm_head(model)
+        untied = _untie_lm_head(model) if self.untie else 0
         model.graph.inputs.extend([seqlens, total])
         model.graph.cleanup(remove_unused_graph_inputs=False)
         used = {t.name for n in model.graph.nodes for t in n.inputs}

@@ -19,6 +19,7 @@ from llm2trt.passes.fusions import required_opset, selected
 from llm2trt.passes.kv import TENSOR_SCATTER_OPSET, KVCachePass
 from llm2trt.passes.opset import OpsetUpgrade
 from llm2trt.passes.ort_gqa import DEFAULT_MAX_POSITIONS, GroupQueryAttentionPass
+from llm2trt.passes.ort_kernels import OrtKernelsPass
 from llm2trt.passes.pattern import RewritePass
 from llm2trt.passes.quant import QUANT_OPSET, QuantPass
 
@@ -78,7 +79,9 @@ def _gqa(options: PipelineOptions) -> list[GraphPass]:
     if options.kv_layout is None or options.kv_layout.form != GQA:
         return []
     limit = options.setting("ort_gqa", "max_positions", DEFAULT_MAX_POSITIONS)
-    return [GroupQueryAttentionPass(options.kv_layout, int(limit))]
+    kernels = bool(options.setting("ort_kernels", "enabled", True))
+    gqa = GroupQueryAttentionPass(options.kv_layout, int(limit), untie=not kernels)
+    return [gqa, OrtKernelsPass()] if kernels else [gqa]
 
 
 def _quant(options: PipelineOptions) -> list[GraphPass]:

@@ -94,7 +94,8 @@ def test_fusion_registry_derives_ops_and_covers_every_spec() -> None:
 
 
 def test_gqa_form_counts_its_contrib_ops_as_fusions(artifacts: dict[str, Path], tmp_path: Path) -> None:
-    """--kv-form gqa: ONNX Runtime's decoder vocabulary, ten nodes a layer, the fusion gate still met."""
+    """--kv-form gqa: ONNX Runtime's decoder vocabulary with llm2trt's norm+GEMV ops, five nodes a
+    layer, the fusion gate still met."""
     import onnx
 
     from tests.conftest import CC, assert_clean_failure, run_cli, run_json
@@ -110,16 +111,23 @@ def test_gqa_form_counts_its_contrib_ops_as_fusions(artifacts: dict[str, Path], 
         "QuickGelu": 2,
         "untied_lm_head": 0,
     }
-    # GPT-2 ties lm_head to its embedding (stored once): the ONNX Runtime CUDA form gives lm_head its
-    # own copy (a Transpose in front of it slowed the prefill there).
+    kernels = next(p for p in report["passes"] if p["name"] == "ort_kernels")["counts"]
+    assert kernels == {"Linear": 4, "RMSNormLinear": 1, "SkipRMSNormLinear": 2, "SkipRMSNormSwiGLU": 2}
+    # GPT-2 ties lm_head to its embedding (stored once): llm2trt's Linear reads the embedding's rows
+    # as they are, so the form neither transposes nor copies it.
     code, tied = run_json("optimize", artifacts["tiny:gpt2"], "-o", tmp_path / "gpt2-gqa", "--kv-form", "gqa", "-q")
     assert code == 0, tied
-    assert next(p for p in tied["passes"] if p["name"] == "ort_gqa")["counts"]["untied_lm_head"] == 1
+    assert next(p for p in tied["passes"] if p["name"] == "ort_gqa")["counts"]["untied_lm_head"] == 0
     gpt2 = onnx.load(str(tmp_path / "gpt2-gqa" / "model.onnx"), load_external_data=False)
     assert "Transpose" not in [n.op_type for n in gpt2.graph.node]
+    head = gpt2.graph.node[-1]
+    assert (head.domain, head.op_type, head.input[1]) == ("llm2trt", "Linear", "model.transformer.wte.weight")
     proto = onnx.load(str(tmp_path / "gqa" / "model.onnx"), load_external_data=False)
     ops = [n.op_type for n in proto.graph.node]
-    assert len(ops) == 23 and ops.count("MatMul") == 11  # 5 a layer (qkv, o, gate, up, down) + lm_head
+    # Five nodes a layer (norm+qkv, GroupQueryAttention, o, norm+gate/up+SwiGLU, down) + the embedding
+    # Gather + norm+lm_head; each llm2trt op carries its reference body as a local function.
+    assert len(ops) == 12 and "MatMul" not in ops
+    assert sorted(f.name for f in proto.functions) == sorted(kernels)
     assert [i.name for i in proto.graph.input][:4] == [
         "input_ids",
         "position_ids",

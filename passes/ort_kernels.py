@@ -1,0 +1,311 @@
+"""llm2trt's own ops for the ONNX Runtime CUDA decoder (`--kv-form gqa`): norm + GEMV (+ SwiGLU).
+
+A batch-1 decode step reads every weight once, in GEMVs that the gqa graph still runs as cuBLAS
+calls with a norm or an activation kernel between them (H200, 1.1B shape: GEMVs at ~60% of copy
+bandwidth, ~300 kernels a step; README "Decode speed"). These ops fold the norm (and the residual
+add before it, and SwiGLU after it) into the GEMV that reads its output, so a layer is four of
+them plus GroupQueryAttention:
+
+    Linear(X, W) -> Y                                       Y = X @ W^T
+    RMSNormLinear(X, Gamma, W) -> (Y, Normed)               Normed = RMSNorm(X) * Gamma
+    SkipRMSNormLinear(X, Skip, Gamma, W) -> (Y, Sum, Normed)          Sum = X + Skip
+    SkipRMSNormSwiGLU(X, Skip, Gamma, W) -> (Y, Sum, Normed, GateUp)  Y = silu(gate) * up
+
+W is [N, K], a row per output (the layout a GEMV reads contiguously; a tied lm_head is the
+embedding itself), SwiGLU's W is [W_gate; W_up]. Each op is an `llm2trt`-domain local function
+whose body (standard ONNX) is the reference: ONNX Runtime runs the body where llm2trt's CUDA
+library (`plugins/csrc/llm2trt_ort.cu`, built on first use) is not registered, and that library's
+kernel where it is. Normed and GateUp are what the many-row path (prefill, batched decode) stages
+between its kernels; the one-row kernel never writes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from llm2trt.core.dtypes import DType
+from llm2trt.passes.core import GraphPass, Model, PassResult, read_values
+from llm2trt.passes.fusions import register_equivalent
+from llm2trt.passes.quant import transposed_constant
+
+DOMAIN = "llm2trt"
+VERSION = 1
+MS = "com.microsoft"
+FLOATS = (DType.FP16, DType.FP32)  # what the CUDA library's kernels take
+
+
+@dataclass(frozen=True)
+class KernelOp:
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+OPS: dict[str, KernelOp] = {
+    op.name: op
+    for op in (
+        KernelOp("Linear", ("X", "W"), ("Y",)),
+        KernelOp("RMSNormLinear", ("X", "Gamma", "W"), ("Y", "Normed")),
+        KernelOp("SkipRMSNormLinear", ("X", "Skip", "Gamma", "W"), ("Y", "Sum", "Normed")),
+        KernelOp("SkipRMSNormSwiGLU", ("X", "Skip", "Gamma", "W"), ("Y", "Sum", "Normed", "GateUp")),
+    )
+}
+
+# The norm these ops carry (the expected-fusion gate counts them).
+for _op in ("RMSNormLinear", "SkipRMSNormLinear", "SkipRMSNormSwiGLU"):
+    register_equivalent("RMSNorm", DOMAIN, _op)
+
+
+def function(name: str, opset: int) -> gs.Function:
+    """The op's reference body in standard ONNX (opset >= 23: RMSNormalization)."""
+    op = OPS[name]
+    formal = {n: gs.Variable(n) for n in (*op.inputs, *op.outputs)}
+    nodes: list[gs.Node] = []
+
+    def node(kind: str, inputs: list[gs.Tensor], out: gs.Variable | None = None, **attrs: Any) -> gs.Variable:
+        result = out if out is not None else gs.Variable(f"t{len(nodes)}")
+        nodes.append(gs.Node(kind, inputs=inputs, outputs=[result], attrs=attrs))
+        return result
+
+    x: gs.Tensor = formal["X"]
+    if "Skip" in formal:
+        x = node("Add", [x, formal["Skip"]], formal["Sum"])
+    if "Gamma" in formal:
+        epsilon = gs.Node.AttributeRef("epsilon", float)
+        x = node("RMSNormalization", [x, formal["Gamma"]], formal["Normed"], axis=-1, epsilon=epsilon)
+    weight_t = node("Transpose", [formal["W"]], perm=[1, 0])
+    if "GateUp" not in formal:
+        node("MatMul", [x, weight_t], formal["Y"])
+    else:
+        both = node("MatMul", [x, weight_t], formal["GateUp"])
+        gate, up = gs.Variable("gate"), gs.Variable("up")
+        nodes.append(gs.Node("Split", inputs=[both], outputs=[gate, up], attrs={"axis": -1, "num_outputs": 2}))
+        act = node("Mul", [gate, node("Sigmoid", [gate])])
+        node("Mul", [act, up], formal["Y"])
+    attrs = {"epsilon": None} if "Gamma" in formal else {}
+    return gs.Function(
+        name,
+        domain=DOMAIN,
+        nodes=nodes,
+        inputs=[formal[n] for n in op.inputs],
+        outputs=[formal[n] for n in op.outputs],
+        opset=opset,
+        attrs=attrs,
+    )
+
+
+def sample_values(name: str, rows: int, k: int, n: int, dtype: Any, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs of the op for `rows` rows of K and N outputs (checks, benchmarks)."""
+    rng = np.random.default_rng(seed)
+    n_w = 2 * n if name.endswith("SwiGLU") else n
+    values = {
+        "X": rng.standard_normal((1, rows, k)).astype(dtype),
+        "Skip": rng.standard_normal((1, rows, k)).astype(dtype),
+        "Gamma": (1 + 0.1 * rng.standard_normal(k)).astype(dtype),
+        "W": (rng.standard_normal((n_w, k)) / np.sqrt(k)).astype(dtype),
+    }
+    return {i: values[i] for i in OPS[name].inputs}
+
+
+def one_op_model(name: str, values: dict[str, np.ndarray], epsilon: float = 1e-5, opset: int = 24) -> onnx.ModelProto:
+    """A graph of the op alone, its inputs as graph inputs shaped like `values` (checks, benchmarks)."""
+    spec = OPS[name]
+    dtype = values["X"].dtype
+    inputs = [gs.Variable(i, dtype=dtype, shape=values[i].shape) for i in spec.inputs]
+    outputs = [gs.Variable(o, dtype=dtype) for o in spec.outputs]
+    attrs = {"epsilon": epsilon} if "Gamma" in spec.inputs else {}
+    node = gs.Node(name, inputs=inputs, outputs=outputs, attrs=attrs, domain=DOMAIN)
+    graph = gs.Graph([node], inputs, outputs, opset=opset, functions=[function(name, opset)])
+    graph.import_domains = [onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(DOMAIN, VERSION)]
+    model: onnx.ModelProto = gs.export_onnx(graph)
+    model.ir_version = 10  # what ONNX Runtime 1.31+ reads
+    return model
+
+
+def reference(name: str, values: dict[str, np.ndarray], epsilon: float = 1e-5) -> np.ndarray:
+    """The op's Y in float64, with no intermediate rounding."""
+    v = values["X"].astype(np.float64)
+    if "Skip" in OPS[name].inputs:
+        v = v + values["Skip"]
+    if "Gamma" in OPS[name].inputs:
+        v = v / np.sqrt((v * v).mean(-1, keepdims=True) + epsilon) * values["Gamma"]
+    z = v @ values["W"].astype(np.float64).T
+    if name.endswith("SwiGLU"):
+        gate, up = np.split(z, 2, axis=-1)
+        z = gate / (1 + np.exp(-gate)) * up
+    return np.asarray(z)
+
+
+@dataclass
+class _Norm:
+    """A norm whose output only constant-weight MatMuls read."""
+
+    node: gs.Node
+    x: gs.Tensor
+    skip: gs.Tensor | None
+    gamma: gs.Tensor
+    epsilon: float
+    normed: gs.Tensor
+    readers: list[gs.Node]
+
+
+class OrtKernelsPass(GraphPass):
+    """The gqa graph's norms, GEMVs and SwiGLUs -> llm2trt's ops (see the module docstring)."""
+
+    name = "ort_kernels"
+    runs_after: ClassVar[tuple[str, ...]] = ("ort_gqa",)
+
+    def run(self, model: Model) -> PassResult:
+        counts = dict.fromkeys(OPS, 0)
+        refused: dict[str, int] = {}
+        for norm in [n for n in model.graph.nodes if n.op in ("RMSNormalization", "SkipSimplifiedLayerNormalization")]:
+            found = _norm(norm)
+            reason = found if isinstance(found, str) else self._fuse_norm(model, found, counts)
+            if reason:
+                refused[reason] = refused.get(reason, 0) + 1
+        for matmul in [n for n in model.graph.nodes if n.op == "MatMul" and len(n.inputs) == 2]:
+            weight = _weight_rows(matmul)
+            if weight is None or not _float(matmul.inputs[0]):
+                continue
+            w = weight(model)
+            out = matmul.outputs[0]
+            _replace(model, matmul, "Linear", [matmul.inputs[0], w], [out], {})
+            counts["Linear"] += 1
+        used = [name for name, count in counts.items() if count]
+        if used:
+            existing = {(f.domain, f.name) for f in model.graph.functions}
+            model.graph.functions.extend(function(name, model.opset) for name in used if (DOMAIN, name) not in existing)
+            domains = list(model.graph.import_domains or [])
+            if not any(d.domain == DOMAIN for d in domains):
+                model.graph.import_domains = [*domains, onnx.helper.make_opsetid(DOMAIN, VERSION)]
+        model.graph.cleanup(remove_unused_graph_inputs=False)
+        model.graph.toposort()
+        refusals = {f"not fused ({why})": n for why, n in refused.items()}
+        return PassResult(modified=bool(used), counts={**counts, **refusals})
+
+    def _fuse_norm(self, model: Model, norm: _Norm, counts: dict[str, int]) -> str:
+        """Rewrite `norm` and the MatMul(s) reading it; '' when done, else why not."""
+        readers = norm.readers
+        if len(readers) == 1:
+            weight = _weight_rows(readers[0])
+            if weight is None:
+                return "its reader's weight is not a 2-D constant"
+            ys = [readers[0].outputs[0]]
+            op = "RMSNormLinear" if norm.skip is None else "SkipRMSNormLinear"
+            w = weight(model)
+        elif len(readers) == 2 and norm.skip is not None:
+            pair = _swiglu(readers)
+            if isinstance(pair, str):
+                return pair
+            (gate, up), mul, act = pair
+            gate_rows, up_rows = _weight_rows(gate), _weight_rows(up)
+            if gate_rows is None or up_rows is None:
+                return "gate/up weights are not 2-D constants"
+            stacked = np.concatenate([_rows(gate), _rows(up)], axis=0)
+            w = model.constant(model.fresh_name(f"{gate.inputs[1].name}.gate_up_rows"), stacked)
+            ys = [mul.outputs[0]]
+            for dead in (gate, up, act, mul):
+                dead.inputs.clear()
+                dead.outputs.clear()
+            op = "SkipRMSNormSwiGLU"
+        else:
+            return f"{len(readers)} readers of the normalized output"
+        inputs = [norm.x, *([norm.skip] if norm.skip is not None else []), norm.gamma, w]
+        outputs = [*ys]
+        if norm.skip is not None:
+            outputs.append(_sum_output(model, norm.node))
+        outputs.append(norm.normed)
+        if op == "SkipRMSNormSwiGLU":
+            outputs.append(gs.Variable(model.fresh_name(f"{norm.node.name}/GateUp"), dtype=norm.normed.dtype))
+        for reader in readers:
+            reader.inputs.clear()
+            reader.outputs.clear()
+        _replace(model, norm.node, op, inputs, outputs, {"epsilon": norm.epsilon})
+        counts[op] += 1
+        return ""
+
+
+def _float(tensor: gs.Tensor) -> bool:
+    return tensor.dtype is not None and DType.find(tensor.dtype) in FLOATS
+
+
+def _norm(node: gs.Node) -> _Norm | str:
+    if not _float(node.inputs[0]):
+        return "not float16/float32"
+    if node.op == "RMSNormalization":
+        if int(node.attrs.get("axis", -1)) != -1 or int(node.attrs.get("stash_type", 1)) != 1:
+            return "RMSNormalization over more than the last axis"
+        x, skip, gamma = node.inputs[0], None, node.inputs[1]
+    else:
+        if len(node.inputs) != 3:
+            return "SkipSimplifiedLayerNormalization with a bias"
+        x, skip, gamma = node.inputs
+    if not isinstance(gamma, gs.Constant) or len(gamma.shape) != 1:
+        return "its scale is not a 1-D constant"
+    normed = node.outputs[0]
+    readers = list(normed.outputs)
+    if not readers or any(r.op != "MatMul" or r.inputs[0] is not normed for r in readers):
+        return "the normalized output is read by other than MatMul"
+    epsilon = float(node.attrs.get("epsilon", 1e-5))
+    return _Norm(node, x, skip, gamma, epsilon, normed, readers)
+
+
+def _swiglu(readers: list[gs.Node]) -> tuple[tuple[gs.Node, gs.Node], gs.Node, gs.Node] | str:
+    """((gate, up), the Mul, the activation) for MatMul pairs read as Mul(SiLU(gate), up)."""
+    for gate, up in (readers, readers[::-1]):
+        acts = gate.outputs[0].outputs
+        if len(acts) != 1 or acts[0].op != "QuickGelu" or float(acts[0].attrs.get("alpha", 1.0)) != 1.0:
+            continue
+        muls = acts[0].outputs[0].outputs
+        ups = up.outputs[0].outputs
+        if len(muls) == 1 and muls[0].op == "Mul" and len(ups) == 1 and ups[0] is muls[0]:
+            return (gate, up), muls[0], acts[0]
+    return "two readers that are not silu(gate) * up"
+
+
+WeightMaker = Callable[[Model], gs.Constant]
+
+
+def _weight_rows(matmul: gs.Node) -> WeightMaker | None:
+    """How to make MatMul's weight as [N, K] rows (None where it is no 2-D constant): the
+    constant a tied lm_head transposes, as it is; any other constant, transposed."""
+    weight = matmul.inputs[1]
+    tied = transposed_constant(weight)
+    if tied is not None and len(tied.inputs[0].shape) == 2 and list(tied.attrs.get("perm", [1, 0])) == [1, 0]:
+        source = tied.inputs[0]
+        return lambda model: source
+    if not isinstance(weight, gs.Constant) or len(weight.shape) != 2:
+        return None
+    return lambda model: model.constant(model.fresh_name(f"{weight.name}.rows"), _rows(matmul))
+
+
+def _rows(matmul: gs.Node) -> np.ndarray:
+    weight = matmul.inputs[1]
+    tied = transposed_constant(weight)
+    if tied is not None:
+        return read_values(tied.inputs[0])
+    return np.ascontiguousarray(read_values(weight).T)
+
+
+def _sum_output(model: Model, node: gs.Node) -> gs.Tensor:
+    """SkipSimplifiedLayerNormalization's sum (its fourth output), named even when nothing reads it."""
+    if len(node.outputs) > 3 and node.outputs[3].name:
+        return node.outputs[3]
+    return gs.Variable(model.fresh_name(f"{node.name}/Sum"), dtype=node.outputs[0].dtype)
+
+
+def _replace(
+    model: Model, old: gs.Node, op: str, inputs: list[gs.Tensor], outputs: list[gs.Tensor], attrs: dict[str, Any]
+) -> None:
+    name = model.fresh_name(f"{old.name}/{op}" if old.name else op)
+    old.inputs.clear()
+    old.outputs.clear()
+    node = gs.Node(op, name, attrs=attrs, inputs=inputs, outputs=outputs, domain=DOMAIN)
+    model.graph.nodes.append(node)
+    model.tag(node, f"ORT.{op}")

@@ -1,0 +1,730 @@
+// llm2trt's kernels for ONNX Runtime's CUDA provider: a custom-op library whose ops are the
+// `llm2trt`-domain local functions the `--kv-form gqa` graph carries (passes/ort_kernels.py holds
+// their reference bodies, which ONNX Runtime inlines where this library is not loaded).
+//
+//   Linear(X, W) -> Y                                   Y = X @ W^T, W [N, K]
+//   RMSNormLinear(X, Gamma, W) -> (Y, Normed)           Normed = RMSNorm(X) * Gamma
+//   SkipRMSNormLinear(X, Skip, Gamma, W) -> (Y, Sum, Normed)      Sum = X + Skip, normalized
+//   SkipRMSNormSwiGLU(X, Skip, Gamma, W) -> (Y, Sum, Normed, GateUp)
+//       GateUp = Normed @ W^T with W = [W_gate; W_up], Y = silu(gate) * up
+//
+// Why: a batch-1 decode step is ~10 kernels a layer, and its GEMVs are where the time goes. With
+// one row (M = 1) each op is ONE kernel: every block normalizes the row itself (it is a few KB,
+// read from L2), then each warp reads its weight rows with 16-byte loads, so the norm, the
+// activation and the GEMV share a launch and the weights stream at close to copy bandwidth. With
+// more rows (prefill, batched decode) the weights are reused across rows: cuBLAS (the provider's
+// own handle and stream) does the GEMM, and Normed / GateUp are where its input and output live.
+// Weights are [N, K] (a row per output): a warp's loads run along K, contiguous.
+//
+// Each op is registered for the CUDA provider and, for tests of this library on machines without a
+// GPU, for the CPU provider (plain loops in float).
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "ort_abi.h"
+
+namespace {
+
+const char* const kDomain = "llm2trt";
+const OrtApi* g_api = nullptr;
+
+// ---- the API, typed ----------------------------------------------------------------------------
+
+using CreateStatusFn = OrtStatus* (*)(int, const char*);
+using GetInputFn = OrtStatus* (*)(const OrtKernelContext*, size_t, const OrtValue**);
+using GetOutputFn = OrtStatus* (*)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**);
+using CountFn = OrtStatus* (*)(const OrtKernelContext*, size_t*);
+using TypeShapeFn = OrtStatus* (*)(const OrtValue*, OrtTensorTypeAndShapeInfo**);
+using DimsCountFn = OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, size_t*);
+using DimsFn = OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, int64_t*, size_t);
+using ElementTypeFn = OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, int*);
+using ReleaseInfoFn = void (*)(OrtTensorTypeAndShapeInfo*);
+using MutableDataFn = OrtStatus* (*)(OrtValue*, void**);
+using AttrFloatFn = OrtStatus* (*)(const OrtKernelInfo*, const char*, float*);
+using StreamFn = OrtStatus* (*)(const OrtKernelContext*, void**);
+using ResourceFn = OrtStatus* (*)(const OrtKernelContext*, int, int, void**);
+
+OrtStatus* error(const char* message) {
+  return ort_fn<CreateStatusFn>(g_api, ort_index::CreateStatus)(ORT_INVALID_ARGUMENT, message);
+}
+
+#define ORT_TRY(expr)                  \
+  do {                                 \
+    OrtStatus* status_ = (expr);       \
+    if (status_ != nullptr) return status_; \
+  } while (0)
+
+struct Tensor {
+  void* data = nullptr;
+  int type = ORT_ELEMENT_UNDEFINED;
+  std::vector<int64_t> shape;
+  int64_t last() const { return shape.empty() ? 1 : shape.back(); }
+  int64_t rows() const {
+    int64_t n = 1;
+    for (size_t i = 0; i + 1 < shape.size(); ++i) n *= shape[i];
+    return n;
+  }
+};
+
+OrtStatus* describe(const OrtValue* value, Tensor* out) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  ORT_TRY(ort_fn<TypeShapeFn>(g_api, ort_index::GetTensorTypeAndShape)(value, &info));
+  size_t rank = 0;
+  OrtStatus* status = ort_fn<DimsCountFn>(g_api, ort_index::GetDimensionsCount)(info, &rank);
+  if (status == nullptr) {
+    out->shape.assign(rank, 0);
+    status = ort_fn<DimsFn>(g_api, ort_index::GetDimensions)(info, out->shape.data(), rank);
+  }
+  if (status == nullptr) status = ort_fn<ElementTypeFn>(g_api, ort_index::GetTensorElementType)(info, &out->type);
+  ort_fn<ReleaseInfoFn>(g_api, ort_index::ReleaseTensorTypeAndShapeInfo)(info);
+  if (status != nullptr) return status;
+  return ort_fn<MutableDataFn>(g_api, ort_index::GetTensorMutableData)(const_cast<OrtValue*>(value), &out->data);
+}
+
+OrtStatus* input(OrtKernelContext* context, size_t index, Tensor* out) {
+  const OrtValue* value = nullptr;
+  ORT_TRY(ort_fn<GetInputFn>(g_api, ort_index::KernelContext_GetInput)(context, index, &value));
+  if (value == nullptr) return error("llm2trt kernels: a required input is missing");
+  return describe(value, out);
+}
+
+// Output `index` shaped `shape`; data stays null where the node leaves that output unnamed.
+OrtStatus* output(OrtKernelContext* context, size_t index, const std::vector<int64_t>& shape, Tensor* out) {
+  size_t count = 0;
+  ORT_TRY(ort_fn<CountFn>(g_api, ort_index::KernelContext_GetOutputCount)(context, &count));
+  if (index >= count) return nullptr;
+  OrtValue* value = nullptr;
+  ORT_TRY(ort_fn<GetOutputFn>(g_api, ort_index::KernelContext_GetOutput)(context, index, shape.data(), shape.size(),
+                                                                        &value));
+  if (value == nullptr) return nullptr;
+  return describe(value, out);
+}
+
+// ---- the ops' shapes ----------------------------------------------------------------------------
+
+struct OpKind {
+  const char* name;
+  bool norm;
+  bool skip;
+  bool swiglu;
+  size_t inputs;
+  size_t outputs;
+};
+
+const OpKind kLinear = {"Linear", false, false, false, 2, 1};
+const OpKind kRMSNormLinear = {"RMSNormLinear", true, false, false, 3, 2};
+const OpKind kSkipRMSNormLinear = {"SkipRMSNormLinear", true, true, false, 4, 3};
+const OpKind kSkipRMSNormSwiGLU = {"SkipRMSNormSwiGLU", true, true, true, 4, 4};
+
+struct Args {
+  Tensor x, skip, gamma, w;
+  Tensor y, sum, normed, gate_up;
+  int64_t rows = 0, k = 0, n = 0, n_out = 0;  // n: weight rows; n_out: Y's last dim
+  float epsilon = 1e-6f;
+};
+
+OrtStatus* gather(const OpKind& kind, float epsilon, OrtKernelContext* context, Args* a) {
+  size_t next = 0;
+  ORT_TRY(input(context, next++, &a->x));
+  if (kind.skip) ORT_TRY(input(context, next++, &a->skip));
+  if (kind.norm) ORT_TRY(input(context, next++, &a->gamma));
+  ORT_TRY(input(context, next++, &a->w));
+  a->epsilon = epsilon;
+  a->k = a->x.last();
+  a->rows = a->x.rows();
+  if (a->w.shape.size() != 2 || a->w.shape[1] != a->k) return error("llm2trt kernels: W must be [N, K] with X's K");
+  a->n = a->w.shape[0];
+  if (kind.swiglu && a->n % 2 != 0) return error("llm2trt kernels: SwiGLU's W needs an even row count");
+  a->n_out = kind.swiglu ? a->n / 2 : a->n;
+  if (a->x.type != a->w.type || (kind.norm && a->gamma.type != a->x.type) || (kind.skip && a->skip.type != a->x.type))
+    return error("llm2trt kernels: X, Skip, Gamma and W must share one type");
+  if (a->x.type != ORT_ELEMENT_FLOAT && a->x.type != ORT_ELEMENT_FLOAT16)
+    return error("llm2trt kernels: float and float16 only");
+  if (kind.skip && a->skip.shape != a->x.shape) return error("llm2trt kernels: Skip must have X's shape");
+  if (kind.norm && (a->gamma.shape.size() != 1 || a->gamma.shape[0] != a->k))
+    return error("llm2trt kernels: Gamma must be [K]");
+  std::vector<int64_t> y_shape = a->x.shape;
+  y_shape.back() = a->n_out;
+  size_t out = 0;
+  ORT_TRY(output(context, out++, y_shape, &a->y));
+  if (a->y.data == nullptr && a->rows * a->n_out != 0) return error("llm2trt kernels: Y has no buffer");
+  if (kind.skip) ORT_TRY(output(context, out++, a->x.shape, &a->sum));
+  return nullptr;
+}
+
+// Outputs that only the many-row path writes: ask for them only then.
+OrtStatus* staging(const OpKind& kind, OrtKernelContext* context, Args* a) {
+  size_t index = kind.skip ? 2 : 1;
+  ORT_TRY(output(context, index, a->x.shape, &a->normed));
+  if (a->normed.data == nullptr) return error("llm2trt kernels: Normed needs a name for more than one row");
+  if (kind.swiglu) {
+    std::vector<int64_t> shape = a->x.shape;
+    shape.back() = a->n;
+    ORT_TRY(output(context, index + 1, shape, &a->gate_up));
+    if (a->gate_up.data == nullptr) return error("llm2trt kernels: GateUp needs a name for more than one row");
+  }
+  return nullptr;
+}
+
+// ---- element conversions, host and device ------------------------------------------------------
+
+template <typename T>
+__host__ __device__ __forceinline__ float to_float(T v);
+template <>
+__host__ __device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <>
+__host__ __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <typename T>
+__host__ __device__ __forceinline__ T from_float(float v);
+template <>
+__host__ __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__host__ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+// ---- CPU reference (tests of this library without a GPU) ----------------------------------------
+
+template <typename T>
+void cpu_compute(const OpKind& kind, const Args& a) {
+  const T* x = static_cast<const T*>(a.x.data);
+  const T* skip = static_cast<const T*>(a.skip.data);
+  const T* gamma = static_cast<const T*>(a.gamma.data);
+  const T* w = static_cast<const T*>(a.w.data);
+  std::vector<float> row(a.k), z(a.n);
+  for (int64_t r = 0; r < a.rows; ++r) {
+    double squares = 0;
+    for (int64_t i = 0; i < a.k; ++i) {
+      float v = to_float(x[r * a.k + i]);
+      if (kind.skip) {
+        v = to_float(from_float<T>(v + to_float(skip[r * a.k + i])));
+        if (a.sum.data) static_cast<T*>(a.sum.data)[r * a.k + i] = from_float<T>(v);
+      }
+      row[i] = v;
+      squares += double(v) * v;
+    }
+    if (kind.norm) {
+      float scale = 1.0f / std::sqrt(float(squares / a.k) + a.epsilon);
+      for (int64_t i = 0; i < a.k; ++i) row[i] = to_float(from_float<T>(row[i] * scale * to_float(gamma[i])));
+      if (a.normed.data)
+        for (int64_t i = 0; i < a.k; ++i) static_cast<T*>(a.normed.data)[r * a.k + i] = from_float<T>(row[i]);
+    }
+    for (int64_t j = 0; j < a.n; ++j) {
+      float acc = 0;
+      for (int64_t i = 0; i < a.k; ++i) acc += row[i] * to_float(w[j * a.k + i]);
+      z[j] = to_float(from_float<T>(acc));
+      if (a.gate_up.data) static_cast<T*>(a.gate_up.data)[r * a.n + j] = from_float<T>(acc);
+    }
+    T* y = static_cast<T*>(a.y.data) + r * a.n_out;
+    for (int64_t j = 0; j < a.n_out; ++j) {
+      if (!kind.swiglu) {
+        y[j] = from_float<T>(z[j]);
+        continue;
+      }
+      float g = z[j], u = z[a.n_out + j];
+      float act = to_float(from_float<T>(g / (1.0f + std::exp(-g))));
+      y[j] = from_float<T>(act * u);
+    }
+  }
+}
+
+// ---- CUDA kernels ---------------------------------------------------------------------------
+
+// Tuning, measured on an H200 (scripts/bench_ort_kernels.py --variant sweeps them): a kernel
+// whose weights are under PDL_BYTES starts early (programmatic dependent launch), pulls the first
+// PREFETCH_BYTES of each row into L2 and keeps 4 loads a lane in flight; a larger one (gate+up,
+// lm_head) gains nothing from starting early, competing with the kernel before it, and keeps 8.
+#ifndef LLM2TRT_PDL_BYTES
+#define LLM2TRT_PDL_BYTES (32 << 20)
+#endif
+#ifndef LLM2TRT_PREFETCH_BYTES
+#define LLM2TRT_PREFETCH_BYTES 512
+#endif
+
+constexpr int kWarps = 4;  // warps per block in the one-row kernel
+constexpr int kThreads = 32 * kWarps;
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// One row of X, no shared memory and no block-wide step. RMSNorm scales the row by one number,
+// r = rsqrt(mean(s^2) + eps), so W . (s * gamma * r) = r * (W . (s * gamma)): each lane forms
+// s * gamma at its own positions from X, Skip and Gamma (L1-resident after the first warp reads
+// them), adds s^2 to its share of the sum of squares, and every warp finishes r itself after the
+// dot products. Each warp reads R weight rows at once (2R for SwiGLU: gate and up), 16 bytes a
+// lane a load. Warp 0 of block 0 writes Sum. Fewer roundings than the reference body: the sum is
+// rounded to T (it is the residual stream); the normalized row and gate/up stay in float.
+// Weights are read once a step: keep them out of L1, where X, Skip and Gamma are re-read.
+__device__ __forceinline__ uint4 load_stream(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// Programmatic dependent launch (sm_90+): the next kernel may start while this one runs; it pulls
+// its weights into L2 and only then waits for this grid's results (griddepcontrol.wait).
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+__device__ __forceinline__ void wait_for_inputs() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// VEC elements from p + c * VEC, in float: 16 bytes in one load where VEC > 1. STREAM: a weight.
+template <typename T, int VEC, bool STREAM = false>
+__device__ __forceinline__ void load_vec(const T* __restrict__ p, int c, float (&out)[VEC]) {
+  if (VEC > 1) {
+    const uint4* at = reinterpret_cast<const uint4*>(p) + c;
+    uint4 packed = STREAM ? load_stream(at) : __ldg(at);
+    const T* v = reinterpret_cast<const T*>(&packed);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) out[e] = to_float(v[e]);
+  } else {
+    out[0] = to_float(__ldg(p + c));
+  }
+}
+
+template <typename T, int VEC, bool NORM, bool SKIP, bool SWIGLU, int R, bool EARLY>
+__global__ void __launch_bounds__(kThreads) one_row_kernel(const T* __restrict__ x, const T* __restrict__ skip,
+                                                           const T* __restrict__ gamma, const T* __restrict__ w,
+                                                           T* __restrict__ y, T* __restrict__ sum, int k, int n_out,
+                                                           float epsilon) {
+  constexpr int P = SWIGLU ? 2 * R : R;  // weight rows this warp reads
+  constexpr int IN_FLIGHT = EARLY ? 4 : 8;
+  constexpr int UNROLL = IN_FLIGHT / P > 1 ? IN_FLIGHT / P : 1;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int j0 = (blockIdx.x * kWarps + warp) * R;
+  const bool writes_sum = SKIP && sum != nullptr && blockIdx.x == 0 && warp == 0;
+  const T* rows[P];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int j = min(j0 + r, n_out - 1);  // past the end: read a real row, write nothing
+    rows[r] = w + size_t(j) * k;
+    if (SWIGLU) rows[R + r] = w + (size_t(n_out) + j) * k;
+  }
+  float acc[P];
+#pragma unroll
+  for (int q = 0; q < P; ++q) acc[q] = 0.f;
+  float squares = 0.f;
+  const int chunks = k / VEC;
+  if (EARLY) {
+    allow_dependents();
+    // The start of this warp's weight rows into L2 while the kernel before (whose output X is) finishes.
+    const int row_bytes = min(k * int(sizeof(T)), LLM2TRT_PREFETCH_BYTES);
+#pragma unroll
+    for (int q = 0; q < P; ++q)
+      for (int offset = lane * 128; offset < row_bytes; offset += 32 * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const char*>(rows[q]) + offset));
+    wait_for_inputs();
+  }
+#pragma unroll UNROLL
+  for (int c = lane; c < chunks; c += 32) {
+    float wv[P][VEC];
+#pragma unroll
+    for (int q = 0; q < P; ++q) load_vec<T, VEC, true>(rows[q], c, wv[q]);
+    float u[VEC];
+    load_vec<T, VEC>(x, c, u);
+    if (SKIP) {
+      float sv[VEC];
+      load_vec<T, VEC>(skip, c, sv);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const T rounded = from_float<T>(u[e] + sv[e]);
+        if (writes_sum) sum[c * VEC + e] = rounded;
+        u[e] = to_float(rounded);
+      }
+    }
+    if (NORM) {
+      float gv[VEC];
+      load_vec<T, VEC>(gamma, c, gv);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        squares += u[e] * u[e];
+        u[e] *= gv[e];
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < P; ++q) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[q] += wv[q][e] * u[e];
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < P; ++q) acc[q] = warp_sum(acc[q]);
+  float scale = 1.f;
+  if (NORM) scale = rsqrtf(warp_sum(squares) / k + epsilon);
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int j = j0 + r;
+      if (j >= n_out) break;
+      if (SWIGLU) {
+        const float g = acc[r] * scale, u = acc[R + r] * scale;
+        y[j] = from_float<T>(g / (1.f + expf(-g)) * u);
+      } else {
+        y[j] = from_float<T>(acc[r] * scale);
+      }
+    }
+  }
+}
+
+// Many rows: Sum and Normed, one block per row.
+template <typename T, bool SKIP>
+__global__ void norm_rows_kernel(const T* __restrict__ x, const T* __restrict__ skip, const T* __restrict__ gamma,
+                                 T* __restrict__ sum, T* __restrict__ normed, int k, float epsilon) {
+  __shared__ float partial[32];
+  const size_t base = size_t(blockIdx.x) * k;
+  float squares = 0.f;
+  for (int i = threadIdx.x; i < k; i += blockDim.x) {
+    float v = to_float(x[base + i]);
+    if (SKIP) {
+      T s = from_float<T>(v + to_float(skip[base + i]));
+      if (sum != nullptr) sum[base + i] = s;
+      v = to_float(s);
+    }
+    squares += v * v;
+  }
+  squares = warp_sum(squares);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = squares;
+  __syncthreads();
+  float total = 0.f;
+  for (int i = 0; i < int(blockDim.x / 32); ++i) total += partial[i];
+  const float scale = rsqrtf(total / k + epsilon);
+  for (int i = threadIdx.x; i < k; i += blockDim.x) {
+    float v = SKIP ? to_float(sum != nullptr ? sum[base + i] : from_float<T>(to_float(x[base + i]) + to_float(skip[base + i])))
+                   : to_float(x[base + i]);
+    normed[base + i] = from_float<T>(v * scale * to_float(gamma[i]));
+  }
+}
+
+template <typename T>
+__global__ void swiglu_rows_kernel(const T* __restrict__ gate_up, T* __restrict__ y, int64_t rows, int n_out) {
+  const int64_t total = rows * n_out;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / n_out, j = i % n_out;
+    float g = to_float(gate_up[r * 2 * n_out + j]);
+    float u = to_float(gate_up[r * 2 * n_out + n_out + j]);
+    float act = to_float(from_float<T>(g / (1.f + __expf(-g))));
+    y[i] = from_float<T>(act * u);
+  }
+}
+
+// ---- cuBLAS, found in the provider's own process image -------------------------------------
+
+using GemmExFn = int (*)(void*, int, int, int, int, int, const void*, const void*, int, int, const void*, int, int,
+                         const void*, void*, int, int, int, int);
+
+GemmExFn cublas_gemm() {
+  static GemmExFn fn = [] {
+    for (const char* name : {"libcublas.so.13", "libcublas.so.12", "libcublas.so"}) {
+      void* lib = dlopen(name, RTLD_NOW | RTLD_NOLOAD);
+      if (lib == nullptr) lib = dlopen(name, RTLD_NOW);
+      if (lib != nullptr) {
+        if (void* sym = dlsym(lib, "cublasGemmEx")) return reinterpret_cast<GemmExFn>(sym);
+      }
+    }
+    return static_cast<GemmExFn>(nullptr);
+  }();
+  return fn;
+}
+
+constexpr int kCudaR16F = 2, kCudaR32F = 0, kComputeF32 = 68, kGemmDefault = -1, kOpN = 0, kOpT = 1;
+
+// out[rows, n] = in[rows, k] @ w[n, k]^T, column-major: out^T (n x rows) = w (k x n)^T . in^T (k x rows).
+OrtStatus* gemm(OrtKernelContext* context, const Args& a, const void* in, void* out) {
+  void* handle = nullptr;
+  ORT_TRY(ort_fn<ResourceFn>(g_api, ort_index::KernelContext_GetResource)(context, ORT_CUDA_RESOURCE_VERSION,
+                                                                          ORT_CUDA_RESOURCE_CUBLAS_HANDLE, &handle));
+  GemmExFn fn = cublas_gemm();
+  if (handle == nullptr || fn == nullptr) return error("llm2trt kernels: no cuBLAS handle from the CUDA provider");
+  const float one = 1.f, zero = 0.f;
+  const int type = a.x.type == ORT_ELEMENT_FLOAT16 ? kCudaR16F : kCudaR32F;
+  const int k = int(a.k), n = int(a.n), rows = int(a.rows);
+  int rc = fn(handle, kOpT, kOpN, n, rows, k, &one, a.w.data, type, k, in, type, k, &zero, out, type, n, kComputeF32,
+              kGemmDefault);
+  if (rc != 0) {
+    static char message[96];
+    std::snprintf(message, sizeof message, "llm2trt kernels: cublasGemmEx failed (status %d)", rc);
+    return error(message);
+  }
+  return nullptr;
+}
+
+OrtStatus* launched(const char* what) {
+  cudaError_t rc = cudaGetLastError();
+  if (rc == cudaSuccess) return nullptr;
+  static char message[160];
+  std::snprintf(message, sizeof message, "llm2trt kernels: %s: %s", what, cudaGetErrorString(rc));
+  return error(message);
+}
+
+int multiprocessors() {
+  static int sms = [] {
+    int device = 0, count = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+    return count > 0 ? count : 1;
+  }();
+  return sms;
+}
+
+int compute_capability() {
+  static int cc = [] {
+    int device = 0, major = 0, minor = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    return major * 10 + minor;
+  }();
+  return cc;
+}
+
+template <typename T, int VEC, bool NORM, bool SKIP, bool SWIGLU, int R, bool EARLY>
+void launch_one_row(const Args& a, cudaStream_t stream) {
+  const int64_t rows_per_block = int64_t(R) * kWarps;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(unsigned((a.n_out + rows_per_block - 1) / rows_per_block));
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = EARLY ? 1 : 0;
+  cudaLaunchKernelEx(&config, one_row_kernel<T, VEC, NORM, SKIP, SWIGLU, R, EARLY>, static_cast<const T*>(a.x.data),
+                     static_cast<const T*>(a.skip.data), static_cast<const T*>(a.gamma.data),
+                     static_cast<const T*>(a.w.data), static_cast<T*>(a.y.data), static_cast<T*>(a.sum.data),
+                     int(a.k), int(a.n_out), a.epsilon);
+}
+
+// Rows per warp: one while there are few rows for the GPU's warps; more (fewer blocks, each
+// paying the prologue once) for wide layers such as lm_head.
+template <typename T, int VEC, bool NORM, bool SKIP, bool SWIGLU>
+void launch_rows(const Args& a, cudaStream_t stream) {
+  const int64_t sms = multiprocessors();
+  const bool early = compute_capability() >= 90 && a.n * a.k * int64_t(sizeof(T)) < LLM2TRT_PDL_BYTES;
+  if (a.n_out >= sms * 64)
+    launch_one_row<T, VEC, NORM, SKIP, SWIGLU, 4, false>(a, stream);
+  else if (a.n_out >= sms * 32)
+    launch_one_row<T, VEC, NORM, SKIP, SWIGLU, 2, false>(a, stream);
+  else if (early)
+    launch_one_row<T, VEC, NORM, SKIP, SWIGLU, 1, true>(a, stream);
+  else
+    launch_one_row<T, VEC, NORM, SKIP, SWIGLU, 1, false>(a, stream);
+}
+
+template <typename T, bool NORM, bool SKIP, bool SWIGLU>
+void dispatch_one_row(const Args& a, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool aligned = a.k % kVec == 0 && reinterpret_cast<uintptr_t>(a.w.data) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(a.x.data) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(a.skip.data) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(a.gamma.data) % 16 == 0;
+  if (aligned)
+    launch_rows<T, kVec, NORM, SKIP, SWIGLU>(a, stream);
+  else
+    launch_rows<T, 1, NORM, SKIP, SWIGLU>(a, stream);
+}
+
+template <typename T>
+OrtStatus* cuda_compute(const OpKind& kind, OrtKernelContext* context, Args& a) {
+  void* raw_stream = nullptr;
+  ORT_TRY(ort_fn<StreamFn>(g_api, ort_index::KernelContext_GetGPUComputeStream)(context, &raw_stream));
+  cudaStream_t stream = static_cast<cudaStream_t>(raw_stream);
+  if (a.rows == 0) return nullptr;
+  if (a.rows == 1) {
+    if (!kind.norm)
+      dispatch_one_row<T, false, false, false>(a, stream);
+    else if (!kind.skip)
+      dispatch_one_row<T, true, false, false>(a, stream);
+    else if (!kind.swiglu)
+      dispatch_one_row<T, true, true, false>(a, stream);
+    else
+      dispatch_one_row<T, true, true, true>(a, stream);
+    return launched(kind.name);
+  }
+  const void* in = a.x.data;
+  if (kind.norm) {
+    ORT_TRY(staging(kind, context, &a));
+    const int threads = a.k >= 1024 ? 1024 : ((int(a.k) + 31) / 32) * 32;
+    if (kind.skip)
+      norm_rows_kernel<T, true><<<unsigned(a.rows), threads, 0, stream>>>(
+          static_cast<const T*>(a.x.data), static_cast<const T*>(a.skip.data), static_cast<const T*>(a.gamma.data),
+          static_cast<T*>(a.sum.data), static_cast<T*>(a.normed.data), int(a.k), a.epsilon);
+    else
+      norm_rows_kernel<T, false><<<unsigned(a.rows), threads, 0, stream>>>(
+          static_cast<const T*>(a.x.data), nullptr, static_cast<const T*>(a.gamma.data), nullptr,
+          static_cast<T*>(a.normed.data), int(a.k), a.epsilon);
+    ORT_TRY(launched(kind.name));
+    in = a.normed.data;
+  }
+  if (!kind.swiglu) return gemm(context, a, in, a.y.data);
+  ORT_TRY(gemm(context, a, in, a.gate_up.data));
+  const int64_t total = a.rows * a.n_out;
+  const int blocks = int(std::min<int64_t>((total + 255) / 256, 65535));
+  swiglu_rows_kernel<T><<<blocks, 256, 0, stream>>>(static_cast<const T*>(a.gate_up.data), static_cast<T*>(a.y.data),
+                                                   a.rows, int(a.n_out));
+  return launched(kind.name);
+}
+
+// ---- the custom ops ---------------------------------------------------------------------------
+
+struct Kernel {
+  const OpKind* kind;
+  bool cuda;
+  float epsilon;
+};
+
+struct Op : OrtCustomOp {
+  const OpKind* kind;
+  bool cuda;
+  int type;  // every input and output has this element type
+};
+
+const Op& self(const OrtCustomOp* op) { return *static_cast<const Op*>(op); }
+
+OrtStatus* compute(void* opaque, OrtKernelContext* context) {
+  const Kernel& kernel = *static_cast<Kernel*>(opaque);
+  Args a;
+  ORT_TRY(gather(*kernel.kind, kernel.epsilon, context, &a));
+  if (kernel.cuda)
+    return a.x.type == ORT_ELEMENT_FLOAT16 ? cuda_compute<__half>(*kernel.kind, context, a)
+                                           : cuda_compute<float>(*kernel.kind, context, a);
+  if (kernel.kind->norm && a.rows > 1) ORT_TRY(staging(*kernel.kind, context, &a));
+  if (a.x.type == ORT_ELEMENT_FLOAT16)
+    cpu_compute<__half>(*kernel.kind, a);
+  else
+    cpu_compute<float>(*kernel.kind, a);
+  return nullptr;
+}
+
+OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info, void** out) {
+  float epsilon = 1e-6f;
+  if (self(op).kind->norm) {
+    ORT_TRY(ort_fn<AttrFloatFn>(api, ort_index::KernelInfoGetAttribute_float)(info, "epsilon", &epsilon));
+  }
+  *out = new Kernel{self(op).kind, self(op).cuda, epsilon};
+  return nullptr;
+}
+
+Op make_op(const OpKind* kind, bool cuda, int type) {
+  Op op;
+  std::memset(static_cast<OrtCustomOp*>(&op), 0, sizeof(OrtCustomOp));
+  op.kind = kind;
+  op.cuda = cuda;
+  op.type = type;
+  op.version = ORT_CUSTOM_OP_VERSION;
+  op.GetName = [](const OrtCustomOp* o) { return self(o).kind->name; };
+  op.GetExecutionProviderType = [](const OrtCustomOp* o) {
+    return self(o).cuda ? "CUDAExecutionProvider" : "CPUExecutionProvider";
+  };
+  // One op per element type (ONNX Runtime merges same-named ops into one schema).
+  op.GetInputType = [](const OrtCustomOp* o, size_t) { return self(o).type; };
+  op.GetInputTypeCount = [](const OrtCustomOp* o) { return self(o).kind->inputs; };
+  op.GetOutputType = [](const OrtCustomOp* o, size_t) { return self(o).type; };
+  op.GetOutputTypeCount = [](const OrtCustomOp* o) { return self(o).kind->outputs; };
+  op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
+  op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return int(ORT_IO_REQUIRED); };
+  // Y is always written; Sum, Normed and GateUp only where the node names them.
+  op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t index) {
+    return int(index == 0 ? ORT_IO_REQUIRED : ORT_IO_OPTIONAL);
+  };
+  op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return int(ORT_MEM_DEFAULT); };
+  op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
+  op.CreateKernelV2 = create_kernel;
+  op.KernelComputeV2 = compute;
+  op.GetStartVersion = [](const OrtCustomOp*) { return 1; };
+  op.GetEndVersion = [](const OrtCustomOp*) { return 2147483647; };
+  op.GetMayInplace = [](int**, int**) { return size_t(0); };
+  op.ReleaseMayInplace = [](int*, int*) {};
+  op.GetAliasMap = [](int**, int**) { return size_t(0); };
+  op.ReleaseAliasMap = [](int*, int*) {};
+  return op;
+}
+
+std::vector<Op>& ops() {
+  static std::vector<Op> all = [] {
+    std::vector<Op> made;
+    for (const OpKind* kind : {&kLinear, &kRMSNormLinear, &kSkipRMSNormLinear, &kSkipRMSNormSwiGLU}) {
+      for (int type : {int(ORT_ELEMENT_FLOAT16), int(ORT_ELEMENT_FLOAT)}) {
+        made.push_back(make_op(kind, true, type));
+        made.push_back(make_op(kind, false, type));
+      }
+    }
+    return made;
+  }();
+  return all;
+}
+
+}  // namespace
+
+using CreateDomainFn = OrtStatus* (*)(const char*, OrtCustomOpDomain**);
+using DomainAddFn = OrtStatus* (*)(OrtCustomOpDomain*, const OrtCustomOp*);
+using AddDomainFn = OrtStatus* (*)(OrtSessionOptions*, OrtCustomOpDomain*);
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
+                                                                              const OrtApiBase* base) {
+  g_api = base->GetApi(ORT_API_REQUEST);
+  if (g_api == nullptr) return nullptr;  // a runtime older than 1.19: it runs the reference bodies
+  OrtCustomOpDomain* domain = nullptr;
+  ORT_TRY(ort_fn<CreateDomainFn>(g_api, ort_index::CreateCustomOpDomain)(kDomain, &domain));
+  for (Op& op : ops()) ORT_TRY(ort_fn<DomainAddFn>(g_api, ort_index::CustomOpDomain_Add)(domain, &op));
+  return ort_fn<AddDomainFn>(g_api, ort_index::AddCustomOpDomain)(options, domain);
+}
+
+// One op at one row without ONNX Runtime, on `stream`: what scripts/bench_ort_kernels.py times.
+// Returns 0, or -1 for an unknown op or type.
+extern "C" __attribute__((visibility("default"))) int Llm2trtOneRow(const char* op, int type, const void* x,
+                                                                   const void* skip, const void* gamma, const void* w,
+                                                                   void* y, void* sum, int64_t k, int64_t n,
+                                                                   float epsilon, void* stream) {
+  const OpKind* kind = nullptr;
+  for (const OpKind* candidate : {&kLinear, &kRMSNormLinear, &kSkipRMSNormLinear, &kSkipRMSNormSwiGLU})
+    if (std::strcmp(candidate->name, op) == 0) kind = candidate;
+  if (kind == nullptr || (type != ORT_ELEMENT_FLOAT16 && type != ORT_ELEMENT_FLOAT)) return -1;
+  Args a;
+  a.x.data = const_cast<void*>(x);
+  a.skip.data = const_cast<void*>(skip);
+  a.gamma.data = const_cast<void*>(gamma);
+  a.w.data = const_cast<void*>(w);
+  a.y.data = y;
+  a.sum.data = sum;
+  a.rows = 1;
+  a.k = k;
+  a.n = n;
+  a.n_out = kind->swiglu ? n / 2 : n;
+  a.epsilon = epsilon;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const bool half = type == ORT_ELEMENT_FLOAT16;
+  if (!kind->norm)
+    half ? dispatch_one_row<__half, false, false, false>(a, s) : dispatch_one_row<float, false, false, false>(a, s);
+  else if (!kind->skip)
+    half ? dispatch_one_row<__half, true, false, false>(a, s) : dispatch_one_row<float, true, false, false>(a, s);
+  else if (!kind->swiglu)
+    half ? dispatch_one_row<__half, true, true, false>(a, s) : dispatch_one_row<float, true, true, false>(a, s);
+  else
+    half ? dispatch_one_row<__half, true, true, true>(a, s) : dispatch_one_row<float, true, true, true>(a, s);
+  return cudaGetLastError() == cudaSuccess ? 0 : -1;
+}
+
+// The ops this library serves, for the Python side to check against a graph.
+extern "C" __attribute__((visibility("default"))) const char* Llm2trtKernelOps() {
+  return "Linear,RMSNormLinear,SkipRMSNormLinear,SkipRMSNormSwiGLU";
+}

@@ -1,0 +1,140 @@
+"""llm2trt's CUDA kernels (plugins/csrc) against their reference bodies, on the GPU, one table.
+
+    python scripts/check_ort_kernels.py --artifacts A [A ...]
+
+For each `--kv-form gqa` artifact: two ONNX Runtime CUDA sessions over the same graph, one with
+llm2trt's kernel library registered (built here on first use), one running the ops' reference
+bodies. Same inputs: a prefill of two rows of 9 tokens (the many-row path: cuBLAS), then a
+one-token decode step at batch 1 (the one-row kernels) and at batch 2. Reports the largest logit
+difference relative to the largest logit, and each path's time per run (no CUDA graph, so launch
+counts show too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def sessions(onnx_path: str) -> tuple[Any, Any]:
+    import onnxruntime as ort
+
+    from llm2trt.plugins import ort_kernels
+
+    library = ort_kernels.library(ort_kernels.device_arch())
+    print(f"library: {library}")
+    made = []
+    for use in (True, False):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if use:
+            options.register_custom_ops_library(str(library))
+        made.append(ort.InferenceSession(onnx_path, options, providers=["CUDAExecutionProvider"]))
+    return made[0], made[1]
+
+
+def feeds_for(session: Any, batch: int, seq: int, past: int, capacity: int, rng: Any) -> dict[str, np.ndarray]:
+    feeds: dict[str, np.ndarray] = {}
+    for tensor in session.get_inputs():
+        name = tensor.name
+        if name == "input_ids":
+            feeds[name] = rng.integers(0, 1000, (batch, seq)).astype(np.int64)
+        elif name == "position_ids":
+            feeds[name] = np.tile(np.arange(past, past + seq), (batch, 1)).astype(np.int64)
+        elif name == "seqlens_k":
+            feeds[name] = np.full(batch, past + seq - 1, np.int32)
+        elif name == "total_sequence_length":
+            feeds[name] = np.array(past + seq, np.int32)
+        else:  # a cache buffer: random past entries
+            shape = [batch if d == "batch" else capacity if not isinstance(d, int) else d for d in tensor.shape]
+            dtype = np.float16 if "float16" in tensor.type else np.float32
+            feeds[name] = (rng.standard_normal(shape) * 0.5).astype(dtype)
+    return feeds
+
+
+def timed(session: Any, feeds: dict[str, np.ndarray], runs: int = 20) -> tuple[list[np.ndarray], float]:
+    out = session.run(None, feeds)
+    start = time.perf_counter()
+    for _ in range(runs):
+        session.run(None, feeds)
+    return out, (time.perf_counter() - start) / runs * 1e3
+
+
+def check(artifact: Path) -> list[str]:
+    """A prefill from an empty cache, then a decode step on the cache that prefill wrote."""
+    from llm2trt.core.manifest import Manifest
+
+    manifest = Manifest.read(artifact)
+    graph = manifest.graph()
+    kernels, bodies = sessions(str(manifest.onnx_path(artifact, graph.name)))
+    rng = np.random.default_rng(0)
+    rows = []
+    caches: dict[int, dict[str, np.ndarray]] = {}
+    for label, batch, seq, past in (("prefill 2x9", 2, 9, 0), ("decode bs1", 1, 1, 9), ("decode bs2", 2, 1, 9)):
+        feeds = feeds_for(kernels, batch, seq, past, 64, rng)
+        if past == 0:
+            for name in [n for n in feeds if n.startswith("past_key_values.")]:
+                feeds[name] = np.zeros_like(feeds[name])
+            names = [o.name for o in bodies.get_outputs()]
+            outs = dict(zip(names, bodies.run(None, feeds), strict=True))
+            cache = {n.replace("present.", "past_key_values."): v for n, v in outs.items() if n.startswith("present.")}
+            caches = {1: {n: v[:1].copy() for n, v in cache.items()}, 2: cache}
+        else:
+            feeds.update(caches[batch])
+        got, ms_k = timed(kernels, feeds)
+        want, ms_b = timed(bodies, feeds)
+        scale = float(np.abs(want[0].astype(np.float32)).max())
+        err = float(np.abs(got[0].astype(np.float32) - want[0].astype(np.float32)).max()) / scale
+        same = float((got[0].argmax(-1) == want[0].argmax(-1)).mean())
+        rows.append(f"{artifact.name:<34} {label:<12} {err:>10.2e} {same:>9.0%} {ms_k:>10.3f} {ms_b:>10.3f}")
+    return rows
+
+
+def op_rows(dtype: Any) -> list[str]:
+    """Each op alone on CUDA (one row: the GEMV kernels; three rows: cuBLAS) against float64."""
+    import onnxruntime as ort
+
+    from llm2trt.passes.ort_kernels import OPS, one_op_model, reference, sample_values
+    from llm2trt.plugins import ort_kernels
+
+    library = str(ort_kernels.library(ort_kernels.device_arch()))
+    rows = []
+    for name in OPS:
+        for rows_m, k, n in ((1, 2048, 2560), (1, 576, 960), (1, 100, 36), (3, 2048, 512)):
+            n_w = 2 * n if name.endswith("SwiGLU") else n
+            feeds = sample_values(name, rows_m, k, n, dtype, seed=1)
+            options = ort.SessionOptions()
+            options.register_custom_ops_library(library)
+            model = one_op_model(name, feeds).SerializeToString()
+            session = ort.InferenceSession(model, options, providers=["CUDAExecutionProvider"])
+            got = session.run(["Y"], feeds)[0].astype(np.float64)
+            want = reference(name, feeds)
+            err = float(np.abs(got - want).max() / np.abs(want).max())
+            rows.append(f"{name:<20} {np.dtype(dtype).name:<8} M={rows_m} K={k:<5} N={n_w:<5} {err:>10.2e}")
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--artifacts", type=Path, nargs="*", default=[])
+    parser.add_argument("--ops", action="store_true", help="each op alone against float64")
+    args = parser.parse_args()
+    lines = []
+    if args.ops:
+        lines += [f"{'op':<20} {'dtype':<8} shape {'':<20} rel. err vs float64"]
+        lines += op_rows(np.float16) + op_rows(np.float32)
+    if args.artifacts:
+        lines += [f"{'artifact':<34} {'run':<12} {'rel. err':>10} {'argmax =':>9} {'kernels ms':>10} {'bodies ms':>10}"]
+    for artifact in args.artifacts:
+        lines += check(artifact)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

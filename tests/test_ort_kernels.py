@@ -1,0 +1,122 @@
+"""llm2trt's CUDA kernel library for ONNX Runtime (plugins/csrc): it builds with nvcc here, loads
+into ONNX Runtime, and its ops mean what their reference bodies say.
+
+No GPU here: the library's CPU registrations (plain loops, the same op glue and shapes as the CUDA
+ones) run in ONNX Runtime's CPU provider against the bodies ONNX Runtime runs without it. The CUDA
+kernels themselves are checked on the lent GPU: scripts/check_ort_kernels.py (README).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from llm2trt.core.errors import BackendError
+from llm2trt.passes.ort_kernels import OPS, one_op_model, reference, sample_values
+from llm2trt.plugins import ort_kernels
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLM2TRT_CACHE", str(cache))
+        patch.delenv(ort_kernels.ENV_LIBRARY, raising=False)
+        built = ort_kernels.library("sm_80")
+        assert built.is_file() and built.is_relative_to(cache)
+        assert ort_kernels.library("sm_80") == built  # cached: the same file, not a rebuild
+    return built
+
+
+def _session(model: onnx.ModelProto | str, library: Path | None) -> Any:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if library is not None:
+        options.register_custom_ops_library(str(library))
+    source = model if isinstance(model, str) else model.SerializeToString()
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def _one_op(name: str, rows: int, k: int, n: int, dtype: Any) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    feeds = sample_values(name, rows, k, n, dtype)
+    return one_op_model(name, feeds), feeds
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+@pytest.mark.parametrize("rows", [1, 3])
+def test_library_ops_match_their_bodies(library: Path, name: str, rows: int) -> None:
+    """Each op through the library and through its body: every output, against float64 as well."""
+    model, feeds = _one_op(name, rows, 64, 24, np.float32)
+    got = _session(model, library).run(None, feeds)
+    want = _session(model, None).run(None, feeds)
+    assert len(got) == len(OPS[name].outputs)
+    for output, a, b in zip(OPS[name].outputs, got, want, strict=True):
+        if a is None:  # the one-row path computes Y (and Sum) without staging Normed / GateUp
+            assert rows == 1 and output in ("Normed", "GateUp"), output
+            continue
+        assert a.shape == b.shape, output
+        assert np.abs(a - b).max() <= 1e-5 * max(1.0, float(np.abs(b).max())), output
+    exact = reference(name, feeds)
+    assert np.abs(got[0] - exact).max() / np.abs(exact).max() < 1e-5
+    # The body really ran without the library: a wrong reference would not match float64 either.
+    assert np.abs(want[0] - exact).max() / np.abs(exact).max() < 1e-5
+
+
+def test_library_runs_the_gqa_decoder_with_the_bodies_tokens(
+    library: Path, artifacts: dict[str, Path], tmp_path: Path
+) -> None:
+    """A whole --kv-form gqa graph (tiny llama, fp32): logits and caches through the library's ops
+    equal the bodies', and the graph has no MatMul left for ONNX Runtime to run."""
+    from tests.conftest import run_json
+
+    code, report = run_json("optimize", artifacts["tiny:llama"], "-o", tmp_path / "gqa", "--kv-form", "gqa", "-q")
+    assert code == 0, report
+    path = str(tmp_path / "gqa" / "model.onnx")
+    assert ort_kernels.graph_uses(path)
+    with_library, bodies = _session(path, library), _session(path, None)
+    rng = np.random.default_rng(0)
+    for seq, past in ((5, 0), (1, 5)):
+        feeds: dict[str, np.ndarray] = {}
+        for tensor in bodies.get_inputs():
+            if tensor.name == "input_ids":
+                feeds[tensor.name] = rng.integers(0, 100, (2, seq)).astype(np.int64)
+            elif tensor.name == "position_ids":
+                feeds[tensor.name] = np.tile(np.arange(past, past + seq), (2, 1)).astype(np.int64)
+            elif tensor.name == "seqlens_k":
+                feeds[tensor.name] = np.full(2, past + seq - 1, np.int32)
+            elif tensor.name == "total_sequence_length":
+                feeds[tensor.name] = np.array(past + seq, np.int32)
+            else:
+                shape = [2 if d == "batch" else d if isinstance(d, int) else 16 for d in tensor.shape]
+                feeds[tensor.name] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+        got, want = with_library.run(None, feeds), bodies.run(None, feeds)
+        for a, b in zip(got, want, strict=True):
+            assert np.abs(a - b).max() < 1e-5
+
+
+def test_library_build_errors_are_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("LLM2TRT_CACHE", str(tmp_path))
+    monkeypatch.setenv(ort_kernels.ENV_LIBRARY, str(tmp_path / "missing.so"))
+    with pytest.raises(BackendError, match=r"missing\.so, which is not a file"):
+        ort_kernels.library("sm_90")
+    monkeypatch.delenv(ort_kernels.ENV_LIBRARY)
+    monkeypatch.setattr(ort_kernels, "nvcc", lambda: None)
+    with pytest.raises(BackendError, match="no nvcc to build"):
+        ort_kernels.library("sm_90")
+    fake = tmp_path / "nvcc"
+    fake.write_text(
+        "#!/bin/sh\n"
+        "[ \"$1\" = --version ] && echo 'Cuda compilation tools, fake' && exit 0\n"
+        "echo 'nvcc fatal: boom' >&2\n"
+        "exit 1\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setattr(ort_kernels, "nvcc", lambda: fake)
+    with pytest.raises(BackendError, match="nvcc fatal: boom"):
+        ort_kernels.library("sm_90")
+    assert not list(tmp_path.rglob("*.so"))  # nothing half-built left in the cache
