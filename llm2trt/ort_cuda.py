@@ -362,7 +362,10 @@ def _register_kernels(options: Any, path: str) -> None:
     except BackendError as exc:
         log.warning("%s: running the llm2trt ops' reference bodies instead", exc)
         return
-    options.register_custom_ops_library(str(library))
+    try:
+        options.register_custom_ops_library(str(library))
+    except Exception as exc:  # onnxruntime raises its own exception types
+        log.warning("ONNX Runtime cannot load %s (%s): running the llm2trt ops' reference bodies", library, exc)
 
 
 def _session(path: str, stream: int, cuda_graph: bool) -> Any:

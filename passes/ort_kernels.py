@@ -162,6 +162,7 @@ class OrtKernelsPass(GraphPass):
     runs_after: ClassVar[tuple[str, ...]] = ("ort_gqa",)
 
     def run(self, model: Model) -> PassResult:
+        self.made: dict[str, gs.Constant] = {}  # [N, K] weights by source weight (shared weights once)
         counts = dict.fromkeys(OPS, 0)
         refused: dict[str, int] = {}
         for norm in [n for n in model.graph.nodes if n.op in ("RMSNormalization", "SkipSimplifiedLayerNormalization")]:
@@ -173,7 +174,7 @@ class OrtKernelsPass(GraphPass):
             weight = _weight_rows(matmul)
             if weight is None or not _float(matmul.inputs[0]):
                 continue
-            w = weight(model)
+            w = weight(model, self.made)
             out = matmul.outputs[0]
             _replace(model, matmul, "Linear", [matmul.inputs[0], w], [out], {})
             counts["Linear"] += 1
@@ -198,7 +199,7 @@ class OrtKernelsPass(GraphPass):
                 return "its reader's weight is not a 2-D constant"
             ys = [readers[0].outputs[0]]
             op = "RMSNormLinear" if norm.skip is None else "SkipRMSNormLinear"
-            w = weight(model)
+            w = weight(model, self.made)
         elif len(readers) == 2 and norm.skip is not None:
             pair = _swiglu(readers)
             if isinstance(pair, str):
@@ -269,20 +270,28 @@ def _swiglu(readers: list[gs.Node]) -> tuple[tuple[gs.Node, gs.Node], gs.Node, g
     return "two readers that are not silu(gate) * up"
 
 
-WeightMaker = Callable[[Model], gs.Constant]
+# (the model, the [N, K] weights made so far by source name) -> MatMul's weight as [N, K] rows
+WeightMaker = Callable[[Model, dict[str, gs.Constant]], gs.Constant]
 
 
 def _weight_rows(matmul: gs.Node) -> WeightMaker | None:
     """How to make MatMul's weight as [N, K] rows (None where it is no 2-D constant): the
-    constant a tied lm_head transposes, as it is; any other constant, transposed."""
+    constant a tied lm_head transposes, as it is; any other constant, transposed, once per weight
+    however many MatMuls share it."""
     weight = matmul.inputs[1]
     tied = transposed_constant(weight)
     if tied is not None and len(tied.inputs[0].shape) == 2 and list(tied.attrs.get("perm", [1, 0])) == [1, 0]:
         source = tied.inputs[0]
-        return lambda model: source
+        return lambda model, made: source
     if not isinstance(weight, gs.Constant) or len(weight.shape) != 2:
         return None
-    return lambda model: model.constant(model.fresh_name(f"{weight.name}.rows"), _rows(matmul))
+
+    def make(model: Model, made: dict[str, gs.Constant]) -> gs.Constant:
+        if weight.name not in made:
+            made[weight.name] = model.constant(model.fresh_name(f"{weight.name}.rows"), _rows(matmul))
+        return made[weight.name]
+
+    return make
 
 
 def _rows(matmul: gs.Node) -> np.ndarray:
