@@ -11,6 +11,7 @@ once per source, compiler and architecture, into llm2trt's cache (`$LLM2TRT_CACH
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -28,8 +29,6 @@ SOURCES = Path(__file__).resolve().parent / "csrc"
 SOURCE = SOURCES / "llm2trt_ort.cu"
 LIBRARY_NAME = "libllm2trt_ort.so"
 ENV_LIBRARY = "LLM2TRT_ORT_KERNELS"
-DOMAIN = "llm2trt"
-OPS = ("Linear", "RMSNormLinear", "SkipRMSNormLinear", "SkipRMSNormSwiGLU")
 
 
 def nvcc() -> Path | None:
@@ -58,6 +57,7 @@ def cache_dir() -> Path:
     return Path(root) / "ort-kernels"
 
 
+@functools.cache  # a session start asks again; the compiler at a path does not change
 def _version(compiler: Path) -> str:
     try:
         out = subprocess.run([str(compiler), "--version"], capture_output=True, text=True, timeout=60, check=True)
@@ -66,8 +66,9 @@ def _version(compiler: Path) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def library(arch: str) -> Path:
-    """The library for GPU architecture `arch` (e.g. "sm_90"), built if this cache lacks it."""
+def library(arch: str, defines: tuple[str, ...] = ()) -> Path:
+    """The library for GPU architecture `arch` (e.g. "sm_90"), built if this cache lacks it.
+    `defines` (-DNAME=VALUE) build a tuning variant (scripts/bench_ort_kernels.py --variant)."""
     prebuilt = os.environ.get(ENV_LIBRARY)
     if prebuilt:
         if not Path(prebuilt).is_file():
@@ -79,7 +80,7 @@ def library(arch: str) -> Path:
     digest = hashlib.sha256()
     for source in sorted(SOURCES.iterdir()):
         digest.update(source.name.encode() + source.read_bytes())
-    digest.update(_version(compiler).encode() + arch.encode())
+    digest.update(_version(compiler).encode() + arch.encode() + " ".join(defines).encode())
     target = cache_dir() / digest.hexdigest()[:16] / LIBRARY_NAME
     if target.is_file():
         return target
@@ -87,11 +88,11 @@ def library(arch: str) -> Path:
     with open(target.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build per key across processes
         if not target.is_file():
-            _build(compiler, arch, target)
+            _build(compiler, arch, target, defines)
     return target
 
 
-def _build(compiler: Path, arch: str, target: Path) -> None:
+def _build(compiler: Path, arch: str, target: Path, defines: tuple[str, ...]) -> None:
     number = arch.removeprefix("sm_")
     root = compiler.parent.parent
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -105,6 +106,7 @@ def _build(compiler: Path, arch: str, target: Path) -> None:
             "-Xcompiler=-fPIC,-fvisibility=hidden",
             "-cudart=static",
             f"-L{root / 'lib'}",  # the wheel's layout (lib, not lib64)
+            *defines,
             str(SOURCE),
             "-o",
             str(out),
@@ -123,6 +125,8 @@ def _build(compiler: Path, arch: str, target: Path) -> None:
 def graph_uses(onnx_path: str | Path) -> bool:
     """Whether the graph has nodes of this library's ops."""
     import onnx
+
+    from llm2trt.passes.ort_kernels import DOMAIN, OPS  # here: scripts load this module on its own
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     return any(node.domain == DOMAIN and node.op_type in OPS for node in model.graph.node)

@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import importlib.util
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -44,15 +42,7 @@ def load_library(defines: str = "") -> ctypes.CDLL:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     major, minor = torch.cuda.get_device_capability(0)
-    if defines:
-        out = Path(tempfile.mkdtemp()) / "variant.so"
-        nvcc = module.nvcc()
-        arch = f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"
-        command = [str(nvcc), arch, "-O3", "-std=c++17", "-shared", "-Xcompiler=-fPIC", "-cudart=static"]
-        subprocess.run([*command, *defines.split(), str(module.SOURCE), "-o", str(out)], check=True)
-        path = out
-    else:
-        path = module.library(f"sm_{major}{minor}")
+    path = module.library(f"sm_{major}{minor}", tuple(defines.split()))
     lib = ctypes.CDLL(str(path))
     lib.Llm2trtOneRow.restype = ctypes.c_int
     lib.Llm2trtOneRow.argtypes = (

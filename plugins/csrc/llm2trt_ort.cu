@@ -105,7 +105,8 @@ OrtStatus* output(OrtKernelContext* context, size_t index, const std::vector<int
   ORT_TRY(ort_fn<GetOutputFn>(g_api, ort_index::KernelContext_GetOutput)(context, index, shape.data(), shape.size(),
                                                                         &value));
   if (value == nullptr) return nullptr;
-  return describe(value, out);
+  out->shape = shape;  // ours: only the buffer needs asking for
+  return ort_fn<MutableDataFn>(g_api, ort_index::GetTensorMutableData)(value, &out->data);
 }
 
 // ---- the ops' shapes ----------------------------------------------------------------------------
@@ -540,6 +541,19 @@ void dispatch_one_row(const Args& a, cudaStream_t stream) {
     launch_rows<T, 1, NORM, SKIP, SWIGLU>(a, stream);
 }
 
+// The one-row kernel for the op's kind.
+template <typename T>
+void one_row(const OpKind& kind, const Args& a, cudaStream_t stream) {
+  if (!kind.norm)
+    dispatch_one_row<T, false, false, false>(a, stream);
+  else if (!kind.skip)
+    dispatch_one_row<T, true, false, false>(a, stream);
+  else if (!kind.swiglu)
+    dispatch_one_row<T, true, true, false>(a, stream);
+  else
+    dispatch_one_row<T, true, true, true>(a, stream);
+}
+
 template <typename T>
 OrtStatus* cuda_compute(const OpKind& kind, OrtKernelContext* context, Args& a) {
   void* raw_stream = nullptr;
@@ -547,14 +561,7 @@ OrtStatus* cuda_compute(const OpKind& kind, OrtKernelContext* context, Args& a) 
   cudaStream_t stream = static_cast<cudaStream_t>(raw_stream);
   if (a.rows == 0) return nullptr;
   if (a.rows == 1) {
-    if (!kind.norm)
-      dispatch_one_row<T, false, false, false>(a, stream);
-    else if (!kind.skip)
-      dispatch_one_row<T, true, false, false>(a, stream);
-    else if (!kind.swiglu)
-      dispatch_one_row<T, true, true, false>(a, stream);
-    else
-      dispatch_one_row<T, true, true, true>(a, stream);
+    one_row<T>(kind, a, stream);
     return launched(kind.name);
   }
   const void* in = a.x.data;
@@ -712,19 +719,10 @@ extern "C" __attribute__((visibility("default"))) int Llm2trtOneRow(const char* 
   a.n_out = kind->swiglu ? n / 2 : n;
   a.epsilon = epsilon;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const bool half = type == ORT_ELEMENT_FLOAT16;
-  if (!kind->norm)
-    half ? dispatch_one_row<__half, false, false, false>(a, s) : dispatch_one_row<float, false, false, false>(a, s);
-  else if (!kind->skip)
-    half ? dispatch_one_row<__half, true, false, false>(a, s) : dispatch_one_row<float, true, false, false>(a, s);
-  else if (!kind->swiglu)
-    half ? dispatch_one_row<__half, true, true, false>(a, s) : dispatch_one_row<float, true, true, false>(a, s);
+  if (type == ORT_ELEMENT_FLOAT16)
+    one_row<__half>(*kind, a, s);
   else
-    half ? dispatch_one_row<__half, true, true, true>(a, s) : dispatch_one_row<float, true, true, true>(a, s);
+    one_row<float>(*kind, a, s);
   return cudaGetLastError() == cudaSuccess ? 0 : -1;
 }
 
-// The ops this library serves, for the Python side to check against a graph.
-extern "C" __attribute__((visibility("default"))) const char* Llm2trtKernelOps() {
-  return "Linear,RMSNormLinear,SkipRMSNormLinear,SkipRMSNormSwiGLU";
-}
