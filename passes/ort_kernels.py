@@ -11,6 +11,10 @@ them plus GroupQueryAttention:
     SkipRMSNormLinear(X, Skip, Gamma, W) -> (Y, Sum, Normed)          Sum = X + Skip
     SkipRMSNormSwiGLU(X, Skip, Gamma, W) -> (Y, Sum, Normed, GateUp)  Y = silu(gate) * up
 
+and ONNX Runtime's GroupQueryAttention (packed QKV, rotary inside) becomes llm2trt's
+`GroupQueryAttention`, the same inputs less the empty key and value, whose body is that node: the
+library runs a decode step as one kernel where ONNX Runtime's op takes four (README "Decode speed").
+
 W is [N, K], a row per output (the layout a GEMV reads contiguously; a tied lm_head is the
 embedding itself), SwiGLU's W is [W_gate; W_up]. Each op is an `llm2trt`-domain local function
 whose body (standard ONNX) is the reference: ONNX Runtime runs the body where llm2trt's CUDA
@@ -57,13 +61,49 @@ OPS: dict[str, KernelOp] = {
     )
 }
 
+ATTENTION = KernelOp(
+    "GroupQueryAttention",
+    ("QKV", "PastKey", "PastValue", "SeqlensK", "TotalSequenceLength", "CosCache", "SinCache"),
+    ("Output", "PresentKey", "PresentValue"),
+)
+ATTENTION_ATTRS = ("num_heads", "kv_num_heads", "scale", "do_rotary", "rotary_interleaved", "local_window_size")
+ATTENTION_HEAD_SIZES = (16, 32, 64, 128, 256)  # the library's kernels: 8 elements a lane, a head within a warp
+ATTENTION_MAX_GROUP = 8  # query heads a KV head, at most
+ALL_OPS = (*OPS, ATTENTION.name)
+
+register_equivalent("Attention", DOMAIN, ATTENTION.name)
+register_equivalent("RoPE", DOMAIN, ATTENTION.name, lambda node: 2)
+
 # The norm these ops carry (the expected-fusion gate counts them).
 for _op in ("RMSNormLinear", "SkipRMSNormLinear", "SkipRMSNormSwiGLU"):
     register_equivalent("RMSNorm", DOMAIN, _op)
 
 
+def attention_function(opset: int) -> gs.Function:
+    """llm2trt's GroupQueryAttention: its body is ONNX Runtime's node, key and value empty (packed)."""
+    formal = {n: gs.Variable(n) for n in (*ATTENTION.inputs, *ATTENTION.outputs)}
+    empty = gs.Variable.empty()
+    inputs = [formal["QKV"], empty, empty, *(formal[n] for n in ATTENTION.inputs[1:])]
+    attrs = {name: gs.Node.AttributeRef(name, float if name == "scale" else int) for name in ATTENTION_ATTRS}
+    node = gs.Node(
+        "GroupQueryAttention", inputs=inputs, outputs=[formal[n] for n in ATTENTION.outputs], attrs=attrs, domain=MS
+    )
+    return gs.Function(
+        ATTENTION.name,
+        domain=DOMAIN,
+        nodes=[node],
+        inputs=[formal[n] for n in ATTENTION.inputs],
+        outputs=[formal[n] for n in ATTENTION.outputs],
+        opset=opset,
+        import_domains=[onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(MS, 1)],
+        attrs=dict.fromkeys(ATTENTION_ATTRS),
+    )
+
+
 def function(name: str, opset: int) -> gs.Function:
     """The op's reference body in standard ONNX (opset >= 23: RMSNormalization)."""
+    if name == ATTENTION.name:
+        return attention_function(opset)
     op = OPS[name]
     formal = {n: gs.Variable(n) for n in (*op.inputs, *op.outputs)}
     nodes: list[gs.Node] = []
@@ -128,6 +168,45 @@ def one_op_model(name: str, values: dict[str, np.ndarray], epsilon: float = 1e-5
     return model
 
 
+def attention_model(
+    heads: int,
+    kv_heads: int,
+    head: int,
+    capacity: int,
+    dtype: Any,
+    attrs: dict[str, Any] | None = None,
+    opset: int = 24,
+) -> onnx.ModelProto:
+    """llm2trt's GroupQueryAttention alone, its inputs as graph inputs (checks, tests): QKV
+    [batch, seq, (heads + 2 kv_heads) * head], caches [batch, kv_heads, capacity, head], rotary
+    tables [capacity, head / 2]."""
+    slots = (heads + 2 * kv_heads) * head
+    shapes = {
+        "QKV": ["batch", "seq", slots],
+        "PastKey": ["batch", kv_heads, capacity, head],
+        "PastValue": ["batch", kv_heads, capacity, head],
+        "SeqlensK": ["batch"],
+        "TotalSequenceLength": [],
+        "CosCache": [capacity, head // 2],
+        "SinCache": [capacity, head // 2],
+    }
+    ints = ("SeqlensK", "TotalSequenceLength")
+    inputs = [gs.Variable(n, dtype=np.int32 if n in ints else dtype, shape=shapes[n]) for n in ATTENTION.inputs]
+    outputs = [gs.Variable(n, dtype=dtype) for n in ATTENTION.outputs]
+    defaults = {"num_heads": heads, "kv_num_heads": kv_heads, "scale": 1 / float(np.sqrt(head)), "do_rotary": 1}
+    node_attrs = {**defaults, "rotary_interleaved": 0, "local_window_size": -1, **(attrs or {})}
+    node = gs.Node(ATTENTION.name, inputs=inputs, outputs=outputs, attrs=node_attrs, domain=DOMAIN)
+    graph = gs.Graph([node], inputs, outputs, opset=opset, functions=[attention_function(opset)])
+    graph.import_domains = [
+        onnx.helper.make_opsetid("", opset),
+        onnx.helper.make_opsetid(DOMAIN, VERSION),
+        onnx.helper.make_opsetid(MS, 1),
+    ]
+    model: onnx.ModelProto = gs.export_onnx(graph)
+    model.ir_version = 10
+    return model
+
+
 def reference(name: str, values: dict[str, np.ndarray], epsilon: float = 1e-5) -> np.ndarray:
     """The op's Y in float64, with no intermediate rounding."""
     v = values["X"].astype(np.float64)
@@ -163,7 +242,7 @@ class OrtKernelsPass(GraphPass):
 
     def run(self, model: Model) -> PassResult:
         self.made: dict[str, gs.Constant] = {}  # [N, K] weights by source weight (shared weights once)
-        counts = dict.fromkeys(OPS, 0)
+        counts = dict.fromkeys(ALL_OPS, 0)
         refused: dict[str, int] = {}
         for norm in [n for n in model.graph.nodes if n.op in ("RMSNormalization", "SkipSimplifiedLayerNormalization")]:
             found = _norm(norm)
@@ -178,6 +257,12 @@ class OrtKernelsPass(GraphPass):
             out = matmul.outputs[0]
             _replace(model, matmul, "Linear", [matmul.inputs[0], w], [out], {})
             counts["Linear"] += 1
+        for node in [n for n in model.graph.nodes if n.op == "GroupQueryAttention" and n.domain == MS]:
+            reason = _attention(model, node)
+            if reason:
+                refused[reason] = refused.get(reason, 0) + 1
+            else:
+                counts[ATTENTION.name] += 1
         used = [name for name, count in counts.items() if count]
         if used:
             existing = {(f.domain, f.name) for f in model.graph.functions}
@@ -230,6 +315,34 @@ class OrtKernelsPass(GraphPass):
         _replace(model, norm.node, op, inputs, outputs, {"epsilon": norm.epsilon})
         counts[op] += 1
         return ""
+
+
+def _attention(model: Model, node: gs.Node) -> str:
+    """ONNX Runtime's GroupQueryAttention -> llm2trt's; '' when done, else why not."""
+    inputs = list(node.inputs) + [gs.Variable.empty()] * (9 - len(node.inputs))
+    attrs = {name: node.attrs.get(name) for name in ATTENTION_ATTRS}
+    if any(t.name for t in inputs[1:3]):
+        return "GroupQueryAttention with separate key and value"
+    if attrs["do_rotary"] != 1 or attrs["rotary_interleaved"] != 0 or attrs["local_window_size"] != -1:
+        return "GroupQueryAttention without whole-head half-split rotary, or with a local window"
+    if any(k in node.attrs for k in ("softcap", "smooth_softmax")) and (
+        float(node.attrs.get("softcap", 0.0)) != 0.0 or int(node.attrs.get("smooth_softmax", 0)) != 0
+    ):
+        return "GroupQueryAttention with softcap or smooth softmax"
+    past = inputs[3]
+    cos = inputs[7]
+    head = (past.shape or [None] * 4)[-1] if past.shape else None
+    if not isinstance(head, int) or head not in ATTENTION_HEAD_SIZES or not isinstance(cos, gs.Constant):
+        return f"GroupQueryAttention with a head size other than {ATTENTION_HEAD_SIZES}"
+    if cos.shape[-1] * 2 != head:
+        return "GroupQueryAttention rotating part of the head"
+    if any(t.inputs for t in inputs[3:6]) or not isinstance(inputs[8], gs.Constant):
+        # The decode kernel reads the caches and the lengths before the kernel ahead of it ends.
+        return "GroupQueryAttention whose caches or lengths are computed in the graph"
+    if not _float(inputs[0]) or int(attrs["num_heads"]) > ATTENTION_MAX_GROUP * int(attrs["kv_num_heads"]):
+        return f"GroupQueryAttention with more than {ATTENTION_MAX_GROUP} query heads a KV head"
+    _replace(model, node, ATTENTION.name, [inputs[0], *inputs[3:9]], list(node.outputs), attrs)
+    return ""
 
 
 def _float(tensor: gs.Tensor) -> bool:

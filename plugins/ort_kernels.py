@@ -126,10 +126,10 @@ def graph_uses(onnx_path: str | Path) -> bool:
     """Whether the graph has nodes of this library's ops."""
     import onnx
 
-    from llm2trt.passes.ort_kernels import DOMAIN, OPS  # here: scripts load this module on its own
+    from llm2trt.passes.ort_kernels import ALL_OPS, DOMAIN  # here: scripts load this module on its own
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    return any(node.domain == DOMAIN and node.op_type in OPS for node in model.graph.node)
+    return any(node.domain == DOMAIN and node.op_type in ALL_OPS for node in model.graph.node)
 
 
 def device_arch() -> str:

@@ -4,7 +4,8 @@
 
 For five prompts, 32 greedy tokens each: identical or not, and where a row diverges, the step and
 the fp32 reference's margin between its top two logits there (a near-tie that fp16 rounding flips
-is not a graph error).
+is not a graph error). `--hf-fp16`: transformers itself in fp16 against its fp32, the same count
+(how many of these prompts fp16 arithmetic keeps at all).
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ SMOL_PROMPTS = (Path(__file__).resolve().parents[1] / "tests" / "data" / "smollm
 NEW = 32
 
 
-def reference(hf_dir: Path, ids: list[list[int]]) -> tuple[list[list[int]], list[list[float]]]:
-    """fp32 greedy tokens per prompt (alone, unpadded) and the top-2 logit margin at each step."""
+def reference(
+    hf_dir: Path, ids: list[list[int]], dtype: torch.dtype = torch.float32
+) -> tuple[list[list[int]], list[list[float]]]:
+    """Greedy tokens per prompt (alone, unpadded) and the top-2 logit margin at each step."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).cuda().eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).cuda().eval()
     tokens, margins = [], []
     for prompt in ids:
         out = model.generate(
@@ -87,6 +90,7 @@ def main() -> int:
     parser.add_argument("--hf", type=Path, required=True)
     parser.add_argument("--artifacts", type=Path, nargs="+", required=True)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--hf-fp16", action="store_true", help="also transformers fp16 against its fp32")
     args = parser.parse_args()
     from llm2trt.core.manifest import Manifest
     from llm2trt.generate import load_tokenizer
@@ -95,6 +99,13 @@ def main() -> int:
     tokenizer = load_tokenizer(first, Manifest.read(first))
     ids = [tokenizer(p, add_special_tokens=False).input_ids for p in SMOL_PROMPTS]
     ref, margins = reference(args.hf, ids)
+    if args.hf_fp16:
+        half, _ = reference(args.hf, ids, torch.float16)
+        for i, (got, want) in enumerate(zip(half, ref, strict=True)):
+            at = next((k for k, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
+            print(f"transformers fp16: [{i}] identical={at is None} diverges_at={at}")
+        same = sum(got == want for got, want in zip(half, ref, strict=True))
+        print(f"transformers fp16: {same}/{len(ref)} prompts identical to transformers fp32 (each prompt alone)")
     report = {
         f"{artifact.name} ({'alone' if alone else 'batch'})": compare(artifact, ref, margins, alone)
         for artifact in args.artifacts

@@ -7,6 +7,9 @@
 //   SkipRMSNormLinear(X, Skip, Gamma, W) -> (Y, Sum, Normed)      Sum = X + Skip, normalized
 //   SkipRMSNormSwiGLU(X, Skip, Gamma, W) -> (Y, Sum, Normed, GateUp)
 //       GateUp = Normed @ W^T with W = [W_gate; W_up], Y = silu(gate) * up
+//   GroupQueryAttention(QKV, PastKey, PastValue, SeqlensK, TotalSequenceLength, CosCache, SinCache)
+//       -> (Output, PresentKey, PresentValue)     com.microsoft.GroupQueryAttention, packed QKV,
+//       rotary inside; the cache updated in place (llm2trt_attention.cuh)
 //
 // Why: a batch-1 decode step is ~10 kernels a layer, and its GEMVs are where the time goes. With
 // one row (M = 1) each op is ONE kernel: every block normalizes the row itself (it is a few KB,
@@ -19,6 +22,7 @@
 // Each op is registered for the CUDA provider and, for tests of this library on machines without a
 // GPU, for the CPU provider (plain loops in float).
 
+#include <cooperative_groups.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <dlfcn.h>
@@ -49,6 +53,11 @@ using ElementTypeFn = OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, int*);
 using ReleaseInfoFn = void (*)(OrtTensorTypeAndShapeInfo*);
 using MutableDataFn = OrtStatus* (*)(OrtValue*, void**);
 using AttrFloatFn = OrtStatus* (*)(const OrtKernelInfo*, const char*, float*);
+using AttrIntFn = OrtStatus* (*)(const OrtKernelInfo*, const char*, int64_t*);
+using CreateMemoryInfoFn = OrtStatus* (*)(const char*, int, int, int, OrtMemoryInfo**);
+using ReleaseMemoryInfoFn = void (*)(OrtMemoryInfo*);
+using GetAllocatorFn = OrtStatus* (*)(const OrtKernelContext*, const OrtMemoryInfo*, OrtAllocator**);
+using ReleaseAllocatorFn = void (*)(OrtAllocator*);
 using StreamFn = OrtStatus* (*)(const OrtKernelContext*, void**);
 using ResourceFn = OrtStatus* (*)(const OrtKernelContext*, int, int, void**);
 
@@ -118,12 +127,16 @@ struct OpKind {
   bool swiglu;
   size_t inputs;
   size_t outputs;
+  bool attention = false;
 };
 
 const OpKind kLinear = {"Linear", false, false, false, 2, 1};
 const OpKind kRMSNormLinear = {"RMSNormLinear", true, false, false, 3, 2};
 const OpKind kSkipRMSNormLinear = {"SkipRMSNormLinear", true, true, false, 4, 3};
 const OpKind kSkipRMSNormSwiGLU = {"SkipRMSNormSwiGLU", true, true, true, 4, 4};
+const OpKind kGroupQueryAttention = {"GroupQueryAttention", false, false, false, 7, 3, true};
+const OpKind* const kKinds[] = {&kLinear, &kRMSNormLinear, &kSkipRMSNormLinear, &kSkipRMSNormSwiGLU,
+                                &kGroupQueryAttention};
 
 struct Args {
   Tensor x, skip, gamma, w;
@@ -383,6 +396,8 @@ __global__ void __launch_bounds__(kThreads) one_row_kernel(const T* __restrict__
   }
 }
 
+#include "llm2trt_attention.cuh"
+
 // Many rows: Sum and Normed, one block per row.
 template <typename T, bool SKIP>
 __global__ void norm_rows_kernel(const T* __restrict__ x, const T* __restrict__ skip, const T* __restrict__ gamma,
@@ -429,17 +444,27 @@ __global__ void swiglu_rows_kernel(const T* __restrict__ gate_up, T* __restrict_
 using GemmExFn = int (*)(void*, int, int, int, int, int, const void*, const void*, int, int, const void*, int, int,
                          const void*, void*, int, int, int, int);
 
-GemmExFn cublas_gemm() {
-  static GemmExFn fn = [] {
-    for (const char* name : {"libcublas.so.13", "libcublas.so.12", "libcublas.so"}) {
-      void* lib = dlopen(name, RTLD_NOW | RTLD_NOLOAD);
-      if (lib == nullptr) lib = dlopen(name, RTLD_NOW);
-      if (lib != nullptr) {
-        if (void* sym = dlsym(lib, "cublasGemmEx")) return reinterpret_cast<GemmExFn>(sym);
-      }
+using BatchedGemmFn = int (*)(void*, int, int, int, int, int, const void*, const void*, int, int, long long,
+                              const void*, int, int, long long, const void*, void*, int, int, long long, int, int, int);
+
+void* cublas_symbol(const char* symbol) {
+  for (const char* name : {"libcublas.so.13", "libcublas.so.12", "libcublas.so"}) {
+    void* lib = dlopen(name, RTLD_NOW | RTLD_NOLOAD);
+    if (lib == nullptr) lib = dlopen(name, RTLD_NOW);
+    if (lib != nullptr) {
+      if (void* sym = dlsym(lib, symbol)) return sym;
     }
-    return static_cast<GemmExFn>(nullptr);
-  }();
+  }
+  return nullptr;
+}
+
+GemmExFn cublas_gemm() {
+  static GemmExFn fn = reinterpret_cast<GemmExFn>(cublas_symbol("cublasGemmEx"));
+  return fn;
+}
+
+BatchedGemmFn cublas_batched_gemm() {
+  static BatchedGemmFn fn = reinterpret_cast<BatchedGemmFn>(cublas_symbol("cublasGemmStridedBatchedEx"));
   return fn;
 }
 
@@ -588,12 +613,262 @@ OrtStatus* cuda_compute(const OpKind& kind, OrtKernelContext* context, Args& a) 
   return launched(kind.name);
 }
 
+
+// ---- GroupQueryAttention ------------------------------------------------------------------------
+
+struct AttentionArgs {
+  Tensor qkv, past_k, past_v, seqlens, total, cos, sin;
+  Tensor out, present_k, present_v;
+  attention::Shape shape;
+};
+
+int64_t elements(const Tensor& t) {
+  int64_t n = 1;
+  for (int64_t d : t.shape) n *= d;
+  return n;
+}
+
+OrtStatus* gather_attention(int64_t heads, int64_t kv_heads, float scale, OrtKernelContext* context,
+                            AttentionArgs* a) {
+  Tensor* inputs[] = {&a->qkv, &a->past_k, &a->past_v, &a->seqlens, &a->total, &a->cos, &a->sin};
+  for (size_t i = 0; i < 7; ++i) ORT_TRY(input(context, i, inputs[i]));
+  const std::vector<int64_t>& q = a->qkv.shape;
+  const std::vector<int64_t>& cache = a->past_k.shape;
+  if (q.size() != 3 || cache.size() != 4 || a->past_v.shape != cache || cache[0] != q[0] || cache[1] != kv_heads ||
+      q[2] != (heads + 2 * kv_heads) * cache[3])
+    return error("llm2trt GroupQueryAttention: QKV must be [B, S, (H + 2 KVH) * D], the caches [B, KVH, slots, D]");
+  if (a->seqlens.type != ORT_ELEMENT_INT32 || elements(a->seqlens) != q[0] || a->total.type != ORT_ELEMENT_INT32 ||
+      elements(a->total) != 1)
+    return error("llm2trt GroupQueryAttention: seqlens_k must be int32 [B] and total_sequence_length an int32");
+  if (a->cos.shape.size() != 2 || a->cos.shape[1] * 2 != cache[3] || a->sin.shape != a->cos.shape)
+    return error("llm2trt GroupQueryAttention: cos/sin caches must be [positions, D / 2] (rotary over the head)");
+  for (const Tensor* t : {&a->past_k, &a->past_v, &a->cos, &a->sin})
+    if (t->type != a->qkv.type) return error("llm2trt GroupQueryAttention: QKV, caches and tables must share one type");
+  attention::Shape& s = a->shape;
+  s.batch = int(q[0]);
+  s.seq = int(q[1]);
+  s.heads = int(heads);
+  s.kv_heads = int(kv_heads);
+  s.head_dim = int(cache[3]);
+  s.capacity = int(cache[2]);
+  s.positions = int(a->cos.shape[0]);
+  s.total = *static_cast<const int32_t*>(a->total.data);
+  if (s.total < s.seq || s.total > s.capacity)
+    return error("llm2trt GroupQueryAttention: total_sequence_length must lie between the new tokens and the slots");
+  s.first_prompt = s.seq == s.total;
+  s.scale = scale != 0.f ? scale : 1.f / std::sqrt(float(s.head_dim));
+  ORT_TRY(output(context, 0, {q[0], q[1], heads * cache[3]}, &a->out));
+  ORT_TRY(output(context, 1, cache, &a->present_k));
+  ORT_TRY(output(context, 2, cache, &a->present_v));
+  if (a->out.data == nullptr || a->present_k.data == nullptr || a->present_v.data == nullptr)
+    return error("llm2trt GroupQueryAttention: every output needs a buffer");
+  return nullptr;
+}
+
+// Plain loops in float, in the reference's order: every new key and value into the cache, then
+// each query over the keys up to its own position.
+template <typename T>
+void cpu_attention(const AttentionArgs& a) {
+  const attention::Shape& s = a.shape;
+  const int D = s.head_dim, half = D / 2, group = s.group(), slots = s.heads + 2 * s.kv_heads;
+  const T* qkv = static_cast<const T*>(a.qkv.data);
+  const T* cos = static_cast<const T*>(a.cos.data);
+  const T* sin = static_cast<const T*>(a.sin.data);
+  const int* seqlens = static_cast<const int*>(a.seqlens.data);
+  T* keys = static_cast<T*>(a.present_k.data);
+  T* values = static_cast<T*>(a.present_v.data);
+  T* out = static_cast<T*>(a.out.data);
+  std::vector<float> rotated(D), scores(s.capacity);
+  auto rotate = [&](const T* x, int pos) {
+    for (int d = 0; d < D; ++d) {
+      const float c = to_float(cos[size_t(pos) * half + d % half]), sn = to_float(sin[size_t(pos) * half + d % half]);
+      const float v = to_float(x[d]), partner = to_float(x[d < half ? d + half : d - half]);
+      rotated[d] = to_float(from_float<T>(d < half ? v * c - partner * sn : v * c + partner * sn));
+    }
+  };
+  auto position = [&](int b, int i) { return attention::past_length(s, seqlens, b) + i; };
+  auto in_range = [&](int pos) { return pos >= 0 && pos < s.capacity && pos < s.positions; };
+  auto head = [&](int b, int kvh) { return (size_t(b) * s.kv_heads + kvh) * s.capacity * D; };
+  for (int b = 0; b < s.batch; ++b)  // a present cache apart from the past: the past rows, then zeros
+    for (int kvh = 0; kvh < s.kv_heads && keys != a.past_k.data; ++kvh)
+      for (int t = 0; t < s.capacity; ++t)
+        for (int d = 0; d < D; ++d) {
+          const size_t at = head(b, kvh) + size_t(t) * D + d;
+          const bool kept = t < attention::past_length(s, seqlens, b);
+          keys[at] = kept ? static_cast<const T*>(a.past_k.data)[at] : from_float<T>(0.f);
+          values[at] = kept ? static_cast<const T*>(a.past_v.data)[at] : from_float<T>(0.f);
+        }
+  for (int b = 0; b < s.batch; ++b)
+    for (int i = 0; i < s.seq; ++i) {
+      const int pos = position(b, i);
+      if (!in_range(pos)) continue;
+      const T* x = qkv + (size_t(b) * s.seq + i) * slots * D;
+      for (int kvh = 0; kvh < s.kv_heads; ++kvh) {
+        rotate(x + size_t(s.heads + kvh) * D, pos);
+        for (int d = 0; d < D; ++d) {
+          keys[head(b, kvh) + size_t(pos) * D + d] = from_float<T>(rotated[d]);
+          values[head(b, kvh) + size_t(pos) * D + d] = x[size_t(s.heads + s.kv_heads + kvh) * D + d];
+        }
+      }
+    }
+  for (int b = 0; b < s.batch; ++b)
+    for (int i = 0; i < s.seq; ++i) {
+      const int pos = position(b, i), limit = std::min(pos + 1, s.total);
+      const T* x = qkv + (size_t(b) * s.seq + i) * slots * D;
+      for (int h = 0; h < s.heads; ++h) {
+        T* y = out + ((size_t(b) * s.seq + i) * s.heads + h) * D;
+        if (!in_range(pos)) {
+          for (int d = 0; d < D; ++d) y[d] = from_float<T>(0.f);
+          continue;
+        }
+        rotate(x + size_t(h) * D, pos);
+        const size_t base = head(b, h / group);
+        float top = -INFINITY;
+        for (int j = 0; j < limit; ++j) {
+          float dot = 0.f;
+          for (int d = 0; d < D; ++d) dot += rotated[d] * s.scale * to_float(keys[base + size_t(j) * D + d]);
+          scores[j] = dot;
+          top = std::max(top, dot);
+        }
+        float sum = 0.f;
+        for (int j = 0; j < limit; ++j) sum += scores[j] = std::exp(scores[j] - top);
+        for (int d = 0; d < D; ++d) {
+          float acc = 0.f;
+          for (int j = 0; j < limit; ++j) acc += scores[j] * to_float(values[base + size_t(j) * D + d]);
+          y[d] = from_float<T>(acc / sum);
+        }
+      }
+    }
+}
+
+// Device scratch from ONNX Runtime's allocator for the provider's device (arena-backed, so a
+// captured CUDA graph sees the same addresses each replay).
+struct Scratch {
+  OrtMemoryInfo* info = nullptr;
+  OrtAllocator* allocator = nullptr;
+  void* data = nullptr;
+  Scratch() = default;
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  ~Scratch() {
+    if (data != nullptr) allocator->Free(allocator, data);
+    if (allocator != nullptr) ort_fn<ReleaseAllocatorFn>(g_api, ort_index::ReleaseAllocator)(allocator);
+    if (info != nullptr) ort_fn<ReleaseMemoryInfoFn>(g_api, ort_index::ReleaseMemoryInfo)(info);
+  }
+  OrtStatus* get(OrtKernelContext* context, size_t bytes) {
+    int device = 0;
+    cudaGetDevice(&device);
+    ORT_TRY(ort_fn<CreateMemoryInfoFn>(g_api, ort_index::CreateMemoryInfo)("Cuda", 0, device, 0, &info));
+    ORT_TRY(ort_fn<GetAllocatorFn>(g_api, ort_index::KernelContext_GetAllocator)(context, info, &allocator));
+    if (allocator == nullptr) return error("llm2trt GroupQueryAttention: no allocator for the provider's device");
+    data = allocator->Alloc(allocator, bytes);
+    return data != nullptr ? nullptr : error("llm2trt GroupQueryAttention: out of device memory for its scratch");
+  }
+};
+
+constexpr int64_t kScoresBudget = int64_t(256) << 20;  // bytes of scores + probabilities a prefill chunk may use
+
+template <typename T, int D>
+OrtStatus* prefill_attention(const AttentionArgs& a, OrtKernelContext* context, cudaStream_t stream) {
+  const attention::Shape& s = a.shape;
+  const int group = s.group(), keys = s.total;
+  const int64_t q_elements = int64_t(s.batch) * s.heads * s.seq * D;
+  const int64_t per_query = int64_t(s.batch) * s.heads * keys * int64_t(sizeof(float) + sizeof(T));
+  const int chunk = int(std::max<int64_t>(1, std::min<int64_t>(s.seq, kScoresBudget / per_query)));
+  auto rounded = [](size_t bytes) { return (bytes + 255) / 256 * 256; };
+  const size_t q_bytes = rounded(size_t(q_elements) * sizeof(T)), o_bytes = rounded(size_t(q_elements) * sizeof(float));
+  const size_t inverse_bytes = rounded(size_t(q_elements / D) * sizeof(float));
+  const size_t score_bytes = rounded(size_t(per_query) * chunk / (sizeof(float) + sizeof(T)) * sizeof(float));
+  Scratch scratch;
+  ORT_TRY(scratch.get(context, q_bytes + o_bytes + inverse_bytes + score_bytes + size_t(per_query) * chunk));
+  char* base = static_cast<char*>(scratch.data);
+  T* q = reinterpret_cast<T*>(base);
+  float* o = reinterpret_cast<float*>(base + q_bytes);
+  float* inverse = reinterpret_cast<float*>(base + q_bytes + o_bytes);
+  float* scores = reinterpret_cast<float*>(base + q_bytes + o_bytes + inverse_bytes);
+  T* probs = reinterpret_cast<T*>(base + q_bytes + o_bytes + inverse_bytes + score_bytes);
+  const int* seqlens = static_cast<const int*>(a.seqlens.data);
+  T* cache_k = static_cast<T*>(a.present_k.data);
+  T* cache_v = static_cast<T*>(a.present_v.data);
+  attention::rope_write_kernel<T, D><<<dim3(unsigned(s.seq), unsigned(s.batch)), attention::kThreads, 0, stream>>>(
+      static_cast<const T*>(a.qkv.data), cache_k, cache_v, seqlens, static_cast<const T*>(a.cos.data),
+      static_cast<const T*>(a.sin.data), q, s);
+  ORT_TRY(launched("GroupQueryAttention"));
+  void* handle = nullptr;
+  ORT_TRY(ort_fn<ResourceFn>(g_api, ort_index::KernelContext_GetResource)(context, ORT_CUDA_RESOURCE_VERSION,
+                                                                          ORT_CUDA_RESOURCE_CUBLAS_HANDLE, &handle));
+  BatchedGemmFn gemm_batched = cublas_batched_gemm();
+  if (handle == nullptr || gemm_batched == nullptr)
+    return error("llm2trt GroupQueryAttention: no cuBLAS handle from the CUDA provider");
+  const int type = sizeof(T) == 2 ? kCudaR16F : kCudaR32F;
+  const int batches = s.batch * s.kv_heads;
+  const long long cache_stride = (long long)s.capacity * D, q_stride = (long long)s.seq * group * D;
+  const float one = 1.f, zero = 0.f;
+  for (int s0 = 0; s0 < s.seq; s0 += chunk) {
+    const int in_chunk = std::min(chunk, s.seq - s0), rows = in_chunk * group;
+    const size_t offset = size_t(s0) * group * D;
+    int rc = gemm_batched(handle, kOpT, kOpN, keys, rows, D, &s.scale, cache_k, type, D, cache_stride, q + offset,
+                          type, D, q_stride, &zero, scores, kCudaR32F, keys, (long long)rows * keys, batches,
+                          kComputeF32, kGemmDefault);
+    if (rc != 0) return error("llm2trt GroupQueryAttention: cublasGemmStridedBatchedEx (scores) failed");
+    const int64_t all_rows = int64_t(batches) * rows;
+    attention::softmax_kernel<T><<<unsigned((all_rows + 3) / 4), 128, 0, stream>>>(scores, probs, inverse, seqlens, s,
+                                                                                    s0, in_chunk, keys);
+    ORT_TRY(launched("GroupQueryAttention"));
+    rc = gemm_batched(handle, kOpN, kOpN, D, rows, keys, &one, cache_v, type, D, cache_stride, probs, type, keys,
+                      (long long)rows * keys, &zero, o + offset, kCudaR32F, D, q_stride, batches, kComputeF32,
+                      kGemmDefault);
+    if (rc != 0) return error("llm2trt GroupQueryAttention: cublasGemmStridedBatchedEx (values) failed");
+  }
+  const int blocks = int(std::min<int64_t>((q_elements + 255) / 256, 65535));
+  attention::heads_out_kernel<T><<<blocks, 256, 0, stream>>>(o, inverse, static_cast<T*>(a.out.data), s);
+  return launched("GroupQueryAttention");
+}
+
+template <typename T, int D>
+OrtStatus* attention_for(const AttentionArgs& a, OrtKernelContext* context, cudaStream_t stream) {
+  if (a.shape.seq > 1) return prefill_attention<T, D>(a, context, stream);
+  attention::decode<T, D>(static_cast<const T*>(a.qkv.data), static_cast<T*>(a.present_k.data),
+                          static_cast<T*>(a.present_v.data), static_cast<const int*>(a.seqlens.data),
+                          static_cast<const T*>(a.cos.data), static_cast<const T*>(a.sin.data),
+                          static_cast<T*>(a.out.data), a.shape, multiprocessors(), compute_capability() >= 90, stream);
+  return launched("GroupQueryAttention");
+}
+
+template <typename T>
+OrtStatus* cuda_attention(const AttentionArgs& a, OrtKernelContext* context) {
+  void* raw_stream = nullptr;
+  ORT_TRY(ort_fn<StreamFn>(g_api, ort_index::KernelContext_GetGPUComputeStream)(context, &raw_stream));
+  cudaStream_t stream = static_cast<cudaStream_t>(raw_stream);
+  if (a.shape.batch == 0 || a.shape.seq == 0) return nullptr;
+  if (a.present_k.data != a.past_k.data) {  // not bound in place: the past rows, then zeros
+    const int64_t total = elements(a.past_k);
+    const int blocks = int(std::min<int64_t>((total + 255) / 256, 65535));
+    attention::present_kernel<T><<<blocks, 256, 0, stream>>>(
+        static_cast<const T*>(a.past_k.data), static_cast<const T*>(a.past_v.data), static_cast<T*>(a.present_k.data),
+        static_cast<T*>(a.present_v.data), static_cast<const int*>(a.seqlens.data), a.shape);
+    ORT_TRY(launched("GroupQueryAttention"));
+  }
+  if (a.shape.group() > attention::kMaxGroup)
+    return error("llm2trt GroupQueryAttention: at most 8 query heads a KV head");
+  switch (a.shape.head_dim) {  // 8 elements a lane, a head's lanes within one warp
+    case 16: return attention_for<T, 16>(a, context, stream);
+    case 32: return attention_for<T, 32>(a, context, stream);
+    case 64: return attention_for<T, 64>(a, context, stream);
+    case 128: return attention_for<T, 128>(a, context, stream);
+    case 256: return attention_for<T, 256>(a, context, stream);
+    default: return error("llm2trt GroupQueryAttention: head size 16, 32, 64, 128 or 256 only");
+  }
+}
+
 // ---- the custom ops ---------------------------------------------------------------------------
 
 struct Kernel {
   const OpKind* kind;
   bool cuda;
   float epsilon;
+  int64_t heads = 0, kv_heads = 0;  // GroupQueryAttention's
+  float scale = 0.f;
 };
 
 struct Op : OrtCustomOp {
@@ -606,6 +881,17 @@ const Op& self(const OrtCustomOp* op) { return *static_cast<const Op*>(op); }
 
 OrtStatus* compute(void* opaque, OrtKernelContext* context) {
   const Kernel& kernel = *static_cast<Kernel*>(opaque);
+  if (kernel.kind->attention) {
+    AttentionArgs a;
+    ORT_TRY(gather_attention(kernel.heads, kernel.kv_heads, kernel.scale, context, &a));
+    const bool half = a.qkv.type == ORT_ELEMENT_FLOAT16;
+    if (kernel.cuda) return half ? cuda_attention<__half>(a, context) : cuda_attention<float>(a, context);
+    if (half)
+      cpu_attention<__half>(a);
+    else
+      cpu_attention<float>(a);
+    return nullptr;
+  }
   Args a;
   ORT_TRY(gather(*kernel.kind, kernel.epsilon, context, &a));
   if (kernel.cuda)
@@ -624,7 +910,22 @@ OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* api, const OrtKern
   if (self(op).kind->norm) {
     ORT_TRY(ort_fn<AttrFloatFn>(api, ort_index::KernelInfoGetAttribute_float)(info, "epsilon", &epsilon));
   }
-  *out = new Kernel{self(op).kind, self(op).cuda, epsilon};
+  Kernel kernel{self(op).kind, self(op).cuda, epsilon};
+  if (self(op).kind->attention) {
+    auto attr = ort_fn<AttrIntFn>(api, ort_index::KernelInfoGetAttribute_int64);
+    int64_t rotary = 0, interleaved = 0, window = 0;
+    ORT_TRY(attr(info, "num_heads", &kernel.heads));
+    ORT_TRY(attr(info, "kv_num_heads", &kernel.kv_heads));
+    ORT_TRY(attr(info, "do_rotary", &rotary));
+    ORT_TRY(attr(info, "rotary_interleaved", &interleaved));
+    ORT_TRY(attr(info, "local_window_size", &window));
+    ORT_TRY(ort_fn<AttrFloatFn>(api, ort_index::KernelInfoGetAttribute_float)(info, "scale", &kernel.scale));
+    if (rotary != 1 || interleaved != 0 || window != -1)
+      return error("llm2trt GroupQueryAttention: do_rotary=1, rotary_interleaved=0 and local_window_size=-1 only");
+    if (kernel.heads <= 0 || kernel.kv_heads <= 0 || kernel.heads % kernel.kv_heads != 0)
+      return error("llm2trt GroupQueryAttention: num_heads must be a multiple of kv_num_heads");
+  }
+  *out = new Kernel(kernel);
   return nullptr;
 }
 
@@ -640,17 +941,23 @@ Op make_op(const OpKind* kind, bool cuda, int type) {
     return self(o).cuda ? "CUDAExecutionProvider" : "CPUExecutionProvider";
   };
   // One op per element type (ONNX Runtime merges same-named ops into one schema).
-  op.GetInputType = [](const OrtCustomOp* o, size_t) { return self(o).type; };
+  op.GetInputType = [](const OrtCustomOp* o, size_t index) {
+    // GroupQueryAttention's seqlens_k and total_sequence_length are int32.
+    return self(o).kind->attention && (index == 3 || index == 4) ? int(ORT_ELEMENT_INT32) : self(o).type;
+  };
   op.GetInputTypeCount = [](const OrtCustomOp* o) { return self(o).kind->inputs; };
   op.GetOutputType = [](const OrtCustomOp* o, size_t) { return self(o).type; };
   op.GetOutputTypeCount = [](const OrtCustomOp* o) { return self(o).kind->outputs; };
   op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
   op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return int(ORT_IO_REQUIRED); };
   // Y is always written; Sum, Normed and GateUp only where the node names them.
-  op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t index) {
-    return int(index == 0 ? ORT_IO_REQUIRED : ORT_IO_OPTIONAL);
+  op.GetOutputCharacteristic = [](const OrtCustomOp* o, size_t index) {
+    return int(index == 0 || self(o).kind->attention ? ORT_IO_REQUIRED : ORT_IO_OPTIONAL);
   };
-  op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return int(ORT_MEM_DEFAULT); };
+  // total_sequence_length is read on the host (it sizes the launch), as ONNX Runtime's own op does.
+  op.GetInputMemoryType = [](const OrtCustomOp* o, size_t index) {
+    return int(self(o).kind->attention && index == 4 ? ORT_MEM_CPU_INPUT : ORT_MEM_DEFAULT);
+  };
   op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
   op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
   op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
@@ -669,7 +976,7 @@ Op make_op(const OpKind* kind, bool cuda, int type) {
 std::vector<Op>& ops() {
   static std::vector<Op> all = [] {
     std::vector<Op> made;
-    for (const OpKind* kind : {&kLinear, &kRMSNormLinear, &kSkipRMSNormLinear, &kSkipRMSNormSwiGLU}) {
+    for (const OpKind* kind : kKinds) {
       for (int type : {int(ORT_ELEMENT_FLOAT16), int(ORT_ELEMENT_FLOAT)}) {
         made.push_back(make_op(kind, true, type));
         made.push_back(make_op(kind, false, type));

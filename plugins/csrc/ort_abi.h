@@ -17,16 +17,24 @@ typedef struct OrtCustomOpDomain OrtCustomOpDomain;
 typedef struct OrtSessionOptions OrtSessionOptions;
 typedef struct OrtMemoryInfo OrtMemoryInfo;
 typedef struct OrtShapeInferContext OrtShapeInferContext;
+
+// The head of ONNX Runtime's allocator (onnxruntime_c_api.h): what a kernel's scratch needs.
+struct OrtAllocator {
+  uint32_t version;
+  void* (*Alloc)(OrtAllocator* self, size_t size);
+  void (*Free)(OrtAllocator* self, void* p);
+};
 typedef void OrtApi;  // used only through ort_fn()
 
 typedef enum {
   ORT_ELEMENT_UNDEFINED = 0,
   ORT_ELEMENT_FLOAT = 1,
+  ORT_ELEMENT_INT32 = 6,
   ORT_ELEMENT_FLOAT16 = 10,
 } OrtElementType;
 
 typedef enum { ORT_OK = 0, ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 } OrtErrorCodeValue;
-typedef enum { ORT_MEM_DEFAULT = 0 } OrtMemTypeValue;
+typedef enum { ORT_MEM_CPU_INPUT = -2, ORT_MEM_DEFAULT = 0 } OrtMemTypeValue;
 typedef enum { ORT_DEVICE_ALLOCATOR = 0 } OrtAllocatorTypeValue;
 typedef enum { ORT_IO_REQUIRED = 0, ORT_IO_OPTIONAL = 1 } OrtIOCharacteristic;
 
@@ -83,13 +91,18 @@ enum : int {
   GetDimensionsCount = 61,
   GetDimensions = 62,
   GetTensorTypeAndShape = 65,
+  CreateMemoryInfo = 68,
   KernelInfoGetAttribute_float = 85,
+  KernelInfoGetAttribute_int64 = 86,
   KernelContext_GetInputCount = 88,
   KernelContext_GetOutputCount = 89,
   KernelContext_GetInput = 90,
   KernelContext_GetOutput = 91,
+  ReleaseMemoryInfo = 94,
   ReleaseTensorTypeAndShapeInfo = 99,
+  ReleaseAllocator = 132,
   KernelContext_GetGPUComputeStream = 193,
+  KernelContext_GetAllocator = 253,
   KernelContext_GetResource = 265,
 };
 }

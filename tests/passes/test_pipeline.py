@@ -112,7 +112,13 @@ def test_gqa_form_counts_its_contrib_ops_as_fusions(artifacts: dict[str, Path], 
         "untied_lm_head": 0,
     }
     kernels = next(p for p in report["passes"] if p["name"] == "ort_kernels")["counts"]
-    assert kernels == {"Linear": 4, "RMSNormLinear": 1, "SkipRMSNormLinear": 2, "SkipRMSNormSwiGLU": 2}
+    assert kernels == {
+        "Linear": 4,
+        "RMSNormLinear": 1,
+        "SkipRMSNormLinear": 2,
+        "SkipRMSNormSwiGLU": 2,
+        "GroupQueryAttention": 2,
+    }
     # GPT-2 ties lm_head to its embedding (stored once): llm2trt's Linear reads the embedding's rows
     # as they are, so the form neither transposes nor copies it.
     code, tied = run_json("optimize", artifacts["tiny:gpt2"], "-o", tmp_path / "gpt2-gqa", "--kv-form", "gqa", "-q")
@@ -127,6 +133,10 @@ def test_gqa_form_counts_its_contrib_ops_as_fusions(artifacts: dict[str, Path], 
     # Five nodes a layer (norm+qkv, GroupQueryAttention, o, norm+gate/up+SwiGLU, down) + the embedding
     # Gather + norm+lm_head; each llm2trt op carries its reference body as a local function.
     assert len(ops) == 12 and "MatMul" not in ops
+    # ONNX Runtime's GroupQueryAttention lives on as the body of llm2trt's (one decode kernel).
+    assert {n.domain for n in proto.graph.node if n.op_type == "GroupQueryAttention"} == {"llm2trt"}
+    body = next(f for f in proto.functions if f.name == "GroupQueryAttention")
+    assert [(n.domain, n.op_type) for n in body.node] == [("com.microsoft", "GroupQueryAttention")]
     assert sorted(f.name for f in proto.functions) == sorted(kernels)
     assert [i.name for i in proto.graph.input][:4] == [
         "input_ids",
