@@ -317,31 +317,38 @@ class OrtKernelsPass(GraphPass):
         return ""
 
 
+# ONNX Runtime's defaults for the attributes llm2trt's op carries (num_heads and kv_num_heads have none).
+_GQA_DEFAULTS = {"scale": 0.0, "do_rotary": 0, "rotary_interleaved": 0, "local_window_size": -1}
+
+
 def _attention(model: Model, node: gs.Node) -> str:
     """ONNX Runtime's GroupQueryAttention -> llm2trt's; '' when done, else why not."""
     inputs = list(node.inputs) + [gs.Variable.empty()] * (9 - len(node.inputs))
-    attrs = {name: node.attrs.get(name) for name in ATTENTION_ATTRS}
-    if any(t.name for t in inputs[1:3]):
-        return "GroupQueryAttention with separate key and value"
-    if attrs["do_rotary"] != 1 or attrs["rotary_interleaved"] != 0 or attrs["local_window_size"] != -1:
-        return "GroupQueryAttention without whole-head half-split rotary, or with a local window"
-    if any(k in node.attrs for k in ("softcap", "smooth_softmax")) and (
-        float(node.attrs.get("softcap", 0.0)) != 0.0 or int(node.attrs.get("smooth_softmax", 0)) != 0
-    ):
-        return "GroupQueryAttention with softcap or smooth softmax"
-    past = inputs[3]
-    cos = inputs[7]
-    head = (past.shape or [None] * 4)[-1] if past.shape else None
-    if not isinstance(head, int) or head not in ATTENTION_HEAD_SIZES or not isinstance(cos, gs.Constant):
-        return f"GroupQueryAttention with a head size other than {ATTENTION_HEAD_SIZES}"
-    if cos.shape[-1] * 2 != head:
+    attrs = {**_GQA_DEFAULTS, **{name: node.attrs[name] for name in ATTENTION_ATTRS if name in node.attrs}}
+    reason = _attention_refusal(inputs, attrs, set(node.attrs) - set(ATTENTION_ATTRS))
+    if not reason:
+        _replace(model, node, ATTENTION.name, [inputs[0], *inputs[3:9]], list(node.outputs), attrs)
+    return reason
+
+
+def _attention_refusal(inputs: list[gs.Tensor], attrs: dict[str, Any], others: set[str]) -> str:
+    """Why llm2trt's kernels cannot take this GroupQueryAttention ('' when they can)."""
+    if others:
+        return f"GroupQueryAttention with {', '.join(sorted(others))}"
+    if any(t.name for t in inputs[1:3]) or not _float(inputs[0]):
+        return "GroupQueryAttention with separate key and value, or not float16/float32"
+    if (attrs["do_rotary"], attrs["rotary_interleaved"], attrs["local_window_size"]) != (1, 0, -1):
+        return "GroupQueryAttention without half-split rotary inside, or with a local window"
+    head = inputs[3].shape[-1] if inputs[3].shape else None
+    if head not in ATTENTION_HEAD_SIZES:
+        return "GroupQueryAttention with a head size other than 16, 32, 64, 128 or 256"
+    if any(t.inputs for t in inputs[3:6]) or not all(isinstance(t, gs.Constant) for t in inputs[7:9]):
+        # The decode kernel reads the caches, the lengths and the tables before the kernel ahead of it ends.
+        return "GroupQueryAttention whose caches, lengths or rotary tables are computed in the graph"
+    if inputs[7].shape[-1] * 2 != head:
         return "GroupQueryAttention rotating part of the head"
-    if any(t.inputs for t in inputs[3:6]) or not isinstance(inputs[8], gs.Constant):
-        # The decode kernel reads the caches and the lengths before the kernel ahead of it ends.
-        return "GroupQueryAttention whose caches or lengths are computed in the graph"
-    if not _float(inputs[0]) or int(attrs["num_heads"]) > ATTENTION_MAX_GROUP * int(attrs["kv_num_heads"]):
+    if int(attrs["num_heads"]) > ATTENTION_MAX_GROUP * int(attrs["kv_num_heads"]):
         return f"GroupQueryAttention with more than {ATTENTION_MAX_GROUP} query heads a KV head"
-    _replace(model, node, ATTENTION.name, [inputs[0], *inputs[3:9]], list(node.outputs), attrs)
     return ""
 
 

@@ -171,3 +171,64 @@ def test_library_build_errors_are_one_line(monkeypatch: pytest.MonkeyPatch, tmp_
     with pytest.raises(BackendError, match="nvcc fatal: boom"):
         ort_kernels.library("sm_90")
     assert not list(tmp_path.rglob("*.so"))  # nothing half-built left in the cache
+
+
+def _gqa_graph_model(head: int, **attrs: Any) -> Any:
+    """One com.microsoft.GroupQueryAttention over graph inputs, as `--kv-form gqa` writes it."""
+    import onnx_graphsurgeon as gs
+
+    from llm2trt.passes.core import Model
+
+    heads, kv_heads, slots = 4, 2, 32
+    qkv = gs.Variable("qkv", np.float32, ["batch", "seq", (heads + 2 * kv_heads) * head])
+    past = [gs.Variable(f"past_{kv}", np.float32, ["batch", kv_heads, slots, head]) for kv in "kv"]
+    seqlens, total = gs.Variable("seqlens_k", np.int32, ["batch"]), gs.Variable("total", np.int32, [])
+    tables = [gs.Constant(n, np.zeros((slots, head // 2), np.float32)) for n in ("cos", "sin")]
+    outs = [gs.Variable(n, np.float32) for n in ("out", "present_k", "present_v")]
+    base = {"num_heads": heads, "kv_num_heads": kv_heads, "scale": 0.25, "do_rotary": 1, "rotary_interleaved": 0}
+    empty = gs.Variable.empty()
+    node = gs.Node(
+        "GroupQueryAttention",
+        "gqa",
+        attrs={**base, "local_window_size": -1, **attrs},
+        inputs=[qkv, empty, empty, *past, seqlens, total, *tables],
+        outputs=outs,
+        domain="com.microsoft",
+    )
+    graph = gs.Graph([node], [qkv, *past, seqlens, total], outs, opset=24)
+    graph.import_domains = [onnx.helper.make_opsetid("", 24), onnx.helper.make_opsetid("com.microsoft", 1)]
+    return Model(graph)
+
+
+@pytest.mark.parametrize(
+    ("head", "attrs", "refusal"),
+    [
+        (16, {}, None),
+        (64, {}, None),
+        (16, {"local_window_size": 8}, "GroupQueryAttention without half-split rotary inside, or with a local window"),
+        (16, {"softcap": 30.0}, "GroupQueryAttention with softcap"),
+        (48, {}, "GroupQueryAttention with a head size other than 16, 32, 64, 128 or 256"),
+    ],
+)
+def test_pass_takes_only_the_attention_its_kernels_compute(
+    head: int, attrs: dict[str, Any], refusal: str | None
+) -> None:
+    from llm2trt.passes.ort_kernels import OrtKernelsPass
+
+    model = _gqa_graph_model(head, **attrs)
+    counts = OrtKernelsPass().run(model).counts
+    ops = [(n.domain, n.op) for n in model.graph.nodes]
+    if refusal is None:
+        assert counts["GroupQueryAttention"] == 1 and ops == [("llm2trt", "GroupQueryAttention")]
+        assert [i.name for i in model.graph.nodes[0].inputs] == [
+            "qkv",
+            "past_k",
+            "past_v",
+            "seqlens_k",
+            "total",
+            "cos",
+            "sin",
+        ]
+        return
+    assert counts["GroupQueryAttention"] == 0 and ops == [("com.microsoft", "GroupQueryAttention")]
+    assert counts[f"not fused ({refusal})"] == 1

@@ -851,6 +851,9 @@ OrtStatus* cuda_attention(const AttentionArgs& a, OrtKernelContext* context) {
   }
   if (a.shape.group() > attention::kMaxGroup)
     return error("llm2trt GroupQueryAttention: at most 8 query heads a KV head");
+  for (const Tensor* t : {&a.qkv, &a.present_k, &a.present_v, &a.cos, &a.sin, &a.out})
+    if (reinterpret_cast<uintptr_t>(t->data) % 16 != 0)  // the kernels move 16 bytes a load
+      return error("llm2trt GroupQueryAttention: a tensor not 16-byte aligned");
   switch (a.shape.head_dim) {  // 8 elements a lane, a head's lanes within one warp
     case 16: return attention_for<T, 16>(a, context, stream);
     case 32: return attention_for<T, 32>(a, context, stream);
