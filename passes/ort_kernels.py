@@ -207,6 +207,61 @@ def attention_model(
     return model
 
 
+def attention_values(
+    lengths: list[int], seq: int, total: int, shape: tuple[int, int, int, int], dtype: Any, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Random inputs of llm2trt's GroupQueryAttention (checks, tests): rows of `lengths` tokens once
+    this call's `seq` new ones are in (seqlens_k = length - 1); shape = (heads, KV heads, head size,
+    cache slots); real rotary tables."""
+    rng = np.random.default_rng(seed)
+    heads, kv_heads, head, capacity = shape
+    angles = np.arange(capacity)[:, None] / 10000 ** (np.arange(head // 2) / (head // 2))
+    cache = (len(lengths), kv_heads, capacity, head)
+    return {
+        "QKV": rng.standard_normal((len(lengths), seq, (heads + 2 * kv_heads) * head)).astype(dtype),
+        "PastKey": rng.standard_normal(cache).astype(dtype),
+        "PastValue": rng.standard_normal(cache).astype(dtype),
+        "SeqlensK": np.array(lengths, np.int32) - 1,
+        "TotalSequenceLength": np.array(total, np.int32),
+        "CosCache": np.cos(angles).astype(dtype),
+        "SinCache": np.sin(angles).astype(dtype),
+    }
+
+
+def attention_reference(values: dict[str, np.ndarray], heads: int, kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
+    """GroupQueryAttention's output and present key in float64, with no intermediate rounding, for
+    the inputs `attention_values` makes; a padded prompt's tail rows are left zero (they are padding)."""
+    qkv = values["QKV"].astype(np.float64)
+    batch, seq, _ = qkv.shape
+    keys = values["PastKey"].astype(np.float64).copy()
+    cache_values = values["PastValue"].astype(np.float64).copy()
+    head = keys.shape[-1]
+    cos, sin = (values[n].astype(np.float64) for n in ("CosCache", "SinCache"))
+    total = int(values["TotalSequenceLength"])
+    split = qkv.reshape(batch, seq, heads + 2 * kv_heads, head)
+
+    def rotate(x: np.ndarray, pos: int) -> np.ndarray:
+        low, high = x[..., : head // 2], x[..., head // 2 :]
+        c, s = cos[pos], sin[pos]
+        return np.concatenate([low * c - high * s, high * c + low * s], axis=-1)
+
+    out = np.zeros((batch, seq, heads, head))
+    for b in range(batch):
+        length = int(values["SeqlensK"][b]) + 1
+        past = 0 if seq == total else length - seq
+        for i in range(min(seq, length - past)):
+            keys[b, :, past + i] = rotate(split[b, i, heads : heads + kv_heads], past + i)
+            cache_values[b, :, past + i] = split[b, i, heads + kv_heads :]
+        for i in range(min(seq, length - past)):
+            q = rotate(split[b, i, :heads], past + i) / np.sqrt(head)
+            k = np.repeat(keys[b, :, : past + i + 1], heads // kv_heads, axis=0)
+            v = np.repeat(cache_values[b, :, : past + i + 1], heads // kv_heads, axis=0)
+            scores = np.einsum("hd,htd->ht", q, k)
+            weights = np.exp(scores - scores.max(-1, keepdims=True))
+            out[b, i] = np.einsum("ht,htd->hd", weights / weights.sum(-1, keepdims=True), v)
+    return out.reshape(batch, seq, heads * head), keys
+
+
 def reference(name: str, values: dict[str, np.ndarray], epsilon: float = 1e-5) -> np.ndarray:
     """The op's Y in float64, with no intermediate rounding."""
     v = values["X"].astype(np.float64)

@@ -1,6 +1,7 @@
 """llm2trt's CUDA kernels (plugins/csrc) against their reference bodies, on the GPU, one table.
 
     python scripts/check_ort_kernels.py --artifacts A [A ...]
+    python scripts/check_ort_kernels.py --ops [--cpu]
 
 For each `--kv-form gqa` artifact: two ONNX Runtime CUDA sessions over the same graph, one with
 llm2trt's kernel library registered (built here on first use), one running the ops' reference
@@ -119,15 +120,60 @@ def op_rows(dtype: Any) -> list[str]:
     return rows
 
 
+ATTENTION_CASES = (  # label, row lengths after the call, new tokens, total_sequence_length, (H, KVH, D, slots)
+    ("decode, 1.1B heads", [100], 1, 128, (32, 4, 64, 128)),
+    ("decode, SmolLM2 bs2", [37, 90], 1, 128, (9, 3, 64, 128)),
+    ("decode, head 128 bs3", [5, 64, 150], 1, 160, (16, 4, 128, 160)),
+    ("decode, 40 slots", [3, 40], 1, 40, (8, 2, 64, 40)),
+    ("prefill, padded rows", [20, 13], 20, 20, (32, 4, 64, 64)),
+    ("prefill after a past", [50], 10, 50, (9, 3, 64, 64)),
+)
+
+
+def attention_rows(dtype: Any, provider: str) -> list[str]:
+    """llm2trt's GroupQueryAttention alone against float64: the output of every real token and the
+    key cache up to each row's length (the library's decode kernel at one new token, else its
+    prefill path)."""
+    import onnxruntime as ort
+
+    from llm2trt.passes.ort_kernels import attention_model, attention_reference, attention_values
+    from llm2trt.plugins import ort_kernels
+
+    arch = ort_kernels.device_arch() if provider == "CUDAExecutionProvider" else "sm_80"
+    library = str(ort_kernels.library(arch))
+    rows = []
+    for label, lengths, seq, total, shape in ATTENTION_CASES:
+        heads, kv_heads, head, capacity = shape
+        feeds = attention_values(lengths, seq, total, shape, dtype, seed=2)
+        options = ort.SessionOptions()
+        options.register_custom_ops_library(library)
+        model = attention_model(heads, kv_heads, head, capacity, dtype).SerializeToString()
+        got = ort.InferenceSession(model, options, providers=[provider]).run(None, feeds)
+        exact, keys = attention_reference(feeds, heads, kv_heads)
+        errs = []
+        for b, length in enumerate(lengths):
+            valid = min(seq, length) if seq == total else seq
+            scale = np.abs(exact[b, :valid]).max()
+            errs.append(float(np.abs(got[0][b, :valid].astype(np.float64) - exact[b, :valid]).max() / scale))
+            key_err = np.abs(got[1][b, :, :length].astype(np.float64) - keys[b, :, :length]).max()
+            errs.append(float(key_err / np.abs(keys[b, :, :length]).max()))
+        rows.append(f"{'GroupQueryAttention':<20} {np.dtype(dtype).name:<8} {label:<26} {max(errs):>10.2e}")
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--artifacts", type=Path, nargs="*", default=[])
     parser.add_argument("--ops", action="store_true", help="each op alone against float64")
+    parser.add_argument("--cpu", action="store_true", help="--ops: the attention op's CPU registration instead")
     args = parser.parse_args()
     lines = []
     if args.ops:
         lines += [f"{'op':<20} {'dtype':<8} shape {'':<20} rel. err vs float64"]
-        lines += op_rows(np.float16) + op_rows(np.float32)
+        if not args.cpu:
+            lines += op_rows(np.float16) + op_rows(np.float32)
+        provider = "CPUExecutionProvider" if args.cpu else "CUDAExecutionProvider"
+        lines += attention_rows(np.float16, provider) + attention_rows(np.float32, provider)
     if args.artifacts:
         lines += [f"{'artifact':<34} {'run':<12} {'rel. err':>10} {'argmax =':>9} {'kernels ms':>10} {'bodies ms':>10}"]
     for artifact in args.artifacts:

@@ -17,7 +17,15 @@ import onnxruntime as ort
 import pytest
 
 from llm2trt.core.errors import BackendError
-from llm2trt.passes.ort_kernels import OPS, attention_model, one_op_model, reference, sample_values
+from llm2trt.passes.ort_kernels import (
+    OPS,
+    attention_model,
+    attention_reference,
+    attention_values,
+    one_op_model,
+    reference,
+    sample_values,
+)
 from llm2trt.plugins import ort_kernels
 
 
@@ -99,24 +107,6 @@ def test_library_runs_the_gqa_decoder_with_the_bodies_tokens(
             assert np.abs(a - b).max() < 1e-5
 
 
-def _attention_feeds(
-    rng: Any, lengths: list[int], seq: int, total: int, shape: tuple[int, int, int, int]
-) -> dict[str, np.ndarray]:
-    """Rows of `lengths` tokens after this call (seqlens_k = length - 1), `seq` new ones each."""
-    heads, kv_heads, head, capacity = shape
-    angles = np.arange(capacity)[:, None] / 10000 ** (np.arange(head // 2) / (head // 2))
-    cache = (len(lengths), kv_heads, capacity, head)
-    return {
-        "QKV": rng.standard_normal((len(lengths), seq, (heads + 2 * kv_heads) * head)).astype(np.float32),
-        "PastKey": rng.standard_normal(cache).astype(np.float32),
-        "PastValue": rng.standard_normal(cache).astype(np.float32),
-        "SeqlensK": np.array(lengths, np.int32) - 1,
-        "TotalSequenceLength": np.array(total, np.int32),
-        "CosCache": np.cos(angles).astype(np.float32),
-        "SinCache": np.sin(angles).astype(np.float32),
-    }
-
-
 @pytest.mark.parametrize("shape", [(4, 2, 16, 12), (8, 1, 64, 10)])
 @pytest.mark.parametrize(
     ("case", "lengths", "seq", "total"),
@@ -130,15 +120,19 @@ def test_library_attention_matches_onnx_runtime_groupqueryattention(
     library: Path, shape: tuple[int, int, int, int], case: str, lengths: list[int], seq: int, total: int | None
 ) -> None:
     """llm2trt's GroupQueryAttention (its CPU registration: the same glue as the CUDA one) against its
-    body, ONNX Runtime's own op: the outputs of every real token and every cache slot it defines."""
+    body, ONNX Runtime's own op, and against float64: the outputs of every real token and every
+    cache slot it defines."""
     heads, kv_heads, head, capacity = shape
     model = attention_model(heads, kv_heads, head, capacity, np.float32)
-    feeds = _attention_feeds(np.random.default_rng(1), lengths, seq, total or capacity, shape)
+    feeds = attention_values(lengths, seq, total or capacity, shape, np.float32, seed=1)
     got, want = _session(model, library).run(None, feeds), _session(model, None).run(None, feeds)
+    exact, exact_keys = attention_reference(feeds, heads, kv_heads)
     for b, length in enumerate(lengths):
         past = 0 if seq == (total or capacity) else length - seq
         valid = min(seq, length - past)  # a padded prompt's tail is padding
         assert np.abs(got[0][b, :valid] - want[0][b, :valid]).max() < 1e-5, case
+        assert np.abs(got[0][b, :valid] - exact[b, :valid]).max() < 1e-5, case
+        assert np.abs(got[1][b, :, :length] - exact_keys[b, :, :length]).max() < 1e-5, case
         for cache in (1, 2):  # present key and value, up to the row's length
             assert np.abs(got[cache][b, :, :length] - want[cache][b, :, :length]).max() < 1e-5, case
     assert np.abs(want[0]).max() > 0.1  # the body computed something
