@@ -161,8 +161,14 @@ def one_op_model(name: str, values: dict[str, np.ndarray], epsilon: float = 1e-5
     outputs = [gs.Variable(o, dtype=dtype) for o in spec.outputs]
     attrs = {"epsilon": epsilon} if "Gamma" in spec.inputs else {}
     node = gs.Node(name, inputs=inputs, outputs=outputs, attrs=attrs, domain=DOMAIN)
-    graph = gs.Graph([node], inputs, outputs, opset=opset, functions=[function(name, opset)])
-    graph.import_domains = [onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(DOMAIN, VERSION)]
+    return _one_node_model(node, function(name, opset), opset)
+
+
+def _one_node_model(node: gs.Node, body: gs.Function, opset: int) -> onnx.ModelProto:
+    """`node` alone, its inputs and outputs the graph's, its local function beside it."""
+    graph = gs.Graph([node], list(node.inputs), list(node.outputs), opset=opset, functions=[body])
+    domains = [("", opset), (DOMAIN, VERSION), *([(MS, 1)] if node.op == ATTENTION.name else [])]
+    graph.import_domains = [onnx.helper.make_opsetid(d, v) for d, v in domains]
     model: onnx.ModelProto = gs.export_onnx(graph)
     model.ir_version = 10  # what ONNX Runtime 1.31+ reads
     return model
@@ -196,15 +202,7 @@ def attention_model(
     defaults = {"num_heads": heads, "kv_num_heads": kv_heads, "scale": 1 / float(np.sqrt(head)), "do_rotary": 1}
     node_attrs = {**defaults, "rotary_interleaved": 0, "local_window_size": -1, **(attrs or {})}
     node = gs.Node(ATTENTION.name, inputs=inputs, outputs=outputs, attrs=node_attrs, domain=DOMAIN)
-    graph = gs.Graph([node], inputs, outputs, opset=opset, functions=[attention_function(opset)])
-    graph.import_domains = [
-        onnx.helper.make_opsetid("", opset),
-        onnx.helper.make_opsetid(DOMAIN, VERSION),
-        onnx.helper.make_opsetid(MS, 1),
-    ]
-    model: onnx.ModelProto = gs.export_onnx(graph)
-    model.ir_version = 10
-    return model
+    return _one_node_model(node, attention_function(opset), opset)
 
 
 def attention_values(
@@ -249,10 +247,9 @@ def attention_reference(values: dict[str, np.ndarray], heads: int, kv_heads: int
     for b in range(batch):
         length = int(values["SeqlensK"][b]) + 1
         past = 0 if seq == total else length - seq
-        for i in range(min(seq, length - past)):
+        for i in range(min(seq, length - past)):  # a token sees the keys up to its own, its own included
             keys[b, :, past + i] = rotate(split[b, i, heads : heads + kv_heads], past + i)
             cache_values[b, :, past + i] = split[b, i, heads + kv_heads :]
-        for i in range(min(seq, length - past)):
             q = rotate(split[b, i, :heads], past + i) / np.sqrt(head)
             k = np.repeat(keys[b, :, : past + i + 1], heads // kv_heads, axis=0)
             v = np.repeat(cache_values[b, :, : past + i + 1], heads // kv_heads, axis=0)

@@ -22,21 +22,23 @@ from typing import Any
 import numpy as np
 
 
-def sessions(onnx_path: str) -> tuple[Any, Any]:
+def session(model: str | bytes, library: str | None, provider: str = "CUDAExecutionProvider") -> Any:
+    """An ONNX Runtime session over `model`, with llm2trt's library registered unless None."""
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if library is not None:
+        options.register_custom_ops_library(library)
+    return ort.InferenceSession(model, options, providers=[provider])
+
+
+def sessions(onnx_path: str) -> tuple[Any, Any]:
     from llm2trt.plugins import ort_kernels
 
-    library = ort_kernels.library(ort_kernels.device_arch())
+    library = str(ort_kernels.library(ort_kernels.device_arch()))
     print(f"library: {library}")
-    made = []
-    for use in (True, False):
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if use:
-            options.register_custom_ops_library(str(library))
-        made.append(ort.InferenceSession(onnx_path, options, providers=["CUDAExecutionProvider"]))
-    return made[0], made[1]
+    return session(onnx_path, library), session(onnx_path, None)
 
 
 def feeds_for(session: Any, batch: int, seq: int, past: int, capacity: int, rng: Any) -> dict[str, np.ndarray]:
@@ -98,8 +100,6 @@ def check(artifact: Path) -> list[str]:
 
 def op_rows(dtype: Any) -> list[str]:
     """Each op alone on CUDA (one row: the GEMV kernels; three rows: cuBLAS) against float64."""
-    import onnxruntime as ort
-
     from llm2trt.passes.ort_kernels import OPS, one_op_model, reference, sample_values
     from llm2trt.plugins import ort_kernels
 
@@ -109,11 +109,8 @@ def op_rows(dtype: Any) -> list[str]:
         for rows_m, k, n in ((1, 2048, 2560), (1, 576, 960), (1, 100, 36), (3, 2048, 512)):
             n_w = 2 * n if name.endswith("SwiGLU") else n
             feeds = sample_values(name, rows_m, k, n, dtype, seed=1)
-            options = ort.SessionOptions()
-            options.register_custom_ops_library(library)
             model = one_op_model(name, feeds).SerializeToString()
-            session = ort.InferenceSession(model, options, providers=["CUDAExecutionProvider"])
-            got = session.run(["Y"], feeds)[0].astype(np.float64)
+            got = session(model, library).run(["Y"], feeds)[0].astype(np.float64)
             want = reference(name, feeds)
             err = float(np.abs(got - want).max() / np.abs(want).max())
             rows.append(f"{name:<20} {np.dtype(dtype).name:<8} M={rows_m} K={k:<5} N={n_w:<5} {err:>10.2e}")
@@ -134,8 +131,6 @@ def attention_rows(dtype: Any, provider: str) -> list[str]:
     """llm2trt's GroupQueryAttention alone against float64: the output of every real token and the
     key cache up to each row's length (the library's decode kernel at one new token, else its
     prefill path)."""
-    import onnxruntime as ort
-
     from llm2trt.passes.ort_kernels import attention_model, attention_reference, attention_values
     from llm2trt.plugins import ort_kernels
 
@@ -145,10 +140,8 @@ def attention_rows(dtype: Any, provider: str) -> list[str]:
     for label, lengths, seq, total, shape in ATTENTION_CASES:
         heads, kv_heads, head, capacity = shape
         feeds = attention_values(lengths, seq, total, shape, dtype, seed=2)
-        options = ort.SessionOptions()
-        options.register_custom_ops_library(library)
         model = attention_model(heads, kv_heads, head, capacity, dtype).SerializeToString()
-        got = ort.InferenceSession(model, options, providers=[provider]).run(None, feeds)
+        got = session(model, library, provider).run(None, feeds)
         exact, keys = attention_reference(feeds, heads, kv_heads)
         errs = []
         for b, length in enumerate(lengths):

@@ -226,3 +226,20 @@ def test_pass_takes_only_the_attention_its_kernels_compute(
         return
     assert counts["GroupQueryAttention"] == 0 and ops == [("com.microsoft", "GroupQueryAttention")]
     assert counts[f"not fused ({refusal})"] == 1
+
+
+def test_an_installed_llm2trt_carries_every_kernel_source() -> None:
+    """The library builds from plugins/csrc on the user's machine: each source there must be
+    package data, or an installed copy fails to compile (an #include it lacks)."""
+    import fnmatch
+    import json
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    # The package-data line (tomllib is 3.11+; the project supports 3.10).
+    line = re.search(r'^"llm2trt\.plugins\.csrc" = (\[.*\])$', (root / "pyproject.toml").read_text(), re.M)
+    assert line is not None
+    patterns = json.loads(line.group(1))
+    sources = sorted(p.name for p in (root / "plugins" / "csrc").iterdir() if p.is_file())
+    assert "llm2trt_attention.cuh" in sources
+    assert [s for s in sources if not any(fnmatch.fnmatch(s, p) for p in patterns)] == []

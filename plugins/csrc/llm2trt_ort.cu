@@ -81,6 +81,7 @@ struct Tensor {
     for (size_t i = 0; i + 1 < shape.size(); ++i) n *= shape[i];
     return n;
   }
+  int64_t size() const { return rows() * last(); }
 };
 
 OrtStatus* describe(const OrtValue* value, Tensor* out) {
@@ -470,13 +471,29 @@ BatchedGemmFn cublas_batched_gemm() {
 
 constexpr int kCudaR16F = 2, kCudaR32F = 0, kComputeF32 = 68, kGemmDefault = -1, kOpN = 0, kOpT = 1;
 
+// The CUDA provider's stream and cuBLAS handle for this run: every kernel and GEMM goes there.
+OrtStatus* compute_stream(OrtKernelContext* context, cudaStream_t* stream) {
+  void* raw = nullptr;
+  ORT_TRY(ort_fn<StreamFn>(g_api, ort_index::KernelContext_GetGPUComputeStream)(context, &raw));
+  *stream = static_cast<cudaStream_t>(raw);
+  return nullptr;
+}
+
+OrtStatus* cublas_handle(OrtKernelContext* context, void** handle) {
+  ORT_TRY(ort_fn<ResourceFn>(g_api, ort_index::KernelContext_GetResource)(context, ORT_CUDA_RESOURCE_VERSION,
+                                                                          ORT_CUDA_RESOURCE_CUBLAS_HANDLE, handle));
+  return *handle != nullptr ? nullptr : error("llm2trt kernels: no cuBLAS handle from the CUDA provider");
+}
+
+// Blocks of 256 threads for a grid-stride loop over `total` elements.
+unsigned stride_blocks(int64_t total) { return unsigned(std::min<int64_t>((total + 255) / 256, 65535)); }
+
 // out[rows, n] = in[rows, k] @ w[n, k]^T, column-major: out^T (n x rows) = w (k x n)^T . in^T (k x rows).
 OrtStatus* gemm(OrtKernelContext* context, const Args& a, const void* in, void* out) {
   void* handle = nullptr;
-  ORT_TRY(ort_fn<ResourceFn>(g_api, ort_index::KernelContext_GetResource)(context, ORT_CUDA_RESOURCE_VERSION,
-                                                                          ORT_CUDA_RESOURCE_CUBLAS_HANDLE, &handle));
+  ORT_TRY(cublas_handle(context, &handle));
   GemmExFn fn = cublas_gemm();
-  if (handle == nullptr || fn == nullptr) return error("llm2trt kernels: no cuBLAS handle from the CUDA provider");
+  if (fn == nullptr) return error("llm2trt kernels: no cublasGemmEx in the process");
   const float one = 1.f, zero = 0.f;
   const int type = a.x.type == ORT_ELEMENT_FLOAT16 ? kCudaR16F : kCudaR32F;
   const int k = int(a.k), n = int(a.n), rows = int(a.rows);
@@ -581,9 +598,8 @@ void one_row(const OpKind& kind, const Args& a, cudaStream_t stream) {
 
 template <typename T>
 OrtStatus* cuda_compute(const OpKind& kind, OrtKernelContext* context, Args& a) {
-  void* raw_stream = nullptr;
-  ORT_TRY(ort_fn<StreamFn>(g_api, ort_index::KernelContext_GetGPUComputeStream)(context, &raw_stream));
-  cudaStream_t stream = static_cast<cudaStream_t>(raw_stream);
+  cudaStream_t stream = nullptr;
+  ORT_TRY(compute_stream(context, &stream));
   if (a.rows == 0) return nullptr;
   if (a.rows == 1) {
     one_row<T>(kind, a, stream);
@@ -606,9 +622,7 @@ OrtStatus* cuda_compute(const OpKind& kind, OrtKernelContext* context, Args& a) 
   }
   if (!kind.swiglu) return gemm(context, a, in, a.y.data);
   ORT_TRY(gemm(context, a, in, a.gate_up.data));
-  const int64_t total = a.rows * a.n_out;
-  const int blocks = int(std::min<int64_t>((total + 255) / 256, 65535));
-  swiglu_rows_kernel<T><<<blocks, 256, 0, stream>>>(static_cast<const T*>(a.gate_up.data), static_cast<T*>(a.y.data),
+  swiglu_rows_kernel<T><<<stride_blocks(a.rows * a.n_out), 256, 0, stream>>>(static_cast<const T*>(a.gate_up.data), static_cast<T*>(a.y.data),
                                                    a.rows, int(a.n_out));
   return launched(kind.name);
 }
@@ -622,12 +636,6 @@ struct AttentionArgs {
   attention::Shape shape;
 };
 
-int64_t elements(const Tensor& t) {
-  int64_t n = 1;
-  for (int64_t d : t.shape) n *= d;
-  return n;
-}
-
 OrtStatus* gather_attention(int64_t heads, int64_t kv_heads, float scale, OrtKernelContext* context,
                             AttentionArgs* a) {
   Tensor* inputs[] = {&a->qkv, &a->past_k, &a->past_v, &a->seqlens, &a->total, &a->cos, &a->sin};
@@ -637,8 +645,8 @@ OrtStatus* gather_attention(int64_t heads, int64_t kv_heads, float scale, OrtKer
   if (q.size() != 3 || cache.size() != 4 || a->past_v.shape != cache || cache[0] != q[0] || cache[1] != kv_heads ||
       q[2] != (heads + 2 * kv_heads) * cache[3])
     return error("llm2trt GroupQueryAttention: QKV must be [B, S, (H + 2 KVH) * D], the caches [B, KVH, slots, D]");
-  if (a->seqlens.type != ORT_ELEMENT_INT32 || elements(a->seqlens) != q[0] || a->total.type != ORT_ELEMENT_INT32 ||
-      elements(a->total) != 1)
+  if (a->seqlens.type != ORT_ELEMENT_INT32 || a->seqlens.size() != q[0] || a->total.type != ORT_ELEMENT_INT32 ||
+      a->total.size() != 1)
     return error("llm2trt GroupQueryAttention: seqlens_k must be int32 [B] and total_sequence_length an int32");
   if (a->cos.shape.size() != 2 || a->cos.shape[1] * 2 != cache[3] || a->sin.shape != a->cos.shape)
     return error("llm2trt GroupQueryAttention: cos/sin caches must be [positions, D / 2] (rotary over the head)");
@@ -689,15 +697,15 @@ void cpu_attention(const AttentionArgs& a) {
   auto position = [&](int b, int i) { return attention::past_length(s, seqlens, b) + i; };
   auto in_range = [&](int pos) { return pos >= 0 && pos < s.capacity && pos < s.positions; };
   auto head = [&](int b, int kvh) { return (size_t(b) * s.kv_heads + kvh) * s.capacity * D; };
-  for (int b = 0; b < s.batch; ++b)  // a present cache apart from the past: the past rows, then zeros
-    for (int kvh = 0; kvh < s.kv_heads && keys != a.past_k.data; ++kvh)
-      for (int t = 0; t < s.capacity; ++t)
-        for (int d = 0; d < D; ++d) {
-          const size_t at = head(b, kvh) + size_t(t) * D + d;
-          const bool kept = t < attention::past_length(s, seqlens, b);
-          keys[at] = kept ? static_cast<const T*>(a.past_k.data)[at] : from_float<T>(0.f);
-          values[at] = kept ? static_cast<const T*>(a.past_v.data)[at] : from_float<T>(0.f);
-        }
+  for (int b = 0; b < s.batch && keys != a.past_k.data; ++b) {  // a present cache apart from the past:
+    const int past = attention::past_length(s, seqlens, b);      // the past rows, then zeros
+    for (int kvh = 0; kvh < s.kv_heads; ++kvh)
+      for (size_t at = head(b, kvh); at < head(b, kvh) + size_t(s.capacity) * D; ++at) {
+        const bool kept = int((at - head(b, kvh)) / D) < past;
+        keys[at] = kept ? static_cast<const T*>(a.past_k.data)[at] : from_float<T>(0.f);
+        values[at] = kept ? static_cast<const T*>(a.past_v.data)[at] : from_float<T>(0.f);
+      }
+  }
   for (int b = 0; b < s.batch; ++b)
     for (int i = 0; i < s.seq; ++i) {
       const int pos = position(b, i);
@@ -795,11 +803,9 @@ OrtStatus* prefill_attention(const AttentionArgs& a, OrtKernelContext* context, 
       static_cast<const T*>(a.sin.data), q, s);
   ORT_TRY(launched("GroupQueryAttention"));
   void* handle = nullptr;
-  ORT_TRY(ort_fn<ResourceFn>(g_api, ort_index::KernelContext_GetResource)(context, ORT_CUDA_RESOURCE_VERSION,
-                                                                          ORT_CUDA_RESOURCE_CUBLAS_HANDLE, &handle));
+  ORT_TRY(cublas_handle(context, &handle));
   BatchedGemmFn gemm_batched = cublas_batched_gemm();
-  if (handle == nullptr || gemm_batched == nullptr)
-    return error("llm2trt GroupQueryAttention: no cuBLAS handle from the CUDA provider");
+  if (gemm_batched == nullptr) return error("llm2trt GroupQueryAttention: no cublasGemmStridedBatchedEx in the process");
   const int type = sizeof(T) == 2 ? kCudaR16F : kCudaR32F;
   const int batches = s.batch * s.kv_heads;
   const long long cache_stride = (long long)s.capacity * D, q_stride = (long long)s.seq * group * D;
@@ -820,8 +826,7 @@ OrtStatus* prefill_attention(const AttentionArgs& a, OrtKernelContext* context, 
                       kGemmDefault);
     if (rc != 0) return error("llm2trt GroupQueryAttention: cublasGemmStridedBatchedEx (values) failed");
   }
-  const int blocks = int(std::min<int64_t>((q_elements + 255) / 256, 65535));
-  attention::heads_out_kernel<T><<<blocks, 256, 0, stream>>>(o, inverse, static_cast<T*>(a.out.data), s);
+  attention::heads_out_kernel<T><<<stride_blocks(q_elements), 256, 0, stream>>>(o, inverse, static_cast<T*>(a.out.data), s);
   return launched("GroupQueryAttention");
 }
 
@@ -837,14 +842,11 @@ OrtStatus* attention_for(const AttentionArgs& a, OrtKernelContext* context, cuda
 
 template <typename T>
 OrtStatus* cuda_attention(const AttentionArgs& a, OrtKernelContext* context) {
-  void* raw_stream = nullptr;
-  ORT_TRY(ort_fn<StreamFn>(g_api, ort_index::KernelContext_GetGPUComputeStream)(context, &raw_stream));
-  cudaStream_t stream = static_cast<cudaStream_t>(raw_stream);
+  cudaStream_t stream = nullptr;
+  ORT_TRY(compute_stream(context, &stream));
   if (a.shape.batch == 0 || a.shape.seq == 0) return nullptr;
   if (a.present_k.data != a.past_k.data) {  // not bound in place: the past rows, then zeros
-    const int64_t total = elements(a.past_k);
-    const int blocks = int(std::min<int64_t>((total + 255) / 256, 65535));
-    attention::present_kernel<T><<<blocks, 256, 0, stream>>>(
+    attention::present_kernel<T><<<stride_blocks(a.past_k.size()), 256, 0, stream>>>(
         static_cast<const T*>(a.past_k.data), static_cast<const T*>(a.past_v.data), static_cast<T*>(a.present_k.data),
         static_cast<T*>(a.present_v.data), static_cast<const int*>(a.seqlens.data), a.shape);
     ORT_TRY(launched("GroupQueryAttention"));
