@@ -13,7 +13,9 @@ import hashlib
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -73,9 +75,33 @@ def _probe_writable(out: Path) -> None:
     if not existing.is_dir():
         raise InputError(f"output directory {out} is not writable ({existing} is not a directory)")
     try:  # a real probe: permission bits do not bind root, and some filesystems refuse anyway
-        os.rmdir(tempfile.mkdtemp(prefix=".llm2trt-probe-", dir=existing))
+        with _signals_held():
+            os.rmdir(tempfile.mkdtemp(prefix=".llm2trt-probe-", dir=existing))
     except OSError as exc:
         raise InputError(f"output directory {out} is not writable ({existing}: {exc.strerror or exc})") from None
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait (their handlers run on leaving) while a directory is made and handed
+    to what removes it: a signal landing between mkdtemp and that (one sent as soon as the
+    directory appears) would leave it behind. Handlers, not the signal mask: any thread may take
+    a process's signal, and Python runs the handler in the main thread whatever its mask."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers run in the main thread only, and only it may replace them
+        return
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: caught.append(signum)) for sig in _HELD}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in caught:
+            signal.raise_signal(signum)  # the handler it was meant for runs now
+
+
+_HELD = (signal.SIGINT, signal.SIGTERM)
 
 
 def _umask() -> int:
@@ -136,17 +162,20 @@ def staged_output(out: Path, force: bool, reads: Iterable[Path] = ()) -> Iterato
 
 @contextlib.contextmanager
 def _stage(out: Path) -> Iterator[Path]:
+    stage: Path | None = None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        with _signals_held():  # leaving it, a held signal lands inside this `try`
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+            except OSError as exc:
+                raise InputError(f"output directory {out} is not writable ({exc.strerror or exc})") from None
         # mkdtemp makes 0700; the artifact gets what any directory the user makes would get.
         stage.chmod(0o777 & ~_umask())
-    except OSError as exc:
-        raise InputError(f"output directory {out} is not writable ({exc.strerror or exc})") from None
-    try:
         yield stage
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
         raise
     old: Path | None = None
     if out.exists():

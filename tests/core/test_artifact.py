@@ -6,6 +6,7 @@ import os
 import shutil
 import stat
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -109,6 +110,38 @@ def test_staged_output_leaves_nothing_on_failure(tmp_path: Path) -> None:
     with staged_output(out, force=False) as stage:
         (stage / "manifest.json").write_text("{}")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("prefix", [".out.tmp-", ".llm2trt-probe-"])
+def test_a_signal_as_a_scratch_directory_appears_leaves_nothing(
+    prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C the instant mkdtemp has made the staging directory, or the writability probe before
+    it (what a user, or tests/test_interrupt.py polling for it, can do): it goes with the run."""
+    import signal
+    import tempfile
+    import threading
+
+    made = tempfile.mkdtemp
+
+    def mkdtemp_then_interrupted(*args: Any, **kwargs: Any) -> str:
+        path = made(*args, **kwargs)
+        if kwargs.get("prefix") == prefix:
+            os.kill(os.getpid(), signal.SIGINT)
+        return path
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp_then_interrupted)
+    # Another thread, as ONNX Runtime's and torch's are in a real run: the signal may land there.
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        with pytest.raises(KeyboardInterrupt), staged_output(tmp_path / "out", force=False):
+            pytest.fail("the body ran")
+    finally:
+        stop.set()
+        other.join()
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
 
 
 def test_load_rejects_garbage(tmp_path: Path) -> None:
