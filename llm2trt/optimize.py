@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llm2trt.core.artifact import load_onnx, op_counts, save_onnx, staged_output
+from llm2trt.core.dtypes import DType
 from llm2trt.core.errors import BackendError, CheckFailed, InputError
 from llm2trt.core.kv import GROWING, KV_FORMS, SEQUENCE, KVForm, KVLayout
 from llm2trt.core.log import step
@@ -311,8 +312,12 @@ def save_graph(
     """Write a graph (weights in external data beside it) and describe what was written."""
     proto = model.to_onnx()
     written = save_onnx(proto, path.parent, path.name, source=model.weights_dir)
+    # A pass may widen an output (ort_kernels: fp16 logits to float32); the description follows the graph.
+    dtypes = {o.name: DType.find(o.type.tensor_type.elem_type) for o in proto.graph.output}
+    outputs = [replace(t, dtype=dtypes.get(t.name) or t.dtype) for t in graph.outputs]
     return replace(
         graph,
+        outputs=outputs,
         onnx=path.name,
         external_data=written.files,
         external_data_sha256=written.sha256,

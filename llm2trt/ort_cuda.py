@@ -166,7 +166,7 @@ class OrtCudaSession(DecoderSession):
             positions=torch.arange(width, device="cuda").expand(batch, width).contiguous(),
             seqlens=torch.zeros((batch,), dtype=torch.int32, device="cuda") if self.gqa else None,
             total=torch.tensor(width, dtype=torch.int32) if self.gqa else None,  # host scalar
-            logits=torch.empty((batch, width, self._vocab()), dtype=self.dtype.torch, device="cuda"),
+            logits=torch.empty((batch, width, self._vocab()), dtype=self.logits_dtype.torch, device="cuda"),
             lengths=torch.zeros((batch,), dtype=torch.int64, device="cuda"),
         )
         feeds = {"input_ids": p.ids, "position_ids": p.positions}
@@ -268,7 +268,7 @@ class OrtCudaSession(DecoderSession):
                 tensor.zero_()
             return
         shape = (batch, self.kv.num_kv_heads, self.capacity, self.kv.head_dim)
-        cache = {name: torch.zeros(shape, dtype=self.dtype.torch, device="cuda") for name in self.kv.past_names}
+        cache = {name: torch.zeros(shape, dtype=self.cache_dtype.torch, device="cuda") for name in self.kv.past_names}
         self.buffers = _Buffers(
             ids=torch.zeros((batch, 1), dtype=torch.int64, device="cuda"),
             positions=torch.zeros((batch, 1), dtype=torch.int64, device="cuda"),
@@ -276,7 +276,7 @@ class OrtCudaSession(DecoderSession):
             # A decode step sees the whole buffer: the lengths mask it, and the captured graph's
             # host scalar stays the same every step.
             total=torch.tensor(self.capacity, dtype=torch.int32) if self.gqa else None,
-            logits=torch.empty((batch, 1, self._vocab()), dtype=self.dtype.torch, device="cuda"),
+            logits=torch.empty((batch, 1, self._vocab()), dtype=self.logits_dtype.torch, device="cuda"),
             lengths=torch.zeros((batch,), dtype=torch.int64, device="cuda"),
             cache=cache,
             picked=[torch.zeros((batch, 1), dtype=torch.int64).pin_memory() for _ in range(2)],

@@ -46,7 +46,10 @@ class DecoderSession(abc.ABC):
 
     def __init__(self, graph: GraphSpec, run: Executor, pad_id: int = 0) -> None:
         self.graph, self.run, self.pad_id = graph, run, pad_id
-        self.dtype = graph.outputs[0].dtype
+        # fp16 graphs may give float32 logits (passes/ort_kernels.py); the cache keeps the graph's type.
+        self.logits_dtype = next(t.dtype for t in graph.outputs if t.name == graph.main_output)
+        kv = graph.kv_cache
+        self.cache_dtype = graph.input(kv.past_names[0]).dtype if kv is not None else self.logits_dtype
         self.state = _State()
 
     @abc.abstractmethod
@@ -78,7 +81,7 @@ class DecoderSession(abc.ABC):
 
     def _empty_cache(self, kv: KVLayout, batch: int, length: int) -> dict[str, np.ndarray]:
         shape = (batch, kv.num_kv_heads, length, kv.head_dim)
-        return {name: np.zeros(shape, dtype=self.dtype.numpy) for name in kv.past_names}
+        return {name: np.zeros(shape, dtype=self.cache_dtype.numpy) for name in kv.past_names}
 
 
 def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

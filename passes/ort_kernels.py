@@ -11,6 +11,12 @@ them plus GroupQueryAttention:
     SkipRMSNormLinear(X, Skip, Gamma, W) -> (Y, Sum, Normed)          Sum = X + Skip
     SkipRMSNormSwiGLU(X, Skip, Gamma, W) -> (Y, Sum, Normed, GateUp)  Y = silu(gate) * up
 
+`LinearF32`, `RMSNormLinearF32` and `SkipRMSNormLinearF32` are the first three with Y in float32
+from float16 inputs, its accumulator never rounded to float16: the pass uses them where Y is a graph
+output (the logits). fp16 logits near 20 are 0.016 apart, coarser than the top-two margins greedy
+decoding meets (SmolLM2's five prompts: rounding only the logits to fp16 in an otherwise fp32
+transformers run flips two of them); float logits cost 2 extra bytes a vocabulary entry.
+
 and ONNX Runtime's GroupQueryAttention (packed QKV, rotary inside) becomes llm2trt's
 `GroupQueryAttention`, the same inputs less the empty key and value, whose body is that node: the
 library runs a decode step as one kernel where ONNX Runtime's op takes four (README "Decode speed").
@@ -49,6 +55,7 @@ class KernelOp:
     name: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    float_y: bool = False  # Y in float32 whatever the inputs' type
 
 
 OPS: dict[str, KernelOp] = {
@@ -58,8 +65,12 @@ OPS: dict[str, KernelOp] = {
         KernelOp("RMSNormLinear", ("X", "Gamma", "W"), ("Y", "Normed")),
         KernelOp("SkipRMSNormLinear", ("X", "Skip", "Gamma", "W"), ("Y", "Sum", "Normed")),
         KernelOp("SkipRMSNormSwiGLU", ("X", "Skip", "Gamma", "W"), ("Y", "Sum", "Normed", "GateUp")),
+        KernelOp("LinearF32", ("X", "W"), ("Y",), float_y=True),
+        KernelOp("RMSNormLinearF32", ("X", "Gamma", "W"), ("Y", "Normed"), float_y=True),
+        KernelOp("SkipRMSNormLinearF32", ("X", "Skip", "Gamma", "W"), ("Y", "Sum", "Normed"), float_y=True),
     )
 }
+FLOAT_Y = {op.name.removesuffix("F32"): op.name for op in OPS.values() if op.float_y}  # op -> its float-Y twin
 
 ATTENTION = KernelOp(
     "GroupQueryAttention",
@@ -75,7 +86,7 @@ register_equivalent("Attention", DOMAIN, ATTENTION.name)
 register_equivalent("RoPE", DOMAIN, ATTENTION.name, lambda node: 2)
 
 # The norm these ops carry (the expected-fusion gate counts them).
-for _op in ("RMSNormLinear", "SkipRMSNormLinear", "SkipRMSNormSwiGLU"):
+for _op in ("RMSNormLinear", "SkipRMSNormLinear", "SkipRMSNormSwiGLU", "RMSNormLinearF32", "SkipRMSNormLinearF32"):
     register_equivalent("RMSNorm", DOMAIN, _op)
 
 
@@ -120,6 +131,9 @@ def function(name: str, opset: int) -> gs.Function:
         epsilon = gs.Node.AttributeRef("epsilon", float)
         x = node("RMSNormalization", [x, formal["Gamma"]], formal["Normed"], axis=-1, epsilon=epsilon)
     weight_t = node("Transpose", [formal["W"]], perm=[1, 0])
+    if op.float_y:
+        x = node("Cast", [x], to=DType.FP32.onnx)
+        weight_t = node("Cast", [weight_t], to=DType.FP32.onnx)
     if "GateUp" not in formal:
         node("MatMul", [x, weight_t], formal["Y"])
     else:
@@ -158,7 +172,7 @@ def one_op_model(name: str, values: dict[str, np.ndarray], epsilon: float = 1e-5
     spec = OPS[name]
     dtype = values["X"].dtype
     inputs = [gs.Variable(i, dtype=dtype, shape=values[i].shape) for i in spec.inputs]
-    outputs = [gs.Variable(o, dtype=dtype) for o in spec.outputs]
+    outputs = [gs.Variable(o, dtype=np.float32 if spec.float_y and o == "Y" else dtype) for o in spec.outputs]
     attrs = {"epsilon": epsilon} if "Gamma" in spec.inputs else {}
     node = gs.Node(name, inputs=inputs, outputs=outputs, attrs=attrs, domain=DOMAIN)
     return _one_node_model(node, function(name, opset), opset)
@@ -307,8 +321,9 @@ class OrtKernelsPass(GraphPass):
                 continue
             w = weight(model, self.made)
             out = matmul.outputs[0]
-            _replace(model, matmul, "Linear", [matmul.inputs[0], w], [out], {})
-            counts["Linear"] += 1
+            op = _widened(model, "Linear", out)
+            _replace(model, matmul, op, [matmul.inputs[0], w], [out], {})
+            counts[op] += 1
         for node in [n for n in model.graph.nodes if n.op == "GroupQueryAttention" and n.domain == MS]:
             reason = _attention(model, node)
             if reason:
@@ -335,7 +350,7 @@ class OrtKernelsPass(GraphPass):
             if weight is None:
                 return "its reader's weight is not a 2-D constant"
             ys = [readers[0].outputs[0]]
-            op = "RMSNormLinear" if norm.skip is None else "SkipRMSNormLinear"
+            op = _widened(model, "RMSNormLinear" if norm.skip is None else "SkipRMSNormLinear", ys[0])
             w = weight(model, self.made)
         elif len(readers) == 2 and norm.skip is not None:
             pair = _swiglu(readers)
@@ -402,6 +417,14 @@ def _attention_refusal(inputs: list[gs.Tensor], attrs: dict[str, Any], others: s
     if int(attrs["num_heads"]) > ATTENTION_MAX_GROUP * int(attrs["kv_num_heads"]):
         return f"GroupQueryAttention with more than {ATTENTION_MAX_GROUP} query heads a KV head"
     return ""
+
+
+def _widened(model: Model, op: str, y: gs.Tensor) -> str:
+    """`op`, or its float-Y twin where Y is a float16 graph output (the logits), then made float32."""
+    if not any(y is out for out in model.graph.outputs) or DType.find(y.dtype) != DType.FP16:
+        return op
+    y.dtype = np.float32
+    return FLOAT_Y[op]
 
 
 def _float(tensor: gs.Tensor) -> bool:

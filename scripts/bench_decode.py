@@ -380,12 +380,12 @@ def llm2trt_growing_row(artifact: Path, vocab: int) -> Row:
     return Row("llm2trt-growing", decode_ms(step), None, None, "growing form, host I/O, no CUDA graph")
 
 
-def profile_llm2trt(artifact: Path, vocab: int, out: Path) -> str:
-    """Where a bs1 decode step's time goes: the kernels of 20 replayed steps, by total time."""
+def profile_llm2trt(artifact: Path, vocab: int, out: Path, batch: int = 1) -> str:
+    """Where a decode step's time goes at `batch` rows: the kernels of 20 replayed steps, by total time."""
     from torch.profiler import ProfilerActivity, profile
 
     session = llm2trt_session(artifact, PROMPT + 64)
-    steps = session.greedy_pipeline(session.prefill(prompts(vocab, 1, PROMPT).tolist()))
+    steps = session.greedy_pipeline(session.prefill(prompts(vocab, batch, PROMPT).tolist()))
     for _ in range(5):
         next(steps)
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
@@ -471,6 +471,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench"))
     parser.add_argument("--runners", default="llm2trt,genai-graph,genai,hf-graph,hf-eager")
     parser.add_argument("--profile", action="store_true", help="also profile llm2trt's decode step")
+    parser.add_argument("--profile-batch", type=int, default=1, help="rows of the profiled decode step")
     parser.add_argument("--probe", action="store_true", help="also probe contrib-op kernels on CUDA")
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args()
@@ -484,7 +485,8 @@ def main() -> int:
     rows = run_rows(args.model, hf_dir, args.work, vocab, args.runners.split(","))
     print_table(args.model, rows, bandwidth, weights, floor)
     if args.profile:
-        print(profile_llm2trt(llm2trt_artifact(hf_dir, args.work), vocab, args.work / f"profile-{args.model}.txt"))
+        out = args.work / f"profile-{args.model}-bs{args.profile_batch}.txt"
+        print(profile_llm2trt(llm2trt_artifact(hf_dir, args.work), vocab, out, args.profile_batch))
     if args.json:
         data = {"model": args.model, "bandwidth_gb_s": bandwidth, "weights_gb": weights, "floor_ms": floor}
         args.json.write_text(json.dumps({**data, "rows": [asdict(r) for r in rows]}, indent=2))

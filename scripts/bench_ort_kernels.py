@@ -29,6 +29,7 @@ CASES = (  # op, K, N (weight rows), layer
     ("SkipRMSNormSwiGLU", 2048, 11264, "gate+up"),
     ("Linear", 5632, 2048, "down"),
     ("SkipRMSNormLinear", 2048, 32000, "lm_head"),
+    ("SkipRMSNormLinearF32", 2048, 32000, "lm_head32"),
     ("SkipRMSNormLinear", 576, 960, "smol qkv"),
     ("SkipRMSNormSwiGLU", 576, 3072, "smol g+u"),
     ("Linear", 1536, 576, "smol down"),
@@ -133,7 +134,8 @@ def case(lib: ctypes.CDLL, bandwidth: float, op: str, k: int, n: int, label: str
     skip = torch.randn(1, k, device="cuda", dtype=torch.float16, generator=g)
     gamma = (1 + 0.1 * torch.randn(k, device="cuda", generator=g)).half()
     n_out = n // 2 if op.endswith("SwiGLU") else n
-    ys = [torch.empty(1, n_out, device="cuda", dtype=torch.float16) for _ in range(copies)]
+    y_dtype = torch.float32 if op.endswith("F32") else torch.float16  # the logits' ops give float32
+    ys = [torch.empty(1, n_out, device="cuda", dtype=y_dtype) for _ in range(copies)]
     total = torch.empty(1, k, device="cuda", dtype=torch.float16)
 
     def kernels() -> None:

@@ -5,7 +5,8 @@
 For five prompts, 32 greedy tokens each: identical or not, and where a row diverges, the step and
 the fp32 reference's margin between its top two logits there (a near-tie that fp16 rounding flips
 is not a graph error). `--hf-fp16`: transformers itself in fp16 against its fp32, the same count
-(how many of these prompts fp16 arithmetic keeps at all).
+(how many of these prompts fp16 arithmetic keeps at all), once as it is (fp16 logits) and once with
+its lm_head in float32 over the same fp16 weights (float32 logits, as llm2trt's gqa graph gives).
 """
 
 from __future__ import annotations
@@ -24,13 +25,26 @@ SMOL_PROMPTS = (Path(__file__).resolve().parents[1] / "tests" / "data" / "smollm
 NEW = 32
 
 
+class _FloatHead(torch.nn.Module):
+    """lm_head over the model's own (fp16) weight, accumulated and returned in float32."""
+
+    def __init__(self, head: torch.nn.Linear) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(hidden.float(), self.head.weight.float())
+
+
 def reference(
-    hf_dir: Path, ids: list[list[int]], dtype: torch.dtype = torch.float32
+    hf_dir: Path, ids: list[list[int]], dtype: torch.dtype = torch.float32, float_logits: bool = False
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Greedy tokens per prompt (alone, unpadded) and the top-2 logit margin at each step."""
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).cuda().eval()
+    if float_logits:
+        model.lm_head = _FloatHead(model.lm_head)
     tokens, margins = [], []
     for prompt in ids:
         out = model.generate(
@@ -99,13 +113,14 @@ def main() -> int:
     tokenizer = load_tokenizer(first, Manifest.read(first))
     ids = [tokenizer(p, add_special_tokens=False).input_ids for p in SMOL_PROMPTS]
     ref, margins = reference(args.hf, ids)
-    if args.hf_fp16:
-        half, _ = reference(args.hf, ids, torch.float16)
+    for float_logits in (False, True) if args.hf_fp16 else ():
+        half, _ = reference(args.hf, ids, torch.float16, float_logits)
+        name = "transformers fp16" + (", float32 logits" if float_logits else "")
         for i, (got, want) in enumerate(zip(half, ref, strict=True)):
             at = next((k for k, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
-            print(f"transformers fp16: [{i}] identical={at is None} diverges_at={at}")
+            print(f"{name}: [{i}] identical={at is None} diverges_at={at}")
         same = sum(got == want for got, want in zip(half, ref, strict=True))
-        print(f"transformers fp16: {same}/{len(ref)} prompts identical to transformers fp32 (each prompt alone)")
+        print(f"{name}: {same}/{len(ref)} prompts identical to transformers fp32 (each prompt alone)")
     report = {
         f"{artifact.name} ({'alone' if alone else 'batch'})": compare(artifact, ref, margins, alone)
         for artifact in args.artifacts

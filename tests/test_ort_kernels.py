@@ -89,22 +89,71 @@ def test_library_runs_the_gqa_decoder_with_the_bodies_tokens(
     with_library, bodies = _session(path, library), _session(path, None)
     rng = np.random.default_rng(0)
     for seq, past in ((5, 0), (1, 5)):
-        feeds: dict[str, np.ndarray] = {}
-        for tensor in bodies.get_inputs():
-            if tensor.name == "input_ids":
-                feeds[tensor.name] = rng.integers(0, 100, (2, seq)).astype(np.int64)
-            elif tensor.name == "position_ids":
-                feeds[tensor.name] = np.tile(np.arange(past, past + seq), (2, 1)).astype(np.int64)
-            elif tensor.name == "seqlens_k":
-                feeds[tensor.name] = np.full(2, past + seq - 1, np.int32)
-            elif tensor.name == "total_sequence_length":
-                feeds[tensor.name] = np.array(past + seq, np.int32)
-            else:
-                shape = [2 if d == "batch" else d if isinstance(d, int) else 16 for d in tensor.shape]
-                feeds[tensor.name] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+        feeds = _decoder_feeds(bodies, seq, past, np.float32, rng)
         got, want = with_library.run(None, feeds), bodies.run(None, feeds)
         for a, b in zip(got, want, strict=True):
             assert np.abs(a - b).max() < 1e-5
+
+
+def _decoder_feeds(session: Any, seq: int, past: int, dtype: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Two rows of `seq` new tokens after `past` cached ones, for a gqa graph (16 cache slots)."""
+    feeds: dict[str, np.ndarray] = {}
+    for tensor in session.get_inputs():
+        if tensor.name == "input_ids":
+            feeds[tensor.name] = rng.integers(0, 100, (2, seq)).astype(np.int64)
+        elif tensor.name == "position_ids":
+            feeds[tensor.name] = np.tile(np.arange(past, past + seq), (2, 1)).astype(np.int64)
+        elif tensor.name == "seqlens_k":
+            feeds[tensor.name] = np.full(2, past + seq - 1, np.int32)
+        elif tensor.name == "total_sequence_length":
+            feeds[tensor.name] = np.array(past + seq, np.int32)
+        else:
+            shape = [2 if d == "batch" else d if isinstance(d, int) else 16 for d in tensor.shape]
+            feeds[tensor.name] = (0.1 * rng.standard_normal(shape)).astype(dtype)
+    return feeds
+
+
+@pytest.mark.parametrize("name", sorted(n for n, op in OPS.items() if op.float_y))
+@pytest.mark.parametrize("rows", [1, 3])
+def test_library_logits_ops_give_float32_from_float16(library: Path, name: str, rows: int) -> None:
+    """The F32 ops (the logits): float16 in, Y in float32 that float16 rounding never touched."""
+    model, feeds = _one_op(name, rows, 64, 24, np.float16)
+    got = _session(model, library).run(None, feeds)
+    want = _session(model, None).run(None, feeds)
+    exact = reference(name, feeds)
+    for y in (got[0], want[0]):
+        assert y.dtype == np.float32
+        # The sum is rounded to float16 (the residual stream) and the body rounds Normed too.
+        assert np.abs(y - exact).max() / np.abs(exact).max() < 2e-3
+    assert (got[0] != got[0].astype(np.float16).astype(np.float32)).mean() > 0.9
+
+
+def test_gqa_pass_gives_fp16_decoders_float32_logits(library: Path, tmp_path: Path) -> None:
+    """fp16 tiny llama, `--kv-form gqa`: the lm_head (with the final norm) is SkipRMSNormLinearF32,
+    the graph and its manifest give float32 logits and keep fp16 caches, and the library's logits
+    follow the bodies'."""
+    from llm2trt.core.dtypes import DType
+    from llm2trt.core.manifest import Manifest
+    from tests.conftest import run_json
+
+    code, report = run_json("convert", "tiny:llama", "-o", tmp_path / "fp16", "--dtype", "fp16", "-q")
+    assert code == 0, report
+    code, report = run_json("optimize", tmp_path / "fp16", "-o", tmp_path / "gqa", "--kv-form", "gqa", "-q")
+    assert code == 0, report
+    counts = next(p["counts"] for p in report["passes"] if p["name"] == "ort_kernels")
+    assert (counts["SkipRMSNormLinearF32"], counts["SkipRMSNormLinear"], counts["LinearF32"]) == (1, 1, 0)
+    graph = Manifest.read(tmp_path / "gqa").graph()
+    dtypes = {t.name: t.dtype for t in graph.outputs}
+    assert dtypes["logits"] == DType.FP32 and dtypes["present.0.key"] == DType.FP16
+    path = str(tmp_path / "gqa" / "model.onnx")
+    with_library, bodies = _session(path, library), _session(path, None)
+    rng = np.random.default_rng(0)
+    for seq, past in ((5, 0), (1, 5)):
+        feeds = _decoder_feeds(bodies, seq, past, np.float16, rng)
+        got, want = with_library.run(None, feeds), bodies.run(None, feeds)
+        assert got[0].dtype == want[0].dtype == np.float32
+        assert np.abs(got[0] - want[0]).max() / np.abs(want[0]).max() < 3e-3
+        assert np.array_equal(got[0].argmax(-1), want[0].argmax(-1))
 
 
 @pytest.mark.parametrize("shape", [(4, 2, 16, 12), (8, 1, 64, 10)])

@@ -252,13 +252,24 @@ cudaError_t launch_decode(const T* qkv, T* cache_k, T* cache_v, const int* seqle
                             shape);
 }
 
-// Blocks splitting a row's tokens: up to 8 (a cluster, sm_90+) while the grid stays within about
-// two blocks an SM; one block a (row, KV head) before sm_90.
+// Blocks splitting a row's tokens: up to MAX_CLUSTER (8; a cluster, sm_90+) while the grid keeps
+// under one block every SMS_PER_BLOCK (2) SMs; one block a (row, KV head) before sm_90. Measured on
+// an H200, 1.1B shape (scripts/sweep_decode_attention.sh): at batch 1 a cluster of 8 (32 blocks)
+// beats 2 or 1 (0.956 ms a step against 1.011 and 1.088); at batch 16 (64 rows x KV heads) one
+// block a row beats clusters of 2 and 4 (11,872 tok/s against 11,614 and 10,539), the merges
+// costing more than the split saves on rows of 16 to 144 tokens.
+#ifndef LLM2TRT_DECODE_SMS_PER_BLOCK
+#define LLM2TRT_DECODE_SMS_PER_BLOCK 2
+#endif
+#ifndef LLM2TRT_DECODE_MAX_CLUSTER
+#define LLM2TRT_DECODE_MAX_CLUSTER 8
+#endif
 template <typename T, int D>
 cudaError_t decode(const T* qkv, T* cache_k, T* cache_v, const int* seqlens, const T* cos, const T* sin, T* out,
                    const Shape& shape, int sms, bool clusters, cudaStream_t stream) {
-  const int64_t heads = int64_t(shape.batch) * shape.kv_heads;
-  const int64_t fits = clusters ? 2 * sms / std::max<int64_t>(heads, 1) : 1;
+  const int64_t heads = std::max<int64_t>(int64_t(shape.batch) * shape.kv_heads, 1);
+  const int64_t fits =
+      clusters ? std::min<int64_t>(LLM2TRT_DECODE_MAX_CLUSTER, sms / (LLM2TRT_DECODE_SMS_PER_BLOCK * heads)) : 1;
   if (fits >= 8 && shape.capacity > 64)
     return launch_decode<T, D, 8>(qkv, cache_k, cache_v, seqlens, cos, sin, out, shape, stream);
   if (fits >= 4)

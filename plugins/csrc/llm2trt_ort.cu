@@ -7,6 +7,8 @@
 //   SkipRMSNormLinear(X, Skip, Gamma, W) -> (Y, Sum, Normed)      Sum = X + Skip, normalized
 //   SkipRMSNormSwiGLU(X, Skip, Gamma, W) -> (Y, Sum, Normed, GateUp)
 //       GateUp = Normed @ W^T with W = [W_gate; W_up], Y = silu(gate) * up
+//   LinearF32, RMSNormLinearF32, SkipRMSNormLinearF32: the same with Y in float32 from float16
+//       inputs (the logits: fp16 logits flip greedy near-ties), the accumulator never rounded
 //   GroupQueryAttention(QKV, PastKey, PastValue, SeqlensK, TotalSequenceLength, CosCache, SinCache)
 //       -> (Output, PresentKey, PresentValue)     com.microsoft.GroupQueryAttention, packed QKV,
 //       rotary inside; the cache updated in place (llm2trt_attention.cuh)
@@ -129,15 +131,19 @@ struct OpKind {
   size_t inputs;
   size_t outputs;
   bool attention = false;
+  bool float_y = false;  // Y in float32 whatever the inputs' type
 };
 
 const OpKind kLinear = {"Linear", false, false, false, 2, 1};
 const OpKind kRMSNormLinear = {"RMSNormLinear", true, false, false, 3, 2};
 const OpKind kSkipRMSNormLinear = {"SkipRMSNormLinear", true, true, false, 4, 3};
 const OpKind kSkipRMSNormSwiGLU = {"SkipRMSNormSwiGLU", true, true, true, 4, 4};
+const OpKind kLinearF32 = {"LinearF32", false, false, false, 2, 1, false, true};
+const OpKind kRMSNormLinearF32 = {"RMSNormLinearF32", true, false, false, 3, 2, false, true};
+const OpKind kSkipRMSNormLinearF32 = {"SkipRMSNormLinearF32", true, true, false, 4, 3, false, true};
 const OpKind kGroupQueryAttention = {"GroupQueryAttention", false, false, false, 7, 3, true};
-const OpKind* const kKinds[] = {&kLinear, &kRMSNormLinear, &kSkipRMSNormLinear, &kSkipRMSNormSwiGLU,
-                                &kGroupQueryAttention};
+const OpKind* const kKinds[] = {&kLinear,    &kRMSNormLinear,    &kSkipRMSNormLinear,    &kSkipRMSNormSwiGLU,
+                                &kLinearF32, &kRMSNormLinearF32, &kSkipRMSNormLinearF32, &kGroupQueryAttention};
 
 struct Args {
   Tensor x, skip, gamma, w;
@@ -233,8 +239,12 @@ void cpu_compute(const OpKind& kind, const Args& a) {
     for (int64_t j = 0; j < a.n; ++j) {
       float acc = 0;
       for (int64_t i = 0; i < a.k; ++i) acc += row[i] * to_float(w[j * a.k + i]);
-      z[j] = to_float(from_float<T>(acc));
+      z[j] = kind.float_y ? acc : to_float(from_float<T>(acc));
       if (a.gate_up.data) static_cast<T*>(a.gate_up.data)[r * a.n + j] = from_float<T>(acc);
+    }
+    if (kind.float_y) {
+      std::copy(z.begin(), z.begin() + a.n_out, static_cast<float*>(a.y.data) + r * a.n_out);
+      continue;
     }
     T* y = static_cast<T*>(a.y.data) + r * a.n_out;
     for (int64_t j = 0; j < a.n_out; ++j) {
@@ -313,10 +323,10 @@ __device__ __forceinline__ void load_vec(const T* __restrict__ p, int c, float (
   }
 }
 
-template <typename T, int VEC, bool NORM, bool SKIP, bool SWIGLU, int R, bool EARLY>
+template <typename T, typename Y, int VEC, bool NORM, bool SKIP, bool SWIGLU, int R, bool EARLY>
 __global__ void __launch_bounds__(kThreads) one_row_kernel(const T* __restrict__ x, const T* __restrict__ skip,
                                                            const T* __restrict__ gamma, const T* __restrict__ w,
-                                                           T* __restrict__ y, T* __restrict__ sum, int k, int n_out,
+                                                           Y* __restrict__ y, T* __restrict__ sum, int k, int n_out,
                                                            float epsilon) {
   constexpr int P = SWIGLU ? 2 * R : R;  // weight rows this warp reads
   constexpr int IN_FLIGHT = EARLY ? 4 : 8;
@@ -389,9 +399,9 @@ __global__ void __launch_bounds__(kThreads) one_row_kernel(const T* __restrict__
       if (j >= n_out) break;
       if (SWIGLU) {
         const float g = acc[r] * scale, u = acc[R + r] * scale;
-        y[j] = from_float<T>(g / (1.f + expf(-g)) * u);
+        y[j] = from_float<Y>(g / (1.f + expf(-g)) * u);
       } else {
-        y[j] = from_float<T>(acc[r] * scale);
+        y[j] = from_float<Y>(acc[r] * scale);
       }
     }
   }
@@ -489,7 +499,8 @@ OrtStatus* cublas_handle(OrtKernelContext* context, void** handle) {
 unsigned stride_blocks(int64_t total) { return unsigned(std::min<int64_t>((total + 255) / 256, 65535)); }
 
 // out[rows, n] = in[rows, k] @ w[n, k]^T, column-major: out^T (n x rows) = w (k x n)^T . in^T (k x rows).
-OrtStatus* gemm(OrtKernelContext* context, const Args& a, const void* in, void* out) {
+// `float_out`: out in float32 (cuBLAS takes half inputs with a float output under float compute).
+OrtStatus* gemm(OrtKernelContext* context, const Args& a, const void* in, void* out, bool float_out = false) {
   void* handle = nullptr;
   ORT_TRY(cublas_handle(context, &handle));
   GemmExFn fn = cublas_gemm();
@@ -497,8 +508,8 @@ OrtStatus* gemm(OrtKernelContext* context, const Args& a, const void* in, void* 
   const float one = 1.f, zero = 0.f;
   const int type = a.x.type == ORT_ELEMENT_FLOAT16 ? kCudaR16F : kCudaR32F;
   const int k = int(a.k), n = int(a.n), rows = int(a.rows);
-  int rc = fn(handle, kOpT, kOpN, n, rows, k, &one, a.w.data, type, k, in, type, k, &zero, out, type, n, kComputeF32,
-              kGemmDefault);
+  int rc = fn(handle, kOpT, kOpN, n, rows, k, &one, a.w.data, type, k, in, type, k, &zero, out,
+              float_out ? kCudaR32F : type, n, kComputeF32, kGemmDefault);
   if (rc != 0) {
     static char message[96];
     std::snprintf(message, sizeof message, "llm2trt kernels: cublasGemmEx failed (status %d)", rc);
@@ -536,7 +547,7 @@ int compute_capability() {
   return cc;
 }
 
-template <typename T, int VEC, bool NORM, bool SKIP, bool SWIGLU, int R, bool EARLY>
+template <typename T, typename Y, int VEC, bool NORM, bool SKIP, bool SWIGLU, int R, bool EARLY>
 void launch_one_row(const Args& a, cudaStream_t stream) {
   const int64_t rows_per_block = int64_t(R) * kWarps;
   cudaLaunchConfig_t config = {};
@@ -548,29 +559,29 @@ void launch_one_row(const Args& a, cudaStream_t stream) {
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
   config.numAttrs = EARLY ? 1 : 0;
-  cudaLaunchKernelEx(&config, one_row_kernel<T, VEC, NORM, SKIP, SWIGLU, R, EARLY>, static_cast<const T*>(a.x.data),
+  cudaLaunchKernelEx(&config, one_row_kernel<T, Y, VEC, NORM, SKIP, SWIGLU, R, EARLY>, static_cast<const T*>(a.x.data),
                      static_cast<const T*>(a.skip.data), static_cast<const T*>(a.gamma.data),
-                     static_cast<const T*>(a.w.data), static_cast<T*>(a.y.data), static_cast<T*>(a.sum.data),
+                     static_cast<const T*>(a.w.data), static_cast<Y*>(a.y.data), static_cast<T*>(a.sum.data),
                      int(a.k), int(a.n_out), a.epsilon);
 }
 
 // Rows per warp: one while there are few rows for the GPU's warps; more (fewer blocks, each
 // paying the prologue once) for wide layers such as lm_head.
-template <typename T, int VEC, bool NORM, bool SKIP, bool SWIGLU>
+template <typename T, typename Y, int VEC, bool NORM, bool SKIP, bool SWIGLU>
 void launch_rows(const Args& a, cudaStream_t stream) {
   const int64_t sms = multiprocessors();
   const bool early = compute_capability() >= 90 && a.n * a.k * int64_t(sizeof(T)) < LLM2TRT_PDL_BYTES;
   if (a.n_out >= sms * 64)
-    launch_one_row<T, VEC, NORM, SKIP, SWIGLU, 4, false>(a, stream);
+    launch_one_row<T, Y, VEC, NORM, SKIP, SWIGLU, 4, false>(a, stream);
   else if (a.n_out >= sms * 32)
-    launch_one_row<T, VEC, NORM, SKIP, SWIGLU, 2, false>(a, stream);
+    launch_one_row<T, Y, VEC, NORM, SKIP, SWIGLU, 2, false>(a, stream);
   else if (early)
-    launch_one_row<T, VEC, NORM, SKIP, SWIGLU, 1, true>(a, stream);
+    launch_one_row<T, Y, VEC, NORM, SKIP, SWIGLU, 1, true>(a, stream);
   else
-    launch_one_row<T, VEC, NORM, SKIP, SWIGLU, 1, false>(a, stream);
+    launch_one_row<T, Y, VEC, NORM, SKIP, SWIGLU, 1, false>(a, stream);
 }
 
-template <typename T, bool NORM, bool SKIP, bool SWIGLU>
+template <typename T, typename Y, bool NORM, bool SKIP, bool SWIGLU>
 void dispatch_one_row(const Args& a, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   const bool aligned = a.k % kVec == 0 && reinterpret_cast<uintptr_t>(a.w.data) % 16 == 0 &&
@@ -578,22 +589,30 @@ void dispatch_one_row(const Args& a, cudaStream_t stream) {
                        reinterpret_cast<uintptr_t>(a.skip.data) % 16 == 0 &&
                        reinterpret_cast<uintptr_t>(a.gamma.data) % 16 == 0;
   if (aligned)
-    launch_rows<T, kVec, NORM, SKIP, SWIGLU>(a, stream);
+    launch_rows<T, Y, kVec, NORM, SKIP, SWIGLU>(a, stream);
   else
-    launch_rows<T, 1, NORM, SKIP, SWIGLU>(a, stream);
+    launch_rows<T, Y, 1, NORM, SKIP, SWIGLU>(a, stream);
 }
 
-// The one-row kernel for the op's kind.
+// The one-row kernel for the op's kind, Y of type Y.
+template <typename T, typename Y>
+void one_row_to(const OpKind& kind, const Args& a, cudaStream_t stream) {
+  if (!kind.norm)
+    dispatch_one_row<T, Y, false, false, false>(a, stream);
+  else if (!kind.skip)
+    dispatch_one_row<T, Y, true, false, false>(a, stream);
+  else if (!kind.swiglu)
+    dispatch_one_row<T, Y, true, true, false>(a, stream);
+  else if (!kind.float_y)
+    dispatch_one_row<T, T, true, true, true>(a, stream);
+}
+
 template <typename T>
 void one_row(const OpKind& kind, const Args& a, cudaStream_t stream) {
-  if (!kind.norm)
-    dispatch_one_row<T, false, false, false>(a, stream);
-  else if (!kind.skip)
-    dispatch_one_row<T, true, false, false>(a, stream);
-  else if (!kind.swiglu)
-    dispatch_one_row<T, true, true, false>(a, stream);
+  if (kind.float_y)
+    one_row_to<T, float>(kind, a, stream);
   else
-    dispatch_one_row<T, true, true, true>(a, stream);
+    one_row_to<T, T>(kind, a, stream);
 }
 
 template <typename T>
@@ -620,7 +639,7 @@ OrtStatus* cuda_compute(const OpKind& kind, OrtKernelContext* context, Args& a) 
     ORT_TRY(launched(kind.name));
     in = a.normed.data;
   }
-  if (!kind.swiglu) return gemm(context, a, in, a.y.data);
+  if (!kind.swiglu) return gemm(context, a, in, a.y.data, kind.float_y);
   ORT_TRY(gemm(context, a, in, a.gate_up.data));
   swiglu_rows_kernel<T><<<stride_blocks(a.rows * a.n_out), 256, 0, stream>>>(static_cast<const T*>(a.gate_up.data), static_cast<T*>(a.y.data),
                                                    a.rows, int(a.n_out));
@@ -951,7 +970,9 @@ Op make_op(const OpKind* kind, bool cuda, int type) {
     return self(o).kind->attention && (index == 3 || index == 4) ? int(ORT_ELEMENT_INT32) : self(o).type;
   };
   op.GetInputTypeCount = [](const OrtCustomOp* o) { return self(o).kind->inputs; };
-  op.GetOutputType = [](const OrtCustomOp* o, size_t) { return self(o).type; };
+  op.GetOutputType = [](const OrtCustomOp* o, size_t index) {
+    return self(o).kind->float_y && index == 0 ? int(ORT_ELEMENT_FLOAT) : self(o).type;
+  };
   op.GetOutputTypeCount = [](const OrtCustomOp* o) { return self(o).kind->outputs; };
   op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
   op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return int(ORT_IO_REQUIRED); };
@@ -1009,14 +1030,14 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
 }
 
 // One op at one row without ONNX Runtime, on `stream`: what scripts/bench_ort_kernels.py times.
-// Returns 0, or -1 for an unknown op or type.
+// Returns 0, or -1 for an unknown op or type. Y is float32 for the F32 ops.
 extern "C" __attribute__((visibility("default"))) int Llm2trtOneRow(const char* op, int type, const void* x,
                                                                    const void* skip, const void* gamma, const void* w,
                                                                    void* y, void* sum, int64_t k, int64_t n,
                                                                    float epsilon, void* stream) {
   const OpKind* kind = nullptr;
-  for (const OpKind* candidate : {&kLinear, &kRMSNormLinear, &kSkipRMSNormLinear, &kSkipRMSNormSwiGLU})
-    if (std::strcmp(candidate->name, op) == 0) kind = candidate;
+  for (const OpKind* candidate : kKinds)
+    if (!candidate->attention && std::strcmp(candidate->name, op) == 0) kind = candidate;
   if (kind == nullptr || (type != ORT_ELEMENT_FLOAT16 && type != ORT_ELEMENT_FLOAT)) return -1;
   Args a;
   a.x.data = const_cast<void*>(x);

