@@ -11,15 +11,15 @@ them plus GroupQueryAttention:
     SkipRMSNormLinear(X, Skip, Gamma, W) -> (Y, Sum, Normed)          Sum = X + Skip
     SkipRMSNormSwiGLU(X, Skip, Gamma, W) -> (Y, Sum, Normed, GateUp)  Y = silu(gate) * up
 
+and ONNX Runtime's GroupQueryAttention (packed QKV, rotary inside) becomes llm2trt's
+`GroupQueryAttention`, the same inputs less the empty key and value, whose body is that node: the
+library runs a decode step as one kernel where ONNX Runtime's op takes four (README "Decode speed").
+
 `LinearF32`, `RMSNormLinearF32` and `SkipRMSNormLinearF32` are the first three with Y in float32
 from float16 inputs, its accumulator never rounded to float16: the pass uses them where Y is a graph
 output (the logits). fp16 logits near 20 are 0.016 apart, coarser than the top-two margins greedy
 decoding meets (SmolLM2's five prompts: rounding only the logits to fp16 in an otherwise fp32
 transformers run flips two of them); float logits cost 2 extra bytes a vocabulary entry.
-
-and ONNX Runtime's GroupQueryAttention (packed QKV, rotary inside) becomes llm2trt's
-`GroupQueryAttention`, the same inputs less the empty key and value, whose body is that node: the
-library runs a decode step as one kernel where ONNX Runtime's op takes four (README "Decode speed").
 
 W is [N, K], a row per output (the layout a GEMV reads contiguously; a tied lm_head is the
 embedding itself), SwiGLU's W is [W_gate; W_up]. Each op is an `llm2trt`-domain local function
@@ -86,7 +86,7 @@ register_equivalent("Attention", DOMAIN, ATTENTION.name)
 register_equivalent("RoPE", DOMAIN, ATTENTION.name, lambda node: 2)
 
 # The norm these ops carry (the expected-fusion gate counts them).
-for _op in ("RMSNormLinear", "SkipRMSNormLinear", "SkipRMSNormSwiGLU", "RMSNormLinearF32", "SkipRMSNormLinearF32"):
+for _op in (op.name for op in OPS.values() if "Gamma" in op.inputs):
     register_equivalent("RMSNorm", DOMAIN, _op)
 
 

@@ -17,10 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = (ROOT / "tests" / "data" / "smollm2_prompts.txt").read_text().splitlines()
-NEW = 32
+from gpu_tokens import NEW, SMOL_PROMPTS, divergence  # the same prompts and count, this script's dir
 
 
 def gguf() -> Path:
@@ -32,15 +29,11 @@ def gguf() -> Path:
 
 def greedy(model: Any, tokenizer: Any) -> list[list[int]]:
     rows = []
-    for prompt in PROMPTS:
+    for prompt in SMOL_PROMPTS:
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
         out = model.generate(input_ids=ids, max_new_tokens=NEW, do_sample=False, pad_token_id=model.config.eos_token_id)
         rows.append(out[0, ids.shape[1] :].tolist())
     return rows
-
-
-def _divergence(got: list[int], want: list[int]) -> int | None:
-    return next((k for k, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
 
 
 def _round(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
@@ -83,7 +76,7 @@ def main() -> int:
         for hook in hooks:
             hook.remove()
     for name, got in rows:
-        at = [_divergence(g, r) for g, r in zip(got, reference, strict=True)]
+        at = [divergence(g, r) for g, r in zip(got, reference, strict=True)]
         print(f"{name:<44} {sum(a is None for a in at)}/{len(at)}        {at}")
     return 0
 

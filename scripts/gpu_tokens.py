@@ -25,6 +25,12 @@ SMOL_PROMPTS = (Path(__file__).resolve().parents[1] / "tests" / "data" / "smollm
 NEW = 32
 
 
+def divergence(got: list[int], want: list[int]) -> int | None:
+    """The first step where two token rows differ (one ending early counts); None when identical."""
+    at = next((k for k, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
+    return min(len(got), len(want)) if at is None and len(got) != len(want) else at
+
+
 class _FloatHead(torch.nn.Module):
     """lm_head over the model's own (fp16) weight, accumulated and returned in float32."""
 
@@ -79,9 +85,7 @@ def compare(
     rows = []
     for i, (row, full) in enumerate(zip(got_rows, ref, strict=True)):
         want = full[: next((k + 1 for k, t in enumerate(full) if t in eos), len(full))]
-        diverge = next((k for k, (a, b) in enumerate(zip(row.new_ids, want, strict=False)) if a != b), None)
-        if diverge is None and len(row.new_ids) != len(want):
-            diverge = min(len(row.new_ids), len(want))
+        diverge = divergence(row.new_ids, want)
         margin = margins[i][diverge] if diverge is not None and diverge < len(margins[i]) else None
         rows.append(
             {
@@ -117,7 +121,7 @@ def main() -> int:
         half, _ = reference(args.hf, ids, torch.float16, float_logits)
         name = "transformers fp16" + (", float32 logits" if float_logits else "")
         for i, (got, want) in enumerate(zip(half, ref, strict=True)):
-            at = next((k for k, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
+            at = divergence(got, want)
             print(f"{name}: [{i}] identical={at is None} diverges_at={at}")
         same = sum(got == want for got, want in zip(half, ref, strict=True))
         print(f"{name}: {same}/{len(ref)} prompts identical to transformers fp32 (each prompt alone)")

@@ -8,7 +8,8 @@
 #   bash scripts/gpu_decode.sh bash scripts/sweep_decode_attention.sh "-DLLM2TRT_DECODE_MAX_CLUSTER=2" ...
 set -euo pipefail
 R=$(pwd)
-lib() { cd /tmp && python3 -c "import sys; from llm2trt.plugins.ort_kernels import library as l, device_arch as a; print(l(a(), tuple(sys.argv[1:])))" "$@"; cd "$R"; }
+# From /tmp: the checkout's llm2trt/ (without plugins/ inside) must not shadow the installed package.
+lib() ( cd /tmp && python3 -c "import sys; from llm2trt.plugins.ort_kernels import library as l, device_arch as a; print(l(a(), tuple(sys.argv[1:])))" "$@" )
 for defines in "" "$@"; do
     read -r -a flags <<< "$defines"
     lib "${flags[@]}" > /dev/null &  # the builds in parallel (one lock per variant)

@@ -594,25 +594,26 @@ void dispatch_one_row(const Args& a, cudaStream_t stream) {
     launch_rows<T, Y, 1, NORM, SKIP, SWIGLU>(a, stream);
 }
 
-// The one-row kernel for the op's kind, Y of type Y.
+// The one-row kernel for a GEMV op without SwiGLU, Y of type Y.
 template <typename T, typename Y>
-void one_row_to(const OpKind& kind, const Args& a, cudaStream_t stream) {
+void one_row_linear(const OpKind& kind, const Args& a, cudaStream_t stream) {
   if (!kind.norm)
     dispatch_one_row<T, Y, false, false, false>(a, stream);
   else if (!kind.skip)
     dispatch_one_row<T, Y, true, false, false>(a, stream);
-  else if (!kind.swiglu)
+  else
     dispatch_one_row<T, Y, true, true, false>(a, stream);
-  else if (!kind.float_y)
-    dispatch_one_row<T, T, true, true, true>(a, stream);
 }
 
+// The one-row kernel for the op's kind (SwiGLU has no float-Y twin).
 template <typename T>
 void one_row(const OpKind& kind, const Args& a, cudaStream_t stream) {
-  if (kind.float_y)
-    one_row_to<T, float>(kind, a, stream);
+  if (kind.swiglu)
+    dispatch_one_row<T, T, true, true, true>(a, stream);
+  else if (kind.float_y)
+    one_row_linear<T, float>(kind, a, stream);
   else
-    one_row_to<T, T>(kind, a, stream);
+    one_row_linear<T, T>(kind, a, stream);
 }
 
 template <typename T>
@@ -864,25 +865,28 @@ OrtStatus* cuda_attention(const AttentionArgs& a, OrtKernelContext* context) {
   cudaStream_t stream = nullptr;
   ORT_TRY(compute_stream(context, &stream));
   if (a.shape.batch == 0 || a.shape.seq == 0) return nullptr;
-  if (a.present_k.data != a.past_k.data) {  // not bound in place: the past rows, then zeros
-    attention::present_kernel<T><<<stride_blocks(a.past_k.size()), 256, 0, stream>>>(
-        static_cast<const T*>(a.past_k.data), static_cast<const T*>(a.past_v.data), static_cast<T*>(a.present_k.data),
-        static_cast<T*>(a.present_v.data), static_cast<const int*>(a.seqlens.data), a.shape);
-    ORT_TRY(launched("GroupQueryAttention"));
+  // Refusals first: nothing is launched for a call that fails.
+  OrtStatus* (*run)(const AttentionArgs&, OrtKernelContext*, cudaStream_t) = nullptr;
+  switch (a.shape.head_dim) {  // 8 elements a lane, a head's lanes within one warp
+    case 16: run = attention_for<T, 16>; break;
+    case 32: run = attention_for<T, 32>; break;
+    case 64: run = attention_for<T, 64>; break;
+    case 128: run = attention_for<T, 128>; break;
+    case 256: run = attention_for<T, 256>; break;
+    default: return error("llm2trt GroupQueryAttention: head size 16, 32, 64, 128 or 256 only");
   }
   if (a.shape.group() > attention::kMaxGroup)
     return error("llm2trt GroupQueryAttention: at most 8 query heads a KV head");
   for (const Tensor* t : {&a.qkv, &a.present_k, &a.present_v, &a.cos, &a.sin, &a.out})
     if (reinterpret_cast<uintptr_t>(t->data) % 16 != 0)  // the kernels move 16 bytes a load
       return error("llm2trt GroupQueryAttention: a tensor not 16-byte aligned");
-  switch (a.shape.head_dim) {  // 8 elements a lane, a head's lanes within one warp
-    case 16: return attention_for<T, 16>(a, context, stream);
-    case 32: return attention_for<T, 32>(a, context, stream);
-    case 64: return attention_for<T, 64>(a, context, stream);
-    case 128: return attention_for<T, 128>(a, context, stream);
-    case 256: return attention_for<T, 256>(a, context, stream);
-    default: return error("llm2trt GroupQueryAttention: head size 16, 32, 64, 128 or 256 only");
+  if (a.present_k.data != a.past_k.data) {  // not bound in place: the past rows, then zeros
+    attention::present_kernel<T><<<stride_blocks(a.past_k.size()), 256, 0, stream>>>(
+        static_cast<const T*>(a.past_k.data), static_cast<const T*>(a.past_v.data), static_cast<T*>(a.present_k.data),
+        static_cast<T*>(a.present_v.data), static_cast<const int*>(a.seqlens.data), a.shape);
+    ORT_TRY(launched("GroupQueryAttention"));
   }
+  return run(a, context, stream);
 }
 
 // ---- the custom ops ---------------------------------------------------------------------------
