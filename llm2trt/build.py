@@ -383,7 +383,7 @@ def _build_graph(
     onnx_path = manifest.onnx_path(artifact, graph.name)
     with step(f"checking the weights of {artifact} against their recorded sha256"):
         manifest.verify_weights(artifact, graph.name)  # an engine bakes them in: a flipped byte stops here
-    from llm2trt.passes.quant import unfused_qdq
+    from llm2trt.passes.qdq import unfused_qdq
 
     # A clear error for a corrupt file before TensorRT sees it; Q/DQ TensorRT would not fuse, named.
     unfused = unfused_qdq(load_onnx(onnx_path, with_weights=False))

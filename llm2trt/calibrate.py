@@ -25,8 +25,8 @@ from llm2trt.core.errors import InputError
 from llm2trt.core.log import progress
 from llm2trt.core.manifest import GraphSpec, Manifest
 from llm2trt.core.quant import Calibration, QuantRequest
-from llm2trt.passes.core import Model
-from llm2trt.passes.quant import ActStats
+from llm2trt.passes.manager import Model
+from llm2trt.passes.qdq import ActStats
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import onnx
 
 from llm2trt.core.errors import InputError
 from llm2trt.core.records import Record
-from llm2trt.passes.core import RULE_KEY
+from llm2trt.passes.manager import RULE_KEY
 from llm2trt.passes.pattern import RewritePass, is_layer, layer_of, module_of
 
 MODULE_KEY = "llm2trt.module"
@@ -200,7 +200,7 @@ def fusion_splits(onnx_path: Path, graph_map: GraphMap, marks: Iterable[Mark]) -
 
 def fused_away(onnx_path: Path) -> dict[str, str]:
     """Tensors of the graph that the fusion passes remove, by the fusion that removed them."""
-    from llm2trt.passes.core import Model, PassManager
+    from llm2trt.passes.manager import Model, PassManager
     from llm2trt.passes.pipeline import PipelineOptions, assemble
 
     model = Model.from_onnx(onnx.load(str(onnx_path), load_external_data=True))

@@ -24,11 +24,11 @@ from llm2trt.core.tolerance import TolerancePolicy, errors, profile_for
 from llm2trt.export import TOKENIZER_DIR
 from llm2trt.exporters import ExportSpec
 from llm2trt.models import spec_and_config
-from llm2trt.passes.core import Model, PassCheckError, PipelineResult, WeightSpill
+from llm2trt.passes.manager import Model, PassCheckError, PipelineResult, WeightSpill
 from llm2trt.passes.fusions import FUSIONS, count_fusions
 from llm2trt.passes.pattern import RewritePass, layer_of, module_of
 from llm2trt.passes.pipeline import PipelineOptions, assemble
-from llm2trt.passes.quant import QuantPass
+from llm2trt.passes.qdq import QuantPass
 
 if TYPE_CHECKING:
     from llm2trt.session import DecoderSession

@@ -353,7 +353,7 @@ def _bind(bind: Any, name: str, tensor: Any) -> None:
 def _register_kernels(options: Any, path: str) -> None:
     """llm2trt's CUDA kernels for the graph's `llm2trt` ops (built on first use); without them ONNX
     Runtime runs the ops' reference bodies, slower but the same numbers."""
-    from llm2trt.plugins import ort_kernels
+    from llm2trt.plugins import ort_library as ort_kernels
 
     if not ort_kernels.graph_uses(path):
         return

@@ -25,9 +25,9 @@ from llm2trt.core.tolerance import TolerancePolicy
 from llm2trt.core.tp import Mapping, RankReport, TensorParallel, TPPlan
 from llm2trt.exporters import ExportSpec
 from llm2trt.passes.cleanup import ShapeInference
-from llm2trt.passes.core import Model, PassManager, WeightSpill, weight_bytes
+from llm2trt.passes.manager import Model, PassManager, WeightSpill, weight_bytes
 from llm2trt.passes.fusions import count_fusions
-from llm2trt.passes.tp import TensorParallelPass
+from llm2trt.passes.tensor_parallel import TensorParallelPass
 
 if TYPE_CHECKING:
     from llm2trt.tp_runtime import RankContext

@@ -46,7 +46,7 @@ class DecoderSession(abc.ABC):
 
     def __init__(self, graph: GraphSpec, run: Executor, pad_id: int = 0) -> None:
         self.graph, self.run, self.pad_id = graph, run, pad_id
-        # fp16 graphs may give float32 logits (passes/ort_kernels.py); the cache keeps the graph's type.
+        # fp16 graphs may give float32 logits (passes/ort_ops.py); the cache keeps the graph's type.
         self.logits_dtype = next(t.dtype for t in graph.outputs if t.name == graph.main_output)
         kv = graph.kv_cache
         self.cache_dtype = graph.input(kv.past_names[0]).dtype if kv is not None else self.logits_dtype

@@ -32,7 +32,7 @@ from llm2trt.core.errors import BackendError, InputError, Llm2TrtError, first_li
 from llm2trt.core.manifest import GraphSpec, Manifest
 from llm2trt.core.numerics import ort_session
 from llm2trt.core.tp import Mapping
-from llm2trt.passes.tp import collective_kind, is_collective
+from llm2trt.passes.tensor_parallel import collective_kind, is_collective
 from llm2trt.segments import SegmentedGraph, segment_model, value_info
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from llm2trt.core.dtypes import DType, numpy_of_onnx, onnx_elem_type
-from llm2trt.passes.core import FileValues, GraphPass, Model, PassResult, gs_quiet, weight_bytes, weightless
+from llm2trt.passes.manager import FileValues, GraphPass, Model, PassResult, gs_quiet, weight_bytes, weightless
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import onnx
 from onnx import version_converter
 
 from llm2trt.core.errors import BackendError, first_line
-from llm2trt.passes.core import GraphPass, Model, PassResult, gs_quiet, reattach_weights, weightless
+from llm2trt.passes.manager import GraphPass, Model, PassResult, gs_quiet, reattach_weights, weightless
 
 
 def ir_for_opset(opset: int) -> int:

@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 
 from llm2trt.core.errors import InputError
 from llm2trt.core.reports import Refusal
-from llm2trt.passes.core import GraphPass, Model, PassResult
+from llm2trt.passes.manager import GraphPass, Model, PassResult
 
 logger = logging.getLogger(__name__)
 

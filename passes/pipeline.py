@@ -14,14 +14,14 @@ from typing import Any
 from llm2trt.core.kv import GQA, KVLayout
 from llm2trt.core.registry import Registry
 from llm2trt.passes.cleanup import ShapeInference, cleanup_passes
-from llm2trt.passes.core import GraphPass, PassManager
+from llm2trt.passes.manager import GraphPass, PassManager
 from llm2trt.passes.fusions import required_opset, selected
-from llm2trt.passes.kv import TENSOR_SCATTER_OPSET, KVCachePass
+from llm2trt.passes.kv_cache import TENSOR_SCATTER_OPSET, KVCachePass
 from llm2trt.passes.opset import OpsetUpgrade
 from llm2trt.passes.ort_gqa import DEFAULT_MAX_POSITIONS, GroupQueryAttentionPass
-from llm2trt.passes.ort_kernels import OrtKernelsPass
+from llm2trt.passes.ort_ops import OrtKernelsPass
 from llm2trt.passes.pattern import RewritePass
-from llm2trt.passes.quant import QUANT_OPSET, QuantPass
+from llm2trt.passes.qdq import QUANT_OPSET, QuantPass
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def _quant(options: PipelineOptions) -> list[GraphPass]:
 
 
 def _plugins(options: PipelineOptions) -> list[GraphPass]:
-    from llm2trt.passes.plugins import PluginPass
+    from llm2trt.passes.plugin_nodes import PluginPass
 
     return [PluginPass(spec) for spec in options.data.get("plugins", ())]
 

@@ -36,7 +36,7 @@ from llm2trt.plugins import DOMAIN, PluginSpec, register_plugin
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
 
-    from llm2trt.passes.core import Model
+    from llm2trt.passes.manager import Model
     from llm2trt.passes.pattern import Match, RewriteRule
 
 NAME = "Int4GroupGemm"
@@ -171,7 +171,7 @@ def _rule_class() -> type[RewriteRule]:
         def rewrite(self, m: Match, model: Model, out: gs.Variable) -> list[gs.Node]:
             import onnx_graphsurgeon as gs
 
-            from llm2trt.passes.quant import constant
+            from llm2trt.passes.qdq import constant
 
             wq, scale = m.tensors["wq"], m.tensors["scale"]
             q = np.asarray(wq.values).astype(np.int8)  # [K, N]

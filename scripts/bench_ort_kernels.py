@@ -38,7 +38,7 @@ CASES = (  # op, K, N (weight rows), layer
 
 def load_library(defines: str = "") -> ctypes.CDLL:
     """The library as llm2trt builds it, or with `defines` (-DNAME=VALUE ...: a tuning variant)."""
-    spec = importlib.util.spec_from_file_location("ort_kernels", ROOT / "plugins" / "ort_kernels.py")
+    spec = importlib.util.spec_from_file_location("ort_library", ROOT / "plugins" / "ort_library.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

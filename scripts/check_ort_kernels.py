@@ -34,7 +34,7 @@ def session(model: str | bytes, library: str | None, provider: str = "CUDAExecut
 
 
 def sessions(onnx_path: str) -> tuple[Any, Any]:
-    from llm2trt.plugins import ort_kernels
+    from llm2trt.plugins import ort_library as ort_kernels
 
     library = str(ort_kernels.library(ort_kernels.device_arch()))
     print(f"library: {library}")
@@ -100,8 +100,8 @@ def check(artifact: Path) -> list[str]:
 
 def op_rows(dtype: Any) -> list[str]:
     """Each op alone on CUDA (one row: the GEMV kernels; three rows: cuBLAS) against float64."""
-    from llm2trt.passes.ort_kernels import OPS, one_op_model, reference, sample_values
-    from llm2trt.plugins import ort_kernels
+    from llm2trt.passes.ort_ops import OPS, one_op_model, reference, sample_values
+    from llm2trt.plugins import ort_library as ort_kernels
 
     library = str(ort_kernels.library(ort_kernels.device_arch()))
     rows = []
@@ -131,8 +131,8 @@ def attention_rows(dtype: Any, provider: str) -> list[str]:
     """llm2trt's GroupQueryAttention alone against float64: the output of every real token and the
     key cache up to each row's length (the library's decode kernel at one new token, else its
     prefill path)."""
-    from llm2trt.passes.ort_kernels import attention_model, attention_reference, attention_values
-    from llm2trt.plugins import ort_kernels
+    from llm2trt.passes.ort_ops import attention_model, attention_reference, attention_values
+    from llm2trt.plugins import ort_library as ort_kernels
 
     arch = ort_kernels.device_arch() if provider == "CUDAExecutionProvider" else "sm_80"
     library = str(ort_kernels.library(arch))

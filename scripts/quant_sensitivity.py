@@ -2,7 +2,7 @@
 `--keep` choices for int8-sq and fp8 (the issue's "others by measured sensitivity").
 
 Each candidate set of modules is left in high precision and the rest fake-quantized in PyTorch
-with llm2trt's own NumPy reference (`llm2trt.passes.quant`: SmoothQuant search, weight codes,
+with llm2trt's own NumPy reference (`llm2trt.passes.qdq`: SmoothQuant search, weight codes,
 static activation scales from PyTorch's calibration on tests/data/text/calib.txt); perplexity is
 taken on the first 16 KB of tests/data/text/eval.txt. tests/passes/test_quant.py shows ONNX Runtime
 on the quantized graph matches this fake quantization to 3e-7, so a candidate's figure here is the
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llm2trt.core.quant import METHODS, QuantMethod  # noqa: E402
-from llm2trt.passes import quant as q  # noqa: E402
+from llm2trt.passes import qdq as q  # noqa: E402
 from scripts.measure_quant import TEXT, _gguf  # noqa: E402
 from tests.fake_quant import GROUPS, Folds, fake_quantize, migrate  # noqa: E402
 

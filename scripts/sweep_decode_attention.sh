@@ -9,7 +9,7 @@
 set -euo pipefail
 R=$(pwd)
 # From /tmp: the checkout's llm2trt/ (without plugins/ inside) must not shadow the installed package.
-lib() ( cd /tmp && python3 -c "import sys; from llm2trt.plugins.ort_kernels import library as l, device_arch as a; print(l(a(), tuple(sys.argv[1:])))" "$@" )
+lib() ( cd /tmp && python3 -c "import sys; from llm2trt.plugins.ort_library import library as l, device_arch as a; print(l(a(), tuple(sys.argv[1:])))" "$@" )
 for defines in "" "$@"; do
     read -r -a flags <<< "$defines"
     lib "${flags[@]}" > /dev/null &  # the builds in parallel (one lock per variant)

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 
 from llm2trt.core.errors import BackendError
-from llm2trt.passes.ort_kernels import (
+from llm2trt.passes.ort_ops import (
     OPS,
     attention_model,
     attention_reference,
@@ -26,7 +26,7 @@ from llm2trt.passes.ort_kernels import (
     reference,
     sample_values,
 )
-from llm2trt.plugins import ort_kernels
+from llm2trt.plugins import ort_library as ort_kernels
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +220,7 @@ def _gqa_graph_model(head: int, **attrs: Any) -> Any:
     """One com.microsoft.GroupQueryAttention over graph inputs, as `--kv-form gqa` writes it."""
     import onnx_graphsurgeon as gs
 
-    from llm2trt.passes.core import Model
+    from llm2trt.passes.manager import Model
 
     heads, kv_heads, slots = 4, 2, 32
     qkv = gs.Variable("qkv", np.float32, ["batch", "seq", (heads + 2 * kv_heads) * head])
@@ -256,7 +256,7 @@ def _gqa_graph_model(head: int, **attrs: Any) -> Any:
 def test_pass_takes_only_the_attention_its_kernels_compute(
     head: int, attrs: dict[str, Any], refusal: str | None
 ) -> None:
-    from llm2trt.passes.ort_kernels import OrtKernelsPass
+    from llm2trt.passes.ort_ops import OrtKernelsPass
 
     model = _gqa_graph_model(head, **attrs)
     counts = OrtKernelsPass().run(model).counts

@@ -2,7 +2,7 @@
 
 A method names the quantized weight type, the activation type (None: weight-only) and the
 algorithm that picks the scales. Everything here is vocabulary shared by the pass
-(`llm2trt.passes.quant`), the calibration runner, the manifest and the tolerance profiles; it
+(`llm2trt.passes.qdq`), the calibration runner, the manifest and the tolerance profiles; it
 imports no pass and no runtime.
 """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from llm2trt.passes.core import Model
+from llm2trt.passes.manager import Model
 
 
 def rank_of(tensor: gs.Tensor) -> int | None:

@@ -1,5 +1,5 @@
 // llm2trt's kernels for ONNX Runtime's CUDA provider: a custom-op library whose ops are the
-// `llm2trt`-domain local functions the `--kv-form gqa` graph carries (passes/ort_kernels.py holds
+// `llm2trt`-domain local functions the `--kv-form gqa` graph carries (passes/ort_ops.py holds
 // their reference bodies, which ONNX Runtime inlines where this library is not loaded).
 //
 //   Linear(X, W) -> Y                                   Y = X @ W^T, W [N, K]

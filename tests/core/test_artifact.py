@@ -81,7 +81,7 @@ def test_big_weights_go_into_several_aligned_files(tmp_path: Path, monkeypatch: 
 
 
 def test_unchanged_weights_are_cloned_and_changed_ones_written_new(tmp_path: Path) -> None:
-    from llm2trt.passes.core import FileValues, Model
+    from llm2trt.passes.manager import FileValues, Model
 
     first, second = tmp_path / "a", tmp_path / "b"
     first.mkdir()

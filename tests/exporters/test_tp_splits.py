@@ -12,9 +12,9 @@ import transformers
 from llm2trt.core.errors import InputError
 from llm2trt.core.tp import Split
 from llm2trt.exporters import get_spec
-from llm2trt.passes.core import Model
+from llm2trt.passes.manager import Model
 from llm2trt.passes.pattern import module_of
-from llm2trt.passes.quant import is_linear
+from llm2trt.passes.qdq import is_linear
 
 
 @pytest.mark.parametrize("name", ["tiny:llama", "tiny:gpt2"])

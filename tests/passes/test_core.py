@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from llm2trt.core.numerics import normwise_rel_err, run_ort
 from llm2trt.passes.cleanup import ConstantFolding, DeadNodeElimination, IdentityElimination, ShapeInference
-from llm2trt.passes.core import GraphPass, Model, PassCheckError, PassManager, PassResult
+from llm2trt.passes.manager import GraphPass, Model, PassCheckError, PassManager, PassResult
 
 
 def _model() -> onnx.ModelProto:
@@ -121,7 +121,7 @@ def test_check_rejects_ops_beyond_the_opset() -> None:
     scale = gs.Constant("scale", np.ones(4, dtype=np.float32))
     model.graph.nodes.append(gs.Node("RMSNormalization", "rms", inputs=[x, scale], outputs=[out]))
     model.graph.outputs.append(out)
-    from llm2trt.passes.core import check_graph
+    from llm2trt.passes.manager import check_graph
 
     with pytest.raises(PassCheckError, match="RMSNormalization is not an ONNX op at opset 17"):
         check_graph(model)

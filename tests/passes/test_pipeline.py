@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from llm2trt.exporters import all_specs
-from llm2trt.passes.core import GraphPass, Model, PassResult
+from llm2trt.passes.manager import GraphPass, Model, PassResult
 from llm2trt.passes.fusions import FUSIONS, Fusion
 from llm2trt.passes.opset import OpsetUpgrade
 from llm2trt.passes.pipeline import PIPELINE, PipelineOptions, assemble, register_entry

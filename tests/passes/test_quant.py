@@ -20,7 +20,7 @@ from llm2trt.core.dtypes import DType
 from llm2trt.core.quant import METHODS, QuantMethod
 from llm2trt.core.tolerance import errors
 from llm2trt.models import resolve_model
-from llm2trt.passes import quant as q
+from llm2trt.passes import qdq as q
 from tests.conftest import CC, assert_clean_failure, run_cli
 from tests.fake_quant import GROUPS, PREFIX, fake_quantize, migrate, weight_in_out
 

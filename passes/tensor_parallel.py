@@ -30,9 +30,9 @@ from llm2trt.core.dtypes import DType
 from llm2trt.core.errors import InputError
 from llm2trt.core.kv import KVLayout
 from llm2trt.core.tp import LayerSplit, Split, TPPlan, padded, shard_vocab
-from llm2trt.passes.core import GraphPass, Model, PassResult, read_values
+from llm2trt.passes.manager import GraphPass, Model, PassResult, read_values
 from llm2trt.passes.pattern import layer_of, module_of
-from llm2trt.passes.quant import is_linear, reads_tied_weight, transposed_values
+from llm2trt.passes.qdq import is_linear, reads_tied_weight, transposed_values
 
 COLLECTIVE_OP, COLLECTIVE_DOMAIN = "DistCollective", "trt"
 # Attributes that count heads, on attention-like nodes of 3-D (packed) form.

@@ -10,7 +10,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from llm2trt.core.errors import InputError
-from llm2trt.passes.core import Model, PassResult
+from llm2trt.passes.manager import Model, PassResult
 from llm2trt.passes.pattern import RewritePass, RewriteRule
 
 

@@ -40,9 +40,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from llm2trt.core.dtypes import DType
-from llm2trt.passes.core import GraphPass, Model, PassResult, read_values
+from llm2trt.passes.manager import GraphPass, Model, PassResult, read_values
 from llm2trt.passes.fusions import register_equivalent
-from llm2trt.passes.quant import transposed_constant
+from llm2trt.passes.qdq import transposed_constant
 
 DOMAIN = "llm2trt"
 VERSION = 1

@@ -1,5 +1,5 @@
 """llm2trt's CUDA kernels for ONNX Runtime: the custom-op library behind the `llm2trt` ops that
-`--kv-form gqa` graphs carry (passes/ort_kernels.py), built from `csrc/` on first use.
+`--kv-form gqa` graphs carry (passes/ort_ops.py), built from `csrc/` on first use.
 
 ONNX Runtime loads it with `SessionOptions.register_custom_ops_library`; without it the same graph
 runs the ops' reference bodies. The library is compiled by nvcc (CUDA 12 or 13: `$CUDA_HOME`,
@@ -126,7 +126,7 @@ def graph_uses(onnx_path: str | Path) -> bool:
     """Whether the graph has nodes of this library's ops."""
     import onnx
 
-    from llm2trt.passes.ort_kernels import ALL_OPS, DOMAIN  # here: scripts load this module on its own
+    from llm2trt.passes.ort_ops import ALL_OPS, DOMAIN  # here: scripts load this module on its own
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     return any(node.domain == DOMAIN and node.op_type in ALL_OPS for node in model.graph.node)

@@ -32,7 +32,7 @@ import onnx_graphsurgeon as gs
 from llm2trt.core.dtypes import DType
 from llm2trt.core.quant import Calibration, Quantization, QuantMethod, QuantRequest, qmax
 from llm2trt.core.reports import Refusal
-from llm2trt.passes.core import GraphPass, Model, PassResult, read_values
+from llm2trt.passes.manager import GraphPass, Model, PassResult, read_values
 from llm2trt.passes.pattern import module_of
 
 logger = logging.getLogger(__name__)

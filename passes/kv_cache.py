@@ -28,7 +28,7 @@ import onnx_graphsurgeon as gs
 from llm2trt.core.dtypes import DType, numpy_of_onnx, onnx_elem_type
 from llm2trt.core.errors import InputError
 from llm2trt.core.kv import GROWING, KV_KINDS, KVKind, KVLayout, past_name, present_name
-from llm2trt.passes.core import GraphPass, Model, PassResult
+from llm2trt.passes.manager import GraphPass, Model, PassResult
 from llm2trt.passes.pattern import attention_per_layer
 
 TENSOR_SCATTER_OPSET = 24
