@@ -6,25 +6,9 @@ from __future__ import annotations
 
 import signal
 import sys
-from types import FrameType
 
 from llm2trt.core.errors import Terminated
-
-RECEIVED: list[int] = []  # the signals this process got, however the code they interrupted reported them
-
-
-def signal_message(signum: int) -> str:
-    return "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
-
-
-def on_sigterm(signum: int, frame: FrameType | None) -> None:
-    RECEIVED.append(signum)
-    raise Terminated(signum)
-
-
-def on_sigint(signum: int, frame: FrameType | None) -> None:
-    RECEIVED.append(signum)
-    raise KeyboardInterrupt
+from llm2trt.core.signals import RECEIVED, on_sigint, on_sigterm, signal_message
 
 
 def _stopped(signum: int) -> None:
@@ -37,13 +21,26 @@ def _stopped(signum: int) -> None:
     sys.exit(128 + signum)
 
 
+def _preload() -> None:
+    """numpy first, here, where an interrupt is ours to report. Imported first by a C extension
+    instead (its import_array), an interrupt mid-import is printed by the extension as a traceback.
+    Help and version need no numpy."""
+    args = sys.argv[1:]
+    if args and not {"-h", "--help", "--version"} & set(args):
+        import numpy  # noqa: F401
+
+
 def main() -> None:
     signal.signal(signal.SIGINT, on_sigint)
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        from llm2trt.cli import main as cli_main
+        _preload()
+        from llm2trt.cli.main import main as cli_main
     except (KeyboardInterrupt, Terminated, Exception):
         if RECEIVED:
             _stopped(RECEIVED[-1])
         raise
-    cli_main()
+    try:
+        cli_main()
+    except (KeyboardInterrupt, Terminated):  # before the command's own error path took over
+        _stopped(RECEIVED[-1] if RECEIVED else signal.SIGINT)

@@ -24,6 +24,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from llm2trt.core.artifact import external_info, point_external
 from llm2trt.core.errors import Llm2TrtError
+from llm2trt.core.log import still_running
 from llm2trt.core.manifest import PassRecord
 from llm2trt.core.reports import Refusal
 
@@ -306,6 +307,9 @@ class PipelineResult:
     results: dict[str, PassResult]
 
 
+STILL_RUNNING_SECONDS = 30.0
+
+
 class PassManager:
     """Runs passes in order, checks ordering constraints up front and the graph after each pass."""
 
@@ -328,7 +332,8 @@ class PassManager:
         results: dict[str, PassResult] = {}
         for p in self.passes:
             start = time.perf_counter()
-            with gs_quiet():  # onnx-graphsurgeon warns on stdout, which belongs to --json
+            # A pass logs its line when it ends; one searching for minutes (AWQ) is not silent meanwhile.
+            with gs_quiet(), still_running(f"pass {p.name}", STILL_RUNNING_SECONDS):
                 result = p.run(model)
             model.forget_names()
             seconds = time.perf_counter() - start

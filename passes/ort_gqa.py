@@ -29,8 +29,8 @@ import onnx_graphsurgeon as gs
 
 from llm2trt.core.errors import InputError
 from llm2trt.core.kv import SEQLENS_K, TOTAL_SEQUENCE_LENGTH, KVLayout
-from llm2trt.passes.manager import GraphPass, Model, PassResult, gs_quiet
 from llm2trt.passes.fusions import register_equivalent
+from llm2trt.passes.manager import GraphPass, Model, PassResult, gs_quiet
 from llm2trt.passes.pattern import attention_per_layer
 from llm2trt.passes.qdq import reads_tied_weight, transposed_values
 

@@ -24,9 +24,10 @@ transformers run flips two of them); float logits cost 2 extra bytes a vocabular
 W is [N, K], a row per output (the layout a GEMV reads contiguously; a tied lm_head is the
 embedding itself), SwiGLU's W is [W_gate; W_up]. Each op is an `llm2trt`-domain local function
 whose body (standard ONNX) is the reference: ONNX Runtime runs the body where llm2trt's CUDA
-library (`plugins/csrc/llm2trt_ort.cu`, built on first use) is not registered, and that library's
-kernel where it is. Normed and GateUp are what the many-row path (prefill, batched decode) stages
-between its kernels; the one-row kernel never writes them.
+library (plugins/csrc, built on first use) is not registered, and that library's kernel where it
+is. Normed and GateUp are what the many-row path (prefill, batched decode) stages between its
+kernels; the one-row kernel never writes them. The ops' names, inputs, outputs, types and
+attributes are passes/ort_op_table.py's, the table the library's registration is compiled from.
 """
 
 from __future__ import annotations
@@ -40,47 +41,26 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from llm2trt.core.dtypes import DType
-from llm2trt.passes.manager import GraphPass, Model, PassResult, read_values
 from llm2trt.passes.fusions import register_equivalent
+from llm2trt.passes.manager import GraphPass, Model, PassResult, read_values
+from llm2trt.passes.ort_op_table import (
+    ALL,
+    ATTENTION,
+    ATTENTION_HEAD_SIZES,
+    ATTENTION_HEAD_SIZES_TEXT,
+    ATTENTION_MAX_GROUP,
+    ATTRIBUTE_TYPES,
+    DOMAIN,
+    OPS,
+    VERSION,
+)
 from llm2trt.passes.qdq import transposed_constant
 
-DOMAIN = "llm2trt"
-VERSION = 1
 MS = "com.microsoft"
 FLOATS = (DType.FP16, DType.FP32)  # what the CUDA library's kernels take
-
-
-@dataclass(frozen=True)
-class KernelOp:
-    name: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    float_y: bool = False  # Y in float32 whatever the inputs' type
-
-
-OPS: dict[str, KernelOp] = {
-    op.name: op
-    for op in (
-        KernelOp("Linear", ("X", "W"), ("Y",)),
-        KernelOp("RMSNormLinear", ("X", "Gamma", "W"), ("Y", "Normed")),
-        KernelOp("SkipRMSNormLinear", ("X", "Skip", "Gamma", "W"), ("Y", "Sum", "Normed")),
-        KernelOp("SkipRMSNormSwiGLU", ("X", "Skip", "Gamma", "W"), ("Y", "Sum", "Normed", "GateUp")),
-        KernelOp("LinearF32", ("X", "W"), ("Y",), float_y=True),
-        KernelOp("RMSNormLinearF32", ("X", "Gamma", "W"), ("Y", "Normed"), float_y=True),
-        KernelOp("SkipRMSNormLinearF32", ("X", "Skip", "Gamma", "W"), ("Y", "Sum", "Normed"), float_y=True),
-    )
-}
 FLOAT_Y = {op.name.removesuffix("F32"): op.name for op in OPS.values() if op.float_y}  # op -> its float-Y twin
-
-ATTENTION = KernelOp(
-    "GroupQueryAttention",
-    ("QKV", "PastKey", "PastValue", "SeqlensK", "TotalSequenceLength", "CosCache", "SinCache"),
-    ("Output", "PresentKey", "PresentValue"),
-)
-ATTENTION_ATTRS = ("num_heads", "kv_num_heads", "scale", "do_rotary", "rotary_interleaved", "local_window_size")
-ATTENTION_HEAD_SIZES = (16, 32, 64, 128, 256)  # the library's kernels: 8 elements a lane, a head within a warp
-ATTENTION_MAX_GROUP = 8  # query heads a KV head, at most
-ALL_OPS = (*OPS, ATTENTION.name)
+ATTENTION_ATTRS = ATTENTION.attributes
+ALL_OPS = tuple(op.name for op in ALL)
 
 register_equivalent("Attention", DOMAIN, ATTENTION.name)
 register_equivalent("RoPE", DOMAIN, ATTENTION.name, lambda node: 2)
@@ -95,7 +75,7 @@ def attention_function(opset: int) -> gs.Function:
     formal = {n: gs.Variable(n) for n in (*ATTENTION.inputs, *ATTENTION.outputs)}
     empty = gs.Variable.empty()
     inputs = [formal["QKV"], empty, empty, *(formal[n] for n in ATTENTION.inputs[1:])]
-    attrs = {name: gs.Node.AttributeRef(name, float if name == "scale" else int) for name in ATTENTION_ATTRS}
+    attrs = {name: gs.Node.AttributeRef(name, ATTRIBUTE_TYPES[name]) for name in ATTENTION_ATTRS}
     node = gs.Node(
         "GroupQueryAttention", inputs=inputs, outputs=[formal[n] for n in ATTENTION.outputs], attrs=attrs, domain=MS
     )
@@ -128,7 +108,7 @@ def function(name: str, opset: int) -> gs.Function:
     if "Skip" in formal:
         x = node("Add", [x, formal["Skip"]], formal["Sum"])
     if "Gamma" in formal:
-        epsilon = gs.Node.AttributeRef("epsilon", float)
+        epsilon = gs.Node.AttributeRef("epsilon", ATTRIBUTE_TYPES["epsilon"])
         x = node("RMSNormalization", [x, formal["Gamma"]], formal["Normed"], axis=-1, epsilon=epsilon)
     weight_t = node("Transpose", [formal["W"]], perm=[1, 0])
     if op.float_y:
@@ -142,7 +122,6 @@ def function(name: str, opset: int) -> gs.Function:
         nodes.append(gs.Node("Split", inputs=[both], outputs=[gate, up], attrs={"axis": -1, "num_outputs": 2}))
         act = node("Mul", [gate, node("Sigmoid", [gate])])
         node("Mul", [act, up], formal["Y"])
-    attrs = {"epsilon": None} if "Gamma" in formal else {}
     return gs.Function(
         name,
         domain=DOMAIN,
@@ -150,7 +129,7 @@ def function(name: str, opset: int) -> gs.Function:
         inputs=[formal[n] for n in op.inputs],
         outputs=[formal[n] for n in op.outputs],
         opset=opset,
-        attrs=attrs,
+        attrs=dict.fromkeys(op.attributes),
     )
 
 
@@ -172,8 +151,8 @@ def one_op_model(name: str, values: dict[str, np.ndarray], epsilon: float = 1e-5
     spec = OPS[name]
     dtype = values["X"].dtype
     inputs = [gs.Variable(i, dtype=dtype, shape=values[i].shape) for i in spec.inputs]
-    outputs = [gs.Variable(o, dtype=np.float32 if spec.float_y and o == "Y" else dtype) for o in spec.outputs]
-    attrs = {"epsilon": epsilon} if "Gamma" in spec.inputs else {}
+    outputs = [gs.Variable(o, dtype=np.float32 if spec.output_type(o) == "float32" else dtype) for o in spec.outputs]
+    attrs = {"epsilon": epsilon} if "epsilon" in spec.attributes else {}
     node = gs.Node(name, inputs=inputs, outputs=outputs, attrs=attrs, domain=DOMAIN)
     return _one_node_model(node, function(name, opset), opset)
 
@@ -210,8 +189,10 @@ def attention_model(
         "CosCache": [capacity, head // 2],
         "SinCache": [capacity, head // 2],
     }
-    ints = ("SeqlensK", "TotalSequenceLength")
-    inputs = [gs.Variable(n, dtype=np.int32 if n in ints else dtype, shape=shapes[n]) for n in ATTENTION.inputs]
+    inputs = [
+        gs.Variable(n, dtype=np.int32 if ATTENTION.input_type(n) == "int32" else dtype, shape=shapes[n])
+        for n in ATTENTION.inputs
+    ]
     outputs = [gs.Variable(n, dtype=dtype) for n in ATTENTION.outputs]
     defaults = {"num_heads": heads, "kv_num_heads": kv_heads, "scale": 1 / float(np.sqrt(head)), "do_rotary": 1}
     node_attrs = {**defaults, "rotary_interleaved": 0, "local_window_size": -1, **(attrs or {})}
@@ -408,7 +389,7 @@ def _attention_refusal(inputs: list[gs.Tensor], attrs: dict[str, Any], others: s
         return "GroupQueryAttention without half-split rotary inside, or with a local window"
     head = inputs[3].shape[-1] if inputs[3].shape else None
     if head not in ATTENTION_HEAD_SIZES:
-        return "GroupQueryAttention with a head size other than 16, 32, 64, 128 or 256"
+        return f"GroupQueryAttention with a head size other than {ATTENTION_HEAD_SIZES_TEXT}"
     if any(t.inputs for t in inputs[3:6]) or not all(isinstance(t, gs.Constant) for t in inputs[7:9]):
         # The decode kernel reads the caches, the lengths and the tables before the kernel ahead of it ends.
         return "GroupQueryAttention whose caches, lengths or rotary tables are computed in the graph"

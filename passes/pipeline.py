@@ -1,27 +1,48 @@
 """The one place the optimize pipeline is assembled: registered entries, ordered, built from options.
 
 An entry turns `PipelineOptions` into the passes it contributes (none when the options turn it
-off). Options carry per-entry configuration (`settings`) and data a pass needs (`data`, e.g.
-calibration samples), so a pass receives them through its constructor rather than globals.
+off). The options are typed records: what decides a built-in pass (KV cache, quantization, plugins,
+the opset) has its own field, and an entry registered elsewhere finds its own record in `extra`
+under its name, so a pass receives what it needs through its constructor rather than globals.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from llm2trt.core.kv import GQA, KVLayout
+from llm2trt.core.quant import QuantRequest
 from llm2trt.core.registry import Registry
 from llm2trt.passes.cleanup import ShapeInference, cleanup_passes
-from llm2trt.passes.manager import GraphPass, PassManager
 from llm2trt.passes.fusions import required_opset, selected
 from llm2trt.passes.kv_cache import TENSOR_SCATTER_OPSET, KVCachePass
+from llm2trt.passes.manager import GraphPass, PassManager
 from llm2trt.passes.opset import OpsetUpgrade
 from llm2trt.passes.ort_gqa import DEFAULT_MAX_POSITIONS, GroupQueryAttentionPass
 from llm2trt.passes.ort_ops import OrtKernelsPass
 from llm2trt.passes.pattern import RewritePass
-from llm2trt.passes.qdq import QUANT_OPSET, QuantPass
+from llm2trt.passes.plugin_nodes import PluginRewrite
+from llm2trt.passes.qdq import QUANT_OPSET, Calibrator, QuantPass
+
+
+@dataclass(frozen=True)
+class KVOptions:
+    """The KV cache the graph should end with."""
+
+    layout: KVLayout | None = None  # None: leave the cache as it is
+    insert: bool = False  # the graph has none yet (`optimize --kv-cache`); else a growing cache is converted
+    max_positions: int = DEFAULT_MAX_POSITIONS  # rotary tables of the gqa form, as long as the model's positions
+    ort_kernels: bool = True  # the gqa form with llm2trt's own CUDA ops (norm + GEMV)
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """Q/DQ quantization: what was asked, and the calibration that methods with activation
+    statistics need (None for weight-only rounding)."""
+
+    request: QuantRequest
+    calibrator: Calibrator | None = None
 
 
 @dataclass(frozen=True)
@@ -29,17 +50,12 @@ class PipelineOptions:
     """What decides which passes run and how."""
 
     skip_fusions: tuple[str, ...] = ()
-    # The KV cache the graph should end with (None: leave the cache as it is); `kv_insert` when the
-    # graph has none yet (`optimize --kv-cache`), else an existing growing cache is converted.
-    kv_layout: KVLayout | None = None
-    kv_insert: bool = False
-    # Configuration by entry name, e.g. {"opset_upgrade": {"target": 24}}.
-    settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    # Data passes need, by key (calibration samples, ...).
-    data: Mapping[str, Any] = field(default_factory=dict)
-
-    def setting(self, entry: str, key: str, default: Any = None) -> Any:
-        return self.settings.get(entry, {}).get(key, default)
+    opset: int | None = None  # the opset to upgrade to; None: the lowest the chosen passes need
+    kv: KVOptions = field(default_factory=KVOptions)
+    quant: QuantOptions | None = None
+    plugins: tuple[PluginRewrite, ...] = ()
+    # Options of entries registered outside this module, by entry name; each entry reads its own type.
+    extra: Mapping[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -61,40 +77,38 @@ def register_entry(name: str, order: int, make: Callable[[PipelineOptions], Sequ
 def _opset(options: PipelineOptions) -> list[GraphPass]:
     fusions = selected(options.skip_fusions)
     needed = required_opset(fusions) if fusions else None
-    if options.kv_layout is not None and options.kv_layout.is_buffer:
+    if options.kv.layout is not None and options.kv.layout.is_buffer:
         needed = max(needed or 1, TENSOR_SCATTER_OPSET)
-    if options.setting("quantize", "request") is not None:
+    if options.quant is not None:
         needed = max(needed or 1, QUANT_OPSET)
-    target = options.setting("opset_upgrade", "target", needed)
-    return [OpsetUpgrade(int(target))] if target else []
+    target = options.opset or needed
+    return [OpsetUpgrade(target)] if target else []
 
 
 def _kv(options: PipelineOptions) -> list[GraphPass]:
-    if options.kv_layout is None:
+    if options.kv.layout is None:
         return []
-    return [KVCachePass(options.kv_layout, options.kv_insert)]
+    return [KVCachePass(options.kv.layout, options.kv.insert)]
 
 
 def _gqa(options: PipelineOptions) -> list[GraphPass]:
-    if options.kv_layout is None or options.kv_layout.form != GQA:
+    kv = options.kv
+    if kv.layout is None or kv.layout.form != GQA:
         return []
-    limit = options.setting("ort_gqa", "max_positions", DEFAULT_MAX_POSITIONS)
-    kernels = bool(options.setting("ort_kernels", "enabled", True))
-    gqa = GroupQueryAttentionPass(options.kv_layout, int(limit), untie=not kernels)
-    return [gqa, OrtKernelsPass()] if kernels else [gqa]
+    gqa = GroupQueryAttentionPass(kv.layout, kv.max_positions, untie=not kv.ort_kernels)
+    return [gqa, OrtKernelsPass()] if kv.ort_kernels else [gqa]
 
 
 def _quant(options: PipelineOptions) -> list[GraphPass]:
-    request = options.setting("quantize", "request")
-    if request is None:
+    if options.quant is None:
         return []
-    return [QuantPass(request, options.data.get("calibrator"))]
+    return [QuantPass(options.quant.request, options.quant.calibrator)]
 
 
 def _plugins(options: PipelineOptions) -> list[GraphPass]:
     from llm2trt.passes.plugin_nodes import PluginPass
 
-    return [PluginPass(spec) for spec in options.data.get("plugins", ())]
+    return [PluginPass(spec) for spec in options.plugins]
 
 
 def _fusions(options: PipelineOptions) -> list[GraphPass]:

@@ -4,24 +4,22 @@ A linear layer is a MatMul whose second input is a constant 2-D weight [in, out]
 `DequantizeLinear(q, scale)` (per output channel, axis 1; or INT4 blocks of `group_size` input
 channels, axis 0 with `block_size`, opset 21) and, for W8A8/FP8, its input gets a static per-tensor
 `QuantizeLinear -> DequantizeLinear` pair, shared by the layers that read the same tensor. Scales
-are symmetric (TensorRT refuses non-zero zero points). Methods (`llm2trt.core.quant.METHODS`):
+are symmetric (TensorRT refuses non-zero zero points). A W8A8 weight keeps each pair of input
+channels 2k, 2k+1 within |q| sums of 128 (`bounded_pairs`), so that CPUs which add such products in
+int16 compute what the graph says.
 
-- SmoothQuant (int8-sq): per input channel s = amax_x^a / amax_w^(1-a) moves activation outliers into
-  the weights: weight rows are multiplied by s, and 1/s is folded into what produces the input (the
-  norm's scale and bias, or the previous linear's output columns, e.g. up_proj before down_proj),
-  so the graph gains no op. An input with nowhere to fold stays unsmoothed (a refusal says why).
-- AWQ (int4-awq): the same fold, with s = mean|x|^a and a searched on calibration rows to minimise
-  the layer's output error after quantization, then a per-block clipping ratio searched the same way.
-
-The NumPy functions here are the reference the graph's constants are computed with; tests check them
-against independent arithmetic and the graph against a fake-quantized PyTorch model.
+The numbers come from the method (`llm2trt.passes.quant_methods`: one class each, its searches as
+hooks); the graph side is the same for all. A method that smooths (SmoothQuant, AWQ) gives a per
+input channel scale s: weight rows are multiplied by s and 1/s is folded into what produces the
+input (the norm's scale and bias, or the previous linear's output columns, e.g. up_proj before
+down_proj), so the graph gains no op. An input with nowhere to fold stays unsmoothed (a refusal
+says why). The constants are computed with the NumPy reference in `llm2trt.passes.quant_math`.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,215 +28,27 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from llm2trt.core.dtypes import DType
-from llm2trt.core.quant import Calibration, Quantization, QuantMethod, QuantRequest, qmax
+from llm2trt.core.quant import Calibration, Quantization, QuantRequest
 from llm2trt.core.reports import Refusal
 from llm2trt.passes.manager import GraphPass, Model, PassResult, read_values
 from llm2trt.passes.pattern import module_of
+from llm2trt.passes.quant_math import (
+    SEARCH_ROWS,
+    ActStats,
+    activation_scale,
+    fake_quant_values,
+    fake_quant_weight,
+    quantize_weight,
+    weight_scale,
+)
+from llm2trt.passes.quant_methods import METHODS
 
 logger = logging.getLogger(__name__)
 
 QUANT_OPSET = 21  # DequantizeLinear's block_size and INT4 types
 NORM_OPS = ("RMSNormalization", "LayerNormalization", "SimplifiedLayerNormalization")
 FUSING_CONSUMERS = ("MatMul", "Gemm", "Conv")  # where TensorRT fuses a DequantizeLinear
-AWQ_GRID = 20  # exponents 0, 0.05, ..., 0.95 (0 is plain rounding: AWQ is never worse on its rows)
-AWQ_CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0 .. 0.5 of each block's amax
-SQ_STRENGTHS = tuple(i / 10 for i in range(11))  # searched when --alpha is not given
-ACT_CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # of a static activation range
 MIN_BLOCK = 16  # the smallest INT4 block a layer falls back to when --group-size does not divide it
-SEARCH_ROWS = 256  # calibration tokens sampled per input tensor for the searches (bounds memory)
-_EPS = 1e-8
-
-
-# -- the NumPy reference ------------------------------------------------------------------------
-
-
-def _expand(scale: np.ndarray, method: QuantMethod, group: int) -> np.ndarray:
-    out: np.ndarray = np.repeat(scale, group, axis=0) if method.blockwise else scale[None, :]
-    return out
-
-
-def weight_scale(w: np.ndarray, method: QuantMethod, group: int, clip: np.ndarray | None = None) -> np.ndarray:
-    """Symmetric scales of a [in, out] weight: [out] per channel, [in // group, out] per block;
-    `clip` shrinks each block's amax (AWQ's clipping search)."""
-    a = np.abs(w.astype(np.float32))
-    amax = a.reshape(-1, group, a.shape[1]).max(axis=1) if method.blockwise else a.max(axis=0)
-    if clip is not None:
-        amax = amax * clip
-    scale = amax / qmax(method.weights)
-    return np.where(scale > 0, scale, 1.0).astype(np.float32)
-
-
-def quantize_weight(w: np.ndarray, scale: np.ndarray, method: QuantMethod, group: int) -> np.ndarray:
-    x = w.astype(np.float32) / _expand(scale, method, group)
-    return quantize_values(x, method.weights)
-
-
-def quantize_values(x: np.ndarray, dtype: DType) -> np.ndarray:
-    """x (already divided by its scale) as `dtype`, rounding and saturating as ONNX QuantizeLinear does."""
-    high = qmax(dtype)
-    codes = np.clip(x, -high, high) if dtype is DType.FP8 else np.clip(np.rint(x), -high - 1, high)
-    out: np.ndarray = codes.astype(dtype.numpy)
-    return out
-
-
-def dequantize_weight(q: np.ndarray, scale: np.ndarray, method: QuantMethod, group: int) -> np.ndarray:
-    out: np.ndarray = q.astype(np.float32) * _expand(scale, method, group)
-    return out
-
-
-def fake_quant_weight(w: np.ndarray, method: QuantMethod, group: int, clip: np.ndarray | None = None) -> np.ndarray:
-    scale = weight_scale(w, method, group, clip)
-    return dequantize_weight(quantize_weight(w, scale, method, group), scale, method, group)
-
-
-def smooth_scale(act_amax: np.ndarray, weights: Sequence[np.ndarray], alpha: float) -> np.ndarray:
-    """SmoothQuant's per-input-channel s = amax_x^a / amax_w^(1-a) over the layers sharing the input."""
-    w_amax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0).astype(np.float64)
-    x_amax = act_amax.astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        s = x_amax**alpha / w_amax ** (1.0 - alpha)
-    s = np.where((x_amax > 0) & (w_amax > 0) & np.isfinite(s), s, 1.0)
-    return np.clip(s, 1e-5, 1e5).astype(np.float32)
-
-
-def fake_quant_values(x: np.ndarray, scale: float, dtype: DType) -> np.ndarray:
-    """QuantizeLinear then DequantizeLinear with one scale, in NumPy."""
-    return quantize_values(x / np.float32(scale), dtype).astype(np.float32) * np.float32(scale)
-
-
-def activation_scale(act_amax: np.ndarray, s: np.ndarray | None, dtype: DType, clip: float = 1.0) -> float:
-    """The static per-tensor scale of an input whose channels are divided by s (SmoothQuant), its
-    range clipped to `clip` of the amax."""
-    amax = act_amax / s if s is not None else act_amax
-    return max(float(amax.max()), _EPS) * clip / qmax(dtype)
-
-
-def _w8a8_loss(
-    rows: np.ndarray, act_amax: np.ndarray, weights: Sequence[np.ndarray], method: QuantMethod
-) -> Callable[[np.ndarray | None, float], float]:
-    """The squared error of X W against its W8A8 version, for a migration s (None: none) and an
-    activation clip, on the calibration rows (squared, not per-token relative: the rows include the
-    largest tokens, whose accuracy matters beyond their number; on SmolLM2 a per-token relative
-    error chose worse)."""
-    act = method.activations
-    if act is None:
-        raise ValueError(f"{method.name} quantizes no activations")
-    x = rows.astype(np.float32)
-    reference = [x @ w for w in weights]
-
-    def loss(s: np.ndarray | None, clip: float) -> float:
-        ones = np.ones(x.shape[1], np.float32) if s is None else s
-        xq = fake_quant_values(x / ones, activation_scale(act_amax, s, act, clip), act)
-        return sum(
-            float(np.square(xq @ fake_quant_weight(w * ones[:, None], method, 0) - ref).sum())
-            for w, ref in zip(weights, reference, strict=True)
-        )
-
-    return loss
-
-
-def sq_search(
-    rows: np.ndarray,
-    act_amax: np.ndarray,
-    weights: Sequence[np.ndarray],
-    method: QuantMethod,
-    strengths: Sequence[float] = SQ_STRENGTHS,
-) -> tuple[np.ndarray, float, float]:
-    """SmoothQuant per group: the migration strength among `strengths`, then the clipping of the
-    activation range (1, 0.95, .., 0.5 of amax), each the one with the least W8A8 error on the
-    calibration rows. Returns s, a and the clip."""
-    loss = _w8a8_loss(rows, act_amax, weights, method)
-    scales = {a: smooth_scale(act_amax, weights, a) for a in strengths}
-    a = min(strengths, key=lambda a: loss(scales[a], 1.0)) if len(strengths) > 1 else strengths[0]
-    return scales[a], a, min(ACT_CLIP_RATIOS, key=lambda c: loss(scales[a], c))
-
-
-def clip_search(rows: np.ndarray, act_amax: np.ndarray, weights: Sequence[np.ndarray], method: QuantMethod) -> float:
-    """The activation clip alone, for an input nothing was migrated out of."""
-    loss = _w8a8_loss(rows, act_amax, weights, method)
-    return min(ACT_CLIP_RATIOS, key=lambda c: loss(None, c))
-
-
-def _output_error(rows: np.ndarray, weights: Sequence[np.ndarray], approx: Sequence[np.ndarray]) -> float:
-    return float(sum(np.square(rows @ (a - w)).sum() for w, a in zip(weights, approx, strict=True)))
-
-
-def awq_scale(
-    rows: np.ndarray, mean_abs: np.ndarray, weights: Sequence[np.ndarray], method: QuantMethod, group: int
-) -> tuple[np.ndarray, float, float]:
-    """AWQ's per-channel scale for layers sharing an input: s = mean|x|^a, a on a grid, minimising
-    || X W - (X/s) Q(diag(s) W) ||^2 over the calibration rows. Returns s, a, and the loss ratio to
-    plain rounding (a = 0)."""
-    x = rows.astype(np.float32)
-    tried: list[tuple[float, float, np.ndarray]] = []
-    for i in range(AWQ_GRID):
-        a = i / AWQ_GRID
-        s = np.maximum(mean_abs.astype(np.float64), _EPS) ** a
-        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-        # (X/s) Q(sW) - XW = X ((Q(sW)/s) - W): compare in the original basis.
-        approx = [fake_quant_weight(w * s[:, None], method, group) / s[:, None] for w in weights]
-        tried.append((_output_error(x, weights, approx), a, s))
-    base = tried[0][0]  # a = 0: plain rounding
-    loss, alpha, s = min(tried, key=lambda t: t[0])
-    return s, alpha, loss / base if base > 0 else 1.0
-
-
-def awq_clip(rows: np.ndarray, w: np.ndarray, method: QuantMethod, group: int) -> np.ndarray:
-    """AWQ's clipping search: per block and output channel, the fraction of amax that minimises
-    the block's contribution to the output error on the calibration rows."""
-    blocks = w.shape[0] // group
-    x = rows.astype(np.float32).reshape(rows.shape[0], blocks, group)
-    best_err = np.full((blocks, w.shape[1]), np.inf, np.float32)
-    best = np.ones((blocks, w.shape[1]), np.float32)
-    for ratio in AWQ_CLIP_RATIOS:
-        clip = np.full((blocks, w.shape[1]), ratio, np.float32)
-        delta = (fake_quant_weight(w, method, group, clip) - w).reshape(blocks, group, w.shape[1])
-        err = np.square(np.einsum("rbg,bgo->bro", x, delta)).sum(axis=1)
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best = np.where(better, ratio, best)
-    return best
-
-
-class ActStats:
-    """Per-channel statistics of one activation tensor over calibration, in bounded memory: the
-    channels' max|x| and mean|x|, and a uniform sample of at most `rows` tokens (for AWQ)."""
-
-    def __init__(self, channels: int, rows: int = 0, seed: int = 0) -> None:
-        self.amax = np.zeros(channels, np.float32)
-        self._abs_sum = np.zeros(channels, np.float64)
-        self.tokens = 0
-        self._rows = rows
-        self._rng = np.random.default_rng(seed)
-        self._keys = np.zeros(0, np.float64)
-        self._uniform = np.zeros((0, channels), np.float32)
-        self._heavy = np.zeros((0, channels), np.float32)
-
-    def update(self, x: np.ndarray) -> None:
-        flat = np.asarray(x, np.float32).reshape(-1, self.amax.shape[0])
-        a = np.abs(flat)
-        self.amax = np.maximum(self.amax, a.max(axis=0))
-        self._abs_sum += a.sum(axis=0, dtype=np.float64)
-        self.tokens += flat.shape[0]
-        if self._rows:
-            # Priority sampling: the tokens with the largest random keys are a uniform sample.
-            keys = np.concatenate([self._keys, self._rng.random(flat.shape[0])])
-            keep = np.argsort(keys)[-self._rows :]
-            self._keys = keys[keep]
-            self._uniform = np.concatenate([self._uniform, flat])[keep]
-            # The largest tokens too (attention sinks' massive activations are rare and decisive):
-            # a search on the uniform rows alone would clip them away.
-            rows = np.concatenate([self._heavy, flat])
-            self._heavy = rows[np.argsort(np.abs(rows).max(axis=1))[-max(self._rows // 8, 1) :]]
-
-    @property
-    def sample(self) -> np.ndarray:
-        """The rows searches run on: a uniform sample plus the heaviest tokens seen."""
-        return np.concatenate([self._uniform, self._heavy])
-
-    @property
-    def mean_abs(self) -> np.ndarray:
-        return (self._abs_sum / max(self.tokens, 1)).astype(np.float32)
 
 
 class Calibrator(Protocol):
@@ -402,7 +212,8 @@ class QuantPass(GraphPass):
 
     def __init__(self, request: QuantRequest, calibrator: Calibrator | None = None) -> None:
         self.request = request
-        self.method = request.spec
+        self.method = METHODS.get(request.method)
+        self.method.check(request)
         self.calibrator = calibrator
         self.summary: Quantization | None = None
         self.alphas: dict[str, float] = {}  # per smoothed group (by its first layer): the strength used
@@ -435,7 +246,7 @@ class QuantPass(GraphPass):
             activations=method.activations,
             granularity=method.granularity,
             group_size=request.group_size if method.blockwise else None,
-            alpha=request.alpha if method.smooth else None,
+            alpha=method.fixed_alpha(request),
             alphas=self.alphas,
             activation_clips=self.clips,
             sensitivity=self.sensitivity,
@@ -489,13 +300,14 @@ class QuantPass(GraphPass):
         if self.calibrator is None:
             raise ValueError(f"{self.method.name} needs a calibrator")
         tensors = {g.x.name: g.channels for g in groups}
-        searched = self.method.awq or self.method.activations is not None  # searches run on sampled rows
-        return self.calibrator.observe(model, tensors, SEARCH_ROWS if searched else 0)
+        # Rows are sampled whenever it calibrates: the searches and the sensitivity run on them.
+        return self.calibrator.observe(model, tensors, SEARCH_ROWS)
 
     def _smooth(self, model: Model, group: _Group, stats: dict[str, ActStats], refusals: list[Refusal]) -> int:
-        """Migrate a per-channel scale into the group's weights and fold 1/s upstream; 1 if it did."""
+        """Migrate the method's per-channel scale into the group's weights and fold 1/s upstream; the
+        number of layers migrated."""
         method = self.method
-        if not (method.smooth or method.awq):
+        if not method.smooth:
             return 0
         members = {lin.node.name for lin in group.linears}
         group.fold, reason = _fold_targets(group.x, group.channels, members)
@@ -503,20 +315,16 @@ class QuantPass(GraphPass):
         weights = [lin.values.astype(np.float32) for lin in group.linears]
         if not group.fold:
             refusals.append(Refusal(f"quant.{method.name}.smooth", first.node.name, first.module, reason))
-            if method.smooth:  # still searched: the activation range's clipping
-                group.clip = clip_search(stat.sample, stat.amax, weights, method)
-                self.clips[first.module] = group.clip
+        found = method.input_scale(stat, weights, self.request, self._block(group.channels), foldable=bool(group.fold))
+        if found.clip is not None:
+            group.clip = self.clips[first.module] = found.clip
+        if found.s is None or not group.fold:
             return 0
-        if method.awq:
-            s, alpha, ratio = awq_scale(stat.sample, stat.mean_abs, weights, method, self._block(group.channels))
-            logger.debug("awq %s: a=%.2f, loss %.3f of rounding", first.module, alpha, ratio)
-        else:
-            fixed = self.request.alpha
-            strengths = SQ_STRENGTHS if fixed is None else (fixed,)
-            s, alpha, group.clip = sq_search(stat.sample, stat.amax, weights, method, strengths)
-            self.clips[first.module] = group.clip
-        self.alphas[first.module] = alpha
-        group.s = s
+        if found.note:
+            logger.debug("%s %s: %s", method.name, first.module, found.note)
+        if found.alpha is not None:
+            self.alphas[first.module] = found.alpha
+        group.s = s = found.s
         for node, index in group.fold:
             _divide(model, node, index, s)
         for linear, w in zip(group.linears, weights, strict=True):
@@ -569,10 +377,7 @@ class QuantPass(GraphPass):
             self.blocks[linear.module] = size
         original = linear.values
         w = original.astype(np.float32)
-        clip = None
-        if method.awq:  # after every fold: the weight as it will be quantized, the rows it will see
-            s = group.s if group.s is not None else np.ones(w.shape[0], np.float32)
-            clip = awq_clip(stats[group.x.name].sample / s, w, method, size)
+        clip = method.weight_clip(w, stats.get(group.x.name), group.s, size)
         scale = weight_scale(w, method, size, clip)
         q = quantize_weight(w, scale, method, size)
         base = linear.weight.name

@@ -13,7 +13,7 @@ Each linear layer and embedding the exporter spec names is sliced for the rank (
 
 Norms, RoPE tables and everything else stay replicated. Collectives are `DistCollective` nodes
 (domain `trt`), which TensorRT's ONNX parser builds into NCCL layers; ONNX Runtime has no such op,
-so the rank harness (llm2trt.tp_runtime) runs the graph between them and does the collective itself.
+so the rank harness (llm2trt.backends.onnxruntime.ranks) runs the graph between them and does the collective itself.
 """
 
 from __future__ import annotations

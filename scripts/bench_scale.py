@@ -10,13 +10,12 @@
 Each stage runs as its own process; its peak RSS is the kernel's high-water mark for that process
 and everything it waited for (os.wait4), so a build worker's memory counts toward `build`.
 Ratios are over the model's weight bytes in the stage's input (the converted artifact's data files).
-Targets (issue 12): passes <= 0.5x, export <= 1.5x, build <= 1.1x of TensorRT-RTX alone.
+Targets: passes <= 0.5x, export <= 1.5x, build <= 1.1x of TensorRT-RTX alone.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import hf_checkpoint, llm2trt_argv
 
 HERE = Path(__file__).resolve().parent
 
@@ -45,15 +46,6 @@ def run_stage(argv: list[str]) -> tuple[float, int, str]:
 
 def data_bytes(artifact: Path) -> int:
     return sum(p.stat().st_size for p in artifact.rglob("*.data"))
-
-
-def prepare(work: Path) -> Path:
-    spec = importlib.util.spec_from_file_location("bench_decode", HERE / "bench_decode.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_decode"] = module
-    spec.loader.exec_module(module)
-    return Path(module.prepare("1.1b", work, None))
 
 
 Row = tuple[str, float, int]  # stage, seconds, peak RSS bytes
@@ -105,25 +97,23 @@ def main() -> None:
     work = opts.work / opts.dtype
     work.mkdir(parents=True, exist_ok=True)
     if opts.prepare_only:
-        prepare(opts.work)
+        hf_checkpoint("1.1b", opts.work)
         return
     # In a child: a process forked from one that held the 1.1B model in memory would report that
     # high-water mark as its own (Linux keeps ru_maxrss across exec).
     subprocess.run([sys.executable, __file__, "--work", str(opts.work), "--prepare-only"], check=True)
-    hf = prepare(opts.work)
-    cli = [sys.executable, "-m", "llm2trt"]
+    hf = hf_checkpoint("1.1b", opts.work)
     onnx_dir = work / "onnx"
-    convert = [*cli, "convert", str(hf), "-o", str(onnx_dir), "--dtype", opts.dtype, "--force", "-q"]
-    seconds, rss, _out = run_stage(convert)
+    seconds, rss, _out = run_stage(llm2trt_argv("convert", hf, "-o", onnx_dir, "--dtype", opts.dtype, "--force", "-q"))
     rows: list[Row] = [("convert", seconds, rss)]
     notes: list[str] = []
     for name, args in optimize_stages(onnx_dir, work, opts.skip):
-        seconds, rss, _out = run_stage([*cli, *args, "--force", "-q"])
+        seconds, rss, _out = run_stage(llm2trt_argv(*args, "--force", "-q"))
         rows.append((name, seconds, rss))
     if "build" not in opts.skip:
         floor(work, rows, notes)
     if opts.dtype == "fp32" and "compare" not in opts.skip:
-        seconds, rss, out = run_stage([*cli, "compare", str(onnx_dir), "--json"])
+        seconds, rss, out = run_stage(llm2trt_argv("compare", onnx_dir, "--json"))
         rows.append(("compare (transformers, ORT)", seconds, rss))
         notes.append(f"fp32 artifact vs transformers: max relative error {json.loads(out)['main_max_rel_err']:.2e}")
     model_bytes = data_bytes(onnx_dir)

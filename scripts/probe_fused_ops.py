@@ -7,7 +7,7 @@ it builds a one-node "fused" model and an equivalent graph of primitive ops, the
   max|fused - ref| / max|ref| against the decomposed graph (run with graph optimizations off, so the
   reference really is made of primitives; fp16 references compute in fp32 and cast the result back);
 - TensorRT-RTX: parse, build for one compute capability (SM89 by default), layer counts fused / decomposed.
-  Parse and build run in llm2trt's build worker (`llm2trt.build.run_worker`: a child process with Polygraphy's
+  Parse and build run in llm2trt's build worker (`llm2trt.build.driver.run_worker`: a child process with Polygraphy's
   TensorRT loaders), because TensorRT-RTX can segfault on some graphs: a crash fills the table's cells, it does
   not end the probe. run_worker has no time limit of its own; --trt-timeout is enforced here with SIGALRM
   (run_worker stops its worker on the exception the alarm raises);
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import re
 import signal
@@ -40,11 +41,13 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+from common import print_columns, wall_times, work_dir
 from onnx import helper, numpy_helper
 
-from llm2trt.build import WorkerFailed, run_worker
-from llm2trt.trt import RTX_COMPUTE_CAPABILITIES, Backend, load_backend
-from llm2trt.trt_worker import BuildRequest, BuildResult
+from llm2trt.backends.tensorrt.adapter import RTX_COMPUTE_CAPABILITIES, Backend, load_backend
+from llm2trt.build.driver import WorkerFailed, run_worker
+from llm2trt.build.worker import BuildRequest, BuildResult
+from llm2trt.core.numerics import normwise_rel_err
 
 EPS = 1e-5
 MS_DOMAIN = "com.microsoft"
@@ -562,8 +565,8 @@ def attention_3d_cases(a: AttnInputs) -> list[Case]:
 
 def mha_ms_cases(a: AttnInputs) -> list[Case]:
     """com.microsoft.MultiHeadAttention: 3-D q, k, v; inputs 3/4 (bias, key_padding_mask) empty, 5 =
-    attention_bias. "selfqkv" passes one tensor as q, k and v: the minimal form ENVIRONMENT.md saw crash
-    TensorRT-RTX."""
+    attention_bias. "selfqkv" passes one tensor as q, k and v: the smallest form of a graph TensorRT-RTX
+    has crashed on, kept apart so a crash names its cause."""
     hq = a.sz.heads
     cases = []
     for label, with_bias, self_qkv in (
@@ -690,30 +693,19 @@ def _feeds_for(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict
     return {n: a for n, a in feeds.items() if n in names}
 
 
-def _bind(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], device: str) -> Callable[[], float]:
-    """A timed runner. IO binding with inputs already on the device: GPU numbers measure kernels, not copies."""
+def _bind(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], device: str) -> Callable[[], Any]:
+    """One run of the session. IO binding with inputs already on the device: GPU numbers measure kernels, not copies."""
     binding = sess.io_binding()
     for name, arr in _feeds_for(sess, feeds).items():
         binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr, device, 0))
     for out in sess.get_outputs():
         binding.bind_output(out.name, device)
-
-    def run() -> float:
-        start = time.perf_counter()
-        sess.run_with_iobinding(binding)
-        return time.perf_counter() - start
-
-    def run_plain() -> float:
-        start = time.perf_counter()
-        sess.run(None, plain_feeds)
-        return time.perf_counter() - start
-
-    plain_feeds = _feeds_for(sess, feeds)
+    run = functools.partial(sess.run_with_iobinding, binding)
     try:
         run()
         run()  # the second run reuses the output buffers the first one allocated
     except Exception:  # seen: GroupQueryAttention's inferred present shape assumes a shared KV buffer
-        return run_plain
+        return functools.partial(sess.run, None, _feeds_for(sess, feeds))
     return run
 
 
@@ -722,26 +714,23 @@ def _time_pair(
 ) -> tuple[float, float]:
     """Median ms of fused and ref, runs interleaved so machine noise hits both alike; tiny ops get more runs."""
     runners = [_bind(fused, feeds, device), _bind(ref, feeds, device)]
-    for run in runners:
-        for _ in range(3):
-            run()
-    per_pair = sum(run() for run in runners)
+    per_pair = sum(wall_times(run, 1, warmup=3)[0] for run in runners)
     n = max(runs, min(1000, int(0.3 / max(per_pair, 1e-6))))
     times: list[list[float]] = [[], []]
     for _ in range(n):
         for i, run in enumerate(runners):
-            times[i].append(run())
+            times[i] += wall_times(run, 1)
     return 1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1])
 
 
 def _normwise(got: list[np.ndarray], want: list[np.ndarray]) -> float:
-    worst = 0.0
-    for a, e in zip(got, want, strict=True):
-        a64, e64 = a.astype(np.float64), e.astype(np.float64)
-        if a64.shape != e64.shape:
-            return math.inf
-        worst = max(worst, float(np.max(np.abs(a64 - e64)) / max(np.max(np.abs(e64)), 1e-30)))
-    return worst
+    return max(normwise_rel_err(a, e) for a, e in zip(got, want, strict=True))
+
+
+def _failed(res: OrtResult, status: str, note: str) -> OrtResult:
+    res.status = status
+    res.notes.append(note)
+    return res
 
 
 def probe_ort(case: Case, providers: list[str], device: str, runs: int) -> OrtResult:
@@ -751,31 +740,23 @@ def probe_ort(case: Case, providers: list[str], device: str, runs: int) -> OrtRe
         ref_plain = _session(case.ref, providers, optimize=False, strict=False)
         want = ref_plain.run(None, _feeds_for(ref_plain, case.feeds))
     except Exception as exc:
-        res.status = "ref failed"
-        res.notes.append(f"ORT reference: {_short(exc)}")
-        return res
+        return _failed(res, "ref failed", f"ORT reference: {_short(exc)}")
     try:
         fused = _session(case.fused, providers, optimize=True, strict=gpu)
         res.status = "ok"
     except Exception as exc:
         if not gpu:
-            res.status = "refused"
-            res.notes.append(f"ORT session: {_short(exc)}")
-            return res
+            return _failed(res, "refused", f"ORT session: {_short(exc)}")
         try:
             fused = _session(case.fused, providers, optimize=True, strict=False)
-            res.status = "ok (CPU fallback)"
-            res.notes.append(f"ORT: not on the GPU provider: {_short(exc, 160)}")
         except Exception as exc2:
-            res.status = "refused"
-            res.notes.append(f"ORT session: {_short(exc2)}")
-            return res
+            return _failed(res, "refused", f"ORT session: {_short(exc2)}")
+        res.status = "ok (CPU fallback)"
+        res.notes.append(f"ORT: not on the GPU provider: {_short(exc, 160)}")
     try:
         got = fused.run(None, _feeds_for(fused, case.feeds))
     except Exception as exc:
-        res.status = "run failed"
-        res.notes.append(f"ORT run: {_short(exc)}")
-        return res
+        return _failed(res, "run failed", f"ORT run: {_short(exc)}")
     res.error = _normwise(got, want)
     if not all(np.all(np.isfinite(g.astype(np.float64))) for g in got):
         res.notes.append("ORT: fused output has NaN/Inf")
@@ -958,11 +939,7 @@ def print_table(rows: list[Row], with_trt: bool, provider_label: str) -> None:
         ratio = o.ms_ref / o.ms_fused if o.ms_ref is not None and o.ms_fused else None
         row += [_fmt(o.ms_fused, ".3f"), _fmt(o.ms_ref, ".3f"), _fmt(ratio, ".2f") + ("*" if o.ref_unoptimized else "")]
         table.append(row)
-    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
-    for i, r in enumerate(table):
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print_columns(table, rule=True)
     notes = [f"  {c.name} [{c.dtype}]: {n}" for c, o, t in rows for n in o.notes + (t.notes if t else [])]
     print("\nNotes:", *notes or ["  (none)"], sep="\n")
 
@@ -1035,9 +1012,7 @@ def run_cases(
     cases: list[Case], providers: list[str], device: str, runs: int, keep: Path | None, target: TrtTarget | None
 ) -> list[Row]:
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        work = keep or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
+    with work_dir(keep) as work:
         for case in cases:
             o = probe_ort(case, providers, device, runs)
             t = probe_trt(case, work, target) if target else None

@@ -1,5 +1,5 @@
 """Which layers of SmolLM2-135M cost the most perplexity when quantized: the measurement behind
-`--keep` choices for int8-sq and fp8 (the issue's "others by measured sensitivity").
+`--keep` choices for int8-sq and fp8 (the layers kept in high precision by measured sensitivity).
 
 Each candidate set of modules is left in high precision and the rest fake-quantized in PyTorch
 with llm2trt's own NumPy reference (`llm2trt.passes.qdq`: SmoothQuant search, weight codes,
@@ -15,23 +15,24 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from common import TEXT, smollm2_gguf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from llm2trt.passes import quant_math as q
+from llm2trt.passes.quant_methods import METHODS, QuantMethod
 
-from llm2trt.core.quant import METHODS, QuantMethod  # noqa: E402
-from llm2trt.passes import qdq as q  # noqa: E402
-from scripts.measure_quant import TEXT, _gguf  # noqa: E402
-from tests.fake_quant import GROUPS, Folds, fake_quantize, migrate  # noqa: E402
-
-LLAMA = GROUPS["llama"]
+Folds = list[tuple[str, str, int | None]]  # (module, parameter, axis) divided by s; axis None: a vector
+# A Llama layer's linears that share one input, and where SmoothQuant folds 1/s, as the pass does.
+LLAMA: list[tuple[list[str], Folds]] = [
+    (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], [("input_layernorm", "weight", None)]),
+    (["self_attn.o_proj"], []),
+    (["mlp.gate_proj", "mlp.up_proj"], [("post_attention_layernorm", "weight", None)]),
+    (["mlp.down_proj"], [("mlp.up_proj", "weight", 0)]),  # nn.Linear [out, in]: its output rows
+]
 
 CANDIDATES = {  # name -> module-name fragments kept in high precision (lm_head always is)
     "none": (),
@@ -51,9 +52,9 @@ class Bench:
     def __init__(self, eval_bytes: int) -> None:
         from transformers import AutoTokenizer
 
-        from llm2trt.models import resolve_model
+        from llm2trt.convert.sources import resolve_model
 
-        gguf = _gguf()
+        gguf = smollm2_gguf()
         self.model = resolve_model(str(gguf)).load()
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         self.layers = int(self.model.config.num_hidden_layers)
@@ -123,7 +124,39 @@ class Bench:
             if any(k in f"{base}.{mods[0]}" for k in keep):
                 return []
             scale = q.activation_scale(stat.amax, s, act, clip) if act is not None else None
-            return fake_quantize(linears, method, 0, scale)
+            return fake_quantize(linears, method, scale)
+
+
+# PyTorch's side of the quantization pass, in nn.Linear terms (weight [out, in]; the pass's NumPy
+# reference works on [in, out]).
+
+
+def _set_weight(linear: torch.nn.Linear, w_in_out: np.ndarray) -> None:
+    linear.weight.data = torch.from_numpy(np.ascontiguousarray(w_in_out.T)).to(linear.weight.dtype)
+
+
+def migrate(model: torch.nn.Module, base: str, linears: list[torch.nn.Linear], folds: Folds, s: np.ndarray) -> None:
+    """SmoothQuant's migration, exact in high precision: weight rows times s, 1/s folded upstream."""
+    for m in linears:
+        _set_weight(m, m.weight.T.detach().numpy().astype(np.float32) * s[:, None])
+    for owner, attr, axis in folds:
+        p = getattr(model.get_submodule(f"{base}.{owner}"), attr)
+        p.data = p.data / torch.from_numpy(s).reshape((-1, 1) if axis == 0 else (-1,))
+
+
+def fake_quantize(linears: list[torch.nn.Linear], method: QuantMethod, act_scale: float | None) -> list[Any]:
+    """Weights through the reference's codes (per channel); the input, when a scale is given, through
+    a static per-tensor Q/DQ hook. Returns the hooks."""
+    for m in linears:
+        _set_weight(m, q.fake_quant_weight(m.weight.T.detach().numpy(), method, 0))
+    act = method.activations
+    if act is None or act_scale is None:
+        return []
+
+    def hook(_module: Any, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return (torch.from_numpy(q.fake_quant_values(args[0].numpy(), act_scale, act)),)
+
+    return [m.register_forward_pre_hook(hook) for m in linears]
 
 
 def main() -> None:

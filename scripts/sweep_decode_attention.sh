@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the lent GPU (inside scripts/gpu_decode.sh, after a bench_decode.py run left the 1.1B artifact
+# On a GPU (inside scripts/gpu_decode.sh, after a bench_decode.py run left the 1.1B artifact
 # in /tmp/bench): the decode attention kernel's split heuristic, swept. Each variant of the library
 # is built with -D knobs (plugins/csrc/llm2trt_attention.cuh: LLM2TRT_DECODE_SMS_PER_BLOCK,
 # LLM2TRT_DECODE_MAX_CLUSTER) and run as bench_decode.py's llm2trt row via $LLM2TRT_ORT_KERNELS;

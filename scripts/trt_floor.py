@@ -1,6 +1,6 @@
 """TensorRT-RTX alone: parse an ONNX file and build it with the optimization profiles an llm2trt
 build recorded (build.json), nothing else imported. `scripts/bench_scale.py` runs it as the floor
-the `build` stage's memory is held to (issue 12: build <= 1.1x of this).
+the `build` stage's memory is held to (the target: build <= 1.1x of this).
 
     python scripts/trt_floor.py FUSED/model.onnx ENGINE_DIR/build.json [--engine OUT.engine]
 """

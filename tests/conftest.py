@@ -13,11 +13,11 @@ import onnx
 import pytest
 from click.testing import CliRunner, Result
 
-from llm2trt.cli import cli
+from llm2trt.backends.tensorrt.adapter import load_backend
+from llm2trt.cli.main import cli
 from llm2trt.core.dtypes import DType
 from llm2trt.core.manifest import GraphSpec, Manifest, TensorSpec
 from llm2trt.exporters import all_specs
-from llm2trt.trt import load_backend
 
 TINY = [f"tiny:{spec.name}" for spec in all_specs()]
 # The backend this machine builds with, asked rather than assumed: TensorRT-RTX here and in CI

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from llm2trt.marks import node_module
+from llm2trt.compare.marks import node_module
 
 
 def corrupt_linear(artifact: Path, module: str, out: Path, scale: float = 10.0) -> Path:

@@ -1,4 +1,4 @@
-"""Fake quantization of a transformers model with llm2trt's NumPy reference (`llm2trt.passes.qdq`):
+"""Fake quantization of a transformers model with llm2trt's NumPy reference (`llm2trt.passes.quant_math`):
 what a quantized graph must compute, for tests/passes/test_quant.py and scripts/quant_sensitivity.py."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from llm2trt.core.dtypes import DType
-from llm2trt.core.quant import QuantMethod
-from llm2trt.passes import qdq as q
+from llm2trt.passes import quant_math as q
+from llm2trt.passes.quant_methods import QuantMethod
 
 Folds = list[tuple[str, str, int | None]]  # (module, parameter, axis) divided by s; axis None: a vector
 # Modules sharing one input, and where SmoothQuant folds 1/s, as the pass must.

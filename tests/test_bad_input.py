@@ -106,6 +106,41 @@ def test_existing_output_is_kept_without_force(artifacts: dict[str, Path], tmp_p
     assert (out / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("command", ["convert", "optimize", "build"])
+def test_an_existing_output_is_refused_before_anything_loads(
+    command: str, artifacts: dict[str, Path], tmp_path: Path
+) -> None:
+    """The refusal comes first: with torch, transformers, ONNX Runtime and TensorRT unimportable
+    it is still the one line about the output, at once, not an import or a load seconds later."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")
+    source = "tiny:llama" if command == "convert" else str(artifacts["tiny:llama"])
+    code = (
+        "import sys\n"
+        "for m in ('torch', 'transformers', 'onnxruntime', 'tensorrt', 'tensorrt_rtx', 'polygraphy',\n"
+        "          'onnx_graphsurgeon'):\n"
+        "    sys.modules[m] = None\n"
+        "from llm2trt.entry import main\n"
+        "sys.argv = ['llm2trt', *sys.argv[1:]]\n"
+        "main()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, command, source, "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"llm2trt: error: output directory {out} exists and is not empty; pass --force to replace it"
+    ]
+
+
 def test_force_replaces_an_artifact(artifacts: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "opt"
     assert run_cli("optimize", artifacts["tiny:vit"], "-o", out, "-q", "--no-check").exit_code == 0

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from llm2trt.backends.tensorrt.adapter import Backend, gpu_visible
 from llm2trt.core.manifest import Manifest
-from llm2trt.trt import Backend, gpu_visible
 from tests.conftest import BACKEND, CC, TINY, assert_clean_failure, graph_artifact, run_cli, run_json
 
 
@@ -95,8 +95,8 @@ def test_no_gpu_needs_a_compute_capability(
 
 
 def test_full_tensorrt_refuses_compute_capability() -> None:
+    from llm2trt.backends.tensorrt.adapter import resolve_compute_capability
     from llm2trt.core.errors import InputError
-    from llm2trt.trt import resolve_compute_capability
 
     full = Backend("tensorrt", "10.x", object())
     assert full.supports("timing_cache") and full.supports("strip_weights") and not full.supports("compute_capability")
@@ -153,7 +153,7 @@ def test_polygraphy_builds_fused_fp32_attention_with_the_documented_hook(
     code, view = run_json("inspect", fused)
     assert code == 0 and any("--trt-network-postprocess-script" in note for note in view["notes"])
     hook = subprocess.run(
-        [sys.executable, "-m", "llm2trt.trt_worker", "--hook"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "llm2trt.build.worker", "--hook"], capture_output=True, text=True, check=True
     ).stdout.strip()
     polygraphy = Path(sys.executable).parent / "polygraphy"
     shapes = []
@@ -206,3 +206,50 @@ def test_decoder_engines_have_prefill_and_decode_profiles(
         assert info["static_dims"] == {"cache_sequence": 256}
         assert "attention_mask" not in prefill and info["layer_types"].get("KV_CACHE_UPDATE", 0) == 4
     assert info["attention_ops"] == 2 and info["network_layers"] > 50
+
+
+@pytest.fixture(scope="module")
+def llama_engine(artifacts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("llama-engine") / "engine"
+    result = run_cli("build", artifacts["tiny:llama"], "-o", out, *CC, "-q")
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+def test_generate_on_an_engine_directory_runs_the_engine(llama_engine: Path) -> None:
+    """An engine directory's runner is its engine: where engines cannot run, one line says why and
+    how to run the ONNX graph instead, never a quiet fallback to ONNX Runtime."""
+    result = run_cli("generate", llama_engine, "--ids", "1,2,3", "--max-new-tokens", "2")
+    reason = BACKEND.cannot_run_engines()
+    if reason is None:  # a GPU this backend runs on
+        assert result.exit_code == 0, result.stderr
+        code, data = run_json("generate", llama_engine, "--ids", "1,2,3", "--max-new-tokens", "2", "-q")
+        assert code == 0 and data["runner"] == "trt"
+    else:
+        assert_clean_failure(result, f"cannot run a {BACKEND.display} engine here: {reason}")
+        error = next(line for line in result.stderr.splitlines() if line.startswith("llm2trt: error:"))
+        assert "--runner ort runs the ONNX graph the engine was built from" in error
+
+
+def test_generate_runner_ort_on_an_engine_directory_says_the_engine_is_unused(llama_engine: Path) -> None:
+    result = run_cli("generate", llama_engine, "--ids", "1,2,3", "--max-new-tokens", "2", "--runner", "ort", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["runner"] == "ort"
+    notes = [line for line in result.stderr.splitlines() if "is not used" in line]
+    assert len(notes) == 1 and notes[0].startswith("[llm2trt] "), result.stderr
+    assert "model.engine" in notes[0] and "ONNX graph" in notes[0]
+    quiet = run_cli("generate", llama_engine, "--ids", "1,2,3", "--max-new-tokens", "2", "--runner", "ort", "-q")
+    assert quiet.exit_code == 0 and "is not used" in quiet.stderr  # a warning: shown under -q too
+
+
+def test_build_prints_its_phases_when_stderr_is_not_a_terminal(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    """No terminal, no progress bar: a log file still shows what the build is doing."""
+    result = run_cli("build", artifacts["tiny:vit"], "-o", tmp_path / "engine", *CC)
+    assert result.exit_code == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert any(line.startswith("[llm2trt] TensorRT: parsing ") for line in lines), result.stderr
+    assert any(line.startswith("[llm2trt] TensorRT: building ") for line in lines), result.stderr
+    assert any(line.startswith("[llm2trt] TensorRT: ") and line.endswith(": done") for line in lines)  # its phases
+    assert not any("\r" in line for line in lines)  # no bar redrawn in place
+    quiet = run_cli("build", artifacts["tiny:vit"], "-o", tmp_path / "quiet", *CC, "-q")
+    assert quiet.exit_code == 0 and "TensorRT: " not in quiet.stderr

@@ -19,9 +19,9 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from llm2trt.convert.export import export_module
 from llm2trt.core.manifest import Manifest
 from llm2trt.core.numerics import normwise_rel_err, run_ort
-from llm2trt.export import export_module
 from llm2trt.exporters.llama import LlamaSpec
 from tests.conftest import assert_clean_failure, run_cli, run_json
 
@@ -133,6 +133,28 @@ def sharded_artifact(untied: transformers.LlamaForCausalLM, tmp_path_factory: py
     assert not (root / "hf" / "model.safetensors").exists()
     convert_and_check(root / "hf", root / "onnx", untied)
     return root / "onnx"
+
+
+def test_loading_weights_draws_no_progress_bar(untied: transformers.LlamaForCausalLM, tmp_path: Path) -> None:
+    """transformers' weight-loading bar is noise between llm2trt's own step lines (and in a log file
+    a run of carriage returns): the console script keeps it off unless -v."""
+    import subprocess
+    import sys
+
+    untied.save_pretrained(str(tmp_path / "hf"))
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    exe = Path(sys.executable).parent / "llm2trt"
+    proc = subprocess.run(
+        [str(exe), "convert", str(tmp_path / "hf"), "-o", str(tmp_path / "onnx")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Loading weights" not in proc.stderr and "%|" not in proc.stderr, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if not line.startswith("[llm2trt] ")] == [], proc.stderr
 
 
 # -- a. sharded safetensors ----------------------------------------------------------------------
@@ -378,9 +400,9 @@ def test_fp16_checkpoint_to_fp32_is_exact_and_drops_the_mapped_pages(
 ) -> None:
     """Loaded as stored (fp16, memory-mapped), then widened one tensor at a time with each source's
     pages dropped: the same weights as transformers' own fp32 load, and the pages really go."""
+    from llm2trt.convert.sources import resolve_model
     from llm2trt.core import memory
     from llm2trt.core.dtypes import DType
-    from llm2trt.models import resolve_model
 
     hf = tmp_path / "hf"
     tiny_llama(seed=5).half().save_pretrained(str(hf))

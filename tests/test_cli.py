@@ -18,7 +18,7 @@ def test_help_works_without_torch_or_tensorrt() -> None:
         "for m in ('torch', 'tensorrt', 'tensorrt_rtx', 'transformers', 'onnxruntime'):\n"
         "    sys.modules[m] = None\n"
         "from click.testing import CliRunner\n"
-        "from llm2trt.cli import cli\n"
+        "from llm2trt.cli.main import cli\n"
         f"for args in [['--help']] + [[c, '--help'] for c in {COMMANDS!r}]:\n"
         "    r = CliRunner().invoke(cli, args)\n"
         "    assert r.exit_code == 0, (args, r.output)\n"
@@ -63,3 +63,44 @@ def test_console_script_exit_codes(artifacts: dict[str, Path], tmp_path: Path) -
     assert bad.stderr.strip().splitlines() == [
         f"llm2trt: error: artifact directory does not exist: {tmp_path / 'missing'}"
     ]
+
+
+def test_group_help_lists_every_command_once() -> None:
+    from llm2trt.cli.main import cli
+
+    text = run_cli("--help").stdout
+    listed = [line.split()[0] for line in text.split("Commands:")[1].strip().splitlines()]
+    assert sorted(listed) == sorted(cli.commands)  # plugins and refit included
+    for name in cli.commands:  # once: no second, hand-written list above click's
+        assert sum(line.split()[:1] == [name] for line in text.splitlines()) == 1, (name, text)
+
+
+def test_stage_options_come_before_the_common_ones() -> None:
+    """A command's own options first (optimize's --quant and --calib among them), then --json, -v, -q."""
+    import re
+
+    for command in [*COMMANDS, "generate", "plugins", "refit"]:
+        text = run_cli(command, "--help").stdout
+        options = re.findall(r"^  (-\w, )?(--[\w-]+)", text, flags=re.MULTILINE)
+        names = [name for _short, name in options]
+        assert names[-4:] == ["--json", "--verbose", "--quiet", "--help"], (command, names)
+    optimize = run_cli("optimize", "--help").stdout
+    assert optimize.index("--quant") < optimize.index("--json")
+    assert optimize.index("--calib-samples") < optimize.index("--json")
+
+
+def test_group_help_imports_no_numpy_onnx_or_torch() -> None:
+    """`llm2trt --help` and the CLI's import stay light: the option vocabularies (dtypes, quantization
+    methods) are read when a command's help or the command itself needs them."""
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from llm2trt.cli.main import cli\n"
+        "r = CliRunner().invoke(cli, ['--help'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "heavy = {'numpy', 'onnx', 'ml_dtypes', 'torch', 'transformers', 'onnxruntime', 'tensorrt'}\n"
+        "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

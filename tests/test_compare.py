@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from llm2trt.compare import compare
+from llm2trt.compare.driver import CompareResult, OutputResult, compare
 from tests.conftest import CC, run_cli, run_json
 
 
@@ -77,3 +77,32 @@ def test_source_change_is_detected(tmp_path: Path) -> None:
     transformers.GPT2LMHeadModel(config).save_pretrained(str(model_dir))
     result = run_cli("compare", out)
     assert result.exit_code == 2 and "changed since it was converted" in result.stderr
+
+
+def test_cache_outputs_are_one_summary_line_unless_verbose(artifacts: dict[str, Path]) -> None:
+    """A decoder's present.* outputs (60 on SmolLM2) sum up in one line: count, worst error, verdict;
+    -v lists them, and --json always holds every row."""
+    plain = run_cli("compare", artifacts["tiny:llama"], "-q")
+    assert plain.exit_code == 0, plain.stderr
+    lines = plain.stdout.splitlines()
+    assert not any("present.0.key" in line for line in lines), plain.stdout
+    summary = [line for line in lines if "4 cache outputs" in line]
+    assert len(summary) == 1 and summary[0].startswith("torch") and summary[0].endswith("ok"), plain.stdout
+    assert any(line.startswith("torch") and " logits " in line for line in lines)
+    assert lines[-1].startswith("PASS: logits max relative error")
+    verbose = run_cli("compare", artifacts["tiny:llama"], "-v")
+    assert verbose.exit_code == 0
+    assert sum(" present." in line for line in verbose.stdout.splitlines()) == 4
+    code, data = run_json("compare", artifacts["tiny:llama"], "-q")
+    assert code == 0 and [r["output"] for r in data["results"]][1:] == [
+        f"present.{i}.{kind}" for i in range(2) for kind in ("key", "value")
+    ]
+
+
+def test_a_count_of_one_takes_the_singular() -> None:
+    row = OutputResult("torch", "ort", "y", [1], 0.0, 0.0, 0.0, 1e-4, 1e-4, True, cosine=1.0)
+    result = CompareResult(["torch", "ort"], "y", 1, 1, rows=[row], marked=1, segments=1, skipped=["t"])
+    text = result.render()
+    assert "(1 marked tensor; graph run once, in 1 segment); 1 mark had no counterpart in every runner" in text
+    two = CompareResult(["torch", "ort"], "y", 1, 1, rows=[row], marked=2, segments=2, skipped=["t", "u"])
+    assert "(2 marked tensors; graph run once, in 2 segments); 2 marks had no counterpart" in two.render()

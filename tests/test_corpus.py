@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from llm2trt.cli import cli
+from llm2trt.cli.main import cli
 from tests.conftest import BACKEND, CC, run_cli
 from tests.corrupt import point_weights_at
 

@@ -9,12 +9,13 @@ import numpy as np
 import onnx
 import pytest
 
+from llm2trt.backends.base import rounds_of
+from llm2trt.compare.golden import Golden
+from llm2trt.compare.marks import GraphMap, fusion_splits
 from llm2trt.core.dtypes import DType
 from llm2trt.core.tolerance import PROFILES, errors, profile_for
-from llm2trt.golden import Golden
-from llm2trt.marks import GraphMap, fusion_splits, rounds_of
-from llm2trt.passes.manager import Model
 from llm2trt.passes.fusions import count_fusions
+from llm2trt.passes.manager import Model
 from llm2trt.passes.pipeline import PipelineOptions, assemble
 from tests.conftest import assert_clean_failure, run_cli, run_json
 from tests.corrupt import corrupt_linear

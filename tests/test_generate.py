@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from llm2trt.convert.sources import resolve_model, source_from_info
 from llm2trt.core.dtypes import DType
 from llm2trt.core.manifest import Manifest
-from llm2trt.generate import Sampling, generate
-from llm2trt.models import resolve_model, source_from_info
+from llm2trt.generate.driver import Sampling, generate
 from tests.conftest import assert_clean_failure, run_cli, run_json
 
 NEW = 32
@@ -121,7 +121,7 @@ def test_smollm2_greedy_tokens_match_transformers(smollm2_forms: dict[str, Path]
     manifest = Manifest.read(smollm2_forms["growing"])
     assert manifest.generation is not None and manifest.generation.tokenizer == "tokenizer"
     assert manifest.generation.eos_token_ids == [2] and manifest.generation.chat_template
-    from llm2trt.generate import load_tokenizer
+    from llm2trt.convert.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(smollm2_forms["growing"], manifest)
     prompts = [tokenizer(p, add_special_tokens=False).input_ids for p in SMOL_PROMPTS]
@@ -138,7 +138,8 @@ def test_a_growing_cache_can_start_from_a_masked_dummy_slot(
     artifacts: dict[str, Path], tiny_prompts: list[list[int]]
 ) -> None:
     """What the TensorRT runtime does (its profiles have no zero-length past): same tokens."""
-    from llm2trt.session import GrowingSession, ort_executor
+    from llm2trt.backends.decoder import GrowingSession
+    from llm2trt.backends.onnxruntime.decoder import ort_executor
 
     manifest = Manifest.read(artifacts["tiny:llama"])
     graph = manifest.graph()
@@ -219,8 +220,7 @@ def _zen(tmp_path: Path) -> Path:
 @pytest.mark.xdist_group("smollm2_forms")
 def test_smollm2_perplexity_matches_transformers(smollm2_forms: dict[str, Path], tmp_path: Path) -> None:
     """eval ppl on every cache form equals transformers' own loss over the same windows."""
-    from llm2trt.evaluate import windows_of
-    from llm2trt.generate import load_tokenizer
+    from llm2trt.convert.tokenizer import load_tokenizer, windows_of
 
     text = _zen(tmp_path)
     manifest = Manifest.read(smollm2_forms["growing"])
@@ -247,3 +247,32 @@ def test_eval_ppl_bad_input(artifacts: dict[str, Path], smollm2_artifact: Path, 
     assert_clean_failure(run_cli("eval", "ppl", smollm2_artifact, "--text", missing), "no text file")
     (tmp_path / "one.txt").write_text("Hi")
     assert_clean_failure(run_cli("eval", "ppl", smollm2_artifact, "--text", tmp_path / "one.txt"), "fewer than 2")
+
+
+def test_smollm2_chat_prompt_through_the_cli(smollm2_artifact: Path) -> None:
+    """--chat wraps the prompt in the model's template (transformers 5's apply_chat_template returns a
+    BatchEncoding, not ids) and generates from there."""
+    from llm2trt.convert.tokenizer import load_tokenizer
+
+    prompt = "Write a haiku about rivers"
+    code, data = run_json("generate", smollm2_artifact, "--chat", "--prompt", prompt, "--max-new-tokens", "8", "-q")
+    assert code == 0, data
+    tokenizer = load_tokenizer(smollm2_artifact, Manifest.read(smollm2_artifact))
+    # The template as text, tokenized here: what the ids must start with.
+    turn = [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+    assert text.endswith("<|im_start|>assistant\n") and prompt in text
+    template = tokenizer(text, add_special_tokens=False).input_ids
+    row = data["results"][0]
+    assert data["ids"][: len(template)] == template and row["ids"] == template + row["new_ids"]
+    assert 1 <= len(row["new_ids"]) <= 8 and data["text"].strip()
+    assert all(isinstance(i, int) for i in data["ids"])
+
+
+def test_a_perplexity_over_one_window_says_window() -> None:
+    from llm2trt.generate.evaluate import Perplexity
+
+    one = Perplexity(ppl=2.0, tokens=5, windows=1, scored=4, nll=0.69, window=512, provider="cpu", seconds=0.1)
+    assert "over 4 scored tokens (5 tokens, 1 window of up to 512;" in one.render()
+    single = Perplexity(ppl=2.0, tokens=2, windows=1, scored=1, nll=0.69, window=512, provider="cpu", seconds=0.1)
+    assert "over 1 scored token (2 tokens, 1 window of" in single.render()

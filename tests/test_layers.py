@@ -13,12 +13,29 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Source directory -> the package it installs as, and which llm2trt packages it may import.
+# Source directory -> the package it installs as, and which llm2trt packages it may import. Below the
+# stages: the foundation, exporters and passes, plugins, convert (sources and the exporter's module
+# wrapper, which the torch backend runs), the backends. A stage imports what is below it, never another
+# stage; the CLI and the console script sit on top.
+_BELOW_STAGES = (
+    "llm2trt.core",
+    "llm2trt.exporters",
+    "llm2trt.passes",
+    "llm2trt.plugins",
+    "llm2trt.convert",
+    "llm2trt.backends",
+)
 LAYERS = {
     "llm2trt/core": ("llm2trt.core", ("llm2trt.core",)),
     "exporters": ("llm2trt.exporters", ("llm2trt.core", "llm2trt.exporters")),
     "passes": ("llm2trt.passes", ("llm2trt.core", "llm2trt.passes")),
     "plugins": ("llm2trt.plugins", ("llm2trt.core", "llm2trt.passes", "llm2trt.plugins")),
+    "llm2trt/convert": ("llm2trt.convert", ("llm2trt.core", "llm2trt.exporters", "llm2trt.convert")),
+    "llm2trt/backends": ("llm2trt.backends", _BELOW_STAGES),
+    **{
+        f"llm2trt/{stage}": (f"llm2trt.{stage}", (*_BELOW_STAGES, f"llm2trt.{stage}"))
+        for stage in ("optimize", "build", "compare", "generate", "inspect")
+    },
 }
 
 
@@ -53,11 +70,11 @@ def test_layer_imports_only_what_is_below_it(directory: str) -> None:
 
 
 def test_the_check_catches_a_foundation_importing_a_stage(tmp_path: Path) -> None:
-    (tmp_path / "records.py").write_text("def f():\n    from llm2trt.export import convert\n")
+    (tmp_path / "records.py").write_text("def f():\n    from llm2trt.convert.export import convert\n")
     (tmp_path / "ok.py").write_text("from llm2trt.core.errors import InputError\nfrom llm2trt import __version__\n")
     assert [v.split(" imports ")[1] for v in violations(tmp_path, ("llm2trt.core",))] == [
-        "llm2trt.export",
-        "llm2trt.export.convert",
+        "llm2trt.convert.export",
+        "llm2trt.convert.export.convert",
     ]
 
 
@@ -76,3 +93,84 @@ def test_importing_a_layer_loads_nothing_above_it() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[] []"
+
+
+# Source directory -> the package it installs as, for the module graph below.
+SOURCES = {
+    "llm2trt": "llm2trt",
+    "exporters": "llm2trt.exporters",
+    "passes": "llm2trt.passes",
+    "plugins": "llm2trt.plugins",
+}
+
+
+def module_sources(root: Path = ROOT) -> dict[str, Path]:
+    """Every module of the installed package by its dotted name (a package by its __init__)."""
+    found = {}
+    for directory, package in SOURCES.items():
+        for path in sorted((root / directory).rglob("*.py")):
+            parts = list(path.relative_to(root / directory).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join([package, *parts])] = path
+    return found
+
+
+def _owner(target: str, modules: dict[str, Path]) -> str:
+    """The module of ours a dotted import name lands in ('' for none)."""
+    while target and target not in modules:
+        target = target.rpartition(".")[0]
+    return target
+
+
+def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the modules of ours it imports (at the top or inside a function); `from pkg import mod`
+    counts as importing the submodule, `from pkg import name` as importing the package."""
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        graph[name] = {t for t in (_owner(n, modules) for n in imported(path.read_text())) if t and t != name}
+    return graph
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen: set[str] = set()
+    todo = list(graph[start])
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo.extend(graph[node])
+    return seen
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of two or more modules that import each other, directly or through others."""
+    reach = {node: _reachable(graph, node) for node in graph}
+    groups = {tuple(sorted({node} | {m for m in reach[node] if node in reach[m]})) for node in graph}
+    return sorted(list(group) for group in groups if len(group) > 1)
+
+
+def test_no_import_cycle_between_modules() -> None:
+    assert cycles(import_graph(module_sources())) == []
+
+
+def test_the_cycle_check_catches_a_planted_cycle(tmp_path: Path) -> None:
+    for directory in SOURCES:
+        (tmp_path / directory).mkdir()
+    (tmp_path / "llm2trt" / "a.py").write_text("from llm2trt.b import f\n")
+    (tmp_path / "llm2trt" / "b.py").write_text("def f():\n    from llm2trt import a\n")
+    (tmp_path / "llm2trt" / "c.py").write_text("import llm2trt.a\n")
+    assert cycles(import_graph(module_sources(tmp_path))) == [["llm2trt.a", "llm2trt.b"]]
+
+
+def test_no_module_name_is_used_twice_below_the_stages() -> None:
+    names: dict[str, list[str]] = {}
+    for directory in ("llm2trt/core", "passes", "plugins"):
+        for path in (ROOT / directory).rglob("*.py"):
+            if path.name != "__init__.py":
+                names.setdefault(path.stem, []).append(str(path.relative_to(ROOT)))
+    assert {name: paths for name, paths in names.items() if len(paths) > 1} == {}
+
+
+def test_the_package_top_level_holds_few_modules() -> None:
+    assert sorted(p.name for p in (ROOT / "llm2trt").glob("*.py")) == ["__init__.py", "__main__.py", "entry.py"]

@@ -1,4 +1,4 @@
-"""The CUDA decoder's pure pieces (llm2trt/ort_cuda.py), checked without a GPU: the prefill buckets
+"""The CUDA decoder's pure pieces (llm2trt/backends/onnxruntime/cuda.py), checked without a GPU: the prefill buckets
 and the two-step greedy pick. The decoder itself runs on the lent GPU (scripts/gpu_tokens.py)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm2trt.ort_cuda import greedy_pick, prefill_width
+from llm2trt.backends.onnxruntime.cuda import greedy_pick, prefill_width
 
 
 def test_prefill_buckets_waste_at_most_half_and_stop_at_capacity() -> None:

@@ -292,3 +292,202 @@ def test_an_installed_llm2trt_carries_every_kernel_source() -> None:
     sources = sorted(p.name for p in (root / "plugins" / "csrc").iterdir() if p.is_file())
     assert "llm2trt_attention.cuh" in sources
     assert [s for s in sources if not any(fnmatch.fnmatch(s, p) for p in patterns)] == []
+
+
+def _ort_indices() -> dict[str, int]:
+    """ort_abi.h's indices into ONNX Runtime's API table."""
+    import re
+
+    text = (Path(ort_kernels.SOURCES) / "ort_abi.h").read_text()
+    block = text[text.index("namespace ort_index") :]
+    return {name: int(index) for name, index in re.findall(r"(\w+) = (\d+),", block[: block.index("};")])}
+
+
+class _FakeApi:
+    """A stand-in for ONNX Runtime's API table with the entries RegisterCustomOps and a kernel's
+    creation call: it records the ops added and the attributes asked for."""
+
+    def __init__(self) -> None:
+        import ctypes
+        from collections.abc import Callable
+        from typing import ClassVar
+
+        status, ptr = ctypes.c_void_p, ctypes.c_void_p
+        self.ops: list[int] = []
+        self.asked: list[tuple[str, str]] = []
+        values = {"num_heads": 4, "kv_num_heads": 2, "do_rotary": 1, "rotary_interleaved": 0, "local_window_size": -1}
+
+        def domain(name: bytes, out: Any) -> None:
+            assert name == b"llm2trt"
+            out[0] = 1
+
+        def attr(kind: str) -> Callable[[int, bytes, Any], None]:
+            def read(info: int, name: bytes, out: Any) -> None:
+                self.asked.append((name.decode(), kind))
+                out[0] = 0.5 if kind == "float" else values[name.decode()]
+
+            return read
+
+        self.callbacks = {  # kept alive as long as the table points at them
+            "CreateStatus": ctypes.CFUNCTYPE(status, ctypes.c_int, ctypes.c_char_p)(lambda code, message: 1),
+            "CreateCustomOpDomain": ctypes.CFUNCTYPE(status, ctypes.c_char_p, ctypes.POINTER(ptr))(domain),
+            "CustomOpDomain_Add": ctypes.CFUNCTYPE(status, ptr, ptr)(lambda d, op: self.ops.append(op)),
+            "AddCustomOpDomain": ctypes.CFUNCTYPE(status, ptr, ptr)(lambda options, d: None),
+            "KernelInfoGetAttribute_float": ctypes.CFUNCTYPE(
+                status, ptr, ctypes.c_char_p, ctypes.POINTER(ctypes.c_float)
+            )(attr("float")),
+            "KernelInfoGetAttribute_int64": ctypes.CFUNCTYPE(
+                status, ptr, ctypes.c_char_p, ctypes.POINTER(ctypes.c_int64)
+            )(attr("int")),
+        }
+        index = _ort_indices()
+        self.table = (ctypes.c_void_p * (max(index.values()) + 1))()
+        for name, callback in self.callbacks.items():
+            self.table[index[name]] = ctypes.cast(callback, ctypes.c_void_p).value
+        self.get_api = ctypes.CFUNCTYPE(ptr, ctypes.c_uint32)(lambda version: ctypes.addressof(self.table))
+        self.version = ctypes.CFUNCTYPE(ctypes.c_char_p)(lambda: b"probe")
+
+        class ApiBase(ctypes.Structure):
+            _fields_: ClassVar = [("GetApi", ctypes.c_void_p), ("GetVersionString", ctypes.c_void_p)]
+
+        self.base = ApiBase(*(ctypes.cast(f, ctypes.c_void_p).value for f in (self.get_api, self.version)))
+
+
+def _custom_op_struct() -> Any:
+    """ort_abi.h's OrtCustomOp, as far as the registration test reads it."""
+    import ctypes
+    from typing import ClassVar
+
+    ptr = ctypes.c_void_p
+    name_fn = ctypes.CFUNCTYPE(ctypes.c_char_p, ptr)
+    count_fn = ctypes.CFUNCTYPE(ctypes.c_size_t, ptr)
+    at_fn = ctypes.CFUNCTYPE(ctypes.c_int, ptr, ctypes.c_size_t)
+
+    class CustomOp(ctypes.Structure):
+        _fields_: ClassVar = [
+            ("version", ctypes.c_uint32),
+            ("CreateKernel", ptr),
+            ("GetName", name_fn),
+            ("GetExecutionProviderType", name_fn),
+            ("GetInputType", at_fn),
+            ("GetInputTypeCount", count_fn),
+            ("GetOutputType", at_fn),
+            ("GetOutputTypeCount", count_fn),
+            ("KernelCompute", ptr),
+            ("KernelDestroy", ctypes.CFUNCTYPE(None, ptr)),
+            ("GetInputCharacteristic", at_fn),
+            ("GetOutputCharacteristic", at_fn),
+            ("GetInputMemoryType", at_fn),
+            ("variadic", ptr * 4),
+            ("CreateKernelV2", ctypes.CFUNCTYPE(ptr, ptr, ptr, ptr, ctypes.POINTER(ptr))),
+        ]
+
+    return CustomOp
+
+
+def _registrations(library: Path, tmp_path: Path) -> list[tuple[Any, ...]]:
+    """What RegisterCustomOps hands ONNX Runtime, read through a stand-in for its API: per
+    registration its name, provider, input and output types, characteristics and memory types, and
+    the attributes (with their types) its kernel asks for when created."""
+    import ctypes
+    import shutil
+
+    copy = tmp_path / "probe.so"
+    shutil.copy(library, copy)  # a load of its own: the sessions' copy keeps ONNX Runtime's API
+    lib = ctypes.CDLL(str(copy))
+    api = _FakeApi()
+    lib.RegisterCustomOps.restype = ctypes.c_void_p
+    assert lib.RegisterCustomOps(None, ctypes.byref(api.base)) is None
+    custom_op = _custom_op_struct()
+    found = []
+    for address in api.ops:
+        op = ctypes.cast(address, ctypes.POINTER(custom_op)).contents
+        n_in, n_out = op.GetInputTypeCount(address), op.GetOutputTypeCount(address)
+        api.asked.clear()
+        kernel = ctypes.c_void_p()
+        assert op.CreateKernelV2(address, ctypes.addressof(api.table), None, ctypes.byref(kernel)) is None
+        op.KernelDestroy(kernel)
+        found.append(
+            (
+                op.GetName(address).decode(),
+                op.GetExecutionProviderType(address).decode(),
+                tuple(op.GetInputType(address, i) for i in range(n_in)),
+                tuple(op.GetOutputType(address, i) for i in range(n_out)),
+                tuple(op.GetInputCharacteristic(address, i) for i in range(n_in)),
+                tuple(op.GetOutputCharacteristic(address, i) for i in range(n_out)),
+                tuple(op.GetInputMemoryType(address, i) for i in range(n_in)),
+                tuple(api.asked),
+            )
+        )
+    return found
+
+
+def test_library_registers_the_op_table(library: Path, tmp_path: Path) -> None:
+    """Every op of passes/ort_op_table.py, as the built library registers it (its C++ reads the
+    generated llm2trt_ops.h): for both providers and both element types, the table's inputs and
+    outputs with their types, optional outputs, host inputs and typed attributes, and no other op."""
+    from llm2trt.passes import ort_op_table as table
+
+    codes = {"int32": 6, "float32": 1}  # ONNX's element types; "T" is the registration's own
+    want = []
+    for op in table.ALL:
+        for element in (10, 1):  # float16, float
+            for provider in ("CUDAExecutionProvider", "CPUExecutionProvider"):
+                want.append(
+                    (
+                        op.name,
+                        provider,
+                        tuple(codes.get(op.input_type(n), element) for n in op.inputs),
+                        tuple(codes.get(op.output_type(n), element) for n in op.outputs),
+                        (0,) * len(op.inputs),  # required
+                        tuple(int(n in op.optional_outputs) for n in op.outputs),
+                        tuple(-2 if n in op.host_inputs else 0 for n in op.inputs),  # CPU memory: -2
+                        tuple((a, table.ATTRIBUTE_TYPES[a].__name__) for a in op.attributes),
+                    )
+                )
+    assert sorted(_registrations(library, tmp_path)) == sorted(want)
+
+
+def test_library_build_follows_the_op_table(library: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The build compiles the header generated from the table (kept beside the library), and a
+    changed table is a different build."""
+    import dataclasses
+
+    from llm2trt.passes import ort_op_table as table
+
+    header = ort_kernels.ops_header()
+    assert (library.parent / ort_kernels.HEADER).read_text() == header
+    assert not (ort_kernels.SOURCES / ort_kernels.HEADER).exists()  # it would shadow the generated one
+    for op in table.ALL:
+        assert f'{{"{op.name}", {len(op.inputs)}, {len(op.outputs)}, {len(op.attributes)},' in header
+    key = ort_kernels.build_key(header, "nvcc", "sm_80", ())
+    renamed = dataclasses.replace(table.ATTENTION, name="GroupQueryAttention2")
+    monkeypatch.setattr(table, "ALL", (*table.OPS.values(), renamed))
+    assert ort_kernels.ops_header() != header
+    assert ort_kernels.build_key(ort_kernels.ops_header(), "nvcc", "sm_80", ()) != key
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_every_op_of_the_table_runs_without_its_body(library: Path, dtype: Any) -> None:
+    """Each op with its local function removed: ONNX Runtime finds the library's op (both element
+    types), and its outputs have the table's types."""
+    from llm2trt.passes import ort_op_table as table
+
+    models = {name: _one_op(name, 3, 64, 24, dtype) for name in table.OPS}
+    shape = (4, 2, 16, 12)
+    models[table.ATTENTION.name] = (
+        attention_model(*shape, dtype),
+        attention_values([5, 3], 5, 5, shape, dtype, seed=1),
+    )
+    assert sorted(models) == sorted(op.name for op in table.ALL)
+    for name, (model, feeds) in models.items():
+        del model.functions[:]
+        outputs = _session(model, library).run(None, feeds)
+        op = table.OPS.get(name, table.ATTENTION)
+        for output, value in zip(op.outputs, outputs, strict=True):
+            assert value.dtype == (np.float32 if op.output_type(output) == "float32" else dtype), (name, output)
+
+
+def test_library_compiles_every_unit_in_csrc() -> None:
+    """A .cu file added to plugins/csrc is compiled only once ort_library.UNITS names it."""
+    assert sorted(p.name for p in ort_kernels.SOURCES.glob("*.cu")) == sorted(ort_kernels.UNITS)

@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 
-from llm2trt.build import ProgressBar
+from llm2trt.build.driver import ProgressBar
 from llm2trt.core.manifest import Manifest
 from llm2trt.plugins import PLUGINS, find
 from llm2trt.plugins.int4_gemm import NAME, function, make_node, pack, reference, unpack

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
-from llm2trt.runners import RUNNERS, RunnerContext, register_runner
+from llm2trt.backends.base import RunnerContext
+from llm2trt.backends.registry import BACKENDS as RUNNERS
+from llm2trt.backends.registry import register_runner
 from tests.conftest import run_cli, run_json
 
 

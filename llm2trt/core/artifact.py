@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -25,7 +26,7 @@ from typing import BinaryIO
 import onnx
 
 from llm2trt.core.errors import InputError
-from llm2trt.core.manifest import DATA_NAME, MANIFEST_NAME, MODEL_NAME
+from llm2trt.core.names import DATA_NAME, MANIFEST_NAME, MODEL_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -156,8 +157,39 @@ def staged_output(out: Path, force: bool, reads: Iterable[Path] = ()) -> Iterato
         raise InputError(f"output directory {out} is not writable ({exc.strerror or exc})") from None
     with _output_lock(out):
         out = check_output(out, force, reads)  # again, under the lock: another run may have finished
+        _remove_stale(out)
         with _stage(out) as stage:
             yield stage
+
+
+def _owner_suffix() -> str:
+    """Ends each scratch directory's name: the process that made it, so a later run can tell one a
+    killed run left (SIGKILL runs no cleanup) from one still in use."""
+    return f"-pid{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove the staging (`.OUT.tmp-*`) and replaced (`.OUT.old-*`) directories of `out` whose process
+    is gone. Called under `out`'s lock: no live run of ours can be writing them, and the pid check
+    keeps a directory of any process still running. An `.old-` one goes only once `out` exists: a
+    run killed between its two renames leaves the previous artifact there and nowhere else."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-[A-Za-z0-9_]+-pid(\d+)")
+    for entry in out.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match is None or _alive(int(match[2])) or (match[1] == "old" and not out.exists()):
+            continue
+        logger.info("removing %s, left by a run that did not finish (pid %s)", entry, match[2])
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -167,7 +199,7 @@ def _stage(out: Path) -> Iterator[Path]:
         with _signals_held():  # leaving it, a held signal lands inside this `try`
             try:
                 out.parent.mkdir(parents=True, exist_ok=True)
-                stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+                stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", suffix=_owner_suffix(), dir=out.parent))
             except OSError as exc:
                 raise InputError(f"output directory {out} is not writable ({exc.strerror or exc})") from None
         # mkdtemp makes 0700; the artifact gets what any directory the user makes would get.
@@ -179,7 +211,7 @@ def _stage(out: Path) -> Iterator[Path]:
         raise
     old: Path | None = None
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", suffix=_owner_suffix(), dir=out.parent))
         os.rmdir(old)
         out.rename(old)
     stage.rename(out)

@@ -37,6 +37,24 @@ TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
 GQA_COUNTERS = (SEQLENS_K, TOTAL_SEQUENCE_LENGTH)
 
 
+@dataclass(frozen=True)
+class FormTraits:
+    """What a cache form means to the stages, asked of the graph's layout once (`KVLayout.traits`)
+    instead of each stage comparing form names."""
+
+    buffer: bool  # a fixed-size buffer written in place, rather than a cache one token longer each step
+    tensorrt: bool  # TensorRT builds it
+    cuda_session: bool  # ONNX Runtime CUDA runs it GPU-resident, the decode step a captured CUDA graph
+    counters: tuple[str, ...] = ()  # what the graph takes instead of positions
+
+
+FORMS: dict[KVForm, FormTraits] = {
+    GROWING: FormTraits(buffer=False, tensorrt=True, cuda_session=False),
+    FIXED: FormTraits(buffer=True, tensorrt=True, cuda_session=True),
+    GQA: FormTraits(buffer=True, tensorrt=False, cuda_session=True, counters=GQA_COUNTERS),
+}
+
+
 def past_name(layer: int, kind: KVKind) -> str:
     """Graph input holding layer `layer`'s cached keys or values."""
     return f"past_key_values.{layer}.{kind}"
@@ -72,9 +90,13 @@ class KVLayout(Record):
         return [BATCH, self.num_kv_heads, sequence_dim, self.head_dim]
 
     @property
+    def traits(self) -> FormTraits:
+        return FORMS[self.form]
+
+    @property
     def is_buffer(self) -> bool:
         """A fixed-size buffer (fixed, gqa), rather than a cache that grows by a token a step."""
-        return self.form != GROWING
+        return self.traits.buffer
 
     @property
     def past_dim(self) -> str:

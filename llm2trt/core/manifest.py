@@ -18,16 +18,10 @@ from llm2trt import __version__
 from llm2trt.core.dtypes import DType
 from llm2trt.core.errors import InputError
 from llm2trt.core.kv import KVLayout
+from llm2trt.core.names import DATA_NAME, MANIFEST_NAME, MODEL_NAME
 from llm2trt.core.quant import Quantization
 from llm2trt.core.records import Record, RecordError
 from llm2trt.core.tp import TensorParallel
-
-MANIFEST_NAME = "manifest.json"
-MODEL_NAME = "model.onnx"
-DATA_NAME = "model.onnx.data"
-REPORT_NAME = "report.json"
-ENGINE_NAME = "model.engine"
-BUILD_NAME = "build.json"
 
 Dim = int | str
 

@@ -1,9 +1,9 @@
-"""Quantization methods (`optimize --quant`) and the manifest's record of what a quantization did.
+"""What `optimize --quant` is asked for and the manifest's record of what a quantization did.
 
-A method names the quantized weight type, the activation type (None: weight-only) and the
-algorithm that picks the scales. Everything here is vocabulary shared by the pass
-(`llm2trt.passes.qdq`), the calibration runner, the manifest and the tolerance profiles; it
-imports no pass and no runtime.
+The vocabulary every method shares: the request (the method by name, the numbers, the checks that
+hold for any method), the defaults, and the records. The methods themselves, with their own
+checks, searches and tolerance profiles, are classes in `llm2trt.passes.quant_methods`; this
+module imports no pass and no runtime.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from llm2trt.core.dtypes import DType
 from llm2trt.core.errors import InputError
 from llm2trt.core.records import Record
-from llm2trt.core.registry import Registry
 
 DEFAULT_GROUP_SIZE = 128
 DEFAULT_KEEP = ("lm_head",)  # modules left in high precision unless --keep says otherwise
@@ -22,57 +21,11 @@ DEFAULT_CALIB_SEQUENCE = 512
 
 
 @dataclass(frozen=True)
-class QuantMethod:
-    """One `--quant` choice."""
-
-    name: str
-    weights: DType  # INT8 | FP8 | INT4
-    activations: DType | None  # quantized per tensor with static (calibrated) scales; None: weight-only
-    blockwise: bool = False  # weight scales per block of `group_size` input channels, else per output channel
-    smooth: bool = False  # SmoothQuant: migrate activation outliers into the weights
-    awq: bool = False  # AWQ: search per-channel scales (and clipping) on calibration activations
-    summary: str = ""
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.activations is not None or self.smooth or self.awq
-
-    @property
-    def granularity(self) -> str:
-        return "block" if self.blockwise else "per-channel"
-
-
-METHODS: Registry[QuantMethod] = Registry("quantization method")
-
-
-def register_method(method: QuantMethod) -> QuantMethod:
-    return METHODS.register(method.name, method)
-
-
-register_method(
-    QuantMethod("int8-sq", DType.INT8, DType.INT8, smooth=True, summary="INT8 weights and activations, SmoothQuant")
-)
-register_method(QuantMethod("fp8", DType.FP8, DType.FP8, summary="FP8 E4M3 weights and activations, amax scales"))
-register_method(QuantMethod("int8-wo", DType.INT8, None, summary="INT8 weight-only, per output channel"))
-register_method(QuantMethod("int4-rtn", DType.INT4, None, blockwise=True, summary="INT4 weight-only blocks, rounding"))
-register_method(
-    QuantMethod("int4-awq", DType.INT4, None, blockwise=True, awq=True, summary="INT4 weight-only blocks, AWQ scales")
-)
-
-
-def qmax(dtype: DType) -> float:
-    """The largest magnitude a symmetric scale maps amax to (TensorRT takes zero points of 0 only)."""
-    limits = {DType.INT8: 127.0, DType.INT4: 7.0, DType.FP8: 448.0}
-    if dtype not in limits:
-        raise InputError(f"{dtype.value} is not a quantized type")
-    return limits[dtype]
-
-
-@dataclass(frozen=True)
 class QuantRequest(Record):
-    """What `optimize --quant` was asked for, checked before any work starts."""
+    """What `optimize --quant` was asked for. The checks here hold for every method; the method's
+    own (`QuantMethod.check`) run where the request is used, before anything loads."""
 
-    method: str
+    method: str  # a name in llm2trt.passes.quant_methods.METHODS
     group_size: int = DEFAULT_GROUP_SIZE
     alpha: float | None = None  # SmoothQuant's strength; None searches it per group
     keep: list[str] = field(default_factory=lambda: list(DEFAULT_KEEP))  # regexes over module names
@@ -82,23 +35,14 @@ class QuantRequest(Record):
     keep_sensitive: int = 0  # layer groups left in high precision, the most sensitive first
 
     def __post_init__(self) -> None:
-        method = METHODS.get(self.method)
-        if method.needs_calibration and self.calib is None:
-            raise InputError(f"--quant {self.method} calibrates its scales: pass --calib TEXTFILE")
         if self.group_size < 2 or self.group_size & (self.group_size - 1):
             raise InputError(f"--group-size must be a power of two >= 2 (got {self.group_size})")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise InputError(f"--alpha must be in [0, 1] (got {self.alpha})")
-        if self.keep_sensitive and method.activations is None:
-            raise InputError(f"--keep-sensitive measures activation quantization; {self.method} is weight-only")
         if self.keep_sensitive < 0:
             raise InputError(f"--keep-sensitive must be >= 0 (got {self.keep_sensitive})")
         if self.calib_samples < 1 or self.calib_sequence < 2:
             raise InputError("--calib-samples must be >= 1 and the calibration sequence >= 2 tokens")
-
-    @property
-    def spec(self) -> QuantMethod:
-        return METHODS.get(self.method)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llm2trt.core.log import plural
 from llm2trt.core.manifest import DimRange, PassRecord
 from llm2trt.core.quant import Quantization
 from llm2trt.core.records import Record
@@ -85,7 +86,7 @@ class OptimizeReport(Record):
     ranks: list[RankReport] = field(default_factory=list)  # optimize --tp
 
     def render(self) -> str:
-        lines = [f"{self.nodes_before} -> {self.nodes_after} nodes, opset {self.opset}"]
+        lines = [f"{self.nodes_before} -> {plural(self.nodes_after, 'node')}, opset {self.opset}"]
         for p in self.passes:
             counts = ", ".join(f"{k}={v}" for k, v in p.counts.items())
             lines.append(f"  {p.name:<24} {counts}")
@@ -169,7 +170,7 @@ class BuildInfo(Record):
         """The build in a line (and its inlined plugins), naming the engine as given."""
         text = (
             f"built {engine} with {self.backend} {self.backend_version} for {self.compute_capability}: "
-            f"{self.network_layers} layers, {self.engine_bytes / 1e6:.1f} MB in {self.build_seconds:.1f} s"
+            f"{plural(self.network_layers, 'layer')}, {self.engine_bytes / 1e6:.1f} MB in {self.build_seconds:.1f} s"
         )
         if self.quantization is not None:
             mms = ", ".join(f"{k} {v}" for k, v in sorted(self.matmul_precisions.items()))
@@ -180,5 +181,5 @@ class BuildInfo(Record):
         for p in self.plugins:
             if p.nodes:
                 how = "as TensorRT plugin layers" if p.status == "registered" else f"inlined: {p.reason}"
-                text += f"\n  plugin {p.domain}::{p.name} ({p.nodes} nodes) {how}"
+                text += f"\n  plugin {p.domain}::{p.name} ({plural(p.nodes, 'node')}) {how}"
         return text

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llm2trt.core.errors import InputError
+from llm2trt.core.log import plural
 from llm2trt.core.records import Record
 
 
@@ -54,12 +55,12 @@ class Heads:
     def check(self, tp: int) -> None:
         """Refuse, naming the numbers, a tp the heads cannot be split over."""
         if self.heads % tp:
-            raise InputError(f"--tp {tp}: {self.heads} attention heads do not divide into {tp} ranks")
+            raise InputError(f"--tp {tp}: {plural(self.heads, 'attention head')} do not divide into {tp} ranks")
         if self.kv_heads >= tp and self.kv_heads % tp:
-            raise InputError(f"--tp {tp}: {self.kv_heads} KV heads do not divide into {tp} ranks")
+            raise InputError(f"--tp {tp}: {plural(self.kv_heads, 'KV head')} do not divide into {tp} ranks")
         if self.kv_heads < tp and tp % self.kv_heads:
             raise InputError(
-                f"--tp {tp}: {self.kv_heads} KV heads cannot be replicated evenly over {tp} ranks "
+                f"--tp {tp}: {plural(self.kv_heads, 'KV head')} cannot be replicated evenly over {tp} ranks "
                 f"(tp must be a multiple of {self.kv_heads})"
             )
 

@@ -15,8 +15,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from llm2trt.core.dtypes import DType, onnx_elem_type
-from llm2trt.passes.manager import Model
 from llm2trt.passes.fusions.common import make_tensor, new_node_name, node_axes, rank_of, static_dim
+from llm2trt.passes.manager import Model
 from llm2trt.passes.pattern import AnyOf, Const, Match, Op, Pattern, RewriteRule, Var, is_scalar, scalar
 
 _SWAP_LAST = (0, 1, 3, 2)

@@ -7,8 +7,8 @@ from typing import ClassVar
 
 import onnx_graphsurgeon as gs
 
-from llm2trt.passes.manager import Model
 from llm2trt.passes.fusions.common import new_node_name
+from llm2trt.passes.manager import Model
 from llm2trt.passes.pattern import AnyOf, Const, Match, Op, Pattern, RewriteRule, Var, is_scalar
 
 HALF = is_scalar(0.5)

@@ -7,8 +7,8 @@ from typing import ClassVar
 import onnx_graphsurgeon as gs
 
 from llm2trt.core.dtypes import DType, onnx_elem_type
-from llm2trt.passes.manager import Model
 from llm2trt.passes.fusions.common import last_axis_reduction, new_node_name, rank_of
+from llm2trt.passes.manager import Model
 from llm2trt.passes.pattern import AnyOf, Const, Match, Op, Pattern, RewriteRule, Var, is_scalar, scalar
 
 

@@ -13,8 +13,8 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from llm2trt.passes.manager import Model
 from llm2trt.passes.fusions.common import int64, new_node_name, rank_of, static_dim
+from llm2trt.passes.manager import Model
 from llm2trt.passes.pattern import Const, Match, Op, Pattern, RewriteRule, Var
 
 

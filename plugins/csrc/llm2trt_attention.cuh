@@ -11,9 +11,19 @@
 // token) runs RoPE + cache write as one kernel, then the attention as cuBLAS GEMMs around a
 // masked softmax, in query chunks that bound the scratch.
 //
-// Included by llm2trt_ort.cu inside its namespace (it uses to_float/from_float, allow_dependents,
-// wait_for_inputs and warp_sum from there; <cooperative_groups.h> comes before the namespace).
+// Included by attention.cu (the launches) and, through ort_glue.h, by the rest for Shape.
+#pragma once
+#include <cooperative_groups.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "kernel_common.cuh"
+
+namespace llm2trt {
 namespace attention {
 
 constexpr int kThreads = 128;
@@ -381,3 +391,4 @@ __global__ void present_kernel(const T* __restrict__ past_k, const T* __restrict
 }
 
 }  // namespace attention
+}  // namespace llm2trt

@@ -179,3 +179,49 @@ def test_artifact_directories_get_the_usual_permissions(tmp_path: Path) -> None:
     finally:
         os.umask(mask)
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755  # drwxr-xr-x, not mkdtemp's 0700
+
+
+def test_staging_left_by_a_killed_run_is_removed_by_the_next_run(tmp_path: Path) -> None:
+    """SIGKILL leaves a run no way to remove its staging directory: the next run writing the same
+    output removes it once its process is gone, and never one whose process still runs."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    killed = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from pathlib import Path\n"
+            "from llm2trt.core.artifact import staged_output\n"
+            "with staged_output(Path(sys.argv[1]), force=False) as stage:\n"
+            "    (stage / 'half-written').write_text('x')\n"
+            "    print(stage, flush=True)\n"
+            "    time.sleep(600)\n",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert killed.stdout is not None
+    stale = Path(killed.stdout.readline().strip())
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert stale.is_dir() and stale.name.startswith(".out.tmp-") and stale.name.endswith(f"-pid{killed.pid}")
+    # A staging directory named for a process that still runs (this one's child) stays.
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        live = tmp_path / stale.name.replace(f"pid{killed.pid}", f"pid{alive.pid}")
+        live.mkdir()
+        unrelated = tmp_path / f".other.tmp-abcdefgh-pid{killed.pid}"  # another output's
+        unrelated.mkdir()
+        with staged_output(out, force=False) as stage:
+            (stage / "manifest.json").write_text("{}")
+        assert not stale.exists()
+        assert live.is_dir() and unrelated.is_dir()
+        assert (out / "manifest.json").is_file()
+    finally:
+        alive.kill()
+        alive.wait()

@@ -11,11 +11,11 @@ import pytest
 import torch
 import transformers
 
+from llm2trt.convert.sources import spec_and_config
 from llm2trt.core.dtypes import DType
 from llm2trt.core.kv import KVLayout, past_name, present_name
 from llm2trt.core.manifest import Manifest
 from llm2trt.exporters import all_specs, spec_for_model_type
-from llm2trt.models import spec_and_config
 from tests.conftest import TINY, run_cli, run_json
 
 # Main output of each built-in tiny model, and the fp32 bound the issue sets.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 
 from llm2trt.exporters import all_specs
-from llm2trt.passes.manager import GraphPass, Model, PassResult
 from llm2trt.passes.fusions import FUSIONS, Fusion
+from llm2trt.passes.manager import GraphPass, Model, PassResult
 from llm2trt.passes.opset import OpsetUpgrade
 from llm2trt.passes.pipeline import PIPELINE, PipelineOptions, assemble, register_entry
 from tests.passes.test_core import _model
@@ -31,7 +32,7 @@ def test_default_pipeline_and_skipping_every_fusion() -> None:
 
 
 def test_configuration_reaches_a_built_in_pass() -> None:
-    manager = assemble(PipelineOptions(settings={"opset_upgrade": {"target": 24}}))
+    manager = assemble(PipelineOptions(opset=24))
     [upgrade] = [p for p in manager.passes if isinstance(p, OpsetUpgrade)]
     assert upgrade.target == 24
 
@@ -56,12 +57,21 @@ class ScaleInitializers(GraphPass):
         return PassResult(modified=scaled > 0, counts={"scaled": scaled, "scale_x100": round(scale * 100)})
 
 
+@dataclass(frozen=True)
+class ScaleSettings:
+    """The entry's own typed options: configuration (`factor`) and data (`samples`)."""
+
+    factor: float
+    samples: list[float]
+
+
 @pytest.fixture()
 def calibrated_entry() -> Iterator[None]:
     def make(options: PipelineOptions) -> list[GraphPass]:
-        if "samples" not in options.data:
+        settings = options.extra.get("scale_initializers")
+        if not isinstance(settings, ScaleSettings):  # no data, no pass
             return []
-        return [ScaleInitializers(options.setting("scale_initializers", "factor", 1.0), options.data["samples"])]
+        return [ScaleInitializers(settings.factor, settings.samples)]
 
     register_entry("scale_initializers", 150, make)
     yield
@@ -70,9 +80,7 @@ def calibrated_entry() -> Iterator[None]:
 
 def test_a_registered_pass_takes_configuration_and_data(calibrated_entry: Any) -> None:
     assert "scale_initializers" not in names(assemble(PipelineOptions()).passes)  # no data, no pass
-    options = PipelineOptions(
-        skip_fusions=tuple(FUSIONS), settings={"scale_initializers": {"factor": 2.0}}, data={"samples": [1.0, 2.0]}
-    )
+    options = PipelineOptions(skip_fusions=tuple(FUSIONS), extra={"scale_initializers": ScaleSettings(2.0, [1.0, 2.0])})
     manager = assemble(options)
     assert names(manager.passes) == [*CLEANUP, "scale_initializers", "shape_inference"]
     result = manager.run(Model.from_onnx(_model()))

@@ -16,11 +16,12 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from llm2trt.convert.sources import resolve_model
 from llm2trt.core.dtypes import DType
-from llm2trt.core.quant import METHODS, QuantMethod
 from llm2trt.core.tolerance import errors
-from llm2trt.models import resolve_model
-from llm2trt.passes import qdq as q
+from llm2trt.passes import quant_math as q
+from llm2trt.passes.qdq import unfused_qdq
+from llm2trt.passes.quant_methods import METHODS, QuantMethod
 from tests.conftest import CC, assert_clean_failure, run_cli
 from tests.fake_quant import GROUPS, PREFIX, fake_quantize, migrate, weight_in_out
 
@@ -148,7 +149,7 @@ def test_qdq_placement(quantized: Any, model: str, method: str) -> None:
     acts = INPUTS[model] if spec.activations is not None else 0
     assert ops["DequantizeLinear"] == LINEARS[model] + acts
     assert ops["QuantizeLinear"] == acts
-    assert q.unfused_qdq(proto) == []  # every DQ feeds a MatMul, every Q a DQ
+    assert unfused_qdq(proto) == []  # every DQ feeds a MatMul, every Q a DQ
     inits = initializers(proto)
     for node in weight_dqs(proto).values():
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -239,8 +240,9 @@ def fake_quantized(model_name: str, method: QuantMethod, searched: Any) -> tuple
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("method", ["int8-wo", "int4-rtn", "int8-sq", "fp8"])
 def test_onnx_runtime_matches_fake_quantized_torch(quantized: Any, model: str, method: str) -> None:
+    from llm2trt.backends.decoder import open_session
+    from llm2trt.backends.onnxruntime.decoder import ort_executor
     from llm2trt.core.manifest import Manifest
-    from llm2trt.session import open_session, ort_executor
 
     spec = METHODS.get(method)
     path = quantized(model, method)
@@ -269,6 +271,33 @@ def test_onnx_runtime_matches_fake_quantized_torch(quantized: Any, model: str, m
     # the logits 4e-3..1e-1. A misplaced Q/DQ, a wrong scale or a missed fold shows at 1e-3 and up.
     assert err < 1e-5, (err, quant_effect)
     assert err < quant_effect / 1000, (err, quant_effect)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("method", [m for m in METHODS if METHODS.get(m).activations is DType.INT8])
+def test_w8a8_weight_codes_cannot_saturate_int16_pair_sums(quantized: Any, model: str, method: str) -> None:
+    """On x86, ONNX Runtime runs an INT8 activation Q/DQ -> MatMul <- weight DQ as one uint8 x int8 GEMM
+    (activation codes + 128); CPUs without VNNI add the products of input channels 2k and 2k+1 in saturating
+    int16, so 255 * (|q[2k]| + |q[2k+1]|) must stay within 32767 for every CPU to compute the same. Every
+    W8A8 weight keeps it, and ONNX Runtime's fused graph computes what its unfused one does."""
+    from llm2trt.core.numerics import run_ort
+
+    path = quantized(model, method)
+    proto = graph(path)
+    inits = initializers(proto)
+    for module, node in weight_dqs(proto).items():
+        codes = np.abs(inits[node.input[0]].astype(np.int32))
+        pairs = codes[0 : codes.shape[0] - 1 : 2] + codes[1::2]  # [in // 2, out]
+        assert 255 * int(pairs.max()) <= np.iinfo(np.int16).max, (module, int(pairs.max()))
+    ids = np.random.default_rng(4).integers(0, 1000, size=(1, 24))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(24)[None]}
+    for value in proto.graph.input:  # an empty cache: [batch 1, heads, past 0, head_dim]
+        if value.name not in feeds:
+            dims = [d.dim_value or (1 if i == 0 else 0) for i, d in enumerate(value.type.tensor_type.shape.dim)]
+            feeds[value.name] = np.zeros(dims, np.float32)
+    fused = run_ort(path / "model.onnx", feeds)["logits"]
+    unfused = run_ort(path / "model.onnx", feeds, disable_optimizations=True)["logits"]
+    assert errors(fused, unfused).max_rel_err < 1e-5
 
 
 # -- the rest of the contract -------------------------------------------------------------------------
@@ -306,7 +335,7 @@ def test_unfused_qdq_is_reported() -> None:
             [numpy_helper.from_array(np.array(0.1, np.float32), "s")],
         )
     )
-    assert q.unfused_qdq(model) == ["DequantizeLinear dq feeds Add"]
+    assert unfused_qdq(model) == ["DequantizeLinear dq feeds Add"]
 
 
 def test_bad_quant_requests_fail_cleanly(artifacts: dict[str, Path], quantized: Any, tmp_path: Path) -> None:
@@ -373,3 +402,34 @@ def test_smoothing_folds_into_unfused_norms_too(
     assert quant["smoothed"] == smoothed  # llama: q/k/v, gate/up and down per layer; gpt2: c_attn, c_fc
     report = json.loads((out / "report.json").read_text())
     assert report["numeric_check"]["passed"] and min(report["numeric_check"]["cosine"].values()) > 0.99
+
+
+def test_calibration_and_the_scale_search_report_progress(
+    artifacts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """int4-awq on SmolLM2 took six minutes: calibration says what it runs before its first window,
+    and a pass busy longer than a while (here made 50 ms) says it is still running."""
+    from llm2trt.passes import manager
+
+    monkeypatch.setattr(manager, "STILL_RUNNING_SECONDS", 0.05)
+    out = tmp_path / "awq"
+    result = run_cli("optimize", artifacts["tiny:llama"], "-o", out, *method_args("int4-awq"))
+    assert result.exit_code == 0, result.stderr
+    lines = result.stderr.splitlines()
+    start = f"[llm2trt] calibrating on {CALIB.name} ({SAMPLES} windows of up to 256 tokens) ..."
+    assert start in lines, result.stderr
+    assert any(line.startswith(f"[llm2trt] calibrating on {CALIB.name}") and "done in" in line for line in lines)
+    assert any(line.startswith("[llm2trt] pass quantize: still running (") for line in lines), result.stderr
+
+
+def test_a_calibration_text_shorter_than_the_samples_asked_is_refused(
+    artifacts: dict[str, Path], tmp_path: Path
+) -> None:
+    text = tmp_path / "short.txt"
+    text.write_text("x" * 300)  # tiny models calibrate on bytes: windows of 256, so two
+    out = tmp_path / "out"
+    args = ["--quant", "int8-sq", "--calib", str(text), "--calib-samples", "4"]
+    result = run_cli("optimize", artifacts["tiny:llama"], "-o", out, *args)
+    assert_clean_failure(result, "makes 2 calibration windows of 256 tokens; --calib-samples asks for 4", out)
+    one = run_cli("optimize", artifacts["tiny:llama"], "-o", out, *args[:-1], "1", "-q")
+    assert one.exit_code == 0, one.stderr

@@ -17,8 +17,8 @@ from llm2trt.core.dtypes import DType
 from llm2trt.core.errors import BackendError
 from llm2trt.core.manifest import Manifest
 from llm2trt.core.numerics import run_ort
-from llm2trt.passes.manager import RULE_KEY
 from llm2trt.passes.fusions import FUSIONS
+from llm2trt.passes.manager import RULE_KEY
 from tests.conftest import CC, TINY, assert_clean_failure, run_cli, run_json
 
 L = 2  # layers of every tiny spec

@@ -12,8 +12,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from llm2trt.core.numerics import normwise_rel_err, run_ort
-from llm2trt.passes.manager import RULE_KEY, Model, PassResult, check_graph
 from llm2trt.passes.fusions import FUSIONS
+from llm2trt.passes.manager import RULE_KEY, Model, PassResult, check_graph
 from llm2trt.passes.pattern import RewritePass
 
 RNG = np.random.default_rng(0)

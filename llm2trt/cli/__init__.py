@@ -1,0 +1,1 @@
+"""The `llm2trt` command line: a thin layer that parses options into the stages' typed requests."""

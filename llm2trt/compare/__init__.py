@@ -1,0 +1,1 @@
+"""compare and debug: outputs and marked intermediates across backends, goldens, bisect."""

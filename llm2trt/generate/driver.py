@@ -1,0 +1,311 @@
+"""generate: text from a decoder artifact, token by token through its KV cache.
+
+Runners: `ort` (ONNX Runtime; CPU, or CUDA where onnxruntime-gpu is installed), `torch` (the
+transformers model the artifact came from: the reference), `trt` (the engine of an engine
+directory; needs full TensorRT or a GPU TensorRT-RTX runs on). Greedy by default; temperature,
+top-k and top-p sampling with a seed. A batch of prompts of different lengths is padded the way
+the graph's cache form needs (session.py). Generation stops at an EOS token or after
+`max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from llm2trt.backends.base import DecoderContext
+from llm2trt.backends.decoder import DecoderSession
+from llm2trt.backends.registry import BACKENDS, open_decoder
+from llm2trt.convert.tokenizer import encode_prompts, load_tokenizer
+from llm2trt.core.errors import BackendError, InputError
+from llm2trt.core.kv import BATCH, SEQUENCE
+from llm2trt.core.log import plural
+from llm2trt.core.manifest import GraphSpec, Manifest
+from llm2trt.core.records import Record
+
+if TYPE_CHECKING:
+    from llm2trt.backends.onnxruntime.ranks import RankContext
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sampling(Record):
+    """How the next token is picked: greedy at temperature 0."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InputError("--max-new-tokens must be at least 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise InputError("sampling needs --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+
+    def picker(self) -> Callable[[np.ndarray], np.ndarray]:
+        rng = np.random.default_rng(self.seed)
+
+        def pick(logits: np.ndarray) -> np.ndarray:
+            if self.temperature == 0:
+                greedy: np.ndarray = np.argmax(logits, axis=-1).astype(np.int64)
+                return greedy
+            return np.array([self._sample(row, rng) for row in logits.astype(np.float64)], dtype=np.int64)
+
+        return pick
+
+    def _sample(self, logits: np.ndarray, rng: np.random.Generator) -> int:
+        logits = logits / self.temperature
+        if self.top_k:
+            cutoff = np.sort(logits)[-min(self.top_k, logits.size)]
+            logits = np.where(logits < cutoff, -np.inf, logits)
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        if self.top_p < 1:
+            order = np.argsort(-probs)
+            keep = np.cumsum(probs[order]) - probs[order] < self.top_p  # the smallest set reaching top_p
+            probs[order[~keep]] = 0
+            probs /= probs.sum()
+        return int(rng.choice(probs.size, p=probs))
+
+
+@dataclass(frozen=True)
+class GeneratedRow(Record):
+    ids: list[int]  # prompt ids + new ids, ending at the first EOS (included)
+    new_ids: list[int]
+    text: str | None  # the new tokens decoded, when the artifact has a tokenizer
+    stop: str  # eos | length
+
+
+@dataclass(frozen=True)
+class Generated(Record):
+    runner: str
+    rows: list[GeneratedRow]
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int
+
+    def to_dict(self) -> dict[str, Any]:
+        first = self.rows[0]
+        return {"text": first.text, "ids": first.ids, "results": [r.to_dict() for r in self.rows], **self._timing()}
+
+    def _timing(self) -> dict[str, Any]:
+        per_step = self.decode_seconds / self.decode_steps * 1e3 if self.decode_steps else None
+        return {"runner": self.runner, "prefill_ms": self.prefill_seconds * 1e3, "decode_ms_per_step": per_step}
+
+    def render(self) -> str:
+        texts = [r.text if r.text is not None else " ".join(map(str, r.new_ids)) for r in self.rows]
+        return "\n".join(texts) if len(texts) == 1 else "\n".join(f"[{i}] {t}" for i, t in enumerate(texts))
+
+
+@dataclass
+class _Rows:
+    """Per-row progress of a batch."""
+
+    eos: set[int]
+    new: list[list[int]]
+    done: list[bool]
+
+    @classmethod
+    def start(cls, rows: int, eos: Sequence[int]) -> _Rows:
+        return cls(set(eos), [[] for _ in range(rows)], [False] * rows)
+
+    def take(self, tokens: np.ndarray) -> None:
+        for row, token in enumerate(tokens.tolist()):
+            if not self.done[row]:
+                self.new[row].append(int(token))
+                self.done[row] = int(token) in self.eos
+
+
+def generate_ids(
+    session: DecoderSession,
+    prompts: Sequence[Sequence[int]],
+    sampling: Sampling,
+    eos_ids: Sequence[int],
+    on_tokens: Callable[[np.ndarray], None] | None = None,
+) -> tuple[list[list[int]], list[str], tuple[float, float, int]]:
+    """New ids per row, why each stopped, and (prefill s, decode s, decode steps)."""
+    pick, rows = sampling.picker(), _Rows.start(len(prompts), eos_ids)
+    start = time.perf_counter()
+    logits = session.prefill(prompts)
+    tokens = pick(logits)
+    prefill = time.perf_counter() - start
+    rows.take(tokens)
+    steps, start = 0, time.perf_counter()
+    # Greedy on a session that picks on the GPU: its ids, step after step; else logits to the host.
+    pipeline = session.greedy_pipeline(logits) if sampling.temperature == 0 else None
+    while not all(rows.done) and steps + 1 < sampling.max_new_tokens:
+        if on_tokens:
+            on_tokens(tokens)
+        tokens = np.asarray(next(pipeline)) if pipeline is not None else pick(session.decode(tokens))
+        rows.take(tokens)
+        steps += 1
+    if on_tokens:
+        on_tokens(tokens)
+    stops = ["eos" if done else "length" for done in rows.done]
+    return rows.new, stops, (prefill, time.perf_counter() - start, steps)
+
+
+# -- the stage ---------------------------------------------------------------------------------
+
+
+def _decoder_graph(manifest: Manifest) -> GraphSpec:
+    if manifest.task != "text-generation":
+        raise InputError(f"generate needs a decoder artifact; this one is {manifest.architecture} ({manifest.task})")
+    graph = next((g for g in manifest.graphs.values() if g.kv_cache is not None), None)
+    if graph is None:
+        raise InputError(
+            "this artifact has no KV cache (converted with --no-kv-cache?): convert again, or add one with "
+            "`llm2trt optimize IN -o OUT --kv-cache`"
+        )
+    return graph
+
+
+def _capacity(graph: GraphSpec, manifest: Manifest, prompts: list[list[int]], sampling: Sampling) -> int:
+    """prompt + new tokens, refused when it exceeds what the graph (its profiles) or the model allows."""
+    longest = max(len(p) for p in prompts)
+    need = longest + sampling.max_new_tokens
+    limit = max((r.max for d, r in graph.dims.items() if d not in (BATCH, SEQUENCE)), default=need)
+    positions = manifest.model_config.get("max_position_embeddings") or manifest.model_config.get("n_positions")
+    limit = min(limit, int(positions)) if positions else limit
+    if SEQUENCE in graph.dims and longest > graph.dims[SEQUENCE].max:
+        raise InputError(
+            f"a prompt of {plural(longest, 'token')} is longer than this artifact allows ({graph.dims[SEQUENCE].max})"
+        )
+    if need > limit:
+        raise InputError(
+            f"a prompt of {plural(longest, 'token')} plus {plural(sampling.max_new_tokens, 'new one')} needs "
+            f"{need} positions; this artifact holds {limit}"
+        )
+    return need
+
+
+def generate(
+    artifact: Path,
+    *,
+    prompts: Sequence[str] = (),
+    ids: Sequence[Sequence[int]] = (),
+    sampling: Sampling | None = None,
+    runner: str | None = None,
+    providers: list[str] | None = None,
+    chat: bool = False,
+    stream: Callable[[str], None] | None = None,
+) -> Generated:
+    """Generate from `artifact`; `runner` None: the engine of an engine directory, else ONNX Runtime."""
+    sampling = sampling or Sampling()
+    manifest = Manifest.read(artifact)
+    graph = _decoder_graph(manifest)
+    runner = _runner_for(artifact, graph, runner)
+    if bool(prompts) == bool(ids):
+        raise InputError("give prompts as text (--prompt) or as token ids (--ids), not both, and at least one")
+    tokenizer = load_tokenizer(artifact, manifest) if prompts or chat else _maybe_tokenizer(artifact, manifest)
+    batch = encode_prompts(tokenizer, prompts, chat) if prompts else [list(map(int, p)) for p in ids]
+    _check_ids(manifest, batch)
+    ctx = DecoderContext(artifact, manifest, graph, _capacity(graph, manifest, batch, sampling), providers or [])
+    eos = manifest.generation.eos_token_ids if manifest.generation else []
+    if manifest.tensor_parallel is not None:
+        new, stops, (prefill, decode, steps) = _generate_ranks(ctx, runner, batch, sampling, eos)
+        runner = f"{runner} tp{manifest.tensor_parallel.tp}"
+    else:
+        session = _open(runner, ctx)
+        echo = _streamer(tokenizer, stream) if stream and len(batch) == 1 else None
+        new, stops, (prefill, decode, steps) = generate_ids(session, batch, sampling, eos, echo)
+    rows = [
+        GeneratedRow(prompt + n, n, tokenizer.decode(n, skip_special_tokens=True) if tokenizer else None, stop)
+        for prompt, n, stop in zip(batch, new, stops, strict=True)
+    ]
+    return Generated(runner, rows, prefill, decode, steps)
+
+
+def _runner_for(artifact: Path, graph: GraphSpec, runner: str | None) -> str:
+    """An engine directory runs its engine unless another runner is asked for, and then says so: the
+    tokens are not the engine's."""
+    if graph.engine is None:
+        return runner or "ort"
+    if runner is None:
+        return "trt"
+    if runner != "trt" and runner in BACKENDS:  # (an unknown name fails on its own, just after)
+        what = _INSTEAD.get(runner, "something else")
+        logger.warning("the engine %s is not used: --runner %s runs %s", artifact / graph.engine, runner, what)
+    return runner
+
+
+# What a runner other than the engine's runs, on an engine directory.
+_INSTEAD = {"ort": "the ONNX graph it was built from", "torch": "the transformers model it came from"}
+
+
+def _open(runner: str, ctx: DecoderContext) -> DecoderSession:
+    try:
+        return open_decoder(runner, ctx)
+    except BackendError as exc:
+        if runner != "trt" or ctx.graph.engine is None:
+            raise
+        raise BackendError(f"{exc}; --runner ort runs the ONNX graph the engine was built from") from None
+
+
+def _check_ids(manifest: Manifest, prompts: list[list[int]]) -> None:
+    """Refuse token ids the embedding has no row for: ONNX Runtime would fail deep in a Gather
+    (an internal error), and a negative id would quietly index from the end."""
+    vocab = manifest.model_config.get("vocab_size")
+    if not isinstance(vocab, int) or isinstance(vocab, bool):
+        return
+    bad = sorted({i for prompt in prompts for i in prompt if not 0 <= i < vocab})
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        raise InputError(f"token ids outside this model's vocabulary of {vocab} (0 to {vocab - 1}): {shown}")
+
+
+def _rank_task(
+    rank: RankContext, prompts: list[list[int]], sampling: Sampling, eos: list[int], capacity: int, pad_id: int
+) -> tuple[list[list[int]], list[str], tuple[float, float, int]]:
+    """Every rank decodes its own graph and cache; the gathered logits make every rank pick alike."""
+    return generate_ids(rank.session(_decoder_graph(rank.manifest), capacity, pad_id), prompts, sampling, eos)
+
+
+def _generate_ranks(
+    ctx: DecoderContext, runner: str, prompts: list[list[int]], sampling: Sampling, eos: list[int]
+) -> tuple[list[list[int]], list[str], tuple[float, float, int]]:
+    """A tensor-parallel artifact: one process per rank (llm2trt.backends.onnxruntime.ranks), ONNX Runtime in each."""
+    import functools
+
+    ranks = BACKENDS.get(runner).ranks
+    if ranks is None:
+        raise InputError(
+            f"--runner {runner}: a tensor-parallel artifact runs on the rank harness (--runner ort); "
+            "its engines need NCCL TensorRT plugins at run time, which this build does not load"
+        )
+    task = functools.partial(
+        _rank_task, prompts=prompts, sampling=sampling, eos=list(eos), capacity=ctx.capacity, pad_id=ctx.pad_id
+    )
+    result: tuple[list[list[int]], list[str], tuple[float, float, int]] = ranks(ctx.artifact, task, ctx.providers)
+    return result
+
+
+def _maybe_tokenizer(artifact: Path, manifest: Manifest) -> Any:
+    try:
+        return load_tokenizer(artifact, manifest)
+    except (OSError, ValueError) as exc:
+        logger.warning("cannot load the tokenizer: %s", exc)
+        return None
+
+
+def _streamer(tokenizer: Any, write: Callable[[str], None]) -> Callable[[np.ndarray], None]:
+    """Print each new token of a single prompt as it comes (decoded in context, so spaces are right)."""
+    seen: list[int] = []
+    shown = [""]
+
+    def on_tokens(tokens: np.ndarray) -> None:
+        seen.append(int(tokens[0]))
+        text = tokenizer.decode(seen, skip_special_tokens=True) if tokenizer else " ".join(map(str, seen))
+        write(text[len(shown[0]) :])
+        shown[0] = text
+
+    return on_tokens

@@ -1,0 +1,146 @@
+"""optimize --tp: one artifact per rank under rank{r}/, checked together against the input.
+
+The pipeline runs once (fusions, cache form); each rank's graph is then the tensor-parallel pass
+over a copy of the result, typed again and written to `rank{r}/` with a manifest of its own (its
+KV heads, its mapping). The top manifest lists the ranks; its graphs are rank 0's (paths into
+rank0/), so readers of one graph see a rank's I/O. The check runs every rank in the harness
+(llm2trt.backends.onnxruntime.ranks) on the probe prompts and compares its logits to the input artifact's.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from llm2trt.core.errors import CheckFailed, InputError
+from llm2trt.core.log import step
+from llm2trt.core.manifest import GraphSpec, Manifest, PassRecord, TensorSpec
+from llm2trt.core.reports import NumericCheck, OptimizeReport
+from llm2trt.core.tolerance import TolerancePolicy
+from llm2trt.core.tp import Mapping, RankReport, TensorParallel, TPPlan
+from llm2trt.exporters import ExportSpec
+from llm2trt.passes.cleanup import ShapeInference
+from llm2trt.passes.fusions import count_fusions
+from llm2trt.passes.manager import Model, PassManager, WeightSpill, weight_bytes
+from llm2trt.passes.tensor_parallel import TensorParallelPass
+
+if TYPE_CHECKING:
+    from llm2trt.backends.onnxruntime.ranks import RankContext
+
+RANK_DIR = "rank{}"
+
+
+def rank_graph(graph: GraphSpec, plan: TPPlan) -> GraphSpec:
+    """A graph's description on one rank: the cache holds the rank's KV heads."""
+    kv = graph.kv_cache
+    if kv is None:
+        return graph
+    heads = plan.local_heads[1]
+    names = {*kv.past_names, *kv.present_names}
+
+    def local(tensors: list[TensorSpec]) -> list[TensorSpec]:
+        return [replace(t, shape=[t.shape[0], heads, *t.shape[2:]]) if t.name in names else t for t in tensors]
+
+    return replace(
+        graph, inputs=local(graph.inputs), outputs=local(graph.outputs), kv_cache=replace(kv, num_kv_heads=heads)
+    )
+
+
+def check_request(spec: ExportSpec, config: Any, manifest: Manifest, tp: int, quantizing: bool) -> None:
+    """Refuse, before any work, a --tp this artifact cannot take."""
+    if tp < 1:
+        raise InputError(f"--tp must be at least 1 (got {tp})")
+    if manifest.tensor_parallel is not None:
+        raise InputError(f"--tp: the input is already split ({manifest.tensor_parallel.render()})")
+    if tp > 1 and (quantizing or manifest.quantization is not None):
+        raise InputError("--tp with quantization is not built yet: split an unquantized artifact")
+    spec.check_tp(config, tp)
+
+
+def split_graph(
+    model: Model, graph: GraphSpec, plan: TPPlan, num_layers: int, spill: Path | None = None
+) -> tuple[Model, RankReport, list[PassRecord]]:
+    """One rank's copy of an optimized graph, rewritten and typed; its slices go to `spill` as they
+    are cut (else they stay in memory)."""
+    copy = Model(model.graph.copy(), dict(model.node_metadata), model.ir_version, model.weights_dir)
+    copy.spill = WeightSpill(spill) if spill is not None else None
+    result = PassManager([TensorParallelPass(plan, graph.kv_cache, num_layers), ShapeInference()]).run(copy)
+    counts = result.results[TensorParallelPass.name].counts
+    weights = sum(weight_bytes(t) for t in copy.graph.tensors().values() if isinstance(t, gs.Constant))
+    heads = plan.local_heads[1] if graph.kv_cache is not None else None
+    report = RankReport(plan.mapping.rank, dict(counts), count_fusions(copy.graph), heads, weights)
+    return copy, report, result.records
+
+
+def write_ranks(
+    stage: Path,
+    manifest: Manifest,
+    spec: ExportSpec,
+    config: Any,
+    optimized: dict[str, tuple[Model, OptimizeReport, GraphSpec]],
+    tp: int,
+) -> tuple[Manifest, list[RankReport]]:
+    """Write rank{r}/ for every rank; the top manifest (not yet written) and the per-rank reports."""
+    from llm2trt.optimize.check import conform, save_graph
+
+    reports: list[RankReport] = []
+    ranks = [RANK_DIR.format(r) for r in range(tp)]
+    top_graphs: dict[str, GraphSpec] = {}
+    for mapping in Mapping.ranks(tp):
+        plan = spec.tp_plan(config, mapping)
+        folder = stage / ranks[mapping.rank]
+        folder.mkdir()
+        graphs: dict[str, GraphSpec] = {}
+        records: list[PassRecord] = []
+        for name, (model, report, target) in optimized.items():
+            spill = stage / f".rank{mapping.rank}-{name}.spill"
+            with step(f"rank {mapping.rank} of {tp}: splitting graph {name!r}"):
+                rank_model, rank_report, ran = split_graph(model, target, plan, spec.num_layers(config), spill)
+            records += ran
+            graph = rank_graph(target, plan)
+            conform(rank_model, graph)
+            missing = {k: v for k, v in report.expected.items() if rank_report.fusions.get(k, 0) < v}
+            if missing:
+                raise CheckFailed(f"rank {mapping.rank}: fusions lost by the split: {missing} of {report.expected}")
+            path = folder / Path(target.onnx).name
+            graphs[name] = save_graph(rank_model, graph, path, rank_report.fusions, report.expected)
+            del rank_model  # before the next rank's slices
+            spill.unlink(missing_ok=True)
+            reports.append(rank_report)
+        generation = manifest.generation
+        if generation is not None and generation.tokenizer is not None:
+            generation = replace(generation, tokenizer=f"../{generation.tokenizer}")
+        rank_manifest = replace(
+            manifest.with_passes(records),
+            graphs=graphs,
+            generation=generation,
+            tensor_parallel=TensorParallel(tp, mapping.rank),
+        )
+        rank_manifest.write(folder)
+        if mapping.rank == 0:
+            top_graphs = rank_manifest.moved(folder, stage).graphs
+    return replace(manifest, graphs=top_graphs, tensor_parallel=TensorParallel(tp, None, ranks)), reports
+
+
+def _probe_task(ctx: RankContext, prompts: list[list[int]], tokens: np.ndarray, capacity: int) -> list[np.ndarray]:
+    """In each rank: the probe through the rank's decoder graph."""
+    from llm2trt.optimize.check import DecodeProbe
+
+    return DecodeProbe(prompts, tokens).run(ctx.session(ctx.manifest.graph(), capacity))
+
+
+def check_ranks(artifact: Path, before: tuple[GraphSpec, Path], config: Any, policy: TolerancePolicy) -> NumericCheck:
+    """Every rank together (the harness, gloo) against the input graph, step by step."""
+    from llm2trt.backends.onnxruntime.ranks import run_ranks
+    from llm2trt.optimize.check import DecodeProbe
+
+    probe = DecodeProbe.of(config)
+    reference = probe.run_graph(*before)
+    task = functools.partial(_probe_task, prompts=probe.prompts, tokens=probe.tokens, capacity=probe.capacity)
+    got = run_ranks(artifact, task)
+    return probe.verdict(reference, got, policy)

@@ -1,0 +1,87 @@
+"""The op table of llm2trt's ONNX Runtime custom ops: each op's name, inputs, outputs, types and
+attributes, written once.
+
+passes/ort_ops.py reads it (the rewrite pass, the reference bodies); plugins/ort_library.py turns it
+into the C++ header `llm2trt_ops.h` that the CUDA library's registration is compiled against, so the
+nodes the pass writes and the ops the library registers cannot drift apart. Plain data: importing it
+loads nothing else.
+
+Types: the library registers each op once per element type T (float16 and float32); an input or
+output has type T unless the op names it in `int32_inputs`, or it is Y of a `float_y` op (float32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+DOMAIN = "llm2trt"
+VERSION = 1
+
+ElementType = Literal["T", "int32", "float32"]  # "T": the op's element type (float16 or float32)
+
+
+@dataclass(frozen=True)
+class KernelOp:
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    attributes: tuple[str, ...] = ()  # each typed in ATTRIBUTE_TYPES
+    float_y: bool = False  # Y in float32 whatever the inputs' type
+    int32_inputs: tuple[str, ...] = ()
+    host_inputs: tuple[str, ...] = ()  # read on the host: ONNX Runtime hands them over in CPU memory
+    optional_outputs: tuple[str, ...] = ()  # written only where the node names them
+
+    def input_type(self, name: str) -> ElementType:
+        return "int32" if name in self.int32_inputs else "T"
+
+    def output_type(self, name: str) -> ElementType:
+        return "float32" if self.float_y and name == "Y" else "T"
+
+
+ATTRIBUTE_TYPES: dict[str, type[float] | type[int]] = {
+    "epsilon": float,
+    "num_heads": int,
+    "kv_num_heads": int,
+    "scale": float,
+    "do_rotary": int,
+    "rotary_interleaved": int,
+    "local_window_size": int,
+}
+
+
+def _gemv(name: str, inputs: tuple[str, ...], outputs: tuple[str, ...], float_y: bool = False) -> KernelOp:
+    """A norm + GEMV op: epsilon where it normalizes; only Y is always written (the one-row kernel
+    writes no Normed or GateUp, and Sum only where the node names it)."""
+    epsilon = ("epsilon",) if "Gamma" in inputs else ()
+    return KernelOp(name, inputs, outputs, epsilon, float_y, optional_outputs=outputs[1:])
+
+
+OPS: dict[str, KernelOp] = {
+    op.name: op
+    for op in (
+        _gemv("Linear", ("X", "W"), ("Y",)),
+        _gemv("RMSNormLinear", ("X", "Gamma", "W"), ("Y", "Normed")),
+        _gemv("SkipRMSNormLinear", ("X", "Skip", "Gamma", "W"), ("Y", "Sum", "Normed")),
+        _gemv("SkipRMSNormSwiGLU", ("X", "Skip", "Gamma", "W"), ("Y", "Sum", "Normed", "GateUp")),
+        _gemv("LinearF32", ("X", "W"), ("Y",), float_y=True),
+        _gemv("RMSNormLinearF32", ("X", "Gamma", "W"), ("Y", "Normed"), float_y=True),
+        _gemv("SkipRMSNormLinearF32", ("X", "Skip", "Gamma", "W"), ("Y", "Sum", "Normed"), float_y=True),
+    )
+}
+
+ATTENTION = KernelOp(
+    "GroupQueryAttention",
+    ("QKV", "PastKey", "PastValue", "SeqlensK", "TotalSequenceLength", "CosCache", "SinCache"),
+    ("Output", "PresentKey", "PresentValue"),
+    ("num_heads", "kv_num_heads", "scale", "do_rotary", "rotary_interleaved", "local_window_size"),
+    int32_inputs=("SeqlensK", "TotalSequenceLength"),
+    host_inputs=("TotalSequenceLength",),  # it sizes the launch, as in ONNX Runtime's own op
+)
+ATTENTION_HEAD_SIZES = (16, 32, 64, 128, 256)  # the library's kernels: 8 elements a lane, a head within a warp
+*_smaller, _largest = ATTENTION_HEAD_SIZES
+ATTENTION_HEAD_SIZES_TEXT = f"{', '.join(str(size) for size in _smaller)} or {_largest}"  # for messages
+ATTENTION_MAX_GROUP = 8  # query heads a KV head, at most (the decode kernel keeps them in registers)
+
+# Every op, in the library's registration order.
+ALL: tuple[KernelOp, ...] = (*OPS.values(), ATTENTION)

@@ -1,0 +1,142 @@
+// The CPU reference: each op in plain loops in float, rounding where the CUDA kernels round. The
+// library registers it for ONNX Runtime's CPU provider, so its glue and shapes are tested on
+// machines without a GPU against the ops' reference bodies.
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "kernel_common.cuh"
+#include "ort_glue.h"
+
+namespace llm2trt {
+
+template <typename T>
+void cpu_compute(const OpKind& kind, const Args& a) {
+  const T* x = static_cast<const T*>(a.x.data);
+  const T* skip = static_cast<const T*>(a.skip.data);
+  const T* gamma = static_cast<const T*>(a.gamma.data);
+  const T* w = static_cast<const T*>(a.w.data);
+  std::vector<float> row(a.k), z(a.n);
+  for (int64_t r = 0; r < a.rows; ++r) {
+    double squares = 0;
+    for (int64_t i = 0; i < a.k; ++i) {
+      float v = to_float(x[r * a.k + i]);
+      if (kind.skip) {
+        v = to_float(from_float<T>(v + to_float(skip[r * a.k + i])));
+        if (a.sum.data) static_cast<T*>(a.sum.data)[r * a.k + i] = from_float<T>(v);
+      }
+      row[i] = v;
+      squares += double(v) * v;
+    }
+    if (kind.norm) {
+      float scale = 1.0f / std::sqrt(float(squares / a.k) + a.epsilon);
+      for (int64_t i = 0; i < a.k; ++i) row[i] = to_float(from_float<T>(row[i] * scale * to_float(gamma[i])));
+      if (a.normed.data)
+        for (int64_t i = 0; i < a.k; ++i) static_cast<T*>(a.normed.data)[r * a.k + i] = from_float<T>(row[i]);
+    }
+    for (int64_t j = 0; j < a.n; ++j) {
+      float acc = 0;
+      for (int64_t i = 0; i < a.k; ++i) acc += row[i] * to_float(w[j * a.k + i]);
+      z[j] = kind.float_y ? acc : to_float(from_float<T>(acc));
+      if (a.gate_up.data) static_cast<T*>(a.gate_up.data)[r * a.n + j] = from_float<T>(acc);
+    }
+    if (kind.float_y) {
+      std::copy(z.begin(), z.begin() + a.n_out, static_cast<float*>(a.y.data) + r * a.n_out);
+      continue;
+    }
+    T* y = static_cast<T*>(a.y.data) + r * a.n_out;
+    for (int64_t j = 0; j < a.n_out; ++j) {
+      if (!kind.swiglu) {
+        y[j] = from_float<T>(z[j]);
+        continue;
+      }
+      float g = z[j], u = z[a.n_out + j];
+      float act = to_float(from_float<T>(g / (1.0f + std::exp(-g))));
+      y[j] = from_float<T>(act * u);
+    }
+  }
+}
+
+// Plain loops in float, in the reference's order: every new key and value into the cache, then
+// each query over the keys up to its own position.
+template <typename T>
+void cpu_attention(const AttentionArgs& a) {
+  const attention::Shape& s = a.shape;
+  const int D = s.head_dim, half = D / 2, group = s.group(), slots = s.heads + 2 * s.kv_heads;
+  const T* qkv = static_cast<const T*>(a.qkv.data);
+  const T* cos = static_cast<const T*>(a.cos.data);
+  const T* sin = static_cast<const T*>(a.sin.data);
+  const int* seqlens = static_cast<const int*>(a.seqlens.data);
+  T* keys = static_cast<T*>(a.present_k.data);
+  T* values = static_cast<T*>(a.present_v.data);
+  T* out = static_cast<T*>(a.out.data);
+  std::vector<float> rotated(D), scores(s.capacity);
+  auto rotate = [&](const T* x, int pos) {
+    for (int d = 0; d < D; ++d) {
+      const float c = to_float(cos[size_t(pos) * half + d % half]), sn = to_float(sin[size_t(pos) * half + d % half]);
+      const float v = to_float(x[d]), partner = to_float(x[d < half ? d + half : d - half]);
+      rotated[d] = to_float(from_float<T>(d < half ? v * c - partner * sn : v * c + partner * sn));
+    }
+  };
+  auto position = [&](int b, int i) { return attention::past_length(s, seqlens, b) + i; };
+  auto in_range = [&](int pos) { return pos >= 0 && pos < s.capacity && pos < s.positions; };
+  auto head = [&](int b, int kvh) { return (size_t(b) * s.kv_heads + kvh) * s.capacity * D; };
+  for (int b = 0; b < s.batch && keys != a.past_k.data; ++b) {  // a present cache apart from the past:
+    const int past = attention::past_length(s, seqlens, b);      // the past rows, then zeros
+    for (int kvh = 0; kvh < s.kv_heads; ++kvh)
+      for (size_t at = head(b, kvh); at < head(b, kvh) + size_t(s.capacity) * D; ++at) {
+        const bool kept = int((at - head(b, kvh)) / D) < past;
+        keys[at] = kept ? static_cast<const T*>(a.past_k.data)[at] : from_float<T>(0.f);
+        values[at] = kept ? static_cast<const T*>(a.past_v.data)[at] : from_float<T>(0.f);
+      }
+  }
+  for (int b = 0; b < s.batch; ++b)
+    for (int i = 0; i < s.seq; ++i) {
+      const int pos = position(b, i);
+      if (!in_range(pos)) continue;
+      const T* x = qkv + (size_t(b) * s.seq + i) * slots * D;
+      for (int kvh = 0; kvh < s.kv_heads; ++kvh) {
+        rotate(x + size_t(s.heads + kvh) * D, pos);
+        for (int d = 0; d < D; ++d) {
+          keys[head(b, kvh) + size_t(pos) * D + d] = from_float<T>(rotated[d]);
+          values[head(b, kvh) + size_t(pos) * D + d] = x[size_t(s.heads + s.kv_heads + kvh) * D + d];
+        }
+      }
+    }
+  for (int b = 0; b < s.batch; ++b)
+    for (int i = 0; i < s.seq; ++i) {
+      const int pos = position(b, i), limit = std::min(pos + 1, s.total);
+      const T* x = qkv + (size_t(b) * s.seq + i) * slots * D;
+      for (int h = 0; h < s.heads; ++h) {
+        T* y = out + ((size_t(b) * s.seq + i) * s.heads + h) * D;
+        if (!in_range(pos)) {
+          for (int d = 0; d < D; ++d) y[d] = from_float<T>(0.f);
+          continue;
+        }
+        rotate(x + size_t(h) * D, pos);
+        const size_t base = head(b, h / group);
+        float top = -INFINITY;
+        for (int j = 0; j < limit; ++j) {
+          float dot = 0.f;
+          for (int d = 0; d < D; ++d) dot += rotated[d] * s.scale * to_float(keys[base + size_t(j) * D + d]);
+          scores[j] = dot;
+          top = std::max(top, dot);
+        }
+        float sum = 0.f;
+        for (int j = 0; j < limit; ++j) sum += scores[j] = std::exp(scores[j] - top);
+        for (int d = 0; d < D; ++d) {
+          float acc = 0.f;
+          for (int j = 0; j < limit; ++j) acc += scores[j] * to_float(values[base + size_t(j) * D + d]);
+          y[d] = from_float<T>(acc / sum);
+        }
+      }
+    }
+}
+
+template void cpu_compute<__half>(const OpKind&, const Args&);
+template void cpu_compute<float>(const OpKind&, const Args&);
+template void cpu_attention<__half>(const AttentionArgs&);
+template void cpu_attention<float>(const AttentionArgs&);
+
+}  // namespace llm2trt

@@ -1,0 +1,401 @@
+// llm2trt's kernels for ONNX Runtime's CUDA provider: a custom-op library whose ops are the
+// `llm2trt`-domain local functions the `--kv-form gqa` graph carries (passes/ort_ops.py holds
+// their reference bodies, which ONNX Runtime inlines where this library is not loaded).
+//
+//   Linear(X, W) -> Y                                   Y = X @ W^T, W [N, K]
+//   RMSNormLinear(X, Gamma, W) -> (Y, Normed)           Normed = RMSNorm(X) * Gamma
+//   SkipRMSNormLinear(X, Skip, Gamma, W) -> (Y, Sum, Normed)      Sum = X + Skip, normalized
+//   SkipRMSNormSwiGLU(X, Skip, Gamma, W) -> (Y, Sum, Normed, GateUp)
+//       GateUp = Normed @ W^T with W = [W_gate; W_up], Y = silu(gate) * up
+//   LinearF32, RMSNormLinearF32, SkipRMSNormLinearF32: the same with Y in float32 from float16
+//       inputs (the logits: fp16 logits flip greedy near-ties), the accumulator never rounded
+//   GroupQueryAttention(QKV, PastKey, PastValue, SeqlensK, TotalSequenceLength, CosCache, SinCache)
+//       -> (Output, PresentKey, PresentValue)     com.microsoft.GroupQueryAttention, packed QKV,
+//       rotary inside; the cache updated in place (attention.cu, llm2trt_attention.cuh)
+//
+// Why: a batch-1 decode step is ~10 kernels a layer, and its GEMVs are where the time goes. With
+// one row (M = 1) each op is ONE kernel (gemv.cu): every block normalizes the row itself (it is a
+// few KB, read from L2), then each warp reads its weight rows with 16-byte loads, so the norm, the
+// activation and the GEMV share a launch and the weights stream at close to copy bandwidth. With
+// more rows (prefill, batched decode) the weights are reused across rows: cuBLAS (the provider's
+// own handle and stream) does the GEMM (cublas_paths.cu), and Normed / GateUp are where its input
+// and output live. Weights are [N, K] (a row per output): a warp's loads run along K, contiguous.
+//
+// This file is the glue: ONNX Runtime's custom-op ABI, each op's inputs and outputs, and the
+// registration, all read from the generated op table (llm2trt_ops.h, passes/ort_op_table.py).
+// Each op is registered for the CUDA provider and, for tests of this library on machines without a
+// GPU, for the CPU provider (cpu_reference.cu: plain loops in float).
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "ort_glue.h"
+
+namespace llm2trt {
+
+const OrtApi* g_api = nullptr;
+
+OrtStatus* error(const char* message) {
+  return ort_fn<CreateStatusFn>(g_api, ort_index::CreateStatus)(ORT_INVALID_ARGUMENT, message);
+}
+
+namespace {
+
+OrtStatus* describe(const OrtValue* value, Tensor* out) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  ORT_TRY(ort_fn<TypeShapeFn>(g_api, ort_index::GetTensorTypeAndShape)(value, &info));
+  size_t rank = 0;
+  OrtStatus* status = ort_fn<DimsCountFn>(g_api, ort_index::GetDimensionsCount)(info, &rank);
+  if (status == nullptr) {
+    out->shape.assign(rank, 0);
+    status = ort_fn<DimsFn>(g_api, ort_index::GetDimensions)(info, out->shape.data(), rank);
+  }
+  if (status == nullptr) status = ort_fn<ElementTypeFn>(g_api, ort_index::GetTensorElementType)(info, &out->type);
+  ort_fn<ReleaseInfoFn>(g_api, ort_index::ReleaseTensorTypeAndShapeInfo)(info);
+  if (status != nullptr) return status;
+  return ort_fn<MutableDataFn>(g_api, ort_index::GetTensorMutableData)(const_cast<OrtValue*>(value), &out->data);
+}
+
+OrtStatus* input(OrtKernelContext* context, size_t index, Tensor* out) {
+  const OrtValue* value = nullptr;
+  ORT_TRY(ort_fn<GetInputFn>(g_api, ort_index::KernelContext_GetInput)(context, index, &value));
+  if (value == nullptr) return error("llm2trt kernels: a required input is missing");
+  return describe(value, out);
+}
+
+// Output `index` shaped `shape`; data stays null where the node leaves that output unnamed.
+OrtStatus* output(OrtKernelContext* context, size_t index, const std::vector<int64_t>& shape, Tensor* out) {
+  size_t count = 0;
+  ORT_TRY(ort_fn<CountFn>(g_api, ort_index::KernelContext_GetOutputCount)(context, &count));
+  if (index >= count) return nullptr;
+  OrtValue* value = nullptr;
+  ORT_TRY(ort_fn<GetOutputFn>(g_api, ort_index::KernelContext_GetOutput)(context, index, shape.data(), shape.size(),
+                                                                        &value));
+  if (value == nullptr) return nullptr;
+  out->shape = shape;  // ours: only the buffer needs asking for
+  return ort_fn<MutableDataFn>(g_api, ort_index::GetTensorMutableData)(value, &out->data);
+}
+
+// The slot of table name `name` (ops::io::) among the op's inputs or outputs.
+size_t input_slot(const OpKind& kind, int name) { return size_t(kind.input_at[name]); }
+size_t output_slot(const OpKind& kind, int name) { return size_t(kind.output_at[name]); }
+
+OrtStatus* gather(const OpKind& kind, float epsilon, OrtKernelContext* context, Args* a) {
+  ORT_TRY(input(context, input_slot(kind, ops::io::X), &a->x));
+  if (kind.skip) ORT_TRY(input(context, input_slot(kind, ops::io::Skip), &a->skip));
+  if (kind.norm) ORT_TRY(input(context, input_slot(kind, ops::io::Gamma), &a->gamma));
+  ORT_TRY(input(context, input_slot(kind, ops::io::W), &a->w));
+  a->epsilon = epsilon;
+  a->k = a->x.last();
+  a->rows = a->x.rows();
+  if (a->w.shape.size() != 2 || a->w.shape[1] != a->k) return error("llm2trt kernels: W must be [N, K] with X's K");
+  a->n = a->w.shape[0];
+  if (kind.swiglu && a->n % 2 != 0) return error("llm2trt kernels: SwiGLU's W needs an even row count");
+  a->n_out = kind.swiglu ? a->n / 2 : a->n;
+  if (a->x.type != a->w.type || (kind.norm && a->gamma.type != a->x.type) || (kind.skip && a->skip.type != a->x.type))
+    return error("llm2trt kernels: X, Skip, Gamma and W must share one type");
+  if (a->x.type != ORT_ELEMENT_FLOAT && a->x.type != ORT_ELEMENT_FLOAT16)
+    return error("llm2trt kernels: float and float16 only");
+  if (kind.skip && a->skip.shape != a->x.shape) return error("llm2trt kernels: Skip must have X's shape");
+  if (kind.norm && (a->gamma.shape.size() != 1 || a->gamma.shape[0] != a->k))
+    return error("llm2trt kernels: Gamma must be [K]");
+  std::vector<int64_t> y_shape = a->x.shape;
+  y_shape.back() = a->n_out;
+  ORT_TRY(output(context, output_slot(kind, ops::io::Y), y_shape, &a->y));
+  if (a->y.data == nullptr && a->rows * a->n_out != 0) return error("llm2trt kernels: Y has no buffer");
+  if (kind.skip) ORT_TRY(output(context, output_slot(kind, ops::io::Sum), a->x.shape, &a->sum));
+  return nullptr;
+}
+
+}  // namespace
+
+OrtStatus* staging(const OpKind& kind, OrtKernelContext* context, Args* a) {
+  ORT_TRY(output(context, output_slot(kind, ops::io::Normed), a->x.shape, &a->normed));
+  if (a->normed.data == nullptr) return error("llm2trt kernels: Normed needs a name for more than one row");
+  if (kind.swiglu) {
+    std::vector<int64_t> shape = a->x.shape;
+    shape.back() = a->n;
+    ORT_TRY(output(context, output_slot(kind, ops::io::GateUp), shape, &a->gate_up));
+    if (a->gate_up.data == nullptr) return error("llm2trt kernels: GateUp needs a name for more than one row");
+  }
+  return nullptr;
+}
+
+namespace {
+
+OrtStatus* gather_attention(const OpKind& kind, int64_t heads, int64_t kv_heads, float scale,
+                            OrtKernelContext* context, AttentionArgs* a) {
+  const std::pair<int, Tensor*> inputs[] = {{ops::io::QKV, &a->qkv},
+                                            {ops::io::PastKey, &a->past_k},
+                                            {ops::io::PastValue, &a->past_v},
+                                            {ops::io::SeqlensK, &a->seqlens},
+                                            {ops::io::TotalSequenceLength, &a->total},
+                                            {ops::io::CosCache, &a->cos},
+                                            {ops::io::SinCache, &a->sin}};
+  for (const auto& [name, tensor] : inputs) ORT_TRY(input(context, input_slot(kind, name), tensor));
+  const std::vector<int64_t>& q = a->qkv.shape;
+  const std::vector<int64_t>& cache = a->past_k.shape;
+  if (q.size() != 3 || cache.size() != 4 || a->past_v.shape != cache || cache[0] != q[0] || cache[1] != kv_heads ||
+      q[2] != (heads + 2 * kv_heads) * cache[3])
+    return error("llm2trt GroupQueryAttention: QKV must be [B, S, (H + 2 KVH) * D], the caches [B, KVH, slots, D]");
+  if (a->seqlens.type != ORT_ELEMENT_INT32 || a->seqlens.size() != q[0] || a->total.type != ORT_ELEMENT_INT32 ||
+      a->total.size() != 1)
+    return error("llm2trt GroupQueryAttention: seqlens_k must be int32 [B] and total_sequence_length an int32");
+  if (a->cos.shape.size() != 2 || a->cos.shape[1] * 2 != cache[3] || a->sin.shape != a->cos.shape)
+    return error("llm2trt GroupQueryAttention: cos/sin caches must be [positions, D / 2] (rotary over the head)");
+  for (const Tensor* t : {&a->past_k, &a->past_v, &a->cos, &a->sin})
+    if (t->type != a->qkv.type) return error("llm2trt GroupQueryAttention: QKV, caches and tables must share one type");
+  attention::Shape& s = a->shape;
+  s.batch = int(q[0]);
+  s.seq = int(q[1]);
+  s.heads = int(heads);
+  s.kv_heads = int(kv_heads);
+  s.head_dim = int(cache[3]);
+  s.capacity = int(cache[2]);
+  s.positions = int(a->cos.shape[0]);
+  s.total = *static_cast<const int32_t*>(a->total.data);
+  if (s.total < s.seq || s.total > s.capacity)
+    return error("llm2trt GroupQueryAttention: total_sequence_length must lie between the new tokens and the slots");
+  s.first_prompt = s.seq == s.total;
+  s.scale = scale != 0.f ? scale : 1.f / std::sqrt(float(s.head_dim));
+  ORT_TRY(output(context, output_slot(kind, ops::io::Output), {q[0], q[1], heads * cache[3]}, &a->out));
+  ORT_TRY(output(context, output_slot(kind, ops::io::PresentKey), cache, &a->present_k));
+  ORT_TRY(output(context, output_slot(kind, ops::io::PresentValue), cache, &a->present_v));
+  if (a->out.data == nullptr || a->present_k.data == nullptr || a->present_v.data == nullptr)
+    return error("llm2trt GroupQueryAttention: every output needs a buffer");
+  return nullptr;
+}
+
+}  // namespace
+
+// ---- the CUDA provider's stream, cuBLAS handle and device ----------------------------------------
+
+// The CUDA provider's stream and cuBLAS handle for this run: every kernel and GEMM goes there.
+OrtStatus* compute_stream(OrtKernelContext* context, cudaStream_t* stream) {
+  void* raw = nullptr;
+  ORT_TRY(ort_fn<StreamFn>(g_api, ort_index::KernelContext_GetGPUComputeStream)(context, &raw));
+  *stream = static_cast<cudaStream_t>(raw);
+  return nullptr;
+}
+
+OrtStatus* cublas_handle(OrtKernelContext* context, void** handle) {
+  ORT_TRY(ort_fn<ResourceFn>(g_api, ort_index::KernelContext_GetResource)(context, ORT_CUDA_RESOURCE_VERSION,
+                                                                          ORT_CUDA_RESOURCE_CUBLAS_HANDLE, handle));
+  return *handle != nullptr ? nullptr : error("llm2trt kernels: no cuBLAS handle from the CUDA provider");
+}
+
+OrtStatus* launched(const char* what) {
+  cudaError_t rc = cudaGetLastError();
+  if (rc == cudaSuccess) return nullptr;
+  static char message[160];
+  std::snprintf(message, sizeof message, "llm2trt kernels: %s: %s", what, cudaGetErrorString(rc));
+  return error(message);
+}
+
+int multiprocessors() {
+  static int sms = [] {
+    int device = 0, count = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+    return count > 0 ? count : 1;
+  }();
+  return sms;
+}
+
+int compute_capability() {
+  static int cc = [] {
+    int device = 0, major = 0, minor = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    return major * 10 + minor;
+  }();
+  return cc;
+}
+
+// ---- the custom ops ---------------------------------------------------------------------------
+
+namespace {
+
+// One kernel a node: its op's row of the table and its attributes, a value per table name.
+struct Kernel {
+  const OpKind* kind;
+  bool cuda;
+  float floats[ops::attr::kCount] = {};
+  int64_t ints[ops::attr::kCount] = {};
+};
+
+struct Op : OrtCustomOp {
+  const OpKind* kind;
+  bool cuda;
+  int type;  // the element type T this registration takes (ops::kT in the table)
+};
+
+const Op& self(const OrtCustomOp* op) { return *static_cast<const Op*>(op); }
+
+OrtStatus* compute(void* opaque, OrtKernelContext* context) {
+  const Kernel& kernel = *static_cast<Kernel*>(opaque);
+  if (kernel.kind->attention) {
+    AttentionArgs a;
+    ORT_TRY(gather_attention(*kernel.kind, kernel.ints[ops::attr::num_heads], kernel.ints[ops::attr::kv_num_heads],
+                             kernel.floats[ops::attr::scale], context, &a));
+    const bool half = a.qkv.type == ORT_ELEMENT_FLOAT16;
+    if (kernel.cuda) return half ? cuda_attention<__half>(a, context) : cuda_attention<float>(a, context);
+    if (half)
+      cpu_attention<__half>(a);
+    else
+      cpu_attention<float>(a);
+    return nullptr;
+  }
+  Args a;
+  ORT_TRY(gather(*kernel.kind, kernel.floats[ops::attr::epsilon], context, &a));
+  if (kernel.cuda)
+    return a.x.type == ORT_ELEMENT_FLOAT16 ? cuda_compute<__half>(*kernel.kind, context, a)
+                                           : cuda_compute<float>(*kernel.kind, context, a);
+  if (kernel.kind->norm && a.rows > 1) ORT_TRY(staging(*kernel.kind, context, &a));
+  if (a.x.type == ORT_ELEMENT_FLOAT16)
+    cpu_compute<__half>(*kernel.kind, a);
+  else
+    cpu_compute<float>(*kernel.kind, a);
+  return nullptr;
+}
+
+// Every attribute the table gives the op, read with the table's type.
+OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info, void** out) {
+  Kernel kernel{self(op).kind, self(op).cuda};
+  const OpKind& kind = *kernel.kind;
+  for (size_t i = 0; i < kind.attributes; ++i) {
+    const int id = kind.attribute[i];
+    if (ops::kAttributeType[id] == ops::kFloat)
+      ORT_TRY(ort_fn<AttrFloatFn>(api, ort_index::KernelInfoGetAttribute_float)(info, ops::kAttributeName[id],
+                                                                                &kernel.floats[id]));
+    else
+      ORT_TRY(ort_fn<AttrIntFn>(api, ort_index::KernelInfoGetAttribute_int64)(info, ops::kAttributeName[id],
+                                                                              &kernel.ints[id]));
+  }
+  if (kind.attention) {
+    const int64_t heads = kernel.ints[ops::attr::num_heads], kv_heads = kernel.ints[ops::attr::kv_num_heads];
+    if (kernel.ints[ops::attr::do_rotary] != 1 || kernel.ints[ops::attr::rotary_interleaved] != 0 ||
+        kernel.ints[ops::attr::local_window_size] != -1)
+      return error("llm2trt GroupQueryAttention: do_rotary=1, rotary_interleaved=0 and local_window_size=-1 only");
+    if (heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0)
+      return error("llm2trt GroupQueryAttention: num_heads must be a multiple of kv_num_heads");
+  }
+  *out = new Kernel(kernel);
+  return nullptr;
+}
+
+// One registration of `kind` for a provider and an element type, its types and characteristics
+// read from the table.
+Op make_op(const OpKind* kind, bool cuda, int type) {
+  Op op;
+  std::memset(static_cast<OrtCustomOp*>(&op), 0, sizeof(OrtCustomOp));
+  op.kind = kind;
+  op.cuda = cuda;
+  op.type = type;
+  op.version = ORT_CUSTOM_OP_VERSION;
+  op.GetName = [](const OrtCustomOp* o) { return self(o).kind->name; };
+  op.GetExecutionProviderType = [](const OrtCustomOp* o) {
+    return self(o).cuda ? "CUDAExecutionProvider" : "CPUExecutionProvider";
+  };
+  // One op per element type (ONNX Runtime merges same-named ops into one schema).
+  op.GetInputType = [](const OrtCustomOp* o, size_t index) {
+    return self(o).kind->input_type[index] == ops::kInt32 ? int(ORT_ELEMENT_INT32) : self(o).type;
+  };
+  op.GetInputTypeCount = [](const OrtCustomOp* o) { return self(o).kind->inputs; };
+  op.GetOutputType = [](const OrtCustomOp* o, size_t index) {
+    return self(o).kind->output_type[index] == ops::kFloat32 ? int(ORT_ELEMENT_FLOAT) : self(o).type;
+  };
+  op.GetOutputTypeCount = [](const OrtCustomOp* o) { return self(o).kind->outputs; };
+  op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
+  op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return int(ORT_IO_REQUIRED); };
+  op.GetOutputCharacteristic = [](const OrtCustomOp* o, size_t index) {
+    return int(self(o).kind->output_optional[index] ? ORT_IO_OPTIONAL : ORT_IO_REQUIRED);
+  };
+  op.GetInputMemoryType = [](const OrtCustomOp* o, size_t index) {
+    return int(self(o).kind->input_on_host[index] ? ORT_MEM_CPU_INPUT : ORT_MEM_DEFAULT);
+  };
+  op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
+  op.CreateKernelV2 = create_kernel;
+  op.KernelComputeV2 = compute;
+  op.GetStartVersion = [](const OrtCustomOp*) { return 1; };
+  op.GetEndVersion = [](const OrtCustomOp*) { return 2147483647; };
+  op.GetMayInplace = [](int**, int**) { return size_t(0); };
+  op.ReleaseMayInplace = [](int*, int*) {};
+  op.GetAliasMap = [](int**, int**) { return size_t(0); };
+  op.ReleaseAliasMap = [](int*, int*) {};
+  return op;
+}
+
+std::vector<Op>& ops_registered() {
+  static std::vector<Op> all = [] {
+    std::vector<Op> made;
+    for (const OpKind& kind : ops::kOps) {
+      for (int type : {int(ORT_ELEMENT_FLOAT16), int(ORT_ELEMENT_FLOAT)}) {
+        made.push_back(make_op(&kind, true, type));
+        made.push_back(make_op(&kind, false, type));
+      }
+    }
+    return made;
+  }();
+  return all;
+}
+
+}  // namespace
+}  // namespace llm2trt
+
+using llm2trt::g_api;
+using CreateDomainFn = OrtStatus* (*)(const char*, OrtCustomOpDomain**);
+using DomainAddFn = OrtStatus* (*)(OrtCustomOpDomain*, const OrtCustomOp*);
+using AddDomainFn = OrtStatus* (*)(OrtSessionOptions*, OrtCustomOpDomain*);
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
+                                                                              const OrtApiBase* base) {
+  g_api = base->GetApi(ORT_API_REQUEST);
+  if (g_api == nullptr) return nullptr;  // a runtime older than 1.19: it runs the reference bodies
+  OrtCustomOpDomain* domain = nullptr;
+  ORT_TRY(ort_fn<CreateDomainFn>(g_api, ort_index::CreateCustomOpDomain)(llm2trt::ops::kDomain, &domain));
+  for (llm2trt::Op& op : llm2trt::ops_registered())
+    ORT_TRY(ort_fn<DomainAddFn>(g_api, ort_index::CustomOpDomain_Add)(domain, &op));
+  return ort_fn<AddDomainFn>(g_api, ort_index::AddCustomOpDomain)(options, domain);
+}
+
+// One op at one row without ONNX Runtime, on `stream`: what scripts/bench_ort_kernels.py times.
+// Returns 0, or -1 for an unknown op or type. Y is float32 for the F32 ops.
+extern "C" __attribute__((visibility("default"))) int Llm2trtOneRow(const char* op, int type, const void* x,
+                                                                   const void* skip, const void* gamma, const void* w,
+                                                                   void* y, void* sum, int64_t k, int64_t n,
+                                                                   float epsilon, void* stream) {
+  using llm2trt::OpKind;
+  const OpKind* kind = nullptr;
+  for (const OpKind& candidate : llm2trt::ops::kOps)
+    if (!candidate.attention && std::strcmp(candidate.name, op) == 0) kind = &candidate;
+  if (kind == nullptr || (type != ORT_ELEMENT_FLOAT16 && type != ORT_ELEMENT_FLOAT)) return -1;
+  llm2trt::Args a;
+  a.x.data = const_cast<void*>(x);
+  a.skip.data = const_cast<void*>(skip);
+  a.gamma.data = const_cast<void*>(gamma);
+  a.w.data = const_cast<void*>(w);
+  a.y.data = y;
+  a.sum.data = sum;
+  a.rows = 1;
+  a.k = k;
+  a.n = n;
+  a.n_out = kind->swiglu ? n / 2 : n;
+  a.epsilon = epsilon;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (type == ORT_ELEMENT_FLOAT16)
+    llm2trt::one_row<__half>(*kind, a, s);
+  else
+    llm2trt::one_row<float>(*kind, a, s);
+  return cudaGetLastError() == cudaSuccess ? 0 : -1;
+}

