@@ -11,7 +11,7 @@ from llm2trt.passes.manager import GraphPass, Model, PassResult, gs_quiet, reatt
 
 def ir_for_opset(opset: int) -> int:
     """The IR version of the onnx release that introduced `opset` (ONNX Runtime 1.31 reads IR up
-    to 13 while onnx 1.23 writes 14 by default: ENVIRONMENT.md says set both explicitly)."""
+    to 13 while onnx 1.23 writes 14 by default: so both are set explicitly)."""
     return min((ir for _release, ir, ai_onnx, *_ in onnx.helper.VERSION_TABLE if ai_onnx >= opset), default=10)
 
 

@@ -1,6 +1,6 @@
 """Int4GroupGemm: y = x @ dequant(W)^T with W in signed INT4, one scale per `group_size` inputs.
 
-Why this plugin (ENVIRONMENT.md, "Decode peers on the H200"): batch-1 decode reads every weight once
+Why this plugin (docs/facts.md, "Decode peers"): batch-1 decode reads every weight once
 per token, so its speed is weight bytes over memory bandwidth. INT4 weights are a quarter of fp16's
 bytes, but only a kernel that reads them packed and dequantizes in registers gets that: ONNX
 Runtime CUDA runs the reference body as a chain of elementwise kernels per call (measured 28-54x

@@ -5,8 +5,8 @@ The ONNX parser maps a node to it by op type `Int4GroupGemm` and the node's doma
 plugin namespace; TensorRT >= 10.10 reads it from the domain). Two tactics, timed by TensorRT per
 optimization profile: a decode tile (16 rows) and a prefill tile (64 rows).
 
-Not run here: full TensorRT cannot be installed on these machines and TensorRT-RTX cannot host
-plugin layers (ENVIRONMENT.md). The Triton compile it drives is tested (tests/test_plugin_int4.py).
+Never run by the test suite: it needs full TensorRT, and TensorRT-RTX cannot host plugin layers
+(docs/facts.md). The Triton compile it drives is tested (tests/test_plugin_int4.py).
 No `from __future__ import annotations` in this module: `tensorrt.plugin` reads the decorated
 functions' annotations as objects.
 """

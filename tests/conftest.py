@@ -20,8 +20,8 @@ from llm2trt.core.manifest import GraphSpec, Manifest, TensorSpec
 from llm2trt.exporters import all_specs
 
 TINY = [f"tiny:{spec.name}" for spec in all_specs()]
-# The backend this machine builds with, asked rather than assumed: TensorRT-RTX here and in CI
-# (ahead of time, for its default target), full TensorRT elsewhere (for the local GPU).
+# The backend the tests build with, asked rather than assumed: TensorRT-RTX ahead of time (for its
+# default target) where full TensorRT is missing, else full TensorRT (for the local GPU).
 BACKEND = load_backend()
 CC = ["--compute-capability", BACKEND.aot_target] if BACKEND.aot_target else []
 

@@ -169,7 +169,7 @@ def test_worker_crash_becomes_a_clear_error(
     artifacts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A controlled crash: a plugin module that segfaults the build worker when it is imported.
-    # (TensorRT-RTX 1.7 itself segfaults on some graphs, ENVIRONMENT.md; a release may fix those.)
+    # (TensorRT-RTX 1.7 itself segfaults on some graphs, docs/facts.md; a release may fix those.)
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     install_fake_plugin(plugins, monkeypatch, "Crasher", "import signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")

@@ -1,6 +1,6 @@
-"""Engine builds: real engines with whatever TensorRT this machine has (TensorRT-RTX here and in
-CI, ahead of time for its default target; full TensorRT elsewhere). Tests ask the adapter what
-the backend can do instead of assuming this machine."""
+"""Engine builds: real engines with whatever TensorRT is installed (TensorRT-RTX ahead of time for
+its default target, or full TensorRT for the local GPU). Tests ask the adapter what the backend can
+do instead of assuming one."""
 
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def test_trt_runner_runs_where_the_backend_can(artifacts: dict[str, Path], tmp_p
     reason = BACKEND.cannot_run_engines()
     if reason is None:  # a GPU this backend runs on: the engine matches PyTorch
         assert result.exit_code == 0, result.stderr
-    else:  # here: no GPU (or one TensorRT-RTX refuses, like the lent sm90 machines)
+    else:  # here: no GPU (or one TensorRT-RTX refuses, like sm90)
         assert_clean_failure(result, f"cannot run a {BACKEND.display} engine here: {reason}", None)
 
 

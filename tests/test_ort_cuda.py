@@ -1,5 +1,5 @@
 """The CUDA decoder's pure pieces (llm2trt/backends/onnxruntime/cuda.py), checked without a GPU: the prefill buckets
-and the two-step greedy pick. The decoder itself runs on the lent GPU (scripts/gpu_tokens.py)."""
+and the two-step greedy pick. The decoder itself runs on a CUDA GPU (scripts/gpu_tokens.py)."""
 
 from __future__ import annotations
 

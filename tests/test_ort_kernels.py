@@ -3,7 +3,7 @@ into ONNX Runtime, and its ops mean what their reference bodies say.
 
 No GPU here: the library's CPU registrations (plain loops, the same op glue and shapes as the CUDA
 ones) run in ONNX Runtime's CPU provider against the bodies ONNX Runtime runs without it. The CUDA
-kernels themselves are checked on the lent GPU: scripts/check_ort_kernels.py (README).
+kernels themselves are checked on a CUDA GPU: scripts/check_ort_kernels.py (README).
 """
 
 from __future__ import annotations

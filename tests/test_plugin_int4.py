@@ -2,7 +2,7 @@
 the build with TensorRT-RTX (body inlined, said so), the kernel compiled ahead of time for
 TensorRT's plugin ABI, `llm2trt plugins`, and the build features that go with plugins.
 
-The kernel itself runs in tests/test_plugin_kernel_gpu.py (`pytest -m gpu`, on the lent GPU)."""
+The kernel itself runs in tests/test_plugin_kernel_gpu.py (`pytest -m gpu`, on a CUDA GPU)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The Int4GroupGemm Triton kernel against the NumPy reference, on a CUDA GPU (`pytest -m gpu` on the
-lent machine; deselected elsewhere: this machine and CI have no GPU).
+"""The Int4GroupGemm Triton kernel against the NumPy reference, on a CUDA GPU (`pytest -m gpu` on a
+machine with one; deselected by default).
 
 Outputs are poisoned (NaN) before every run, so a tile the kernel fails to write shows up."""
 

@@ -1,7 +1,7 @@
 """`llm2trt refit ENGINE_DIR --weights IN`: fill a weight-stripped engine from an artifact's weights.
 
 Full TensorRT only: TensorRT-RTX fails to build stripped or refittable engines (measured,
-ENVIRONMENT.md), so there is nothing to refit there and the command refuses before reading
+docs/facts.md), so there is nothing to refit there and the command refuses before reading
 anything. The TensorRT calls below are type-checked against `tensorrt-stubs` (scripts/typecheck.sh).
 """
 

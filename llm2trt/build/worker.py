@@ -1,6 +1,6 @@
 """Parse and build in a child process, through Polygraphy's TensorRT loaders.
 
-TensorRT can abort or segfault on some graphs (ENVIRONMENT.md), and a crash there must become a
+TensorRT can abort or segfault on some graphs (docs/facts.md), and a crash there must become a
 clear error, not a dead CLI. The parent (`llm2trt.build.driver.run_worker`) and this child share one
 protocol: a `BuildRequest` in, a `BuildResult` out (both typed records), and phase lines on
 stderr so a crash is attributed to the step it hit.

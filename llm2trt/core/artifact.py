@@ -399,7 +399,7 @@ def save_onnx(
     reloaded (callers that need the values read them from disk).
 
     We write the data files ourselves: onnx.save_model resolves an existing data file against the
-    current directory and can append to a stale one (ENVIRONMENT.md), and a model over 2 GB cannot
+    current directory and can append to a stale one (docs/facts.md), and a model over 2 GB cannot
     be serialized with its weights inline.
     """
     spans = _spans(model, source)

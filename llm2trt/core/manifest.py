@@ -141,7 +141,7 @@ class Manifest(Record):
         if not self.graphs:
             raise InputError("manifest lists no graphs")
 
-    # -- the default graph, which SPEC.md's top-level keys describe ----------------------------
+    # -- the default graph, which the contract's top-level keys describe (docs/contract.md) ----------------------------
 
     def graph(self, name: str | None = None) -> GraphSpec:
         if name is None:
@@ -222,7 +222,7 @@ class Manifest(Record):
             del entry["seconds"]
         data["timings"] = {"pass_seconds": [p.seconds for p in self.passes]}
         default = self.graph()
-        # SPEC.md's top-level keys: the default graph's I/O and cache, for readers of one graph.
+        # The contract's top-level keys (docs/contract.md): the default graph's I/O and cache, for readers of one graph.
         data.update(
             inputs=[t.to_dict() for t in default.inputs],
             outputs=[t.to_dict() for t in default.outputs],

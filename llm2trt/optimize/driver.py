@@ -41,7 +41,7 @@ class Optimized(Record):
     reports: dict[str, OptimizeReport]
 
     def to_dict(self) -> dict[str, Any]:
-        # SPEC.md: report.json's keys at the top level, for the default graph.
+        # docs/contract.md: report.json's keys at the top level, for the default graph.
         first = next(iter(self.reports.values()))
         data = {"input": self.input, "output": self.output, **first.to_dict()}
         if len(self.reports) > 1:

@@ -34,7 +34,7 @@ def test_an_artifact_with_two_graphs_round_trips(artifacts: dict[str, Path], tmp
     assert back == two and list(back.graphs) == ["decoder", "decoder_fixed"]
     fixed = back.graph("decoder_fixed")
     assert fixed.kv_cache == kv and fixed.inputs[0].dtype is DType.INT64
-    # SPEC.md's top-level keys describe the default (first) graph.
+    # The contract's top-level keys (docs/contract.md) describe the default (first) graph.
     raw = json.loads((out / "manifest.json").read_text())
     assert [t["name"] for t in raw["inputs"]][:4] == [
         "input_ids",

@@ -2,7 +2,7 @@
 
 Both share TensorRT's Python API. What differs is written down here once, as capabilities:
 TensorRT-RTX builds ahead of time for a named compute capability (no GPU needed) but cannot host
-custom plugin layers, strip weights, refit, or use a timing cache (measured: ENVIRONMENT.md), and
+custom plugin layers, strip weights, refit, or use a timing cache (measured: docs/facts.md), and
 runs engines only on the GPUs it supports.
 """
 
@@ -89,7 +89,7 @@ class Backend:
         """Import every registered plugin; register with TensorRT those the graph uses (`used`: nodes
         per op; None registers all) where TensorRT can host them.
 
-        Under TensorRT-RTX a registered Python plugin aborts the process (ENVIRONMENT.md), so none
+        Under TensorRT-RTX a registered Python plugin aborts the process (docs/facts.md), so none
         is registered there: the op's local-function body is inlined instead.
         """
         statuses = []

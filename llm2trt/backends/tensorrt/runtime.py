@@ -5,10 +5,9 @@ row runs under the decode profile, anything longer under the prefill one. Buffer
 as torch tensors; the session's feeds and results cross as NumPy arrays (simple, not fast: the
 GPU-resident loop is ONNX Runtime's IO binding in bench_decode.py's terms).
 
-Nothing here can run in this workplace: TensorRT-RTX runs no engine without a supported GPU, and
-the lent GPUs are sm90, which TensorRT-RTX refuses (README: "What runs where"). The code follows
-TensorRT 10's Python API (tensor names, `set_input_shape`, `execute_async_v3`) and is exercised
-where a GPU exists; here it refuses cleanly before touching CUDA.
+TensorRT-RTX runs no engine without a GPU it supports, and it refuses sm90 (H100/H200: docs/facts.md,
+"What runs where"). The code follows TensorRT 10's Python API (tensor names, `set_input_shape`,
+`execute_async_v3`) and runs where such a GPU exists; elsewhere it refuses cleanly before touching CUDA.
 """
 
 from __future__ import annotations
