@@ -18,7 +18,8 @@ from typing import Literal
 DOMAIN = "llm2trt"
 VERSION = 1
 
-ElementType = Literal["T", "int32", "float32"]  # "T": the op's element type (float16 or float32)
+# Element-type tags: "T" is the op's element type (its fp16 or its fp32 registration); I32 and F32 are fixed.
+ElementType = Literal["T", "I32", "F32"]
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,10 @@ class KernelOp:
     optional_outputs: tuple[str, ...] = ()  # written only where the node names them
 
     def input_type(self, name: str) -> ElementType:
-        return "int32" if name in self.int32_inputs else "T"
+        return "I32" if name in self.int32_inputs else "T"
 
     def output_type(self, name: str) -> ElementType:
-        return "float32" if self.float_y and name == "Y" else "T"
+        return "F32" if self.float_y and name == "Y" else "T"
 
 
 ATTRIBUTE_TYPES: dict[str, type[float] | type[int]] = {

@@ -151,7 +151,7 @@ def one_op_model(name: str, values: dict[str, np.ndarray], epsilon: float = 1e-5
     spec = OPS[name]
     dtype = values["X"].dtype
     inputs = [gs.Variable(i, dtype=dtype, shape=values[i].shape) for i in spec.inputs]
-    outputs = [gs.Variable(o, dtype=np.float32 if spec.output_type(o) == "float32" else dtype) for o in spec.outputs]
+    outputs = [gs.Variable(o, dtype=np.float32 if spec.output_type(o) == "F32" else dtype) for o in spec.outputs]
     attrs = {"epsilon": epsilon} if "epsilon" in spec.attributes else {}
     node = gs.Node(name, inputs=inputs, outputs=outputs, attrs=attrs, domain=DOMAIN)
     return _one_node_model(node, function(name, opset), opset)
@@ -190,7 +190,7 @@ def attention_model(
         "SinCache": [capacity, head // 2],
     }
     inputs = [
-        gs.Variable(n, dtype=np.int32 if ATTENTION.input_type(n) == "int32" else dtype, shape=shapes[n])
+        gs.Variable(n, dtype=np.int32 if ATTENTION.input_type(n) == "I32" else dtype, shape=shapes[n])
         for n in ATTENTION.inputs
     ]
     outputs = [gs.Variable(n, dtype=dtype) for n in ATTENTION.outputs]

@@ -28,6 +28,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from llm2trt.core.dtypes import DType
+from llm2trt.core.log import progress
 from llm2trt.core.quant import Calibration, Quantization, QuantRequest
 from llm2trt.core.reports import Refusal
 from llm2trt.passes.manager import GraphPass, Model, PassResult, read_values
@@ -228,9 +229,12 @@ class QuantPass(GraphPass):
         linears = self._linears(model, kept, refusals)
         groups = self._groups(linears)
         stats = self._calibrate(model, groups)
-        smoothed = sum(self._smooth(model, g, stats, refusals) for g in groups)
+        # The searches take minutes on a real model: say how far along they are.
+        searching = method.needs_calibration
+        search = progress(groups, f"{method.name}: scale search, layer groups") if searching else groups
+        smoothed = sum(self._smooth(model, g, stats, refusals) for g in search)
         groups = self._keep_sensitive(groups, stats, kept)
-        for group in groups:
+        for group in progress(groups, f"{method.name}: quantizing, layer groups") if searching else groups:
             for linear in group.linears:
                 self._quantize_weight(model, linear, group, stats)
             if method.activations is not None:

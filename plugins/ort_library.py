@@ -175,7 +175,7 @@ def ops_header() -> str:
     for name in (*names, *attrs):
         if not name.isidentifier() or name == "kCount":
             raise ValueError(f"op table: {name!r} cannot name a C++ constant")
-    types = {"T": "kT", "int32": "kInt32", "float32": "kFloat32"}
+    types = {"T": "kT", "I32": "kInt32", "F32": "kFloat32"}
     most = {"inputs": max(len(op.inputs) for op in ops), "outputs": max(len(op.outputs) for op in ops)}
     most_attrs = max(1, *(len(op.attributes) for op in ops))
 

@@ -428,7 +428,7 @@ def test_library_registers_the_op_table(library: Path, tmp_path: Path) -> None:
     outputs with their types, optional outputs, host inputs and typed attributes, and no other op."""
     from llm2trt.passes import ort_op_table as table
 
-    codes = {"int32": 6, "float32": 1}  # ONNX's element types; "T" is the registration's own
+    codes = {"I32": 6, "F32": 1}  # ONNX's element types; "T" is the registration's own
     want = []
     for op in table.ALL:
         for element in (10, 1):  # float16, float
@@ -485,7 +485,7 @@ def test_every_op_of_the_table_runs_without_its_body(library: Path, dtype: Any) 
         outputs = _session(model, library).run(None, feeds)
         op = table.OPS.get(name, table.ATTENTION)
         for output, value in zip(op.outputs, outputs, strict=True):
-            assert value.dtype == (np.float32 if op.output_type(output) == "float32" else dtype), (name, output)
+            assert value.dtype == (np.float32 if op.output_type(output) == "F32" else dtype), (name, output)
 
 
 def test_library_compiles_every_unit_in_csrc() -> None:

@@ -3,7 +3,7 @@ one typed value the stage takes (`QuantArgs` -> `QuantRequest`, `KVArgs` -> `KVR
 Polygraphy's argument groups do for argparse.
 
 A group's options are listed in `--help` where its decorator stands, and its parsing runs before the
-command's body. Vocabularies that live in slow modules (dtypes import NumPy, ONNX and ml_dtypes) are
+command's body. Vocabularies that live in slow modules (dtypes import NumPy, ONNX and the float8 types) are
 read only when a command's help or parsing needs them, so `llm2trt --help` loads none of them.
 """
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from llm2trt.core.dtypes import DType
 from llm2trt.core.errors import InputError
+from llm2trt.core.log import plural
 from llm2trt.core.records import Record
 
 DEFAULT_GROUP_SIZE = 128
@@ -84,7 +85,8 @@ class Quantization(Record):
     def render(self) -> str:
         grain = f"blocks of {self.group_size}" if self.granularity == "block" else "per channel"
         if self.block_sizes:
-            grain += f" ({len(self.block_sizes)} layers in smaller blocks: {min(self.block_sizes.values())} and up)"
+            smallest = min(self.block_sizes.values())
+            grain += f" ({plural(len(self.block_sizes), 'layer')} in smaller blocks: {smallest} and up)"
         acts = f", activations {self.activations.value} per tensor" if self.activations else ", weight-only"
         return (
             f"{self.method}: {len(self.quantized)} linear layers, weights {self.weights.value} {grain}{acts}; "

@@ -228,11 +228,14 @@ def generate(
 def _runner_for(artifact: Path, graph: GraphSpec, runner: str | None) -> str:
     """An engine directory runs its engine unless another runner is asked for, and then says so: the
     tokens are not the engine's."""
+    if runner is not None and runner not in BACKENDS:
+        decoders = ", ".join(b.name for b in BACKENDS.entries() if b.decoder)
+        raise InputError(f"unknown generate runner {runner!r}; choose one of {decoders}")
     if graph.engine is None:
         return runner or "ort"
     if runner is None:
         return "trt"
-    if runner != "trt" and runner in BACKENDS:  # (an unknown name fails on its own, just after)
+    if runner != "trt":
         what = _INSTEAD.get(runner, "something else")
         logger.warning("the engine %s is not used: --runner %s runs %s", artifact / graph.engine, runner, what)
     return runner
