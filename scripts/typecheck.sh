@@ -9,7 +9,11 @@ cd "$(dirname "$0")/.."
 STUBS=tensorrt-stubs==10.13.0.35.1
 if [ ! -f .mypy_stubs/.version ] || [ "$(cat .mypy_stubs/.version)" != "$STUBS" ]; then
     rm -rf .mypy_stubs
-    python -m pip install -q --no-deps --no-compile --target .mypy_stubs "$STUBS"
+    # pip's own notes (index locations it skips) are not the type check's output: shown only on failure.
+    log=$(mktemp)
+    python -m pip install -q --no-deps --no-compile --target .mypy_stubs "$STUBS" >"$log" 2>&1 \
+        || { cat "$log" >&2; rm -f "$log"; exit 1; }
+    rm -f "$log"
     # Defects of these generated stubs: plugin methods name a parameter `in` (a keyword),
     # add_scale_nd has a required parameter after defaults, the module's `bool` (a DataType)
     # shadows the builtin in every `-> bool`, and the package imports tensorrt_libs (no stubs).
