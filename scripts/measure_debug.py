@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,35 +26,6 @@ def timed(*args: str | Path) -> tuple[float, float, int, str]:
     """`llm2trt ARGS`: seconds, peak RSS in MB, exit code (1: a breach, which is a result here), stdout."""
     run = llm2trt_timed(*args, ok=(0, 1))
     return run.seconds, run.peak_rss_mb, run.returncode, run.stdout
-
-
-def corrupt_linear(artifact: Path, module: str, out: Path, scale: float = 10.0) -> Path:
-    """Copy `artifact` to `out` and add `scale` x max|W| to one element of `module`'s linear weight
-    (the 2-D initializer a MatMul/Gemm in the module's scope reads), patched in place in the external
-    data file so the graph itself is untouched."""
-    import onnx
-
-    from llm2trt.compare.marks import node_module
-
-    shutil.copytree(artifact, out)
-    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    inits = {t.name: t for t in proto.graph.initializer}
-    for node in proto.graph.node:
-        if node_module(node) != module or node.op_type not in ("MatMul", "Gemm"):
-            continue
-        weights = [inits[name] for name in node.input if name in inits and len(inits[name].dims) == 2]
-        if not weights:
-            continue
-        info = {e.key: e.value for e in weights[0].external_data}
-        offset, length = int(info["offset"]), int(info["length"])
-        with open(out / info["location"], "r+b") as fh:
-            fh.seek(offset)
-            w = np.frombuffer(fh.read(length), dtype=np.float32).copy()
-            w[len(w) // 3] += scale * float(np.abs(w).max())
-            fh.seek(offset)
-            fh.write(w.tobytes())
-        return out
-    sys.exit(f"no linear weight in {module}")
 
 
 def polygraphy_json_bytes(golden: Path, work: Path) -> tuple[int, int]:
@@ -178,6 +148,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifact", type=Path, help="An fp32 SmolLM2 artifact (default: convert one).")
     args = parser.parse_args()
+    from llm2trt.compare.faults import corrupt_linear
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         artifact = args.artifact

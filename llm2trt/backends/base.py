@@ -5,6 +5,7 @@ records they are given. One `Backend` record per backend, registered once in `re
 from __future__ import annotations
 
 import abc
+import importlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,8 +129,6 @@ def lazy(target: str) -> Callable[..., Any]:
     module, _, name = target.partition(":")
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        import importlib
-
         return getattr(importlib.import_module(module), name)(*args, **kwargs)
 
     call.__qualname__ = call.__name__ = name

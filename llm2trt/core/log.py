@@ -82,10 +82,13 @@ def still_running(what: str, every: float) -> Iterator[None]:
     done = threading.Event()
     start = said = time.monotonic()
 
+    def quiet() -> float:
+        return time.monotonic() - max(said, _last_line[0])
+
     def tick() -> None:
         nonlocal said
-        while not done.wait(max(every - (time.monotonic() - max(said, _last_line[0])), 0.0)):
-            if time.monotonic() - max(said, _last_line[0]) >= every:
+        while not done.wait(max(every - quiet(), 0.0)):
+            if quiet() >= every:
                 logger.info("%s: still running (%.0f s)", what, time.monotonic() - start)
                 said = time.monotonic()
 
