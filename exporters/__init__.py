@@ -6,8 +6,12 @@ from llm2trt.core.errors import InputError
 from llm2trt.core.registry import Registry
 from llm2trt.exporters.base import ExportSpec, GraphVariant
 from llm2trt.exporters.bert import BertSpec
+from llm2trt.exporters.bloom import BloomSpec
+from llm2trt.exporters.gemma3 import Gemma3Spec
 from llm2trt.exporters.gpt2 import GPT2Spec
 from llm2trt.exporters.llama import LlamaSpec
+from llm2trt.exporters.phi3 import Phi3Spec
+from llm2trt.exporters.qwen3 import Qwen3Spec
 from llm2trt.exporters.vit import ViTSpec
 
 EXPORTERS: Registry[ExportSpec] = Registry("exporter")
@@ -21,7 +25,7 @@ def register(spec: ExportSpec) -> ExportSpec:
     return EXPORTERS.register(spec.name, spec)
 
 
-for _spec in (GPT2Spec(), LlamaSpec(), BertSpec(), ViTSpec()):
+for _spec in (GPT2Spec(), LlamaSpec(), Qwen3Spec(), Gemma3Spec(), Phi3Spec(), BloomSpec(), BertSpec(), ViTSpec()):
     register(_spec)
 
 

@@ -136,6 +136,10 @@ class ExportSpec:
         SEQLENS_K: _seqlens_k,
         TOTAL_SEQUENCE_LENGTH: _total_sequence_length,
     }
+    # The attention implementations transformers offers for this architecture, preferred first.
+    attn_implementations: ClassVar[tuple[str, ...]] = ("sdpa", "eager")
+    # Cache forms the architecture cannot take, and why (`inspect`, the refusal, the support table).
+    kv_forms_refused: ClassVar[Mapping[str, str]] = {}
     # Extra keyword arguments to the model's forward during export.
     forward_kwargs: ClassVar[Mapping[str, Any]] = {}
     # Default optimization-profile ranges per symbolic dim (min, opt, max); `max_sequence`
@@ -149,6 +153,20 @@ class ExportSpec:
     tp_splits: ClassVar[Mapping[str, Split]] = {}
     # How a split layer's features group into heads (the rest split evenly).
     tp_units: ClassVar[Mapping[str, Units]] = {}
+
+    def export_config(self, config: Any) -> Any:
+        """The config of the model that is exported: the checkpoint's own, unless it holds a tower of
+        a larger model (Gemma 3's multimodal checkpoint: its text config)."""
+        return config
+
+    def from_pretrained(self, cls: Any, location: str, config: Any, **kwargs: Any) -> Any:
+        """Load the exported model class from a Hugging Face directory."""
+        return cls.from_pretrained(location, config=config, **kwargs)
+
+    def attention(self, requested: str) -> str:
+        """The implementation to load with: the one asked for where the architecture has it, else
+        its own (BLOOM has eager attention only)."""
+        return requested if requested in self.attn_implementations else self.attn_implementations[0]
 
     def split_of(self, module: str) -> Split | None:
         """The declared split of a module (model.layers.3.self_attn.q_proj -> COLUMN), if any."""
@@ -197,12 +215,34 @@ class ExportSpec:
             return exportable[0].name
         return next(v.name for v in exportable if v.kv_form is None)
 
-    def variant_for(self, kv_form: KVForm | None) -> str:
-        """The variant whose cache has this form (None: without a cache)."""
+    def variant_for(self, kv_form: KVForm | None, config: Any = None) -> str:
+        """The variant whose cache has this form (None: without a cache), unless this config's
+        model cannot take that form."""
+        why = self.refused_kv_forms(config).get(kv_form or "", "") if config is not None else ""
         for variant in self.variants:
-            if variant.kv_form == kv_form:
+            if variant.kv_form == kv_form and not why:
                 return variant.name
-        raise InputError(f"{self.name} has no graph with a {kv_form or 'no'} KV cache")
+        why = why or self.kv_forms_refused.get(kv_form or "", "")
+        raise InputError(f"{self.name} has no graph with a {kv_form or 'no'} KV cache" + (f": {why}" if why else ""))
+
+    @property
+    def kv_forms(self) -> tuple[KVForm, ...]:
+        """The cache forms this architecture's graphs can take."""
+        return tuple(v.kv_form for v in self.variants if v.kv_form is not None)
+
+    def refused_kv_forms(self, config: Any) -> dict[str, str]:
+        """Cache forms this config's model cannot take, and why (a transformers config or the
+        manifest's `model_config` mapping)."""
+        return dict(self.kv_forms_refused)
+
+    def kv_forms_for(self, config: Any) -> tuple[KVForm, ...]:
+        refused = self.refused_kv_forms(config)
+        return tuple(form for form in self.kv_forms if form not in refused)
+
+    def cache_refill_length(self, config: Mapping[str, Any]) -> int | None:
+        """The length at which transformers' generate drops the cache and runs the whole sequence
+        again (None: never); `config` is the manifest's `model_config`."""
+        return None
 
     def graph_spec(self, config: Any, dtype: DType, variant: str | None = None) -> GraphSpec:
         """The manifest's description of one graph variant for this config, in `dtype`."""
@@ -363,6 +403,13 @@ class DecoderSpec(ExportSpec):
         )
         return TPPlan(mapping, self.heads(config), layers)
 
+    def check_config(self, config: Any) -> None:
+        heads, kv_heads = int(config.num_attention_heads), int(getattr(config, "num_key_value_heads", None) or 1)
+        require(
+            heads % kv_heads == 0,
+            f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})",
+        )
+
     def kv_layout(self, config: Any) -> KVLayout:
         heads = int(config.num_attention_heads)
         head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
@@ -370,7 +417,23 @@ class DecoderSpec(ExportSpec):
             num_layers=int(config.num_hidden_layers),
             num_kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
             head_dim=int(head_dim),
+            windows=sliding_windows(config),
         )
+
+
+# The Llama family's tensor-parallel splits (Qwen3 and Gemma 3 name their layers the same): q/k/v by
+# whole heads and gate/up by columns; o_proj and down by rows (one all-reduce each).
+SEPARATE_QKV_SPLITS: Mapping[str, Split] = {
+    **dict.fromkeys(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"), Split.COLUMN),
+    **dict.fromkeys(("o_proj", "down_proj"), Split.ROW),
+    **dict.fromkeys(("embed_tokens", "lm_head"), Split.VOCAB),
+}
+SEPARATE_QKV_UNITS: Mapping[str, Units] = {
+    "q_proj": Units.Q,
+    "k_proj": Units.KV,
+    "v_proj": Units.KV,
+    "o_proj": Units.Q,
+}
 
 
 class TextEncoderSpec(ExportSpec):
@@ -413,6 +476,23 @@ class VisionEncoderSpec(ExportSpec):
 
     def position_limit(self, config: Any) -> int | None:
         return None
+
+
+def sliding_windows(config: Any) -> tuple[int, ...]:
+    """Each layer's sliding window as transformers applies it (0: global), () when none slides.
+
+    Configs with `layer_types` (Gemma 3, Qwen2/3) slide the "sliding_attention" layers; a bare
+    `sliding_window` (Mistral) slides every layer. Qwen2/3 also need `use_sliding_window`.
+    """
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return ()
+    types = getattr(config, "layer_types", None)
+    layers = int(config.num_hidden_layers)
+    if types is None:
+        return (int(window),) * layers
+    windows = tuple(int(window) if kind == "sliding_attention" else 0 for kind in types)
+    return windows if any(windows) else ()
 
 
 def require(condition: bool, message: str) -> None:

@@ -6,10 +6,11 @@ window), so one spec takes all three `model_type` values.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from llm2trt.core.tp import Split, Units
-from llm2trt.exporters.base import DecoderSpec, TaskDecl, require
+from llm2trt.exporters.base import SEPARATE_QKV_SPLITS, SEPARATE_QKV_UNITS, DecoderSpec, TaskDecl
 
 
 class LlamaSpec(DecoderSpec):
@@ -29,18 +30,8 @@ class LlamaSpec(DecoderSpec):
     }
     # input and post-attention norms per layer plus the final norm; RoPE on Q and on K.
     fusions_per_layer: ClassVar[dict[str, tuple[int, int]]] = {"Attention": (1, 0), "RMSNorm": (2, 1), "RoPE": (2, 0)}
-    # q/k/v by whole heads and gate/up by columns; o_proj and down by rows (one all-reduce each).
-    tp_splits: ClassVar[dict[str, Split]] = {
-        **dict.fromkeys(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"), Split.COLUMN),
-        **dict.fromkeys(("o_proj", "down_proj"), Split.ROW),
-        **dict.fromkeys(("embed_tokens", "lm_head"), Split.VOCAB),
-    }
-    tp_units: ClassVar[dict[str, Units]] = {
-        "q_proj": Units.Q,
-        "k_proj": Units.KV,
-        "v_proj": Units.KV,
-        "o_proj": Units.Q,
-    }
+    tp_splits: ClassVar[Mapping[str, Split]] = SEPARATE_QKV_SPLITS
+    tp_units: ClassVar[Mapping[str, Units]] = SEPARATE_QKV_UNITS
     classes: ClassVar[dict[str, TaskDecl]] = {
         "LlamaForCausalLM": TaskDecl("text-generation", ("logits",)),
         "MistralForCausalLM": TaskDecl("text-generation", ("logits",)),
@@ -52,10 +43,3 @@ class LlamaSpec(DecoderSpec):
         # A config may name no class (GGUF, hand-written configs): take the family's own.
         by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
         return by_type.get(getattr(config, "model_type", "llama"), self.default_class)
-
-    def check_config(self, config: Any) -> None:
-        heads, kv_heads = int(config.num_attention_heads), int(config.num_key_value_heads or 1)
-        require(
-            heads % kv_heads == 0,
-            f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})",
-        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import ClassVar
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -63,11 +64,81 @@ class ConstantFolding(GraphPass):
             _read_foldable(graph)
             with gs_quiet():
                 graph.fold_constants(fold_shapes=True, error_ok=True, should_exclude_node=_unfoldable)
+                _drop_empty_concat_inputs(graph)
+                _drop_whole_slices(graph)
                 graph.cleanup(remove_unused_graph_inputs=False)
             if len(graph.nodes) == count:
                 break
         folded = before - len(graph.nodes)
         return PassResult(modified=folded > 0, counts={"folded_nodes": folded})
+
+
+def _drop_empty_concat_inputs(graph: gs.Graph) -> int:
+    """Drop Concat inputs that are statically empty along the concatenated axis; a Concat left
+    with one input goes. Phi-3's apply_rotary_pos_emb concatenates the rotated part with the
+    pass-through rest `q[..., rotary_dim:]`, which is 0 wide when the whole head rotates: without
+    this, that empty Slice and the Concat stay between RoPE and attention."""
+    outputs = {t.name for t in graph.outputs}
+    dropped = 0
+    for node in list(graph.nodes):
+        if node.op != "Concat" or len(node.inputs) < 2 or len(node.outputs) != 1:
+            continue
+        axis = int(node.attrs.get("axis", 0))
+        empty = [t for t in node.inputs if _static_dim(t, axis) == 0]
+        if not empty:
+            continue
+        kept = [t for t in node.inputs if _static_dim(t, axis) != 0] or node.inputs[:1]
+        dropped += len(node.inputs) - len(kept)
+        node.inputs.clear()
+        node.inputs.extend(kept)
+        if len(kept) == 1:
+            bypass(node, outputs)
+    return dropped
+
+
+def _drop_whole_slices(graph: gs.Graph) -> int:
+    """Remove Slices that keep the whole of their input: constant bounds covering every static dim
+    they slice, step 1. Phi-3 takes `q[..., :rotary_dim]` whole when the whole head rotates."""
+    outputs = {t.name for t in graph.outputs}
+    removed = 0
+    for node in list(graph.nodes):
+        if node.op == "Slice" and len(node.outputs) == 1 and _whole_slice(node) and bypass(node, outputs):
+            removed += 1
+    return removed
+
+
+def _whole_slice(node: gs.Node) -> bool:
+    data = node.inputs[0]
+    if data.shape is None or len(node.inputs) < 3:
+        return False
+    bounds: list[list[int] | None] = []
+    for i in range(1, 5):
+        t = node.inputs[i] if i < len(node.inputs) else None
+        if t is None or t.is_empty():
+            bounds.append(None)
+        elif isinstance(t, gs.Constant):
+            bounds.append([int(v) for v in np.asarray(t.values).reshape(-1)])
+        else:
+            return False
+    starts, ends, axes, steps = bounds
+    if starts is None or ends is None:
+        return False
+    rank = len(data.shape)
+    axes = axes if axes is not None else list(range(len(starts)))
+    steps = steps if steps is not None else [1] * len(starts)
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+        dim = _static_dim(data, axis) if -rank <= axis < rank else None
+        if dim is None or step != 1 or not (start == 0 or start <= -dim) or end < dim:
+            return False
+    return True
+
+
+def _static_dim(tensor: gs.Tensor, axis: int) -> int | None:
+    shape = tensor.shape
+    if shape is None or not -len(shape) <= axis < len(shape):
+        return None
+    dim = shape[axis]
+    return dim if isinstance(dim, int) else None
 
 
 def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
@@ -177,14 +248,34 @@ def infer_shapes(model: Model) -> tuple[int, list[str]]:
         if tensor.dtype is None and ttype.elem_type:
             tensor.dtype = numpy_of_onnx(ttype.elem_type)
             changed = True
-        if tensor.shape is None and ttype.HasField("shape"):
-            tensor.shape = [
+        if ttype.HasField("shape"):
+            found = [
                 d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else None)
                 for d in ttype.shape.dim
             ]
-            changed = True
+            shape = _refined(tensor.shape, found)
+            if shape is not None:
+                tensor.shape = shape
+                changed = True
         typed += changed
     return typed, []
+
+
+def _refined(shape: object, found: list[int | str | None]) -> list[int | str | None] | None:
+    """The shape a tensor should record given what inference `found`, or None to keep its own.
+
+    A tensor without a shape takes the inferred one. A shape recorded earlier keeps its dims but
+    takes the static ones inference now knows where it had none: folding turns a slice bound into
+    a constant, and the slice's output, typed `unk__12` before, is 16 wide now. Without that, the
+    shape arithmetic reading that dim (`q_rot.shape[-1] // 2`) would never fold.
+    """
+    if shape is None:
+        return found
+    dims = list(shape)  # type: ignore[call-overload]
+    if len(dims) != len(found):
+        return None
+    refined = [f if not isinstance(d, int) and isinstance(f, int) else d for d, f in zip(dims, found, strict=True)]
+    return refined if refined != dims else None
 
 
 class ShapeInference(GraphPass):

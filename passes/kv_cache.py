@@ -28,7 +28,7 @@ import onnx_graphsurgeon as gs
 from llm2trt.core.dtypes import DType, numpy_of_onnx, onnx_elem_type
 from llm2trt.core.errors import InputError
 from llm2trt.core.kv import GROWING, KV_KINDS, KVKind, KVLayout, past_name, present_name
-from llm2trt.passes.manager import GraphPass, Model, PassResult
+from llm2trt.passes.manager import POSITION_BIAS_KEY, GraphPass, Model, PassResult
 from llm2trt.passes.pattern import attention_per_layer
 
 TENSOR_SCATTER_OPSET = 24
@@ -56,6 +56,7 @@ class KVCachePass(GraphPass):
     def __init__(self, layout: KVLayout, insert: bool) -> None:
         self.layout = layout
         self.insert = insert
+        self._biased: dict[tuple[str, str], gs.Variable] = {}
 
     def run(self, model: Model) -> PassResult:
         graph = model.graph
@@ -76,11 +77,8 @@ class KVCachePass(GraphPass):
             for layer in layers
             for kind in KV_KINDS
         }
-        if self.layout.is_buffer:
-            mask = self._fixed_mask(model, past[(0, "key")], dtype)
-            write_at: gs.Variable | None = self._write_indices(model)
-        else:
-            mask, write_at = self._growing_mask(model, dtype), None
+        write_at = self._write_indices(model) if self.layout.is_buffer else None
+        masks: dict[int, gs.Variable] = {}  # by sliding window (0: global), made once each
         tensors = graph.tensors()  # the exporter's present outputs, found by name before new ones take it
         presents = []
         for layer in layers:
@@ -88,7 +86,14 @@ class KVCachePass(GraphPass):
                 present = self._update(model, tensors, layer, kind, past[(layer.index, kind)], write_at)
                 layer.attention.inputs[slot] = present
                 presents.append(present)
-            _set_mask(layer.attention, mask)
+            window = self.layout.window(layer.index)
+            if window not in masks:
+                masks[window] = (
+                    self._fixed_mask(model, past[(0, "key")], dtype, window)
+                    if self.layout.is_buffer
+                    else self._growing_mask(model, dtype, window)
+                )
+            _set_mask(layer.attention, self._with_position_bias(model, layer.attention, masks[window], dtype))
         graph.outputs = [t for t in graph.outputs if not t.name.startswith("present.")] + presents
         graph.cleanup(remove_unused_graph_inputs=False)
         used = {t.name for n in graph.nodes for t in n.inputs}
@@ -153,6 +158,22 @@ class KVCachePass(GraphPass):
         model.tag(node, f"KVCache.{self.layout.form}")
         return present
 
+    def _with_position_bias(self, model: Model, attention: gs.Node, mask: gs.Variable, dtype: object) -> gs.Tensor:
+        """The new mask, plus the position bias the old mask input carried (ALiBi), if any: the
+        bias reads the 2-D attention_mask, which now spans the cached tokens too."""
+        name = model.node_metadata.get(attention.name, {}).get(POSITION_BIAS_KEY)
+        if name is None:
+            return mask
+        bias = model.graph.tensors().get(name)
+        if bias is None:
+            raise InputError(f"the KV-cache pass lost the position bias {name!r} of {attention.name}")
+        key = (bias.name, mask.name)
+        if key not in self._biased:  # every layer reads the same bias: one Add per mask
+            out = _Builder(model, "kv_cache/position_bias").op("Add", bias, mask)
+            out.dtype = mask.dtype
+            self._biased[key] = out
+        return self._biased[key]
+
     def _write_indices(self, model: Model) -> gs.Variable:
         """Each row's first new slot: its first position (rows are left-aligned in the buffer)."""
         positions = _input(model.graph, "position_ids")
@@ -163,8 +184,9 @@ class KVCachePass(GraphPass):
         )
         return out
 
-    def _growing_mask(self, model: Model, dtype: object) -> gs.Variable:
-        """(batch, 1, sequence, total) additive: causal in cache slots, and the 2-D attention_mask."""
+    def _growing_mask(self, model: Model, dtype: object, window: int) -> gs.Variable:
+        """(batch, 1, sequence, total) additive: causal in cache slots (and within `window` slots of
+        the query, where the layer slides), and the 2-D attention_mask."""
         b = _Builder(model, "kv_cache/mask")
         attention_mask = _input(model.graph, "attention_mask")
         attention_mask.shape = ["batch", "total_sequence"]
@@ -173,18 +195,19 @@ class KVCachePass(GraphPass):
         length = b.op("Gather", b.op("Shape", ids), b.const(1), axis=0)
         keys = b.op("Range", b.const(0), total, b.const(1))
         queries = b.op("Range", b.op("Sub", total, length), total, b.const(1))
-        causal = b.op("LessOrEqual", b.op("Unsqueeze", keys, b.const([0])), b.op("Unsqueeze", queries, b.const([1])))
+        causal = b.causal(b.op("Unsqueeze", keys, b.const([0])), b.op("Unsqueeze", queries, b.const([1])), window)
         padding = b.op("Unsqueeze", b.op("Cast", attention_mask, to=DType.BOOL.onnx), b.const([1, 2]))
         allowed = b.op("And", b.op("Unsqueeze", causal, b.const([0, 1])), padding)
         return b.additive(allowed, dtype)
 
-    def _fixed_mask(self, model: Model, buffer: gs.Variable, dtype: object) -> gs.Variable:
-        """(batch, 1, sequence, cache) additive: key slot j is visible to a query at position p iff j <= p."""
+    def _fixed_mask(self, model: Model, buffer: gs.Variable, dtype: object, window: int) -> gs.Variable:
+        """(batch, 1, sequence, cache) additive: key slot j is visible to a query at position p iff
+        j <= p (and p - j < window, where the layer slides)."""
         b = _Builder(model, "kv_cache/mask")
         positions = _input(model.graph, "position_ids")
         slots = b.op("Range", b.const(0), b.op("Gather", b.op("Shape", buffer), b.const(2), axis=0), b.const(1))
-        allowed = b.op(
-            "LessOrEqual", b.op("Unsqueeze", slots, b.const([0, 1])), b.op("Unsqueeze", positions, b.const([2]))
+        allowed = b.causal(
+            b.op("Unsqueeze", slots, b.const([0, 1])), b.op("Unsqueeze", positions, b.const([2])), window
         )
         return b.additive(b.op("Unsqueeze", allowed, b.const([1])), dtype)
 
@@ -206,6 +229,14 @@ class _Builder:
         self.model.graph.nodes.append(node)
         self.model.tag(node, "KVCache.mask")
         return out
+
+    def causal(self, keys: gs.Tensor, queries: gs.Tensor, window: int) -> gs.Variable:
+        """keys <= queries, and keys > queries - window for a sliding layer (broadcast)."""
+        allowed = self.op("LessOrEqual", keys, queries)
+        if window:
+            recent = self.op("Greater", keys, self.op("Sub", queries, self.const(window)))
+            allowed = self.op("And", allowed, recent)
+        return allowed
 
     def additive(self, allowed: gs.Variable, dtype: object) -> gs.Variable:
         """0 where allowed, the dtype's lowest value elsewhere (a fully masked row stays finite)."""

@@ -31,6 +31,9 @@ from llm2trt.core.reports import Refusal
 logger = logging.getLogger(__name__)
 
 RULE_KEY = "llm2trt.rule"  # node metadata: the rewrite rule that made a node
+# Node metadata of an Attention whose mask input also carries a position bias (ALiBi): the bias
+# tensor's name, so a pass that replaces the mask keeps the bias.
+POSITION_BIAS_KEY = "llm2trt.position_bias"
 _WEIGHT_ELEMENTS = 256
 
 

@@ -53,6 +53,7 @@ class _Attention:
     projections: dict[str, gs.Tensor]  # q, k, v: (batch, seq, heads * head_dim), before the head reshape
     rope: gs.Node | None  # Q's RotaryEmbedding (its cos/sin are the rotary tables' source)
     output: gs.Tensor  # (batch, seq, heads * head_dim): the reshape of the output that o_proj reads
+    projected_q: gs.Tensor  # q as projected (before any QK-norm): its width counts the heads
 
 
 class GroupQueryAttentionPass(GraphPass):
@@ -68,16 +69,22 @@ class GroupQueryAttentionPass(GraphPass):
 
     def run(self, model: Model) -> PassResult:
         nodes = attention_per_layer(model, self.layout.num_layers, "--kv-form gqa")
-        layers = [self._attention(index, node) for index, node in enumerate(nodes)]
+        layers = [self._attention(index, node, model) for index, node in enumerate(nodes)]
         dtype = layers[0].node.inputs[0].dtype
         seqlens = gs.Variable(SEQLENS_K, dtype=np.int32, shape=["batch"])
         total = gs.Variable(TOTAL_SEQUENCE_LENGTH, dtype=np.int32, shape=[])
-        tables = self._rotary_tables(model, layers[0], dtype) if layers[0].rope is not None else None
+        # One pair of rotary tables per distinct cos/sin source (Gemma 3's local and global layers
+        # rotate by different bases).
+        tables: dict[tuple[str, str], tuple[gs.Constant, gs.Constant]] = {}
         packed = 0
         for layer in layers:
+            key = (layer.rope.inputs[1].name, layer.rope.inputs[2].name) if layer.rope is not None else None
+            if key is not None and key not in tables:
+                tables[key] = self._rotary_tables(model, layer, dtype)
             qkv, was_packed = self._packed_qkv(model, layer)
             packed += was_packed
-            self._replace(model, layer, qkv, seqlens, total, tables)
+            window = self.layout.window(layer.index)
+            self._replace(model, layer, qkv, seqlens, total, tables[key] if key else None, window)
         skips = _skip_norms(model)
         silus = _silus(model)
         untied = _untie_lm_head(model) if self.untie else 0
@@ -93,13 +100,13 @@ class GroupQueryAttentionPass(GraphPass):
 
     # -- reading the fused graph ----------------------------------------------------------------
 
-    def _attention(self, index: int, node: gs.Node) -> _Attention:
+    def _attention(self, index: int, node: gs.Node, model: Model) -> _Attention:
         where = f"layer {index}"
-        q, rope = _before_heads(node.inputs[0], where)
-        k, _ = _before_heads(_new_entries(node.inputs[1], where), where)
-        v, _ = _before_heads(_new_entries(node.inputs[2], where), where)
+        q, rope, projected = _before_heads(node.inputs[0], where, model)
+        k, _, _ = _before_heads(_new_entries(node.inputs[1], where), where, model)
+        v, _, _ = _before_heads(_new_entries(node.inputs[2], where), where, model)
         output = _after_heads(node.outputs[0], where)
-        return _Attention(index, node, {"q": q, "k": k, "v": v}, rope, output)
+        return _Attention(index, node, {"q": q, "k": k, "v": v}, rope, output, projected)
 
     def _rotary_tables(self, model: Model, layer: _Attention, dtype: Any) -> tuple[gs.Constant, gs.Constant]:
         """(max_positions, head_dim / 2) cos and sin: the graph's own rotary subgraph, run once on
@@ -173,6 +180,7 @@ class GroupQueryAttentionPass(GraphPass):
         seqlens: gs.Variable,
         total: gs.Variable,
         tables: tuple[gs.Constant, gs.Constant] | None,
+        window: int,
     ) -> None:
         attention = layer.node
         past = [_past_of(attention.inputs[i]) for i in (1, 2)]
@@ -187,7 +195,8 @@ class GroupQueryAttentionPass(GraphPass):
             "scale": float(attention.attrs.get("scale", 1.0 / np.sqrt(self.layout.head_dim))),
             "do_rotary": int(tables is not None),
             "rotary_interleaved": 0,
-            "local_window_size": -1,
+            # A sliding layer's window, in keys seen (the query's own included), as transformers counts.
+            "local_window_size": window if window else -1,
         }
         if tables is not None:
             inputs += list(tables)
@@ -209,8 +218,9 @@ class GroupQueryAttentionPass(GraphPass):
 
 def _heads(layer: _Attention, layout: KVLayout) -> int:
     """Query heads: the query projection's width over the head size."""
-    linear = _linear(layer.projections["q"])
-    width = np.asarray(linear[1].values).shape[1] if linear else (layer.projections["q"].shape or [None])[-1]
+    q = layer.projected_q
+    linear = _linear(q)
+    width = np.asarray(linear[1].values).shape[1] if linear else (q.shape or [None])[-1]
     if not isinstance(width, (int, np.integer)) or width % layout.head_dim:
         raise InputError("--kv-form gqa: cannot tell the number of query heads (no static query width)")
     return int(width) // layout.head_dim
@@ -233,17 +243,49 @@ def _past_of(cache: gs.Tensor) -> gs.Tensor:
     return cache.inputs[0].inputs[0]
 
 
-def _before_heads(tensor: gs.Tensor, where: str) -> tuple[gs.Tensor, gs.Node | None]:
-    """(batch, seq, hidden) before [RotaryEmbedding] Transpose(0,2,1,3) Reshape(b, s, heads, dim)."""
-    rope = None
+def _before_heads(tensor: gs.Tensor, where: str, model: Model) -> tuple[gs.Tensor, gs.Node | None, gs.Tensor]:
+    """(batch, seq, hidden) before [RotaryEmbedding] Transpose(0,2,1,3) Reshape(b, s, heads, dim).
+
+    A per-head norm (QK-norm: RMSNormalization over head_dim, before or after the transpose) stays:
+    it is applied to the (b, s, heads, dim) view and flattened back, for GroupQueryAttention takes
+    (batch, seq, hidden). Also returns the tensor as projected, before any norm."""
+    rope = norm = None
     node = tensor.inputs[0] if tensor.inputs else None
     if node is not None and node.op == "RotaryEmbedding":
         rope, tensor = node, node.inputs[0]
+        node = tensor.inputs[0] if tensor.inputs else None
+    if node is not None and node.op == "RMSNormalization":
+        norm, tensor = node, node.inputs[0]
     transpose = _producer(tensor, "Transpose", where)
     if list(transpose.attrs.get("perm", [])) != [0, 2, 1, 3]:
         raise InputError(f"--kv-form gqa: {where}: heads are not split as (batch, heads, seq, dim)")
-    reshape = _producer(transpose.inputs[0], "Reshape", where)
-    return reshape.inputs[0], rope
+    inner = transpose.inputs[0]
+    producer = inner.inputs[0] if inner.inputs else None
+    if norm is None and producer is not None and producer.op == "RMSNormalization":
+        norm, inner = producer, producer.inputs[0]
+    reshape = _producer(inner, "Reshape", where)
+    if norm is None:
+        return reshape.inputs[0], rope, reshape.inputs[0]
+    if int(norm.attrs.get("axis", -1)) not in (-1, 3):
+        raise InputError(f"--kv-form gqa: {where}: a per-head norm over an axis other than head_dim")
+    scope = norm.name.rsplit("/", 1)[0]
+    normed = gs.Variable(model.fresh_name(f"{scope}/gqa_norm_output"), dtype=inner.dtype)
+    flat = gs.Variable(model.fresh_name(f"{scope}/gqa_flat_output"), dtype=inner.dtype)
+    shape = model.constant(model.fresh_name(f"{scope}/gqa_flat_shape"), np.asarray([0, 0, -1], dtype=np.int64))
+    nodes = [
+        gs.Node(
+            "RMSNormalization",
+            model.fresh_name(f"{scope}/RMSNormalization"),
+            dict(norm.attrs),
+            [reshape.outputs[0], *norm.inputs[1:]],
+            [normed],
+        ),
+        gs.Node("Reshape", model.fresh_name(f"{scope}/gqa_flat"), inputs=[normed, shape], outputs=[flat]),
+    ]
+    for new in nodes:
+        model.graph.nodes.append(new)
+        model.tag(new, "GQA.qk_norm")
+    return flat, rope, reshape.inputs[0]
 
 
 def _after_heads(tensor: gs.Tensor, where: str) -> gs.Tensor:

@@ -2,9 +2,12 @@
 
 Each linear layer and embedding the exporter spec names is sliced for the rank (`llm2trt.core.tp`):
 
-- column-parallel (q/k/v by whole heads, gate/up, GPT-2's c_attn by heads of each of q, k, v): the
-  weight's output columns and the bias; shape constants that spell the full width downstream
-  (GPT-2's Reshape to [batch, seq, 3*hidden] and its Split) are narrowed to the rank's width;
+- column-parallel (q/k/v by whole heads, gate/up, GPT-2's c_attn and Phi-3's qkv_proj by heads of
+  each of q, k, v, Phi-3's gate_up_proj by matching columns of each half): the weight's output
+  columns and the bias; shape constants that spell the full width downstream (GPT-2's Reshape to
+  [batch, seq, 3*hidden] and its Split) are narrowed to the rank's width, and the constant Slices
+  that take the parts out of a fused projection (Phi-3's q, k and v, gate and up) to the rank's
+  part of each, with head reshapes that spell a head count;
 - row-parallel (o_proj, down): the weight's input rows; the output becomes a partial sum, one
   all-reduce makes it whole, and a bias is added once, after it;
 - vocab-parallel embedding: the rank's rows of the (padded) table, ids outside them masked to
@@ -134,10 +137,15 @@ class _Rewrite:
             i = 1 if add.inputs[0] is out else 0
             add.inputs[i] = self._sliced_bias(add.inputs[i], index)
             out = add.outputs[0]
-        for reshape in [c for c in out.outputs if c.op == "Reshape" and c.inputs[0] is out]:
-            self._narrow_shape(reshape, weight.shape[1], len(index))
-            for split in [c for c in reshape.outputs[0].outputs if c.op == "Split"]:
-                self._narrow_split(split, index)
+        for consumer in [c for c in out.outputs if c.inputs and c.inputs[0] is out]:
+            if consumer.op == "Reshape":
+                self._narrow_shape(consumer, weight.shape[1], len(index))
+                for split in [c for c in consumer.outputs[0].outputs if c.op == "Split"]:
+                    self._narrow_split(split, index)
+            elif consumer.op == "Split" and _last_axis(out, int(consumer.attrs.get("axis", 0))):
+                self._narrow_split(consumer, index)  # Phi-3's gate_up chunk, where exported as a Split
+            elif consumer.op == "Slice":
+                self._narrow_slice(consumer, index, weight.shape[1])  # Phi-3's q/k/v and gate/up parts
         self.counts["column"] += 1
         self._seen("column", node)
 
@@ -172,18 +180,67 @@ class _Rewrite:
         return self.const(f"{bias.name}.rank", values[index])
 
     def _narrow_shape(self, reshape: gs.Node, full: int, local: int) -> None:
-        """A Reshape target that spells the full width last ([-1, 256], [b, s, 192]) gets the rank's."""
+        """A Reshape target that spells the full width last ([-1, 256], [b, s, 192]) gets the rank's,
+        and one that spells it as heads of a size ([b, s, 4, 16] for 64) the rank's heads."""
         shape = reshape.inputs[1]
         values = _values(shape)
         if values is not None:
-            if values.size and int(values[-1]) == full:
-                reshape.inputs[1] = self.const(f"{shape.name}.rank", np.append(values[:-1], local))
+            narrowed = _narrowed_target([int(v) for v in values.reshape(-1)], full, local)
+            if narrowed is not None:
+                reshape.inputs[1] = self.const(f"{shape.name}.rank", np.asarray(narrowed, dtype=values.dtype))
             return
         concat = shape.inputs[0] if len(shape.inputs) == 1 else None
-        if concat is not None and concat.op == "Concat":
-            last = _values(concat.inputs[-1])
-            if last is not None and last.size == 1 and int(last[0]) == full:
-                concat.inputs[-1] = self.const(f"{concat.inputs[-1].name}.rank", np.full_like(last, local))
+        if concat is None or concat.op != "Concat":
+            return
+        # The target's trailing entries that are one-element constants (batch and sequence come
+        # from the graph); only those can spell the width.
+        tail: list[tuple[int, np.ndarray]] = []
+        for i in range(len(concat.inputs) - 1, -1, -1):
+            value = _values(concat.inputs[i])
+            if value is None or value.size != 1 or len(tail) == 2:
+                break
+            tail.insert(0, (i, value))
+        narrowed = _narrowed_target([int(v.reshape(-1)[0]) for _, v in tail], full, local)
+        for (i, value), new in zip(tail, narrowed or [], strict=False):
+            if int(value.reshape(-1)[0]) != new:
+                concat.inputs[i] = self.const(f"{concat.inputs[i].name}.rank", np.full_like(value, new))
+
+    def _narrow_slice(self, node: gs.Node, index: np.ndarray, full: int) -> None:
+        """A Slice of a column-parallel output's features ([start, end) of the whole layer's) gets
+        the rank's part of them: the local positions of the rank's features in that range, which
+        are contiguous because the rank keeps its features in order. A head reshape of the part
+        ([b, s, heads, head_dim]) then counts the rank's heads of it."""
+        data = node.inputs[0]
+        inputs = [*node.inputs[1:5], *[None] * (5 - len(node.inputs))]
+        present = [t is not None and not t.is_empty() for t in inputs]
+        starts, ends, axes, steps = (_values(t) if given else None for t, given in zip(inputs, present, strict=True))
+        if axes is not None and not any(_last_axis(data, int(a)) for a in axes):
+            return  # it slices another axis (positions), which the split leaves whole
+        computed = any(given and v is None for given, v in zip(present, (starts, ends, axes, steps), strict=True))
+        if starts is None or ends is None or computed:
+            raise InputError(
+                f"--tp: {node.name} slices the column-parallel output {data.name!r} by bounds computed in "
+                "the graph; only constant bounds can be narrowed to a rank's features"
+            )
+        axes = axes if axes is not None else np.arange(starts.size)
+        steps = steps if steps is not None else np.ones(starts.size, dtype=np.int64)
+        features = [i for i, axis in enumerate(axes) if _last_axis(data, int(axis))]
+        if not features:
+            return
+        [i] = features
+        if int(steps[i]) != 1:
+            raise InputError(f"--tp: {node.name} slices the column-parallel output {data.name!r} with a step")
+        if np.any(np.diff(index) <= 0):
+            raise InputError(f"--tp: {node.name} slices features the rank does not keep in order")
+        start, end = (min(max(int(v) + (full if int(v) < 0 else 0), 0), full) for v in (starts[i], ends[i]))
+        local_starts, local_ends = starts.copy(), ends.copy()
+        local_starts[i], local_ends[i] = np.searchsorted(index, start), np.searchsorted(index, end)
+        node.inputs[1] = self.const(f"{node.inputs[1].name}.rank", local_starts)
+        node.inputs[2] = self.const(f"{node.inputs[2].name}.rank", local_ends)
+        self.counts["narrowed_slices"] += 1
+        part = node.outputs[0]
+        for reshape in [c for c in part.outputs if c.op == "Reshape" and c.inputs[0] is part]:
+            self._narrow_shape(reshape, max(end - start, 0), int(local_ends[i] - local_starts[i]))
 
     def _narrow_split(self, split: gs.Node, index: np.ndarray) -> None:
         sizes = _values(split.inputs[1]) if len(split.inputs) > 1 else None
@@ -250,6 +307,22 @@ class _Rewrite:
 def _scope(node: gs.Node) -> str:
     """The node's module path, where the nodes a rewrite adds for it are named."""
     return str(node.name).rsplit("/", 1)[0]
+
+
+def _narrowed_target(tail: list[int], full: int, local: int) -> list[int] | None:
+    """The trailing entries of a Reshape target narrowed from a `full`-wide axis to a `local` one:
+    [..., full] -> [..., local]; [..., heads, size] with heads * size == full -> the local heads.
+    None when they spell neither (-1 for the heads, say: it adapts by itself)."""
+    if tail and tail[-1] == full:
+        return [*tail[:-1], local]
+    if len(tail) >= 2 and tail[-2] > 0 and tail[-1] > 0 and tail[-2] * tail[-1] == full and local % tail[-1] == 0:
+        return [*tail[:-2], local // tail[-1], tail[-1]]
+    return None
+
+
+def _last_axis(tensor: gs.Tensor, axis: int) -> bool:
+    """`axis` is the tensor's last (its features): -1, or rank - 1 where the rank is known."""
+    return axis == -1 or (tensor.shape is not None and axis == len(tensor.shape) - 1)
 
 
 def _bias_add(node: gs.Node) -> gs.Node | None:

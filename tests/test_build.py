@@ -11,6 +11,7 @@ import pytest
 
 from llm2trt.backends.tensorrt.adapter import Backend, gpu_visible
 from llm2trt.core.manifest import Manifest
+from llm2trt.exporters import get_spec
 from tests.conftest import BACKEND, CC, TINY, assert_clean_failure, graph_artifact, run_cli, run_json
 
 
@@ -180,8 +181,16 @@ def test_polygraphy_builds_fused_fp32_attention_with_the_documented_hook(
         assert plain.returncode != 0 and "not supported by a dedicated kernel" in plain.stdout + plain.stderr
 
 
-@pytest.mark.parametrize("form", ["growing", "fixed"])
-@pytest.mark.parametrize("name", ["tiny:gpt2", "tiny:llama"])
+def _forms_of(name: str) -> tuple[str, ...]:
+    spec = get_spec(name[5:])
+    return spec.kv_forms_for(spec.make_tiny_config())
+
+
+DECODERS = ["tiny:gpt2", "tiny:llama", "tiny:qwen3", "tiny:gemma3", "tiny:phi3", "tiny:bloom"]
+ENGINE_CASES = [(name, form) for name in DECODERS for form in ("growing", "fixed") if form in _forms_of(name)]
+
+
+@pytest.mark.parametrize(("name", "form"), ENGINE_CASES)
 def test_decoder_engines_have_prefill_and_decode_profiles(
     name: str, form: str, artifacts: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -194,18 +203,21 @@ def test_decoder_engines_have_prefill_and_decode_profiles(
     prefill, decode = info["optimization_profiles"]
     shapes = [shape for profile in (prefill, decode) for io in profile.values() for shape in io.values()]
     assert all(dim >= 1 for shape in shapes for dim in shape)  # TensorRT rejects zero-length dims
-    assert prefill["input_ids"] == {"min": [1, 1], "opt": [1, 128], "max": [8, 256]}
+    limit = 1024 if name == "tiny:bloom" else 256  # the tiny configs' positions; ALiBi states none
+    assert prefill["input_ids"] == {"min": [1, 1], "opt": [1, 128], "max": [8, limit]}
     assert decode["input_ids"] == {"min": [1, 1], "opt": [1, 1], "max": [8, 1]}
     cache = prefill["past_key_values.0.key"]
+    kv = Manifest.read(source).graph().kv_cache
+    assert kv is not None
     if form == "growing":  # the prefill's past is one masked dummy slot; decode grows to the limit
-        assert cache["max"][2] == 1 and decode["past_key_values.0.key"]["max"][2] == 256
+        assert cache["max"][2] == 1 and decode["past_key_values.0.key"]["max"][2] == limit
         assert "attention_mask" in prefill
     else:  # a buffer of the model's 256 positions, static (TensorRT's KV_CACHE_UPDATE wants it so)
-        heads = 2 if name == "tiny:llama" else 4  # Llama's GQA caches hold its 2 KV heads
-        assert cache == decode["past_key_values.0.key"] == {k: [8 if k == "max" else 1, heads, 256, 16] for k in cache}
+        shape = [kv.num_kv_heads, 256, kv.head_dim]  # Llama's GQA caches hold its 2 KV heads
+        assert cache == decode["past_key_values.0.key"] == {k: [8 if k == "max" else 1, *shape] for k in cache}
         assert info["static_dims"] == {"cache_sequence": 256}
-        assert "attention_mask" not in prefill and info["layer_types"].get("KV_CACHE_UPDATE", 0) == 4
-    assert info["attention_ops"] == 2 and info["network_layers"] > 50
+        assert "attention_mask" not in prefill and info["layer_types"].get("KV_CACHE_UPDATE", 0) == 2 * kv.num_layers
+    assert info["attention_ops"] == kv.num_layers and info["network_layers"] > 50
 
 
 @pytest.fixture(scope="module")

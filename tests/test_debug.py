@@ -27,6 +27,8 @@ CORRUPTED = {
     "tiny:llama": "model.layers.1.mlp.down_proj",
     "tiny:gpt2": "transformer.h.1.mlp.c_fc",
     "tiny:bert": "encoder.layer.1.intermediate.dense",
+    "tiny:qwen3": "model.layers.1.self_attn.k_proj",  # read through QK-norm
+    "tiny:gemma3": "model.layers.1.mlp.up_proj",
 }
 
 

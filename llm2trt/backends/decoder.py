@@ -42,11 +42,22 @@ class _State:
     logits: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))  # the last step's, whole
 
 
+_USUAL = ("input_ids", "attention_mask", "position_ids")
+
+
 class DecoderSession(abc.ABC):
     """One batch on one graph: `prefill` the prompts, then `decode` one token per row at a time."""
 
     def __init__(self, graph: GraphSpec, run: Executor, pad_id: int = 0) -> None:
-        self.graph, self.run, self.pad_id = graph, run, pad_id
+        self.graph, self.pad_id = graph, pad_id
+        # Sessions feed what the family's graphs take; a graph without some input (BLOOM's ALiBi
+        # reads positions from the mask: no position_ids) is fed only what it declares.
+        names = {t.name for t in graph.inputs}
+        self.run: Executor = (
+            run
+            if all(n in names for n in _USUAL)
+            else lambda feeds: run({k: v for k, v in feeds.items() if k in names})
+        )
         # fp16 graphs may give float32 logits (passes/ort_ops.py); the cache keeps the graph's type.
         self.logits_dtype = next(t.dtype for t in graph.outputs if t.name == graph.main_output)
         kv = graph.kv_cache

@@ -6,10 +6,15 @@ measurements behind that choice.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+import os
 import shutil
+import sys
+import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -17,7 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 import onnx
 
 from llm2trt import __version__
-from llm2trt.convert.patches import sdpa_for_export
+from llm2trt.convert.patches import longrope_for_export, sdpa_for_export
 from llm2trt.convert.sources import ModelSource
 from llm2trt.convert.tokenizer import save_tokenizer
 from llm2trt.core.artifact import op_counts, save_onnx, staged_output
@@ -132,7 +137,7 @@ def torchscript_export(
 
     tensors = [*graph.inputs, *graph.outputs]
     dynamic_axes = {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in tensors}
-    with warnings.catch_warnings(), sdpa_for_export():
+    with warnings.catch_warnings(), sdpa_for_export(), _exporter_log_dropped():
         warnings.simplefilter("ignore")  # TracerWarnings and the exporter's deprecation notice
         try:
             torch.onnx.export(
@@ -149,6 +154,28 @@ def torchscript_export(
         except Exception as exc:  # the exporter raises many types; name the cause, go no further
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise BackendError(f"torch.onnx export failed: {type(exc).__name__}: {first}") from None
+
+
+@contextlib.contextmanager
+def _exporter_log_dropped() -> Iterator[None]:
+    """The exporter prints the whole TorchScript graph to the process's stderr when it fails (its
+    log switch is always on); the user gets one line naming the cause instead. Anything else
+    written to stderr meanwhile is passed on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode(errors="replace")
+            kept = text.split("Torch IR graph at exception")[0]
+            if kept.strip():
+                sys.stderr.write(kept)
 
 
 def _name_dims(model: onnx.ModelProto, specs: list[TensorSpec], kind: str) -> None:
@@ -182,7 +209,7 @@ def _trace(
     module = export_module(model, graph, dict(spec.forward_kwargs))
     feeds = spec.sample_inputs(source.config, graph, TRACE_BATCH, TRACE_SEQUENCE)
     args = tuple(to_torch(feeds[t.name]) for t in graph.inputs)
-    with step(f"exporting {source.display} to ONNX (TorchScript exporter, opset {opset})"):
+    with step(f"exporting {source.display} to ONNX (TorchScript exporter, opset {opset})"), longrope_for_export(model):
         torchscript_export(module, args, scratch / "model.onnx", graph, opset)
     del model, module
     # Over 2 GB the exporter writes its weights beside the file: they stay there until save_onnx
@@ -243,6 +270,7 @@ def convert(
             f"({OPSETS.start}-{OPSETS.stop - 1}); fused opset-23 ops come from `optimize`"
         )
     spec, config = source.spec, source.config
+    attn_implementation = spec.attention(attn_implementation)
     graph = spec.graph_spec(config, dtype, spec.default_variant(kv_cache))
     with staged_output(out, force) as stage:
         scratch = stage / "export"

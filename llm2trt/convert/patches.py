@@ -49,3 +49,51 @@ def sdpa_for_export() -> Iterator[None]:
         yield
     finally:
         functional.scaled_dot_product_attention = original
+
+
+@contextlib.contextmanager
+def longrope_for_export(model: Any) -> Iterator[None]:
+    """Trace LongRoPE's choice of frequencies as a graph op.
+
+    transformers picks the short or long factors by the longest position of the call and writes
+    them into the rotary module's buffer in place (`copy_`), which the TorchScript exporter cannot
+    express. For the trace, each LongRoPE module computes the same choice with `where` and hands it
+    to the unwrapped forward instead, so the graph switches to the long factors exactly where
+    transformers does.
+    """
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    patched = []
+    for module in model.modules():
+        inner = getattr(type(module).forward, "__wrapped__", None)
+        if getattr(module, "rope_type", None) != "longrope" or inner is None:
+            continue
+        original = int(module.config.rope_parameters["original_max_position_embeddings"])
+        long_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](module.config, None, seq_len=original + 1)
+        short_freq = module.original_inv_freq
+
+        def forward(
+            x: Any,
+            position_ids: Any,
+            _m: Any = module,
+            _inner: Any = inner,
+            _long: Any = long_freq,
+            _short: Any = short_freq,
+            _original: int = original,
+        ) -> Any:
+            chosen = torch.where(position_ids.max() + 1 > _original, _long, _short)
+            kept = _m.inv_freq
+            _m.inv_freq = chosen
+            try:
+                return _inner(_m, x, position_ids)
+            finally:
+                _m.inv_freq = kept
+
+        module.forward = forward
+        patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward

@@ -96,6 +96,7 @@ class ModelSource:
                 f"unknown attention implementation {attn_implementation!r}; "
                 f"choose one of {', '.join(ATTN_IMPLEMENTATIONS)}"
             )
+        attn_implementation = self.spec.attention(attn_implementation)
         cls_name = self.spec.model_class(self.config)
         cls = getattr(transformers, cls_name)
         tdtype = dtype.torch
@@ -112,14 +113,18 @@ class ModelSource:
                     model = cls.from_pretrained(
                         str(path.parent),
                         gguf_file=path.name,
+                        # The config read at resolve time: without it transformers parses the file's
+                        # metadata again, every token of its vocabulary (Gemma 3's 262k: ~20 s).
+                        config=self.config,
                         dtype=tdtype,
                         attn_implementation=attn_implementation,
                         local_files_only=True,
                     )
                 else:
-                    model = cls.from_pretrained(
+                    model = self.spec.from_pretrained(
+                        cls,
                         self.location,
-                        config=self.config,
+                        self.config,
                         dtype=_stored_dtype(self.config, dtype).torch,
                         attn_implementation=attn_implementation,
                         local_files_only=True,
@@ -318,6 +323,7 @@ def _resolve_hf_dir(path: Path) -> ModelSource:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as exc:  # the last: a field's type
         raise InputError(f"cannot read {config_path}: {first_line(exc)}") from None
+    config = spec.export_config(config)
     spec.check_config(config)
     if raw.get("auto_map"):
         logger.warning(

@@ -56,7 +56,9 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat: bool) -> list[l
         if not getattr(tokenizer, "chat_template", None):
             raise InputError("--chat: this model's tokenizer has no chat template")
         return [chat_ids(tokenizer, p) for p in prompts]
-    return [list(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+    # The tokenizer's own special tokens, as transformers' pipelines add them: Gemma wants its <bos>
+    # (without it the 270M model repeats itself), GPT-2 and SmolLM2 add none.
+    return [list(tokenizer(p).input_ids) for p in prompts]
 
 
 def windows_of(ids: list[int], window: int) -> list[list[int]]:

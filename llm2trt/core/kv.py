@@ -75,6 +75,13 @@ class KVLayout(Record):
     # (batch, kv_heads, sequence, head_dim): what transformers' caches and ONNX Attention-23 use.
     layout: str = "BHSD"
     form: KVForm = GROWING
+    # Sliding-window attention: per layer, how many of the latest positions a query sees (itself
+    # included); 0 or no entry: all of them. Empty: no layer slides.
+    windows: tuple[int, ...] = ()
+
+    def window(self, layer: int) -> int:
+        """Layer `layer`'s sliding window (0: global attention)."""
+        return self.windows[layer] if layer < len(self.windows) else 0
 
     @property
     def past_names(self) -> list[str]:

@@ -36,9 +36,11 @@ def ort_session(
     of the cores, when several processes run at once)."""
     import onnxruntime as ort
 
-    ort.set_default_logger_severity(3)  # its optimizer's notes are not ours to print
+    # Its optimizer's notes are not ours to print, nor its errors: they come back as exceptions,
+    # which the caller turns into one line naming the cause.
+    ort.set_default_logger_severity(4)
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     options.enable_cpu_mem_arena = arena
     if threads:
         options.intra_op_num_threads = threads

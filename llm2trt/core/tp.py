@@ -87,7 +87,9 @@ class Units(enum.Enum):
     EVEN = "even"  # an even share (gate/up/down, c_fc)
     Q = "q"  # query heads of head_dim (q_proj's outputs, o_proj's inputs)
     KV = "kv"  # KV heads (k_proj, v_proj), replicated when there are fewer than ranks
-    QKV = "qkv"  # query, key and value heads side by side (GPT-2's c_attn)
+    QKV = "qkv"  # query, key and value heads side by side (GPT-2's c_attn, Phi-3's qkv_proj)
+    QKV_BY_HEAD = "qkv-by-head"  # each head's query, key and value together (BLOOM's query_key_value)
+    HALVES = "halves"  # two parts side by side, each split evenly (Phi-3's gate_up_proj)
 
 
 def feature_index(units: Units, heads: Heads, mapping: Mapping, size: int) -> np.ndarray:
@@ -102,6 +104,7 @@ def feature_index(units: Units, heads: Heads, mapping: Mapping, size: int) -> np
         Units.Q: heads.heads * hd,
         Units.KV: heads.kv_heads * hd,
         Units.QKV: (heads.heads + 2 * heads.kv_heads) * hd,
+        Units.QKV_BY_HEAD: 3 * heads.heads * hd,
     }.get(units)
     if want is not None and want != size:
         raise InputError(f"--tp {mapping.tp}: {size} features are not the {want} of {units.value} heads")
@@ -112,6 +115,13 @@ def feature_index(units: Units, heads: Heads, mapping: Mapping, size: int) -> np
     if units is Units.QKV:
         k0 = heads.heads * hd
         return np.concatenate([span(q), span(kv, k0), span(kv, k0 + heads.kv_heads * hd)])
+    if units is Units.QKV_BY_HEAD:  # head h owns features [3h, 3h + 3) * head_dim
+        return np.arange(q.start * 3 * hd, q.stop * 3 * hd)
+    if units is Units.HALVES:
+        if size % 2:
+            raise InputError(f"--tp {mapping.tp}: {size} features do not split into two equal parts")
+        half = even_index(size // 2, mapping)
+        return np.concatenate([half, half + size // 2])
     return even_index(size, mapping)
 
 

@@ -131,8 +131,14 @@ def generate_ids(
     sampling: Sampling,
     eos_ids: Sequence[int],
     on_tokens: Callable[[np.ndarray], None] | None = None,
+    refill_at: int | None = None,
 ) -> tuple[list[list[int]], list[str], tuple[float, float, int]]:
-    """New ids per row, why each stopped, and (prefill s, decode s, decode steps)."""
+    """New ids per row, why each stopped, and (prefill s, decode s, decode steps).
+
+    `refill_at`: the length (padded prompt width + tokens fed) at which the model's own generate
+    drops its cache and runs the whole sequence again (`cache_refill_length` of the exporter spec:
+    Phi-3's LongRoPE switches every position to the long factors there); None: never.
+    """
     pick, rows = sampling.picker(), _Rows.start(len(prompts), eos_ids)
     start = time.perf_counter()
     logits = session.prefill(prompts)
@@ -140,12 +146,24 @@ def generate_ids(
     prefill = time.perf_counter() - start
     rows.take(tokens)
     steps, start = 0, time.perf_counter()
-    # Greedy on a session that picks on the GPU: its ids, step after step; else logits to the host.
-    pipeline = session.greedy_pipeline(logits) if sampling.temperature == 0 else None
+    width = max(len(p) for p in prompts)
+    fed: list[np.ndarray] = []  # the tokens fed after the prompts, kept only for a refill to come
+    refill = refill_at if refill_at is not None and width < refill_at else None
+    # Greedy on a session that picks on the GPU: its ids, step after step; else logits to the host
+    # (until a refill is behind: the pipeline runs a step ahead).
+    greedy = sampling.temperature == 0
+    pipeline = session.greedy_pipeline(logits) if greedy and refill is None else None
     while not all(rows.done) and steps + 1 < sampling.max_new_tokens:
         if on_tokens:
             on_tokens(tokens)
-        tokens = np.asarray(next(pipeline)) if pipeline is not None else pick(session.decode(tokens))
+        if refill is not None:
+            fed.append(tokens)
+        if refill is not None and width + len(fed) == refill:
+            logits = session.prefill([[*p, *(int(t[row]) for t in fed)] for row, p in enumerate(prompts)])
+            tokens, refill, fed = pick(logits), None, []
+            pipeline = session.greedy_pipeline(logits) if greedy else None
+        else:
+            tokens = np.asarray(next(pipeline)) if pipeline is not None else pick(session.decode(tokens))
         rows.take(tokens)
         steps += 1
     if on_tokens:
@@ -188,6 +206,24 @@ def _capacity(graph: GraphSpec, manifest: Manifest, prompts: list[list[int]], sa
     return need
 
 
+def _refill_at(graph: GraphSpec, manifest: Manifest, prompts: list[list[int]], sampling: Sampling) -> int | None:
+    """Where this generation runs the whole sequence again, as the model's own generate does (None:
+    nowhere); refused when that prefill is longer than the graph takes."""
+    from llm2trt.exporters import EXPORTERS
+
+    spec = EXPORTERS.get(manifest.architecture) if manifest.architecture in EXPORTERS else None
+    at = spec.cache_refill_length(manifest.model_config) if spec is not None else None
+    longest = max(len(p) for p in prompts)
+    if at is None or not longest < at < longest + sampling.max_new_tokens:
+        return None
+    if SEQUENCE in graph.dims and at > graph.dims[SEQUENCE].max:
+        raise InputError(
+            f"{manifest.architecture} runs the whole sequence again at {at} tokens (its rotary scaling "
+            f"changes there), longer than this artifact's prefill allows ({graph.dims[SEQUENCE].max})"
+        )
+    return at
+
+
 def generate(
     artifact: Path,
     *,
@@ -211,13 +247,14 @@ def generate(
     _check_ids(manifest, batch)
     ctx = DecoderContext(artifact, manifest, graph, _capacity(graph, manifest, batch, sampling), providers or [])
     eos = manifest.generation.eos_token_ids if manifest.generation else []
+    refill = _refill_at(graph, manifest, batch, sampling)
     if manifest.tensor_parallel is not None:
-        new, stops, (prefill, decode, steps) = _generate_ranks(ctx, runner, batch, sampling, eos)
+        new, stops, (prefill, decode, steps) = _generate_ranks(ctx, runner, batch, sampling, eos, refill)
         runner = f"{runner} tp{manifest.tensor_parallel.tp}"
     else:
         session = _open(runner, ctx)
         echo = _streamer(tokenizer, stream) if stream and len(batch) == 1 else None
-        new, stops, (prefill, decode, steps) = generate_ids(session, batch, sampling, eos, echo)
+        new, stops, (prefill, decode, steps) = generate_ids(session, batch, sampling, eos, echo, refill)
     rows = [
         GeneratedRow(prompt + n, n, tokenizer.decode(n, skip_special_tokens=True) if tokenizer else None, stop)
         for prompt, n, stop in zip(batch, new, stops, strict=True)
@@ -267,14 +304,26 @@ def _check_ids(manifest: Manifest, prompts: list[list[int]]) -> None:
 
 
 def _rank_task(
-    rank: RankContext, prompts: list[list[int]], sampling: Sampling, eos: list[int], capacity: int, pad_id: int
+    rank: RankContext,
+    prompts: list[list[int]],
+    sampling: Sampling,
+    eos: list[int],
+    capacity: int,
+    pad_id: int,
+    refill: int | None = None,
 ) -> tuple[list[list[int]], list[str], tuple[float, float, int]]:
     """Every rank decodes its own graph and cache; the gathered logits make every rank pick alike."""
-    return generate_ids(rank.session(_decoder_graph(rank.manifest), capacity, pad_id), prompts, sampling, eos)
+    session = rank.session(_decoder_graph(rank.manifest), capacity, pad_id)
+    return generate_ids(session, prompts, sampling, eos, refill_at=refill)
 
 
 def _generate_ranks(
-    ctx: DecoderContext, runner: str, prompts: list[list[int]], sampling: Sampling, eos: list[int]
+    ctx: DecoderContext,
+    runner: str,
+    prompts: list[list[int]],
+    sampling: Sampling,
+    eos: list[int],
+    refill: int | None = None,
 ) -> tuple[list[list[int]], list[str], tuple[float, float, int]]:
     """A tensor-parallel artifact: one process per rank (llm2trt.backends.onnxruntime.ranks), ONNX Runtime in each."""
     import functools
@@ -286,7 +335,13 @@ def _generate_ranks(
             "its engines need NCCL TensorRT plugins at run time, which this build does not load"
         )
     task = functools.partial(
-        _rank_task, prompts=prompts, sampling=sampling, eos=list(eos), capacity=ctx.capacity, pad_id=ctx.pad_id
+        _rank_task,
+        prompts=prompts,
+        sampling=sampling,
+        eos=list(eos),
+        capacity=ctx.capacity,
+        pad_id=ctx.pad_id,
+        refill=refill,
     )
     result: tuple[list[list[int]], list[str], tuple[float, float, int]] = ranks(ctx.artifact, task, ctx.providers)
     return result

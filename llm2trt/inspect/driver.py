@@ -102,6 +102,13 @@ def _manifest_lines(path: str, m: Manifest) -> list[str]:
         f"kv cache      {kv_text}",
         "dims          " + ", ".join(f"{k}={v}" for k, v in m.dynamic_dims.items()),
     ]
+    if kv:
+        lines.append(f"cache forms   {_forms(m.architecture, m.model_config)}")
+        if kv.windows:
+            sliding = [i for i, w in enumerate(kv.windows) if w]
+            lines.append(
+                f"sliding       window {max(kv.windows)} on {plural(len(sliding), 'layer')} of {kv.num_layers}"
+            )
     if m.passes:
         shown = [p.name + _counts(p.counts) for p in m.passes]
         lines.append("passes        " + ", ".join(shown))
@@ -112,6 +119,20 @@ def _manifest_lines(path: str, m: Manifest) -> list[str]:
     if m.tensor_parallel is not None:
         lines.append(f"tensor para.  {m.tensor_parallel.render()}")
     return lines
+
+
+def _forms(architecture: str, config: dict[str, Any]) -> str:
+    """The cache forms the architecture's graphs can take, and why any other cannot."""
+    from llm2trt.exporters import EXPORTERS
+
+    if architecture not in EXPORTERS:
+        return "unknown architecture"
+    spec = EXPORTERS.get(architecture)
+    reasons: dict[str, list[str]] = {}
+    for form, why in spec.refused_kv_forms(config).items():
+        reasons.setdefault(why, []).append(form)
+    refused = "".join(f"; not {', '.join(forms)}: {why}" for why, forms in reasons.items())
+    return ", ".join(spec.kv_forms_for(config)) + refused
 
 
 def _counts(counts: dict[str, int]) -> str:

@@ -108,7 +108,7 @@ def write_ranks(
             if missing:
                 raise CheckFailed(f"rank {mapping.rank}: fusions lost by the split: {missing} of {report.expected}")
             path = folder / Path(target.onnx).name
-            graphs[name] = save_graph(rank_model, graph, path, rank_report.fusions, report.expected)
+            graphs[target.name] = save_graph(rank_model, graph, path, rank_report.fusions, report.expected)
             del rank_model  # before the next rank's slices
             spill.unlink(missing_ok=True)
             reports.append(rank_report)

@@ -37,4 +37,4 @@ class KVRequest:
         # growing -> fixed -> gqa only (KV_FORMS' order): each step removes what the one before needs.
         if has is not None and KV_FORMS.index(form) < KV_FORMS.index(has.form):
             raise InputError(f"--kv-form {form}: a {has.form} cache cannot be turned into a {form} one")
-        return replace(layout, form=form), spec.variant_for(form)
+        return replace(layout, form=form), spec.variant_for(form, config)

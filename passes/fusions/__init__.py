@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 
 from llm2trt.core.errors import InputError
 from llm2trt.core.registry import Registry
+from llm2trt.passes.fusions.alibi import AlibiAttentionRule
 from llm2trt.passes.fusions.attention import AttentionRule
 from llm2trt.passes.fusions.gelu import GeluErfRule, GeluTanhRule
 from llm2trt.passes.fusions.norms import LayerNormRule, RMSNormRule
@@ -70,7 +71,7 @@ register_fusion(LayerNormRule)
 register_fusion(RMSNormRule)
 register_fusion(GeluErfRule, GeluTanhRule)
 register_fusion(RoPERule)
-register_fusion(AttentionRule)
+register_fusion(AttentionRule, AlibiAttentionRule)
 
 
 def check_fusion_names(names: tuple[str, ...] | list[str], what: str) -> None:

@@ -1,4 +1,4 @@
-"""GELU fusions: the erf form (BERT, ViT) and the tanh approximation (GPT-2) -> Gelu (opset 20)."""
+"""GELU fusions: the erf form (BERT, ViT) and the tanh approximation (GPT-2, BLOOM) -> Gelu (opset 20)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,11 @@ class GeluErfRule(_GeluRule):
 
 
 class GeluTanhRule(_GeluRule):
-    """0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))."""
+    """0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))).
+
+    The tanh argument comes in two factorings: GPT-2's `k * (x + c * x^3)` and BLOOM's
+    `(k * x) * (1 + c * x * x)` (its bloom_gelu_forward); both are the same function.
+    """
 
     name = "Gelu.tanh"
     anchor: ClassVar[tuple[str, ...]] = ("Tanh",)
@@ -74,7 +78,13 @@ class GeluTanhRule(_GeluRule):
 
     def pattern(self) -> Pattern:
         x = Var("x")
+        c, k = Const("c", is_scalar(0.044715)), Const("k", is_scalar(math.sqrt(2.0 / math.pi)))
         cube = AnyOf([Op("Pow", x, Const("three", is_scalar(3.0))), Op("Mul", x, Op("Mul", x, x))])
-        inner = Op("Add", x, Op("Mul", cube, Const("c", is_scalar(0.044715))))
-        tanh = Op("Tanh", Op("Mul", inner, Const("k", is_scalar(math.sqrt(2.0 / math.pi)))))
-        return _half_x_times(x, Op("Add", tanh, Const("one", ONE)))
+        c_square = AnyOf([Op("Mul", Op("Mul", x, c), x), Op("Mul", Op("Mul", x, x), c)])
+        argument = AnyOf(
+            [
+                Op("Mul", Op("Add", x, Op("Mul", cube, c)), k),
+                Op("Mul", Op("Mul", x, k), Op("Add", c_square, Const("inner_one", ONE))),
+            ]
+        )
+        return _half_x_times(x, Op("Add", Op("Tanh", argument), Const("one", ONE)))

@@ -88,3 +88,57 @@ def test_vocab_is_padded_to_a_multiple_of_tp() -> None:
     h = rng.normal(size=(2, 8))
     logits = np.concatenate([h @ shard_vocab(lm_head, m, axis=1) for m in Mapping.ranks(3)], axis=1)[:, :1000]
     assert np.allclose(logits, h @ lm_head)
+
+
+def test_qkv_by_head_takes_each_head_with_its_key_and_value() -> None:
+    # BLOOM's query_key_value: head h owns [q_h, k_h, v_h], 3 * head_dim features in a row.
+    heads = Heads(4, 4, 16)
+    parts = [feature_index(Units.QKV_BY_HEAD, heads, m, 3 * 64) for m in Mapping.ranks(2)]
+    assert np.array_equal(parts[0], np.arange(0, 96)) and np.array_equal(parts[1], np.arange(96, 192))
+    quarters = [feature_index(Units.QKV_BY_HEAD, heads, m, 192) for m in Mapping.ranks(4)]
+    assert [(int(q[0]), q.size) for q in quarters] == [(0, 48), (48, 48), (96, 48), (144, 48)]
+    assert np.array_equal(np.concatenate(quarters), np.arange(192))
+    with pytest.raises(InputError, match="128 features are not the 192 of qkv-by-head heads"):
+        feature_index(Units.QKV_BY_HEAD, heads, Mapping(2, 0), 128)
+
+
+def test_qkv_with_fewer_kv_heads_takes_q_then_its_k_and_v() -> None:
+    # Phi-3's qkv_proj: 4 query heads, then 2 KV heads of k, then of v (16 each), 128 features.
+    heads = Heads(4, 2, 16)
+    got = [feature_index(Units.QKV, heads, m, 128) for m in Mapping.ranks(2)]
+    assert np.array_equal(got[0], np.r_[0:32, 64:80, 96:112])
+    assert np.array_equal(got[1], np.r_[32:64, 80:96, 112:128])
+    # tp 4: one query head each, the KV head of its group replicated on two ranks.
+    got = [feature_index(Units.QKV, heads, m, 128) for m in Mapping.ranks(4)]
+    assert np.array_equal(got[1], np.r_[16:32, 64:80, 96:112])
+    assert np.array_equal(got[2], np.r_[32:48, 80:96, 112:128])
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_halves_split_each_half_evenly(tp: int) -> None:
+    # Phi-3's gate_up_proj: gate's 128 columns then up's; a rank takes matching columns of both,
+    # so gate * silu(up) pairs stay on one rank.
+    size = 256
+    parts = [feature_index(Units.HALVES, Heads(4, 2, 16), m, size) for m in Mapping.ranks(tp)]
+    per = size // 2 // tp
+    for m, part in zip(Mapping.ranks(tp), parts, strict=True):
+        gate, up = part[:per], part[per:]
+        assert np.array_equal(gate, np.arange(m.rank * per, (m.rank + 1) * per))
+        assert np.array_equal(up, gate + size // 2)
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(size))
+    w = np.random.default_rng(0).normal(size=(8, size))
+    x = np.random.default_rng(1).normal(size=(3, 8))
+    full = x @ w
+    whole = full[:, : size // 2] * full[:, size // 2 :]
+    local = []
+    for part in parts:
+        y = x @ w[:, part]
+        local.append(y[:, :per] * y[:, per:])  # the rank's chunk(2) of its own output
+    assert np.allclose(np.concatenate(local, axis=1), whole)
+
+
+def test_halves_refuse_what_does_not_split() -> None:
+    with pytest.raises(InputError, match="255 features do not split into two equal parts"):
+        feature_index(Units.HALVES, Heads(4, 2, 16), Mapping(2, 0), 255)
+    with pytest.raises(InputError, match="--tp 4: 6 features do not divide into 4 ranks"):
+        feature_index(Units.HALVES, Heads(4, 2, 16), Mapping(4, 0), 12)

@@ -28,9 +28,13 @@ from tests.fake_quant import GROUPS, PREFIX, fake_quantize, migrate, weight_in_o
 CALIB = Path(__file__).resolve().parents[1] / "data" / "text" / "calib.txt"
 SAMPLES, GROUP = 4, 16
 MODELS = ("tiny:llama", "tiny:gpt2")
-# Linear layers per model (lm_head kept) and the inputs they read (one activation Q/DQ each).
-LINEARS = {"tiny:llama": 14, "tiny:gpt2": 8}
-INPUTS = {"tiny:llama": 8, "tiny:gpt2": 8}
+# Every method places its Q/DQ on these too (optimize's own numeric check holds each within the
+# method's tolerance); the PyTorch fake-quantization references cover MODELS.
+PLACED = (*MODELS, "tiny:qwen3", "tiny:gemma3", "tiny:phi3", "tiny:bloom")
+# Linear layers per model (lm_head kept) and the inputs they read (one activation Q/DQ each): two
+# layers of q, k, v, o, gate, up, down (Phi-3 and BLOOM pack q/k/v and gate/up; GPT-2 too).
+LINEARS = {"tiny:llama": 14, "tiny:gpt2": 8, "tiny:qwen3": 14, "tiny:gemma3": 14, "tiny:phi3": 8, "tiny:bloom": 8}
+INPUTS = dict.fromkeys(PLACED, 8)
 
 
 def method_args(method: str) -> list[str]:
@@ -139,7 +143,7 @@ def test_awq_search_never_loses_to_rounding_and_helps_outlier_channels() -> None
 # -- graphs ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", PLACED)
 @pytest.mark.parametrize("method", list(METHODS))
 def test_qdq_placement(quantized: Any, model: str, method: str) -> None:
     spec = METHODS.get(method)

@@ -25,6 +25,11 @@ L = 2  # layers of every tiny spec
 EXPECTED = {
     "tiny:gpt2": {"Attention": L, "LayerNorm": 2 * L + 1, "Gelu": L},
     "tiny:llama": {"Attention": L, "RMSNorm": 2 * L + 1, "RoPE": 2 * L},
+    "tiny:qwen3": {"Attention": L, "RMSNorm": 4 * L + 1, "RoPE": 2 * L},  # q_norm and k_norm too
+    "tiny:gemma3": {"Attention": L, "RMSNorm": 6 * L + 1, "RoPE": 2 * L, "Gelu": L},  # four a layer, QK-norm
+    "tiny:phi3": {"Attention": L, "RMSNorm": 2 * L + 1, "RoPE": 2 * L},
+    # The embeddings' LayerNorm too; eager attention only (the sdpa run exports eager as well).
+    "tiny:bloom": {"Attention": L, "LayerNorm": 2 * L + 2, "Gelu": L},
     "tiny:bert": {"Attention": L, "LayerNorm": 2 * L + 1, "Gelu": L},
     "tiny:vit": {"Attention": L, "LayerNorm": 2 * L + 1, "Gelu": L},
 }
