@@ -243,45 +243,70 @@ def _past_of(cache: gs.Tensor) -> gs.Tensor:
     return cache.inputs[0].inputs[0]
 
 
+def _norm_chain(tensor: gs.Tensor) -> tuple[list[gs.Node], gs.Tensor] | None:
+    """([Cast] RMSNormalization [Cast], its input) producing `tensor`, input side first: fp16 graphs of
+    models that normalize in float32 (Gemma 3) cast up before the norm and back after it."""
+    chain: list[gs.Node] = []
+    node = tensor.inputs[0] if tensor.inputs else None
+    if node is not None and node.op == "Cast":
+        inner = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+        if inner is None or inner.op != "RMSNormalization":
+            return None
+        chain.append(node)
+        node = inner
+    if node is None or node.op != "RMSNormalization":
+        return None
+    chain.append(node)
+    tensor = node.inputs[0]
+    up = tensor.inputs[0] if tensor.inputs else None
+    if up is not None and up.op == "Cast" and chain[0].op == "Cast":
+        chain.append(up)
+        tensor = up.inputs[0]
+    return chain[::-1], tensor
+
+
 def _before_heads(tensor: gs.Tensor, where: str, model: Model) -> tuple[gs.Tensor, gs.Node | None, gs.Tensor]:
     """(batch, seq, hidden) before [RotaryEmbedding] Transpose(0,2,1,3) Reshape(b, s, heads, dim).
 
-    A per-head norm (QK-norm: RMSNormalization over head_dim, before or after the transpose) stays:
-    it is applied to the (b, s, heads, dim) view and flattened back, for GroupQueryAttention takes
-    (batch, seq, hidden). Also returns the tensor as projected, before any norm."""
-    rope = norm = None
+    A per-head norm (QK-norm: RMSNormalization over head_dim, before or after the transpose, with the
+    Casts around it of a model normalizing in float32) stays: it is applied to the (b, s, heads, dim)
+    view and flattened back, for GroupQueryAttention takes (batch, seq, hidden). Also returns the
+    tensor as projected, before any norm."""
+    rope = None
+    chain: list[gs.Node] = []
     node = tensor.inputs[0] if tensor.inputs else None
     if node is not None and node.op == "RotaryEmbedding":
         rope, tensor = node, node.inputs[0]
-        node = tensor.inputs[0] if tensor.inputs else None
-    if node is not None and node.op == "RMSNormalization":
-        norm, tensor = node, node.inputs[0]
+    found = _norm_chain(tensor)
+    if found is not None:
+        chain, tensor = found
     transpose = _producer(tensor, "Transpose", where)
     if list(transpose.attrs.get("perm", [])) != [0, 2, 1, 3]:
         raise InputError(f"--kv-form gqa: {where}: heads are not split as (batch, heads, seq, dim)")
     inner = transpose.inputs[0]
-    producer = inner.inputs[0] if inner.inputs else None
-    if norm is None and producer is not None and producer.op == "RMSNormalization":
-        norm, inner = producer, producer.inputs[0]
+    found = _norm_chain(inner) if not chain else None
+    if found is not None:
+        chain, inner = found
     reshape = _producer(inner, "Reshape", where)
-    if norm is None:
+    if not chain:
         return reshape.inputs[0], rope, reshape.inputs[0]
+    norm = next(n for n in chain if n.op == "RMSNormalization")
     if int(norm.attrs.get("axis", -1)) not in (-1, 3):
         raise InputError(f"--kv-form gqa: {where}: a per-head norm over an axis other than head_dim")
     scope = norm.name.rsplit("/", 1)[0]
-    normed = gs.Variable(model.fresh_name(f"{scope}/gqa_norm_output"), dtype=inner.dtype)
+    nodes = []
+    current = reshape.outputs[0]
+    for old in chain:
+        out = gs.Variable(model.fresh_name(f"{scope}/gqa_{old.op}_output"), dtype=old.outputs[0].dtype)
+        nodes.append(
+            gs.Node(
+                old.op, model.fresh_name(f"{scope}/gqa_{old.op}"), dict(old.attrs), [current, *old.inputs[1:]], [out]
+            )
+        )
+        current = out
     flat = gs.Variable(model.fresh_name(f"{scope}/gqa_flat_output"), dtype=inner.dtype)
     shape = model.constant(model.fresh_name(f"{scope}/gqa_flat_shape"), np.asarray([0, 0, -1], dtype=np.int64))
-    nodes = [
-        gs.Node(
-            "RMSNormalization",
-            model.fresh_name(f"{scope}/RMSNormalization"),
-            dict(norm.attrs),
-            [reshape.outputs[0], *norm.inputs[1:]],
-            [normed],
-        ),
-        gs.Node("Reshape", model.fresh_name(f"{scope}/gqa_flat"), inputs=[normed, shape], outputs=[flat]),
-    ]
+    nodes.append(gs.Node("Reshape", model.fresh_name(f"{scope}/gqa_flat"), inputs=[current, shape], outputs=[flat]))
     for new in nodes:
         model.graph.nodes.append(new)
         model.tag(new, "GQA.qk_norm")

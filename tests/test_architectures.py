@@ -119,6 +119,9 @@ def test_half_precision_exports_fuse(name: str, dtype: str, tmp_path: Path) -> N
     assert report["fusions"]["RMSNorm"] == report["expected"]["RMSNorm"] >= 9
     if dtype == "fp16":  # ONNX Runtime's CPU provider runs fp16 (not bf16): the check ran
         assert report["numeric_check"]["passed"] and report["numeric_check"]["checked"]
+        # The fast CUDA form's graph: Gemma 3 normalizes in float32, so its QK-norm sits between casts.
+        code, report = run_json("optimize", tmp_path / "onnx", "-o", tmp_path / "gqa", "--kv-form", "gqa", "-q")
+        assert code == 0 and report["numeric_check"]["passed"] and report["numeric_check"]["checked"], report
 
 
 def test_phi3_refuses_gqa_only_with_longrope() -> None:
