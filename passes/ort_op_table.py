@@ -79,10 +79,21 @@ ATTENTION = KernelOp(
     int32_inputs=("SeqlensK", "TotalSequenceLength"),
     host_inputs=("TotalSequenceLength",),  # it sizes the launch, as in ONNX Runtime's own op
 )
+# The same with a per-head RMSNorm on the queries and keys before the rotation (QK-norm: Qwen3,
+# Gemma 3): QNorm and KNorm are the norms' scales over head_dim, epsilon theirs.
+ATTENTION_QK_NORM = KernelOp(
+    "GroupQueryAttentionQKNorm",
+    (*ATTENTION.inputs, "QNorm", "KNorm"),
+    ATTENTION.outputs,
+    (*ATTENTION.attributes, "epsilon"),
+    int32_inputs=ATTENTION.int32_inputs,
+    host_inputs=ATTENTION.host_inputs,
+)
+ATTENTIONS = (ATTENTION, ATTENTION_QK_NORM)
 ATTENTION_HEAD_SIZES = (16, 32, 64, 128, 256)  # the library's kernels: 8 elements a lane, a head within a warp
 *_smaller, _largest = ATTENTION_HEAD_SIZES
 ATTENTION_HEAD_SIZES_TEXT = f"{', '.join(str(size) for size in _smaller)} or {_largest}"  # for messages
 ATTENTION_MAX_GROUP = 8  # query heads a KV head, at most (the decode kernel keeps them in registers)
 
 # Every op, in the library's registration order.
-ALL: tuple[KernelOp, ...] = (*OPS.values(), ATTENTION)
+ALL: tuple[KernelOp, ...] = (*OPS.values(), *ATTENTIONS)

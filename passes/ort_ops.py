@@ -49,6 +49,7 @@ from llm2trt.passes.ort_op_table import (
     ATTENTION_HEAD_SIZES,
     ATTENTION_HEAD_SIZES_TEXT,
     ATTENTION_MAX_GROUP,
+    ATTENTION_QK_NORM,
     ATTRIBUTE_TYPES,
     DOMAIN,
     OPS,
@@ -64,6 +65,9 @@ ALL_OPS = tuple(op.name for op in ALL)
 
 register_equivalent("Attention", DOMAIN, ATTENTION.name)
 register_equivalent("RoPE", DOMAIN, ATTENTION.name, lambda node: 2)
+register_equivalent("Attention", DOMAIN, ATTENTION_QK_NORM.name)
+register_equivalent("RoPE", DOMAIN, ATTENTION_QK_NORM.name, lambda node: 2)
+register_equivalent("RMSNorm", DOMAIN, ATTENTION_QK_NORM.name, lambda node: 2)  # q_norm, k_norm
 
 # The norm these ops carry (the expected-fusion gate counts them).
 for _op in (op.name for op in OPS.values() if "Gamma" in op.inputs):
@@ -91,10 +95,65 @@ def attention_function(opset: int) -> gs.Function:
     )
 
 
+def attention_qk_norm_function(opset: int) -> gs.Function:
+    """llm2trt's GroupQueryAttentionQKNorm: QKV split, q and k normalized per head (RMSNormalization
+    over head_dim, scales QNorm and KNorm), then ONNX Runtime's GroupQueryAttention on q, k and v."""
+    op = ATTENTION_QK_NORM
+    formal = {n: gs.Variable(n) for n in (*op.inputs, *op.outputs)}
+    nodes: list[gs.Node] = []
+
+    def node(kind: str, inputs: list[gs.Tensor], outputs: int = 1, **attrs: Any) -> list[gs.Variable]:
+        outs = [gs.Variable(f"t{len(nodes)}_{i}") for i in range(outputs)]
+        nodes.append(gs.Node(kind, inputs=inputs, outputs=outs, attrs=attrs))
+        return outs
+
+    def ref(name: str) -> Any:
+        return gs.Node.AttributeRef(name, ATTRIBUTE_TYPES[name])
+
+    def const(values: list[int]) -> gs.Variable:
+        return node("Constant", [], value_ints=values)[0]
+
+    (head,) = node("Shape", [formal["QNorm"]])  # [D]
+    (heads,) = node("Constant", [], value_int=ref("num_heads"))
+    (kv_heads,) = node("Constant", [], value_int=ref("kv_num_heads"))
+    (q_width,) = node("Mul", [heads, head])
+    (kv_width,) = node("Mul", [kv_heads, head])
+    (sizes,) = node("Concat", [q_width, kv_width, kv_width], axis=0)
+    q, k, v = node("Split", [formal["QKV"], sizes], 3, axis=-1)
+    (per_head,) = node("Concat", [const([0, 0, -1]), head], axis=0)
+    flat = const([0, 0, -1])
+    normed = []
+    for x, scale in ((q, formal["QNorm"]), (k, formal["KNorm"])):
+        (view,) = node("Reshape", [x, per_head])
+        (y,) = node("RMSNormalization", [view, scale], axis=-1, epsilon=ref("epsilon"))
+        normed.append(node("Reshape", [y, flat])[0])
+    nodes.append(
+        gs.Node(
+            "GroupQueryAttention",
+            inputs=[*normed, v, *(formal[n] for n in ATTENTION.inputs[1:])],
+            outputs=[formal[n] for n in op.outputs],
+            attrs={name: ref(name) for name in ATTENTION_ATTRS},
+            domain=MS,
+        )
+    )
+    return gs.Function(
+        op.name,
+        domain=DOMAIN,
+        nodes=nodes,
+        inputs=[formal[n] for n in op.inputs],
+        outputs=[formal[n] for n in op.outputs],
+        opset=opset,
+        import_domains=[onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(MS, 1)],
+        attrs=dict.fromkeys(op.attributes),
+    )
+
+
 def function(name: str, opset: int) -> gs.Function:
     """The op's reference body in standard ONNX (opset >= 23: RMSNormalization)."""
     if name == ATTENTION.name:
         return attention_function(opset)
+    if name == ATTENTION_QK_NORM.name:
+        return attention_qk_norm_function(opset)
     op = OPS[name]
     formal = {n: gs.Variable(n) for n in (*op.inputs, *op.outputs)}
     nodes: list[gs.Node] = []
@@ -160,7 +219,8 @@ def one_op_model(name: str, values: dict[str, np.ndarray], epsilon: float = 1e-5
 def _one_node_model(node: gs.Node, body: gs.Function, opset: int) -> onnx.ModelProto:
     """`node` alone, its inputs and outputs the graph's, its local function beside it."""
     graph = gs.Graph([node], list(node.inputs), list(node.outputs), opset=opset, functions=[body])
-    domains = [("", opset), (DOMAIN, VERSION), *([(MS, 1)] if node.op == ATTENTION.name else [])]
+    attention = node.op in (ATTENTION.name, ATTENTION_QK_NORM.name)
+    domains = [("", opset), (DOMAIN, VERSION), *([(MS, 1)] if attention else [])]
     graph.import_domains = [onnx.helper.make_opsetid(d, v) for d, v in domains]
     model: onnx.ModelProto = gs.export_onnx(graph)
     model.ir_version = 10  # what ONNX Runtime 1.31+ reads
@@ -175,10 +235,13 @@ def attention_model(
     dtype: Any,
     attrs: dict[str, Any] | None = None,
     opset: int = 24,
+    qk_norm: bool = False,
 ) -> onnx.ModelProto:
     """llm2trt's GroupQueryAttention alone, its inputs as graph inputs (checks, tests): QKV
     [batch, seq, (heads + 2 kv_heads) * head], caches [batch, kv_heads, capacity, head], rotary
-    tables [capacity, head / 2]."""
+    tables [capacity, head / 2]; `qk_norm`: GroupQueryAttentionQKNorm, with QNorm and KNorm [head]
+    (epsilon 1e-6 unless `attrs` says)."""
+    op = ATTENTION_QK_NORM if qk_norm else ATTENTION
     slots = (heads + 2 * kv_heads) * head
     shapes = {
         "QKV": ["batch", "seq", slots],
@@ -188,24 +251,33 @@ def attention_model(
         "TotalSequenceLength": [],
         "CosCache": [capacity, head // 2],
         "SinCache": [capacity, head // 2],
+        "QNorm": [head],
+        "KNorm": [head],
     }
     inputs = [
-        gs.Variable(n, dtype=np.int32 if ATTENTION.input_type(n) == "I32" else dtype, shape=shapes[n])
-        for n in ATTENTION.inputs
+        gs.Variable(n, dtype=np.int32 if op.input_type(n) == "I32" else dtype, shape=shapes[n]) for n in op.inputs
     ]
-    outputs = [gs.Variable(n, dtype=dtype) for n in ATTENTION.outputs]
+    outputs = [gs.Variable(n, dtype=dtype) for n in op.outputs]
     defaults = {"num_heads": heads, "kv_num_heads": kv_heads, "scale": 1 / float(np.sqrt(head)), "do_rotary": 1}
     node_attrs = {**defaults, "rotary_interleaved": 0, "local_window_size": -1, **(attrs or {})}
-    node = gs.Node(ATTENTION.name, inputs=inputs, outputs=outputs, attrs=node_attrs, domain=DOMAIN)
-    return _one_node_model(node, attention_function(opset), opset)
+    if qk_norm:
+        node_attrs.setdefault("epsilon", 1e-6)
+    node = gs.Node(op.name, inputs=inputs, outputs=outputs, attrs=node_attrs, domain=DOMAIN)
+    return _one_node_model(node, function(op.name, opset), opset)
 
 
 def attention_values(
-    lengths: list[int], seq: int, total: int, shape: tuple[int, int, int, int], dtype: Any, seed: int = 0
+    lengths: list[int],
+    seq: int,
+    total: int,
+    shape: tuple[int, int, int, int],
+    dtype: Any,
+    seed: int = 0,
+    qk_norm: bool = False,
 ) -> dict[str, np.ndarray]:
     """Random inputs of llm2trt's GroupQueryAttention (checks, tests): rows of `lengths` tokens once
     this call's `seq` new ones are in (seqlens_k = length - 1); shape = (heads, KV heads, head size,
-    cache slots); real rotary tables."""
+    cache slots); real rotary tables; `qk_norm`: QNorm and KNorm scales too."""
     rng = np.random.default_rng(seed)
     heads, kv_heads, head, capacity = shape
     angles = np.arange(capacity)[:, None] / 10000 ** (np.arange(head // 2) / (head // 2))
@@ -218,12 +290,17 @@ def attention_values(
         "TotalSequenceLength": np.array(total, np.int32),
         "CosCache": np.cos(angles).astype(dtype),
         "SinCache": np.sin(angles).astype(dtype),
+        **({n: (1 + 0.2 * rng.standard_normal(head)).astype(dtype) for n in ("QNorm", "KNorm")} if qk_norm else {}),
     }
 
 
-def attention_reference(values: dict[str, np.ndarray], heads: int, kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
+def attention_reference(
+    values: dict[str, np.ndarray], heads: int, kv_heads: int, window: int = -1, epsilon: float = 1e-6
+) -> tuple[np.ndarray, np.ndarray]:
     """GroupQueryAttention's output and present key in float64, with no intermediate rounding, for
-    the inputs `attention_values` makes; a padded prompt's tail rows are left zero (they are padding)."""
+    the inputs `attention_values` makes; a padded prompt's tail rows are left zero (they are padding).
+    `window` (local_window_size, > 0): each query sees its `window` latest keys, itself included.
+    With QNorm and KNorm among the values, q and k are RMS-normalized per head (`epsilon`) first."""
     qkv = values["QKV"].astype(np.float64)
     batch, seq, _ = qkv.shape
     keys = values["PastKey"].astype(np.float64).copy()
@@ -231,7 +308,12 @@ def attention_reference(values: dict[str, np.ndarray], heads: int, kv_heads: int
     head = keys.shape[-1]
     cos, sin = (values[n].astype(np.float64) for n in ("CosCache", "SinCache"))
     total = int(values["TotalSequenceLength"])
-    split = qkv.reshape(batch, seq, heads + 2 * kv_heads, head)
+    split = qkv.reshape(batch, seq, heads + 2 * kv_heads, head).copy()
+    if "QNorm" in values:
+        for lo, hi, name in ((0, heads, "QNorm"), (heads, heads + kv_heads, "KNorm")):
+            part = split[:, :, lo:hi]
+            rms = np.sqrt((part * part).mean(-1, keepdims=True) + epsilon)
+            split[:, :, lo:hi] = part / rms * values[name].astype(np.float64)
 
     def rotate(x: np.ndarray, pos: int) -> np.ndarray:
         low, high = x[..., : head // 2], x[..., head // 2 :]
@@ -246,8 +328,9 @@ def attention_reference(values: dict[str, np.ndarray], heads: int, kv_heads: int
             keys[b, :, past + i] = rotate(split[b, i, heads : heads + kv_heads], past + i)
             cache_values[b, :, past + i] = split[b, i, heads + kv_heads :]
             q = rotate(split[b, i, :heads], past + i) / np.sqrt(head)
-            k = np.repeat(keys[b, :, : past + i + 1], heads // kv_heads, axis=0)
-            v = np.repeat(cache_values[b, :, : past + i + 1], heads // kv_heads, axis=0)
+            low = max(0, past + i + 1 - window) if window > 0 else 0
+            k = np.repeat(keys[b, :, low : past + i + 1], heads // kv_heads, axis=0)
+            v = np.repeat(cache_values[b, :, low : past + i + 1], heads // kv_heads, axis=0)
             scores = np.einsum("hd,htd->ht", q, k)
             weights = np.exp(scores - scores.max(-1, keepdims=True))
             out[b, i] = np.einsum("ht,htd->hd", weights / weights.sum(-1, keepdims=True), v)
@@ -290,27 +373,22 @@ class OrtKernelsPass(GraphPass):
     def run(self, model: Model) -> PassResult:
         self.made: dict[str, gs.Constant] = {}  # [N, K] weights by source weight (shared weights once)
         counts = dict.fromkeys(ALL_OPS, 0)
-        refused: dict[str, int] = {}
-        for norm in [n for n in model.graph.nodes if n.op in ("RMSNormalization", "SkipSimplifiedLayerNormalization")]:
+        self.refused: dict[str, int] = {}
+        # QK-norm layers first: their packed QKV MatMul leaves the input norm one reader to fuse with.
+        for node in [n for n in model.graph.nodes if _separate_qkv(n)]:
+            self._count(_qk_norm_attention(model, node), ATTENTION_QK_NORM.name, counts)
+        if counts[ATTENTION_QK_NORM.name]:  # drop what only sized the old projections' views (Shape nodes)
+            model.graph.cleanup(remove_unused_graph_inputs=False)
+        norms = ("RMSNormalization", "SkipSimplifiedLayerNormalization")
+        for norm in [n for n in model.graph.nodes if n.op in norms and n.inputs]:  # (not the QK-norms just dropped)
             found = _norm(norm)
             reason = found if isinstance(found, str) else self._fuse_norm(model, found, counts)
             if reason:
-                refused[reason] = refused.get(reason, 0) + 1
-        for matmul in [n for n in model.graph.nodes if n.op == "MatMul" and len(n.inputs) == 2]:
-            weight = _weight_rows(matmul)
-            if weight is None or not _float(matmul.inputs[0]):
-                continue
-            w = weight(model, self.made)
-            out = matmul.outputs[0]
-            op = _widened(model, "Linear", out)
-            _replace(model, matmul, op, [matmul.inputs[0], w], [out], {})
-            counts[op] += 1
-        for node in [n for n in model.graph.nodes if n.op == "GroupQueryAttention" and n.domain == MS]:
-            reason = _attention(model, node)
-            if reason:
-                refused[reason] = refused.get(reason, 0) + 1
-            else:
-                counts[ATTENTION.name] += 1
+                self.refused[reason] = self.refused.get(reason, 0) + 1
+        self._linears(model, counts)
+        for node in [n for n in model.graph.nodes if n.op == "GroupQueryAttention" and n.domain == MS and n.inputs]:
+            if not _separate_qkv(node):  # (those refused above already)
+                self._count(_attention(model, node), ATTENTION.name, counts)
         used = [name for name, count in counts.items() if count]
         if used:
             existing = {(f.domain, f.name) for f in model.graph.functions}
@@ -320,8 +398,26 @@ class OrtKernelsPass(GraphPass):
                 model.graph.import_domains = [*domains, onnx.helper.make_opsetid(DOMAIN, VERSION)]
         model.graph.cleanup(remove_unused_graph_inputs=False)
         model.graph.toposort()
-        refusals = {f"not fused ({why})": n for why, n in refused.items()}
+        refusals = {f"not fused ({why})": n for why, n in self.refused.items()}
         return PassResult(modified=bool(used), counts={**counts, **refusals})
+
+    def _count(self, reason: str, op: str, counts: dict[str, int]) -> None:
+        if reason:
+            self.refused[reason] = self.refused.get(reason, 0) + 1
+        else:
+            counts[op] += 1
+
+    def _linears(self, model: Model, counts: dict[str, int]) -> None:
+        """Every remaining MatMul by a 2-D constant -> Linear (or its float-Y twin for the logits)."""
+        for matmul in [n for n in model.graph.nodes if n.op == "MatMul" and len(n.inputs) == 2]:
+            weight = _weight_rows(matmul)
+            if weight is None or not _float(matmul.inputs[0]):
+                continue
+            w = weight(model, self.made)
+            out = matmul.outputs[0]
+            op = _widened(model, "Linear", out)
+            _replace(model, matmul, op, [matmul.inputs[0], w], [out], {})
+            counts[op] += 1
 
     def _fuse_norm(self, model: Model, norm: _Norm, counts: dict[str, int]) -> str:
         """Rewrite `norm` and the MatMul(s) reading it; '' when done, else why not."""
@@ -385,8 +481,10 @@ def _attention_refusal(inputs: list[gs.Tensor], attrs: dict[str, Any], others: s
         return f"GroupQueryAttention with {', '.join(sorted(others))}"
     if any(t.name for t in inputs[1:3]) or not _float(inputs[0]):
         return "GroupQueryAttention with separate key and value, or not float16/float32"
-    if (attrs["do_rotary"], attrs["rotary_interleaved"], attrs["local_window_size"]) != (1, 0, -1):
-        return "GroupQueryAttention without half-split rotary inside, or with a local window"
+    if (attrs["do_rotary"], attrs["rotary_interleaved"]) != (1, 0):
+        return "GroupQueryAttention without half-split rotary inside"
+    if int(attrs["local_window_size"]) != -1 and int(attrs["local_window_size"]) < 1:
+        return "GroupQueryAttention with a local window under one key"
     head = inputs[3].shape[-1] if inputs[3].shape else None
     if head not in ATTENTION_HEAD_SIZES:
         return f"GroupQueryAttention with a head size other than {ATTENTION_HEAD_SIZES_TEXT}"
@@ -397,6 +495,114 @@ def _attention_refusal(inputs: list[gs.Tensor], attrs: dict[str, Any], others: s
         return "GroupQueryAttention rotating part of the head"
     if int(attrs["num_heads"]) > ATTENTION_MAX_GROUP * int(attrs["kv_num_heads"]):
         return f"GroupQueryAttention with more than {ATTENTION_MAX_GROUP} query heads a KV head"
+    return ""
+
+
+def _separate_qkv(node: gs.Node) -> bool:
+    """ONNX Runtime's GroupQueryAttention fed q, k and v apart (the QK-norm layers of `--kv-form gqa`)."""
+    inputs = node.inputs
+    return node.op == "GroupQueryAttention" and node.domain == MS and len(inputs) > 2 and bool(inputs[2].name)
+
+
+def _consumer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.outputs[0] if len(tensor.outputs) == 1 else None
+
+
+def _producer_of(tensor: gs.Tensor, op: str) -> gs.Node | None:
+    node = tensor.inputs[0] if tensor.inputs else None
+    return node if node is not None and node.op == op and len(tensor.outputs) == 1 else None
+
+
+@dataclass
+class _NormedProjection:
+    """q or k of a QK-norm layer: MatMul(x, W) viewed per head, [Cast] RMSNormalization [Cast], flat."""
+
+    x: gs.Tensor
+    weight: gs.Constant
+    gamma: gs.Constant
+    epsilon: float
+    nodes: list[gs.Node]  # every node from the MatMul to the flattening Reshape
+
+
+def _projection(tensor: gs.Tensor) -> tuple[gs.Tensor, gs.Constant, gs.Node] | None:
+    """(x, W, the MatMul) when `tensor` is MatMul(x, W), W a 2-D constant, read by one node."""
+    matmul = _producer_of(tensor, "MatMul")
+    if matmul is None or not isinstance(matmul.inputs[1], gs.Constant) or len(matmul.inputs[1].shape) != 2:
+        return None
+    return matmul.inputs[0], matmul.inputs[1], matmul
+
+
+def _normed_projection(tensor: gs.Tensor) -> _NormedProjection | None:
+    flat = _producer_of(tensor, "Reshape")
+    if flat is None:
+        return None
+    chain = [flat]
+    current = flat.inputs[0]
+    down = _producer_of(current, "Cast")
+    if down is not None:
+        chain.append(down)
+        current = down.inputs[0]
+    norm = _producer_of(current, "RMSNormalization")
+    if norm is None or int(norm.attrs.get("axis", -1)) not in (-1, 3) or not isinstance(norm.inputs[1], gs.Constant):
+        return None
+    chain.append(norm)
+    current = norm.inputs[0]
+    up = _producer_of(current, "Cast")
+    if up is not None:
+        chain.append(up)
+        current = up.inputs[0]
+    view = _producer_of(current, "Reshape")
+    found = _projection(view.inputs[0]) if view is not None else None
+    if view is None or found is None:
+        return None
+    x, weight, matmul = found
+    return _NormedProjection(x, weight, norm.inputs[1], float(norm.attrs.get("epsilon", 1e-5)), [*chain, view, matmul])
+
+
+def _qk_norm_attention(model: Model, node: gs.Node) -> str:
+    """ONNX Runtime's GroupQueryAttention whose q and k are per-head-normalized projections and v a
+    projection, all three of one input (QK-norm: Qwen3, Gemma 3) ==> one packed QKV MatMul and
+    llm2trt's GroupQueryAttentionQKNorm; '' when done, else why not."""
+    q, k = _normed_projection(node.inputs[0]), _normed_projection(node.inputs[1])
+    v = _projection(node.inputs[2])
+    if q is None or k is None or v is None:
+        return "GroupQueryAttention with separate q, k, v that are not QK-normed projections"
+    if not (q.x is k.x is v[0]) or q.epsilon != k.epsilon:
+        return "GroupQueryAttention with QK-norm over different inputs or epsilons"
+    dtype = node.inputs[0].dtype
+    inputs = [node.inputs[0], gs.Variable.empty(), gs.Variable.empty(), *node.inputs[3:9]]
+    inputs += [gs.Variable.empty()] * (9 - len(inputs))
+    attrs = {**_GQA_DEFAULTS, **{name: node.attrs[name] for name in ATTENTION_ATTRS if name in node.attrs}}
+    reason = _attention_refusal(inputs, attrs, set(node.attrs) - set(ATTENTION_ATTRS))
+    if reason:
+        return reason
+    weights = [read_values(w) for w in (q.weight, k.weight, v[1])]
+    if len({w.shape[0] for w in weights}) != 1 or len({w.dtype for w in weights}) != 1:
+        return "GroupQueryAttention with QK-norm projections of different shapes or types"
+    np_dtype = weights[0].dtype
+    scope = node.name.rsplit("/", 1)[0] if node.name else "qk_norm"
+    packed = model.constant(model.fresh_name(f"{scope}/qkv_proj.weight"), np.concatenate(weights, axis=1))
+    qkv = gs.Variable(model.fresh_name(f"{scope}/qkv_proj/MatMul_output_0"), dtype=dtype)
+    matmul = gs.Node("MatMul", model.fresh_name(f"{scope}/qkv_proj/MatMul"), inputs=[q.x, packed], outputs=[qkv])
+    model.graph.nodes.append(matmul)
+    model.tag(matmul, "ORT.qkv_packed")
+    scales = [
+        model.constant(
+            model.fresh_name(f"{p.gamma.name}.{np.dtype(np_dtype).name}"), read_values(p.gamma).astype(np_dtype)
+        )
+        for p in (q, k)
+    ]
+    for dead in (*q.nodes, *k.nodes, v[2]):
+        dead.inputs.clear()
+        dead.outputs.clear()
+    _replace(
+        model,
+        node,
+        ATTENTION_QK_NORM.name,
+        [qkv, *node.inputs[3:9], *scales],
+        list(node.outputs),
+        {**attrs, "epsilon": q.epsilon},
+    )
     return ""
 
 

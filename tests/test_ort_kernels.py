@@ -248,7 +248,8 @@ def _gqa_graph_model(head: int, **attrs: Any) -> Any:
     [
         (16, {}, None),
         (64, {}, None),
-        (16, {"local_window_size": 8}, "GroupQueryAttention without half-split rotary inside, or with a local window"),
+        (16, {"local_window_size": 8}, None),  # a sliding window (Gemma 3's local layers): the kernels take it
+        (16, {"local_window_size": 0}, "GroupQueryAttention with a local window under one key"),
         (16, {"softcap": 30.0}, "GroupQueryAttention with softcap"),
         (48, {}, "GroupQueryAttention with a head size other than 16, 32, 64, 128 or 256"),
     ],
@@ -479,11 +480,15 @@ def test_every_op_of_the_table_runs_without_its_body(library: Path, dtype: Any) 
         attention_model(*shape, dtype),
         attention_values([5, 3], 5, 5, shape, dtype, seed=1),
     )
+    models[table.ATTENTION_QK_NORM.name] = (
+        attention_model(*shape, dtype, qk_norm=True),
+        attention_values([5, 3], 5, 5, shape, dtype, seed=1, qk_norm=True),
+    )
     assert sorted(models) == sorted(op.name for op in table.ALL)
     for name, (model, feeds) in models.items():
         del model.functions[:]
         outputs = _session(model, library).run(None, feeds)
-        op = table.OPS.get(name, table.ATTENTION)
+        op = table.OPS.get(name) or next(a for a in table.ATTENTIONS if a.name == name)
         for output, value in zip(op.outputs, outputs, strict=True):
             assert value.dtype == (np.float32 if op.output_type(output) == "F32" else dtype), (name, output)
 

@@ -70,7 +70,8 @@ OrtStatus* prefill_attention(const AttentionArgs& a, OrtKernelContext* context, 
   T* cache_v = static_cast<T*>(a.present_v.data);
   attention::rope_write_kernel<T, D><<<dim3(unsigned(s.seq), unsigned(s.batch)), attention::kThreads, 0, stream>>>(
       static_cast<const T*>(a.qkv.data), cache_k, cache_v, seqlens, static_cast<const T*>(a.cos.data),
-      static_cast<const T*>(a.sin.data), q, s);
+      static_cast<const T*>(a.sin.data), static_cast<const T*>(a.q_norm.data), static_cast<const T*>(a.k_norm.data), q,
+      s);
   ORT_TRY(launched("GroupQueryAttention"));
   void* handle = nullptr;
   ORT_TRY(cublas_handle(context, &handle));
@@ -106,6 +107,7 @@ OrtStatus* attention_for(const AttentionArgs& a, OrtKernelContext* context, cuda
   attention::decode<T, D>(static_cast<const T*>(a.qkv.data), static_cast<T*>(a.present_k.data),
                           static_cast<T*>(a.present_v.data), static_cast<const int*>(a.seqlens.data),
                           static_cast<const T*>(a.cos.data), static_cast<const T*>(a.sin.data),
+                          static_cast<const T*>(a.q_norm.data), static_cast<const T*>(a.k_norm.data),
                           static_cast<T*>(a.out.data), a.shape, multiprocessors(), compute_capability() >= 90, stream);
   return launched("GroupQueryAttention");
 }
@@ -135,7 +137,7 @@ OrtStatus* cuda_attention(const AttentionArgs& a, OrtKernelContext* context) {
   if (a.shape.group() > attention::kMaxGroup)
     return error(("llm2trt GroupQueryAttention: at most " + std::to_string(attention::kMaxGroup) +
                   " query heads a KV head").c_str());
-  for (const Tensor* t : {&a.qkv, &a.present_k, &a.present_v, &a.cos, &a.sin, &a.out})
+  for (const Tensor* t : {&a.qkv, &a.present_k, &a.present_v, &a.cos, &a.sin, &a.out, &a.q_norm, &a.k_norm})
     if (reinterpret_cast<uintptr_t>(t->data) % 16 != 0)  // the kernels move 16 bytes a load
       return error("llm2trt GroupQueryAttention: a tensor not 16-byte aligned");
   if (a.present_k.data != a.past_k.data) {  // not bound in place: the past rows, then zeros

@@ -72,6 +72,17 @@ void cpu_attention(const AttentionArgs& a) {
   T* values = static_cast<T*>(a.present_v.data);
   T* out = static_cast<T*>(a.out.data);
   std::vector<float> rotated(D), scores(s.capacity);
+  std::vector<T> normed(D);
+  // QK-norm: the head's RMSNorm times its scale, rounded to T (as the reference body's norm output).
+  auto norm_of = [&](const T* x, const void* gamma) -> const T* {
+    if (!s.qk_norm) return x;
+    float squares = 0.f;
+    for (int d = 0; d < D; ++d) squares += to_float(x[d]) * to_float(x[d]);
+    const float inverse = 1.f / std::sqrt(squares / float(D) + s.epsilon);
+    for (int d = 0; d < D; ++d)
+      normed[d] = from_float<T>(to_float(x[d]) * inverse * to_float(static_cast<const T*>(gamma)[d]));
+    return normed.data();
+  };
   auto rotate = [&](const T* x, int pos) {
     for (int d = 0; d < D; ++d) {
       const float c = to_float(cos[size_t(pos) * half + d % half]), sn = to_float(sin[size_t(pos) * half + d % half]);
@@ -97,7 +108,7 @@ void cpu_attention(const AttentionArgs& a) {
       if (!in_range(pos)) continue;
       const T* x = qkv + (size_t(b) * s.seq + i) * slots * D;
       for (int kvh = 0; kvh < s.kv_heads; ++kvh) {
-        rotate(x + size_t(s.heads + kvh) * D, pos);
+        rotate(norm_of(x + size_t(s.heads + kvh) * D, a.k_norm.data), pos);
         for (int d = 0; d < D; ++d) {
           keys[head(b, kvh) + size_t(pos) * D + d] = from_float<T>(rotated[d]);
           values[head(b, kvh) + size_t(pos) * D + d] = x[size_t(s.heads + s.kv_heads + kvh) * D + d];
@@ -114,20 +125,21 @@ void cpu_attention(const AttentionArgs& a) {
           for (int d = 0; d < D; ++d) y[d] = from_float<T>(0.f);
           continue;
         }
-        rotate(x + size_t(h) * D, pos);
+        rotate(norm_of(x + size_t(h) * D, a.q_norm.data), pos);
         const size_t base = head(b, h / group);
         float top = -INFINITY;
-        for (int j = 0; j < limit; ++j) {
+        const int low = attention::first_key(s, pos);  // a local window's first key (0: none)
+        for (int j = low; j < limit; ++j) {
           float dot = 0.f;
           for (int d = 0; d < D; ++d) dot += rotated[d] * s.scale * to_float(keys[base + size_t(j) * D + d]);
           scores[j] = dot;
           top = std::max(top, dot);
         }
         float sum = 0.f;
-        for (int j = 0; j < limit; ++j) sum += scores[j] = std::exp(scores[j] - top);
+        for (int j = low; j < limit; ++j) sum += scores[j] = std::exp(scores[j] - top);
         for (int d = 0; d < D; ++d) {
           float acc = 0.f;
-          for (int j = 0; j < limit; ++j) acc += scores[j] * to_float(values[base + size_t(j) * D + d]);
+          for (int j = low; j < limit; ++j) acc += scores[j] * to_float(values[base + size_t(j) * D + d]);
           y[d] = from_float<T>(acc / sum);
         }
       }

@@ -1,6 +1,6 @@
 // GroupQueryAttention with RoPE and an in-place KV cache: the kernels behind llm2trt's
 // `GroupQueryAttention` op (ONNX Runtime's com.microsoft.GroupQueryAttention semantics for packed
-// QKV, half-split rotary over the whole head, no local window; its body is that node).
+// QKV, half-split rotary over the whole head, an optional local window; its body is that node).
 //
 // Why: ONNX Runtime's op spends four kernels a decode step (sequence lengths, a memset, RoPE +
 // cache append, flash decode), ~13 us a layer on an H200 with the gaps between them. Here decode is
@@ -35,6 +35,9 @@ struct Shape {
   int total = 0;       // total_sequence_length: keys a query may see, at most
   int positions = 0;   // rows of the cos/sin tables
   float scale = 0.f;
+  int window = 0;             // local_window_size: keys a query sees, its own included (0: all of them)
+  bool qk_norm = false;       // a per-head RMSNorm on q and k before the rotation (QNorm, KNorm scales)
+  float epsilon = 0.f;        // that norm's
   bool first_prompt = false;  // seq == total: no past, rows may be padded on the right
   __host__ __device__ int group() const { return heads / kv_heads; }
 };
@@ -47,6 +50,11 @@ __device__ __forceinline__ float warp_max(float v) {
 // Each row's past length: 0 on a first prompt, else seqlens_k + 1 - seq (the new tokens end the row).
 __host__ __device__ __forceinline__ int past_length(const Shape& s, const int* seqlens, int b) {
   return s.first_prompt ? 0 : seqlens[b] + 1 - s.seq;
+}
+
+// The first key a query at `pos` sees: all from 0, or its `window` latest (itself included).
+__host__ __device__ __forceinline__ int first_key(const Shape& s, int pos) {
+  return s.window > 0 ? (pos + 1 > s.window ? pos + 1 - s.window : 0) : 0;
 }
 
 // 8 consecutive elements as float (one 16-byte load for half, two for float) and back.
@@ -83,6 +91,22 @@ __device__ __forceinline__ void rotate(float (&v)[8], const float (&c)[8], const
   }
 }
 
+// RMSNorm over one head's D elements, 8 a lane on LANES consecutive lanes (every lane of the warp
+// calls it: shuffles), times the scale's 8 at d0, rounded to T as the reference's norm output is.
+template <typename T, int LANES>
+__device__ __forceinline__ void head_norm(float (&v)[8], const T* gamma, float epsilon) {
+  float squares = 0.f;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) squares += v[e] * v[e];
+#pragma unroll
+  for (int o = LANES / 2; o > 0; o >>= 1) squares += __shfl_xor_sync(0xffffffffu, squares, o);
+  const float inverse = rsqrtf(squares / float(LANES * 8) + epsilon);
+  float g[8];
+  load8(gamma, g);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) v[e] = to_float(from_float<T>(v[e] * inverse * g[e]));
+}
+
 // ---- decode: one new token a row -----------------------------------------------------------
 
 // Two partial softmaxes (max, sum, weighted values) -> their union, in place in the first.
@@ -96,6 +120,7 @@ template <typename T, int D, int CLUSTER>
 __global__ void __launch_bounds__(kThreads) decode_kernel(const T* __restrict__ qkv, T* __restrict__ cache_k,
                                                           T* __restrict__ cache_v, const int* __restrict__ seqlens,
                                                           const T* __restrict__ cos, const T* __restrict__ sin,
+                                                          const T* __restrict__ q_norm, const T* __restrict__ k_norm,
                                                           T* __restrict__ out, Shape shape) {
   constexpr int LANES = D / 8;             // lanes of one token, 8 elements each
   constexpr int SUBS = kThreads / LANES;   // tokens a block works on at once
@@ -115,8 +140,8 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const T* __restrict__ 
   load8(cos + size_t(p) * (D / 2) + d0 % (D / 2), c);
   load8(sin + size_t(p) * (D / 2) + d0 % (D / 2), s);
   const size_t head = (size_t(b) * shape.kv_heads + kvh) * shape.capacity * D;
-  const int n = p + 1, chunk = (n + CLUSTER - 1) / CLUSTER;
-  const int begin = rank * chunk, end = min(n, begin + chunk);
+  const int lo = first_key(shape, p), n = p + 1 - lo, chunk = (n + CLUSTER - 1) / CLUSTER;
+  const int begin = lo + rank * chunk, end = min(p + 1, begin + chunk);
   float kv[8], vv[8];  // this sub's next cached row, loaded one round ahead
   if (begin + sub < end && begin + sub != p) {
     load8(cache_k + head + size_t(begin + sub) * D + d0, kv);
@@ -129,6 +154,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const T* __restrict__ 
   for (int g = 0; g < kMaxGroup; ++g) {
     if (g >= group) break;
     load8(x + size_t(kvh * group + g) * D + d0, q[g]);
+    if (shape.qk_norm) head_norm<T, LANES>(q[g], q_norm + d0, shape.epsilon);
 #pragma unroll
     for (int e = 0; e < 8; ++e) {  // rotated in float and kept there (no rounding to T)
       const float partner = __shfl_xor_sync(0xffffffffu, q[g][e], LANES / 2);
@@ -137,6 +163,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const T* __restrict__ 
   }
   float kn[8], vn[8];
   load8(x + size_t(shape.heads + kvh) * D + d0, kn);
+  if (shape.qk_norm) head_norm<T, LANES>(kn, k_norm + d0, shape.epsilon);
   rotate<T, LANES>(kn, c, s, low);  // rounded: the cache keeps it as T
   load8(x + size_t(shape.heads + shape.kv_heads + kvh) * D + d0, vn);
   if (rank == 0 && sub == 0) {  // the only write of slot p; every block takes the new key from registers
@@ -243,8 +270,8 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const T* __restrict__ 
 }
 
 template <typename T, int D, int CLUSTER>
-cudaError_t launch_decode(const T* qkv, T* cache_k, T* cache_v, const int* seqlens, const T* cos, const T* sin, T* out,
-                          const Shape& shape, cudaStream_t stream) {
+cudaError_t launch_decode(const T* qkv, T* cache_k, T* cache_v, const int* seqlens, const T* cos, const T* sin,
+                          const T* q_norm, const T* k_norm, T* out, const Shape& shape, cudaStream_t stream) {
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(CLUSTER, unsigned(shape.kv_heads), unsigned(shape.batch));
   config.blockDim = dim3(kThreads);
@@ -258,8 +285,8 @@ cudaError_t launch_decode(const T* qkv, T* cache_k, T* cache_v, const int* seqle
   attributes[1].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attributes;
   config.numAttrs = CLUSTER > 1 ? 2 : 0;  // sm_90+: a cluster, and an early start (dependent launch)
-  return cudaLaunchKernelEx(&config, decode_kernel<T, D, CLUSTER>, qkv, cache_k, cache_v, seqlens, cos, sin, out,
-                            shape);
+  return cudaLaunchKernelEx(&config, decode_kernel<T, D, CLUSTER>, qkv, cache_k, cache_v, seqlens, cos, sin, q_norm,
+                            k_norm, out, shape);
 }
 
 // Blocks splitting a row's tokens: up to MAX_CLUSTER (8; a cluster, sm_90+) while the grid keeps
@@ -275,18 +302,19 @@ cudaError_t launch_decode(const T* qkv, T* cache_k, T* cache_v, const int* seqle
 #define LLM2TRT_DECODE_MAX_CLUSTER 8
 #endif
 template <typename T, int D>
-cudaError_t decode(const T* qkv, T* cache_k, T* cache_v, const int* seqlens, const T* cos, const T* sin, T* out,
-                   const Shape& shape, int sms, bool clusters, cudaStream_t stream) {
+cudaError_t decode(const T* qkv, T* cache_k, T* cache_v, const int* seqlens, const T* cos, const T* sin,
+                   const T* q_norm, const T* k_norm, T* out, const Shape& shape, int sms, bool clusters,
+                   cudaStream_t stream) {
   const int64_t heads = std::max<int64_t>(int64_t(shape.batch) * shape.kv_heads, 1);
   const int64_t fits =
       clusters ? std::min<int64_t>(LLM2TRT_DECODE_MAX_CLUSTER, sms / (LLM2TRT_DECODE_SMS_PER_BLOCK * heads)) : 1;
   if (fits >= 8 && shape.capacity > 64)
-    return launch_decode<T, D, 8>(qkv, cache_k, cache_v, seqlens, cos, sin, out, shape, stream);
+    return launch_decode<T, D, 8>(qkv, cache_k, cache_v, seqlens, cos, sin, q_norm, k_norm, out, shape, stream);
   if (fits >= 4)
-    return launch_decode<T, D, 4>(qkv, cache_k, cache_v, seqlens, cos, sin, out, shape, stream);
+    return launch_decode<T, D, 4>(qkv, cache_k, cache_v, seqlens, cos, sin, q_norm, k_norm, out, shape, stream);
   if (fits >= 2)
-    return launch_decode<T, D, 2>(qkv, cache_k, cache_v, seqlens, cos, sin, out, shape, stream);
-  return launch_decode<T, D, 1>(qkv, cache_k, cache_v, seqlens, cos, sin, out, shape, stream);
+    return launch_decode<T, D, 2>(qkv, cache_k, cache_v, seqlens, cos, sin, q_norm, k_norm, out, shape, stream);
+  return launch_decode<T, D, 1>(qkv, cache_k, cache_v, seqlens, cos, sin, q_norm, k_norm, out, shape, stream);
 }
 
 // ---- prefill: RoPE + cache write, then GEMM, softmax, GEMM ----------------------------------
@@ -296,7 +324,9 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) rope_write_kernel(const T* __restrict__ qkv, T* __restrict__ cache_k,
                                                               T* __restrict__ cache_v, const int* __restrict__ seqlens,
                                                               const T* __restrict__ cos, const T* __restrict__ sin,
-                                                              T* __restrict__ q_out, Shape shape) {
+                                                              const T* __restrict__ q_norm,
+                                                              const T* __restrict__ k_norm, T* __restrict__ q_out,
+                                                              Shape shape) {
   constexpr int LANES = D / 8;
   const int s_index = blockIdx.x, b = blockIdx.y, group = shape.group();
   const int pos = past_length(shape, seqlens, b) + s_index;
@@ -311,6 +341,16 @@ __global__ void __launch_bounds__(kThreads) rope_write_kernel(const T* __restric
     const int item = base + threadIdx.x, slot = min(item / LANES, slots - 1);
     float v[8], r[8];
     load8(x + size_t(slot) * D + d0, v);
+    if (shape.qk_norm) {  // q and k normalized before the rotation; every lane (shuffles), v left as it is
+      float normed[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) normed[e] = v[e];
+      head_norm<T, LANES>(normed, (slot < shape.heads ? q_norm : k_norm) + d0, shape.epsilon);
+      if (slot < shape.heads + shape.kv_heads) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = normed[e];
+      }
+    }
 #pragma unroll
     for (int e = 0; e < 8; ++e) r[e] = v[e];
     rotate<T, LANES>(r, c, s, d0 < D / 2);  // every lane: the shuffles need the whole warp
@@ -346,17 +386,18 @@ __global__ void softmax_kernel(const float* __restrict__ scores, T* __restrict__
   const int64_t bk = row / per_head;
   const int b = int(bk / shape.kv_heads);
   const int s_index = s0 + int(row % per_head) / group;
-  const int limit = min(keys, past_length(shape, seqlens, b) + s_index + 1);
+  const int pos = past_length(shape, seqlens, b) + s_index;
+  const int limit = min(keys, pos + 1), low = first_key(shape, pos);  // keys [low, limit): causal, windowed
   const float* in = scores + row * keys;
   T* p = probs + row * keys;
   float top = -INFINITY;
-  for (int j = lane; j < limit; j += 32) top = fmaxf(top, in[j]);
+  for (int j = low + lane; j < limit; j += 32) top = fmaxf(top, in[j]);
   top = warp_max(top);
   float sum = 0.f;
-  for (int j = lane; j < limit; j += 32) sum += __expf(in[j] - top);
+  for (int j = low + lane; j < limit; j += 32) sum += __expf(in[j] - top);
   sum = warp_sum(sum);
-  for (int j = lane; j < keys; j += 32) p[j] = from_float<T>(j < limit ? __expf(in[j] - top) : 0.f);
-  if (lane == 0) inverse[(bk * shape.seq + s_index) * group + int(row % per_head) % group] = limit > 0 ? 1.f / sum : 0.f;
+  for (int j = lane; j < keys; j += 32) p[j] = from_float<T>(j >= low && j < limit ? __expf(in[j] - top) : 0.f);
+  if (lane == 0) inverse[(bk * shape.seq + s_index) * group + int(row % per_head) % group] = limit > low ? 1.f / sum : 0.f;
 }
 
 // O [B, KVH, S, G, D] (float, unnormalized) / the row's sum -> output [B, S, H * D] (h = kvh * G + g).

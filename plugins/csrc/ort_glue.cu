@@ -30,6 +30,7 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <utility>
@@ -151,6 +152,14 @@ OrtStatus* gather_attention(const OpKind& kind, int64_t heads, int64_t kv_heads,
     return error("llm2trt GroupQueryAttention: cos/sin caches must be [positions, D / 2] (rotary over the head)");
   for (const Tensor* t : {&a->past_k, &a->past_v, &a->cos, &a->sin})
     if (t->type != a->qkv.type) return error("llm2trt GroupQueryAttention: QKV, caches and tables must share one type");
+  if (kind.qk_norm) {
+    ORT_TRY(input(context, input_slot(kind, ops::io::QNorm), &a->q_norm));
+    ORT_TRY(input(context, input_slot(kind, ops::io::KNorm), &a->k_norm));
+    for (const Tensor* t : {&a->q_norm, &a->k_norm})
+      if (t->type != a->qkv.type || t->shape.size() != 1 || t->shape[0] != cache[3])
+        return error("llm2trt GroupQueryAttentionQKNorm: QNorm and KNorm must be [D] of QKV's type");
+    a->shape.qk_norm = true;
+  }
   attention::Shape& s = a->shape;
   s.batch = int(q[0]);
   s.seq = int(q[1]);
@@ -245,6 +254,9 @@ OrtStatus* compute(void* opaque, OrtKernelContext* context) {
     AttentionArgs a;
     ORT_TRY(gather_attention(*kernel.kind, kernel.ints[ops::attr::num_heads], kernel.ints[ops::attr::kv_num_heads],
                              kernel.floats[ops::attr::scale], context, &a));
+    const int64_t window = kernel.ints[ops::attr::local_window_size];
+    a.shape.window = window > 0 ? int(window) : 0;
+    a.shape.epsilon = kernel.floats[ops::attr::epsilon];  // the QK-norm's (read only where qk_norm)
     const bool half = a.qkv.type == ORT_ELEMENT_FLOAT16;
     if (kernel.cuda) return half ? cuda_attention<__half>(a, context) : cuda_attention<float>(a, context);
     if (half)
@@ -281,9 +293,10 @@ OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* api, const OrtKern
   }
   if (kind.attention) {
     const int64_t heads = kernel.ints[ops::attr::num_heads], kv_heads = kernel.ints[ops::attr::kv_num_heads];
+    const int64_t window = kernel.ints[ops::attr::local_window_size];
     if (kernel.ints[ops::attr::do_rotary] != 1 || kernel.ints[ops::attr::rotary_interleaved] != 0 ||
-        kernel.ints[ops::attr::local_window_size] != -1)
-      return error("llm2trt GroupQueryAttention: do_rotary=1, rotary_interleaved=0 and local_window_size=-1 only");
+        (window != -1 && (window < 1 || window > INT32_MAX)))
+      return error("llm2trt GroupQueryAttention: do_rotary=1, rotary_interleaved=0 and local_window_size -1 or >= 1 only");
     if (heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0)
       return error("llm2trt GroupQueryAttention: num_heads must be a multiple of kv_num_heads");
   }

@@ -76,6 +76,7 @@ OrtStatus* staging(const OpKind& kind, OrtKernelContext* context, Args* a);
 
 struct AttentionArgs {
   Tensor qkv, past_k, past_v, seqlens, total, cos, sin;
+  Tensor q_norm, k_norm;  // GroupQueryAttentionQKNorm: the per-head norms' scales [D]; else empty
   Tensor out, present_k, present_v;
   attention::Shape shape;
 };

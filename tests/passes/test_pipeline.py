@@ -129,6 +129,7 @@ def test_gqa_form_counts_its_contrib_ops_as_fusions(artifacts: dict[str, Path], 
         "RMSNormLinearF32": 0,
         "SkipRMSNormLinearF32": 0,
         "GroupQueryAttention": 2,
+        "GroupQueryAttentionQKNorm": 0,  # Llama has no QK-norm
     }
     # GPT-2 ties lm_head to its embedding (stored once): llm2trt's Linear reads the embedding's rows
     # as they are, so the form neither transposes nor copies it.
