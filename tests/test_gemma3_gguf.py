@@ -16,7 +16,7 @@ from llm2trt.convert.tokenizer import load_tokenizer, windows_of
 from llm2trt.core.dtypes import DType
 from llm2trt.core.manifest import Manifest
 from llm2trt.generate.driver import Sampling, generate
-from tests.conftest import run_cli, run_json
+from tests.conftest import cli_artifact, run_json
 from tests.test_generate import _zen, hf_generate
 
 NEW = 32
@@ -26,10 +26,7 @@ LAYERS = 18
 
 @pytest.fixture(scope="module")
 def gemma3_fused(gemma3_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("gemma3-fused") / "onnx"
-    result = run_cli("optimize", gemma3_artifact, "-o", out, "-q")
-    assert result.exit_code == 0, result.stderr
-    return out
+    return cli_artifact(tmp_path_factory, "gemma3-fused", "optimize", gemma3_artifact)
 
 
 @pytest.mark.xdist_group("gemma3")  # one worker converts and optimizes once
