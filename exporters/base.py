@@ -142,6 +142,9 @@ class ExportSpec:
     kv_forms_refused: ClassVar[Mapping[str, str]] = {}
     # Extra keyword arguments to the model's forward during export.
     forward_kwargs: ClassVar[Mapping[str, Any]] = {}
+    # An fp16 export keeps the residual stream in float32 (the float32_residual pass): for models
+    # whose normalized sublayer outputs add up past fp16's range.
+    fp16_residual_in_float32: ClassVar[bool] = False
     # Default optimization-profile ranges per symbolic dim (min, opt, max); `max_sequence`
     # is further capped by the config's position limit.
     default_dims: ClassVar[Mapping[str, tuple[int, int, int]]] = {BATCH: (1, 1, 8), SEQUENCE: (1, 128, 1024)}

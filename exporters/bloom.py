@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from llm2trt.core.dtypes import DType
-from llm2trt.core.errors import InputError
 from llm2trt.core.kv import BATCH, GROWING, SEQUENCE, TOTAL_SEQUENCE
 from llm2trt.core.tp import Split, Units
 from llm2trt.exporters.base import DecoderSpec, GraphVariant, TaskDecl
@@ -49,15 +48,6 @@ class BloomSpec(DecoderSpec):
     }
     classes: ClassVar[dict[str, TaskDecl]] = {"BloomForCausalLM": TaskDecl("text-generation", ("logits",))}
     default_class = "BloomForCausalLM"
-
-    def check_tp(self, config: Any, tp: int) -> None:
-        # The splits are declared (they name every linear layer), but the rewrite does not yet narrow
-        # ALiBi's per-head biases nor BLOOM's (batch * heads, ...) views, which spell the head count.
-        if tp > 1:
-            raise InputError(
-                f"--tp {tp}: bloom cannot be split yet (ALiBi's per-head biases and its batch-times-heads "
-                "views are not narrowed per rank)"
-            )
 
     def position_limit(self, config: Any) -> int | None:
         return None  # ALiBi has no position table: the profile's own maximum applies

@@ -8,6 +8,11 @@ Each linear layer and embedding the exporter spec names is sliced for the rank (
   [batch, seq, 3*hidden] and its Split) are narrowed to the rank's width, and the constant Slices
   that take the parts out of a fused projection (Phi-3's q, k and v, gate and up) to the rank's
   part of each, with head reshapes that spell a head count;
+- per-head data past the projections (up to the row-parallel layer): a float constant with an axis
+  of the head count in attention's score bias (ALiBi's slopes) keeps the rank's heads, and Reshapes
+  of per-head data whose target spells the head count ([b, s, heads, 3, d], [-1, heads, ...]) or
+  batch*heads (a Mul by it, or a Div by it that gets the batch back) count the rank's heads; two
+  entries that could each be the head count are refused;
 - row-parallel (o_proj, down): the weight's input rows; the output becomes a partial sum, one
   all-reduce makes it whole, and a bias is added once, after it;
 - vocab-parallel embedding: the rank's rows of the (padded) table, ids outside them masked to
@@ -32,7 +37,7 @@ import onnx_graphsurgeon as gs
 from llm2trt.core.dtypes import DType
 from llm2trt.core.errors import InputError
 from llm2trt.core.kv import KVLayout
-from llm2trt.core.tp import LayerSplit, Split, TPPlan, padded, shard_vocab
+from llm2trt.core.tp import LayerSplit, Split, TPPlan, Units, padded, shard_vocab
 from llm2trt.passes.manager import GraphPass, Model, PassResult, read_values
 from llm2trt.passes.pattern import layer_of, module_of
 from llm2trt.passes.qdq import is_linear, reads_tied_weight, transposed_values
@@ -40,6 +45,22 @@ from llm2trt.passes.qdq import is_linear, reads_tied_weight, transposed_values
 COLLECTIVE_OP, COLLECTIVE_DOMAIN = "DistCollective", "trt"
 # Attributes that count heads, on attention-like nodes of 3-D (packed) form.
 _Q_HEAD_ATTRS, _KV_HEAD_ATTRS = ("num_heads", "q_num_heads"), ("kv_num_heads",)
+# Column splits whose outputs hold whole heads: what flows from them is per-head data.
+_HEAD_UNITS = frozenset({Units.Q, Units.KV, Units.QKV, Units.QKV_BY_HEAD})
+# The ops a score bias is built through (by input), back from where attention adds it: values
+# are carried element for element, so a per-head constant among their inputs is the bias's.
+_BIAS_PATH: dict[str, tuple[int, ...] | None] = {
+    **dict.fromkeys(("Add", "Sub", "Mul", "Div"), (0, 1)),
+    **dict.fromkeys(
+        ("Neg", "Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Expand", "Transpose", "Slice", "Gather"),
+        (0,),
+    ),
+    "Tile": (0,),
+    "Where": (1, 2),
+    "Concat": None,  # every input
+}
+# Scalar shape arithmetic a Reshape target's entry is computed through.
+_PASS_SCALAR = ("Unsqueeze", "Squeeze", "Cast", "Identity")
 
 
 def is_collective(node: gs.Node | onnx.NodeProto) -> bool:
@@ -80,6 +101,10 @@ class _Rewrite:
     plan: TPPlan
     counts: Counter[str] = field(default_factory=Counter)
     layers: dict[str, set[int]] = field(default_factory=lambda: {"column": set(), "row": set()})
+    # Where per-head data starts (head-split projections' outputs), and the row-parallel layers
+    # where it ends (their all-reduce makes whole tensors again).
+    head_sources: list[gs.Tensor] = field(default_factory=list)
+    row_nodes: set[str] = field(default_factory=set)
 
     @property
     def tp(self) -> int:
@@ -146,6 +171,8 @@ class _Rewrite:
                 self._narrow_split(consumer, index)  # Phi-3's gate_up chunk, where exported as a Split
             elif consumer.op == "Slice":
                 self._narrow_slice(consumer, index, weight.shape[1])  # Phi-3's q/k/v and gate/up parts
+        if layer.units in _HEAD_UNITS:
+            self.head_sources.append(out)
         self.counts["column"] += 1
         self._seen("column", node)
 
@@ -166,6 +193,7 @@ class _Rewrite:
         if bias is not None:
             self.add("Add", where, "bias_after_all_reduce", [summed, bias], [whole])
         self.counts["row"] += 1
+        self.row_nodes.add(node.name)
         self._seen("row", node)
 
     def _seen(self, kind: str, node: gs.Node) -> None:
@@ -250,6 +278,108 @@ class _Rewrite:
         local = [int(((index >= a) & (index < b)).sum()) for a, b in itertools.pairwise(bounds)]
         split.inputs[1] = self.const(f"{split.inputs[1].name}.rank", np.asarray(local, dtype=sizes.dtype))
 
+    # -- heads past the projections -------------------------------------------------------------
+
+    def head_tables(self) -> None:
+        """Float constants with an axis of the head count that attention adds to its scores (ALiBi's
+        slopes, one per head) keep the rank's heads. They are found back from the bias input of a
+        fused Attention and from what a Softmax normalizes, through `_BIAS_PATH`: never through a
+        MatMul, so q, k and the tables that rotate them are not reached."""
+        heads = self.plan.heads.heads
+        keep = np.asarray(self.plan.heads.q_heads(self.plan.mapping))
+        graph = self.model.graph
+        stack = [n.inputs[3] for n in graph.nodes if n.op == "Attention" and len(n.inputs) > 3]
+        stack += [n.inputs[0] for n in graph.nodes if n.op == "Softmax"]
+        sliced: dict[str, gs.Constant] = {}  # one slice of a constant read by several nodes
+        seen: set[str] = set()
+        while stack:
+            tensor = stack.pop()
+            if tensor.name in seen or isinstance(tensor, gs.Constant) or len(tensor.inputs) != 1:
+                continue
+            seen.add(tensor.name)
+            node = tensor.inputs[0]
+            if node.op not in _BIAS_PATH:
+                continue
+            slots = _BIAS_PATH[node.op] or range(len(node.inputs))
+            for slot in (s for s in slots if s < len(node.inputs)):
+                source = node.inputs[slot]
+                if not isinstance(source, gs.Constant):
+                    stack.append(source)
+                    continue
+                axis = _head_axis(source, heads)
+                if axis is None:
+                    continue
+                if source.name not in sliced:
+                    values = np.take(read_values(source), keep, axis=axis)
+                    sliced[source.name] = self.const(f"{source.name}.rank", values)
+                    self.counts["head_tables"] += 1
+                node.inputs[slot] = sliced[source.name]
+                self.head_sources.append(node.outputs[0])
+
+    def head_views(self, sources: list[gs.Tensor]) -> None:
+        """Reshapes of per-head data (from the head-split projections, the past cache and the
+        sliced per-head constants, up to the row-parallel layers) whose target spells the head
+        count or batch*heads: the rank's heads (`_head_view`)."""
+        per_head: set[str] = set()
+        stack = [*self.head_sources, *sources]
+        while stack:
+            tensor = stack.pop()
+            if tensor.name in per_head:
+                continue
+            per_head.add(tensor.name)
+            for consumer in tensor.outputs:
+                # A Shape reads sizes (the rank's, now), and a row-parallel layer's output is whole.
+                if consumer.op != "Shape" and consumer.name not in self.row_nodes:
+                    stack += consumer.outputs
+        for node in list(self.model.graph.nodes):
+            if node.op == "Reshape" and node.inputs[0].name in per_head:
+                self._head_view(node)
+
+    def _head_view(self, reshape: gs.Node) -> None:
+        """A constant target entry equal to the head count (not the last: that is the features) and
+        a Mul or Div by it in a computed entry ([batch*heads, -1, d], [batch*heads/heads, heads, s,
+        d]) become the rank's head count."""
+        heads, local = self.plan.heads.heads, self.plan.local_heads[0]
+        target = reshape.inputs[1]
+        if isinstance(target, gs.Constant):
+            pieces = [(reshape, 1)]
+        elif len(target.inputs) == 1 and target.inputs[0].op == "Concat":
+            concat = target.inputs[0]
+            pieces = [(concat, i) for i in range(len(concat.inputs))]
+        else:
+            return
+        counts: list[tuple[gs.Node, int, int]] = []  # constant entries equal to the head count
+        factors: list[tuple[gs.Node, int]] = []  # Mul/Div operands equal to it
+        for k, (owner, slot) in enumerate(pieces):
+            values = _values(owner.inputs[slot])
+            if values is None:
+                factors += _head_factors(owner.inputs[slot], heads)
+                continue
+            if not np.issubdtype(values.dtype, np.integer):
+                return
+            flat = values.reshape(-1)
+            entries = flat.size - 1 if k == len(pieces) - 1 else flat.size
+            counts += [(owner, slot, i) for i in range(entries) if int(flat[i]) == heads]
+        if len(counts) > 1:
+            raise InputError(
+                f"--tp: {reshape.name} views per-head data with {len(counts)} entries equal to the head count "
+                f"({heads}); which one counts heads is unknown, so it cannot be narrowed to the rank's {local}"
+            )
+        for owner, slot, i in counts:
+            old = owner.inputs[slot]
+            values = read_values(old)
+            flat = values.reshape(-1).copy()
+            flat[i] = local
+            owner.inputs[slot] = self.const(f"{old.name}.rank", flat.reshape(values.shape))
+        for node, slot in factors:
+            old = node.inputs[slot]
+            # A scalar stays one (Model.constant would make it a vector: Mul's output would gain an axis).
+            values = np.full_like(read_values(old), local)
+            name = self.model.fresh_name(f"{old.name}.rank")
+            node.inputs[slot] = gs.Constant(name, values) if values.ndim == 0 else self.const(name, values)
+        if counts or factors:
+            self.counts["head_views"] += 1
+
     # -- vocabulary ------------------------------------------------------------------------------
 
     def embedding(self, node: gs.Node) -> None:
@@ -320,6 +450,45 @@ def _narrowed_target(tail: list[int], full: int, local: int) -> list[int] | None
     return None
 
 
+def _head_axis(constant: gs.Constant, heads: int) -> int | None:
+    """The axis of a float constant that counts heads: the one axis of that size (more is refused)."""
+    shape = [int(d) for d in constant.shape or ()]
+    if constant.dtype is None or not np.issubdtype(np.dtype(constant.dtype), np.floating):
+        return None
+    axes = [i for i, d in enumerate(shape) if d == heads]
+    if len(axes) > 1:
+        raise InputError(
+            f"--tp: the constant {constant.name!r} {shape} of an attention score bias has {len(axes)} axes of the "
+            f"head count ({heads}); which one counts heads is unknown"
+        )
+    return axes[0] if axes else None
+
+
+def _head_factors(tensor: gs.Tensor, heads: int) -> list[tuple[gs.Node, int]]:
+    """The Mul and Div operands (node, input) equal to the head count in a scalar shape
+    computation (batch * heads; batch * heads / heads gets the batch back)."""
+    if isinstance(tensor, gs.Constant) or len(tensor.inputs) != 1:
+        return []
+    node = tensor.inputs[0]
+    if node.op in _PASS_SCALAR:
+        return _head_factors(node.inputs[0], heads)
+    if node.op not in ("Mul", "Div") or len(node.inputs) != 2:
+        return []
+    found: list[tuple[gs.Node, int]] = []
+    for slot, operand in enumerate(node.inputs):
+        values = _values(operand)
+        if values is None:
+            found += _head_factors(operand, heads)
+        elif (
+            (node.op == "Mul" or slot == 1)
+            and values.size == 1
+            and np.issubdtype(values.dtype, np.integer)
+            and int(values.reshape(-1)[0]) == heads
+        ):
+            found.append((node, slot))
+    return found
+
+
 def _last_axis(tensor: gs.Tensor, axis: int) -> bool:
     """`axis` is the tensor's last (its features): -1, or rank - 1 where the rank is known."""
     return axis == -1 or (tensor.shape is not None and axis == len(tensor.shape) - 1)
@@ -359,6 +528,9 @@ class TensorParallelPass(GraphPass):
         rewrite = _Rewrite(model, self.plan)
         for node in list(model.graph.nodes):
             self._node(rewrite, node)
+        rewrite.head_tables()
+        past = {*self.kv.past_names} if self.kv is not None else set()
+        rewrite.head_views([t for t in model.graph.inputs if t.name in past])
         self._heads(rewrite)
         self._check(rewrite)
         # Intermediate shapes changed; shape inference (last in the pipeline) types them again.

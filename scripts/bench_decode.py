@@ -219,10 +219,14 @@ def genai(hf_dir: Path, work: Path, vocab: int, graph: bool) -> Row:
         (target / "genai_config.json").write_text(json.dumps(config, indent=2))
     model = og.Model(str(target))
     row = Row("genai-graph" if graph else "genai")
+    # genai's cache holds max_length positions and its sliding-window attention refuses a cache
+    # shorter than the window (Gemma 3: 512), so a windowed model gets at least the window.
+    window = int(json.loads((hf_dir / "config.json").read_text()).get("sliding_window") or 0)
 
     def generator(batch: int, length: int) -> Any:
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=length + STEPS + 8, do_sample=False, batch_size=batch)
+        max_length = max(length + STEPS + 8, window)
+        params.set_search_options(max_length=max_length, do_sample=False, batch_size=batch)
         gen = og.Generator(model, params)
         gen.append_tokens(prompts(vocab, batch, length).astype(np.int32))
         return gen

@@ -1,33 +1,33 @@
 #!/usr/bin/env bash
-# One GPU lease for the Gemma 3 / Qwen3 work, in stages, one stage per `run` call, sent back to back
-# (the machine goes back ~30 s after a call). Each call carries one git-ignored folder .pN of parts;
-# every stage first copies what it carries to /tmp/parts.
+# One GPU lease in stages, one stage per `run` call, sent back to back (the machine goes back ~30 s
+# after a call). Each call carries one git-ignored folder .pN of parts; every stage first copies what
+# it carries to /tmp/parts. What it measures: Gemma 3 270M's greedy tokens (fp16, the fast CUDA form)
+# against transformers fp32's, and batch-1 decode of the ~1B Qwen3 and Gemma 3 shapes against
+# onnxruntime-genai's builds of the same checkpoints.
 #
-#   copy      only carry a part
-#   early     the small wheels and the two package copies are there (.p1): start job1a in the
-#             background (setsid): the 1B shapes' checkpoints and llm2trt artifacts, the CUDA op
-#             libraries (CPU work needing no onnxruntime-gpu)
-#   cpu       the GGUF is complete: start job1b (the 270M's convert + optimize)
-#   gpu SECS  the onnxruntime-gpu/-genai parts are complete: install them, start job2 in the
-#             background (tokens, window checks, benchmarks, then this work's op), wait up to SECS
-#   collect SECS  wait up to SECS more for job2; every stage ends by packing /tmp/out24 into $OUT
+#   copy          only carry a part
+#   early         .p1 is here (small wheels, the package, the reference tokens): start the 1B shapes'
+#                 checkpoints and llm2trt artifacts and the CUDA op library in the background
+#   cpu           the GGUF's parts are here: convert and optimize the 270M in the background
+#   gpu SECS      onnxruntime-gpu's parts are here: install, run the GPU job, wait up to SECS
+#   collect SECS  wait up to SECS more; every stage ends by packing /tmp/out into $OUT
 #
-# Parts (made where pip works): gemma3.gguf.part* (the GGUF, split -b 58M), gpu.tar.part* (a tar
-# of the onnxruntime-gpu and onnxruntime-genai-cuda wheels, split -b 58M), small wheels as they are
-# (gguf, polygraphy, onnx-graphsurgeon, coloredlogs, humanfriendly), and the reference JSONs and tiny
-# artifacts as tiny.tar.
+# Parts (made where pip works; scripts/gpu_parts.sh): p1 the small wheels (gguf, polygraphy,
+# onnx-graphsurgeon, coloredlogs, humanfriendly, onnxruntime-genai-cuda), pkg.tar (`pip install
+# --target` of this tree), gemma3-270m-ref.json and tiny.tar; gguf.part* (the GGUF, split); ort.part*
+# (the onnxruntime-gpu wheel, split).
 set -uo pipefail
 stage=${1:-copy}
-mkdir -p /tmp/parts /tmp/out24 /tmp/w
+mkdir -p /tmp/parts /tmp/out /tmp/w
 for d in .p[0-9]*; do [ -d "$d" ] && cp -r "$d"/. /tmp/parts/; done
-export LLM2TRT_CACHE=/tmp/l2cache PYTHONUNBUFFERED=1 TQDM_DISABLE=1 OUT24=/tmp/out24 W=/tmp/w
-O=/tmp/out24
-[ -f /tmp/parts/tiny.tar ] && [ ! -d /tmp/tiny ] && mkdir -p /tmp/tiny && tar xf /tmp/parts/tiny.tar -C /tmp/tiny
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+O=/tmp/out
+SMALL=/tmp/pkg:/tmp/site-small
 
 pack() {
     [ -n "${OUT:-}" ] || return 0
-    tar czf "$OUT/out24.tar.gz" -C /tmp out24 2>/dev/null
-    for f in summary.txt job1a.log job1b.log job2.log; do [ -f "$O/$f" ] && cp "$O/$f" "$OUT/"; done
+    tar czf "$OUT/out.tar.gz" -C /tmp out 2>/dev/null
+    for f in summary.txt prep.log g270.log gpu.log; do [ -f "$O/$f" ] && cp "$O/$f" "$OUT/"; done
     return 0
 }
 
@@ -41,91 +41,85 @@ copy)
     ls /tmp/parts | tr '\n' ' '
     ;;
 early)
-    # The small wheels and both package copies are here: start job1a (the 1B shapes' checkpoints
-    # and artifacts, the CUDA op libraries), CPU work needing no onnxruntime-gpu.
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$O/card.txt"
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-small /tmp/parts/*.whl
-    rm -rf /tmp/repo && mkdir -p /tmp/repo && cp -r llm2trt exporters passes plugins scripts tests /tmp/repo/
-    # Two installs of the package (made where pip works, from one working tree): /tmp/pkg the
-    # baseline (the repository's ops, with the fp16 QK-norm fix to passes/ort_gqa.py under review),
-    # /tmp/t3pkg the same plus this work's attention op (local window, QK-norm) and norm-cast fold.
-    rm -rf /tmp/pkg /tmp/t3pkg && tar xf /tmp/parts/pkgbase.tar -C /tmp && tar xf /tmp/parts/pkgt3.tar -C /tmp
-    setsid nohup bash /tmp/repo/scripts/gpu_session.sh job1a >"$O/job1a.log" 2>&1 </dev/null &
+    rm -rf /tmp/pkg && tar xf /tmp/parts/pkg.tar -C /tmp
+    rm -rf /tmp/repo && mkdir -p /tmp/repo && cp -r scripts tests /tmp/repo/
+    mkdir -p /tmp/tiny && tar xf /tmp/parts/tiny.tar -C /tmp/tiny
+    setsid nohup bash /tmp/repo/scripts/gpu_session.sh prep >"$O/prep.log" 2>&1 </dev/null &
     sleep 2
     ;;
-cpu)
-    # The GGUF is complete: job1b converts and optimizes the 270M (baseline and t3).
-    mkdir -p /tmp/gguf && cat /tmp/parts/gemma3.gguf.part* > /tmp/gguf/gemma-3-270m-q4_k_m.gguf
-    sha256sum /tmp/gguf/gemma-3-270m-q4_k_m.gguf | tee "$O/gguf.sha256"
-    setsid nohup bash /tmp/repo/scripts/gpu_session.sh job1b >"$O/job1b.log" 2>&1 </dev/null &
-    sleep 2
-    tail -3 "$O/job1a.log"
-    ;;
-job1a)
+prep)
     cd /tmp/w || exit 1
-    export PYTHONPATH=/tmp/pkg:/tmp/site-small
+    export PYTHONPATH=$SMALL
     for m in qwen3-1b gemma3-1b; do
         (
             s=$SECONDS
             python3 /tmp/repo/scripts/bench_decode.py --model $m --work /tmp/w/bench-$m --prepare-only --no-check
             echo "prepare $m: rc $? $((SECONDS - s)) s"
-            t=/tmp/w/bench-$m-t3 && mkdir -p $t
-            ln -sfn /tmp/w/bench-$m/hf-$m $t/hf-$m && ln -sfn /tmp/w/bench-$m/llm2trt-hf-$m $t/llm2trt-hf-$m
-            PYTHONPATH=/tmp/t3pkg:/tmp/site-small python3 -m llm2trt optimize $t/llm2trt-hf-$m \
-                -o $t/llm2trt-hf-$m-gqa --kv-form gqa --no-check --json >"$O/optimize-$m-t3.json"
-            echo "optimize $m (t3): rc $? $((SECONDS - s)) s"
         ) &
     done
     python3 -c "from llm2trt.plugins import ort_library as k; print(k.library('sm_90'))"
-    PYTHONPATH=/tmp/t3pkg python3 -c "from llm2trt.plugins import ort_library as k; print(k.library('sm_90'))"
-    echo "CUDA op libraries: rc $?"
+    echo "CUDA op library: rc $?"
     wait
-    touch "$O/job1a.done"
+    touch "$O/prep.done"
     ;;
-job1b)
+cpu)
+    mkdir -p /tmp/gguf && cat /tmp/parts/gguf.part* >/tmp/gguf/gemma-3-270m-q4_k_m.gguf
+    sha256sum /tmp/gguf/gemma-3-270m-q4_k_m.gguf | tee "$O/gguf.sha256"
+    setsid nohup bash /tmp/repo/scripts/gpu_session.sh g270 >"$O/g270.log" 2>&1 </dev/null &
+    sleep 2
+    tail -3 "$O/prep.log"
+    ;;
+g270)
     cd /tmp/w || exit 1
-    export PYTHONPATH=/tmp/pkg:/tmp/site-small
+    export PYTHONPATH=$SMALL
     s=$SECONDS
     python3 -m llm2trt convert /tmp/gguf/gemma-3-270m-q4_k_m.gguf -o /tmp/w/g270 --dtype fp16 -q
     echo "convert 270M fp16: rc $? $((SECONDS - s)) s"
+    python3 -m llm2trt inspect /tmp/w/g270 | grep passes
     s=$SECONDS
-    # --no-check: ONNX Runtime CPU's fp16 run of the gqa graph against the fixed one differs by
-    # 5.3e-3 relative at step 2 (tolerance 5e-3); the tokens against transformers fp32 decide here.
+    # --no-check: the image's onnxruntime 1.30 (CPU) fails to infer the shapes of the 270M's o_proj
+    # Linear body (1024 in, 640 out); the pinned 1.32 checks it (the tests), the tokens decide here.
     python3 -m llm2trt optimize /tmp/w/g270 -o /tmp/w/g270-gqa --kv-form gqa --no-check --json \
         >"$O/g270-optimize.json"
     echo "optimize 270M gqa: rc $? $((SECONDS - s)) s"
     touch "$O/g270.done"
-    PYTHONPATH=/tmp/t3pkg:/tmp/site-small python3 -m llm2trt optimize /tmp/w/g270 -o /tmp/w/g270-gqa-t3 \
-        --kv-form gqa --no-check --json >"$O/g270-optimize-t3.json"
-    echo "optimize 270M gqa (t3): rc $?"
-    touch "$O/job1b.done"
     ;;
 gpu)
     if [ ! -f /tmp/site/.ready ]; then
-        cat /tmp/parts/gpu.tar.part* >/tmp/gpu.tar && mkdir -p /tmp/wheels /tmp/site
-        tar xf /tmp/gpu.tar -C /tmp/wheels && rm /tmp/gpu.tar
+        cat /tmp/parts/ort.part* >/tmp/ort.whl.zip && mkdir -p /tmp/wheels /tmp/site
+        mv /tmp/ort.whl.zip /tmp/wheels/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
         python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/wheels/*.whl &&
             touch /tmp/site/.ready
     fi
-    setsid nohup bash /tmp/repo/scripts/gpu_session.sh job2 >"$O/job2.log" 2>&1 </dev/null &
-    wait_for "$O/job2.done" "${2:-500}"
-    tail -c 3000 "$O/job1a.log"
-    tail -c 2000 "$O/job1b.log"
+    setsid nohup bash /tmp/repo/scripts/gpu_session.sh gpujob >"$O/gpu.log" 2>&1 </dev/null &
+    wait_for "$O/gpu.done" "${2:-500}"
+    tail -c 1500 "$O/prep.log"
+    tail -c 1500 "$O/g270.log"
     echo ----
-    cat "$O/job2.log"
-    pack
+    cat "$O/gpu.log"
     ;;
-job2)
+again)
+    # A second GPU job on the warm machine: the 270M optimized without its CPU check, genai's Gemma 3
+    # with a cache as long as its window.
+    rm -f "$O/g270.done" "$O/gpu.done"
+    cp -r scripts/. /tmp/repo/scripts/
+    bash /tmp/repo/scripts/gpu_session.sh g270 >"$O/g270.log" 2>&1
+    setsid nohup bash /tmp/repo/scripts/gpu_session.sh gpujob >"$O/gpu.log" 2>&1 </dev/null &
+    wait_for "$O/gpu.done" "${2:-500}"
+    cat "$O/gpu.log" | grep -v -i warn
+    ;;
+gpujob)
     export PYTHONPATH=/tmp/pkg:/tmp/site:/tmp/site-small
-    T3=/tmp/t3pkg:/tmp/site:/tmp/site-small
     NVLIBS=$(python3 -c 'import glob, os, nvidia; print(":".join(sorted({d for p in nvidia.__path__ for d in glob.glob(os.path.join(p, "*", "lib"))})))')
     export LD_LIBRARY_PATH=${NVLIBS}:${LD_LIBRARY_PATH:-}
     cd /tmp/repo/scripts || exit 1
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$O/card.txt"
     python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
     (   # onnxruntime-genai's builds (CPU) while the GPU checks tokens; bench_decode finds them there
-        wait_for "$O/job1a.done" 900
+        wait_for "$O/prep.done" 900
         for m in gemma3-1b qwen3-1b; do
+            [ -d /tmp/w/bench-$m/genai-hf-$m ] && continue
             python3 genai_build.py -i /tmp/w/bench-$m/hf-$m -o /tmp/w/bench-$m/genai-hf-$m -p fp16 -e cuda \
                 -c /tmp/w/bench-$m/genai-cache >"$O/genai-build-$m.log" 2>&1
             echo "genai build $m: rc $?"
@@ -133,48 +127,26 @@ job2)
         touch "$O/genai.done"
     ) &
     wait_for "$O/g270.done" 900
-    wait_for /tmp/parts/gemma3-270m-ref.json 600
-    echo "== 270M tokens"
+    echo "== 270M tokens (fp16, gqa form, CUDA)"
     python3 gemma3_tokens.py compare --ref /tmp/parts/gemma3-270m-ref.json --artifacts /tmp/w/g270-gqa \
         --json "$O/gemma3-270m-cuda.json" 2>&1 | grep -v Warning | tee "$O/gemma3-270m-cuda.txt"
-    (cd /tmp/w && python3 -m llm2trt generate /tmp/w/g270-gqa --provider cuda --max-new-tokens 32 \
-        --prompt "The capital of France is" --json >"$O/gemma3-270m-cli.json" 2>"$O/gemma3-270m-cli.err")
-    echo "cli generate rc $?"
-    echo "== GroupQueryAttention local_window_size"
-    python3 check_gqa_window.py --providers CUDAExecutionProvider CPUExecutionProvider \
-        --json "$O/gqa-window.json" 2>&1 | tee "$O/gqa-window.txt"
-    echo "== tiny gemma3 (window 6)"
+    echo "== tiny gemma3 (window 6, fp16 gqa form, CUDA)"
     python3 gemma3_tokens.py window --ref /tmp/tiny/tiny-gemma3-ref.json --artifact /tmp/tiny/tiny-gemma3-fp16-gqa \
         --json "$O/tiny-gemma3-window-cuda.json" 2>&1 | grep -v -i warn | tee "$O/tiny-gemma3-window-cuda.txt"
     wait_for "$O/genai.done" 900
-    tail -4 "$O/job1a.log"
-    for m in gemma3-1b qwen3-1b; do
+    tail -4 "$O/prep.log"
+    for m in qwen3-1b gemma3-1b; do
         echo "== bench $m"
         python3 bench_decode.py --model $m --work /tmp/w/bench-$m --runners llm2trt,genai-graph,genai --profile \
             --json "$O/bench-$m.json" 2>&1 | grep -v -i warn | tee "$O/bench-$m.txt"
         cp /tmp/w/bench-$m/profile-$m-bs1.txt "$O/" 2>/dev/null
     done
-    echo "== t3: llm2trt's attention op with local windows and QK-norm"
-    for m in qwen3-1b gemma3-1b; do
-        echo "== bench $m (t3)"
-        PYTHONPATH=$T3 python3 bench_decode.py --model $m --work /tmp/w/bench-$m-t3 --runners llm2trt --profile \
-            --json "$O/t3-bench-$m.json" 2>&1 | grep -v -i warn | tee "$O/t3-bench-$m.txt"
-        cp /tmp/w/bench-$m-t3/profile-$m-bs1.txt "$O/t3-profile-$m-bs1.txt" 2>/dev/null
-    done
-    PYTHONPATH=$T3 python3 gemma3_tokens.py window --ref /tmp/tiny/tiny-gemma3-ref.json --artifact /tmp/tiny/t3-gemma3 \
-        --work /tmp/gemma3-window-t3 --json "$O/t3-tiny-gemma3-window-cuda.json" 2>&1 | grep -v -i warn |
-        tee "$O/t3-tiny-gemma3-window-cuda.txt"
-    wait_for "$O/job1b.done" 300
-    PYTHONPATH=$T3 python3 gemma3_tokens.py compare --ref /tmp/parts/gemma3-270m-ref.json --artifacts /tmp/w/g270-gqa-t3 \
-        --json "$O/t3-gemma3-270m-cuda.json" 2>&1 | grep -v Warning | tee "$O/t3-gemma3-270m-cuda.txt"
-    PYTHONPATH=$T3 python3 check_ort_kernels.py --ops 2>&1 | grep -v -i warn | tee "$O/t3-ort-kernels-ops.txt"
     grep -h -E "identical|sees|ms/step|^llm2trt|^genai|per decode step|window" "$O"/*.txt >"$O/summary.txt"
-    touch "$O/job2.done"
+    touch "$O/gpu.done"
     ;;
 collect)
-    wait_for "$O/job2.done" "${2:-500}"
-    cat "$O/job2.log"
-    pack
+    wait_for "$O/gpu.done" "${2:-500}"
+    cat "$O/gpu.log"
     ;;
 esac
 pack

@@ -30,7 +30,7 @@ from llm2trt.core.dtypes import DType, to_torch
 from llm2trt.core.errors import BackendError, InputError
 from llm2trt.core.kv import GQA_COUNTERS
 from llm2trt.core.log import plural, step
-from llm2trt.core.manifest import GraphSpec, Manifest, TensorSpec
+from llm2trt.core.manifest import GraphSpec, Manifest, PassRecord, TensorSpec
 from llm2trt.core.records import Record
 
 if TYPE_CHECKING:
@@ -252,6 +252,20 @@ def _tie(proto: onnx.ModelProto, name: str, scratch: Path) -> None:
             logger.info("tied embedding %s written once (lm_head reads its transpose)", name)
 
 
+def _float32_residual(proto: onnx.ModelProto, scratch: Path) -> tuple[onnx.ModelProto, list[PassRecord]]:
+    """The exported fp16 graph with its residual stream in float32 (see passes/residual.py)."""
+    from llm2trt.passes.cleanup import ShapeInference
+    from llm2trt.passes.manager import Model, PassManager
+    from llm2trt.passes.residual import Float32Residual
+
+    with step("keeping the residual stream in float32"):
+        result = PassManager([ShapeInference(), Float32Residual()]).run(Model.from_onnx(proto, scratch))
+    records = [replace(r, stage="convert") for r in result.records if r.name == Float32Residual.name]
+    if not records[0].counts["float32_adds"]:
+        raise BackendError("the fp16 export has no residual Add of a float32 norm to keep in float32")
+    return result.model.to_onnx(), records
+
+
 def convert(
     source: ModelSource,
     out: Path,
@@ -276,6 +290,9 @@ def convert(
         scratch = stage / "export"
         scratch.mkdir()
         proto = _trace(source, graph, dtype, attn_implementation, opset, scratch)
+        records: list[PassRecord] = []
+        if dtype is DType.FP16 and spec.fp16_residual_in_float32:
+            proto, records = _float32_residual(proto, scratch)
         with step("writing model.onnx and its external weights"):
             written = save_onnx(proto, stage, source=scratch, clone=False)  # the exporter's files: one per weight
         shutil.rmtree(scratch)
@@ -301,6 +318,7 @@ def convert(
             exporter="torchscript",
             model_config=config.to_diff_dict(),
             generation=generation,
+            passes=records,
         )
         manifest.write(stage)
     return Converted(source.display, str(out), manifest)

@@ -1,8 +1,12 @@
 """The tensor-parallel column split of fused projections: the Slices (and Splits) that take q, k
 and v, or gate and up, out of one projection are narrowed to the rank's features, and head
-reshapes that spell a head count count the rank's heads (Phi-3's qkv_proj and gate_up_proj)."""
+reshapes that spell a head count count the rank's heads (Phi-3's qkv_proj and gate_up_proj); past
+the projections, a per-head score bias keeps the rank's heads (ALiBi's slopes) and views of per-head
+data count them, or are refused where two entries could be the head count."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import onnx
@@ -109,3 +113,71 @@ def test_ranks_get_their_heads_of_q_k_v_and_their_halves(tp: int) -> None:
 def test_slices_with_computed_bounds_are_refused() -> None:
     with pytest.raises(InputError, match="q_slice slices the column-parallel output 'qkv' by bounds computed"):
         _split(_model(bounded_by="q_end_input"), Mapping(2, 0))
+
+
+SQUARE = Heads(4, 4, 4)  # head_dim equal to the head count: a view could spell either
+
+
+def _per_head(view: list[int], bias_shape: tuple[int, ...]) -> onnx.ModelProto:
+    """x @ w_q -> [n, heads, d] -> a view of it; scores + a per-head bias -> Softmax."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_q"], ["q_flat"], name="/model/layers.0/self_attn/q_proj/MatMul"),
+        helper.make_node("Reshape", ["q_flat", "q_shape"], ["q"]),
+        helper.make_node("Reshape", ["q", "view"], ["viewed"]),
+        helper.make_node("Add", ["scores", "bias"], ["biased"]),
+        helper.make_node("Softmax", ["biased"], ["probs"], axis=-1),
+    ]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "w_q"),
+        numpy_helper.from_array(rng.standard_normal(bias_shape).astype(np.float32), "bias"),
+        _ints("q_shape", 0, 4, 4),
+        _ints("view", *view),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8]),
+        helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", "heads", 3]),  # the rank feeds its heads
+    ]
+    outputs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("viewed", "probs")]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def _split_heads(proto: onnx.ModelProto, mapping: Mapping) -> Model:
+    model = Model.from_onnx(proto)
+    rewrite = _Rewrite(model, TPPlan(mapping, SQUARE, ()))
+    rewrite.column(next(n for n in model.graph.nodes if n.op == "MatMul"), LayerSplit(Split.COLUMN, Units.Q))
+    rewrite.head_tables()
+    rewrite.head_views([])
+    model.graph.cleanup()
+    return model
+
+
+def test_per_head_bias_and_views_keep_the_ranks_heads() -> None:
+    """A per-head bias constant keeps the rank's rows; a view's head count (not its last entry,
+    the head size here too) counts the rank's heads."""
+    proto = _per_head([-1, 4, 4], (4, 1))
+    rng = np.random.default_rng(1)
+    x = {
+        "x": rng.standard_normal((3, 8)).astype(np.float32),
+        "scores": rng.standard_normal((3, 4, 3)).astype(np.float32),
+    }
+    full = run_ort(proto.SerializeToString(), x)
+    for mapping in Mapping.ranks(2):
+        heads = SQUARE.q_heads(mapping)
+        local = {**x, "scores": x["scores"][:, heads.start : heads.stop]}
+        got = run_ort(_split_heads(proto, mapping).to_onnx().SerializeToString(), local)
+        assert np.allclose(got["viewed"], full["viewed"][:, heads.start : heads.stop])
+        assert np.allclose(got["probs"], full["probs"][:, heads.start : heads.stop])
+
+
+@pytest.mark.parametrize(
+    ("view", "bias", "why"),
+    [
+        ([-1, 4, 4, 1], (4, 1), "views per-head data with 2 entries equal to the head count"),
+        ([-1, 4, 4], (4, 4), "'bias' [4, 4] of an attention score bias has 2 axes of the head count"),
+    ],
+)
+def test_ambiguous_head_counts_are_refused(view: list[int], bias: tuple[int, ...], why: str) -> None:
+    with pytest.raises(InputError, match=re.escape(why)):
+        _split_heads(_per_head(view, bias), Mapping(2, 0))
