@@ -9,13 +9,12 @@ lets the next norm read it without its upcast; the matrix products stay fp16.
 
 from __future__ import annotations
 
-import onnx
 import onnx_graphsurgeon as gs
 
-from llm2trt.core.dtypes import onnx_elem_type
+from llm2trt.core.dtypes import DType, onnx_elem_type
 from llm2trt.passes.manager import GraphPass, Model, PassResult
 
-_FLOAT, _HALF = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+_FLOAT, _HALF = DType.FP32.onnx, DType.FP16.onnx
 
 
 def _cast_to(node: gs.Node | None, to: int) -> bool:
@@ -92,4 +91,4 @@ class Float32Residual(GraphPass):
 
 
 def _numpy(elem: int) -> object:
-    return onnx.helper.tensor_dtype_to_np_dtype(elem)
+    return DType.parse(elem).numpy

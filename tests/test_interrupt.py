@@ -224,7 +224,9 @@ def test_a_signal_mid_run_stops_generate_and_compare(
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=30)
     took = time.monotonic() - start
-    assert took < 5, f"took {took:.1f} s"
+    # A few seconds for the ranks to stop (10: seen at 5.3 s on 2 cores with other CPU-heavy jobs);
+    # a run that ignored the signal would take the whole job.
+    assert took < 10, f"took {took:.1f} s"
     assert proc.returncode == 128 + sig, stderr
     word = "interrupted" if sig == signal.SIGINT else "terminated (SIGTERM)"
     assert "Traceback" not in stderr

@@ -30,7 +30,8 @@ LAYERS = {
     "exporters": ("llm2trt.exporters", ("llm2trt.core", "llm2trt.exporters")),
     "passes": ("llm2trt.passes", ("llm2trt.core", "llm2trt.passes")),
     "plugins": ("llm2trt.plugins", ("llm2trt.core", "llm2trt.passes", "llm2trt.plugins")),
-    "llm2trt/convert": ("llm2trt.convert", ("llm2trt.core", "llm2trt.exporters", "llm2trt.convert")),
+    # convert runs passes on what it exports (the fp16 residual, the MoE op's body).
+    "llm2trt/convert": ("llm2trt.convert", ("llm2trt.core", "llm2trt.exporters", "llm2trt.passes", "llm2trt.convert")),
     "llm2trt/backends": ("llm2trt.backends", _BELOW_STAGES),
     **{
         f"llm2trt/{stage}": (f"llm2trt.{stage}", (*_BELOW_STAGES, f"llm2trt.{stage}"))
