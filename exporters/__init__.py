@@ -10,8 +10,11 @@ from llm2trt.exporters.bloom import BloomSpec
 from llm2trt.exporters.gemma3 import Gemma3Spec
 from llm2trt.exporters.gpt2 import GPT2Spec
 from llm2trt.exporters.llama import LlamaSpec
+from llm2trt.exporters.mixtral import MixtralSpec
 from llm2trt.exporters.phi3 import Phi3Spec
+from llm2trt.exporters.qwen2_moe import Qwen2MoESpec
 from llm2trt.exporters.qwen3 import Qwen3Spec
+from llm2trt.exporters.qwen3_moe import Qwen3MoESpec
 from llm2trt.exporters.vit import ViTSpec
 
 EXPORTERS: Registry[ExportSpec] = Registry("exporter")
@@ -25,7 +28,19 @@ def register(spec: ExportSpec) -> ExportSpec:
     return EXPORTERS.register(spec.name, spec)
 
 
-for _spec in (GPT2Spec(), LlamaSpec(), Qwen3Spec(), Gemma3Spec(), Phi3Spec(), BloomSpec(), BertSpec(), ViTSpec()):
+for _spec in (
+    GPT2Spec(),
+    LlamaSpec(),
+    Qwen3Spec(),
+    Gemma3Spec(),
+    Phi3Spec(),
+    BloomSpec(),
+    MixtralSpec(),
+    Qwen3MoESpec(),
+    Qwen2MoESpec(),
+    BertSpec(),
+    ViTSpec(),
+):
     register(_spec)
 
 

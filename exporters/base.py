@@ -145,6 +145,9 @@ class ExportSpec:
     # An fp16 export keeps the residual stream in float32 (the float32_residual pass): for models
     # whose normalized sublayer outputs add up past fp16's range.
     fp16_residual_in_float32: ClassVar[bool] = False
+    # Mixture of experts: the classes of transformers' experts modules, each traced as one
+    # llm2trt.MoE node (convert/patches.py experts_for_export).
+    expert_classes: ClassVar[tuple[str, ...]] = ()
     # Default optimization-profile ranges per symbolic dim (min, opt, max); `max_sequence`
     # is further capped by the config's position limit.
     default_dims: ClassVar[Mapping[str, tuple[int, int, int]]] = {BATCH: (1, 1, 8), SEQUENCE: (1, 128, 1024)}
@@ -182,6 +185,10 @@ class ExportSpec:
         """Refuse, in one line naming the numbers, a tp this model cannot be split into."""
         if tp > 1 and not self.tp_splits:
             raise InputError(f"--tp {tp}: {self.name} declares no tensor-parallel split")
+
+    def experts(self, config: Any) -> tuple[int, int] | None:
+        """A mixture of experts' expert count and per-expert intermediate size (None: no experts)."""
+        return None
 
     def tp_plan(self, config: Any, mapping: TPMapping) -> TPPlan:
         """The rewrite's plan for one rank (after `check_tp`)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import version_converter
 
 from llm2trt.core.errors import BackendError, first_line
@@ -35,6 +36,7 @@ class OpsetUpgrade(GraphPass):
                 f"cannot convert the graph from opset {current} to {self.target}: {first_line(exc)}"
             ) from None
         converted.ir_version = max(converted.ir_version, ir_for_opset(self.target))
+        _keep_local_functions(model.graph, converted, self.target)
         upgraded = Model.from_onnx(converted)
         reattach_weights(upgraded.graph, weights)
         # The converter writes attributes that became inputs (ReduceMean axes, ...) as Constant
@@ -45,3 +47,20 @@ class OpsetUpgrade(GraphPass):
         model.graph, model.ir_version = upgraded.graph, converted.ir_version
         model.forget_names()  # node names (and their metadata) carry over; the name registry does not
         return PassResult(modified=True, counts={"from": current, "to": self.target})
+
+
+def _keep_local_functions(graph: gs.Graph, converted: onnx.ModelProto, opset: int) -> None:
+    """The converter drops a graph's local functions and their domain's import: llm2trt's ops (the
+    MoE op from the export) get their bodies back, written for the new opset."""
+    from llm2trt.passes.moe import moe_function_proto
+    from llm2trt.passes.ort_op_table import DOMAIN, MOE, VERSION
+
+    names = {f.name for f in graph.functions if f.domain == DOMAIN}
+    unknown = names - {MOE.name}
+    if unknown:
+        raise BackendError(f"cannot carry the local functions {sorted(unknown)} to opset {opset}")
+    del converted.functions[:]
+    if MOE.name in names:
+        converted.functions.append(moe_function_proto(opset))
+    if names and not any(o.domain == DOMAIN for o in converted.opset_import):
+        converted.opset_import.append(onnx.helper.make_opsetid(DOMAIN, VERSION))

@@ -6,8 +6,9 @@ into the C++ header `llm2trt_ops.h` that the CUDA library's registration is comp
 nodes the pass writes and the ops the library registers cannot drift apart. Plain data: importing it
 loads nothing else.
 
-Types: the library registers each op once per element type T (float16 and float32); an input or
-output has type T unless the op names it in `int32_inputs`, or it is Y of a `float_y` op (float32).
+Types: the library registers each op once per element type T (float16 and float32, and bfloat16
+for a `bfloat16` op); an input or output has type T unless the op names it in `int32_inputs`,
+`int64_inputs` or `float32_inputs`, or it is Y of a `float_y` op (float32).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Literal
 DOMAIN = "llm2trt"
 VERSION = 1
 
-# Element-type tags: "T" is the op's element type (its fp16 or its fp32 registration); I32 and F32 are fixed.
-ElementType = Literal["T", "I32", "F32"]
+# Element-type tags: "T" is the op's element type (its fp16 or its fp32 registration); I32, I64 and
+# F32 are fixed.
+ElementType = Literal["T", "I32", "I64", "F32"]
 
 
 @dataclass(frozen=True)
@@ -30,11 +32,18 @@ class KernelOp:
     attributes: tuple[str, ...] = ()  # each typed in ATTRIBUTE_TYPES
     float_y: bool = False  # Y in float32 whatever the inputs' type
     int32_inputs: tuple[str, ...] = ()
+    int64_inputs: tuple[str, ...] = ()
+    float32_inputs: tuple[str, ...] = ()  # float32 whatever T is
     host_inputs: tuple[str, ...] = ()  # read on the host: ONNX Runtime hands them over in CPU memory
     optional_outputs: tuple[str, ...] = ()  # written only where the node names them
+    bfloat16: bool = False  # registered for bfloat16 too (its kernels have a bfloat16 instance)
 
     def input_type(self, name: str) -> ElementType:
-        return "I32" if name in self.int32_inputs else "T"
+        if name in self.int32_inputs:
+            return "I32"
+        if name in self.int64_inputs:
+            return "I64"
+        return "F32" if name in self.float32_inputs else "T"
 
     def output_type(self, name: str) -> ElementType:
         return "F32" if self.float_y and name == "Y" else "T"
@@ -48,6 +57,7 @@ ATTRIBUTE_TYPES: dict[str, type[float] | type[int]] = {
     "do_rotary": int,
     "rotary_interleaved": int,
     "local_window_size": int,
+    "first_expert": int,
 }
 
 
@@ -90,10 +100,25 @@ ATTENTION_QK_NORM = KernelOp(
     host_inputs=ATTENTION.host_inputs,
 )
 ATTENTIONS = (ATTENTION, ATTENTION_QK_NORM)
+# Routed experts (Mixtral, Qwen3-MoE, Qwen2-MoE): Y[n] = sum over j of ExpertWeights[n, j] *
+# Down[e] @ (silu(Gate[e] @ X[n]) * (Up[e] @ X[n])), e = ExpertIds[n, j]. GateUp is [E, 2I, H] (an
+# expert's gate rows, then its up rows), Down [E, H, I]; X and Y are [N, H]. The router (softmax,
+# top-k, renormalization) stays in the graph as the model computes it, so one op serves every
+# routing rule. `first_expert` is the global id of GateUp's first expert (expert parallelism: a
+# rank holds a contiguous block; ids outside it add nothing).
+MOE = KernelOp(
+    "MoE",
+    ("X", "ExpertIds", "ExpertWeights", "GateUp", "Down"),
+    ("Y",),
+    ("first_expert",),
+    int64_inputs=("ExpertIds",),
+    float32_inputs=("ExpertWeights",),
+    bfloat16=True,
+)
 ATTENTION_HEAD_SIZES = (16, 32, 64, 128, 256)  # the library's kernels: 8 elements a lane, a head within a warp
 *_smaller, _largest = ATTENTION_HEAD_SIZES
 ATTENTION_HEAD_SIZES_TEXT = f"{', '.join(str(size) for size in _smaller)} or {_largest}"  # for messages
 ATTENTION_MAX_GROUP = 8  # query heads a KV head, at most (the decode kernel keeps them in registers)
 
 # Every op, in the library's registration order.
-ALL: tuple[KernelOp, ...] = (*OPS.values(), *ATTENTIONS)
+ALL: tuple[KernelOp, ...] = (*OPS.values(), *ATTENTIONS, MOE)

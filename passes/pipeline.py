@@ -75,7 +75,7 @@ def register_entry(name: str, order: int, make: Callable[[PipelineOptions], Sequ
 
 
 def _opset(options: PipelineOptions) -> list[GraphPass]:
-    fusions = selected(options.skip_fusions)
+    fusions = [f for f in selected(options.skip_fusions) if f.rules]  # (one made at export needs none)
     needed = required_opset(fusions) if fusions else None
     if options.kv.layout is not None and options.kv.layout.is_buffer:
         needed = max(needed or 1, TENSOR_SCATTER_OPSET)
@@ -112,7 +112,9 @@ def _plugins(options: PipelineOptions) -> list[GraphPass]:
 
 
 def _fusions(options: PipelineOptions) -> list[GraphPass]:
-    return [RewritePass(f"fuse_{f.name.lower()}", [rule() for rule in f.rules]) for f in selected(options.skip_fusions)]
+    # (A fusion with no rules is made at export: nothing to run.)
+    fusions = [f for f in selected(options.skip_fusions) if f.rules]
+    return [RewritePass(f"fuse_{f.name.lower()}", [rule() for rule in f.rules]) for f in fusions]
 
 
 register_entry("cleanup", 100, lambda options: cleanup_passes())

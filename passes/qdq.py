@@ -32,6 +32,8 @@ from llm2trt.core.log import progress
 from llm2trt.core.quant import Calibration, Quantization, QuantRequest
 from llm2trt.core.reports import Refusal
 from llm2trt.passes.manager import GraphPass, Model, PassResult, read_values
+from llm2trt.passes.ort_op_table import DOMAIN as MOE_DOMAIN
+from llm2trt.passes.ort_op_table import MOE
 from llm2trt.passes.pattern import module_of
 from llm2trt.passes.quant_math import (
     SEARCH_ROWS,
@@ -240,7 +242,11 @@ class QuantPass(GraphPass):
             if method.activations is not None:
                 self._quantize_input(model, group, stats, method.activations)
         quantized = [lin.module for g in groups for lin in g.linears]
+        experts = self._experts(model, kept, refusals)
+        quantized += experts
         counts = {f"weights_{method.weights.value}": len(quantized), "kept": len(kept), "smoothed": smoothed}
+        if experts:
+            counts["experts"] = len(experts)
         if method.activations is not None:
             counts[f"activations_{method.activations.value}"] = len(groups)
         record = self.calibrator.record if self.calibrator is not None else None
@@ -265,13 +271,15 @@ class QuantPass(GraphPass):
 
     def _linears(self, model: Model, kept: dict[str, str], refusals: list[Refusal]) -> list[_Linear]:
         keep = [re.compile(p) for p in self.request.keep]
+        routers = _routers(model.graph)
         found = []
         for node in model.graph.nodes:
             tied = reads_tied_weight(node)
             if not (tied or is_linear(node)):
                 continue
             module = module_of(node.name) or node.name
-            reason = self._refuse(node, module, keep, tied)
+            router = "routes the experts (their choice stays in high precision)" if node.name in routers else ""
+            reason = router or self._refuse(node, module, keep, tied)
             if reason:
                 kept[module] = reason
                 refusals.append(Refusal(f"quant.{self.method.name}", node.name, module, reason))
@@ -403,6 +411,56 @@ class QuantPass(GraphPass):
         model.tag(dq, f"quant.{method.name}")
         linear.node.inputs[1] = out
 
+    def _experts(self, model: Model, kept: dict[str, str], refusals: list[Refusal]) -> list[str]:
+        """The MoE nodes' expert weights ([E, out, in]: GateUp, Down), weight-only methods: each
+        expert's rows quantized as a linear layer's (RTN scales from the weights: the experts see only
+        the rows routed to them, which calibration does not sample), as blocks along the input axis
+        (int8 per channel: one block a row). W8A8 methods leave them in high precision."""
+        done = []
+        for node in [n for n in model.graph.nodes if n.domain == MOE_DOMAIN and n.op == MOE.name]:
+            module = module_of(node.name) or node.name
+            why = f"{self.method.name} quantizes activations; experts take weight-only methods"
+            why = "" if self.method.activations is None else why
+            for slot in (MOE.inputs.index("GateUp"), MOE.inputs.index("Down")):
+                weight = node.inputs[slot]
+                rows = int(weight.shape[2]) if isinstance(weight, gs.Constant) else 0
+                size = self._block(rows) if self.method.blockwise else rows
+                reason = why or ("" if isinstance(weight, gs.Constant) and size else "its weights are not constant")
+                if self.method.blockwise and not reason and not size:
+                    reason = f"{rows} input channels are not a multiple of {MIN_BLOCK} or more"
+                name = f"{module}.{MOE.inputs[slot]}"
+                if reason:
+                    kept[name] = reason
+                    refusals.append(Refusal(f"quant.{self.method.name}", node.name, name, reason))
+                    continue
+                node.inputs[slot] = self._dequantized_experts(model, node, weight, size)
+                done.append(name)
+        return done
+
+    def _dequantized_experts(self, model: Model, node: gs.Node, weight: gs.Constant, size: int) -> gs.Variable:
+        method, values = self.method, read_values(weight)
+        codes, scales = [], []
+        for expert in values.astype(np.float32):  # [out, in] -> a linear layer's [in, out]
+            w = expert.T
+            scale = weight_scale(w, method, size)
+            codes.append(quantize_weight(w, scale, method, size).T)
+            scales.append((scale if method.blockwise else scale[None, :]).T)  # [out, in // size]
+        base = weight.name
+        out = gs.Variable(model.fresh_name(f"{base}_dequantized"), dtype=values.dtype, shape=list(values.shape))
+        dq = gs.Node(
+            "DequantizeLinear",
+            name=model.fresh_name(f"{node.name}_{base.rsplit('.', 1)[-1]}_dq"),
+            inputs=[
+                constant(model, f"{base}_quantized", np.stack(codes)),
+                gs.Constant(model.fresh_name(f"{base}_scale"), np.stack(scales).astype(values.dtype)),
+            ],
+            outputs=[out],
+            attrs={"axis": 2, "block_size": size},
+        )
+        model.graph.nodes.append(dq)
+        model.tag(dq, f"quant.{method.name}")
+        return out
+
     def _quantize_input(self, model: Model, group: _Group, stats: dict[str, ActStats], act: DType) -> None:
         """A static per-tensor Q/DQ pair in front of the group, its scale from the (smoothed) amax."""
         scale = activation_scale(stats[group.x.name].amax, group.s, act, group.clip)
@@ -426,6 +484,25 @@ class QuantPass(GraphPass):
             model.tag(node, f"quant.{self.method.name}")
         for linear in group.linears:
             linear.node.inputs[0] = dq_out
+
+
+def _routers(graph: gs.Graph) -> set[str]:
+    """The linear layers whose outputs choose and weigh the experts: back from the MoE nodes'
+    ExpertIds and ExpertWeights through the routing ops to the first MatMul on each path."""
+    found: set[str] = set()
+    stack = [n.inputs[i] for n in graph.nodes if n.domain == MOE_DOMAIN and n.op == MOE.name for i in (1, 2)]
+    seen: set[str] = set()
+    while stack:
+        tensor = stack.pop()
+        if tensor.name in seen or not tensor.inputs:
+            continue
+        seen.add(tensor.name)
+        producer = tensor.inputs[0]
+        if producer.op in ("MatMul", "Gemm"):
+            found.add(producer.name)
+        else:
+            stack += [t for t in producer.inputs if not isinstance(t, gs.Constant)]
+    return found
 
 
 def unfused_qdq(proto: onnx.ModelProto) -> list[str]:

@@ -37,8 +37,10 @@ import onnx_graphsurgeon as gs
 from llm2trt.core.dtypes import DType
 from llm2trt.core.errors import InputError
 from llm2trt.core.kv import KVLayout
-from llm2trt.core.tp import LayerSplit, Split, TPPlan, Units, padded, shard_vocab
+from llm2trt.core.tp import LayerSplit, Split, TPPlan, Units, padded, shard_experts, shard_vocab
 from llm2trt.passes.manager import GraphPass, Model, PassResult, read_values
+from llm2trt.passes.ort_op_table import DOMAIN as MOE_DOMAIN
+from llm2trt.passes.ort_op_table import MOE
 from llm2trt.passes.pattern import layer_of, module_of
 from llm2trt.passes.qdq import is_linear, reads_tied_weight, transposed_values
 
@@ -380,6 +382,21 @@ class _Rewrite:
         if counts or factors:
             self.counts["head_views"] += 1
 
+    # -- experts ---------------------------------------------------------------------------------
+
+    def experts(self, node: gs.Node) -> None:
+        """A MoE node keeps the rank's experts (core.tp.shard_experts); its output, the rank's
+        share of the mix, becomes whole through one all-reduce."""
+        slots = [MOE.inputs.index("GateUp"), MOE.inputs.index("Down")]
+        gate_up, down = (_weight(node.inputs[i]) for i in slots)
+        local_gate_up, local_down, first = shard_experts(gate_up, down, self.plan.mapping)
+        for slot, values in zip(slots, (local_gate_up, local_down), strict=True):
+            node.inputs[slot] = self.const(f"{node.inputs[slot].name}.rank", values)
+        node.attrs["first_expert"] = int(node.attrs.get("first_expert", 0)) + first
+        part, whole = self.partial(node, "experts_part")
+        self.collective("all_reduce", part, whole, _scope(node))
+        self.counts["experts"] += 1
+
     # -- vocabulary ------------------------------------------------------------------------------
 
     def embedding(self, node: gs.Node) -> None:
@@ -542,6 +559,9 @@ class TensorParallelPass(GraphPass):
         return PassResult(True, dict(rewrite.counts))
 
     def _node(self, rewrite: _Rewrite, node: gs.Node) -> None:
+        if node.domain == MOE_DOMAIN and node.op == MOE.name:
+            rewrite.experts(node)
+            return
         layer = self.plan.of(module_of(node.name))
         if layer is None:
             return

@@ -68,7 +68,7 @@ def register_plugin(spec: PluginSpec) -> PluginSpec:
 
 ENTRY_POINT_GROUP = "llm2trt.plugins"
 # llm2trt's own plugins, by op name: module.
-BUILTIN = {"Int4GroupGemm": "llm2trt.plugins.int4_gemm"}
+BUILTIN = {"Int4GroupGemm": "llm2trt.plugins.int4_gemm", "MoE": "llm2trt.plugins.moe_trt"}
 
 
 def refs() -> list[PluginRef]:

@@ -118,11 +118,32 @@ GEMMA3_1B = {
     "bos_token_id": 2,
     "eos_token_id": 1,
 }
+# A mixture of experts of about 2B parameters: Qwen3-MoE's layer (QK-norm, head size 128) with 8
+# experts of 2,048 features, 2 routed a token, 16 layers, hidden 2,048, 16 query / 4 KV heads, an untied
+# 32,000-token vocabulary: 1.91B parameters (3.82 GB in fp16), of which a batch-1 decode step reads
+# the 2 routed experts of each layer, the attention and the rest: 0.87 GB.
+QWEN3_MOE_2B = {
+    "num_hidden_layers": 16,
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "moe_intermediate_size": 2048,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "norm_topk_prob": True,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+}
 # --model name -> (transformers config class, causal-LM class, config): random-weight checkpoints.
 RANDOM_CHECKPOINTS = {
     "1.1b": ("LlamaConfig", "LlamaForCausalLM", LLAMA_1B),
     "qwen3-1b": ("Qwen3Config", "Qwen3ForCausalLM", QWEN3_1B),
     "gemma3-1b": ("Gemma3TextConfig", "Gemma3ForCausalLM", GEMMA3_1B),
+    "qwen3-moe-2b": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", QWEN3_MOE_2B),
 }
 
 

@@ -38,8 +38,8 @@ def test_unsupported_architecture_is_named_with_the_supported_list(tmp_path: Pat
     result = run_cli("convert", model, "-o", out)
     assert_clean_failure(result, "unsupported architecture 't5'", out)
     assert (
-        "supported: gpt2, llama (llama, mistral, qwen2), qwen3, gemma3 (gemma3, gemma3_text), phi3, bloom"
-        in result.stderr
+        "supported: gpt2, llama (llama, mistral, qwen2), qwen3, gemma3 (gemma3, gemma3_text), phi3, bloom, "
+        "mixtral, qwen3_moe, qwen2_moe, bert, vit" in result.stderr
     )
 
 
@@ -47,7 +47,8 @@ def test_unknown_tiny_spec(tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = run_cli("convert", "tiny:mamba", "-o", out)
     assert_clean_failure(result, "unknown tiny model 'tiny:mamba'", out)
-    assert "tiny:gpt2, tiny:llama, tiny:qwen3, tiny:gemma3, tiny:phi3, tiny:bloom, tiny:bert, tiny:vit" in result.stderr
+    listed = "tiny:gpt2, tiny:llama, tiny:qwen3, tiny:gemma3, tiny:phi3, tiny:bloom, tiny:mixtral, tiny:qwen3_moe, "
+    assert listed + "tiny:qwen2_moe, tiny:bert, tiny:vit" in result.stderr
 
 
 def test_model_file_that_is_not_gguf(tmp_path: Path) -> None:

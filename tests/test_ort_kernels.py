@@ -316,7 +316,14 @@ class _FakeApi:
         status, ptr = ctypes.c_void_p, ctypes.c_void_p
         self.ops: list[int] = []
         self.asked: list[tuple[str, str]] = []
-        values = {"num_heads": 4, "kv_num_heads": 2, "do_rotary": 1, "rotary_interleaved": 0, "local_window_size": -1}
+        values = {
+            "num_heads": 4,
+            "kv_num_heads": 2,
+            "do_rotary": 1,
+            "rotary_interleaved": 0,
+            "local_window_size": -1,
+            "first_expert": 0,
+        }
 
         def domain(name: bytes, out: Any) -> None:
             assert name == b"llm2trt"
@@ -429,10 +436,10 @@ def test_library_registers_the_op_table(library: Path, tmp_path: Path) -> None:
     outputs with their types, optional outputs, host inputs and typed attributes, and no other op."""
     from llm2trt.passes import ort_op_table as table
 
-    codes = {"I32": 6, "F32": 1}  # ONNX's element types; "T" is the registration's own
+    codes = {"I32": 6, "I64": 7, "F32": 1}  # ONNX's element types; "T" is the registration's own
     want = []
     for op in table.ALL:
-        for element in (10, 1):  # float16, float
+        for element in (10, 1, 16) if op.bfloat16 else (10, 1):  # float16, float (, bfloat16)
             for provider in ("CUDAExecutionProvider", "CPUExecutionProvider"):
                 want.append(
                     (
@@ -484,11 +491,12 @@ def test_every_op_of_the_table_runs_without_its_body(library: Path, dtype: Any) 
         attention_model(*shape, dtype, qk_norm=True),
         attention_values([5, 3], 5, 5, shape, dtype, seed=1, qk_norm=True),
     )
+    models[table.MOE.name] = _moe_case(np.random.default_rng(3), 5, 16, 8, 4, 2, 0, dtype)
     assert sorted(models) == sorted(op.name for op in table.ALL)
     for name, (model, feeds) in models.items():
         del model.functions[:]
         outputs = _session(model, library).run(None, feeds)
-        op = table.OPS.get(name) or next(a for a in table.ATTENTIONS if a.name == name)
+        op = next(op for op in table.ALL if op.name == name)
         for output, value in zip(op.outputs, outputs, strict=True):
             assert value.dtype == (np.float32 if op.output_type(output) == "F32" else dtype), (name, output)
 
@@ -496,3 +504,174 @@ def test_every_op_of_the_table_runs_without_its_body(library: Path, dtype: Any) 
 def test_library_compiles_every_unit_in_csrc() -> None:
     """A .cu file added to plugins/csrc is compiled only once ort_library.UNITS names it."""
     assert sorted(p.name for p in ort_kernels.SOURCES.glob("*.cu")) == sorted(ort_kernels.UNITS)
+
+
+# ---- MoE (routed experts) ------------------------------------------------------------------------
+
+
+def _moe_model(dtype: Any, first_expert: int, cast_from: Any = None) -> onnx.ModelProto:
+    """One llm2trt.MoE node over graph inputs, its body (passes/moe.py) attached. `cast_from`: the
+    float inputs arrive in that type and are cast to `dtype` (bfloat16, which NumPy lacks) and Y
+    back to it."""
+    from onnx import TensorProto, helper
+
+    from llm2trt.passes.moe import moe_function_proto
+    from llm2trt.passes.ort_op_table import DOMAIN, MOE, VERSION
+
+    elem = TensorProto.BFLOAT16 if dtype == "bfloat16" else helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    outer = elem if cast_from is None else helper.np_dtype_to_tensor_dtype(np.dtype(cast_from))
+    floats = ("X", "GateUp", "Down")
+    nodes = [helper.make_node("Cast", [f"{n}_in"], [n], to=elem) for n in floats if cast_from is not None]
+    nodes.append(helper.make_node(MOE.name, list(MOE.inputs), ["Y"], domain=DOMAIN, first_expert=first_expert))
+    if cast_from is not None:
+        nodes.append(helper.make_node("Cast", ["Y"], ["Y_out"], to=outer))
+    typed = {"ExpertIds": TensorProto.INT64, "ExpertWeights": TensorProto.FLOAT}
+    inputs = [
+        helper.make_tensor_value_info(n if n in typed or cast_from is None else f"{n}_in", typed.get(n, outer), None)
+        for n in MOE.inputs
+    ]
+    y = "Y" if cast_from is None else "Y_out"
+    graph = helper.make_graph(nodes, "moe", inputs, [helper.make_tensor_value_info(y, outer, None)])
+    opset = 21
+    model = helper.make_model(
+        graph,
+        functions=[moe_function_proto(opset)],
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, VERSION)],
+    )
+    model.ir_version = 10  # what ONNX Runtime 1.31+ reads
+    return model
+
+
+def _moe_values(
+    rng: np.random.Generator, rows: int, hidden: int, inter: int, experts: int, k: int, first_expert: int, dtype: Any
+) -> dict[str, np.ndarray]:
+    """Random inputs whose routing has ties (rows with equal weights), a repeated expert in one row,
+    and ids outside [first_expert, first_expert + experts) (experts held by another rank)."""
+    spread = experts + 2 * max(first_expert, 1)  # ids from 0: some below the block, some above
+    ids = np.stack([rng.permutation(spread)[:k] for _ in range(rows)]).astype(np.int64)
+    weights = rng.random((rows, k)).astype(np.float32)
+    weights[::2] = 1.0 / k  # ties
+    if rows > 1 and k > 1:
+        ids[1, 1] = ids[1, 0] = first_expert  # the same expert twice in one row: its weights add up
+    return {
+        "X": rng.standard_normal((rows, hidden)).astype(dtype),
+        "ExpertIds": ids,
+        "ExpertWeights": weights,
+        "GateUp": (rng.standard_normal((experts, 2 * inter, hidden)) / np.sqrt(hidden)).astype(dtype),
+        "Down": (rng.standard_normal((experts, hidden, inter)) / np.sqrt(inter)).astype(dtype),
+    }
+
+
+def _moe_case(
+    rng: np.random.Generator, rows: int, hidden: int, inter: int, experts: int, k: int, first_expert: int, dtype: Any
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    return _moe_model(dtype, first_expert), _moe_values(rng, rows, hidden, inter, experts, k, first_expert, dtype)
+
+
+def _moe_reference(feeds: dict[str, np.ndarray], first_expert: int) -> np.ndarray:
+    """The op in float64: each row's routed experts only."""
+    x, ids, w = (feeds[n].astype(np.float64) for n in ("X", "ExpertIds", "ExpertWeights"))
+    gate_up, down = feeds["GateUp"].astype(np.float64), feeds["Down"].astype(np.float64)
+    experts, inter = down.shape[0], down.shape[2]
+    y = np.zeros_like(x)
+    for n, j in np.ndindex(*ids.shape):
+        e = int(ids[n, j]) - first_expert
+        if 0 <= e < experts:
+            g, u = gate_up[e, :inter] @ x[n], gate_up[e, inter:] @ x[n]
+            y[n] += w[n, j] * (down[e] @ (g / (1 + np.exp(-g)) * u))
+    return y
+
+
+@pytest.mark.parametrize(
+    ("rows", "experts", "k", "first_expert"),
+    [(7, 6, 3, 2), (1, 8, 2, 0), (4, 4, 1, 5), (9, 16, 8, 3)],
+)
+def test_library_moe_matches_its_body(library: Path, rows: int, experts: int, k: int, first_expert: int) -> None:
+    """MoE through the library's CPU registration and through its body (dense over every expert):
+    fp32 to 1e-5 of the largest output, both against float64; ties, a repeated expert and ids of
+    other ranks' experts included."""
+    model, feeds = _moe_case(np.random.default_rng(rows), rows, 32, 24, experts, k, first_expert, np.float32)
+    [got] = _session(model, library).run(None, feeds)
+    [want] = _session(model, None).run(None, feeds)
+    exact = _moe_reference(feeds, first_expert)
+    scale = float(np.abs(exact).max())
+    assert got.shape == want.shape == (rows, 32) and got.dtype == np.float32
+    assert np.abs(got - want).max() <= 1e-5 * scale
+    assert np.abs(got - exact).max() <= 1e-5 * scale
+    assert np.abs(want - exact).max() <= 1e-5 * scale  # the body is the reference, and it ran
+    held = (feeds["ExpertIds"] >= first_expert) & (feeds["ExpertIds"] < first_expert + experts)
+    assert np.array_equal(got[~held.any(axis=1)], np.zeros_like(got[~held.any(axis=1)]))  # nothing routed here
+
+
+def test_library_moe_in_half_precisions(library: Path) -> None:
+    """float16 (against the body, which rounds where the CPU registration does) and bfloat16 (cast
+    in and out of the node: NumPy has no bfloat16, ONNX Runtime's CPU no bfloat16 MatMul for the
+    body), both against float64."""
+    rng = np.random.default_rng(5)
+    feeds = _moe_values(rng, 6, 64, 32, 8, 2, 1, np.float16)
+    model = _moe_model(np.float16, 1)
+    [got] = _session(model, library).run(None, feeds)
+    [want] = _session(model, None).run(None, feeds)
+    exact = _moe_reference(feeds, 1)
+    scale = float(np.abs(exact).max())
+    assert got.dtype == np.float16
+    assert np.abs(got.astype(np.float64) - want).max() <= 2e-3 * scale
+    assert np.abs(got.astype(np.float64) - exact).max() <= 4e-3 * scale
+    wide = {(f"{n}_in" if v.dtype == np.float16 else n): v.astype(np.float32) for n, v in feeds.items()}
+    wide["ExpertIds"] = feeds["ExpertIds"]
+    [got_bf16] = _session(_moe_model("bfloat16", 1, cast_from=np.float32), library).run(None, wide)
+    assert np.abs(got_bf16 - exact).max() <= 3e-2 * scale
+
+
+def test_library_moe_refuses_inconsistent_shapes(library: Path) -> None:
+    model, feeds = _moe_case(np.random.default_rng(0), 3, 16, 8, 4, 2, 0, np.float32)
+    del model.functions[:]  # the library's op alone: its own message
+    feeds["Down"] = feeds["Down"][:, :, :4]
+    with pytest.raises(Exception, match=r"llm2trt MoE: X must be \[N, H\], GateUp \[E, 2I, H\] and Down \[E, H, I\]"):
+        _session(model, library).run(None, feeds)
+
+
+def test_header_lists_moe_with_its_types() -> None:
+    """The generated header's MoE row: int64 ids, float32 weights, T elsewhere; the MoE family and a
+    bfloat16 registration."""
+    header = ort_kernels.ops_header()
+    start = header.index('{"MoE", 5, 1, 1,')
+    row = header[start : header.index("},", header.index("/* norm, skip", start))]
+    assert "/* input_type */ {kT, kInt64, kFloat32, kT, kT}" in row
+    assert "/* output_type */ {kT}" in row and "/* attribute */ {attr::first_expert}" in row
+    assert row.rstrip().endswith("false, false, false, false, false, false, true, true")
+    assert "enum Type : int { kT, kInt32, kInt64, kFloat32 };" in header
+
+
+def test_moe_tensorrt_face_is_refused_cleanly_under_tensorrt_rtx() -> None:
+    """plugins/moe_trt.py, in a process of its own (importing it registers the plugin): under
+    TensorRT-RTX a graph's MoE nodes are reported inlined (their body built as layers), and asking
+    the plugin to register anyway is one clear error, not an abort; its body is the op's function."""
+    import json
+    import subprocess
+    import sys
+
+    probe = """
+import json
+from llm2trt.backends.tensorrt.adapter import load_backend
+from llm2trt.plugins import PluginRef
+from llm2trt.plugins import moe_trt
+backend = load_backend()
+[status] = backend.load_plugins([PluginRef("MoE", "llm2trt.plugins.moe_trt")], {"MoE": 3})
+try:
+    moe_trt.register_tensorrt(backend.module)
+    refused = ""
+except Exception as exc:
+    refused = f"{type(exc).__name__}: {exc}"
+body = moe_trt.SPEC.function(21)
+print(json.dumps({"rtx": backend.is_rtx, "status": status.status, "reason": status.reason, "nodes": status.nodes,
+                  "refused": refused, "body": [body.domain, body.name, len(body.nodes)], "id": moe_trt.PLUGIN_ID}))
+"""
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found["id"] == "llm2trt::MoE" and found["body"][:2] == ["llm2trt", "MoE"] and found["body"][2] > 20
+    if not found["rtx"]:
+        pytest.skip("full TensorRT here: the plugin registers (needs a GPU to run)")
+    assert (found["status"], found["nodes"]) == ("inlined", 3) and "cannot host plugin layers" in found["reason"]
+    assert found["refused"].startswith("BackendError: MoE's TensorRT plugin needs full TensorRT: TensorRT-RTX")

@@ -32,7 +32,10 @@ def test_a_dummy_plugin_reaches_the_worker(
     assert len(pids) == 1 and pids[0] != os.getpid()
 
 
-def test_only_the_builtin_plugin_by_default(artifacts: dict[str, Path], tmp_path: Path) -> None:
+def test_only_the_builtin_plugins_by_default(artifacts: dict[str, Path], tmp_path: Path) -> None:
     code, info = run_json("build", artifacts["tiny:bert"], "-o", tmp_path / "engine", *CC, "-q")
-    assert code == 0 and [(p["name"], p["nodes"]) for p in info["plugins"]] == [("Int4GroupGemm", 0)]
-    assert refs() == [PluginRef("Int4GroupGemm", "llm2trt.plugins.int4_gemm")]
+    assert code == 0 and [(p["name"], p["nodes"]) for p in info["plugins"]] == [("Int4GroupGemm", 0), ("MoE", 0)]
+    assert refs() == [
+        PluginRef("Int4GroupGemm", "llm2trt.plugins.int4_gemm"),
+        PluginRef("MoE", "llm2trt.plugins.moe_trt"),
+    ]

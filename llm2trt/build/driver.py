@@ -21,18 +21,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from llm2trt.backends.tensorrt.adapter import Backend, load_backend, resolve_compute_capability
+from llm2trt.build.worker import PHASE_MARK, PHASES, PROGRESS_MARK, BuildRequest, BuildResult
 from llm2trt.core.artifact import load_onnx, save_beside, sha256_files, staged_output
 from llm2trt.core.errors import BackendError, InputError
-from llm2trt.core.kv import CACHE_SEQUENCE, GQA, PAST_SEQUENCE, SEQUENCE, TOTAL_SEQUENCE
+from llm2trt.core.kv import CACHE_SEQUENCE, PAST_SEQUENCE, SEQUENCE, TOTAL_SEQUENCE
 from llm2trt.core.log import plural, step
-from llm2trt.core.names import BUILD_NAME, ENGINE_NAME
 from llm2trt.core.manifest import DimRange, GraphSpec, Manifest, PassRecord
+from llm2trt.core.names import BUILD_NAME, ENGINE_NAME
+from llm2trt.core.pp import PipelineParallel
 from llm2trt.core.records import Record, RecordError
 from llm2trt.core.reports import BuildInfo, Profile, ShapeRange
 from llm2trt.core.tp import TensorParallel
 from llm2trt.plugins import refs as plugin_refs
-from llm2trt.backends.tensorrt.adapter import Backend, load_backend, resolve_compute_capability
-from llm2trt.build.worker import PHASE_MARK, PHASES, PROGRESS_MARK, BuildRequest, BuildResult
 
 logger = logging.getLogger(__name__)
 
@@ -328,9 +329,10 @@ def build(
     verbosity: int = 0,
     opt_level: int | None = None,
     profiles_file: Path | None = None,
-) -> Built | RanksBuilt:
+) -> Built | RanksBuilt | StagesBuilt:
     """Build the artifact's default graph into `out` (model.engine, build.json, manifest.json); a
-    tensor-parallel artifact's ranks into rank{r}.engine, one per rank."""
+    tensor-parallel artifact's ranks into rank{r}.engine, one per rank; a pipeline-parallel
+    artifact's stages into stage{s}.engine, one per stage."""
     manifest = Manifest.read(artifact)
     if opt_level is not None and not 0 <= opt_level <= MAX_OPT_LEVEL:
         raise InputError(f"--opt-level {opt_level}: TensorRT's builder optimization levels are 0 to {MAX_OPT_LEVEL}")
@@ -341,6 +343,10 @@ def build(
         return _build_ranks(artifact, manifest, manifest.tensor_parallel, out, options, force)
     if manifest.tensor_parallel is not None:
         raise InputError(f"{artifact} is one rank of a tensor-parallel artifact: build the artifact above it")
+    if manifest.pipeline_parallel is not None and manifest.pipeline_parallel.stages:
+        return _build_stages(artifact, manifest, manifest.pipeline_parallel, out, options, force)
+    if manifest.pipeline_parallel is not None:
+        raise InputError(f"{artifact} is one stage of a pipeline-parallel artifact: build the artifact above it")
     with staged_output(out, force, reads=[artifact]) as stage:
         info, engine_manifest = _build_graph(artifact, manifest, out, stage, options, ENGINE_NAME)
         info.write(stage / BUILD_NAME)
@@ -386,6 +392,48 @@ def _build_ranks(
         ranks = [os.path.relpath(Path(os.path.abspath(artifact)) / r, out_dir) for r in tp.ranks]
         graph = replace(moved.graph(), engine=infos[0].engine)
         replace(moved.with_graph(graph), tensor_parallel=replace(tp, ranks=ranks)).write(stage)
+    return built
+
+
+@dataclass(frozen=True)
+class StagesBuilt(Record):
+    """What `build` wrote for a pipeline-parallel artifact: one engine per stage."""
+
+    output: str
+    pp: int
+    stages: list[BuildInfo]
+
+    def to_dict(self) -> dict[str, Any]:
+        # build.json's SPEC keys from stage 0, then each stage's own (their I/O and layers differ).
+        return {
+            "output": self.output,
+            **self.stages[0].to_dict(),
+            "pp": self.pp,
+            "stages": [s.to_dict() for s in self.stages],
+        }
+
+    def render(self) -> str:
+        return "\n".join(info.describe(str(Path(self.output) / info.engine)) for info in self.stages)
+
+
+def _build_stages(
+    artifact: Path, manifest: Manifest, pp: PipelineParallel, out: Path, options: _Options, force: bool
+) -> StagesBuilt:
+    """One engine per stage (each with the prefill and decode profiles of its own I/O)."""
+    from llm2trt.backends.onnxruntime.ranks import rank_dirs
+
+    with staged_output(out, force, reads=[artifact]) as stage:
+        infos = []
+        for index, folder in enumerate(rank_dirs(artifact, manifest)):
+            info, _moved = _build_graph(folder, Manifest.read(folder), out, stage, options, f"stage{index}.engine")
+            infos.append(info)
+        built = StagesBuilt(str(out), pp.pp, infos)
+        (stage / BUILD_NAME).write_text(built.to_json())
+        out_dir = Path(os.path.abspath(out))
+        moved = manifest.moved(Path(os.path.abspath(artifact)), out_dir)
+        stages = [os.path.relpath(Path(os.path.abspath(artifact)) / d, out_dir) for d in pp.stages]
+        graph = replace(moved.graph(), engine=infos[0].engine)
+        replace(moved.with_graph(graph), pipeline_parallel=replace(pp, stages=stages)).write(stage)
     return built
 
 

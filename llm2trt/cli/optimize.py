@@ -28,6 +28,23 @@ if TYPE_CHECKING:
     help="Tensor parallelism: write one graph per rank under OUT/rank{r}/ (checked together with gloo).",
 )
 @click.option(
+    "--ep",
+    type=int,
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Expert parallelism (mixture of experts): the ranks in N groups, each holding a block of the "
+    "experts (--ep N alone: N ranks).",
+)
+@click.option(
+    "--pp",
+    type=int,
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Pipeline parallelism: split the layers into N stages under OUT/stage{s}/ (run together with gloo).",
+)
+@click.option(
     "--plugin",
     "plugins",
     multiple=True,
@@ -59,6 +76,8 @@ def optimize(
     quant: QuantRequest | None,
     kv: KVRequest,
     tp: int,
+    ep: int,
+    pp: int,
     plugins: tuple[str, ...],
     check: bool,
     skip_fusion: tuple[str, ...],
@@ -87,5 +106,7 @@ def optimize(
         allow_missing_fusions=allow_missing_fusions,
         quant=quant,
         tp=tp,
+        pp=pp,
+        ep=ep,
     )
     ctx.emit(result)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 import onnx
 
 from llm2trt import __version__
-from llm2trt.convert.patches import longrope_for_export, sdpa_for_export
+from llm2trt.convert.patches import experts_for_export, longrope_for_export, sdpa_for_export
 from llm2trt.convert.sources import ModelSource
 from llm2trt.convert.tokenizer import save_tokenizer
 from llm2trt.core.artifact import op_counts, save_onnx, staged_output
@@ -32,6 +32,7 @@ from llm2trt.core.kv import GQA_COUNTERS
 from llm2trt.core.log import plural, step
 from llm2trt.core.manifest import GraphSpec, Manifest, PassRecord, TensorSpec
 from llm2trt.core.records import Record
+from llm2trt.passes.ort_op_table import DOMAIN, VERSION
 
 if TYPE_CHECKING:
     import torch
@@ -131,7 +132,12 @@ def _run_fixed(
 
 
 def torchscript_export(
-    module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, graph: GraphSpec, opset: int
+    module: torch.nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    graph: GraphSpec,
+    opset: int,
+    custom_opsets: dict[str, int] | None = None,
 ) -> None:
     import torch
 
@@ -150,6 +156,7 @@ def torchscript_export(
                 output_names=[t.name for t in graph.outputs],
                 dynamic_axes=dynamic_axes,
                 do_constant_folding=True,
+                custom_opsets=custom_opsets,
             )
         except Exception as exc:  # the exporter raises many types; name the cause, go no further
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -209,12 +216,23 @@ def _trace(
     module = export_module(model, graph, dict(spec.forward_kwargs))
     feeds = spec.sample_inputs(source.config, graph, TRACE_BATCH, TRACE_SEQUENCE)
     args = tuple(to_torch(feeds[t.name]) for t in graph.inputs)
-    with step(f"exporting {source.display} to ONNX (TorchScript exporter, opset {opset})"), longrope_for_export(model):
-        torchscript_export(module, args, scratch / "model.onnx", graph, opset)
+    with (
+        step(f"exporting {source.display} to ONNX (TorchScript exporter, opset {opset})"),
+        longrope_for_export(model),
+        experts_for_export(model, spec.expert_classes) as experts,
+    ):
+        domains = {DOMAIN: VERSION} if experts else None  # (the exporter warns of a domain it does not use)
+        torchscript_export(module, args, scratch / "model.onnx", graph, opset, domains)
     del model, module
     # Over 2 GB the exporter writes its weights beside the file: they stay there until save_onnx
     # copies them file to file (reading them in would hold a second copy of the model).
     proto = onnx.load(str(scratch / "model.onnx"), load_external_data=False)
+    if experts:
+        from llm2trt.passes.moe import attach_moe
+
+        found = attach_moe(proto)
+        if found != experts:
+            raise BackendError(f"the export holds {found} MoE nodes for {plural(experts, 'experts module')}")
     if tied is not None:
         _tie(proto, f"model.{tied}", scratch)
     _name_dims(proto, graph.inputs, "input")

@@ -97,3 +97,44 @@ def longrope_for_export(model: Any) -> Iterator[None]:
     finally:
         for module in patched:
             del module.forward
+
+
+@contextlib.contextmanager
+def experts_for_export(model: Any, classes: tuple[str, ...]) -> Iterator[int]:
+    """Trace each experts module (`classes`, transformers' 3-D `gate_up_proj`/`down_proj` holders
+    called with the routed ids and weights) as one `llm2trt.MoE` node (passes/moe.py says why);
+    yields how many were patched."""
+    import torch
+
+    from llm2trt.passes.ort_op_table import DOMAIN, MOE
+
+    class RoutedExperts(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Any, ids: Any, weights: Any, gate_up: Any, down: Any, first_expert: int) -> Any:
+            # The value only types the trace: the node replaces it, and nothing traced after it
+            # branches on it. (Computing the experts here puts their ops in the node's traced body,
+            # which the exporter's peephole pass then fails on.)
+            return torch.zeros_like(x)
+
+        @staticmethod
+        def symbolic(g: Any, x: Any, ids: Any, weights: Any, gate_up: Any, down: Any, first_expert: int) -> Any:
+            node = g.op(f"{DOMAIN}::{MOE.name}", x, ids, weights, gate_up, down, first_expert_i=first_expert)
+            return node.setType(x.type())
+
+    patched = []
+    for module in model.modules():
+        if type(module).__name__ not in classes:
+            continue
+
+        def forward(hidden_states: Any, top_k_index: Any, top_k_weights: Any, _m: Any = module) -> Any:
+            weights = top_k_weights.float()  # the op mixes in float32 (Mixtral's router hands float32 over)
+            apply: Any = RoutedExperts.apply  # (untyped in torch)
+            return apply(hidden_states, top_k_index, weights, _m.gate_up_proj, _m.down_proj, 0)
+
+        module.forward = forward
+        patched.append(module)
+    try:
+        yield len(patched)
+    finally:
+        for module in patched:
+            del module.forward

@@ -19,6 +19,7 @@ from llm2trt.core.dtypes import DType
 from llm2trt.core.errors import InputError
 from llm2trt.core.kv import KVLayout
 from llm2trt.core.names import DATA_NAME, MANIFEST_NAME, MODEL_NAME
+from llm2trt.core.pp import PipelineParallel
 from llm2trt.core.quant import Quantization
 from llm2trt.core.records import Record, RecordError
 from llm2trt.core.tp import TensorParallel
@@ -135,6 +136,7 @@ class Manifest(Record):
     generation: GenerationDefaults | None = None  # decoders
     quantization: Quantization | None = None  # optimize --quant
     tensor_parallel: TensorParallel | None = None  # optimize --tp: the ranks, or which rank this is
+    pipeline_parallel: PipelineParallel | None = None  # optimize --pp: the stages, or which stage this is
     llm2trt_version: str = __version__
 
     def __post_init__(self) -> None:
@@ -186,13 +188,24 @@ class Manifest(Record):
         return self.graph().symbolic_dims()
 
     def require_whole(self, command: str) -> None:
-        """Refuse a tensor-parallel artifact in a command that runs one graph (ONNX Runtime has no
-        collectives; the rank harness does them)."""
+        """Refuse a tensor- or pipeline-parallel artifact in a command that runs one graph (ONNX
+        Runtime has no collectives, and a stage is not the model; the rank harness runs them)."""
         if self.tensor_parallel is not None:
             raise InputError(
                 f"{command}: this artifact is tensor-parallel ({self.tensor_parallel.render()}); "
                 "`llm2trt generate` runs its ranks, or give its unsplit source"
             )
+        if self.pipeline_parallel is not None:
+            raise InputError(
+                f"{command}: this artifact is pipeline-parallel ({self.pipeline_parallel.render()}); "
+                "`llm2trt generate` runs its stages, or give its unsplit source"
+            )
+
+    @property
+    def split(self) -> str | None:
+        """How this artifact is split over processes (tensor or pipeline parallel), or None."""
+        record = self.tensor_parallel or self.pipeline_parallel
+        return record.render() if record is not None else None
 
     def with_graph(self, graph: GraphSpec) -> Manifest:
         """A copy with `graph` replacing the graph of the same name (or added last)."""

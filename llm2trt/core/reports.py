@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from llm2trt.core.log import plural
 from llm2trt.core.manifest import DimRange, PassRecord
+from llm2trt.core.pp import StageReport
 from llm2trt.core.quant import Quantization
 from llm2trt.core.records import Record
 from llm2trt.core.tp import RankReport
@@ -84,6 +85,7 @@ class OptimizeReport(Record):
     numeric_check: NumericCheck = field(default_factory=lambda: NumericCheck(False, "not run yet"))
     quantization: Quantization | None = None
     ranks: list[RankReport] = field(default_factory=list)  # optimize --tp
+    stages: list[StageReport] = field(default_factory=list)  # optimize --pp
 
     def render(self) -> str:
         lines = [f"{self.nodes_before} -> {plural(self.nodes_after, 'node')}, opset {self.opset}"]
@@ -95,6 +97,7 @@ class OptimizeReport(Record):
         if self.quantization is not None:
             lines.append(f"  quantized {self.quantization.render()}")
         lines += [f"  {r.render()}" for r in self.ranks]
+        lines += [f"  {s.render()}" for s in self.stages]
         lines.append(f"  {self.numeric_check.render()}")
         return "\n".join(lines)
 

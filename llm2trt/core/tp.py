@@ -19,20 +19,38 @@ from llm2trt.core.records import Record
 
 @dataclass(frozen=True)
 class Mapping(Record):
-    """Which rank of how many this graph is."""
+    """Which rank of how many this graph is. Attention and dense layers split over all `tp` ranks;
+    a mixture of experts' experts over `ep` groups of ranks (a contiguous block of experts each),
+    and within a group each expert's intermediate features over its tp / ep ranks (`moe_tp`)."""
 
     tp: int
     rank: int
+    ep: int = 1
 
     def __post_init__(self) -> None:
         if self.tp < 1:
             raise InputError(f"--tp must be at least 1 (got {self.tp})")
+        if self.ep < 1 or self.tp % self.ep:
+            raise InputError(f"--ep {self.ep} must divide the {self.tp} ranks (--tp)")
         if not 0 <= self.rank < self.tp:
             raise InputError(f"rank {self.rank} is outside tp {self.tp} (ranks 0..{self.tp - 1})")
 
     @classmethod
-    def ranks(cls, tp: int) -> list[Mapping]:
-        return [cls(tp, r) for r in range(tp)]
+    def ranks(cls, tp: int, ep: int = 1) -> list[Mapping]:
+        return [cls(tp, r, ep) for r in range(tp)]
+
+    @property
+    def moe_tp(self) -> int:
+        """Ranks sharing one block of experts (each holds a share of every expert's features)."""
+        return self.tp // self.ep
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank // self.moe_tp
+
+    @property
+    def moe_tp_rank(self) -> int:
+        return self.rank % self.moe_tp
 
 
 class Split(enum.Enum):
@@ -164,6 +182,31 @@ def shard_vocab(weight: np.ndarray, mapping: Mapping, axis: int) -> np.ndarray:
     return np.take(weight, np.arange(mapping.rank * per, (mapping.rank + 1) * per), axis=axis)
 
 
+def check_experts(experts: int, intermediate: int, mapping: Mapping) -> None:
+    """Refuse, naming the numbers, experts or features that do not divide over the mapping."""
+    if experts % mapping.ep:
+        raise InputError(f"--ep {mapping.ep}: {plural(experts, 'expert')} do not divide into {mapping.ep} groups")
+    if intermediate % mapping.moe_tp:
+        raise InputError(
+            f"--tp {mapping.tp} --ep {mapping.ep}: each expert's {intermediate} intermediate features do not "
+            f"divide into the {mapping.moe_tp} ranks sharing its group"
+        )
+
+
+def shard_experts(gate_up: np.ndarray, down: np.ndarray, mapping: Mapping) -> tuple[np.ndarray, np.ndarray, int]:
+    """The rank's experts: its group's block of experts ([E, 2I, H] gate then up rows, [E, H, I]),
+    each narrowed to the rank's share of the intermediate features (matching gate and up rows, the
+    same columns of down), and the block's first global expert id."""
+    experts, intermediate = gate_up.shape[0], down.shape[2]
+    check_experts(experts, intermediate, mapping)
+    per = experts // mapping.ep
+    block = slice(mapping.ep_rank * per, (mapping.ep_rank + 1) * per)
+    share = intermediate // mapping.moe_tp
+    cols = np.arange(mapping.moe_tp_rank * share, (mapping.moe_tp_rank + 1) * share)
+    rows = np.concatenate([cols, cols + intermediate])
+    return gate_up[block][:, rows], down[block][:, :, cols], block.start
+
+
 @dataclass(frozen=True)
 class LayerSplit:
     """One layer kind's split: how its weight divides and how its features group."""
@@ -204,9 +247,11 @@ class TensorParallel(Record):
     tp: int
     rank: int | None = None
     ranks: list[str] = field(default_factory=list)
+    ep: int = 1  # expert groups among the ranks (a mixture of experts)
 
     def render(self) -> str:
-        return f"tp {self.tp}" + (f", rank {self.rank}" if self.rank is not None else f": {', '.join(self.ranks)}")
+        ep = f" ep {self.ep}" if self.ep > 1 else ""
+        return f"tp {self.tp}{ep}" + (f", rank {self.rank}" if self.rank is not None else f": {', '.join(self.ranks)}")
 
 
 @dataclass(frozen=True)

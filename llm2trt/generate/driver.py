@@ -248,9 +248,10 @@ def generate(
     ctx = DecoderContext(artifact, manifest, graph, _capacity(graph, manifest, batch, sampling), providers or [])
     eos = manifest.generation.eos_token_ids if manifest.generation else []
     refill = _refill_at(graph, manifest, batch, sampling)
-    if manifest.tensor_parallel is not None:
+    split = _split(manifest)
+    if split is not None:
         new, stops, (prefill, decode, steps) = _generate_ranks(ctx, runner, batch, sampling, eos, refill)
-        runner = f"{runner} tp{manifest.tensor_parallel.tp}"
+        runner = f"{runner} {split}"
     else:
         session = _open(runner, ctx)
         echo = _streamer(tokenizer, stream) if stream and len(batch) == 1 else None
@@ -260,6 +261,15 @@ def generate(
         for prompt, n, stop in zip(batch, new, stops, strict=True)
     ]
     return Generated(runner, rows, prefill, decode, steps)
+
+
+def _split(manifest: Manifest) -> str | None:
+    """How a split artifact's processes are named in the runner (tp2, pp2); None: not split."""
+    if manifest.tensor_parallel is not None:
+        return f"tp{manifest.tensor_parallel.tp}"
+    if manifest.pipeline_parallel is not None:
+        return f"pp{manifest.pipeline_parallel.pp}"
+    return None
 
 
 def _runner_for(artifact: Path, graph: GraphSpec, runner: str | None) -> str:
@@ -312,7 +322,8 @@ def _rank_task(
     pad_id: int,
     refill: int | None = None,
 ) -> tuple[list[list[int]], list[str], tuple[float, float, int]]:
-    """Every rank decodes its own graph and cache; the gathered logits make every rank pick alike."""
+    """Every rank decodes its own graph and cache; the gathered logits make every rank pick alike
+    (a pipeline stage its own layers' graph and cache; the last stage's logits, broadcast, likewise)."""
     session = rank.session(_decoder_graph(rank.manifest), capacity, pad_id)
     return generate_ids(session, prompts, sampling, eos, refill_at=refill)
 
@@ -325,11 +336,17 @@ def _generate_ranks(
     eos: list[int],
     refill: int | None = None,
 ) -> tuple[list[list[int]], list[str], tuple[float, float, int]]:
-    """A tensor-parallel artifact: one process per rank (llm2trt.backends.onnxruntime.ranks), ONNX Runtime in each."""
+    """A tensor- or pipeline-parallel artifact: one process per rank or stage
+    (llm2trt.backends.onnxruntime.ranks), ONNX Runtime in each."""
     import functools
 
     ranks = BACKENDS.get(runner).ranks
     if ranks is None:
+        if ctx.manifest.pipeline_parallel is not None:
+            raise InputError(
+                f"--runner {runner}: a pipeline-parallel artifact runs on the rank harness (--runner ort), "
+                "one process per stage; running its stage engines is not built yet"
+            )
         raise InputError(
             f"--runner {runner}: a tensor-parallel artifact runs on the rank harness (--runner ort); "
             "its engines need NCCL TensorRT plugins at run time, which this build does not load"

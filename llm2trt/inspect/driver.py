@@ -118,6 +118,8 @@ def _manifest_lines(path: str, m: Manifest) -> list[str]:
         lines.append(f"quantization  {m.quantization.render()}")
     if m.tensor_parallel is not None:
         lines.append(f"tensor para.  {m.tensor_parallel.render()}")
+    if m.pipeline_parallel is not None:
+        lines.append(f"pipeline par. {m.pipeline_parallel.render()}")
     return lines
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -204,8 +205,11 @@ def optimize(
     allow_missing_fusions: bool = False,
     quant: QuantRequest | None = None,
     tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
 ) -> Optimized:
-    """Optimize every graph of `artifact` into the artifact `out` (with `tp` > 1, one per rank)."""
+    """Optimize every graph of `artifact` into the artifact `out` (with `tp` > 1, one per rank; with
+    `pp` > 1, one per pipeline stage)."""
     if quant is not None:  # the method's own checks (--calib, --keep-sensitive), before anything loads
         METHODS.get(quant.method).check(quant)
     manifest = Manifest.read(artifact)
@@ -214,23 +218,38 @@ def optimize(
         raise InputError(
             f"{artifact} is a tensor-parallel artifact ({manifest.tensor_parallel.render()}); optimize its source"
         )
+    if manifest.pipeline_parallel is not None:
+        raise InputError(
+            f"{artifact} is a pipeline-parallel artifact ({manifest.pipeline_parallel.render()}); optimize its source"
+        )
     if quant is not None and manifest.quantization is not None:
         raise InputError(
             f"--quant: {artifact} is already quantized ({manifest.quantization.method}); "
             "quantize its unquantized source"
         )
     spec, config = spec_and_config(manifest)
-    if tp != 1:
+    if pp != 1:
+        from llm2trt.optimize.stages import check_request as check_stages
+
+        check_stages(spec, config, manifest, pp, tp, ep)
+    if ep > 1 and tp == 1:
+        tp = ep  # --ep N alone: N ranks, attention split over them as well
+    if tp != 1 or ep != 1:
         from llm2trt.optimize.ranks import check_request
 
-        check_request(spec, config, manifest, tp, quant is not None)
+        check_request(spec, config, manifest, tp, quant is not None, ep)
     job = _Job(artifact, manifest, spec, config, options or PipelineOptions(), kv or KVRequest(), check, quant)
     with staged_output(out, force, reads=[artifact]) as stage:
         spill = stage / SPILL_DIR  # the weights passes make, on disk until they are saved
         spill.mkdir()
         results = {g.name: job.optimize_graph(g, spill / f"{g.name}.data") for g in manifest.graphs.values()}
         _check_expected(results, allow_missing_fusions)
-        optimized = _optimize_ranks(job, results, stage, tp) if tp > 1 else _write(job, results, stage)
+        if tp > 1:
+            optimized = _optimize_ranks(job, results, stage, tp, ep)
+        elif pp > 1:
+            optimized = _optimize_stages(job, results, stage, pp)
+        else:
+            optimized = _write(job, results, stage)
         shutil.rmtree(spill)
     return replace(optimized, output=str(out))
 
@@ -271,29 +290,60 @@ def _write(job: _Job, results: dict[str, tuple[Model, OptimizeReport, GraphSpec]
 
 
 def _optimize_ranks(
-    job: _Job, results: dict[str, tuple[Model, OptimizeReport, GraphSpec]], stage: Path, tp: int
+    job: _Job, results: dict[str, tuple[Model, OptimizeReport, GraphSpec]], stage: Path, tp: int, ep: int = 1
 ) -> Optimized:
-    """optimize --tp: the ranks' artifacts, checked together against the input."""
-    from llm2trt.optimize.ranks import check_ranks, write_ranks
+    """optimize --tp (--ep): the ranks' artifacts, checked together against the input."""
+    from llm2trt.optimize.ranks import write_ranks
+
+    def write(base: Manifest) -> tuple[Manifest, dict[str, Any]]:
+        top, ranks = write_ranks(stage, base, job.spec, job.config, results, tp, ep)
+        return top, {"ranks": ranks}
+
+    return _optimize_split(job, results, stage, write, f"{tp} ranks")
+
+
+def _optimize_stages(
+    job: _Job, results: dict[str, tuple[Model, OptimizeReport, GraphSpec]], stage: Path, pp: int
+) -> Optimized:
+    """optimize --pp: the stages' artifacts, checked together against the input."""
+    from llm2trt.optimize.stages import write_stages
+
+    def write(base: Manifest) -> tuple[Manifest, dict[str, Any]]:
+        top, stages = write_stages(stage, base, job.spec, job.config, results, pp)
+        return top, {"stages": stages}
+
+    return _optimize_split(job, results, stage, write, f"{pp} stages")
+
+
+def _optimize_split(
+    job: _Job,
+    results: dict[str, tuple[Model, OptimizeReport, GraphSpec]],
+    stage: Path,
+    write: Callable[[Manifest], tuple[Manifest, dict[str, Any]]],
+    parts: str,
+) -> Optimized:
+    """The split artifacts `write` makes (ranks or stages) and their top manifest; then every part run
+    together (one process each, gloo: collectives, or the activations sent from stage to stage) as the
+    decoder they make, prefill and decode steps against the input graph."""
+    from llm2trt.optimize.ranks import check_ranks
 
     manifest, artifact = job.manifest, job.artifact
     passes = [r for _m, report, _g in results.values() for r in report.passes]
     opset = max(m.opset for m, _r, _g in results.values())
-    base = copy_tokenizer(replace(manifest, opset=opset).with_passes(passes), artifact, stage)
-    top, ranks = write_ranks(stage, base, job.spec, job.config, results, tp)
+    top, split = write(copy_tokenizer(replace(manifest, opset=opset).with_passes(passes), artifact, stage))
     top.write(stage)
     name, (_model, report, target) = next(iter(results.items()))
     verdict = NumericCheck(False, "--no-check")
     if job.check:
         if target.kv_cache is None and manifest.graphs[name].kv_cache is None:
-            verdict = NumericCheck(False, "tensor-parallel graphs are checked as decoders; this one has no KV cache")
+            verdict = NumericCheck(False, "split graphs are checked as decoders; this one has no KV cache")
         else:
-            with step(f"checking the {tp} ranks together against the input (ONNX Runtime + gloo)"):
+            with step(f"checking the {parts} together against the input (ONNX Runtime + gloo)"):
                 before = (manifest.graphs[name], manifest.onnx_path(artifact, name))
                 verdict = check_ranks(stage, before, job.config, job.tolerance)
             if not verdict.passed:
-                raise CheckFailed(f"the ranks together diverge from the input: {verdict.breach()}")
-    report = replace(report, numeric_check=verdict, ranks=ranks)
+                raise CheckFailed(f"the {parts} together diverge from the input: {verdict.breach()}")
+    report = replace(report, numeric_check=verdict, **split)
     report.write(stage / REPORT_NAME)
     return Optimized(str(artifact), str(stage), {target.name: report})
 

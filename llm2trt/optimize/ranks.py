@@ -22,7 +22,7 @@ from llm2trt.core.log import step
 from llm2trt.core.manifest import GraphSpec, Manifest, PassRecord, TensorSpec
 from llm2trt.core.reports import NumericCheck, OptimizeReport
 from llm2trt.core.tolerance import TolerancePolicy
-from llm2trt.core.tp import Mapping, RankReport, TensorParallel, TPPlan
+from llm2trt.core.tp import Mapping, RankReport, TensorParallel, TPPlan, check_experts
 from llm2trt.exporters import ExportSpec
 from llm2trt.passes.cleanup import ShapeInference
 from llm2trt.passes.fusions import count_fusions
@@ -51,10 +51,16 @@ def rank_graph(graph: GraphSpec, plan: TPPlan) -> GraphSpec:
     )
 
 
-def check_request(spec: ExportSpec, config: Any, manifest: Manifest, tp: int, quantizing: bool) -> None:
-    """Refuse, before any work, a --tp this artifact cannot take."""
+def check_request(spec: ExportSpec, config: Any, manifest: Manifest, tp: int, quantizing: bool, ep: int = 1) -> None:
+    """Refuse, before any work, a --tp (--ep) this artifact cannot take."""
     if tp < 1:
         raise InputError(f"--tp must be at least 1 (got {tp})")
+    mapping = Mapping(tp, 0, ep)  # an --ep that does not divide the ranks is refused here
+    experts = spec.experts(config)
+    if ep > 1 and experts is None:
+        raise InputError(f"--ep {ep}: {spec.name} has no mixture of experts to spread")
+    if experts is not None:
+        check_experts(*experts, mapping)
     if manifest.tensor_parallel is not None:
         raise InputError(f"--tp: the input is already split ({manifest.tensor_parallel.render()})")
     if tp > 1 and (quantizing or manifest.quantization is not None):
@@ -84,6 +90,7 @@ def write_ranks(
     config: Any,
     optimized: dict[str, tuple[Model, OptimizeReport, GraphSpec]],
     tp: int,
+    ep: int = 1,
 ) -> tuple[Manifest, list[RankReport]]:
     """Write rank{r}/ for every rank; the top manifest (not yet written) and the per-rank reports."""
     from llm2trt.optimize.check import conform, save_graph
@@ -91,7 +98,7 @@ def write_ranks(
     reports: list[RankReport] = []
     ranks = [RANK_DIR.format(r) for r in range(tp)]
     top_graphs: dict[str, GraphSpec] = {}
-    for mapping in Mapping.ranks(tp):
+    for mapping in Mapping.ranks(tp, ep):
         plan = spec.tp_plan(config, mapping)
         folder = stage / ranks[mapping.rank]
         folder.mkdir()
@@ -119,12 +126,12 @@ def write_ranks(
             manifest.with_passes(records),
             graphs=graphs,
             generation=generation,
-            tensor_parallel=TensorParallel(tp, mapping.rank),
+            tensor_parallel=TensorParallel(tp, mapping.rank, ep=ep),
         )
         rank_manifest.write(folder)
         if mapping.rank == 0:
             top_graphs = rank_manifest.moved(folder, stage).graphs
-    return replace(manifest, graphs=top_graphs, tensor_parallel=TensorParallel(tp, None, ranks)), reports
+    return replace(manifest, graphs=top_graphs, tensor_parallel=TensorParallel(tp, None, ranks, ep)), reports
 
 
 def _probe_task(ctx: RankContext, prompts: list[list[int]], tokens: np.ndarray, capacity: int) -> list[np.ndarray]:

@@ -21,12 +21,14 @@ from llm2trt.passes.fusions.attention import AttentionRule
 from llm2trt.passes.fusions.gelu import GeluErfRule, GeluTanhRule
 from llm2trt.passes.fusions.norms import LayerNormRule, RMSNormRule
 from llm2trt.passes.fusions.rope import RoPERule
+from llm2trt.passes.ort_op_table import DOMAIN, MOE
 from llm2trt.passes.pattern import RewriteRule
 
 
 @dataclass(frozen=True)
 class Fusion:
-    """One fusion: its rules, in the order they are tried."""
+    """One fusion: its rules, in the order they are tried. One with no rules is made at export
+    (the experts traced as one MoE node): optimize only counts it."""
 
     name: str
     rules: tuple[type[RewriteRule], ...]
@@ -43,7 +45,7 @@ class Fusion:
 
     @property
     def min_opset(self) -> int:
-        return max(rule.min_opset for rule in self.rules)
+        return max((rule.min_opset for rule in self.rules), default=1)
 
 
 FUSIONS: Registry[Fusion] = Registry("fusion")
@@ -65,6 +67,13 @@ def register_fusion(*rules: type[RewriteRule]) -> Fusion:
     return FUSIONS.register(fusion.name, fusion)
 
 
+def register_export_fusion(name: str, domain: str, op: str) -> Fusion:
+    """A fusion the export makes (`domain.op` nodes), counted and gated like the rules' fusions."""
+    fusion = FUSIONS.register(name, Fusion(name, ()))
+    register_equivalent(name, domain, op)
+    return fusion
+
+
 # Order matters only for speed and readability of reports: norms and activations first, then
 # RoPE, then attention (whose Q input is the RoPE output).
 register_fusion(LayerNormRule)
@@ -80,8 +89,15 @@ def check_fusion_names(names: tuple[str, ...] | list[str], what: str) -> None:
         raise InputError(f"unknown fusion {unknown[0]!r} for {what}; fusions: {', '.join(FUSIONS)}")
 
 
+# The experts of a mixture-of-experts layer (passes/moe.py).
+register_export_fusion("MoE", DOMAIN, MOE.name)
+
+
 def selected(skip: tuple[str, ...] | list[str] = ()) -> list[Fusion]:
     check_fusion_names(skip, "--skip-fusion")
+    made = [s for s in skip if not FUSIONS.get(s).rules]
+    if made:
+        raise InputError(f"--skip-fusion {made[0]}: {made[0]} is made at export, not by optimize; nothing to skip")
     return [f for f in FUSIONS.entries() if f.name not in skip]
 
 

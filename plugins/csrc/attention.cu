@@ -19,31 +19,6 @@ namespace {
 // The pass refuses larger groups by the table's limit; the decode kernel's is what it can hold.
 static_assert(attention::kMaxGroup == ops::kAttentionMaxGroup, "the table's group limit is the decode kernel's");
 
-// Device scratch from ONNX Runtime's allocator for the provider's device (arena-backed, so a
-// captured CUDA graph sees the same addresses each replay).
-struct Scratch {
-  OrtMemoryInfo* info = nullptr;
-  OrtAllocator* allocator = nullptr;
-  void* data = nullptr;
-  Scratch() = default;
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  ~Scratch() {
-    if (data != nullptr) allocator->Free(allocator, data);
-    if (allocator != nullptr) ort_fn<ReleaseAllocatorFn>(g_api, ort_index::ReleaseAllocator)(allocator);
-    if (info != nullptr) ort_fn<ReleaseMemoryInfoFn>(g_api, ort_index::ReleaseMemoryInfo)(info);
-  }
-  OrtStatus* get(OrtKernelContext* context, size_t bytes) {
-    int device = 0;
-    cudaGetDevice(&device);
-    ORT_TRY(ort_fn<CreateMemoryInfoFn>(g_api, ort_index::CreateMemoryInfo)("Cuda", 0, device, 0, &info));
-    ORT_TRY(ort_fn<GetAllocatorFn>(g_api, ort_index::KernelContext_GetAllocator)(context, info, &allocator));
-    if (allocator == nullptr) return error("llm2trt GroupQueryAttention: no allocator for the provider's device");
-    data = allocator->Alloc(allocator, bytes);
-    return data != nullptr ? nullptr : error("llm2trt GroupQueryAttention: out of device memory for its scratch");
-  }
-};
-
 constexpr int64_t kScoresBudget = int64_t(256) << 20;  // bytes of scores + probabilities a prefill chunk may use
 
 template <typename T, int D>

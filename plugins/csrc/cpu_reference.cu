@@ -146,9 +146,59 @@ void cpu_attention(const AttentionArgs& a) {
     }
 }
 
+// MoE in the reference body's order and roundings: each row's routing weights summed per expert
+// (a repeated id adds up), then per routed expert gate and up rounded to T, SiLU as sigmoid and two
+// products each rounded to T, Down's output rounded to T, and the experts mixed in float32 in
+// expert order.
+template <typename T>
+void cpu_moe(const MoeArgs& a) {
+  const T* x = static_cast<const T*>(a.x.data);
+  const int64_t* ids = static_cast<const int64_t*>(a.ids.data);
+  const float* weights = static_cast<const float*>(a.weights.data);
+  const T* gate_up = static_cast<const T*>(a.gate_up.data);
+  const T* down = static_cast<const T*>(a.down.data);
+  T* y = static_cast<T*>(a.y.data);
+  const int64_t H = a.hidden, I = a.inter, E = a.experts, K = a.k;
+  auto round = [](float v) { return to_float(from_float<T>(v)); };
+  auto dot = [](const T* w, const T* v, int64_t n) {
+    float acc = 0.f;
+    for (int64_t i = 0; i < n; ++i) acc += to_float(w[i]) * to_float(v[i]);
+    return acc;
+  };
+  std::vector<float> dense(E), total(H);
+  std::vector<char> routed(E);
+  std::vector<T> h(I);
+  for (int64_t n = 0; n < a.rows; ++n) {
+    std::fill(dense.begin(), dense.end(), 0.f);
+    std::fill(routed.begin(), routed.end(), 0);
+    std::fill(total.begin(), total.end(), 0.f);
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t e = ids[n * K + j] - a.first;
+      if (e < 0 || e >= E) continue;  // an expert of another block: adds nothing
+      dense[e] += weights[n * K + j];
+      routed[e] = 1;
+    }
+    const T* row = x + n * H;
+    for (int64_t e = 0; e < E; ++e) {
+      if (!routed[e]) continue;
+      const T* gate = gate_up + e * 2 * I * H;
+      for (int64_t i = 0; i < I; ++i) {
+        const float g = round(dot(gate + i * H, row, H)), u = round(dot(gate + (I + i) * H, row, H));
+        const float act = round(g * round(1.f / (1.f + std::exp(-g))));
+        h[i] = from_float<T>(act * u);
+      }
+      for (int64_t o = 0; o < H; ++o) total[o] += round(dot(down + (e * H + o) * I, h.data(), I)) * dense[e];
+    }
+    for (int64_t o = 0; o < H; ++o) y[n * H + o] = from_float<T>(total[o]);
+  }
+}
+
 template void cpu_compute<__half>(const OpKind&, const Args&);
 template void cpu_compute<float>(const OpKind&, const Args&);
 template void cpu_attention<__half>(const AttentionArgs&);
 template void cpu_attention<float>(const AttentionArgs&);
+template void cpu_moe<__half>(const MoeArgs&);
+template void cpu_moe<__nv_bfloat16>(const MoeArgs&);
+template void cpu_moe<float>(const MoeArgs&);
 
 }  // namespace llm2trt

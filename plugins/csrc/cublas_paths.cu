@@ -16,9 +16,6 @@
 namespace llm2trt {
 namespace {
 
-using GemmExFn = int (*)(void*, int, int, int, int, int, const void*, const void*, int, int, const void*, int, int,
-                         const void*, void*, int, int, int, int);
-
 void* cublas_symbol(const char* symbol) {
   for (const char* name : {"libcublas.so.13", "libcublas.so.12", "libcublas.so"}) {
     void* lib = dlopen(name, RTLD_NOW | RTLD_NOLOAD);
@@ -30,12 +27,12 @@ void* cublas_symbol(const char* symbol) {
   return nullptr;
 }
 
+}  // namespace
+
 GemmExFn cublas_gemm() {
   static GemmExFn fn = reinterpret_cast<GemmExFn>(cublas_symbol("cublasGemmEx"));
   return fn;
 }
-
-}  // namespace
 
 BatchedGemmFn cublas_batched_gemm() {
   static BatchedGemmFn fn = reinterpret_cast<BatchedGemmFn>(cublas_symbol("cublasGemmStridedBatchedEx"));

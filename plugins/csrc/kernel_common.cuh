@@ -1,6 +1,7 @@
 // Element conversions and warp helpers shared by the library's kernels (gemv.cu, cublas_paths.cu,
 // llm2trt_attention.cuh) and, for the conversions, by its CPU reference.
 #pragma once
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -12,12 +13,16 @@ template <>
 __host__ __device__ __forceinline__ float to_float<float>(float v) { return v; }
 template <>
 __host__ __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <>
+__host__ __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
 template <typename T>
 __host__ __device__ __forceinline__ T from_float(float v);
 template <>
 __host__ __device__ __forceinline__ float from_float<float>(float v) { return v; }
 template <>
 __host__ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__host__ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);

@@ -30,7 +30,9 @@ typedef enum {
   ORT_ELEMENT_UNDEFINED = 0,
   ORT_ELEMENT_FLOAT = 1,
   ORT_ELEMENT_INT32 = 6,
+  ORT_ELEMENT_INT64 = 7,
   ORT_ELEMENT_FLOAT16 = 10,
+  ORT_ELEMENT_BFLOAT16 = 16,
 } OrtElementType;
 
 typedef enum { ORT_OK = 0, ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 } OrtErrorCodeValue;

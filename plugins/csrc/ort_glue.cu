@@ -12,6 +12,7 @@
 //   GroupQueryAttention(QKV, PastKey, PastValue, SeqlensK, TotalSequenceLength, CosCache, SinCache)
 //       -> (Output, PresentKey, PresentValue)     com.microsoft.GroupQueryAttention, packed QKV,
 //       rotary inside; the cache updated in place (attention.cu, llm2trt_attention.cuh)
+//   MoE(X, ExpertIds, ExpertWeights, GateUp, Down) -> Y      routed experts (moe.cu); also bfloat16
 //
 // Why: a batch-1 decode step is ~10 kernels a layer, and its GEMVs are where the time goes. With
 // one row (M = 1) each op is ONE kernel (gemv.cu): every block normalizes the row itself (it is a
@@ -26,6 +27,7 @@
 // Each op is registered for the CUDA provider and, for tests of this library on machines without a
 // GPU, for the CPU provider (cpu_reference.cu: plain loops in float).
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -181,7 +183,54 @@ OrtStatus* gather_attention(const OpKind& kind, int64_t heads, int64_t kv_heads,
   return nullptr;
 }
 
+OrtStatus* gather_moe(const OpKind& kind, int64_t first, OrtKernelContext* context, MoeArgs* a) {
+  const std::pair<int, Tensor*> inputs[] = {{ops::io::X, &a->x},
+                                            {ops::io::ExpertIds, &a->ids},
+                                            {ops::io::ExpertWeights, &a->weights},
+                                            {ops::io::GateUp, &a->gate_up},
+                                            {ops::io::Down, &a->down}};
+  for (const auto& [name, tensor] : inputs) ORT_TRY(input(context, input_slot(kind, name), tensor));
+  const std::vector<int64_t>& gu = a->gate_up.shape;
+  const std::vector<int64_t>& down = a->down.shape;
+  if (a->x.shape.size() != 2 || gu.size() != 3 || down.size() != 3 || gu[2] != a->x.shape[1] || gu[1] % 2 != 0 ||
+      down[0] != gu[0] || down[1] != gu[2] || down[2] * 2 != gu[1])
+    return error("llm2trt MoE: X must be [N, H], GateUp [E, 2I, H] and Down [E, H, I]");
+  if (a->ids.shape.size() != 2 || a->ids.shape[0] != a->x.shape[0] || a->weights.shape != a->ids.shape)
+    return error("llm2trt MoE: ExpertIds and ExpertWeights must both be [N, k]");
+  if (a->gate_up.type != a->x.type || a->down.type != a->x.type)
+    return error("llm2trt MoE: X, GateUp and Down must share one type");
+  a->rows = a->x.shape[0];
+  a->hidden = a->x.shape[1];
+  a->k = a->ids.shape[1];
+  a->experts = gu[0];
+  a->inter = down[2];
+  a->first = first;
+  if (a->rows * a->k > INT32_MAX || a->experts > INT32_MAX / 2 || a->hidden > INT32_MAX / 2 || a->inter > INT32_MAX / 4)
+    return error("llm2trt MoE: too many rows or experts for 32-bit positions");
+  ORT_TRY(output(context, output_slot(kind, ops::io::Y), a->x.shape, &a->y));
+  if (a->y.data == nullptr && a->rows * a->hidden != 0) return error("llm2trt MoE: Y has no buffer");
+  return nullptr;
+}
+
 }  // namespace
+
+// ---- scratch -------------------------------------------------------------------------------------
+
+Scratch::~Scratch() {
+  if (data != nullptr) allocator->Free(allocator, data);
+  if (allocator != nullptr) ort_fn<ReleaseAllocatorFn>(g_api, ort_index::ReleaseAllocator)(allocator);
+  if (info != nullptr) ort_fn<ReleaseMemoryInfoFn>(g_api, ort_index::ReleaseMemoryInfo)(info);
+}
+
+OrtStatus* Scratch::get(OrtKernelContext* context, size_t bytes) {
+  int device = 0;
+  cudaGetDevice(&device);
+  ORT_TRY(ort_fn<CreateMemoryInfoFn>(g_api, ort_index::CreateMemoryInfo)("Cuda", 0, device, 0, &info));
+  ORT_TRY(ort_fn<GetAllocatorFn>(g_api, ort_index::KernelContext_GetAllocator)(context, info, &allocator));
+  if (allocator == nullptr) return error("llm2trt kernels: no allocator for the provider's device");
+  data = allocator->Alloc(allocator, bytes);
+  return data != nullptr ? nullptr : error("llm2trt kernels: out of device memory for a kernel's scratch");
+}
 
 // ---- the CUDA provider's stream, cuBLAS handle and device ----------------------------------------
 
@@ -248,8 +297,31 @@ struct Op : OrtCustomOp {
 
 const Op& self(const OrtCustomOp* op) { return *static_cast<const Op*>(op); }
 
+// MoE in the registration's element type.
+OrtStatus* compute_moe(const Kernel& kernel, OrtKernelContext* context) {
+  MoeArgs a;
+  ORT_TRY(gather_moe(*kernel.kind, kernel.ints[ops::attr::first_expert], context, &a));
+  switch (a.x.type) {
+    case ORT_ELEMENT_FLOAT16:
+      if (kernel.cuda) return cuda_moe<__half>(a, context);
+      cpu_moe<__half>(a);
+      return nullptr;
+    case ORT_ELEMENT_BFLOAT16:
+      if (kernel.cuda) return cuda_moe<__nv_bfloat16>(a, context);
+      cpu_moe<__nv_bfloat16>(a);
+      return nullptr;
+    case ORT_ELEMENT_FLOAT:
+      if (kernel.cuda) return cuda_moe<float>(a, context);
+      cpu_moe<float>(a);
+      return nullptr;
+    default:
+      return error("llm2trt MoE: float, float16 and bfloat16 only");
+  }
+}
+
 OrtStatus* compute(void* opaque, OrtKernelContext* context) {
   const Kernel& kernel = *static_cast<Kernel*>(opaque);
+  if (kernel.kind->moe) return compute_moe(kernel, context);
   if (kernel.kind->attention) {
     AttentionArgs a;
     ORT_TRY(gather_attention(*kernel.kind, kernel.ints[ops::attr::num_heads], kernel.ints[ops::attr::kv_num_heads],
@@ -304,6 +376,20 @@ OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* api, const OrtKern
   return nullptr;
 }
 
+// ONNX's element type for a table type: T is the registration's own, the others fixed.
+int element_type(const Op& op, ops::Type type) {
+  switch (type) {
+    case ops::kInt32:
+      return ORT_ELEMENT_INT32;
+    case ops::kInt64:
+      return ORT_ELEMENT_INT64;
+    case ops::kFloat32:
+      return ORT_ELEMENT_FLOAT;
+    default:
+      return op.type;
+  }
+}
+
 // One registration of `kind` for a provider and an element type, its types and characteristics
 // read from the table.
 Op make_op(const OpKind* kind, bool cuda, int type) {
@@ -318,12 +404,10 @@ Op make_op(const OpKind* kind, bool cuda, int type) {
     return self(o).cuda ? "CUDAExecutionProvider" : "CPUExecutionProvider";
   };
   // One op per element type (ONNX Runtime merges same-named ops into one schema).
-  op.GetInputType = [](const OrtCustomOp* o, size_t index) {
-    return self(o).kind->input_type[index] == ops::kInt32 ? int(ORT_ELEMENT_INT32) : self(o).type;
-  };
+  op.GetInputType = [](const OrtCustomOp* o, size_t index) { return element_type(self(o), self(o).kind->input_type[index]); };
   op.GetInputTypeCount = [](const OrtCustomOp* o) { return self(o).kind->inputs; };
   op.GetOutputType = [](const OrtCustomOp* o, size_t index) {
-    return self(o).kind->output_type[index] == ops::kFloat32 ? int(ORT_ELEMENT_FLOAT) : self(o).type;
+    return element_type(self(o), self(o).kind->output_type[index]);
   };
   op.GetOutputTypeCount = [](const OrtCustomOp* o) { return self(o).kind->outputs; };
   op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
@@ -353,7 +437,8 @@ std::vector<Op>& ops_registered() {
   static std::vector<Op> all = [] {
     std::vector<Op> made;
     for (const OpKind& kind : ops::kOps) {
-      for (int type : {int(ORT_ELEMENT_FLOAT16), int(ORT_ELEMENT_FLOAT)}) {
+      for (int type : {int(ORT_ELEMENT_FLOAT16), int(ORT_ELEMENT_FLOAT), int(ORT_ELEMENT_BFLOAT16)}) {
+        if (type == ORT_ELEMENT_BFLOAT16 && !kind.bfloat16) continue;  // only ops with bfloat16 kernels
         made.push_back(make_op(&kind, true, type));
         made.push_back(make_op(&kind, false, type));
       }
@@ -391,7 +476,7 @@ extern "C" __attribute__((visibility("default"))) int Llm2trtOneRow(const char* 
   using llm2trt::OpKind;
   const OpKind* kind = nullptr;
   for (const OpKind& candidate : llm2trt::ops::kOps)
-    if (!candidate.attention && std::strcmp(candidate.name, op) == 0) kind = &candidate;
+    if (!candidate.attention && !candidate.moe && std::strcmp(candidate.name, op) == 0) kind = &candidate;
   if (kind == nullptr || (type != ORT_ELEMENT_FLOAT16 && type != ORT_ELEMENT_FLOAT)) return -1;
   llm2trt::Args a;
   a.x.data = const_cast<void*>(x);

@@ -3,6 +3,7 @@
 // comes from llm2trt_ops.h, which plugins/ort_library.py generates from passes/ort_op_table.py at
 // build time (it is not in this directory).
 #pragma once
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -81,6 +82,25 @@ struct AttentionArgs {
   attention::Shape shape;
 };
 
+// MoE: X [N, H], ExpertIds int64 [N, k], ExpertWeights float32 [N, k], GateUp [E, 2I, H], Down [E, H, I].
+struct MoeArgs {
+  Tensor x, ids, weights, gate_up, down, y;
+  int64_t rows = 0, k = 0, experts = 0, hidden = 0, inter = 0, first = 0;
+};
+
+// Device scratch from ONNX Runtime's allocator for the provider's device (arena-backed, so a
+// captured CUDA graph sees the same addresses each replay); freed when it goes out of scope.
+struct Scratch {
+  OrtMemoryInfo* info = nullptr;
+  OrtAllocator* allocator = nullptr;
+  void* data = nullptr;
+  Scratch() = default;
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  ~Scratch();
+  OrtStatus* get(OrtKernelContext* context, size_t bytes);
+};
+
 // ---- the CUDA provider's stream, cuBLAS handle and device (ort_glue.cu) ------------------------
 
 OrtStatus* compute_stream(OrtKernelContext* context, cudaStream_t* stream);
@@ -94,13 +114,16 @@ inline unsigned stride_blocks(int64_t total) { return unsigned(std::min<int64_t>
 
 // ---- cuBLAS, found in the provider's own process image (cublas_paths.cu) -----------------------
 
+using GemmExFn = int (*)(void*, int, int, int, int, int, const void*, const void*, int, int, const void*, int, int,
+                         const void*, void*, int, int, int, int);
 using BatchedGemmFn = int (*)(void*, int, int, int, int, int, const void*, const void*, int, int, long long,
                               const void*, int, int, long long, const void*, void*, int, int, long long, int, int, int);
+GemmExFn cublas_gemm();  // null where the process has no cuBLAS
 BatchedGemmFn cublas_batched_gemm();
 
-constexpr int kCudaR16F = 2, kCudaR32F = 0, kComputeF32 = 68, kGemmDefault = -1, kOpN = 0, kOpT = 1;
+constexpr int kCudaR16F = 2, kCudaR16BF = 14, kCudaR32F = 0, kComputeF32 = 68, kGemmDefault = -1, kOpN = 0, kOpT = 1;
 
-// ---- each part's entry points, T = __half or float ---------------------------------------------
+// ---- each part's entry points, T = __half or float (MoE: __nv_bfloat16 too) --------------------
 
 template <typename T>
 void cpu_compute(const OpKind& kind, const Args& a);  // cpu_reference.cu
@@ -112,5 +135,9 @@ template <typename T>
 OrtStatus* cuda_compute(const OpKind& kind, OrtKernelContext* context, Args& a);  // cublas_paths.cu
 template <typename T>
 OrtStatus* cuda_attention(const AttentionArgs& a, OrtKernelContext* context);  // attention.cu
+template <typename T>
+void cpu_moe(const MoeArgs& a);  // cpu_reference.cu
+template <typename T>
+OrtStatus* cuda_moe(const MoeArgs& a, OrtKernelContext* context);  // moe.cu
 
 }  // namespace llm2trt

@@ -21,6 +21,7 @@ from tests.conftest import TINY, run_cli, run_json
 # Main output of each built-in tiny model, and the fp32 bound the issue sets.
 MAIN_OUTPUT = {
     **dict.fromkeys(("tiny:gpt2", "tiny:llama", "tiny:qwen3", "tiny:gemma3", "tiny:phi3", "tiny:bloom"), "logits"),
+    **dict.fromkeys(("tiny:mixtral", "tiny:qwen3_moe", "tiny:qwen2_moe"), "logits"),
     "tiny:bert": "last_hidden_state",
     "tiny:vit": "logits",
 }

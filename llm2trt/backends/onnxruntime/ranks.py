@@ -1,4 +1,5 @@
-"""The rank harness: run a tensor-parallel artifact's rank graphs, one process per rank.
+"""The rank harness: run a tensor-parallel artifact's rank graphs, one process per rank (or a
+pipeline-parallel artifact's stages, one process per stage: llm2trt.backends.onnxruntime.stages).
 
 Each rank's graph runs in ONNX Runtime between its `DistCollective` nodes (ONNX Runtime has no
 such op): the nodes up to a collective are one segment, a session of its own; the collective is
@@ -272,9 +273,15 @@ class RankContext:
         return RankExecutor(path, graph, self.comm, self.providers, self.threads)
 
     def session(self, graph: GraphSpec, capacity: int, pad_id: int = 0) -> DecoderSession:
-        """A decoder session over this rank's graph, its cache holding the rank's heads."""
+        """A decoder session over this rank's graph, its cache holding the rank's heads (or, for a
+        pipeline stage, its layers: the session then computes the whole model with the others)."""
         from llm2trt.backends.decoder import open_session
 
+        stages = self.manifest.pipeline_parallel
+        if stages is not None:
+            from llm2trt.backends.onnxruntime.stages import stage_session
+
+            return stage_session(graph, self.executor(graph), stages, self.comm, capacity, pad_id)
         return open_session(graph, self.executor(graph), capacity=capacity, pad_id=pad_id)
 
 
@@ -282,9 +289,14 @@ RankTask = Callable[[RankContext], Any]
 
 
 def rank_dirs(artifact: Path, manifest: Manifest) -> list[Path]:
+    """The directories of a split artifact's processes: its ranks, or its pipeline stages."""
+    if manifest.pipeline_parallel is not None and manifest.pipeline_parallel.stages:
+        return [artifact / d for d in manifest.pipeline_parallel.stages]
     tp = manifest.tensor_parallel
     if tp is None:
-        raise InputError(f"{artifact} is not a tensor-parallel artifact (made by `optimize --tp N`)")
+        raise InputError(
+            f"{artifact} is not a tensor- or pipeline-parallel artifact (made by `optimize --tp N` or `--pp N`)"
+        )
     return [artifact / d for d in tp.ranks]
 
 
