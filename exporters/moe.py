@@ -3,16 +3,14 @@ layer, counted like a fusion), the router left in the graph as a plain projectio
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 from llm2trt.exporters.base import DecoderSpec
 
 
 class MoESpec(DecoderSpec):
-    # Each MoE layer's experts, one MoE node; Qwen2-MoE's `mlp_only_layers` and `decoder_sparse_step`
-    # leave some layers dense (see moe_layers).
-    moe_fusions: ClassVar[Mapping[str, tuple[int, int]]] = {"MoE": (1, 0)}
+    """Each MoE layer's experts are one MoE node; Qwen2-MoE's `mlp_only_layers` and
+    `decoder_sparse_step` leave some layers dense (see moe_layers)."""
 
     def moe_layers(self, config: Any) -> list[int]:
         """The layers whose MLP is a mixture of experts."""

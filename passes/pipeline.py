@@ -15,7 +15,7 @@ from llm2trt.core.kv import GQA, KVLayout
 from llm2trt.core.quant import QuantRequest
 from llm2trt.core.registry import Registry
 from llm2trt.passes.cleanup import ShapeInference, cleanup_passes
-from llm2trt.passes.fusions import required_opset, selected
+from llm2trt.passes.fusions import required_opset, rewrites
 from llm2trt.passes.kv_cache import TENSOR_SCATTER_OPSET, KVCachePass
 from llm2trt.passes.manager import GraphPass, PassManager
 from llm2trt.passes.opset import OpsetUpgrade
@@ -75,7 +75,7 @@ def register_entry(name: str, order: int, make: Callable[[PipelineOptions], Sequ
 
 
 def _opset(options: PipelineOptions) -> list[GraphPass]:
-    fusions = [f for f in selected(options.skip_fusions) if f.rules]  # (one made at export needs none)
+    fusions = rewrites(options.skip_fusions)
     needed = required_opset(fusions) if fusions else None
     if options.kv.layout is not None and options.kv.layout.is_buffer:
         needed = max(needed or 1, TENSOR_SCATTER_OPSET)
@@ -112,9 +112,7 @@ def _plugins(options: PipelineOptions) -> list[GraphPass]:
 
 
 def _fusions(options: PipelineOptions) -> list[GraphPass]:
-    # (A fusion with no rules is made at export: nothing to run.)
-    fusions = [f for f in selected(options.skip_fusions) if f.rules]
-    return [RewritePass(f"fuse_{f.name.lower()}", [rule() for rule in f.rules]) for f in fusions]
+    return [RewritePass(f"fuse_{f.name.lower()}", [rule() for rule in f.rules]) for f in rewrites(options.skip_fusions)]
 
 
 register_entry("cleanup", 100, lambda options: cleanup_passes())

@@ -417,10 +417,10 @@ class QuantPass(GraphPass):
         the rows routed to them, which calibration does not sample), as blocks along the input axis
         (int8 per channel: one block a row). W8A8 methods leave them in high precision."""
         done = []
+        why = f"{self.method.name} quantizes activations; experts take weight-only methods"
+        why = "" if self.method.activations is None else why
         for node in [n for n in model.graph.nodes if n.domain == MOE_DOMAIN and n.op == MOE.name]:
             module = module_of(node.name) or node.name
-            why = f"{self.method.name} quantizes activations; experts take weight-only methods"
-            why = "" if self.method.activations is None else why
             for slot in (MOE.inputs.index("GateUp"), MOE.inputs.index("Down")):
                 weight = node.inputs[slot]
                 rows = int(weight.shape[2]) if isinstance(weight, gs.Constant) else 0

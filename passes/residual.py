@@ -15,6 +15,7 @@ from llm2trt.core.dtypes import DType, onnx_elem_type
 from llm2trt.passes.manager import GraphPass, Model, PassResult
 
 _FLOAT, _HALF = DType.FP32.onnx, DType.FP16.onnx
+_FLOAT_NUMPY = DType.FP32.numpy
 
 
 def _cast_to(node: gs.Node | None, to: int) -> bool:
@@ -39,7 +40,8 @@ class Float32Residual(GraphPass):
     def run(self, model: Model) -> PassResult:
         graph = model.graph
         wide: dict[str, gs.Variable] = {}  # an fp16 residual tensor's name -> its float32 sum
-        adds = upcasts = 0
+        sums: list[tuple[gs.Variable, gs.Variable]] = []  # (the fp16 sum, its float32 twin)
+        upcasts = 0
         for node in list(graph.nodes):  # topological: a stream's earlier Adds come first
             branch = self._branch(node, wide)
             if branch is None:
@@ -47,24 +49,23 @@ class Float32Residual(GraphPass):
             [out] = node.outputs
             residual = node.inputs[1 - node.inputs.index(branch.outputs[0])]
             wide_residual = wide.get(residual.name) or self._upcast(model, residual)
-            total = gs.Variable(model.fresh_name(f"{out.name}.f32"), dtype=_numpy(_FLOAT), shape=out.shape)
+            total = gs.Variable(model.fresh_name(f"{out.name}.f32"), dtype=_FLOAT_NUMPY, shape=out.shape)
             node.inputs = [wide_residual, branch.inputs[0]]
             node.outputs = [total]
             # Whatever else reads the sum in fp16 keeps reading it, through one downcast.
             down = model.fresh_name(f"{node.name}/to_fp16")
             graph.nodes.append(gs.Node("Cast", down, {"to": _HALF}, [total], [out]))
             wide[out.name] = total
-            adds += 1
-        for name, total in wide.items():
-            tensor = graph.tensors()[name]
-            for reader in [c for c in tensor.outputs if _cast_to(c, _FLOAT)]:
+            sums.append((out, total))
+        for out, total in sums:
+            for reader in [c for c in out.outputs if _cast_to(c, _FLOAT)]:
                 [upcast] = reader.outputs
                 for consumer in list(upcast.outputs):
                     consumer.inputs[consumer.inputs.index(upcast)] = total
                 upcasts += 1
-        if adds:
+        if sums:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return PassResult(modified=adds > 0, counts={"float32_adds": adds, "upcasts_dropped": upcasts})
+        return PassResult(modified=bool(sums), counts={"float32_adds": len(sums), "upcasts_dropped": upcasts})
 
     @staticmethod
     def _branch(node: gs.Node, wide: dict[str, gs.Variable]) -> gs.Node | None:
@@ -84,11 +85,7 @@ class Float32Residual(GraphPass):
     @staticmethod
     def _upcast(model: Model, tensor: gs.Tensor) -> gs.Variable:
         """The stream's start (the scaled embedding) in float32."""
-        wide = gs.Variable(model.fresh_name(f"{tensor.name}.f32"), dtype=_numpy(_FLOAT), shape=tensor.shape)
+        wide = gs.Variable(model.fresh_name(f"{tensor.name}.f32"), dtype=_FLOAT_NUMPY, shape=tensor.shape)
         name = model.fresh_name(f"{tensor.name}/to_fp32")
         model.graph.nodes.append(gs.Node("Cast", name, {"to": _FLOAT}, [tensor], [wide]))
         return wide
-
-
-def _numpy(elem: int) -> object:
-    return DType.parse(elem).numpy

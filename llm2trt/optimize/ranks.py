@@ -77,7 +77,7 @@ def split_graph(
     copy.spill = WeightSpill(spill) if spill is not None else None
     result = PassManager([TensorParallelPass(plan, graph.kv_cache, num_layers), ShapeInference()]).run(copy)
     counts = result.results[TensorParallelPass.name].counts
-    weights = sum(weight_bytes(t) for t in copy.graph.tensors().values() if isinstance(t, gs.Constant))
+    weights = graph_weight_bytes(copy)
     heads = plan.local_heads[1] if graph.kv_cache is not None else None
     report = RankReport(plan.mapping.rank, dict(counts), count_fusions(copy.graph), heads, weights)
     return copy, report, result.records
@@ -119,19 +119,30 @@ def write_ranks(
             del rank_model  # before the next rank's slices
             spill.unlink(missing_ok=True)
             reports.append(rank_report)
-        generation = manifest.generation
-        if generation is not None and generation.tokenizer is not None:
-            generation = replace(generation, tokenizer=f"../{generation.tokenizer}")
-        rank_manifest = replace(
-            manifest.with_passes(records),
-            graphs=graphs,
-            generation=generation,
-            tensor_parallel=TensorParallel(tp, mapping.rank, ep=ep),
+        rank_manifest = write_part(
+            manifest, folder, records, graphs, tensor_parallel=TensorParallel(tp, mapping.rank, ep=ep)
         )
-        rank_manifest.write(folder)
         if mapping.rank == 0:
             top_graphs = rank_manifest.moved(folder, stage).graphs
     return replace(manifest, graphs=top_graphs, tensor_parallel=TensorParallel(tp, None, ranks, ep)), reports
+
+
+def graph_weight_bytes(model: Model) -> int:
+    """The bytes of a split graph's constants (a rank's or a stage's share of the weights)."""
+    return sum(weight_bytes(t) for t in model.graph.tensors().values() if isinstance(t, gs.Constant))
+
+
+def write_part(
+    manifest: Manifest, folder: Path, records: list[PassRecord], graphs: dict[str, GraphSpec], **split: Any
+) -> Manifest:
+    """The manifest of one part of a split artifact (a rank, a stage) in `folder`, one level below the
+    top: its graphs, the passes that cut it, the tokenizer found one level up, and its split record."""
+    generation = manifest.generation
+    if generation is not None and generation.tokenizer is not None:
+        generation = replace(generation, tokenizer=f"../{generation.tokenizer}")
+    part = replace(manifest.with_passes(records), graphs=graphs, generation=generation, **split)
+    part.write(folder)
+    return part
 
 
 def _probe_task(ctx: RankContext, prompts: list[list[int]], tokens: np.ndarray, capacity: int) -> list[np.ndarray]:

@@ -25,7 +25,7 @@ from llm2trt.core.pp import PipelineParallel, StageLayers, StagePlan, StageRepor
 from llm2trt.core.reports import OptimizeReport
 from llm2trt.exporters import ExportSpec
 from llm2trt.passes.fusions import count_fusions
-from llm2trt.passes.manager import Model, PassManager, weight_bytes
+from llm2trt.passes.manager import Model, PassManager
 from llm2trt.passes.pattern import layer_of, module_of
 from llm2trt.passes.pipeline_parallel import PipelineParallelPass
 
@@ -130,6 +130,7 @@ def write_stages(
 ) -> tuple[Manifest, list[StageReport]]:
     """Write stage{s}/ for every stage; the top manifest (not yet written) and the per-stage reports."""
     from llm2trt.optimize.check import conform, save_graph
+    from llm2trt.optimize.ranks import graph_weight_bytes, write_part
 
     reports: list[StageReport] = []
     plans = StagePlan.stages(spec.num_layers(config), pp)
@@ -150,21 +151,13 @@ def write_stages(
             for fusion, n in fusions.items():
                 totals[name][fusion] = totals[name].get(fusion, 0) + n
             graphs[graph.name] = save_graph(stage_model, graph, folder / Path(target.onnx).name, fusions, expected)
-            weights = sum(weight_bytes(t) for t in stage_model.graph.tensors().values() if isinstance(t, gs.Constant))
+            weights = graph_weight_bytes(stage_model)
             receives = [t.name for t in graph.inputs if is_activation(t.name)]
             sends = [t.name for t in graph.outputs if is_activation(t.name, out=True)]
             reports.append(StageReport(plan.stage, plan.layers, counts, fusions, receives, sends, weights))
             del stage_model
-        generation = manifest.generation
-        if generation is not None and generation.tokenizer is not None:
-            generation = replace(generation, tokenizer=f"../{generation.tokenizer}")
-        stage_manifest = replace(
-            manifest.with_passes(records),
-            graphs=graphs,
-            generation=generation,
-            pipeline_parallel=PipelineParallel(pp, plan.stage, [], [plan.layers]),
-        )
-        stage_manifest.write(folder)
+        record = PipelineParallel(pp, plan.stage, [], [plan.layers])
+        stage_manifest = write_part(manifest, folder, records, graphs, pipeline_parallel=record)
         if plan.first:
             top_graphs = stage_manifest.moved(folder, root).graphs
     _check_totals(optimized, totals)

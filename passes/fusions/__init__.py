@@ -101,6 +101,11 @@ def selected(skip: tuple[str, ...] | list[str] = ()) -> list[Fusion]:
     return [f for f in FUSIONS.entries() if f.name not in skip]
 
 
+def rewrites(skip: tuple[str, ...] | list[str] = ()) -> list[Fusion]:
+    """The selected fusions optimize rewrites the graph for (one made at export has nothing to run)."""
+    return [f for f in selected(skip) if f.rules]
+
+
 def required_opset(fusions: list[Fusion]) -> int:
     return max((f.min_opset for f in fusions), default=1)
 
@@ -124,5 +129,6 @@ __all__ = [
     "register_equivalent",
     "register_fusion",
     "required_opset",
+    "rewrites",
     "selected",
 ]
