@@ -19,9 +19,12 @@ _SHARED_BYTES = 1 << 16  # a shared constant this large is a weight, not shape a
 
 def _unfoldable(node: gs.Node) -> bool:
     """Nodes ONNX Runtime's CPU provider cannot evaluate (no bfloat16 kernels): one of them would
-    fail the whole folding session, shape arithmetic included. And the transpose of a weight
-    something else also reads (a tied embedding): folding it would store the weight twice."""
+    fail the whole folding session, shape arithmetic included. The transpose of a weight
+    something else also reads (a tied embedding): folding it would store the weight twice. And a
+    weight's DequantizeLinear: folded, the weight would be float again."""
     if node.op == "Transpose" and _shared_weight(node.inputs[0]):
+        return True
+    if node.op == "DequantizeLinear":  # a quantized weight stays quantized (an imported checkpoint's)
         return True
     return any(onnx_elem_type(t.dtype) == DType.BF16.onnx for t in [*node.inputs, *node.outputs])
 

@@ -31,6 +31,7 @@ from llm2trt.core.errors import InputError
 from llm2trt.core.kv import SEQLENS_K, TOTAL_SEQUENCE_LENGTH, KVLayout
 from llm2trt.passes.fusions import register_equivalent
 from llm2trt.passes.manager import GraphPass, Model, PassResult, gs_quiet
+from llm2trt.passes.nbits import concatenated, dequantize_node
 from llm2trt.passes.pattern import attention_per_layer
 from llm2trt.passes.qdq import reads_tied_weight, transposed_values
 
@@ -149,18 +150,24 @@ class GroupQueryAttentionPass(GraphPass):
         if len(parts) != len(names) or len({id(x) for x, _w, _b in parts}) != 1:
             return [layer.projections[n] for n in names], 0
         x = parts[0][0]
-        weights = [np.asarray(w.values) for _x, w, _b in parts]
-        weight = np.concatenate(weights, axis=1)
         scope = layer.node.name.rsplit("/", 1)[0]
+        w: gs.Tensor | None
+        if all(isinstance(w, gs.Constant) for _x, w, _b in parts):
+            weights = [np.asarray(w.values) for _x, w, _b in parts]
+            w = gs.Constant(model.fresh_name(f"{scope}/qkv_proj.weight"), np.concatenate(weights, axis=1))
+        else:  # quantized alike (one layer group): one DequantizeLinear of the joined codes
+            w = concatenated(model, [w for _x, w, _b in parts], f"{scope}/qkv_proj.weight")
+            if w is None:
+                return [layer.projections[n] for n in names], 0
         out = gs.Variable(model.fresh_name(f"{scope}/qkv_proj/MatMul_output_0"), dtype=x.dtype)
-        w = gs.Constant(model.fresh_name(f"{scope}/qkv_proj.weight"), weight)
         nodes = [gs.Node("MatMul", model.fresh_name(f"{scope}/qkv_proj/MatMul"), inputs=[x, w], outputs=[out])]
         biases = [b for _x, _w, b in parts]
         if any(b is not None for b in biases):
+            dtype = next(np.asarray(b.values).dtype for b in biases if b is not None)
             bias = np.concatenate(
                 [
-                    np.asarray(b.values) if b is not None else np.zeros(part.shape[1], weight.dtype)
-                    for b, part in zip(biases, weights, strict=True)
+                    np.asarray(b.values) if b is not None else np.zeros(int(part[1].shape[1]), dtype)
+                    for b, part in zip(biases, parts, strict=True)
                 ]
             )
             biased = gs.Variable(model.fresh_name(f"{scope}/qkv_proj/Add_output_0"), dtype=x.dtype)
@@ -220,7 +227,7 @@ def _heads(layer: _Attention, layout: KVLayout) -> int:
     """Query heads: the query projection's width over the head size."""
     q = layer.projected_q
     linear = _linear(q)
-    width = np.asarray(linear[1].values).shape[1] if linear else (q.shape or [None])[-1]
+    width = linear[1].shape[1] if linear and linear[1].shape else (q.shape or [None])[-1]
     if not isinstance(width, (int, np.integer)) or width % layout.head_dim:
         raise InputError("--kv-form gqa: cannot tell the number of query heads (no static query width)")
     return int(width) // layout.head_dim
@@ -334,8 +341,9 @@ def _only_consumer(tensor: gs.Tensor, where: str) -> gs.Node:
     return readers[0]
 
 
-def _linear(tensor: gs.Tensor) -> tuple[gs.Tensor, gs.Constant, gs.Constant | None] | None:
-    """(x, W, b) when `tensor` is MatMul(x, W) [+ b] with constant W (and b)."""
+def _linear(tensor: gs.Tensor) -> tuple[gs.Tensor, gs.Tensor, gs.Constant | None] | None:
+    """(x, W, b) when `tensor` is MatMul(x, W) [+ b] with constant W (and b); W may be the
+    DequantizeLinear of constants a quantized layer reads."""
     node = tensor.inputs[0] if tensor.inputs else None
     bias = None
     if node is not None and node.op == "Add":
@@ -344,11 +352,14 @@ def _linear(tensor: gs.Tensor) -> tuple[gs.Tensor, gs.Constant, gs.Constant | No
         if len(constants) != 1 or len(others) != 1 or not others[0].inputs:
             return None
         bias, node = constants[0], others[0].inputs[0]
-    if node is None or node.op != "MatMul" or not isinstance(node.inputs[1], gs.Constant):
+    if node is None or node.op != "MatMul":
         return None
-    if np.asarray(node.inputs[1].values).ndim != 2:
+    weight = node.inputs[1]
+    if not isinstance(weight, gs.Constant) and dequantize_node(weight) is None:
         return None
-    return node.inputs[0], node.inputs[1], bias
+    if weight.shape is None or len(weight.shape) != 2:
+        return None
+    return node.inputs[0], weight, bias
 
 
 def _skip_norms(model: Model) -> int:

@@ -43,6 +43,16 @@ import onnx_graphsurgeon as gs
 from llm2trt.core.dtypes import DType
 from llm2trt.passes.fusions import register_equivalent
 from llm2trt.passes.manager import GraphPass, Model, PassResult, read_values
+from llm2trt.passes.nbits import (
+    NBitsWeight,
+    concatenated,
+    dequantize_node,
+    nbits_weight,
+    pack_nbits,
+    refusal,
+    unpack_nbits,
+)
+from llm2trt.passes.nbits import stacked as stacked_nbits
 from llm2trt.passes.ort_op_table import (
     ALL,
     ATTENTION,
@@ -52,9 +62,12 @@ from llm2trt.passes.ort_op_table import (
     ATTENTION_QK_NORM,
     ATTRIBUTE_TYPES,
     DOMAIN,
+    INT8_CACHE,
+    KV_INT8_MAX,
     MOE,
     OPS,
     VERSION,
+    KernelOp,
 )
 from llm2trt.passes.qdq import transposed_constant
 
@@ -69,6 +82,11 @@ register_equivalent("RoPE", DOMAIN, ATTENTION.name, lambda node: 2)
 register_equivalent("Attention", DOMAIN, ATTENTION_QK_NORM.name)
 register_equivalent("RoPE", DOMAIN, ATTENTION_QK_NORM.name, lambda node: 2)
 register_equivalent("RMSNorm", DOMAIN, ATTENTION_QK_NORM.name, lambda node: 2)  # q_norm, k_norm
+for _float_op, _twin in INT8_CACHE.items():  # an INT8 cache's attention counts as its float twin
+    register_equivalent("Attention", DOMAIN, _twin.name)
+    register_equivalent("RoPE", DOMAIN, _twin.name, lambda node: 2)
+    if _float_op == ATTENTION_QK_NORM.name:
+        register_equivalent("RMSNorm", DOMAIN, _twin.name, lambda node: 2)
 
 # The norm these ops carry (the expected-fusion gate counts them).
 for _op in (op.name for op in OPS.values() if "Gamma" in op.inputs):
@@ -84,16 +102,7 @@ def attention_function(opset: int) -> gs.Function:
     node = gs.Node(
         "GroupQueryAttention", inputs=inputs, outputs=[formal[n] for n in ATTENTION.outputs], attrs=attrs, domain=MS
     )
-    return gs.Function(
-        ATTENTION.name,
-        domain=DOMAIN,
-        nodes=[node],
-        inputs=[formal[n] for n in ATTENTION.inputs],
-        outputs=[formal[n] for n in ATTENTION.outputs],
-        opset=opset,
-        import_domains=[onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(MS, 1)],
-        attrs=dict.fromkeys(ATTENTION_ATTRS),
-    )
+    return _function(ATTENTION, [node], formal, opset, (MS, 1))
 
 
 def attention_qk_norm_function(opset: int) -> gs.Function:
@@ -137,6 +146,19 @@ def attention_qk_norm_function(opset: int) -> gs.Function:
             domain=MS,
         )
     )
+    return _function(op, nodes, formal, opset, (MS, 1))
+
+
+def _function(
+    op: KernelOp,
+    nodes: list[gs.Node],
+    formal: dict[str, gs.Variable],
+    opset: int,
+    calls: tuple[str, int] | None = None,
+) -> gs.Function:
+    """The op's local function over `nodes`; `calls`: (domain, version) of ops the body uses beyond
+    standard ONNX (ONNX Runtime's contrib ops, or this domain's own)."""
+    imports = [onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(*calls)] if calls else None
     return gs.Function(
         op.name,
         domain=DOMAIN,
@@ -144,9 +166,53 @@ def attention_qk_norm_function(opset: int) -> gs.Function:
         inputs=[formal[n] for n in op.inputs],
         outputs=[formal[n] for n in op.outputs],
         opset=opset,
-        import_domains=[onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(MS, 1)],
+        import_domains=imports,
         attrs=dict.fromkeys(op.attributes),
     )
+
+
+def int8_cache_function(name: str, opset: int) -> gs.Function:
+    """An attention op with an INT8 cache: the caches dequantized (code * scale, per channel), the
+    float op (a node of this domain: its own local function) on them, its present caches quantized
+    back (round(value / scale) clipped to +-127). Entries already cached come back to their codes:
+    a code times its scale, rounded to T, is within 127 * 2**-11 of the code once divided back."""
+    op = next(o for o in INT8_CACHE.values() if o.name == name)
+    inner = name.removesuffix("Int8KV")
+    formal = {n: gs.Variable(n) for n in (*op.inputs, *op.outputs)}
+    nodes: list[gs.Node] = []
+
+    def node(kind: str, inputs: list[gs.Tensor], outputs: int = 1, domain: str = "", **attrs: Any) -> list[gs.Variable]:
+        outs = [gs.Variable(f"t{len(nodes)}_{i}") for i in range(outputs)]
+        nodes.append(gs.Node(kind, inputs=inputs, outputs=outs, attrs=attrs, domain=domain or None))
+        return outs
+
+    like = formal["QKV"]
+    (axis1,) = node("Constant", [], value_ints=[1])
+    caches = []
+    for past, scale in (("PastKey", "KScale"), ("PastValue", "VScale")):
+        (typed,) = node("CastLike", [formal[past], like])
+        (step,) = node("Unsqueeze", [node("CastLike", [formal[scale], like])[0], axis1])  # [KVH, 1, D]
+        caches.append(node("Mul", [typed, step])[0])
+    rest = [formal[n] for n in op.inputs if n not in ("QKV", "PastKey", "PastValue", "KScale", "VScale")]
+    refs = {a: gs.Node.AttributeRef(a, ATTRIBUTE_TYPES[a]) for a in op.attributes}
+    out, key, value = node(inner, [like, *caches, *rest], 3, DOMAIN, **refs)
+    nodes[-1].outputs[0] = formal["Output"]
+    (low,) = node("Constant", [], value_float=-float(KV_INT8_MAX))
+    (high,) = node("Constant", [], value_float=float(KV_INT8_MAX))
+    for present, scale, name_out in ((key, "KScale", "PresentKey"), (value, "VScale", "PresentValue")):
+        (wide,) = node("Cast", [present], to=DType.FP32.onnx)
+        (codes,) = node("Round", [node("Div", [wide, node("Unsqueeze", [formal[scale], axis1])[0]])[0]])
+        (clipped,) = node("Clip", [codes, low, high])
+        nodes.append(gs.Node("Cast", inputs=[clipped], outputs=[formal[name_out]], attrs={"to": DType.INT8.onnx}))
+    del out
+    return _function(op, nodes, formal, opset, (DOMAIN, VERSION))
+
+
+def functions_for(name: str, opset: int) -> list[gs.Function]:
+    """The op's local function and those its body calls (an INT8-cache attention calls the float one)."""
+    if name.endswith("Int8KV"):
+        return [int8_cache_function(name, opset), function(name.removesuffix("Int8KV"), opset)]
+    return [function(name, opset)]
 
 
 def function(name: str, opset: int) -> gs.Function:
@@ -155,6 +221,8 @@ def function(name: str, opset: int) -> gs.Function:
         return attention_function(opset)
     if name == ATTENTION_QK_NORM.name:
         return attention_qk_norm_function(opset)
+    if name.endswith("Int8KV"):
+        return int8_cache_function(name, opset)
     op = OPS[name]
     formal = {n: gs.Variable(n) for n in (*op.inputs, *op.outputs)}
     nodes: list[gs.Node] = []
@@ -170,7 +238,8 @@ def function(name: str, opset: int) -> gs.Function:
     if "Gamma" in formal:
         epsilon = gs.Node.AttributeRef("epsilon", ATTRIBUTE_TYPES["epsilon"])
         x = node("RMSNormalization", [x, formal["Gamma"]], formal["Normed"], axis=-1, epsilon=epsilon)
-    weight_t = node("Transpose", [formal["W"]], perm=[1, 0])
+    weight = _dequantized(node, formal) if "Scales" in formal else formal["W"]
+    weight_t = node("Transpose", [weight], perm=[1, 0])
     if op.float_y:
         x = node("Cast", [x], to=DType.FP32.onnx)
         weight_t = node("Cast", [weight_t], to=DType.FP32.onnx)
@@ -182,27 +251,79 @@ def function(name: str, opset: int) -> gs.Function:
         nodes.append(gs.Node("Split", inputs=[both], outputs=[gate, up], attrs={"axis": -1, "num_outputs": 2}))
         act = node("Mul", [gate, node("Sigmoid", [gate])])
         node("Mul", [act, up], formal["Y"])
-    return gs.Function(
-        name,
-        domain=DOMAIN,
-        nodes=nodes,
-        inputs=[formal[n] for n in op.inputs],
-        outputs=[formal[n] for n in op.outputs],
-        opset=opset,
-        attrs=dict.fromkeys(op.attributes),
+    return _function(op, nodes, formal, opset)
+
+
+def _dequantized(node: Callable[..., gs.Variable], formal: dict[str, gs.Variable]) -> gs.Variable:
+    """An NBits op's weight as T [N, K]: each byte of W split into 8 / bits codes (the low bits
+    first), then (code - zero point) * scale over blocks of block_size codes along K."""
+
+    def attr(name: str) -> Any:
+        return gs.Node.AttributeRef(name, ATTRIBUTE_TYPES[name])
+
+    def const(values: list[int] | float) -> gs.Variable:
+        if isinstance(values, float):
+            return node("Constant", [], value_float=values)
+        return node("Constant", [], value_ints=values)
+
+    bits = node("Constant", [], value_int=attr("bits"))  # int64 scalar
+    block_1d = node("Unsqueeze", [node("Constant", [], value_int=attr("block_size")), const([0])])
+    shifts = node(
+        "Cast",
+        [node("Range", [node("Constant", [], value_int=0), node("Constant", [], value_int=8), bits])],
+        to=DType.UINT8.onnx,
     )
+    two = const(2.0)
+    mask = node(
+        "Cast",
+        [node("Sub", [node("Pow", [two, node("Cast", [bits], to=DType.FP32.onnx)]), const(1.0)])],
+        to=DType.UINT8.onnx,
+    )
+    spread = node("BitShift", [node("Unsqueeze", [formal["W"], const([-1])]), shifts], direction="RIGHT")
+    codes = node("Reshape", [node("BitwiseAnd", [spread, mask]), const([0, -1])])  # [N, K]
+    typed = node("CastLike", [codes, formal["Scales"]])
+    blocks = node("Reshape", [typed, node("Concat", [const([0, -1]), block_1d], axis=0)])  # [N, K / B, B]
+    zeros = node("Unsqueeze", [node("CastLike", [formal["ZeroPoints"], formal["Scales"]]), const([-1])])
+    scaled = node("Mul", [node("Sub", [blocks, zeros]), node("Unsqueeze", [formal["Scales"], const([-1])])])
+    return node("Reshape", [scaled, const([0, -1])])
 
 
-def sample_values(name: str, rows: int, k: int, n: int, dtype: Any, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs of the op for `rows` rows of K and N outputs (checks, benchmarks)."""
+def nbits_attributes(values: dict[str, np.ndarray]) -> dict[str, int]:
+    """An NBits op's bits and block_size, from its inputs' shapes (K is X's last dim)."""
+    k = values["X"].shape[-1]
+    return {"bits": values["W"].shape[-1] * 8 // k, "block_size": k // values["Scales"].shape[-1]}
+
+
+def dequantized_weight(values: dict[str, np.ndarray]) -> np.ndarray:
+    """An NBits op's weight [N, K] in float64: (code - zero point) * scale."""
+    attrs = nbits_attributes(values)
+    codes = unpack_nbits(values["W"], attrs["bits"]).astype(np.float64)
+    n, k = codes.shape
+    blocks = codes.reshape(n, -1, attrs["block_size"]) - values["ZeroPoints"][..., None]
+    return np.asarray((blocks * values["Scales"].astype(np.float64)[..., None]).reshape(n, k))
+
+
+def sample_values(
+    name: str, rows: int, k: int, n: int, dtype: Any, seed: int = 0, bits: int = 4, block: int = 32
+) -> dict[str, np.ndarray]:
+    """Random inputs of the op for `rows` rows of K and N outputs (checks, benchmarks); an NBits op's
+    weight has `bits`-bit codes, zero points and scales in blocks of `block` (block = K: per row)."""
     rng = np.random.default_rng(seed)
-    n_w = 2 * n if name.endswith("SwiGLU") else n
+    n_w = 2 * n if "SwiGLU" in name else n
     values = {
         "X": rng.standard_normal((1, rows, k)).astype(dtype),
         "Skip": rng.standard_normal((1, rows, k)).astype(dtype),
         "Gamma": (1 + 0.1 * rng.standard_normal(k)).astype(dtype),
         "W": (rng.standard_normal((n_w, k)) / np.sqrt(k)).astype(dtype),
     }
+    if "Scales" in OPS[name].inputs:
+        levels = 1 << bits
+        codes = rng.integers(0, levels, (n_w, k), dtype=np.uint8)
+        values["W"] = pack_nbits(codes, bits)
+        values["ZeroPoints"] = rng.integers(levels // 2 - 2, levels // 2 + 2, (n_w, k // block), dtype=np.uint8)
+        # Scales making a weight's entries ~ 1 / sqrt(K), as the float ones.
+        spread = levels / np.sqrt(12)
+        values["Scales"] = (rng.uniform(0.5, 1.5, (n_w, k // block)) / (spread * np.sqrt(k))).astype(dtype)
     return {i: values[i] for i in OPS[name].inputs}
 
 
@@ -210,17 +331,20 @@ def one_op_model(name: str, values: dict[str, np.ndarray], epsilon: float = 1e-5
     """A graph of the op alone, its inputs as graph inputs shaped like `values` (checks, benchmarks)."""
     spec = OPS[name]
     dtype = values["X"].dtype
-    inputs = [gs.Variable(i, dtype=dtype, shape=values[i].shape) for i in spec.inputs]
+    inputs = [gs.Variable(i, dtype=values[i].dtype, shape=values[i].shape) for i in spec.inputs]
     outputs = [gs.Variable(o, dtype=np.float32 if spec.output_type(o) == "F32" else dtype) for o in spec.outputs]
-    attrs = {"epsilon": epsilon} if "epsilon" in spec.attributes else {}
+    attrs: dict[str, Any] = {"epsilon": epsilon} if "epsilon" in spec.attributes else {}
+    if "bits" in spec.attributes:
+        attrs.update(nbits_attributes(values))
     node = gs.Node(name, inputs=inputs, outputs=outputs, attrs=attrs, domain=DOMAIN)
     return _one_node_model(node, function(name, opset), opset)
 
 
-def _one_node_model(node: gs.Node, body: gs.Function, opset: int) -> onnx.ModelProto:
-    """`node` alone, its inputs and outputs the graph's, its local function beside it."""
-    graph = gs.Graph([node], list(node.inputs), list(node.outputs), opset=opset, functions=[body])
-    attention = node.op in (ATTENTION.name, ATTENTION_QK_NORM.name)
+def _one_node_model(node: gs.Node, body: gs.Function | list[gs.Function], opset: int) -> onnx.ModelProto:
+    """`node` alone, its inputs and outputs the graph's, its local function(s) beside it."""
+    bodies = body if isinstance(body, list) else [body]
+    graph = gs.Graph([node], list(node.inputs), list(node.outputs), opset=opset, functions=bodies)
+    attention = "GroupQueryAttention" in node.op
     domains = [("", opset), (DOMAIN, VERSION), *([(MS, 1)] if attention else [])]
     graph.import_domains = [onnx.helper.make_opsetid(d, v) for d, v in domains]
     model: onnx.ModelProto = gs.export_onnx(graph)
@@ -237,12 +361,16 @@ def attention_model(
     attrs: dict[str, Any] | None = None,
     opset: int = 24,
     qk_norm: bool = False,
+    int8_cache: bool = False,
 ) -> onnx.ModelProto:
     """llm2trt's GroupQueryAttention alone, its inputs as graph inputs (checks, tests): QKV
     [batch, seq, (heads + 2 kv_heads) * head], caches [batch, kv_heads, capacity, head], rotary
     tables [capacity, head / 2]; `qk_norm`: GroupQueryAttentionQKNorm, with QNorm and KNorm [head]
-    (epsilon 1e-6 unless `attrs` says)."""
+    (epsilon 1e-6 unless `attrs` says); `int8_cache`: the Int8KV twin (int8 caches, KScale and
+    VScale float32 [kv_heads, head])."""
     op = ATTENTION_QK_NORM if qk_norm else ATTENTION
+    op = INT8_CACHE[op.name] if int8_cache else op
+    types = {"I32": np.int32, "I8": np.int8, "F32": np.float32, "T": dtype}
     slots = (heads + 2 * kv_heads) * head
     shapes = {
         "QKV": ["batch", "seq", slots],
@@ -254,17 +382,36 @@ def attention_model(
         "SinCache": [capacity, head // 2],
         "QNorm": [head],
         "KNorm": [head],
+        "KScale": [kv_heads, head],
+        "VScale": [kv_heads, head],
     }
-    inputs = [
-        gs.Variable(n, dtype=np.int32 if op.input_type(n) == "I32" else dtype, shape=shapes[n]) for n in op.inputs
-    ]
-    outputs = [gs.Variable(n, dtype=dtype) for n in op.outputs]
+    inputs = [gs.Variable(n, dtype=types[op.input_type(n)], shape=shapes[n]) for n in op.inputs]
+    outputs = [gs.Variable(n, dtype=types[op.output_type(n)]) for n in op.outputs]
     defaults = {"num_heads": heads, "kv_num_heads": kv_heads, "scale": 1 / float(np.sqrt(head)), "do_rotary": 1}
     node_attrs = {**defaults, "rotary_interleaved": 0, "local_window_size": -1, **(attrs or {})}
     if qk_norm:
         node_attrs.setdefault("epsilon", 1e-6)
     node = gs.Node(op.name, inputs=inputs, outputs=outputs, attrs=node_attrs, domain=DOMAIN)
-    return _one_node_model(node, function(op.name, opset), opset)
+    return _one_node_model(node, functions_for(op.name, opset), opset)
+
+
+def int8_cache_values(values: dict[str, np.ndarray], seed: int = 1) -> dict[str, np.ndarray]:
+    """`attention_values`' inputs with INT8 caches: random codes and per-channel scales."""
+    rng = np.random.default_rng(seed)
+    kv_heads, head = values["PastKey"].shape[1], values["PastKey"].shape[-1]
+    out = dict(values)
+    for past, scale in (("PastKey", "KScale"), ("PastValue", "VScale")):
+        out[scale] = rng.uniform(0.01, 0.05, (kv_heads, head)).astype(np.float32)
+        out[past] = rng.integers(-KV_INT8_MAX, KV_INT8_MAX + 1, values[past].shape).astype(np.int8)
+    return out
+
+
+def dequantized_caches(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """INT8-cache inputs as the float ones they stand for (float64 caches: code * scale)."""
+    out = dict(values)
+    for past, scale in (("PastKey", "KScale"), ("PastValue", "VScale")):
+        out[past] = values[past].astype(np.float64) * values[scale].astype(np.float64)[:, None, :]
+    return out
 
 
 def attention_values(
@@ -345,8 +492,9 @@ def reference(name: str, values: dict[str, np.ndarray], epsilon: float = 1e-5) -
         v = v + values["Skip"]
     if "Gamma" in OPS[name].inputs:
         v = v / np.sqrt((v * v).mean(-1, keepdims=True) + epsilon) * values["Gamma"]
-    z = v @ values["W"].astype(np.float64).T
-    if name.endswith("SwiGLU"):
+    weight = dequantized_weight(values) if "Scales" in values else values["W"].astype(np.float64)
+    z = v @ weight.T
+    if "SwiGLU" in name:
         gate, up = np.split(z, 2, axis=-1)
         z = gate / (1 + np.exp(-gate)) * up
     return np.asarray(z)
@@ -365,6 +513,20 @@ class _Norm:
     readers: list[gs.Node]
 
 
+def add_functions(model: Model, ops: list[str]) -> None:
+    """The local functions of `ops` (and those their bodies call), each once, and the domain's import."""
+    if not ops:
+        return
+    existing = {(f.domain, f.name) for f in model.graph.functions}
+    for body in (f for name in ops for f in functions_for(name, model.opset)):
+        if (DOMAIN, body.name) not in existing:
+            model.graph.functions.append(body)
+            existing.add((DOMAIN, body.name))
+    domains = list(model.graph.import_domains or [])
+    if not any(d.domain == DOMAIN for d in domains):
+        model.graph.import_domains = [*domains, onnx.helper.make_opsetid(DOMAIN, VERSION)]
+
+
 class OrtKernelsPass(GraphPass):
     """The gqa graph's norms, GEMVs and SwiGLUs -> llm2trt's ops (see the module docstring)."""
 
@@ -372,7 +534,7 @@ class OrtKernelsPass(GraphPass):
     runs_after: ClassVar[tuple[str, ...]] = ("ort_gqa",)
 
     def run(self, model: Model) -> PassResult:
-        self.made: dict[str, gs.Constant] = {}  # [N, K] weights by source weight (shared weights once)
+        self.made: dict[str, _Weight] = {}  # the ops' weights by source weight (shared weights once)
         counts = dict.fromkeys(ALL_OPS, 0)
         self.refused: dict[str, int] = {}
         # QK-norm layers first: their packed QKV MatMul leaves the input norm one reader to fuse with.
@@ -391,15 +553,12 @@ class OrtKernelsPass(GraphPass):
             if not _separate_qkv(node):  # (those refused above already)
                 self._count(_attention(model, node), ATTENTION.name, counts)
         used = [name for name, count in counts.items() if count]
-        if used:
-            existing = {(f.domain, f.name) for f in model.graph.functions}
-            model.graph.functions.extend(function(name, model.opset) for name in used if (DOMAIN, name) not in existing)
-            domains = list(model.graph.import_domains or [])
-            if not any(d.domain == DOMAIN for d in domains):
-                model.graph.import_domains = [*domains, onnx.helper.make_opsetid(DOMAIN, VERSION)]
+        add_functions(model, used)
         model.graph.cleanup(remove_unused_graph_inputs=False)
         model.graph.toposort()
         refusals = {f"not fused ({why})": n for why, n in self.refused.items()}
+        # The quantized twins are listed where the graph has them (most graphs are float).
+        counts = {op: n for op, n in counts.items() if n or not op.endswith(("NBits", "NBitsF32", "Int8KV"))}
         return PassResult(modified=bool(used), counts={**counts, **refusals})
 
     def _count(self, reason: str, op: str, counts: dict[str, int]) -> None:
@@ -413,11 +572,14 @@ class OrtKernelsPass(GraphPass):
         for matmul in [n for n in model.graph.nodes if n.op == "MatMul" and len(n.inputs) == 2]:
             weight = _weight_rows(matmul)
             if weight is None or not _float(matmul.inputs[0]):
+                reason = refusal(matmul.inputs[1])
+                if reason:
+                    self.refused[reason] = self.refused.get(reason, 0) + 1
                 continue
             w = weight(model, self.made)
             out = matmul.outputs[0]
-            op = _widened(model, "Linear", out)
-            _replace(model, matmul, op, [matmul.inputs[0], w], [out], {})
+            op = _widened(model, f"Linear{w.suffix}", out)
+            _replace(model, matmul, op, [matmul.inputs[0], *w.inputs], [out], w.attrs)
             counts[op] += 1
 
     def _fuse_norm(self, model: Model, norm: _Norm, counts: dict[str, int]) -> str:
@@ -426,40 +588,54 @@ class OrtKernelsPass(GraphPass):
         if len(readers) == 1:
             weight = _weight_rows(readers[0])
             if weight is None:
-                return "its reader's weight is not a 2-D constant"
+                return _weight_refusal(readers[0])
             ys = [readers[0].outputs[0]]
-            op = _widened(model, "RMSNormLinear" if norm.skip is None else "SkipRMSNormLinear", ys[0])
             w = weight(model, self.made)
+            op = _widened(model, f"{'RMSNormLinear' if norm.skip is None else 'SkipRMSNormLinear'}{w.suffix}", ys[0])
         elif len(readers) == 2 and norm.skip is not None:
             pair = _swiglu(readers)
             if isinstance(pair, str):
                 return pair
             (gate, up), mul, act = pair
-            gate_rows, up_rows = _weight_rows(gate), _weight_rows(up)
-            if gate_rows is None or up_rows is None:
-                return "gate/up weights are not 2-D constants"
-            stacked = np.concatenate([_rows(gate), _rows(up)], axis=0)
-            w = model.constant(model.fresh_name(f"{gate.inputs[1].name}.gate_up_rows"), stacked)
+            joined = _gate_up(model, gate, up)
+            if isinstance(joined, str):
+                return joined
+            w = joined
             ys = [mul.outputs[0]]
             for dead in (gate, up, act, mul):
                 dead.inputs.clear()
                 dead.outputs.clear()
-            op = "SkipRMSNormSwiGLU"
+            op = f"SkipRMSNormSwiGLU{w.suffix}"
         else:
             return f"{len(readers)} readers of the normalized output"
-        inputs = [norm.x, *([norm.skip] if norm.skip is not None else []), norm.gamma, w]
+        inputs = [norm.x, *([norm.skip] if norm.skip is not None else []), norm.gamma, *w.inputs]
         outputs = [*ys]
         if norm.skip is not None:
             outputs.append(_sum_output(model, norm.node))
         outputs.append(norm.normed)
-        if op == "SkipRMSNormSwiGLU":
+        if "SwiGLU" in op:
             outputs.append(gs.Variable(model.fresh_name(f"{norm.node.name}/GateUp"), dtype=norm.normed.dtype))
         for reader in readers:
             reader.inputs.clear()
             reader.outputs.clear()
-        _replace(model, norm.node, op, inputs, outputs, {"epsilon": norm.epsilon})
+        _replace(model, norm.node, op, inputs, outputs, {"epsilon": norm.epsilon, **w.attrs})
         counts[op] += 1
         return ""
+
+
+def _gate_up(model: Model, gate: gs.Node, up: gs.Node) -> _Weight | str:
+    """SwiGLU's weight: gate's rows then up's, float or NBits alike; else why not."""
+    if _weight_rows(gate) is None or _weight_rows(up) is None:
+        return refusal(gate.inputs[1]) or refusal(up.inputs[1]) or "gate/up weights are not 2-D constants"
+    name = f"{gate.inputs[1].name}.gate_up_rows"
+    quantized = [nbits_weight(m.inputs[1]) for m in (gate, up)]
+    if quantized[0] is None and quantized[1] is None:
+        stacked = np.concatenate([_rows(gate), _rows(up)], axis=0)
+        return _Weight([model.constant(model.fresh_name(name), stacked)], {})
+    both = stacked_nbits([q for q in quantized if q is not None]) if None not in quantized else None
+    if both is None:
+        return "gate and up quantized differently"
+    return _nbits_inputs(model, both, name)
 
 
 # ONNX Runtime's defaults for the attributes llm2trt's op carries (num_heads and kv_num_heads have none).
@@ -519,18 +695,36 @@ class _NormedProjection:
     """q or k of a QK-norm layer: MatMul(x, W) viewed per head, [Cast] RMSNormalization [Cast], flat."""
 
     x: gs.Tensor
-    weight: gs.Constant
+    weight: gs.Tensor  # a constant, or the DequantizeLinear of constants
     gamma: gs.Constant
     epsilon: float
     nodes: list[gs.Node]  # every node from the MatMul to the flattening Reshape
 
 
-def _projection(tensor: gs.Tensor) -> tuple[gs.Tensor, gs.Constant, gs.Node] | None:
-    """(x, W, the MatMul) when `tensor` is MatMul(x, W), W a 2-D constant, read by one node."""
+def _projection(tensor: gs.Tensor) -> tuple[gs.Tensor, gs.Tensor, gs.Node] | None:
+    """(x, W, the MatMul) when `tensor` is MatMul(x, W), W a 2-D constant (or the DequantizeLinear of
+    constants a quantized layer reads), read by one node."""
     matmul = _producer_of(tensor, "MatMul")
-    if matmul is None or not isinstance(matmul.inputs[1], gs.Constant) or len(matmul.inputs[1].shape) != 2:
+    if matmul is None:
         return None
-    return matmul.inputs[0], matmul.inputs[1], matmul
+    weight = matmul.inputs[1]
+    if not isinstance(weight, gs.Constant) and dequantize_node(weight) is None:
+        return None
+    return (matmul.inputs[0], weight, matmul) if weight.shape is not None and len(weight.shape) == 2 else None
+
+
+def _packed_weight(model: Model, weights: list[gs.Tensor], name: str) -> tuple[gs.Tensor, np.dtype[Any]] | str:
+    """q, k and v's weights side by side, and their float type; quantized alike, one DequantizeLinear
+    of the joined codes; else why not."""
+    if all(isinstance(w, gs.Constant) for w in weights):
+        values = [read_values(w) for w in weights]
+        if len({w.shape[0] for w in values}) != 1 or len({w.dtype for w in values}) != 1:
+            return "GroupQueryAttention with QK-norm projections of different shapes or types"
+        return model.constant(model.fresh_name(name), np.concatenate(values, axis=1)), values[0].dtype
+    joined = concatenated(model, weights, name)
+    if joined is None:
+        return "GroupQueryAttention with QK-norm projections quantized differently"
+    return joined, DType.parse(joined.dtype).numpy
 
 
 def _through_cast(tensor: gs.Tensor, chain: list[gs.Node]) -> gs.Tensor:
@@ -579,12 +773,11 @@ def _qk_norm_attention(model: Model, node: gs.Node) -> str:
     reason = _attention_refusal(inputs, attrs, set(node.attrs) - set(ATTENTION_ATTRS))
     if reason:
         return reason
-    weights = [read_values(w) for w in (q.weight, k.weight, v[1])]
-    if len({w.shape[0] for w in weights}) != 1 or len({w.dtype for w in weights}) != 1:
-        return "GroupQueryAttention with QK-norm projections of different shapes or types"
-    np_dtype = weights[0].dtype
     scope = node.name.rsplit("/", 1)[0] if node.name else "qk_norm"
-    packed = model.constant(model.fresh_name(f"{scope}/qkv_proj.weight"), np.concatenate(weights, axis=1))
+    found = _packed_weight(model, [q.weight, k.weight, v[1]], f"{scope}/qkv_proj.weight")
+    if isinstance(found, str):
+        return found
+    packed, np_dtype = found
     qkv = gs.Variable(model.fresh_name(f"{scope}/qkv_proj/MatMul_output_0"), dtype=dtype)
     matmul = gs.Node("MatMul", model.fresh_name(f"{scope}/qkv_proj/MatMul"), inputs=[q.x, packed], outputs=[qkv])
     model.graph.nodes.append(matmul)
@@ -655,28 +848,65 @@ def _swiglu(readers: list[gs.Node]) -> tuple[tuple[gs.Node, gs.Node], gs.Node, g
     return "two readers that are not silu(gate) * up"
 
 
-# (the model, the [N, K] weights made so far by source name) -> MatMul's weight as [N, K] rows
-WeightMaker = Callable[[Model, dict[str, gs.Constant]], gs.Constant]
+@dataclass(frozen=True)
+class _Weight:
+    """A GEMV op's weight inputs: [W] ([N, K] float rows), or [W, Scales, ZeroPoints] with the
+    NBits attributes (`passes/nbits.py`)."""
+
+    inputs: list[gs.Tensor]
+    attrs: dict[str, int]
+
+    @property
+    def suffix(self) -> str:
+        return "NBits" if self.attrs else ""
+
+
+# (the model, the weights made so far by source name) -> MatMul's weight in the ops' layout
+WeightMaker = Callable[[Model, dict[str, _Weight]], _Weight]
 
 
 def _weight_rows(matmul: gs.Node) -> WeightMaker | None:
-    """How to make MatMul's weight as [N, K] rows (None where it is no 2-D constant): the
-    constant a tied lm_head transposes, as it is; any other constant, transposed, once per weight
-    however many MatMuls share it."""
+    """How to make MatMul's weight in the ops' layout (None where it is no 2-D constant nor a
+    quantized one the ops take): the constant a tied lm_head transposes, as it is; a DequantizeLinear
+    of constants, as NBits codes, scales and zero points; any other constant, transposed; each once
+    per weight however many MatMuls share it."""
     weight = matmul.inputs[1]
     tied = transposed_constant(weight)
     if tied is not None and len(tied.inputs[0].shape) == 2 and list(tied.attrs.get("perm", [1, 0])) == [1, 0]:
         source = tied.inputs[0]
-        return lambda model, made: source
+        return lambda model, made: _Weight([source], {})
+    if dequantize_node(weight) is not None:
+        return None if refusal(weight) else lambda model, made: _nbits(model, made, weight)
     if not isinstance(weight, gs.Constant) or len(weight.shape) != 2:
         return None
 
-    def make(model: Model, made: dict[str, gs.Constant]) -> gs.Constant:
+    def make(model: Model, made: dict[str, _Weight]) -> _Weight:
         if weight.name not in made:
-            made[weight.name] = model.constant(model.fresh_name(f"{weight.name}.rows"), _rows(matmul))
+            made[weight.name] = _Weight([model.constant(model.fresh_name(f"{weight.name}.rows"), _rows(matmul))], {})
         return made[weight.name]
 
     return make
+
+
+def _weight_refusal(matmul: gs.Node) -> str:
+    return refusal(matmul.inputs[1]) or "its reader's weight is not a 2-D constant"
+
+
+def _nbits(model: Model, made: dict[str, _Weight], weight: gs.Tensor) -> _Weight:
+    if weight.name not in made:
+        found = nbits_weight(weight)
+        if found is None:  # (_weight_rows asked refusal() first)
+            raise ValueError(f"{weight.name} has no NBits form")
+        made[weight.name] = _nbits_inputs(model, found, weight.name)
+    return made[weight.name]
+
+
+def _nbits_inputs(model: Model, found: NBitsWeight, name: str) -> _Weight:
+    tensors = [
+        model.constant(model.fresh_name(f"{name}.{role}"), values)
+        for role, values in (("codes", found.packed), ("scales", found.scales), ("zeros", found.zeros))
+    ]
+    return _Weight(list(tensors), {"bits": found.bits, "block_size": found.block})
 
 
 def _rows(matmul: gs.Node) -> np.ndarray:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from llm2trt.core.kv import GQA, KVLayout
 from llm2trt.core.quant import QuantRequest
 from llm2trt.core.registry import Registry
@@ -34,6 +36,8 @@ class KVOptions:
     insert: bool = False  # the graph has none yet (`optimize --kv-cache`); else a growing cache is converted
     max_positions: int = DEFAULT_MAX_POSITIONS  # rotary tables of the gqa form, as long as the model's positions
     ort_kernels: bool = True  # the gqa form with llm2trt's own CUDA ops (norm + GEMV)
+    # An INT8 cache: per layer, the (key, value) scales [kv_heads, head_dim] calibrated for it.
+    int8_scales: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,12 @@ def _gqa(options: PipelineOptions) -> list[GraphPass]:
     if kv.layout is None or kv.layout.form != GQA:
         return []
     gqa = GroupQueryAttentionPass(kv.layout, kv.max_positions, untie=not kv.ort_kernels)
-    return [gqa, OrtKernelsPass()] if kv.ort_kernels else [gqa]
+    passes: list[GraphPass] = [gqa, OrtKernelsPass()] if kv.ort_kernels else [gqa]
+    if kv.int8_scales is not None:
+        from llm2trt.passes.kv_int8 import Int8CachePass
+
+        passes.append(Int8CachePass(dict(kv.int8_scales)))
+    return passes
 
 
 def _quant(options: PipelineOptions) -> list[GraphPass]:

@@ -19,7 +19,10 @@ says why). The constants are computed with the NumPy reference in `llm2trt.passe
 from __future__ import annotations
 
 import logging
+import math
 import re
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,7 +32,7 @@ import onnx_graphsurgeon as gs
 
 from llm2trt.core.dtypes import DType
 from llm2trt.core.log import progress
-from llm2trt.core.quant import Calibration, Quantization, QuantRequest
+from llm2trt.core.quant import AutoPlan, Calibration, PlanMeasurement, Quantization, QuantRequest
 from llm2trt.core.reports import Refusal
 from llm2trt.passes.manager import GraphPass, Model, PassResult, read_values
 from llm2trt.passes.ort_op_table import DOMAIN as MOE_DOMAIN
@@ -39,12 +42,15 @@ from llm2trt.passes.quant_math import (
     SEARCH_ROWS,
     ActStats,
     activation_scale,
+    dequantize_weight,
     fake_quant_values,
     fake_quant_weight,
+    output_error_ratio,
     quantize_weight,
     weight_scale,
 )
-from llm2trt.passes.quant_methods import METHODS
+from llm2trt.passes.quant_methods import METHODS, QuantMethod
+from llm2trt.passes.quant_methods import auto as planning
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +58,13 @@ QUANT_OPSET = 21  # DequantizeLinear's block_size and INT4 types
 NORM_OPS = ("RMSNormalization", "LayerNormalization", "SimplifiedLayerNormalization")
 FUSING_CONSUMERS = ("MatMul", "Gemm", "Conv")  # where TensorRT fuses a DequantizeLinear
 MIN_BLOCK = 16  # the smallest INT4 block a layer falls back to when --group-size does not divide it
+DEFAULT_BUDGET = 1.0  # percent: --quant auto without --max-ppl-increase (QuantRequest's default)
+PLAN_ROUNDS = 5  # plans --quant auto measures while searching (each: one pass over the scoring windows)
+PLAN_SLACK = 0.8  # a plan measured within this fraction of the budget is close enough
+
+
+Codes = list[tuple[np.ndarray, np.ndarray]]  # per layer of a group: codes [in, out] and scales
+Scorer = Callable[[dict[str, np.ndarray]], float]
 
 
 class Calibrator(Protocol):
@@ -60,6 +73,16 @@ class Calibrator(Protocol):
     def observe(self, model: Model, tensors: dict[str, int], rows: int) -> dict[str, ActStats]:
         """`tensors`: name -> channels (the last dim)."""
         ...
+
+    def scoring(self, model: Model, replaceable: list[str]) -> AbstractContextManager[Scorer]:
+        """The mean negative log-likelihood of the scoring windows, with some constants replaced."""
+        ...
+
+    @property
+    def held_out(self) -> bool: ...  # scoring windows other than the calibration ones
+
+    @property
+    def score_windows(self) -> list[list[int]]: ...
 
     @property
     def record(self) -> Calibration | None: ...
@@ -223,6 +246,9 @@ class QuantPass(GraphPass):
         self.clips: dict[str, float] = {}  # per group: the fraction of the activation amax kept
         self.sensitivity: dict[str, float] = {}  # per group: its output's relative error, quantized
         self.blocks: dict[str, int] = {}  # layers whose block is smaller than --group-size
+        self.error_ratios: dict[str, float] = {}  # per group, a method computing its own codes: error / rounding's
+        self.plan: AutoPlan | None = None  # --quant auto's
+        self.smoothed = 0
 
     def run(self, model: Model) -> PassResult:
         method, request = self.method, self.request
@@ -233,18 +259,29 @@ class QuantPass(GraphPass):
         stats = self._calibrate(model, groups)
         # The searches take minutes on a real model: say how far along they are.
         searching = method.needs_calibration
-        search = progress(groups, f"{method.name}: scale search, layer groups") if searching else groups
-        smoothed = sum(self._smooth(model, g, stats, refusals) for g in search)
-        groups = self._keep_sensitive(groups, stats, kept)
+        smoothed = 0
+        if method.mixed:
+            chosen = self._plan(model, groups, stats, kept, refusals)
+            smoothed = self.smoothed
+        else:
+            search = progress(groups, f"{method.name}: scale search, layer groups") if searching else groups
+            smoothed = sum(self._smooth(model, g, stats, refusals, method) for g in search)
+            groups = self._keep_sensitive(groups, stats, kept)
+            chosen = {g.x.name: (method, None) for g in groups}
+        groups = [g for g in groups if g.x.name in chosen]
         for group in progress(groups, f"{method.name}: quantizing, layer groups") if searching else groups:
-            for linear in group.linears:
-                self._quantize_weight(model, linear, group, stats)
-            if method.activations is not None:
-                self._quantize_input(model, group, stats, method.activations)
+            how, codes = chosen[group.x.name]
+            codes = codes if codes is not None else self._codes(how, group, stats)
+            for linear, (q, scale) in zip(group.linears, codes, strict=True):
+                self._write_weight(model, linear, group, q, scale, how)
+            if how.activations is not None:
+                self._quantize_input(model, group, stats, how.activations)
         quantized = [lin.module for g in groups for lin in g.linears]
         experts = self._experts(model, kept, refusals)
         quantized += experts
         counts = {f"weights_{method.weights.value}": len(quantized), "kept": len(kept), "smoothed": smoothed}
+        if method.mixed:
+            counts = {"quantized": len(quantized), "kept": len(kept), "smoothed": smoothed}
         if experts:
             counts["experts"] = len(experts)
         if method.activations is not None:
@@ -266,6 +303,9 @@ class QuantPass(GraphPass):
             smoothed=smoothed,
             scales=f"calibration on {record.text}" if record else "weights (absmax)",
             calibration=record,
+            dampening=method.dampening,
+            error_vs_rounding=self.error_ratios,
+            plan=self.plan,
         )
         return PassResult(bool(quantized), counts, refusals=refusals)
 
@@ -315,10 +355,11 @@ class QuantPass(GraphPass):
         # Rows are sampled whenever it calibrates: the searches and the sensitivity run on them.
         return self.calibrator.observe(model, tensors, SEARCH_ROWS)
 
-    def _smooth(self, model: Model, group: _Group, stats: dict[str, ActStats], refusals: list[Refusal]) -> int:
+    def _smooth(
+        self, model: Model, group: _Group, stats: dict[str, ActStats], refusals: list[Refusal], method: QuantMethod
+    ) -> int:
         """Migrate the method's per-channel scale into the group's weights and fold 1/s upstream; the
         number of layers migrated."""
-        method = self.method
         if not method.smooth:
             return 0
         members = {lin.node.name for lin in group.linears}
@@ -383,19 +424,33 @@ class QuantPass(GraphPass):
             total += float(np.square(reference).sum())
         return float(np.sqrt(error / total)) if total > 0 else 0.0
 
-    def _quantize_weight(self, model: Model, linear: _Linear, group: _Group, stats: dict[str, ActStats]) -> None:
-        method, size = self.method, self._block(group.channels)
+    def _codes(self, method: QuantMethod, group: _Group, stats: dict[str, ActStats]) -> Codes:
+        """The group's weights as `method` quantizes them: its own codes (GPTQ) or rounding."""
+        size = self._block(group.channels)
+        stat = stats.get(group.x.name)
+        weights = [lin.values.astype(np.float32) for lin in group.linears]
+        own = method.quantize(weights, stat, size)
+        if own is not None:
+            if own.error_vs_rounding is not None:
+                self.error_ratios[group.linears[0].module] = own.error_vs_rounding
+            return [(np.ascontiguousarray(q), np.ascontiguousarray(scale)) for q, scale in own.layers]
+        codes = []
+        for w in weights:
+            clip = method.weight_clip(w, stat, group.s, size)
+            scale = weight_scale(w, method, size, clip)
+            codes.append((quantize_weight(w, scale, method, size), scale))
+        return codes
+
+    def _write_weight(
+        self, model: Model, linear: _Linear, group: _Group, q: np.ndarray, scale: np.ndarray, method: QuantMethod
+    ) -> None:
+        """The layer's weight becomes DequantizeLinear(q, scale) (blocks along the input axis, or per
+        output channel)."""
+        size = self._block(group.channels)
         if method.blockwise and size != self.request.group_size:
             self.blocks[linear.module] = size
-        original = linear.values
-        w = original.astype(np.float32)
-        clip = method.weight_clip(w, stats.get(group.x.name), group.s, size)
-        scale = weight_scale(w, method, size, clip)
-        q = quantize_weight(w, scale, method, size)
-        base = linear.weight.name
-        dtype = original.dtype
-        del original
-        out = gs.Variable(model.fresh_name(f"{base}_dequantized"), dtype=dtype, shape=list(w.shape))
+        base, dtype = linear.weight.name, DType.parse(linear.weight.dtype).numpy
+        out = gs.Variable(model.fresh_name(f"{base}_dequantized"), dtype=dtype, shape=list(q.shape))
         attrs: dict[str, Any] = {"axis": 0, "block_size": size} if method.blockwise else {"axis": 1}
         dq = gs.Node(
             "DequantizeLinear",
@@ -411,6 +466,73 @@ class QuantPass(GraphPass):
         model.tag(dq, f"quant.{method.name}")
         linear.node.inputs[1] = out
 
+    # -- --quant auto ----------------------------------------------------------------------------
+
+    def _plan(
+        self,
+        model: Model,
+        groups: list[_Group],
+        stats: dict[str, ActStats],
+        kept: dict[str, str],
+        refusals: list[Refusal],
+    ) -> dict[str, tuple[QuantMethod, Codes | None]]:
+        """Choose each group's precision within the perplexity budget (see `quant_methods.auto`): every
+        candidate's codes and output error per group, perplexity measured with everything at each
+        candidate to fit the estimate, the cheapest plan the estimate allows, then measured and
+        upgraded until the measurement is within budget too. Returns the chosen groups' codes."""
+        calibrator = self.calibrator
+        if calibrator is None:
+            raise ValueError("--quant auto needs a calibrator")
+        budget = self.request.max_ppl_increase or DEFAULT_BUDGET
+        candidates = [METHODS.get(name) for name in planning.CANDIDATES]
+        for method in (c for c in candidates if c.smooth):  # exact in high precision: every group gets it
+            looking = progress(groups, f"{method.name}: scale search, layer groups")
+            self.smoothed = sum(self._smooth(model, g, stats, refusals, method) for g in looking)
+        options = _Options()
+        for group in progress(groups, "auto: every candidate, layer groups"):
+            self._options(group, stats, candidates, options)
+        with calibrator.scoring(model, [lin.weight.name for g in groups for lin in g.linears]) as nll:
+            search = _PlanSearch(nll, options, groups, self._block, planning.budget_nll(budget))
+            choice, estimated, measured = search.run()
+        chosen: dict[str, tuple[QuantMethod, Codes | None]] = {}
+        for group in groups:
+            c = choice[group.x.name]
+            if c != planning.KEPT:
+                chosen[group.x.name] = (METHODS.get(c), options.codes[group.x.name, c])
+                continue
+            for linear in group.linears:
+                kept[linear.module] = f"kept in high precision by the plan (--max-ppl-increase {budget:g})"
+        first = {g.x.name: g.linears[0].module for g in groups}
+        self.plan = AutoPlan(
+            budget=budget,
+            candidates=list(planning.CANDIDATES),
+            groups={first[g]: c for g, c in choice.items()},
+            counts={c: sum(1 for v in choice.values() if v == c) for c in (*planning.CANDIDATES, planning.KEPT)},
+            weight_bytes=sum(options.sizes[g][c] for g, c in choice.items()),
+            weight_bytes_fp16=sum(options.sizes[g][planning.KEPT] for g in choice),
+            estimated=round(planning.increase(estimated), 6),
+            measured=round(planning.increase(measured), 6),
+            windows=len(calibrator.score_windows),
+            held_out=calibrator.held_out,
+            measurements=search.measurements,
+            errors={first[g]: {c: round(e, 8) for c, e in v.items()} for g, v in options.errors.items()},
+        )
+        return chosen
+
+    def _options(
+        self, group: _Group, stats: dict[str, ActStats], candidates: list[QuantMethod], into: _Options
+    ) -> None:
+        """Each candidate's codes of the group, their relative output error and their bytes."""
+        weights = [lin.values.astype(np.float32) for lin in group.linears]
+        key, size = group.x.name, self._block(group.channels)
+        into.errors[key], into.sizes[key] = {}, {planning.KEPT: sum(2 * w.size for w in weights)}
+        for method in candidates:
+            codes = into.codes[key, method.name] = self._codes(method, group, stats)
+            approx = [dequantize_weight(q, scale, method, size) for q, scale in codes]
+            into.errors[key][method.name] = output_error_ratio(stats[key], weights, approx)
+            bits = 4 if method.weights is DType.INT4 else 8
+            into.sizes[key][method.name] = sum(q.size * bits // 8 + 2 * scale.size for q, scale in codes)
+
     def _experts(self, model: Model, kept: dict[str, str], refusals: list[Refusal]) -> list[str]:
         """The MoE nodes' expert weights ([E, out, in]: GateUp, Down), weight-only methods: each
         expert's rows quantized as a linear layer's (RTN scales from the weights: the experts see only
@@ -419,6 +541,8 @@ class QuantPass(GraphPass):
         done = []
         why = f"{self.method.name} quantizes activations; experts take weight-only methods"
         why = "" if self.method.activations is None else why
+        if self.method.mixed:
+            why = "--quant auto plans the linear layers; experts stay in high precision"
         for node in [n for n in model.graph.nodes if n.domain == MOE_DOMAIN and n.op == MOE.name]:
             module = module_of(node.name) or node.name
             for slot in (MOE.inputs.index("GateUp"), MOE.inputs.index("Down")):
@@ -484,6 +608,112 @@ class QuantPass(GraphPass):
             model.tag(node, f"quant.{self.method.name}")
         for linear in group.linears:
             linear.node.inputs[0] = dq_out
+
+
+@dataclass
+class _Options:
+    """--quant auto's candidates per group (by input tensor name): codes, relative error, bytes."""
+
+    codes: dict[tuple[str, str], Codes] = field(default_factory=dict)
+    errors: dict[str, dict[str, float]] = field(default_factory=dict)
+    sizes: dict[str, dict[str, int]] = field(default_factory=dict)  # with KEPT: fp16 bytes
+
+
+class _PlanSearch:
+    """Fit the estimate to measured perplexity, plan, measure the plan, re-plan while over budget."""
+
+    def __init__(
+        self, nll: Scorer, options: _Options, groups: list[_Group], block: Callable[[int], int], allowed: float
+    ) -> None:
+        self.nll, self.options, self.groups, self.block, self.allowed = nll, options, groups, block, allowed
+        self.measurements: list[PlanMeasurement] = []
+        self.seen: dict[tuple[tuple[str, str], ...], float] = {}
+        self.base = 0.0
+
+    def measure(self, choice: dict[str, str], what: str) -> float:
+        """The log-perplexity increase of `choice` on the scoring windows (the weights replaced by
+        their dequantized values: what the DequantizeLinear computes); each choice measured once."""
+        key = tuple(sorted(choice.items()))
+        if key in self.seen:
+            return self.seen[key]
+        weights = {}
+        for group in self.groups:
+            c = choice[group.x.name]
+            if c == planning.KEPT:
+                continue
+            method, size = METHODS.get(c), self.block(group.channels)
+            for linear, (q, scale) in zip(group.linears, self.options.codes[group.x.name, c], strict=True):
+                dtype = DType.parse(linear.weight.dtype).numpy
+                weights[linear.weight.name] = dequantize_weight(q, scale, method, size).astype(dtype)
+        delta = self.seen[key] = self.nll(weights) - self.base
+        self.measurements.append(PlanMeasurement(what, round(self.base + delta, 8), round(planning.increase(delta), 6)))
+        logger.info("--quant auto: %s: perplexity %+.3f%%", what, planning.increase(delta))
+        return delta
+
+    def run(self) -> tuple[dict[str, str], float, float]:
+        """The plan, its estimated and its measured log-perplexity increase."""
+        order, errors, sizes = planning.CANDIDATES, self.options.errors, self.options.sizes
+        self.base = self.nll({})
+        self.measurements.append(PlanMeasurement("high precision", round(self.base, 8), 0.0))
+        k: dict[str, float] = {}
+        best: tuple[dict[str, str], float, float] | None = None
+        for c in order:
+            everything = dict.fromkeys(errors, c)
+            total = sum(errors[g][c] for g in errors)
+            measured = self.measure(everything, f"everything {c}")
+            k[c] = max(measured, 0.0) / total if total > 0 else 0.0
+            if measured <= self.allowed and best is None:  # the cheapest candidate alone fits
+                best = (everything, k[c] * total, measured)
+        cheapest = dict.fromkeys(errors, order[0])
+        # One scale on the cheapest candidate's coefficient, searched: the smallest that plans a choice
+        # measured within budget (a larger one plans more precision). The other candidates' coefficients
+        # stay as measured alone: INT8's error adds up as fitted, INT4's compounds (on SmolLM2 a plan of
+        # 1% estimated with the everything-INT4 fit measured 8.5%). Each step moves the scale by
+        # measured / estimated (at least halved or doubled), or to the geometric mean of the largest
+        # scale seen over budget and the smallest seen within it. The measurements steer; the
+        # estimate only ranks the groups.
+        scale, over, within = 1.0, 0.0, math.inf
+        for round_ in range(1, PLAN_ROUNDS + 1):
+            scaled = {**k, order[0]: k[order[0]] * scale}
+            choice = planning.plan(errors, sizes, scaled, self.allowed, cheapest, order)
+            estimated = planning.estimate(choice, errors, scaled)
+            measured = self.measure(choice, f"the plan (round {round_})")
+            if measured <= self.allowed:
+                if best is None or planning.weight_bytes(choice, sizes) < planning.weight_bytes(best[0], sizes):
+                    best = (choice, estimated, measured)
+                within = min(within, scale)
+                if measured >= PLAN_SLACK * self.allowed or estimated <= 0:
+                    break  # close enough to the budget, or nothing left to make cheaper
+            else:
+                over = max(over, scale)
+            if over > 0 and within < math.inf:
+                if within / over < 1.05:
+                    break
+                scale = math.sqrt(over * within)
+            else:  # at least halved (within budget) or doubled (over): the ratio alone can stall
+                ratio = measured / estimated if estimated > 0 and measured > 0 else 1.0
+                scale *= min(ratio, 0.5) if measured <= self.allowed else max(ratio, 2.0)
+        if best is not None:
+            return best
+        return self._upgrade(choice, {**k, order[0]: k[order[0]] * scale}, measured)
+
+    def _upgrade(
+        self, choice: dict[str, str], k: dict[str, float], measured: float
+    ) -> tuple[dict[str, str], float, float]:
+        """No searched plan fitted: upgrade the last one until its measurement does."""
+        order, errors, sizes = planning.CANDIDATES, self.options.errors, self.options.sizes
+        estimated = planning.estimate(choice, errors, k)
+        while measured > self.allowed and not all(c == planning.KEPT for c in choice.values()):
+            k = planning.refit(k, choice, errors, measured, estimated)
+            upgraded = planning.plan(errors, sizes, k, self.allowed, choice, order)
+            choice = upgraded if upgraded != choice else planning.force_upgrade(choice, errors, order)
+            estimated = planning.estimate(choice, errors, k)
+            measured = self.measure(choice, "the plan, upgraded")
+        return (
+            choice,
+            estimated,
+            min(measured, self.allowed) if all(c == planning.KEPT for c in choice.values()) else measured,
+        )
 
 
 def _routers(graph: gs.Graph) -> set[str]:

@@ -1,6 +1,7 @@
 """The numerics of Q/DQ quantization, in NumPy: symmetric scales and codes (per output channel, or
 INT4 blocks of input channels), fake quantization, SmoothQuant's and AWQ's searches, the W8A8 pair
-cap, and the per-channel activation statistics calibration collects.
+cap, GPTQ's error-compensating rounding, and the per-channel activation statistics (and, for GPTQ,
+the inputs' Gram matrices) calibration collects.
 
 These are the reference the quantization pass (`llm2trt.passes.qdq`) computes the graph's constants
 with, and the methods (`llm2trt.passes.quant_methods`) search with; tests check them against
@@ -24,6 +25,8 @@ SQ_STRENGTHS = tuple(i / 10 for i in range(11))  # searched when --alpha is not 
 ACT_CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # of a static activation range
 PAIR_LIMIT = 128  # the largest |q[2k]| + |q[2k+1]| of a W8A8 weight: 255 * 128 <= 32767 (see bounded_pairs)
 SEARCH_ROWS = 256  # calibration tokens sampled per input tensor for the searches (bounds memory)
+GPTQ_DAMPENING = 0.01  # of the Hessian's mean diagonal, added to it: keeps the inverse well conditioned
+GPTQ_BLOCK = 128  # input channels updated together (lazy batch): the rest get one matrix product per block
 _EPS = 1e-8
 
 
@@ -232,11 +235,92 @@ def awq_clip(rows: np.ndarray, w: np.ndarray, method: QuantFormat, group: int) -
     return best
 
 
+def gptq_quantize(
+    w: np.ndarray, gram: np.ndarray, group: int, dampening: float = GPTQ_DAMPENING, block: int = GPTQ_BLOCK
+) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ on a [in, out] weight (INT4, symmetric blocks of `group` input channels): input channels
+    are rounded in order and each one's rounding error is spread over the channels not yet rounded,
+    weighted by the inverse of the Hessian H = X^T X of the layer's input (`gram`; GPTQ's 2 X^T X
+    up to a factor that cancels). A block's scale is taken when its first channel comes up, from
+    the weights as the earlier channels' errors left them. Returns the INT4 codes [in, out] and the
+    scales [in // group, out].
+
+    With H^-1 = U^T U (U upper triangular), the error of channel i moves channel j > i by
+    -U[i, j] / U[i, i] times it: channels within a batch of `block` are updated one by one, the rest
+    once per batch (the same arithmetic, in few matrix products)."""
+    rows, cols = w.shape
+    h = gram.astype(np.float64).copy()
+    work = w.astype(np.float64).copy()
+    dead = np.diag(h) <= 0  # a channel calibration never saw non-zero: its weights do not matter
+    h[dead, dead] = 1.0
+    work[dead] = 0.0
+    h[np.diag_indices(rows)] += dampening * float(np.mean(np.diag(h)))
+    lower = np.linalg.cholesky(h)
+    inverse = np.linalg.inv(lower)
+    u = np.linalg.cholesky(inverse.T @ inverse).T  # H^-1 = U^T U
+    high = qmax(DType.INT4)
+    weight = np.diag(h)  # each input channel's share of the output error, for the clipping search
+    codes = np.zeros((rows, cols), np.float64)
+    scales = np.ones((rows // group, cols), np.float64)
+    step = max(block // group, 1) * group  # a batch holds whole blocks: a block's scale sees every update
+    for start in range(0, rows, step):
+        end = min(start + step, rows)
+        batch = work[start:end]  # a view: updated in place
+        errors = np.zeros_like(batch)
+        for i in range(end - start):
+            row = start + i
+            if row % group == 0:
+                scales[row // group] = _gptq_scale(batch[i : i + group], weight[row : row + group], high)
+            scale = scales[row // group]
+            q = np.clip(np.rint(batch[i] / scale), -high - 1, high)
+            codes[row] = q
+            errors[i] = (batch[i] - q * scale) / u[row, row]
+            batch[i + 1 :] -= np.outer(u[row, row + 1 : end], errors[i])
+        work[end:] -= u[start:end, end:].T @ errors
+    return codes.astype(DType.INT4.numpy), scales.astype(np.float32)
+
+
+def _gptq_scale(block: np.ndarray, weight: np.ndarray, high: float) -> np.ndarray:
+    """A block's scales per output channel: the fraction of its amax (AWQ_CLIP_RATIOS) whose rounding
+    errs least on the block's rows, each row weighted by its input channel's energy (H's diagonal).
+    SmolLM2's weights come from a 4-bit GGUF grid that symmetric absmax scales do not fit."""
+    amax = np.abs(block).max(axis=0)
+    best, best_err = amax, np.full(block.shape[1], np.inf)
+    for ratio in AWQ_CLIP_RATIOS:
+        scale = np.where(amax > 0, (amax * ratio / high).astype(np.float32), 1.0)
+        err = weight[:, None] * np.square(np.clip(np.rint(block / scale), -high - 1, high) * scale - block)
+        total = err.sum(axis=0)
+        better = total < best_err
+        best, best_err = np.where(better, scale, best), np.where(better, total, best_err)
+    return np.where(amax > 0, best, 1.0)
+
+
+def hessian_error(w: np.ndarray, approx: np.ndarray, gram: np.ndarray) -> float:
+    """sum over the calibration tokens of ||x (approx - w)||^2 = tr(D^T H D): a layer's output error."""
+    d = approx.astype(np.float64) - w.astype(np.float64)
+    return float(np.einsum("ij,ij->", gram.astype(np.float64) @ d, d))
+
+
+def output_error_ratio(stat: ActStats, weights: Sequence[np.ndarray], approx: Sequence[np.ndarray]) -> float:
+    """sum ||X (approx - W)||^2 / sum ||X W||^2 over a group's layers: over every calibration token when
+    the Gram matrix was summed, else over the sampled rows."""
+    if stat.gram is not None:
+        err = sum(hessian_error(w, a, stat.gram) for w, a in zip(weights, approx, strict=True))
+        ref = sum(hessian_error(w, np.zeros_like(w), stat.gram) for w in weights)
+    else:
+        x = stat.sample.astype(np.float32)
+        err = _output_error(x, weights, approx)
+        ref = float(sum(np.square(x @ w).sum() for w in weights))
+    return err / ref if ref > 0 else 0.0
+
+
 class ActStats:
     """Per-channel statistics of one activation tensor over calibration, in bounded memory: the
-    channels' max|x| and mean|x|, and a uniform sample of at most `rows` tokens (for AWQ)."""
+    channels' max|x| and mean|x|, a uniform sample of at most `rows` tokens (for AWQ), and with
+    `gram` the [C, C] sum of x^T x over every token (GPTQ's Hessian; float64, one per tensor)."""
 
-    def __init__(self, channels: int, rows: int = 0, seed: int = 0) -> None:
+    def __init__(self, channels: int, rows: int = 0, seed: int = 0, *, gram: bool = False) -> None:
+        self.gram = np.zeros((channels, channels), np.float64) if gram else None
         self.amax = np.zeros(channels, np.float32)
         self._abs_sum = np.zeros(channels, np.float64)
         self.tokens = 0
@@ -252,6 +336,8 @@ class ActStats:
         self.amax = np.maximum(self.amax, a.max(axis=0))
         self._abs_sum += a.sum(axis=0, dtype=np.float64)
         self.tokens += flat.shape[0]
+        if self.gram is not None:  # the product in float32 (BLAS), summed over windows in float64
+            self.gram += flat.T @ flat
         if self._rows:
             # Priority sampling: the tokens with the largest random keys are a uniform sample.
             keys = np.concatenate([self._keys, self._rng.random(flat.shape[0])])

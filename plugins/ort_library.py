@@ -33,10 +33,10 @@ from llm2trt.passes import ort_op_table as table
 log = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).resolve().parent / "csrc"
-# The translation units, by concern: ABI glue and registration, CPU reference, one-row GEMV kernels,
-# the many-row cuBLAS path, attention, routed experts (MoE). Named, not globbed: a stale file left in
-# an install is no unit.
-UNITS = ("ort_glue.cu", "cpu_reference.cu", "gemv.cu", "cublas_paths.cu", "attention.cu", "moe.cu")
+# The translation units, by concern: ABI glue and registration, CPU reference, one-row GEMV kernels
+# (float weights, and NBits: INT4 / INT8 codes), the many-row cuBLAS path, attention, routed experts
+# (MoE). Named, not globbed: a stale file left in an install is no unit.
+UNITS = ("ort_glue.cu", "cpu_reference.cu", "gemv.cu", "qgemv.cu", "cublas_paths.cu", "attention.cu", "moe.cu")
 HEADER = "llm2trt_ops.h"  # generated from the op table; not in SOURCES
 LIBRARY_NAME = "libllm2trt_ort.so"
 ENV_LIBRARY = "LLM2TRT_ORT_KERNELS"
@@ -170,14 +170,14 @@ def ops_header() -> str:
     and output's type ("T": the registration's element type), which inputs ONNX Runtime hands over
     in CPU memory, which outputs are optional, its attributes, the slot of each input and output
     name, the kernel family the names imply (a Gamma normalizes, a Skip adds, a GateUp output is
-    SwiGLU), and whether it has a bfloat16 registration."""
+    SwiGLU, Scales make it an NBits op: quantized W), and whether it has a bfloat16 registration."""
     ops = table.ALL
     names = list(dict.fromkeys(n for op in ops for n in (*op.inputs, *op.outputs)))
     attrs = list(dict.fromkeys(a for op in ops for a in op.attributes))
     for name in (*names, *attrs):
         if not name.isidentifier() or name == "kCount":
             raise ValueError(f"op table: {name!r} cannot name a C++ constant")
-    types = {"T": "kT", "I32": "kInt32", "I64": "kInt64", "F32": "kFloat32"}
+    types = {"T": "kT", "I32": "kInt32", "I64": "kInt64", "F32": "kFloat32", "U8": "kUInt8", "I8": "kInt8"}
     most = {"inputs": max(len(op.inputs) for op in ops), "outputs": max(len(op.outputs) for op in ops)}
     most_attrs = max(1, *(len(op.attributes) for op in ops))
 
@@ -197,6 +197,7 @@ def ops_header() -> str:
             "qk_norm": "QNorm" in op.inputs,
             "float_y": op.float_y,
             "moe": op is table.MOE,
+            "nbits": "Scales" in op.inputs,
             "bfloat": op.bfloat16,  # (also registered for bfloat16 tensors)
         }
         fields = [
@@ -241,7 +242,7 @@ inline constexpr AttributeType kAttributeType[attr::kCount] = {{{attr_types}}};
 
 // kT: the element type the op is registered for (float16 or float32, one registration each, and
 // bfloat16 where the op's `bfloat16` is set); the others are fixed.
-enum Type : int {{ kT, kInt32, kInt64, kFloat32 }};
+enum Type : int {{ kT, kInt32, kInt64, kFloat32, kUInt8, kInt8 }};
 
 inline constexpr size_t kMaxInputs = {most["inputs"]}, kMaxOutputs = {most["outputs"]}, kMaxAttributes = {most_attrs};
 
@@ -255,7 +256,7 @@ struct Op {{
   int attribute[kMaxAttributes];  // attr:: ids, in the op's order
   int input_at[io::kCount];
   int output_at[io::kCount];
-  bool norm, skip, swiglu, attention, qk_norm, float_y, moe;  // the kernel family
+  bool norm, skip, swiglu, attention, qk_norm, float_y, moe, nbits;  // the kernel family (nbits: quantized W)
   bool bfloat16;  // registered for bfloat16 too
 }};
 

@@ -17,10 +17,17 @@ Rows (fp16, batch 1 unless said):
   genai-graph   the same with its CUDA graph (enable_cuda_graph in genai_config.json)
   llm2trt       `convert --dtype fp16` + `optimize --kv-form gqa` on ONNX Runtime CUDA: IO binding,
                 the cache updated in place, the decode step a CUDA graph (llm2trt/backends/onnxruntime/cuda.py)
+  llm2trt-int4  the same with `--quant int4-rtn --group-size 128` (W4A16: the NBits ops' INT4 kernels;
+                RTN and AWQ or GPTQ weights read alike, so random weights time them all)
+  llm2trt-int8  the same with `--quant int8-wo` (W8A16, per output channel)
+  genai-int4, genai-int4-graph   onnxruntime-genai's builder `-p int4 -e cuda` (MatMulNBits), without
+                and with its CUDA graph
 Columns: bs1 decode ms/step (median of steps 2-128: forward + greedy pick + the pick copied to the
 host; llm2trt reads each step's pick while the next step runs), bs16 decode tokens/s, prefill
 latency of a 512-token prompt (bs1, median of 5), and bs1 as a share of the floor (weight bytes /
-copy bandwidth, measured here).
+copy bandwidth, measured here). A quantized row's floor is its own: the bytes of its artifact's
+weights (codes, scales and zero points; what the step reads), at the same bandwidth; "vs fp16" is
+its step time over llm2trt fp16's.
 
 Needs a GPU, torch, transformers, onnxruntime-gpu and onnxruntime-genai-cuda (scripts/gpu_decode.sh
 installs them from carried wheels where no package index is reachable).
@@ -56,7 +63,12 @@ from common import (
 
 from llm2trt.core.errors import first_line
 
-PROMPT, STEPS, BATCH, PREFILL = 16, 128, 16, 512
+PROMPT, STEPS, BATCH, PREFILL = 16, 128, 16, 512  # PROMPT: the context decode starts from (--context)
+
+
+def capacity() -> int:
+    """Cache slots a session needs for the longest prompt and the steps after it."""
+    return max(PREFILL, PROMPT + STEPS) + 8
 
 
 @dataclass
@@ -66,6 +78,13 @@ class Row:
     bs16_tok_s: float | None = None
     prefill512_ms: float | None = None
     note: str = ""
+    weights_gb: float | None = None  # what its step reads, where it is not the fp16 checkpoint's
+
+
+def stored_gb(directory: Path) -> float:
+    """GB of an ONNX model's weights in `directory` (its external data files and the graph file)."""
+    files = [f for f in directory.iterdir() if f.suffix in (".data", ".onnx") or f.name.endswith(".onnx.data")]
+    return sum(f.stat().st_size for f in files) / 1e9
 
 
 def prompts(vocab: int, batch: int, length: int, seed: int = 0) -> np.ndarray:
@@ -209,12 +228,12 @@ def hf_graph(hf_dir: Path, vocab: int) -> Row:
 # -- onnxruntime-genai -------------------------------------------------------------------------------
 
 
-def genai_build(hf_dir: Path, work: Path) -> Path:
-    out = work / f"genai-{hf_dir.name}"
+def genai_build(hf_dir: Path, work: Path, precision: str = "fp16") -> Path:
+    out = work / f"genai-{hf_dir.name}{'' if precision == 'fp16' else '-' + precision}"
     if not (out / "genai_config.json").is_file():
         # The builder through scripts/genai_build.py: transformers 5's Gemma 3 config made readable to it.
         cmd = [sys.executable, str(Path(__file__).with_name("genai_build.py")), "-i", str(hf_dir), "-o", str(out)]
-        cmd += ["-p", "fp16", "-e", "cuda", "-c", str(work / "genai-cache")]
+        cmd += ["-p", precision, "-e", "cuda", "-c", str(work / "genai-cache")]
         done = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if done.returncode:
             sys.stderr.write(done.stdout[-2000:] + done.stderr[-4000:])
@@ -223,10 +242,10 @@ def genai_build(hf_dir: Path, work: Path) -> Path:
     return out
 
 
-def genai(hf_dir: Path, work: Path, vocab: int, graph: bool) -> Row:
+def genai(hf_dir: Path, work: Path, vocab: int, graph: bool, precision: str = "fp16") -> Row:
     import onnxruntime_genai as og
 
-    base = genai_build(hf_dir, work)
+    base = genai_build(hf_dir, work, precision)
     target = work / f"{base.name}-{'graph' if graph else 'plain'}"
     if not target.exists():
         subprocess.run(["cp", "-r", str(base), str(target)], check=True)
@@ -235,7 +254,8 @@ def genai(hf_dir: Path, work: Path, vocab: int, graph: bool) -> Row:
         config["model"]["decoder"]["session_options"]["provider_options"] = options
         (target / "genai_config.json").write_text(json.dumps(config, indent=2))
     model = og.Model(str(target))
-    row = Row("genai-graph" if graph else "genai")
+    name = "genai" + ("" if precision == "fp16" else f"-{precision}") + ("-graph" if graph else "")
+    row = Row(name, weights_gb=stored_gb(target) if precision != "fp16" else None)
     # genai's cache holds max_length positions and its sliding-window attention refuses a cache
     # shorter than the window (Gemma 3: 512), so a windowed model gets at least the window.
     window = int(json.loads((hf_dir / "config.json").read_text()).get("sliding_window") or 0)
@@ -276,42 +296,59 @@ def genai(hf_dir: Path, work: Path, vocab: int, graph: bool) -> Row:
 # -- llm2trt -----------------------------------------------------------------------------------------
 
 
-def llm2trt_artifact(hf_dir: Path, work: Path, form: str = "gqa", check: bool = True) -> Path:
-    art, gqa = work / f"llm2trt-{hf_dir.name}", work / f"llm2trt-{hf_dir.name}-{form}"
+QUANT = {  # llm2trt's quantized rows: optimize's options
+    "int4": ["--quant", "int4-rtn", "--group-size", "128"],
+    "int8": ["--quant", "int8-wo"],
+    "kv8": ["--kv-dtype", "int8"],  # fp16 weights, an INT8 KV cache
+    "int4-kv8": ["--quant", "int4-rtn", "--group-size", "128", "--kv-dtype", "int8"],
+}
+
+
+def llm2trt_artifact(hf_dir: Path, work: Path, form: str = "gqa", check: bool = True, quant: str | None = None) -> Path:
+    art = work / f"llm2trt-{hf_dir.name}"
+    gqa = work / f"llm2trt-{hf_dir.name}-{form}{'-' + quant if quant else ''}"
     # Run from the work directory: `python -m` puts the working directory first on sys.path, and a
     # checkout's llm2trt/ (without exporters/ inside) must not shadow the installed package.
     run = functools.partial(subprocess.run, check=True, cwd=work)
     if not (art / "manifest.json").is_file():
         run(llm2trt_argv("convert", hf_dir, "-o", art, "--dtype", "fp16", "-q"))
     if not (gqa / "manifest.json").is_file():
-        run(llm2trt_argv("optimize", art, "-o", gqa, "--kv-form", form, "-q", *([] if check else ["--no-check"])))
+        options = [*QUANT.get(quant or "", []), *([] if check else ["--no-check"])]
+        run(llm2trt_argv("optimize", art, "-o", gqa, "--kv-form", form, "-q", *options))
     return gqa
 
 
-def llm2trt_row(artifact: Path, vocab: int) -> Row:
-    session = cuda_decoder_session(artifact, PREFILL + 8)
+def llm2trt_row(artifact: Path, vocab: int, quant: str | None = None) -> Row:
+    session = cuda_decoder_session(artifact, capacity())
 
     def decode(batch: int) -> float:
         steps = session.greedy_pipeline(session.prefill(prompts(vocab, batch, PROMPT).tolist()))
         return decode_ms(lambda: next(steps))
 
     bs1 = decode(1)
-    bs16 = decode(BATCH)
+    bs16 = decode(BATCH) if PROMPT <= PREFILL else None  # long contexts: batch 1 only
     long = prompts(vocab, 1, PREFILL).tolist()
     prefill = synced_ms(lambda: session.prefill(long))
     note = "ort-gqa, IO binding, CUDA graph, picks read one step behind the GPU"
-    return Row("llm2trt", bs1, BATCH / bs16 * 1e3, prefill, note)
+    if quant:
+        tok_s = BATCH / bs16 * 1e3 if bs16 else None
+        return Row(f"llm2trt-{quant}", bs1, tok_s, prefill, " ".join(QUANT[quant]), stored_gb(artifact))
+    return Row("llm2trt", bs1, BATCH / bs16 * 1e3 if bs16 else None, prefill, note)
+
+
+def quant_row(hf_dir: Path, work: Path, vocab: int, quant: str) -> Row:
+    return llm2trt_row(llm2trt_artifact(hf_dir, work, check=False, quant=quant), vocab, quant)
 
 
 def llm2trt_fixed_row(artifact: Path, vocab: int) -> Row:
     """The standard-op fixed-size cache (TensorScatter + Attention) on the same CUDA-graph loop."""
     try:
-        session = cuda_decoder_session(artifact, PREFILL + 8)
+        session = cuda_decoder_session(artifact, capacity())
         note = "fixed form (standard ops), CUDA graph"
         steps = session.greedy_pipeline(session.prefill(prompts(vocab, 1, PROMPT).tolist()))
         bs1 = decode_ms(lambda: next(steps))
     except Exception as exc:  # capture may refuse a graph with CPU-placed shape ops
-        session = cuda_decoder_session(artifact, PREFILL + 8, cuda_graph=False)
+        session = cuda_decoder_session(artifact, capacity(), cuda_graph=False)
         note = f"fixed form, no CUDA graph ({first_line(exc, 100)})"
         steps = session.greedy_pipeline(session.prefill(prompts(vocab, 1, PROMPT).tolist()))
         bs1 = decode_ms(lambda: next(steps))
@@ -322,7 +359,7 @@ def llm2trt_fixed_row(artifact: Path, vocab: int) -> Row:
 def llm2trt_growing_row(artifact: Path, vocab: int) -> Row:
     """The exporter's growing cache (Concat) fused: shapes change every step, so no CUDA graph and
     the cache goes through the host (the generic session over ONNX Runtime CUDA)."""
-    session = decoder_session(artifact, PREFILL + 8, ["CUDAExecutionProvider"])
+    session = decoder_session(artifact, capacity(), ["CUDAExecutionProvider"])
     state = {"tok": np.argmax(session.prefill(prompts(vocab, 1, PROMPT).tolist()), -1)}
 
     def step() -> None:
@@ -403,6 +440,9 @@ def run_rows(model: str, hf_dir: Path, work: Path, vocab: int, runners: list[str
         "genai": lambda: genai(hf_dir, work, vocab, graph=False),
         "genai-graph": lambda: genai(hf_dir, work, vocab, graph=True),
         "llm2trt": lambda: llm2trt_row(llm2trt_artifact(hf_dir, work), vocab),
+        **{f"llm2trt-{q}": functools.partial(quant_row, hf_dir, work, vocab, q) for q in QUANT},
+        "genai-int4": lambda: genai(hf_dir, work, vocab, graph=False, precision="int4"),
+        "genai-int4-graph": lambda: genai(hf_dir, work, vocab, graph=True, precision="int4"),
         "llm2trt-fixed": lambda: llm2trt_fixed_row(llm2trt_artifact(hf_dir, work, "fixed"), vocab),
         "llm2trt-growing": lambda: llm2trt_growing_row(llm2trt_artifact(hf_dir, work, "growing"), vocab),
     }
@@ -421,21 +461,31 @@ def run_rows(model: str, hf_dir: Path, work: Path, vocab: int, runners: list[str
 
 def print_table(model: str, rows: list[Row], bandwidth: float, weights: float, floor: float) -> None:
     print(f"\n{model}: read per step {weights:.3f} GB, copy bandwidth {bandwidth:.0f} GB/s, floor {floor:.3f} ms/step")
+
     # The peer: onnxruntime-genai where its builder takes the model, else transformers' best row.
-    peers = [r for r in rows if r.runner.startswith("genai") and r.bs1_ms] or [
-        r for r in rows if r.runner.startswith("hf-") and r.bs1_ms
-    ]
-    best = min((r.bs1_ms for r in peers if r.bs1_ms), default=None)
-    label = "vs genai best" if peers and peers[0].runner.startswith("genai") else "vs hf best"
-    heads = ("bs1 ms/step", "% of floor", label, "bs16 tok/s", "prefill512 ms")
-    print(f"{'runner':<12} " + " ".join(f"{h:>14}" for h in heads) + "  note")
+    # The peer of a row in each precision: the fastest genai row of it (fp16 or int4), else
+    # transformers' best (fp16).
+    def peer(precision: str) -> tuple[str, float | None]:
+        same = [r for r in rows if r.runner.startswith("genai") and ("int4" in r.runner) == (precision == "int4")]
+        found = [r.bs1_ms for r in same if r.bs1_ms]
+        if found:
+            return "genai", min(found)
+        return "hf", min((r.bs1_ms for r in rows if r.runner.startswith("hf-") and r.bs1_ms), default=None)
+
+    fp16 = next((r.bs1_ms for r in rows if r.runner == "llm2trt" and r.bs1_ms), None)
+    heads = ("bs1 ms/step", "% of floor", "vs peer", "vs fp16", "bs16 tok/s", "prefill512 ms")
+    print(f"{'runner':<16} " + " ".join(f"{h:>13}" for h in heads) + "  note")
     for r in rows:
-        pct = f"{floor / r.bs1_ms * 100:.0f}%" if r.bs1_ms else "-"
-        ratio = f"{best / r.bs1_ms:.2f}x" if best and r.bs1_ms else "-"
+        own = r.weights_gb / bandwidth * 1e3 if r.weights_gb else floor
+        pct = f"{own / r.bs1_ms * 100:.0f}%" if r.bs1_ms else "-"
+        kind, best = peer("int4" if "int4" in r.runner else "fp16")
+        ratio = f"{best / r.bs1_ms:.2f}x {kind}" if best and r.bs1_ms else "-"
+        versus = f"{r.bs1_ms / fp16:.2f}" if fp16 and r.bs1_ms else "-"
         bs1 = f"{r.bs1_ms:.3f}" if r.bs1_ms else "-"
         bs16 = f"{r.bs16_tok_s:.0f}" if r.bs16_tok_s else "-"
         pre = f"{r.prefill512_ms:.2f}" if r.prefill512_ms else "-"
-        print(f"{r.runner:<12} " + " ".join(f"{v:>14}" for v in (bs1, pct, ratio, bs16, pre)) + f"  {r.note}")
+        note = f"{r.note} (reads {r.weights_gb:.3f} GB)" if r.weights_gb else r.note
+        print(f"{r.runner:<16} " + " ".join(f"{v:>13}" for v in (bs1, pct, ratio, versus, bs16, pre)) + f"  {note}")
 
 
 def main() -> int:
@@ -449,6 +499,9 @@ def main() -> int:
     parser.add_argument("--probe", action="store_true", help="also probe contrib-op kernels on CUDA")
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument(
+        "--context", type=int, default=16, help="tokens of the prompt decode starts from (bs16 only at <= 512)"
+    )
+    parser.add_argument(
         "--no-check", action="store_true", help="optimize without its numeric check (random weights, time)"
     )
     parser.add_argument(
@@ -457,10 +510,19 @@ def main() -> int:
         help="make the checkpoint and llm2trt's artifact (CPU work, no GPU needed), then stop",
     )
     args = parser.parse_args()
+    global PROMPT  # noqa: PLW0603 (one run, one context: every row decodes from it)
+    PROMPT = args.context
     os.environ.setdefault("TQDM_DISABLE", "1")
     args.work.mkdir(parents=True, exist_ok=True)
-    if args.prepare_only:
-        print(llm2trt_artifact(hf_checkpoint(args.model, args.work, args.gguf), args.work, check=not args.no_check))
+    if args.prepare_only:  # llm2trt's fp16 artifact, and its quantized ones where the runners ask
+        hf_dir = hf_checkpoint(args.model, args.work, args.gguf)
+        print(llm2trt_artifact(hf_dir, args.work, check=not args.no_check))
+        runners = args.runners.split(",")
+        for quant in (q for q in QUANT if f"llm2trt-{q}" in runners):
+            print(llm2trt_artifact(hf_dir, args.work, check=False, quant=quant))
+        for precision in ("fp16", "int4"):  # onnxruntime-genai's builds (its builder runs on the CPU)
+            if any(r.startswith("genai") and ("int4" in r) == (precision == "int4") for r in runners):
+                print(genai_build(hf_dir, args.work, precision))
         return 0
     if args.probe:
         print(probe_swiglu(), flush=True)

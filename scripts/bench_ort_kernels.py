@@ -6,7 +6,8 @@ Each kernel is called through the library's `Llm2trtOneRow` entry (no ONNX Runti
 fp16, one row, `copies` launches with their own weights (more bytes than L2 holds) captured in one
 CUDA graph and replayed; against torch's cuBLAS GEMV on the same weights. GB/s = weight bytes /
 time, against the copy bandwidth measured in the same run. Each kernel's output is checked
-against float32 torch first.
+against float32 torch first. The NBits kernels (INT4 / INT8 weights) of the same layers are timed
+against these by scripts/check_nbits_kernel.py.
 """
 
 from __future__ import annotations

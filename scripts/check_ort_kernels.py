@@ -2,6 +2,7 @@
 
     python scripts/check_ort_kernels.py --artifacts A [A ...]
     python scripts/check_ort_kernels.py --ops [--cpu]
+    python scripts/check_ort_kernels.py --int8-cache [--cpu]
 
 For each `--kv-form gqa` artifact: two ONNX Runtime CUDA sessions over the same graph, one with
 llm2trt's kernel library registered (built here on first use), one running the ops' reference
@@ -9,13 +10,20 @@ bodies. Same inputs: a prefill of two rows of 9 tokens (the many-row path: cuBLA
 one-token decode step at batch 1 (the one-row kernels) and at batch 2. Reports the largest logit
 difference relative to the largest logit, and each path's time per run (no CUDA graph, so launch
 counts show too).
+
+`--ops` also runs the INT8-cache attention ops (GroupQueryAttention[QKNorm]Int8KV) beside their
+fp16-cache twins on the same cache contents at 4,096 slots (`--int8-cache`: only those rows): the
+error of each against float64 and the time per call, measured over a model of LAYERS such nodes
+(each its own caches, bound on the device and updated in place) queued back to back.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +64,10 @@ def feeds_for(session: Any, batch: int, seq: int, past: int, capacity: int, rng:
             feeds[name] = np.array(past + seq, np.int32)
         else:  # a cache buffer: random past entries
             shape = [batch if d == "batch" else capacity if not isinstance(d, int) else d for d in tensor.shape]
-            dtype = np.float16 if "float16" in tensor.type else np.float32
-            feeds[name] = (rng.standard_normal(shape) * 0.5).astype(dtype)
+            dtype = np.float16 if "float16" in tensor.type else np.int8 if "int8" in tensor.type else np.float32
+            # An INT8 cache holds codes: spread them over the range as a calibrated cache would.
+            spread = 40 if dtype == np.int8 else 0.5
+            feeds[name] = (rng.standard_normal(shape) * spread).clip(-127, 127).astype(dtype)
     return feeds
 
 
@@ -104,14 +114,22 @@ def op_rows(dtype: Any) -> list[str]:
     library = str(ort_kernels.library(ort_kernels.device_arch()))
     rows = []
     for name in OPS:
-        for rows_m, k, n in ((1, 2048, 2560), (1, 576, 960), (1, 100, 36), (3, 2048, 512)):
-            n_w = 2 * n if name.endswith("SwiGLU") else n
-            feeds = sample_values(name, rows_m, k, n, dtype, seed=1)
+        # NBits ops: INT4 in blocks of 32 and 128, INT8 one block a row (a K the block does not
+        # divide takes one block a row too: K 100 runs the generic kernel)
+        formats = ((4, 32), (4, 128), (8, 0)) if "Scales" in OPS[name].inputs else ((0, 0),)
+        for (rows_m, k, n), (bits, size) in product(
+            ((1, 2048, 2560), (1, 576, 960), (1, 100, 36), (3, 2048, 512)), formats
+        ):
+            n_w = 2 * n if "SwiGLU" in name else n
+            block = size if size and k % size == 0 else k
+            feeds = sample_values(name, rows_m, k, n, dtype, seed=1, bits=bits or 4, block=block)
             model = one_op_model(name, feeds).SerializeToString()
             got = session(model, library).run(["Y"], feeds)[0].astype(np.float64)
             want = reference(name, feeds)
             err = float(np.abs(got - want).max() / np.abs(want).max())
-            rows.append(f"{name:<20} {np.dtype(dtype).name:<8} M={rows_m} K={k:<5} N={n_w:<5} {err:>10.2e}")
+            quant = f" int{bits} b{block}" if bits else ""
+            label = f"{name}{quant}"
+            rows.append(f"{label:<36} {np.dtype(dtype).name:<8} M={rows_m} K={k:<5} N={n_w:<5} {err:>10.2e}")
     return rows
 
 
@@ -180,19 +198,162 @@ def attention_rows(dtype: Any, provider: str) -> list[str]:
     return rows
 
 
+# INT8-cache attention beside the fp16-cache op: label, row lengths after the call, new tokens,
+# total_sequence_length, (H, KVH, D, slots), QK-norm. Llama-3-8B's heads (32 / 8 of 128), the 1.1B's
+# (32 / 4 of 64), Qwen3's with QK-norm (16 / 8 of 128); a full 4,096-slot cache where it decodes.
+INT8_CASES = (
+    ("decode bs1, 4096 slots", [4096], 1, 4096, (32, 8, 128, 4096), False),
+    ("decode bs2, 4096 slots", [4096, 3000], 1, 4096, (32, 8, 128, 4096), False),
+    ("decode bs1, h64, 4096", [4096], 1, 4096, (32, 4, 64, 4096), False),
+    ("decode bs2, qk-norm, 4096", [4096, 2048], 1, 4096, (16, 8, 128, 4096), True),
+    ("prefill 2x512, padded", [512, 400], 512, 512, (32, 8, 128, 4096), False),
+    ("prefill 128 after 1920", [2048], 128, 2048, (32, 8, 128, 4096), False),
+    ("prefill 2x256, qk-norm", [256, 200], 256, 256, (16, 8, 128, 4096), True),
+)
+LAYERS = 16  # nodes a timed run holds: ONNX Runtime's per-run overhead spread over them
+
+
+def layered(model: Any, layers: int) -> bytes:
+    """`model`'s one attention node as `layers` nodes, each with caches of its own (PastKey.i ->
+    PresentKey.i, ...), the other inputs shared; its bodies kept."""
+    graph = model.graph
+    [node] = graph.node
+    own = {"PastKey", "PastValue", "Output", "PresentKey", "PresentValue"}
+    nodes: list[Any] = []
+    inputs: list[Any] = [i for i in graph.input if i.name not in own]
+    outputs: list[Any] = []
+    for layer in range(layers):
+        made = copy.deepcopy(node)
+        made.input[:] = [f"{n}.{layer}" if n in own else n for n in node.input]
+        made.output[:] = [f"{n}.{layer}" for n in node.output]
+        nodes.append(made)
+        for source, target in ((graph.input, inputs), (graph.output, outputs)):
+            for info in source:
+                if info.name in own:
+                    renamed = copy.deepcopy(info)
+                    renamed.name = f"{info.name}.{layer}"
+                    target.append(renamed)
+    del graph.node[:], graph.input[:], graph.output[:]
+    graph.node.extend(nodes)
+    graph.input.extend(inputs)
+    graph.output.extend(outputs)
+    return bytes(model.SerializeToString())
+
+
+def layered_run(sess: Any, feeds: dict[str, np.ndarray], layers: int, device: str, runs: int) -> tuple[Any, float]:
+    """Layer 0's (Output, PresentKey, PresentValue) from a first run, and µs per node over `runs`
+    more queued back to back (the last one waited for). The caches are bound once on `device`, as
+    both past and present (in place), total_sequence_length on the host (the op reads it there)."""
+    import onnxruntime as ort
+
+    binding = sess.io_binding()
+    kept = []  # the OrtValues must outlive the runs
+    order = []  # the outputs in the order bound (copy_outputs_to_cpu's)
+    for name, value in feeds.items():
+        if name in ("PastKey", "PastValue"):
+            present = name.replace("Past", "Present")
+            for layer in range(layers):
+                cache = ort.OrtValue.ortvalue_from_numpy(value, device, 0)
+                kept.append(cache)
+                binding.bind_ortvalue_input(f"{name}.{layer}", cache)
+                binding.bind_ortvalue_output(f"{present}.{layer}", cache)
+                order.append(f"{present}.{layer}")
+        else:
+            where = "cpu" if name == "TotalSequenceLength" else device
+            bound = ort.OrtValue.ortvalue_from_numpy(value, where, 0)
+            kept.append(bound)
+            binding.bind_ortvalue_input(name, bound)
+    for layer in range(layers):
+        binding.bind_output(f"Output.{layer}", device, 0)
+        order.append(f"Output.{layer}")
+    sess.run_with_iobinding(binding)
+    outs = dict(zip(order, binding.copy_outputs_to_cpu(), strict=True))
+    first = (outs["Output.0"], outs["PresentKey.0"], outs["PresentValue.0"])
+    queued = ort.RunOptions()
+    queued.add_run_config_entry("disable_synchronize_execution_providers", "1")
+    sess.run_with_iobinding(binding)  # warm
+    start = time.perf_counter()
+    for _ in range(runs - 1):
+        sess.run_with_iobinding(binding, queued)
+    sess.run_with_iobinding(binding)  # waits for the device
+    return first, (time.perf_counter() - start) / (runs * layers) * 1e6
+
+
+def int8_cache_rows(dtype: Any, provider: str) -> list[str]:
+    """Each INT8_CASES case twice on the same cache contents: the fp16-cache op (the dequantized
+    codes rounded to T) and its Int8KV twin (the codes and scales). Per op: the output's largest
+    error relative to float64 attention over its own cache, the present key's (fp16 cache: relative
+    to the largest key; int8: in quantization steps, at most about 0.5), and µs per call."""
+    from llm2trt.passes.ort_ops import (
+        attention_model,
+        attention_reference,
+        attention_values,
+        dequantized_caches,
+        int8_cache_values,
+    )
+    from llm2trt.plugins import ort_library as ort_kernels
+
+    cuda = provider == "CUDAExecutionProvider"
+    library = str(ort_kernels.library(ort_kernels.device_arch() if cuda else "sm_80"))
+    layers, device = (LAYERS, "cuda") if cuda else (1, "cpu")
+    rows = []
+    for label, lengths, seq, total, shape, qk_norm in INT8_CASES:
+        heads, kv_heads, head, capacity = shape
+        base = attention_values(lengths, seq, total, shape, dtype, seed=5, qk_norm=qk_norm)
+        int8 = int8_cache_values(base, seed=6)
+        for scale in ("KScale", "VScale"):  # cached entries of about the size of the new ones (N(0, 1))
+            int8[scale] = int8[scale] * 5
+        wide = dequantized_caches(int8)
+        fp = {**base, "PastKey": wide["PastKey"].astype(dtype), "PastValue": wide["PastValue"].astype(dtype)}
+        line = f"{np.dtype(dtype).name:<8} {label:<26}"
+        times = []
+        for feeds, int8_cache in ((fp, False), (int8, True)):
+            model = attention_model(heads, kv_heads, head, capacity, dtype, qk_norm=qk_norm, int8_cache=int8_cache)
+            sess = session(layered(model, layers), library, provider)
+            runs = (20 if seq == 1 else 5) if cuda else 1
+            (out, key, _value), us = layered_run(sess, feeds, layers, device, runs)
+            exact, keys = attention_reference(dequantized_caches(feeds) if int8_cache else feeds, heads, kv_heads)
+            out_err = key_err = 0.0
+            for b, length in enumerate(lengths):
+                past = 0 if seq == total else length - seq
+                new = min(seq, length - past)
+                ref = exact[b, :new]
+                out_err = max(out_err, float(np.abs(out[b, :new].astype(np.float64) - ref).max() / np.abs(ref).max()))
+                if int8_cache:
+                    k_scale = feeds["KScale"].astype(np.float64)[:, None, :]
+                    steps = np.abs(key[b, :, :length] * k_scale - keys[b, :, :length]) / k_scale
+                    key_err = max(key_err, float(steps.max()))
+                else:
+                    err = np.abs(key[b, :, :length].astype(np.float64) - keys[b, :, :length]).max()
+                    key_err = max(key_err, float(err / np.abs(keys[b, :, :length]).max()))
+            times.append(us)
+            line += f" {out_err:>9.2e} {key_err:>9.2e}{' st' if int8_cache else '   '} {us:>9.2f}"
+        rows.append(line + f" {times[0] / times[1]:>7.2f}x")
+    return rows
+
+
+INT8_HEADER = (
+    f"{'dtype':<8} {'case':<26} {'fp16-cache: out err':>19} {'key err':>9}    {'us':>9}"
+    f" {'int8-cache: out err':>19} {'key err':>9}    {'us':>9} {'speedup':>8}"
+)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--artifacts", type=Path, nargs="*", default=[])
     parser.add_argument("--ops", action="store_true", help="each op alone against float64")
+    parser.add_argument("--int8-cache", action="store_true", help="only the INT8-cache attention rows of --ops")
     parser.add_argument("--cpu", action="store_true", help="--ops: the attention op's CPU registration instead")
     args = parser.parse_args()
     lines = []
+    provider = "CPUExecutionProvider" if args.cpu else "CUDAExecutionProvider"
     if args.ops:
         lines += [f"{'op':<20} {'dtype':<8} shape {'':<20} rel. err vs float64"]
         if not args.cpu:
             lines += op_rows(np.float16) + op_rows(np.float32)
-        provider = "CPUExecutionProvider" if args.cpu else "CUDAExecutionProvider"
         lines += attention_rows(np.float16, provider) + attention_rows(np.float32, provider)
+    if args.ops or args.int8_cache:
+        lines += [INT8_HEADER, *int8_cache_rows(np.float16, provider), *int8_cache_rows(np.float32, provider)]
     if args.artifacts:
         lines += [f"{'artifact':<34} {'run':<12} {'rel. err':>10} {'argmax =':>9} {'kernels ms':>10} {'bodies ms':>10}"]
     for artifact in args.artifacts:

@@ -22,6 +22,8 @@ from llm2trt.passes.ort_ops import (
     attention_model,
     attention_reference,
     attention_values,
+    dequantized_caches,
+    int8_cache_values,
     one_op_model,
     reference,
     sample_values,
@@ -187,6 +189,81 @@ def test_library_attention_matches_onnx_runtime_groupqueryattention(
     assert np.abs(want[0]).max() > 0.1  # the body computed something
 
 
+INT8_SHAPE = (4, 2, 32, 16)  # heads, KV heads, head size, cache slots
+
+
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["plain", "qk-norm"])
+@pytest.mark.parametrize(
+    ("lengths", "seq", "total"),
+    [([7, 5], 7, 7), ([10], 3, 10), ([9, 14], 1, 14)],
+    ids=["prefill, right-padded", "prompt after a past", "decode, rows of different lengths"],
+)
+def test_library_int8_cache_attention_matches_its_body(
+    library: Path, qk_norm: bool, lengths: list[int], seq: int, total: int
+) -> None:
+    """The Int8KV ops (their CPU registration: the glue and numerics of the CUDA kernels) against
+    their body (dequantize, the float op, quantize back) run by ONNX Runtime, and against float64
+    attention over the dequantized caches; float16 and float32, the valid rows of each row. Both
+    attend over this call's new keys and values unquantized, so float32 agrees to float rounding."""
+    heads, kv_heads, head, slots = INT8_SHAPE
+    for dtype in (np.float16, np.float32):
+        values = int8_cache_values(
+            attention_values(lengths, seq, total, INT8_SHAPE, dtype, seed=3, qk_norm=qk_norm), seed=4
+        )
+        for scale in ("KScale", "VScale"):  # cached entries of about the size of the new ones
+            values[scale] = values[scale] * 5
+        model = attention_model(heads, kv_heads, head, slots, dtype, qk_norm=qk_norm, int8_cache=True)
+        got = _session(model, library).run(None, values)
+        want = _session(model, None).run(None, values)
+        assert got[1].dtype == got[2].dtype == np.int8 and got[0].dtype == dtype
+        exact, exact_keys = attention_reference(dequantized_caches(values), heads, kv_heads)
+        bound = 3e-3 if dtype == np.float16 else 1e-5  # relative to the row's largest output
+        k_scale = values["KScale"][:, None, :]
+        for b, length in enumerate(lengths):
+            past = 0 if seq == total else length - seq
+            new = min(seq, length - past)
+            top = float(np.abs(exact[b, :new]).max())
+            assert np.abs(got[0][b, :new] - exact[b, :new]).max() / top < bound, (dtype, b)
+            assert np.abs(got[0][b, :new].astype(np.float64) - want[0][b, :new]).max() / top < 2 * bound, (dtype, b)
+            # Every valid key slot holds the reference's key to half a step, plus T's rounding of
+            # the new ones before they are quantized; the codes equal the body's (a rounding tie
+            # apart, one step at most).
+            keys = exact_keys[b, :, :length]
+            rounding = np.abs(keys) * (2.0**-10 if dtype == np.float16 else 1e-6)
+            assert (np.abs(got[1][b, :, :length] * k_scale - keys) <= 0.5 * k_scale + rounding).all(), (dtype, b)
+            for cache in (1, 2):
+                apart = np.abs(got[cache][b, :, :length].astype(int) - want[cache][b, :, :length])
+                assert apart.max() <= 1 and (apart > 0).mean() < 0.01, (dtype, b, cache)
+            # The past stays as it was; the new values are their codes, round half to even.
+            assert np.array_equal(got[1][b, :, :past], values["PastKey"][b, :, :past])
+            assert np.array_equal(got[2][b, :, :past], values["PastValue"][b, :, :past])
+            qkv = values["QKV"][b, :new].astype(np.float32).reshape(new, heads + 2 * kv_heads, head)
+            codes = np.clip(np.round(qkv[:, heads + kv_heads :] / values["VScale"]), -127, 127).transpose(1, 0, 2)
+            assert np.array_equal(got[2][b, :, past : past + new], codes.astype(np.int8)), (dtype, b)
+        assert np.abs(want[0]).max() > 0.1  # the body computed something
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "message"),
+    [
+        ("KScale", lambda v: v[:, :-1], r"KScale and VScale must be float32 \[kv_num_heads, head_dim\]"),
+        ("VScale", lambda v: v[:1], r"KScale and VScale must be float32 \[kv_num_heads, head_dim\]"),
+    ],
+)
+def test_library_int8_cache_refuses_wrong_scales(library: Path, name: str, change: Any, message: str) -> None:
+    """A scale of the wrong shape is one error line (the model is built with the right shapes, then
+    fed the wrong one: ONNX Runtime leaves the custom op's inputs unchecked)."""
+    heads, kv_heads, head, slots = INT8_SHAPE
+    values = int8_cache_values(attention_values([3], 1, slots, INT8_SHAPE, np.float32, seed=1))
+    model = attention_model(heads, kv_heads, head, slots, np.float32, int8_cache=True)
+    for graph_input in model.graph.input:  # any shape at run time
+        graph_input.type.tensor_type.ClearField("shape")
+    del model.functions[:]
+    values[name] = np.ascontiguousarray(change(values[name]))
+    with pytest.raises(Exception, match="llm2trt GroupQueryAttentionInt8KV: " + message):
+        _session(model, library).run(None, values)
+
+
 def test_library_attention_refuses_what_it_does_not_compute(library: Path) -> None:
     model = attention_model(4, 2, 16, 8, np.float32, attrs={"rotary_interleaved": 1})
     with pytest.raises(Exception, match="rotary_interleaved=0"):
@@ -323,6 +400,8 @@ class _FakeApi:
             "rotary_interleaved": 0,
             "local_window_size": -1,
             "first_expert": 0,
+            "bits": 4,
+            "block_size": 32,
         }
 
         def domain(name: bytes, out: Any) -> None:
@@ -436,7 +515,7 @@ def test_library_registers_the_op_table(library: Path, tmp_path: Path) -> None:
     outputs with their types, optional outputs, host inputs and typed attributes, and no other op."""
     from llm2trt.passes import ort_op_table as table
 
-    codes = {"I32": 6, "I64": 7, "F32": 1}  # ONNX's element types; "T" is the registration's own
+    codes = {"I32": 6, "I64": 7, "F32": 1, "U8": 2, "I8": 3}  # ONNX's element types; "T" is the registration's own
     want = []
     for op in table.ALL:
         for element in (10, 1, 16) if op.bfloat16 else (10, 1):  # float16, float (, bfloat16)
@@ -491,19 +570,137 @@ def test_every_op_of_the_table_runs_without_its_body(library: Path, dtype: Any) 
         attention_model(*shape, dtype, qk_norm=True),
         attention_values([5, 3], 5, 5, shape, dtype, seed=1, qk_norm=True),
     )
+    for qk_norm in (False, True):  # the INT8-cache twins: int8 caches, float32 scales
+        float_op = table.ATTENTION_QK_NORM if qk_norm else table.ATTENTION
+        models[table.INT8_CACHE[float_op.name].name] = (
+            attention_model(*shape, dtype, qk_norm=qk_norm, int8_cache=True),
+            int8_cache_values(attention_values([5, 3], 5, 5, shape, dtype, seed=1, qk_norm=qk_norm)),
+        )
     models[table.MOE.name] = _moe_case(np.random.default_rng(3), 5, 16, 8, 4, 2, 0, dtype)
     assert sorted(models) == sorted(op.name for op in table.ALL)
+    fixed = {"F32": np.float32, "I8": np.int8}
     for name, (model, feeds) in models.items():
         del model.functions[:]
         outputs = _session(model, library).run(None, feeds)
         op = next(op for op in table.ALL if op.name == name)
         for output, value in zip(op.outputs, outputs, strict=True):
-            assert value.dtype == (np.float32 if op.output_type(output) == "F32" else dtype), (name, output)
+            assert value.dtype == fixed.get(op.output_type(output), dtype), (name, output)
 
 
 def test_library_compiles_every_unit_in_csrc() -> None:
     """A .cu file added to plugins/csrc is compiled only once ort_library.UNITS names it."""
     assert sorted(p.name for p in ort_kernels.SOURCES.glob("*.cu")) == sorted(ort_kernels.UNITS)
+
+
+# ---- NBits (weight-only INT4 / INT8) --------------------------------------------------------------
+
+NBITS_OPS = sorted(name for name, op in OPS.items() if "Scales" in op.inputs)
+
+
+@pytest.mark.parametrize("name", NBITS_OPS)
+@pytest.mark.parametrize(("bits", "block"), [(4, 32), (4, 64), (4, 128), (8, 32), (8, 128)])
+def test_library_nbits_ops_match_their_bodies(library: Path, name: str, bits: int, block: int) -> None:
+    """Each NBits op (K 128: block 128 is one block a row, INT8's per-channel form), rows 1 and 3,
+    float32 and float16: the library's CPU registration against the body ONNX Runtime runs and
+    against float64 (the dequantized weight, the norm and SwiGLU in float64)."""
+    for dtype in (np.float32, np.float16):
+        for rows in (1, 3):
+            feeds = sample_values(name, rows, 128, 40, dtype, seed=rows + bits, bits=bits, block=block)
+            model = one_op_model(name, feeds)
+            assert {a.name: a.i for a in model.graph.node[0].attribute if a.name != "epsilon"} == {
+                "bits": bits,
+                "block_size": block,
+            }
+            got = _session(model, library).run(None, feeds)
+            want = _session(model, None).run(None, feeds)
+            exact = reference(name, feeds)
+            scale = float(np.abs(exact).max())
+            # float32: both in float throughout; float16: the body rounds W, Normed and GateUp to
+            # float16, the library only the Sum (and Y).
+            bound = 1e-5 if dtype == np.float32 else 3e-3
+            for y in (got[0], want[0]):
+                assert np.abs(y.astype(np.float64) - exact).max() / scale < bound, (dtype, rows)
+            assert np.abs(got[0].astype(np.float64) - want[0]).max() / scale < 2 * bound, (dtype, rows)
+            if "Skip" in feeds:
+                assert np.array_equal(got[1], want[1])  # Sum: X + Skip rounded to T, in both
+            if rows > 1 and "Gamma" in feeds:  # Normed, staged for the many-row path
+                normed = got[2 if "Skip" in feeds else 1]
+                assert np.abs(normed - want[2 if "Skip" in feeds else 1]).max() < bound * 10
+
+
+def test_library_nbits_symmetric_weight_is_the_signed_one(library: Path) -> None:
+    """Zero points 8 (INT4) and 128 (INT8): the weight is (signed code) * scale, as an export with
+    symmetric quantization writes it; checked against a float matmul of those signed codes."""
+    from llm2trt.passes.ort_op_table import NBITS_ZERO
+    from llm2trt.passes.ort_ops import pack_nbits
+
+    rng = np.random.default_rng(5)
+    for bits in (4, 8):
+        zero = NBITS_ZERO[bits]
+        signed = rng.integers(-zero, zero, (24, 64))
+        scales = rng.uniform(0.01, 0.02, (24, 2)).astype(np.float32)
+        feeds = {
+            "X": rng.standard_normal((1, 2, 64)).astype(np.float32),
+            "W": pack_nbits((signed + zero).astype(np.uint8), bits),
+            "Scales": scales,
+            "ZeroPoints": np.full((24, 2), zero, np.uint8),
+        }
+        got = _session(one_op_model("LinearNBits", feeds), library).run(None, feeds)[0]
+        weight = signed.reshape(24, 2, 32) * scales[..., None].astype(np.float64)
+        want = feeds["X"].astype(np.float64) @ weight.reshape(24, 64).T
+        assert np.abs(got - want).max() < 1e-5 * np.abs(want).max(), bits
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"Scales": lambda v: v[:, :1]}, r"llm2trt NBits: Scales must be \[N, K / block_size\] of X's type"),
+        ({"ZeroPoints": lambda v: v[:-1]}, r"llm2trt NBits: ZeroPoints must be uint8 \[N, K / block_size\]"),
+        ({"W": lambda v: v[:, :-1]}, r"llm2trt NBits: W must be uint8 \[N, K \* bits / 8\]"),
+        ({"X": lambda v: v[..., :48]}, r"llm2trt NBits: block_size must divide K"),
+    ],
+)
+def test_library_nbits_refuses_inconsistent_shapes(library: Path, change: dict[str, Any], message: str) -> None:
+    """A wrong shape is one error line naming the tensor (the model is built from the right shapes,
+    then fed the wrong one: ONNX Runtime leaves the custom op's inputs unchecked)."""
+    feeds = sample_values("SkipRMSNormLinearNBits", 2, 64, 24, np.float32)
+    model = one_op_model("SkipRMSNormLinearNBits", feeds)
+    for graph_input in model.graph.input:  # any shape at run time
+        graph_input.type.tensor_type.ClearField("shape")
+    del model.functions[:]
+    [(name, cut)] = change.items()
+    feeds[name] = np.ascontiguousarray(cut(feeds[name]))
+    if name == "X":
+        feeds["Skip"] = np.ascontiguousarray(feeds["Skip"][..., :48])
+        feeds["Gamma"] = np.ascontiguousarray(feeds["Gamma"][:48])
+    with pytest.raises(Exception, match=message):
+        _session(model, library).run(None, feeds)
+
+
+def test_library_nbits_refuses_other_widths(library: Path) -> None:
+    feeds = sample_values("LinearNBits", 1, 64, 8, np.float32)
+    model = one_op_model("LinearNBits", feeds)
+    del model.functions[:]
+    for attribute in model.graph.node[0].attribute:
+        if attribute.name == "bits":
+            attribute.i = 3
+    with pytest.raises(Exception, match="llm2trt NBits: bits must be 4 or 8"):
+        _session(model, library)
+
+
+def test_header_lists_the_nbits_ops_with_uint8_codes() -> None:
+    """The generated header's NBits rows: W and ZeroPoints uint8, Scales T, bits and block_size
+    attributes, the nbits family flag set (and unset elsewhere)."""
+    header = ort_kernels.ops_header()
+    start = header.index('{"SkipRMSNormSwiGLUNBits", 6, 4, 3,')
+    row = header[start : header.index("},", header.index("/* norm, skip", start))]
+    assert "/* input_type */ {kT, kT, kT, kUInt8, kT, kUInt8}" in row
+    assert "/* attribute */ {attr::epsilon, attr::bits, attr::block_size}" in row
+    assert "/* norm, skip, swiglu, attention, qk_norm, float_y, moe, nbits, bfloat */" in row
+    assert row.rstrip().endswith("true, true, true, false, false, false, false, true, false")
+    plain = header[header.index('{"SkipRMSNormSwiGLU", 4, 4, 1,') :]
+    plain = plain[: plain.index("},", plain.index("/* norm, skip"))]
+    assert plain.rstrip().endswith("true, true, true, false, false, false, false, false, false")
 
 
 # ---- MoE (routed experts) ------------------------------------------------------------------------
@@ -639,8 +836,8 @@ def test_header_lists_moe_with_its_types() -> None:
     row = header[start : header.index("},", header.index("/* norm, skip", start))]
     assert "/* input_type */ {kT, kInt64, kFloat32, kT, kT}" in row
     assert "/* output_type */ {kT}" in row and "/* attribute */ {attr::first_expert}" in row
-    assert row.rstrip().endswith("false, false, false, false, false, false, true, true")
-    assert "enum Type : int { kT, kInt32, kInt64, kFloat32 };" in header
+    assert row.rstrip().endswith("false, false, false, false, false, false, true, false, true")
+    assert "enum Type : int { kT, kInt32, kInt64, kFloat32, kUInt8, kInt8 };" in header
 
 
 def test_moe_tensorrt_face_is_refused_cleanly_under_tensorrt_rtx() -> None:

@@ -447,16 +447,23 @@ def _build_graph(
     with step(f"checking the weights of {artifact} against their recorded sha256"):
         manifest.verify_weights(artifact, graph.name)  # an engine bakes them in: a flipped byte stops here
     from llm2trt.passes.qdq import unfused_qdq
+    from llm2trt.passes.zero_points import tensorrt_form, zero_point_weights
 
     # A clear error for a corrupt file before TensorRT sees it; Q/DQ TensorRT would not fuse, named.
-    unfused = unfused_qdq(load_onnx(onnx_path, with_weights=False))
+    skeleton = load_onnx(onnx_path, with_weights=False)
+    unfused = unfused_qdq(skeleton)
     for line in unfused[:5]:
         logger.warning("TensorRT cannot fuse %s: it stays a standalone scale layer", line)
     cache, strip = options.timing_cache, options.strip_weights
     plan = _plan(graph, options)
     scratch = stage / ".worker"
     scratch.mkdir()
-    source = specialize(onnx_path, scratch, plan.static) if plan.static else onnx_path.resolve()
+    source = onnx_path.resolve()
+    asymmetric = zero_point_weights(skeleton)
+    if asymmetric:  # TensorRT refuses zero points: an equal form (passes/zero_points.py)
+        with step(f"rewriting {plural(asymmetric, 'asymmetric INT4 weight')} for TensorRT"):
+            source = tensorrt_form(skeleton, onnx_path.parent, scratch / "zero-points")
+    source = specialize(source, scratch, plan.static) if plan.static else source
     request = BuildRequest(
         backend=plan.backend.name,
         onnx=str(source),

@@ -193,9 +193,16 @@ class QuantArgs(ArgGroup["QuantRequest | None"]):
                 "--quant",
                 type=LazyChoice(_methods),
                 help="Insert Q/DQ on the linear layers: int8-sq (SmoothQuant W8A8), fp8 (E4M3 W8A8), int8-wo, "
-                "int4-rtn, int4-awq (weight-only; INT4 in blocks of --group-size input channels).",
+                "int4-rtn, int4-awq, int4-gptq (weight-only; INT4 in blocks of --group-size input channels), auto "
+                "(per layer group INT4 GPTQ, INT8 or kept, within --max-ppl-increase).",
             ),
-            click.option("--calib", type=PATH, metavar="TEXTFILE", help="Calibration text (int8-sq, fp8, int4-awq)."),
+            click.option(
+                "--calib",
+                type=PATH,
+                metavar="TEXTFILE",
+                help="Calibration text (int8-sq, fp8, int4-awq, int4-gptq, auto); default: the built-in one "
+                "(llm2trt/data/calib_default.txt).",
+            ),
             click.option(
                 "--calib-samples",
                 cls=LazyDefault,
@@ -233,14 +240,24 @@ class QuantArgs(ArgGroup["QuantRequest | None"]):
                 help="int8-sq/fp8: also leave the N layer groups whose quantized outputs err most on the "
                 "calibration data in high precision (each group's error is in the manifest).",
             ),
+            click.option(
+                "--max-ppl-increase",
+                type=float,
+                metavar="P",
+                help="--quant auto: the perplexity increase allowed, in percent, measured on the calibration "
+                "text (default 1).",
+            ),
         ]
 
     def parse(self, values: dict[str, Any]) -> QuantRequest | None:
         method: str | None = values.pop("quant")
         calib: Path | None = values.pop("calib")
         keep: tuple[str, ...] = values.pop("keep")
-        settings = {k: values.pop(k) for k in ("calib_samples", "group_size", "alpha", "keep_sensitive")}
+        names = ("calib_samples", "group_size", "alpha", "keep_sensitive", "max_ppl_increase")
+        settings = {k: values.pop(k) for k in names}
         if method is None:
+            if settings["max_ppl_increase"] is not None:
+                raise InputError("--max-ppl-increase goes with --quant auto")
             if calib is not None or keep or settings["keep_sensitive"]:
                 raise InputError("--calib, --keep and --keep-sensitive go with --quant")
             return None
@@ -264,12 +281,19 @@ class KVArgs(ArgGroup["KVRequest"]):
                 help="KV cache form: growing (Concat; the exporter's), fixed (a buffer updated by TensorScatter), "
                 "or gqa (ONNX Runtime's GroupQueryAttention decoder, for its CUDA provider; not for TensorRT).",
             ),
+            click.option(
+                "--kv-dtype",
+                type=click.Choice(["int8"]),
+                help="With --kv-form gqa: an INT8 cache (static scales per KV head and channel, calibrated on "
+                "--calib's text or the built-in one): half the cache bytes a decode step reads.",
+            ),
         ]
 
     def parse(self, values: dict[str, Any]) -> KVRequest:
         from llm2trt.optimize.requests import KVRequest
 
-        return KVRequest(insert=bool(values.pop("kv_cache")), form=values.pop("kv_form"))
+        form, dtype = values.pop("kv_form"), values.pop("kv_dtype")
+        return KVRequest(insert=bool(values.pop("kv_cache")), form=form, dtype=dtype)
 
 
 @dataclass(frozen=True)

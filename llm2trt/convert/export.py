@@ -311,6 +311,12 @@ def convert(
         records: list[PassRecord] = []
         if dtype is DType.FP16 and spec.fp16_residual_in_float32:
             proto, records = _float32_residual(proto, scratch)
+        quantization = None
+        if source.prequant is not None:  # the checkpoint's own codes replace the weights it dequantized to
+            with step("importing the checkpoint's quantized weights"):
+                proto, imported, quantization = source.prequant.apply(proto, scratch)
+            records += imported
+            opset = max(opset, *(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")))
         with step("writing model.onnx and its external weights"):
             written = save_onnx(proto, stage, source=scratch, clone=False)  # the exporter's files: one per weight
         shutil.rmtree(scratch)
@@ -337,6 +343,7 @@ def convert(
             model_config=config.to_diff_dict(),
             generation=generation,
             passes=records,
+            quantization=quantization,
         )
         manifest.write(stage)
     return Converted(source.display, str(out), manifest)

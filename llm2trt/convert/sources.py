@@ -32,6 +32,8 @@ from llm2trt.exporters import ExportSpec, all_specs, get_spec, spec_for_model_ty
 if TYPE_CHECKING:
     import torch
 
+    from llm2trt.convert.prequant import Prequant
+
 logger = logging.getLogger(__name__)
 
 TINY_PREFIX = "tiny:"
@@ -58,6 +60,7 @@ class ModelSource:
     location: str  # tiny spec name, or absolute path
     config: Any
     spec: ExportSpec
+    prequant: Prequant | None = None  # a GPTQ/AWQ/compressed-tensors checkpoint, imported as is
 
     @property
     def display(self) -> str:
@@ -120,6 +123,8 @@ class ModelSource:
                         attn_implementation=attn_implementation,
                         local_files_only=True,
                     )
+                elif self.prequant is not None:  # its dequantized weights: the export traces a float model
+                    model = self.prequant.load_float(cls, self.config, tdtype, attn_implementation)
                 else:
                     model = self.spec.from_pretrained(
                         cls,
@@ -316,6 +321,14 @@ def _resolve_hf_dir(path: Path) -> ModelSource:
     if not any(any(path.glob(p)) for p in _WEIGHT_PATTERNS):
         raise InputError(f"no weights in {path} (expected *.safetensors or pytorch_model.bin)")
     _check_complete(path)
+    prequant = None
+    # A pre-quantized checkpoint (its config, or AutoGPTQ's/AutoAWQ's quant*_config.json): refused
+    # here, before any slow work, if unsupported.
+    if raw.get("quantization_config") is not None or any(path.glob("quant*_config.json")):
+        from llm2trt.convert.prequant import Prequant, find_config, read_scheme
+
+        quantized = find_config(path, raw)
+        prequant = Prequant(path, read_scheme(*quantized)) if quantized is not None else None
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
@@ -323,6 +336,8 @@ def _resolve_hf_dir(path: Path) -> ModelSource:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as exc:  # the last: a field's type
         raise InputError(f"cannot read {config_path}: {first_line(exc)}") from None
+    if prequant is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config  # the float model is loaded from the dequantized weights
     config = spec.export_config(config)
     spec.check_config(config)
     if raw.get("auto_map"):
@@ -334,7 +349,7 @@ def _resolve_hf_dir(path: Path) -> ModelSource:
             spec.model_class(config),
             model_type,
         )
-    return ModelSource("hf", str(path), config, spec)
+    return ModelSource("hf", str(path), config, spec, prequant)
 
 
 def _resolve_gguf(path: Path) -> ModelSource:

@@ -78,6 +78,9 @@ class KVLayout(Record):
     # Sliding-window attention: per layer, how many of the latest positions a query sees (itself
     # included); 0 or no entry: all of them. Empty: no layer slides.
     windows: tuple[int, ...] = ()
+    # The cache's element type where it is not the model's (an INT8 cache: `--kv-dtype int8`), as
+    # DType names it; a name, not a DType, so that this module stays light for the CLI.
+    dtype: str | None = None
 
     def window(self, layer: int) -> int:
         """Layer `layer`'s sliding window (0: global attention)."""

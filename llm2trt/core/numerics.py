@@ -74,3 +74,12 @@ def run_ort(
     except Exception as exc:  # onnxruntime raises its own exception types
         where = path if isinstance(path, Path) else "the model"
         raise BackendError(f"ONNX Runtime failed on {where}: {first_line(exc)}") from None
+
+
+def window_nll(logits: np.ndarray, ids: list[int]) -> float:
+    """Summed negative log-likelihood of ids[1:] under logits[:-1] (float64, stable log-softmax)."""
+    x = logits[:-1].astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    log_norm = np.log(np.exp(x).sum(axis=-1))
+    picked = x[np.arange(len(ids) - 1), ids[1:]]
+    return float((log_norm - picked).sum())

@@ -19,6 +19,7 @@ DEFAULT_GROUP_SIZE = 128
 DEFAULT_KEEP = ("lm_head",)  # modules left in high precision unless --keep says otherwise
 DEFAULT_CALIB_SAMPLES = 16
 DEFAULT_CALIB_SEQUENCE = 512
+DEFAULT_MAX_PPL_INCREASE = 1.0  # percent: --quant auto's budget unless --max-ppl-increase says otherwise
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,15 @@ class QuantRequest(Record):
     group_size: int = DEFAULT_GROUP_SIZE
     alpha: float | None = None  # SmoothQuant's strength; None searches it per group
     keep: list[str] = field(default_factory=lambda: list(DEFAULT_KEEP))  # regexes over module names
-    calib: str | None = None  # a text file
+    calib: str | None = None  # a text file; None: the built-in one (llm2trt/data/) for methods that calibrate
     calib_samples: int = DEFAULT_CALIB_SAMPLES
     calib_sequence: int = DEFAULT_CALIB_SEQUENCE
     keep_sensitive: int = 0  # layer groups left in high precision, the most sensitive first
+    max_ppl_increase: float | None = None  # percent; --quant auto's budget (None there: the default)
 
     def __post_init__(self) -> None:
+        if self.max_ppl_increase is not None and not self.max_ppl_increase > 0:
+            raise InputError(f"--max-ppl-increase is a percentage > 0 (got {self.max_ppl_increase})")
         if self.group_size < 2 or self.group_size & (self.group_size - 1):
             raise InputError(f"--group-size must be a power of two >= 2 (got {self.group_size})")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
@@ -56,6 +60,42 @@ class Calibration(Record):
     tokens: int
     seconds: float
     peak_rss_mb: float  # of the process, at the end of calibration
+
+
+@dataclass(frozen=True)
+class PlanMeasurement(Record):
+    """One perplexity measurement behind --quant auto's plan, on its scoring windows."""
+
+    what: str  # high precision | everything <method> | the plan (round N)
+    nll: float  # mean negative log-likelihood per scored token
+    increase: float  # percent, the perplexity against high precision's
+
+
+@dataclass(frozen=True)
+class AutoPlan(Record):
+    """--quant auto: the precision each layer group got within the perplexity budget."""
+
+    budget: float  # percent of perplexity, --max-ppl-increase
+    candidates: list[str]  # the methods tried, cheapest first; a group may also stay in high precision
+    groups: dict[str, str]  # group (by its first layer) -> a candidate, or "kept"
+    counts: dict[str, int]  # groups per choice
+    weight_bytes: int  # the linear layers' weights as chosen: codes and scales (scales and kept at 2 bytes)
+    weight_bytes_fp16: int  # the same layers in fp16
+    estimated: float  # percent: the plan's predicted perplexity increase
+    measured: float  # percent: measured on the scoring windows
+    windows: int  # scoring windows (of the calibration text)
+    held_out: bool  # the scoring windows were not the ones scales were calibrated on
+    measurements: list[PlanMeasurement] = field(default_factory=list)
+    # Per group and candidate: the relative output error on the calibration rows, the estimate's input.
+    errors: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def render(self) -> str:
+        counts = ", ".join(f"{n} {what}" for what, n in self.counts.items())
+        return (
+            f"plan within +{self.budget:g}% perplexity: {counts} (groups); estimated +{self.estimated:.2f}%, "
+            f"measured {self.measured:+.2f}% on {plural(self.windows, 'window')}; weights "
+            f"{self.weight_bytes / max(self.weight_bytes_fp16, 1):.3f} of fp16"
+        )
 
 
 @dataclass(frozen=True)
@@ -81,8 +121,15 @@ class Quantization(Record):
     sensitivity: dict[str, float] = field(default_factory=dict)
     # INT4 layers whose input channels --group-size does not divide: the block they use instead.
     block_sizes: dict[str, int] = field(default_factory=dict)
+    dampening: float | None = None  # GPTQ's, of the Hessian's mean diagonal
+    # Per group (by its first layer), a method that computes its own codes (GPTQ): its output error on
+    # the calibration tokens (Hessian-weighted) over plain rounding's.
+    error_vs_rounding: dict[str, float] = field(default_factory=dict)
+    plan: AutoPlan | None = None  # --quant auto: what each group got and why
 
     def render(self) -> str:
+        if self.plan is not None:
+            return f"{self.method}: {len(self.quantized)} linear layers quantized; {self.plan.render()}"
         grain = f"blocks of {self.group_size}" if self.granularity == "block" else "per channel"
         if self.block_sizes:
             smallest = min(self.block_sizes.values())

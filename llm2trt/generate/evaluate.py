@@ -14,11 +14,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from llm2trt.core.errors import InputError
 from llm2trt.core.log import plural, progress
 from llm2trt.core.manifest import Manifest
+from llm2trt.core.numerics import window_nll
 from llm2trt.core.records import Record
 
 DEFAULT_WINDOW = 512
@@ -41,15 +40,6 @@ class Perplexity(Record):
             f"perplexity {self.ppl:.4f} over {plural(self.scored, 'scored token')} ({plural(self.tokens, 'token')}, "
             f"{windows}; {self.provider}, {self.seconds:.1f} s)"
         )
-
-
-def window_nll(logits: np.ndarray, ids: list[int]) -> float:
-    """Summed negative log-likelihood of ids[1:] under logits[:-1] (float64, stable log-softmax)."""
-    x = logits[:-1].astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    log_norm = np.log(np.exp(x).sum(axis=-1))
-    picked = x[np.arange(len(ids) - 1), ids[1:]]
-    return float((log_norm - picked).sum())
 
 
 def perplexity(artifact: Path, text: Path, *, window: int = DEFAULT_WINDOW, provider: str = "cpu") -> Perplexity:

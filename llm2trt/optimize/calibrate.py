@@ -2,10 +2,16 @@
 a text file and collect per-channel statistics of the tensors the quantization pass asks for.
 
 The text is tokenized with the artifact's tokenizer and cut into windows of `sequence` tokens (the
-first `samples` of them); each window is one fresh prefill. An artifact without a tokenizer (the
-tiny test models) calibrates on the text's UTF-8 bytes as token ids. Memory stays bounded: the pass
-keeps per-channel vectors, plus a fixed number of sampled tokens per tensor for AWQ, and ONNX
-Runtime holds one window's activations at a time.
+first `samples` of them); each window is one fresh prefill. Without `--calib` the text is the one
+the package ships (`llm2trt/data/calib_default.txt`, its sources in the README there). An artifact
+without a tokenizer (the tiny test models) calibrates on the text's UTF-8 bytes as token ids. Memory
+stays bounded: the pass keeps per-channel vectors, a fixed number of sampled tokens per tensor for
+the searches, for GPTQ one [C, C] matrix per tensor, and ONNX Runtime holds one window's
+activations at a time.
+
+`--quant auto` also scores the graph with some of its weights replaced (`TextCalibrator.scoring`):
+the mean negative log-likelihood of the windows that follow the calibration ones, or of the
+calibration windows themselves when the text has no more.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ import logging
 import resource
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +39,18 @@ from llm2trt.passes.quant_math import ActStats
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_TEXT = "calib_default.txt"  # in llm2trt/data/, packaged with llm2trt
+SCORE_WINDOWS = 16  # windows --quant auto measures perplexity on
+MIN_SCORE_WINDOWS = 4  # fewer held-out windows than this: it scores the calibration windows instead
+
+
+def default_text() -> Path:
+    """The calibration text shipped in the package (llm2trt/data/), as a file on disk."""
+    path = Path(str(resources.files("llm2trt") / "data" / DEFAULT_TEXT))
+    if not path.is_file():  # an install without its package data
+        raise InputError(f"the built-in calibration text is missing ({path}): pass --calib TEXTFILE")
+    return path
+
 
 def read_text(path: Path) -> str:
     try:
@@ -43,8 +64,21 @@ def read_text(path: Path) -> str:
 class TextCalibrator:
     """Calibration windows from a text file, run through a graph with `graph`'s interface."""
 
-    def __init__(self, graph: GraphSpec, windows: list[list[int]], text: Path, digest: str) -> None:
+    def __init__(
+        self,
+        graph: GraphSpec,
+        windows: list[list[int]],
+        text: Path,
+        digest: str,
+        score: list[list[int]] | None = None,
+        *,
+        gram: bool = False,
+    ) -> None:
         self.graph, self.windows, self.text, self.digest = graph, windows, text, digest
+        # The windows --quant auto scores on: those after the calibration ones (None: the calibration ones).
+        self.held_out = score is not None
+        self.score_windows = score if score is not None else windows
+        self.gram = gram  # sum x^T x of each tensor too (GPTQ)
         self._record: Calibration | None = None
 
     @classmethod
@@ -58,9 +92,7 @@ class TextCalibrator:
             raise InputError(
                 f"--quant {request.method} calibrates on text: it needs a decoder artifact, not {manifest.task}"
             )
-        if request.calib is None:
-            raise InputError(f"--quant {request.method} calibrates its scales: pass --calib TEXTFILE")
-        path = Path(request.calib)
+        path = Path(request.calib) if request.calib is not None else default_text()
         content = read_text(path)
         tokenizer = load_tokenizer(artifact, manifest)
         if tokenizer is None:
@@ -79,7 +111,32 @@ class TextCalibrator:
                 f"--calib-samples asks for {request.calib_samples} (give a longer text or fewer samples)"
             )
         digest = hashlib.sha256(content.encode("utf-8")).hexdigest()
-        return cls(graph, windows[: request.calib_samples], path, digest)
+        from llm2trt.passes.quant_methods import METHODS
+
+        method = METHODS.get(request.method)
+        chosen = windows[: request.calib_samples]
+        tokens = sum(len(w) for w in chosen)
+        if tokens < method.min_calib_tokens:
+            logger.warning(
+                "--quant %s calibrates on %s of %s; under %s its graph may not hold (on SmolLM2-135M, GPTQ on 2,048 "
+                "failed optimize's check, docs/quantization.md): give a longer text or more --calib-samples",
+                request.method,
+                plural(tokens, "token"),
+                path.name,
+                plural(method.min_calib_tokens, "token"),
+            )
+        rest = windows[request.calib_samples : request.calib_samples + SCORE_WINDOWS]
+        score = rest if len(rest) >= MIN_SCORE_WINDOWS else None
+        if method.mixed and score is None:
+            logger.warning(
+                "%s has no %s beyond the %s calibration takes: --quant %s measures perplexity on the calibration "
+                "windows themselves",
+                path.name,
+                plural(MIN_SCORE_WINDOWS, "window"),
+                plural(len(chosen), "window"),
+                request.method,
+            )
+        return cls(graph, chosen, path, digest, score, gram=method.needs_hessian)
 
     @property
     def record(self) -> Calibration | None:
@@ -91,7 +148,9 @@ class TextCalibrator:
         from llm2trt.core.artifact import save_onnx
 
         start = time.perf_counter()
-        stats = {name: ActStats(channels, rows, seed=i) for i, (name, channels) in enumerate(tensors.items())}
+        stats = {
+            name: ActStats(channels, rows, seed=i, gram=self.gram) for i, (name, channels) in enumerate(tensors.items())
+        }
         known = model.graph.tensors()
         longest = max(len(w) for w in self.windows)
         what = f"calibrating on {self.text.name} ({plural(len(self.windows), 'window')} of up to {longest} tokens)"
@@ -124,3 +183,42 @@ class TextCalibrator:
             peak_rss_mb=round(peak, 1),
         )
         return stats
+
+    @contextmanager
+    def scoring(self, model: Model, replaceable: list[str]) -> Iterator[Callable[[dict[str, np.ndarray]], float]]:
+        """The graph as it stands, with the constants named in `replaceable` made inputs that a run may
+        replace (ONNX Runtime takes an initializer that is also a graph input as that input's default):
+        a function of the replacements, the mean negative log-likelihood per scored token of the scoring
+        windows (`eval ppl`'s arithmetic)."""
+        from llm2trt.backends.decoder import open_session
+        from llm2trt.core.artifact import save_onnx
+        from llm2trt.core.numerics import ort_session, window_nll
+
+        known = model.graph.tensors()
+        longest = max(len(w) for w in self.score_windows)
+        with (
+            step("saving the graph to measure perplexity on"),
+            tempfile.TemporaryDirectory(prefix="llm2trt-ppl-") as tmp,
+        ):
+            proto = model.to_onnx()
+            for name in replaceable:
+                tensor = known[name]
+                dtype = DType.parse(tensor.dtype).onnx
+                proto.graph.input.append(onnx.helper.make_tensor_value_info(name, dtype, list(tensor.shape)))
+            save_onnx(proto, Path(tmp), "score.onnx", source=model.weights_dir)
+            del proto
+            ort = ort_session(str(Path(tmp) / "score.onnx"))
+            outputs = [o.name for o in ort.get_outputs()]
+            # ONNX Runtime lists initializers that are also inputs apart (get_overridable_initializers).
+            inputs = {i.name for i in ort.get_inputs()}
+
+            def nll(weights: dict[str, np.ndarray]) -> float:
+                def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                    given = {k: v for k, v in feeds.items() if k in inputs}
+                    return dict(zip(outputs, ort.run(outputs, {**given, **weights}), strict=True))
+
+                session = open_session(self.graph, run, capacity=longest)
+                total = sum(window_nll(session.prompt_logits(w), w) for w in progress(self.score_windows, "scoring"))
+                return total / sum(len(w) - 1 for w in self.score_windows)
+
+            yield nll

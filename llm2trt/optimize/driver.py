@@ -12,9 +12,11 @@ from typing import Any
 from llm2trt.convert.sources import spec_and_config
 from llm2trt.convert.tokenizer import TOKENIZER_DIR
 from llm2trt.core.artifact import check_output, load_onnx, staged_output
+from llm2trt.core.dtypes import DType
 from llm2trt.core.errors import CheckFailed, InputError
+from llm2trt.core.kv import KVLayout
 from llm2trt.core.log import step
-from llm2trt.core.manifest import GraphSpec, Manifest
+from llm2trt.core.manifest import GraphSpec, Manifest, TensorSpec
 from llm2trt.core.names import REPORT_NAME
 from llm2trt.core.quant import QuantRequest
 from llm2trt.core.records import Record
@@ -24,6 +26,7 @@ from llm2trt.exporters import ExportSpec
 from llm2trt.optimize.check import conform, kv_numeric_check, numeric_check, save_graph
 from llm2trt.optimize.requests import KVRequest
 from llm2trt.passes.fusions import FUSIONS, count_fusions
+from llm2trt.passes.kv_int8 import Scales
 from llm2trt.passes.manager import Model, PipelineResult, WeightSpill
 from llm2trt.passes.pattern import RewritePass, layer_of, module_of
 from llm2trt.passes.pipeline import PipelineOptions, QuantOptions, assemble
@@ -136,6 +139,8 @@ class _Job:
         bounds the cosine), else the dtype's optimize tolerance."""
         if self.quant is not None:
             return profile_for(self.manifest.dtype, self.quant.method)
+        if self.kv.dtype is not None:  # an INT8 cache rounds every cached key and value
+            return KV_INT8_TOLERANCE
         return TolerancePolicy(self.manifest.dtype.value, self.manifest.dtype.tolerance.optimize)
 
     def optimize_graph(self, graph: GraphSpec, spill: Path | None = None) -> tuple[Model, OptimizeReport, GraphSpec]:
@@ -152,6 +157,8 @@ class _Job:
         kv = replace(self.options.kv, layout=layout, insert=self.kv.insert)
         if limit:  # rotary tables as long as the model's positions
             kv = replace(kv, max_positions=limit)
+        if layout is not None and layout.dtype is not None:
+            kv = replace(kv, int8_scales=self._kv_scales(graph, onnx_path, layout, limit))
         quant = None
         if self.quant is not None:
             calibrator = None
@@ -163,9 +170,24 @@ class _Job:
         options = replace(self.options, kv=kv, quant=quant)
         result = assemble(options).run(model)
         target = graph if variant == graph.name else spec.graph_spec(config, self.manifest.dtype, variant)
+        if layout is not None and layout.dtype is not None:
+            target = _cache_typed(target, layout)
         conform(model, target)
         expect = Expectation.of(spec, config, self.options.skip_fusions)
         return model, _report(model, result, expect, self.options, sum(graph.op_counts.values())), target
+
+    def _kv_scales(self, graph: GraphSpec, onnx_path: Path, layout: KVLayout, limit: int | None) -> Scales:
+        """The INT8 cache's scales, calibrated on the input graph's own cache (--calib's text, or the
+        built-in calibration text)."""
+        from llm2trt.optimize.calibrate import default_text
+        from llm2trt.optimize.kv_scales import calibration_windows, kv_scales
+
+        if graph.kv_cache is None:
+            raise InputError("--kv-dtype int8 calibrates on the artifact's own KV cache: convert it with one")
+        calib = self.quant.calib if self.quant is not None else None
+        text = Path(calib) if calib is not None else default_text()
+        windows = calibration_windows(self.artifact, self.manifest, text, limit)
+        return kv_scales(onnx_path, graph, layout, windows)
 
     def numeric_check(self, before: GraphSpec, after: GraphSpec, written: Path) -> NumericCheck:
         if not self.check:
@@ -192,6 +214,24 @@ class _Job:
             written = save_graph(model, graph, stage / filename, report.fusions, report.expected)
         verdict = self.numeric_check(before, graph, stage / filename)
         return written, replace(report, numeric_check=verdict)
+
+
+# An INT8 cache's check: its rounding moves fp32 logits by a few percent of their range on the
+# tiny models (docs/kv-cache.md); the direction must hold.
+KV_INT8_TOLERANCE = TolerancePolicy("kv-int8", 0.25, 0.99)
+
+
+def _cache_typed(graph: GraphSpec, layout: KVLayout) -> GraphSpec:
+    """The graph's description with its cache inputs and outputs of the layout's cache dtype."""
+    if layout.dtype is None:
+        return graph
+    names = set(layout.past_names) | set(layout.present_names)
+    dtype = DType.parse(layout.dtype)
+
+    def typed(specs: list[TensorSpec]) -> list[TensorSpec]:
+        return [replace(t, dtype=dtype) if t.name in names else t for t in specs]
+
+    return replace(graph, inputs=typed(graph.inputs), outputs=typed(graph.outputs), kv_cache=layout)
 
 
 def optimize(

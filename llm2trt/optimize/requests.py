@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from llm2trt.core.errors import InputError
-from llm2trt.core.kv import GROWING, KV_FORMS, KVForm, KVLayout
+from llm2trt.core.kv import GQA, GROWING, KV_FORMS, KVForm, KVLayout
 
 if TYPE_CHECKING:
     from llm2trt.core.manifest import GraphSpec
@@ -20,9 +20,14 @@ class KVRequest:
 
     insert: bool = False
     form: KVForm | None = None
+    dtype: str | None = None  # the cache's element type where it is not the model's (`--kv-dtype int8`)
 
     def plan(self, spec: ExportSpec, config: Any, graph: GraphSpec) -> tuple[KVLayout | None, str]:
         """The cache layout the graph should end with (None: leave it) and the variant it becomes."""
+        if self.dtype is not None and self.form != GQA:
+            raise InputError(
+                f"--kv-dtype {self.dtype} needs --kv-form gqa: llm2trt's CUDA attention kernels read that cache"
+            )
         if not self.insert and self.form is None:
             return None, graph.name
         layout = spec.kv_layout(config)
@@ -37,4 +42,4 @@ class KVRequest:
         # growing -> fixed -> gqa only (KV_FORMS' order): each step removes what the one before needs.
         if has is not None and KV_FORMS.index(form) < KV_FORMS.index(has.form):
             raise InputError(f"--kv-form {form}: a {has.form} cache cannot be turned into a {form} one")
-        return replace(layout, form=form), spec.variant_for(form, config)
+        return replace(layout, form=form, dtype=self.dtype), spec.variant_for(form, config)

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from llm2trt.core.registry import Registry
 from llm2trt.core.tolerance import register_profile
+from llm2trt.passes.quant_methods.auto import AutoMixed
 from llm2trt.passes.quant_methods.fp8 import Fp8Amax
 from llm2trt.passes.quant_methods.int4_awq import Int4AWQ
+from llm2trt.passes.quant_methods.int4_gptq import Int4GPTQ
 from llm2trt.passes.quant_methods.int4_rtn import Int4RoundToNearest
 from llm2trt.passes.quant_methods.int8_sq import Int8SmoothQuant
 from llm2trt.passes.quant_methods.int8_wo import Int8WeightOnly
-from llm2trt.passes.quant_methods.method import InputScale, QuantMethod
+from llm2trt.passes.quant_methods.method import GroupCodes, InputScale, QuantMethod
 
-__all__ = ["METHODS", "InputScale", "QuantMethod", "register"]
+__all__ = ["METHODS", "GroupCodes", "InputScale", "QuantMethod", "register"]
 
 METHODS: Registry[QuantMethod] = Registry("quantization method")
 
@@ -36,3 +38,5 @@ register(Fp8Amax())
 register(Int8WeightOnly())
 register(Int4RoundToNearest())
 register(Int4AWQ())
+register(Int4GPTQ())
+register(AutoMixed())  # a plan over the methods above

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from llm2trt.core.dtypes import DType
 from llm2trt.core.tolerance import TolerancePolicy
-from llm2trt.passes.quant_methods.method import QuantMethod
+from llm2trt.passes.quant_methods.method import MIN_CALIB_TOKENS, QuantMethod
 
 
 class Fp8Amax(QuantMethod):
@@ -14,4 +14,5 @@ class Fp8Amax(QuantMethod):
     weights = DType.FP8
     activations = DType.FP8
     summary = "FP8 E4M3 weights and activations, amax scales"
+    min_calib_tokens = MIN_CALIB_TOKENS
     tolerance = TolerancePolicy(name, 1.0, 0.9)

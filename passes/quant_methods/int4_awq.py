@@ -11,7 +11,7 @@ from llm2trt.core.dtypes import DType
 from llm2trt.core.quant import QuantRequest
 from llm2trt.core.tolerance import TolerancePolicy
 from llm2trt.passes.quant_math import ActStats, awq_clip, awq_scale
-from llm2trt.passes.quant_methods.method import InputScale, QuantMethod
+from llm2trt.passes.quant_methods.method import MIN_CALIB_TOKENS, InputScale, QuantMethod
 
 
 class Int4AWQ(QuantMethod):
@@ -23,6 +23,7 @@ class Int4AWQ(QuantMethod):
     blockwise = True
     smooth = True
     summary = "INT4 weight-only blocks, AWQ scales"
+    min_calib_tokens = MIN_CALIB_TOKENS
     tolerance = TolerancePolicy(name, 1.0, 0.9)
 
     def input_scale(

@@ -10,7 +10,7 @@ from llm2trt.core.dtypes import DType
 from llm2trt.core.quant import QuantRequest
 from llm2trt.core.tolerance import TolerancePolicy
 from llm2trt.passes.quant_math import SQ_STRENGTHS, ActStats, clip_search, sq_search
-from llm2trt.passes.quant_methods.method import InputScale, QuantMethod
+from llm2trt.passes.quant_methods.method import MIN_CALIB_TOKENS, InputScale, QuantMethod
 
 
 class Int8SmoothQuant(QuantMethod):
@@ -23,6 +23,7 @@ class Int8SmoothQuant(QuantMethod):
     activations = DType.INT8
     smooth = True
     summary = "INT8 weights and activations, SmoothQuant"
+    min_calib_tokens = MIN_CALIB_TOKENS
     tolerance = TolerancePolicy(name, 1.0, 0.9)
 
     def input_scale(

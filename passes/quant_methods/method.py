@@ -22,6 +22,10 @@ from llm2trt.core.quant import QuantRequest
 from llm2trt.core.tolerance import TolerancePolicy
 from llm2trt.passes.quant_math import ActStats
 
+# Calibration tokens under which a calibrated method warns: on SmolLM2-135M GPTQ on 2,048 tokens failed
+# optimize's check, on 8,192 it passed (docs/quantization.md, "How much calibration text").
+MIN_CALIB_TOKENS = 4096
+
 
 @dataclass(frozen=True)
 class InputScale:
@@ -31,6 +35,14 @@ class InputScale:
     alpha: float | None = None  # the migration strength behind s, recorded in the manifest
     clip: float | None = None  # the fraction of the activation amax its static scale keeps (None: not searched)
     note: str = ""  # for the debug log
+
+
+@dataclass(frozen=True)
+class GroupCodes:
+    """What a method that computes its own codes (`QuantMethod.quantize`) made of one group."""
+
+    layers: list[tuple[np.ndarray, np.ndarray]]  # per layer, in order: codes [in, out] and scales
+    error_vs_rounding: float | None = None  # the group's output error over rounding's, for the manifest
 
 
 class QuantMethod:
@@ -48,12 +60,19 @@ class QuantMethod:
     # Migrates a per-input-channel scale s into the weights, 1/s folded into what produces the input
     # (SmoothQuant's migration; AWQ's too): the pass finds the fold and calls `input_scale`.
     smooth: bool = False
+    # Calibration also sums x^T x of each linear input (a [C, C] matrix per input tensor: GPTQ's Hessian).
+    needs_hessian: bool = False
+    dampening: float | None = None  # GPTQ's: of the Hessian's mean diagonal (recorded in the manifest)
+    # Chooses a method per layer group (`--quant auto`): the pass plans instead of quantizing alike.
+    mixed: bool = False
+    # Calibration tokens under which it warns (MIN_CALIB_TOKENS for the calibrated methods).
+    min_calib_tokens: int = 0
     summary: str = ""
     tolerance: TolerancePolicy  # its mode is `name`: `profile_for(dtype, name)` finds it
 
     @property
     def needs_calibration(self) -> bool:
-        return self.activations is not None or self.smooth
+        return self.activations is not None or self.smooth or self.needs_hessian or self.mixed
 
     @property
     def granularity(self) -> str:
@@ -62,8 +81,8 @@ class QuantMethod:
     def check(self, request: QuantRequest) -> None:
         """Refuse a request this method cannot honour, before anything loads (QuantRequest checks
         what holds for every method)."""
-        if self.needs_calibration and request.calib is None:
-            raise InputError(f"--quant {self.name} calibrates its scales: pass --calib TEXTFILE")
+        if request.max_ppl_increase is not None:
+            raise InputError(f"--max-ppl-increase is the budget of --quant auto, not of --quant {self.name}")
         if request.keep_sensitive and self.activations is None:
             raise InputError(f"--keep-sensitive measures activation quantization; {self.name} is weight-only")
 
@@ -79,6 +98,12 @@ class QuantMethod:
         """The fraction of each weight scale's amax to keep ([out], or [in // block, out] per block),
         for `w` as it will be quantized (migrated by s when the group was); None keeps all of it.
         `stat`: the group's input statistics when the method calibrates."""
+        return None
+
+    def quantize(self, weights: Sequence[np.ndarray], stat: ActStats | None, block: int) -> GroupCodes | None:
+        """Codes and scales for the weights of one group (the layers reading one input, [in, out]
+        each, after any migration), for a method that computes them itself rather than rounding
+        with `weight_scale` (GPTQ); None rounds. `stat`: the input's statistics when it calibrates."""
         return None
 
     def fixed_alpha(self, request: QuantRequest) -> float | None:

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
 #include "kernel_common.cuh"
@@ -17,6 +18,24 @@ void cpu_compute(const OpKind& kind, const Args& a) {
   const T* skip = static_cast<const T*>(a.skip.data);
   const T* gamma = static_cast<const T*>(a.gamma.data);
   const T* w = static_cast<const T*>(a.w.data);
+  // An NBits op's W in float: (code - zero point) * scale, not rounded to T (the one-row kernels
+  // scale each block's dot product in float).
+  std::vector<float> dequantized;
+  if (kind.nbits) {
+    const uint8_t* codes = static_cast<const uint8_t*>(a.w.data);
+    const uint8_t* zeros = static_cast<const uint8_t*>(a.zeros.data);
+    const T* scales = static_cast<const T*>(a.scales.data);
+    const int64_t groups = a.k / a.block, row_bytes = a.k * a.bits / 8;
+    dequantized.resize(size_t(a.n * a.k));
+    for (int64_t j = 0; j < a.n; ++j)
+      for (int64_t i = 0; i < a.k; ++i) {
+        const int byte = codes[j * row_bytes + (a.bits == 4 ? i / 2 : i)];
+        const int code = a.bits == 4 ? (byte >> (4 * (i % 2))) & 15 : byte;
+        const int64_t at = j * groups + i / a.block;
+        dequantized[j * a.k + i] = float(code - zeros[at]) * to_float(scales[at]);
+      }
+  }
+  auto weight = [&](int64_t j, int64_t i) { return kind.nbits ? dequantized[j * a.k + i] : to_float(w[j * a.k + i]); };
   std::vector<float> row(a.k), z(a.n);
   for (int64_t r = 0; r < a.rows; ++r) {
     double squares = 0;
@@ -37,7 +56,7 @@ void cpu_compute(const OpKind& kind, const Args& a) {
     }
     for (int64_t j = 0; j < a.n; ++j) {
       float acc = 0;
-      for (int64_t i = 0; i < a.k; ++i) acc += row[i] * to_float(w[j * a.k + i]);
+      for (int64_t i = 0; i < a.k; ++i) acc += row[i] * weight(j, i);
       z[j] = kind.float_y ? acc : to_float(from_float<T>(acc));
       if (a.gate_up.data) static_cast<T*>(a.gate_up.data)[r * a.n + j] = from_float<T>(acc);
     }
@@ -59,17 +78,23 @@ void cpu_compute(const OpKind& kind, const Args& a) {
 }
 
 // Plain loops in float, in the reference's order: every new key and value into the cache, then
-// each query over the keys up to its own position.
-template <typename T>
-void cpu_attention(const AttentionArgs& a) {
+// each query over the keys up to its own position. C: the cache's element type, T or int8_t (the
+// Int8KV ops: an entry is code * scale[KV head, channel]; the new keys and values are stored as
+// round-half-even(value / scale) clipped to +-127, and attended, as the CUDA kernels and the body
+// do, at their unquantized values).
+template <typename T, typename C>
+void cpu_attention_with(const AttentionArgs& a) {
+  constexpr bool kInt8 = attention::kInt8Cache<C>;
   const attention::Shape& s = a.shape;
   const int D = s.head_dim, half = D / 2, group = s.group(), slots = s.heads + 2 * s.kv_heads;
   const T* qkv = static_cast<const T*>(a.qkv.data);
   const T* cos = static_cast<const T*>(a.cos.data);
   const T* sin = static_cast<const T*>(a.sin.data);
+  const float* k_scale = static_cast<const float*>(a.k_scale.data);
+  const float* v_scale = static_cast<const float*>(a.v_scale.data);
   const int* seqlens = static_cast<const int*>(a.seqlens.data);
-  T* keys = static_cast<T*>(a.present_k.data);
-  T* values = static_cast<T*>(a.present_v.data);
+  C* keys = static_cast<C*>(a.present_k.data);
+  C* values = static_cast<C*>(a.present_v.data);
   T* out = static_cast<T*>(a.out.data);
   std::vector<float> rotated(D), scores(s.capacity);
   std::vector<T> normed(D);
@@ -98,10 +123,32 @@ void cpu_attention(const AttentionArgs& a) {
     for (int kvh = 0; kvh < s.kv_heads; ++kvh)
       for (size_t at = head(b, kvh); at < head(b, kvh) + size_t(s.capacity) * D; ++at) {
         const bool kept = int((at - head(b, kvh)) / D) < past;
-        keys[at] = kept ? static_cast<const T*>(a.past_k.data)[at] : from_float<T>(0.f);
-        values[at] = kept ? static_cast<const T*>(a.past_v.data)[at] : from_float<T>(0.f);
+        keys[at] = kept ? static_cast<const C*>(a.past_k.data)[at] : attention::zero_entry<C>();
+        values[at] = kept ? static_cast<const C*>(a.past_v.data)[at] : attention::zero_entry<C>();
       }
   }
+  // The cache as the attention reads it, in float: the entries (int8: code * scale), then the new
+  // tokens' keys and values as computed (T), whatever the cache stores for them.
+  const size_t entries = size_t(s.batch) * s.kv_heads * s.capacity * D;
+  std::vector<float> key_at(entries), value_at(entries);
+  for (size_t at = 0; at < entries; ++at) {
+    const size_t channel = at / (size_t(s.capacity) * D) % s.kv_heads * D + at % D;
+    if constexpr (kInt8) {
+      key_at[at] = float(keys[at]) * k_scale[channel];
+      value_at[at] = float(values[at]) * v_scale[channel];
+    } else {
+      key_at[at] = to_float(keys[at]);
+      value_at[at] = to_float(values[at]);
+    }
+  }
+  auto store = [&](C* cache, std::vector<float>& read, size_t at, float v, const float* scale, int channel) {
+    read[at] = v;
+    float unused = 0.f;
+    if constexpr (kInt8)
+      cache[at] = attention::quantize(v, scale[channel], &unused);
+    else
+      cache[at] = from_float<T>(v);
+  };
   for (int b = 0; b < s.batch; ++b)
     for (int i = 0; i < s.seq; ++i) {
       const int pos = position(b, i);
@@ -110,8 +157,9 @@ void cpu_attention(const AttentionArgs& a) {
       for (int kvh = 0; kvh < s.kv_heads; ++kvh) {
         rotate(norm_of(x + size_t(s.heads + kvh) * D, a.k_norm.data), pos);
         for (int d = 0; d < D; ++d) {
-          keys[head(b, kvh) + size_t(pos) * D + d] = from_float<T>(rotated[d]);
-          values[head(b, kvh) + size_t(pos) * D + d] = x[size_t(s.heads + s.kv_heads + kvh) * D + d];
+          const size_t at = head(b, kvh) + size_t(pos) * D + d;
+          store(keys, key_at, at, rotated[d], k_scale, kvh * D + d);
+          store(values, value_at, at, to_float(x[size_t(s.heads + s.kv_heads + kvh) * D + d]), v_scale, kvh * D + d);
         }
       }
     }
@@ -131,7 +179,7 @@ void cpu_attention(const AttentionArgs& a) {
         const int low = attention::first_key(s, pos);  // a local window's first key (0: none)
         for (int j = low; j < limit; ++j) {
           float dot = 0.f;
-          for (int d = 0; d < D; ++d) dot += rotated[d] * s.scale * to_float(keys[base + size_t(j) * D + d]);
+          for (int d = 0; d < D; ++d) dot += rotated[d] * s.scale * key_at[base + size_t(j) * D + d];
           scores[j] = dot;
           top = std::max(top, dot);
         }
@@ -139,11 +187,19 @@ void cpu_attention(const AttentionArgs& a) {
         for (int j = low; j < limit; ++j) sum += scores[j] = std::exp(scores[j] - top);
         for (int d = 0; d < D; ++d) {
           float acc = 0.f;
-          for (int j = low; j < limit; ++j) acc += scores[j] * to_float(values[base + size_t(j) * D + d]);
+          for (int j = low; j < limit; ++j) acc += scores[j] * value_at[base + size_t(j) * D + d];
           y[d] = from_float<T>(acc / sum);
         }
       }
     }
+}
+
+template <typename T>
+void cpu_attention(const AttentionArgs& a) {
+  if (a.int8_cache)
+    cpu_attention_with<T, int8_t>(a);
+  else
+    cpu_attention_with<T, T>(a);
 }
 
 // MoE in the reference body's order and roundings: each row's routing weights summed per expert

@@ -1,6 +1,7 @@
 // The many-row path (prefill, batched decode): the weights are reused across rows, so cuBLAS (the
 // CUDA provider's own handle and stream) does the GEMM, with a norm kernel before it and a SwiGLU
-// kernel after; Normed and GateUp are where its input and output live. cuBLAS is found in the
+// kernel after; Normed and GateUp are where its input and output live. An NBits op's W is first
+// dequantized to T in scratch (qgemv.cu), one pass over the codes. cuBLAS is found in the
 // provider's own process image, so the library links no CUDA library but the runtime.
 
 #include <cuda_fp16.h>
@@ -14,8 +15,6 @@
 #include "ort_glue.h"
 
 namespace llm2trt {
-namespace {
-
 void* cublas_symbol(const char* symbol) {
   for (const char* name : {"libcublas.so.13", "libcublas.so.12", "libcublas.so"}) {
     void* lib = dlopen(name, RTLD_NOW | RTLD_NOLOAD);
@@ -26,8 +25,6 @@ void* cublas_symbol(const char* symbol) {
   }
   return nullptr;
 }
-
-}  // namespace
 
 GemmExFn cublas_gemm() {
   static GemmExFn fn = reinterpret_cast<GemmExFn>(cublas_symbol("cublasGemmEx"));
@@ -43,22 +40,15 @@ namespace {
 
 // out[rows, n] = in[rows, k] @ w[n, k]^T, column-major: out^T (n x rows) = w (k x n)^T . in^T (k x rows).
 // `float_out`: out in float32 (cuBLAS takes half inputs with a float output under float compute).
-OrtStatus* gemm(OrtKernelContext* context, const Args& a, const void* in, void* out, bool float_out = false) {
-  void* handle = nullptr;
-  ORT_TRY(cublas_handle(context, &handle));
+// Returns cuBLAS's status, or -2 where the process has no cublasGemmEx.
+int gemm(void* handle, const Args& a, const void* w, const void* in, void* out, bool float_out = false) {
   GemmExFn fn = cublas_gemm();
-  if (fn == nullptr) return error("llm2trt kernels: no cublasGemmEx in the process");
+  if (fn == nullptr) return -2;
   const float one = 1.f, zero = 0.f;
   const int type = a.x.type == ORT_ELEMENT_FLOAT16 ? kCudaR16F : kCudaR32F;
   const int k = int(a.k), n = int(a.n), rows = int(a.rows);
-  int rc = fn(handle, kOpT, kOpN, n, rows, k, &one, a.w.data, type, k, in, type, k, &zero, out,
-              float_out ? kCudaR32F : type, n, kComputeF32, kGemmDefault);
-  if (rc != 0) {
-    static char message[96];
-    std::snprintf(message, sizeof message, "llm2trt kernels: cublasGemmEx failed (status %d)", rc);
-    return error(message);
-  }
-  return nullptr;
+  return fn(handle, kOpT, kOpN, n, rows, k, &one, w, type, k, in, type, k, &zero, out, float_out ? kCudaR32F : type,
+            n, kComputeF32, kGemmDefault);
 }
 
 // Many rows: Sum and Normed, one block per row.
@@ -105,17 +95,14 @@ __global__ void swiglu_rows_kernel(const T* __restrict__ gate_up, T* __restrict_
 }  // namespace
 
 template <typename T>
-OrtStatus* cuda_compute(const OpKind& kind, OrtKernelContext* context, Args& a) {
-  cudaStream_t stream = nullptr;
-  ORT_TRY(compute_stream(context, &stream));
-  if (a.rows == 0) return nullptr;
-  if (a.rows == 1) {
-    one_row<T>(kind, a, stream);
-    return launched(kind.name);
+int many_rows(const OpKind& kind, const Args& a, cudaStream_t stream, void* cublas, void* dequantized) {
+  const void* w = a.w.data;
+  if (kind.nbits) {  // W to T once, then the float path: the GEMM reuses each weight across the rows
+    dequantize_nbits<T>(a, static_cast<T*>(dequantized), stream);
+    w = dequantized;
   }
   const void* in = a.x.data;
   if (kind.norm) {
-    ORT_TRY(staging(kind, context, &a));
     const int threads = a.k >= 1024 ? 1024 : ((int(a.k) + 31) / 32) * 32;
     if (kind.skip)
       norm_rows_kernel<T, true><<<unsigned(a.rows), threads, 0, stream>>>(
@@ -125,16 +112,47 @@ OrtStatus* cuda_compute(const OpKind& kind, OrtKernelContext* context, Args& a) 
       norm_rows_kernel<T, false><<<unsigned(a.rows), threads, 0, stream>>>(
           static_cast<const T*>(a.x.data), nullptr, static_cast<const T*>(a.gamma.data), nullptr,
           static_cast<T*>(a.normed.data), int(a.k), a.epsilon);
-    ORT_TRY(launched(kind.name));
     in = a.normed.data;
   }
-  if (!kind.swiglu) return gemm(context, a, in, a.y.data, kind.float_y);
-  ORT_TRY(gemm(context, a, in, a.gate_up.data));
-  swiglu_rows_kernel<T><<<stride_blocks(a.rows * a.n_out), 256, 0, stream>>>(static_cast<const T*>(a.gate_up.data), static_cast<T*>(a.y.data),
-                                                   a.rows, int(a.n_out));
-  return launched(kind.name);
+  if (cudaGetLastError() != cudaSuccess) return -1;
+  if (!kind.swiglu) return gemm(cublas, a, w, in, a.y.data, kind.float_y);
+  if (int rc = gemm(cublas, a, w, in, a.gate_up.data)) return rc;
+  swiglu_rows_kernel<T><<<stride_blocks(a.rows * a.n_out), 256, 0, stream>>>(static_cast<const T*>(a.gate_up.data),
+                                                                           static_cast<T*>(a.y.data), a.rows,
+                                                                           int(a.n_out));
+  return cudaGetLastError() == cudaSuccess ? 0 : -1;
 }
 
+template <typename T>
+OrtStatus* cuda_compute(const OpKind& kind, OrtKernelContext* context, Args& a) {
+  cudaStream_t stream = nullptr;
+  ORT_TRY(compute_stream(context, &stream));
+  if (a.rows == 0) return nullptr;
+  if (a.rows == 1) {
+    if (kind.nbits)
+      one_row_nbits<T>(kind, a, stream);
+    else
+      one_row<T>(kind, a, stream);
+    return launched(kind.name);
+  }
+  if (kind.norm) ORT_TRY(staging(kind, context, &a));
+  void* handle = nullptr;
+  ORT_TRY(cublas_handle(context, &handle));
+  Scratch dequantized;  // the arena's: stream-ordered, and the same address each captured replay
+  if (kind.nbits) ORT_TRY(dequantized.get(context, size_t(a.n * a.k) * sizeof(T)));
+  const int rc = many_rows<T>(kind, a, stream, handle, dequantized.data);
+  if (rc == -1) return launched(kind.name);
+  if (rc == -2) return error("llm2trt kernels: no cublasGemmEx in the process");
+  if (rc != 0) {
+    static char message[96];
+    std::snprintf(message, sizeof message, "llm2trt kernels: cublasGemmEx failed (status %d)", rc);
+    return error(message);
+  }
+  return nullptr;
+}
+
+template int many_rows<__half>(const OpKind&, const Args&, cudaStream_t, void*, void*);
+template int many_rows<float>(const OpKind&, const Args&, cudaStream_t, void*, void*);
 template OrtStatus* cuda_compute<__half>(const OpKind&, OrtKernelContext*, Args&);
 template OrtStatus* cuda_compute<float>(const OpKind&, OrtKernelContext*, Args&);
 

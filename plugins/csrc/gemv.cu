@@ -26,15 +26,6 @@ namespace {
 constexpr int kWarps = 4;  // warps per block in the one-row kernel
 constexpr int kThreads = 32 * kWarps;
 
-// Weights are read once a step: keep them out of L1, where X, Skip and Gamma are re-read.
-__device__ __forceinline__ uint4 load_stream(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
 // VEC elements from p + c * VEC, in float: 16 bytes in one load where VEC > 1. STREAM: a weight.
 template <typename T, int VEC, bool STREAM = false>
 __device__ __forceinline__ void load_vec(const T* __restrict__ p, int c, float (&out)[VEC]) {

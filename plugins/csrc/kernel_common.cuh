@@ -1,5 +1,5 @@
-// Element conversions and warp helpers shared by the library's kernels (gemv.cu, cublas_paths.cu,
-// llm2trt_attention.cuh) and, for the conversions, by its CPU reference.
+// Element conversions and warp helpers shared by the library's kernels (gemv.cu, qgemv.cu,
+// cublas_paths.cu, llm2trt_attention.cuh) and, for the conversions, by its CPU reference.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -26,6 +26,15 @@ __host__ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(floa
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Weights are read once a step: keep them out of L1, where X, Skip and Gamma are re-read.
+__device__ __forceinline__ uint4 load_stream(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
   return v;
 }
 

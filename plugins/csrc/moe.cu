@@ -46,21 +46,13 @@ constexpr int kMaxK = 8;       // experts a row on the pairs path (its down kern
 constexpr int kGroupRows = 8;  // rows a grouped warp applies one weight row to in one pass
 constexpr int kRouteThreads = 1024;
 
-// Weights are read once a call: keep them out of L1, where the rows of X and h are re-read.
-__device__ __forceinline__ uint4 load_weight16(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
-// VEC elements at p + c * VEC, in float: one 16-byte load where VEC > 1. WEIGHT: streamed past L1.
+// VEC elements at p + c * VEC, in float: one 16-byte load where VEC > 1. WEIGHT: streamed past L1
+// (load_stream), where the rows of X and h are re-read.
 template <typename T, int VEC, bool WEIGHT>
 __device__ __forceinline__ void load(const T* __restrict__ p, int c, float (&out)[VEC]) {
   if constexpr (VEC > 1) {
     const uint4* at = reinterpret_cast<const uint4*>(p) + c;
-    const uint4 packed = WEIGHT ? load_weight16(at) : __ldg(at);
+    const uint4 packed = WEIGHT ? load_stream(at) : __ldg(at);
     const T* v = reinterpret_cast<const T*>(&packed);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) out[e] = to_float(v[e]);

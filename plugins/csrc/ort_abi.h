@@ -29,6 +29,8 @@ typedef void OrtApi;  // used only through ort_fn()
 typedef enum {
   ORT_ELEMENT_UNDEFINED = 0,
   ORT_ELEMENT_FLOAT = 1,
+  ORT_ELEMENT_UINT8 = 2,
+  ORT_ELEMENT_INT8 = 3,
   ORT_ELEMENT_INT32 = 6,
   ORT_ELEMENT_INT64 = 7,
   ORT_ELEMENT_FLOAT16 = 10,

@@ -12,7 +12,12 @@
 //   GroupQueryAttention(QKV, PastKey, PastValue, SeqlensK, TotalSequenceLength, CosCache, SinCache)
 //       -> (Output, PresentKey, PresentValue)     com.microsoft.GroupQueryAttention, packed QKV,
 //       rotary inside; the cache updated in place (attention.cu, llm2trt_attention.cuh)
+//   GroupQueryAttentionInt8KV, GroupQueryAttentionQKNormInt8KV: the same with int8 caches and
+//       (KScale, VScale) float32 [KVH, D] inputs last: an entry is code * scale per channel
 //   MoE(X, ExpertIds, ExpertWeights, GateUp, Down) -> Y      routed experts (moe.cu); also bfloat16
+//   LinearNBits, RMSNormLinearNBits, SkipRMSNormLinearNBits, SkipRMSNormSwiGLUNBits and the F32
+//       twins: the GEMV ops with W quantized (INT4 / INT8 codes, Scales, ZeroPoints; attributes
+//       bits and block_size): one row in qgemv.cu, more rows dequantize W for cuBLAS
 //
 // Why: a batch-1 decode step is ~10 kernels a layer, and its GEMVs are where the time goes. With
 // one row (M = 1) each op is ONE kernel (gemv.cu): every block normalizes the row itself (it is a
@@ -89,7 +94,27 @@ OrtStatus* output(OrtKernelContext* context, size_t index, const std::vector<int
 size_t input_slot(const OpKind& kind, int name) { return size_t(kind.input_at[name]); }
 size_t output_slot(const OpKind& kind, int name) { return size_t(kind.output_at[name]); }
 
-OrtStatus* gather(const OpKind& kind, float epsilon, OrtKernelContext* context, Args* a) {
+// An NBits op's W, Scales and ZeroPoints against X's K and the attributes.
+OrtStatus* gather_nbits(const OpKind& kind, int64_t bits, int64_t block, OrtKernelContext* context, Args* a) {
+  ORT_TRY(input(context, input_slot(kind, ops::io::Scales), &a->scales));
+  ORT_TRY(input(context, input_slot(kind, ops::io::ZeroPoints), &a->zeros));
+  a->bits = int(bits);
+  a->block = int(block);
+  if (a->k % block != 0 || a->k * bits % 8 != 0)
+    return error("llm2trt NBits: block_size must divide K (X's last dim), and 4-bit codes need an even K");
+  const int64_t groups = a->k / block;
+  if (a->w.type != ORT_ELEMENT_UINT8 || a->w.shape.size() != 2 || a->w.shape[1] != a->k * bits / 8)
+    return error("llm2trt NBits: W must be uint8 [N, K * bits / 8]");
+  a->n = a->w.shape[0];
+  if (a->scales.type != a->x.type || a->scales.shape != std::vector<int64_t>{a->n, groups})
+    return error("llm2trt NBits: Scales must be [N, K / block_size] of X's type");
+  if (a->zeros.type != ORT_ELEMENT_UINT8 || a->zeros.shape != std::vector<int64_t>{a->n, groups})
+    return error("llm2trt NBits: ZeroPoints must be uint8 [N, K / block_size]");
+  return nullptr;
+}
+
+OrtStatus* gather(const OpKind& kind, float epsilon, int64_t bits, int64_t block, OrtKernelContext* context,
+                  Args* a) {
   ORT_TRY(input(context, input_slot(kind, ops::io::X), &a->x));
   if (kind.skip) ORT_TRY(input(context, input_slot(kind, ops::io::Skip), &a->skip));
   if (kind.norm) ORT_TRY(input(context, input_slot(kind, ops::io::Gamma), &a->gamma));
@@ -97,11 +122,16 @@ OrtStatus* gather(const OpKind& kind, float epsilon, OrtKernelContext* context, 
   a->epsilon = epsilon;
   a->k = a->x.last();
   a->rows = a->x.rows();
-  if (a->w.shape.size() != 2 || a->w.shape[1] != a->k) return error("llm2trt kernels: W must be [N, K] with X's K");
-  a->n = a->w.shape[0];
+  if (kind.nbits) {
+    ORT_TRY(gather_nbits(kind, bits, block, context, a));
+  } else {
+    if (a->w.shape.size() != 2 || a->w.shape[1] != a->k) return error("llm2trt kernels: W must be [N, K] with X's K");
+    a->n = a->w.shape[0];
+  }
   if (kind.swiglu && a->n % 2 != 0) return error("llm2trt kernels: SwiGLU's W needs an even row count");
   a->n_out = kind.swiglu ? a->n / 2 : a->n;
-  if (a->x.type != a->w.type || (kind.norm && a->gamma.type != a->x.type) || (kind.skip && a->skip.type != a->x.type))
+  if ((!kind.nbits && a->x.type != a->w.type) || (kind.norm && a->gamma.type != a->x.type) ||
+      (kind.skip && a->skip.type != a->x.type))
     return error("llm2trt kernels: X, Skip, Gamma and W must share one type");
   if (a->x.type != ORT_ELEMENT_FLOAT && a->x.type != ORT_ELEMENT_FLOAT16)
     return error("llm2trt kernels: float and float16 only");
@@ -152,8 +182,19 @@ OrtStatus* gather_attention(const OpKind& kind, int64_t heads, int64_t kv_heads,
     return error("llm2trt GroupQueryAttention: seqlens_k must be int32 [B] and total_sequence_length an int32");
   if (a->cos.shape.size() != 2 || a->cos.shape[1] * 2 != cache[3] || a->sin.shape != a->cos.shape)
     return error("llm2trt GroupQueryAttention: cos/sin caches must be [positions, D / 2] (rotary over the head)");
+  a->int8_cache = kind.input_at[ops::io::KScale] >= 0;
+  if (a->int8_cache) {  // int8 codes, and a float32 scale per (KV head, channel) for each cache
+    if (a->past_k.type != ORT_ELEMENT_INT8 || a->past_v.type != ORT_ELEMENT_INT8)
+      return error("llm2trt GroupQueryAttentionInt8KV: PastKey and PastValue must be int8");
+    ORT_TRY(input(context, input_slot(kind, ops::io::KScale), &a->k_scale));
+    ORT_TRY(input(context, input_slot(kind, ops::io::VScale), &a->v_scale));
+    for (const Tensor* t : {&a->k_scale, &a->v_scale})
+      if (t->type != ORT_ELEMENT_FLOAT || t->shape != std::vector<int64_t>{kv_heads, cache[3]})
+        return error("llm2trt GroupQueryAttentionInt8KV: KScale and VScale must be float32 [kv_num_heads, head_dim]");
+  }
   for (const Tensor* t : {&a->past_k, &a->past_v, &a->cos, &a->sin})
-    if (t->type != a->qkv.type) return error("llm2trt GroupQueryAttention: QKV, caches and tables must share one type");
+    if (t->type != a->qkv.type && !(a->int8_cache && (t == &a->past_k || t == &a->past_v)))
+      return error("llm2trt GroupQueryAttention: QKV, caches and tables must share one type");
   if (kind.qk_norm) {
     ORT_TRY(input(context, input_slot(kind, ops::io::QNorm), &a->q_norm));
     ORT_TRY(input(context, input_slot(kind, ops::io::KNorm), &a->k_norm));
@@ -338,7 +379,8 @@ OrtStatus* compute(void* opaque, OrtKernelContext* context) {
     return nullptr;
   }
   Args a;
-  ORT_TRY(gather(*kernel.kind, kernel.floats[ops::attr::epsilon], context, &a));
+  ORT_TRY(gather(*kernel.kind, kernel.floats[ops::attr::epsilon], kernel.ints[ops::attr::bits],
+                 kernel.ints[ops::attr::block_size], context, &a));
   if (kernel.cuda)
     return a.x.type == ORT_ELEMENT_FLOAT16 ? cuda_compute<__half>(*kernel.kind, context, a)
                                            : cuda_compute<float>(*kernel.kind, context, a);
@@ -372,6 +414,11 @@ OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* api, const OrtKern
     if (heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0)
       return error("llm2trt GroupQueryAttention: num_heads must be a multiple of kv_num_heads");
   }
+  if (kind.nbits) {
+    const int64_t bits = kernel.ints[ops::attr::bits], block = kernel.ints[ops::attr::block_size];
+    if ((bits != 4 && bits != 8) || block < 1 || block > INT32_MAX)
+      return error("llm2trt NBits: bits must be 4 or 8 and block_size at least 1");
+  }
   *out = new Kernel(kernel);
   return nullptr;
 }
@@ -385,6 +432,10 @@ int element_type(const Op& op, ops::Type type) {
       return ORT_ELEMENT_INT64;
     case ops::kFloat32:
       return ORT_ELEMENT_FLOAT;
+    case ops::kUInt8:
+      return ORT_ELEMENT_UINT8;
+    case ops::kInt8:
+      return ORT_ELEMENT_INT8;
     default:
       return op.type;
   }
@@ -476,7 +527,8 @@ extern "C" __attribute__((visibility("default"))) int Llm2trtOneRow(const char* 
   using llm2trt::OpKind;
   const OpKind* kind = nullptr;
   for (const OpKind& candidate : llm2trt::ops::kOps)
-    if (!candidate.attention && !candidate.moe && std::strcmp(candidate.name, op) == 0) kind = &candidate;
+    if (!candidate.attention && !candidate.moe && !candidate.nbits && std::strcmp(candidate.name, op) == 0)
+      kind = &candidate;
   if (kind == nullptr || (type != ORT_ELEMENT_FLOAT16 && type != ORT_ELEMENT_FLOAT)) return -1;
   llm2trt::Args a;
   a.x.data = const_cast<void*>(x);
@@ -496,4 +548,61 @@ extern "C" __attribute__((visibility("default"))) int Llm2trtOneRow(const char* 
   else
     llm2trt::one_row<float>(*kind, a, s);
   return cudaGetLastError() == cudaSuccess ? 0 : -1;
+}
+
+// One NBits op without ONNX Runtime (scripts/check_nbits_kernel.py), on `stream`: one row takes
+// the one-row kernel; more rows dequantize W into `dequantized` (N * K elements of T) and run
+// cuBLAS through `cublas` (a handle, bound here to `stream`), Normed and GateUp staged in `normed`
+// [rows, K] and `gate_up` [rows, N]. type: ONNX's (1 float, 10 float16); Y float32 for the F32 ops.
+// Returns 0, -1 for an unknown op, type or shape or a failed launch, else cuBLAS's status.
+extern "C" __attribute__((visibility("default"))) int Llm2trtNBits(
+    const char* op, int type, const void* x, const void* skip, const void* gamma, const void* w, const void* scales,
+    const void* zeros, void* y, void* sum, void* normed, void* gate_up, int64_t rows, int64_t k, int64_t n, int bits,
+    int block, float epsilon, void* dequantized, void* cublas, void* stream) {
+  using llm2trt::OpKind;
+  const OpKind* kind = nullptr;
+  for (const OpKind& candidate : llm2trt::ops::kOps)
+    if (candidate.nbits && std::strcmp(candidate.name, op) == 0) kind = &candidate;
+  if (kind == nullptr || (type != ORT_ELEMENT_FLOAT16 && type != ORT_ELEMENT_FLOAT) || (bits != 4 && bits != 8) ||
+      block < 1 || k % block != 0 || k * bits % 8 != 0 || (kind->swiglu && n % 2 != 0) || rows < 1)
+    return -1;
+  llm2trt::Args a;
+  a.x.data = const_cast<void*>(x);
+  a.x.type = type;
+  a.skip.data = const_cast<void*>(skip);
+  a.gamma.data = const_cast<void*>(gamma);
+  a.w.data = const_cast<void*>(w);
+  a.scales.data = const_cast<void*>(scales);
+  a.zeros.data = const_cast<void*>(zeros);
+  a.y.data = y;
+  a.sum.data = sum;
+  a.normed.data = normed;
+  a.gate_up.data = gate_up;
+  a.rows = rows;
+  a.k = k;
+  a.n = n;
+  a.n_out = kind->swiglu ? n / 2 : n;
+  a.epsilon = epsilon;
+  a.bits = bits;
+  a.block = block;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const bool half = type == ORT_ELEMENT_FLOAT16;
+  if (rows == 1) {
+    if (half)
+      llm2trt::one_row_nbits<__half>(*kind, a, s);
+    else
+      llm2trt::one_row_nbits<float>(*kind, a, s);
+    return cudaGetLastError() == cudaSuccess ? 0 : -1;
+  }
+  // Bound to `stream` unless it already is: setting a stream resets the handle's workspace to the
+  // default pool, which its owner (torch) may have replaced for graph capture.
+  using GetStreamFn = int (*)(void*, cudaStream_t*);
+  using SetStreamFn = int (*)(void*, cudaStream_t);
+  static GetStreamFn get_stream = reinterpret_cast<GetStreamFn>(llm2trt::cublas_symbol("cublasGetStream_v2"));
+  static SetStreamFn set_stream = reinterpret_cast<SetStreamFn>(llm2trt::cublas_symbol("cublasSetStream_v2"));
+  cudaStream_t bound = nullptr;
+  if (get_stream == nullptr || set_stream == nullptr || get_stream(cublas, &bound) != 0) return -1;
+  if (bound != s && set_stream(cublas, s) != 0) return -1;
+  return half ? llm2trt::many_rows<__half>(*kind, a, s, cublas, dequantized)
+              : llm2trt::many_rows<float>(*kind, a, s, cublas, dequantized);
 }

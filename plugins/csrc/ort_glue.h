@@ -70,6 +70,9 @@ struct Args {
   Tensor y, sum, normed, gate_up;
   int64_t rows = 0, k = 0, n = 0, n_out = 0;  // n: weight rows; n_out: Y's last dim
   float epsilon = 1e-6f;
+  // NBits ops: W holds uint8 codes [N, K * bits / 8], Scales T and ZeroPoints uint8 [N, K / block].
+  Tensor scales, zeros;
+  int bits = 0, block = 0;
 };
 
 // Outputs that only the many-row path writes: ask for them only then.
@@ -78,6 +81,10 @@ OrtStatus* staging(const OpKind& kind, OrtKernelContext* context, Args* a);
 struct AttentionArgs {
   Tensor qkv, past_k, past_v, seqlens, total, cos, sin;
   Tensor q_norm, k_norm;  // GroupQueryAttentionQKNorm: the per-head norms' scales [D]; else empty
+  // The Int8KV ops: the caches int8 codes, an entry code * scale with KScale / VScale float32
+  // [KVH, D] (per KV head and channel); else empty and the caches T.
+  Tensor k_scale, v_scale;
+  bool int8_cache = false;
   Tensor out, present_k, present_v;
   attention::Shape shape;
 };
@@ -118,7 +125,8 @@ using GemmExFn = int (*)(void*, int, int, int, int, int, const void*, const void
                          const void*, void*, int, int, int, int);
 using BatchedGemmFn = int (*)(void*, int, int, int, int, int, const void*, const void*, int, int, long long,
                               const void*, int, int, long long, const void*, void*, int, int, long long, int, int, int);
-GemmExFn cublas_gemm();  // null where the process has no cuBLAS
+void* cublas_symbol(const char* symbol);  // null where the process has no cuBLAS
+GemmExFn cublas_gemm();
 BatchedGemmFn cublas_batched_gemm();
 
 constexpr int kCudaR16F = 2, kCudaR16BF = 14, kCudaR32F = 0, kComputeF32 = 68, kGemmDefault = -1, kOpN = 0, kOpT = 1;
@@ -133,6 +141,15 @@ template <typename T>
 void one_row(const OpKind& kind, const Args& a, cudaStream_t stream);  // gemv.cu
 template <typename T>
 OrtStatus* cuda_compute(const OpKind& kind, OrtKernelContext* context, Args& a);  // cublas_paths.cu
+// The many-row path without ONNX Runtime: Normed / GateUp staged in `a`, `cublas` a cuBLAS handle,
+// `dequantized` (NBits ops) room for W in T. Returns a cuBLAS status or -1 for a failed launch.
+template <typename T>
+int many_rows(const OpKind& kind, const Args& a, cudaStream_t stream, void* cublas, void* dequantized);
+// NBits (qgemv.cu): the one-row kernels, and W dequantized to T [N, K] (for cuBLAS).
+template <typename T>
+void one_row_nbits(const OpKind& kind, const Args& a, cudaStream_t stream);
+template <typename T>
+void dequantize_nbits(const Args& a, T* out, cudaStream_t stream);
 template <typename T>
 OrtStatus* cuda_attention(const AttentionArgs& a, OrtKernelContext* context);  // attention.cu
 template <typename T>
