@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from llm2trt.core.artifact import save_onnx
+from llm2trt.core.dtypes import DType
 from llm2trt.passes.manager import GraphPass, Model, PassManager, PassResult, read_values
 
 MIDPOINT = 8
@@ -36,7 +36,7 @@ def _is_uint4(tensor: gs.Tensor) -> bool:
     proto = getattr(tensor._values, "tensor", None)
     if proto is not None:
         return int(proto.data_type) == _UINT4
-    return bool(np.asarray(tensor._values).dtype == ml_dtypes.uint4)
+    return DType.find(np.asarray(tensor._values).dtype) is DType.UINT4
 
 
 def zero_point_weights(proto: onnx.ModelProto) -> int:
@@ -71,7 +71,8 @@ class ZeroPointsForTensorRT(GraphPass):
             scale_tensor = dq.inputs[1]
             scales = read_values(scale_tensor).astype(np.float32).reshape(k // block, n)
             dq.inputs[0] = model.constant(
-                model.fresh_name(f"{dq.inputs[0].name}_int4"), (codes - MIDPOINT).astype(np.int8).astype(ml_dtypes.int4)
+                model.fresh_name(f"{dq.inputs[0].name}_int4"),
+                (codes - MIDPOINT).astype(np.int8).astype(DType.INT4.numpy),
             )
             while len(dq.inputs) > 2:
                 dq.inputs.pop()
@@ -109,7 +110,7 @@ class ZeroPointsForTensorRT(GraphPass):
         if x.dtype is not None and np.dtype(x.dtype) != np.float32:
             wide = gs.Variable(model.fresh_name(f"{x.name}_float32"), dtype=np.float32)
             model.graph.nodes.append(
-                gs.Node("Cast", model.fresh_name(f"{x.name}_to_float32"), {"to": onnx.TensorProto.FLOAT}, [x], [wide])
+                gs.Node("Cast", model.fresh_name(f"{x.name}_to_float32"), {"to": DType.FP32.onnx}, [x], [wide])
             )
         out = gs.Variable(model.fresh_name(f"{x.name}_block_sums"), dtype=np.float32)
         model.graph.nodes.append(
@@ -132,7 +133,7 @@ class ZeroPointsForTensorRT(GraphPass):
         ]
         if y.dtype is not None and np.dtype(y.dtype) != np.float32:
             narrow = gs.Variable(model.fresh_name(f"{y.name}_zero_points_cast"), dtype=y.dtype)
-            to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(y.dtype))
+            to = DType.parse(y.dtype).onnx
             nodes.append(
                 gs.Node("Cast", model.fresh_name(f"{matmul.name}_zero_points_cast"), {"to": to}, [extra], [narrow])
             )

@@ -22,7 +22,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -72,7 +71,7 @@ def unpack(words: np.ndarray, packing: Packing) -> np.ndarray:
 
 def signed(codes: np.ndarray) -> np.ndarray:
     """Unsigned 4-bit codes around MIDPOINT as INT4 (u - 8)."""
-    out: np.ndarray = (codes.astype(np.int8) - MIDPOINT).astype(ml_dtypes.int4)
+    out: np.ndarray = (codes.astype(np.int8) - MIDPOINT).astype(DType.INT4.numpy)
     return out
 
 
@@ -297,9 +296,8 @@ def _checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
-    import torch
 
-    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: float32 holds it exactly
+    if DType.find(tensor.dtype) is DType.BF16:  # numpy has no bfloat16: float32 holds it exactly
         tensor = tensor.float()
     return tensor.detach().cpu().numpy()
 
@@ -522,11 +520,13 @@ class ImportQuantized(GraphPass):
             logger.warning("%s: its %s scales round in %s", layer.module, layer.scales.dtype, np.dtype(dtype))
         base = layer.module
         # Symmetric: signed codes and no zero point (TensorRT's form); else unsigned codes and zeros.
-        codes = layer.codes.astype(ml_dtypes.uint4) if layer.zeros is not None else signed(layer.codes)
+        codes = layer.codes.astype(DType.UINT4.numpy) if layer.zeros is not None else signed(layer.codes)
         inputs = [model.constant(model.fresh_name(f"{base}.codes"), codes)]
         inputs.append(gs.Constant(model.fresh_name(f"{base}.scales"), layer.scales.astype(dtype)))
         if layer.zeros is not None:
-            inputs.append(model.constant(model.fresh_name(f"{base}.zero_points"), layer.zeros.astype(ml_dtypes.uint4)))
+            inputs.append(
+                model.constant(model.fresh_name(f"{base}.zero_points"), layer.zeros.astype(DType.UINT4.numpy))
+            )
         out = gs.Variable(model.fresh_name(f"{base}.weight_dequantized"), dtype=dtype, shape=list(layer.codes.shape))
         dq = gs.Node(
             "DequantizeLinear",

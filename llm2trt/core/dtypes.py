@@ -53,6 +53,7 @@ class DType(enum.Enum):
     INT8 = "int8"
     UINT8 = "uint8"
     INT4 = "int4"
+    UINT4 = "uint4"  # an imported checkpoint's asymmetric codes and zero points
     BOOL = "bool"
 
     @classmethod
@@ -167,6 +168,7 @@ _SPELLINGS: dict[DType, _Spelling] = {
     DType.INT8: _Spelling(np.int8, TensorProto.INT8, "int8", "INT8", ()),
     DType.UINT8: _Spelling(np.uint8, TensorProto.UINT8, "uint8", "UINT8", ()),
     DType.INT4: _Spelling(ml_dtypes.int4, TensorProto.INT4, None, "INT4", ()),
+    DType.UINT4: _Spelling(ml_dtypes.uint4, TensorProto.UINT4, None, None, ()),
     DType.BOOL: _Spelling(np.bool_, TensorProto.BOOL, "bool", "BOOL", ()),
 }
 _BY_NAME: dict[str, DType] = {
