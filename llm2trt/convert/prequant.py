@@ -324,16 +324,17 @@ def read_layers(path: Path, scheme: Scheme) -> tuple[list[Layer], dict[str, torc
 def _layer(module: str, tensors: dict[str, torch.Tensor], scheme: Scheme) -> Layer:
     fmt, size = scheme.format, scheme.group_size
 
-    def get(name: str | None, required: bool) -> np.ndarray | None:
+    def get(name: str | None) -> np.ndarray | None:
         key = f"{module}.{name}"
-        if name is None or key not in tensors:
-            if required:
-                raise InputError(f"{module} has {fmt.weight} but no {name} (the checkpoint is incomplete)")
-            return None
-        return _numpy(tensors[key])
+        return _numpy(tensors[key]) if name is not None and key in tensors else None
 
-    words, scales = get(fmt.weight, True), get(fmt.scales, True)
-    assert words is not None and scales is not None
+    def need(name: str) -> np.ndarray:
+        found = get(name)
+        if found is None:
+            raise InputError(f"{module} has {fmt.weight} but no {name} (the checkpoint is incomplete)")
+        return found
+
+    words, scales = need(fmt.weight), need(fmt.scales)
     if words.dtype != np.int32:
         raise InputError(f"{module}.{fmt.weight} is {words.dtype}, expected int32 words")
     codes = unpack(words, fmt.codes)
@@ -343,11 +344,12 @@ def _layer(module: str, tensors: dict[str, torch.Tensor], scheme: Scheme) -> Lay
     if k % size:
         raise InputError(f"{module}: {k} input channels are not a multiple of the group size {size}")
     _shape(f"{module}.{fmt.scales}", scales, (k // size, n))
-    zeros = _zeros(module, get(fmt.zeros, not scheme.symmetric), scheme, (k // size, n))
-    perm = _permutation(module, get(fmt.g_idx, False), k, size)
+    stored = get(fmt.zeros) if scheme.symmetric else need(fmt.zeros or "zero points")
+    zeros = _zeros(module, stored, scheme, (k // size, n))
+    perm = _permutation(module, get(fmt.g_idx), k, size)
     if perm is not None:
         codes = codes[perm]
-    shape = get("weight_shape", False) if "weight_shape" in fmt.extra else None
+    shape = get("weight_shape") if "weight_shape" in fmt.extra else None
     if shape is not None and [int(v) for v in shape] != [n, k]:
         raise InputError(f"mismatched shape: {module}.weight_shape says {shape.tolist()}, packed codes are {[n, k]}")
     scales_dtype = scales.dtype if scales.dtype != np.float64 else np.float32
@@ -443,7 +445,8 @@ class Prequant:
         passes = [OpsetUpgrade(IMPORT_OPSET), importer]
         result = PassManager(passes).run(Model.from_onnx(proto, scratch))
         records = [replace(r, stage="convert") for r in result.records]
-        assert importer.summary is not None
+        if importer.summary is None:  # the pass did not run: a bug, said as one line
+            raise BackendError(f"{self.path}: the import pass wrote no quantization record")
         return result.model.to_onnx(), records, importer.summary
 
 
