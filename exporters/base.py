@@ -33,6 +33,7 @@ from llm2trt.core.kv import (
     KVForm,
     KVLayout,
 )
+from llm2trt.core.lora import NO_ADAPTER
 from llm2trt.core.manifest import DimRange, GraphSpec, TensorSpec
 from llm2trt.core.tp import Heads, LayerSplit, Split, TPPlan, Units
 from llm2trt.core.tp import Mapping as TPMapping
@@ -314,11 +315,18 @@ class ExportSpec:
             past = default if past is None else past
             shape = SampleShape(batch, sequence, past, past + sequence)
         cache = set(graph.kv_cache.past_names) if graph.kv_cache else set()
+        # Runtime LoRA: empty slots and no row on them, so every runner computes the base model
+        # (the transformers reference has no adapters); the adapters' path is PEFT's to check.
+        adapters = graph.lora.pack(()) if graph.lora is not None else {}
         feeds: dict[str, np.ndarray] = {}
         for tensor in graph.inputs:
             sampler = self.samplers.get(tensor.name)
             if tensor.name in cache:
                 value = _cache_sample(graph.kv_cache, shape, rng)
+            elif graph.lora is not None and tensor.name == graph.lora.slot_input:
+                value = np.full(batch, NO_ADAPTER, dtype=np.int64)
+            elif tensor.name in adapters:
+                value = adapters[tensor.name]
             elif sampler is not None:
                 value = sampler(config, shape, rng)
             else:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llm2trt.core.kv import GQA, KVLayout
+from llm2trt.core.lora import LoraRequest
 from llm2trt.core.quant import QuantRequest
 from llm2trt.core.registry import Registry
 from llm2trt.passes.cleanup import ShapeInference, cleanup_passes
@@ -58,6 +59,7 @@ class PipelineOptions:
     kv: KVOptions = field(default_factory=KVOptions)
     quant: QuantOptions | None = None
     plugins: tuple[PluginRewrite, ...] = ()
+    lora: LoraRequest | None = None  # runtime LoRA slots (optimize --lora-slots)
     # Options of entries registered outside this module, by entry name; each entry reads its own type.
     extra: Mapping[str, object] = field(default_factory=dict)
 
@@ -114,6 +116,14 @@ def _quant(options: PipelineOptions) -> list[GraphPass]:
     return [QuantPass(options.quant.request, options.quant.calibrator)]
 
 
+def _lora(options: PipelineOptions) -> list[GraphPass]:
+    if options.lora is None:
+        return []
+    from llm2trt.passes.lora import LoraPass
+
+    return [LoraPass(options.lora.slots, options.lora.max_rank, tuple(options.lora.targets))]
+
+
 def _plugins(options: PipelineOptions) -> list[GraphPass]:
     from llm2trt.passes.plugin_nodes import PluginPass
 
@@ -128,6 +138,7 @@ register_entry("cleanup", 100, lambda options: cleanup_passes())
 register_entry("opset_upgrade", 200, _opset)
 register_entry("fusions", 300, _fusions)
 register_entry("quantize", 320, _quant)  # after the norms fused: scales fold into them
+register_entry("lora", 330, _lora)  # after quantization (the base layers keep theirs), before the cache forms
 register_entry("kv_cache", 350, _kv)
 register_entry("ort_gqa", 360, _gqa)
 register_entry("plugins", 380, _plugins)  # after quantization: it rewrites the Q/DQ it wrote

@@ -37,7 +37,10 @@ import onnx_graphsurgeon as gs
 from llm2trt.core.dtypes import DType
 from llm2trt.core.errors import InputError
 from llm2trt.core.kv import KVLayout
+from llm2trt.core.lora import LoraShard
 from llm2trt.core.tp import LayerSplit, Split, TPPlan, Units, padded, shard_experts, shard_vocab
+from llm2trt.passes.lora import input_names as lora_inputs
+from llm2trt.passes.lora import is_lora_add
 from llm2trt.passes.manager import GraphPass, Model, PassResult, read_values
 from llm2trt.passes.ort_op_table import DOMAIN as MOE_DOMAIN
 from llm2trt.passes.ort_op_table import MOE
@@ -107,6 +110,7 @@ class _Rewrite:
     # where it ends (their all-reduce makes whole tensors again).
     head_sources: list[gs.Tensor] = field(default_factory=list)
     row_nodes: set[str] = field(default_factory=set)
+    lora_shards: dict[str, LoraShard] = field(default_factory=dict)  # module -> its adapters' cut
 
     @property
     def tp(self) -> int:
@@ -164,6 +168,10 @@ class _Rewrite:
             i = 1 if add.inputs[0] is out else 0
             add.inputs[i] = self._sliced_bias(add.inputs[i], index)
             out = add.outputs[0]
+        lora = _lora_add(out)
+        if lora is not None:  # the low-rank path's B narrows as the weight's columns do
+            self._lora(node, lora, "b", index, 1)
+            out = lora.outputs[0]
         for consumer in [c for c in out.outputs if c.inputs and c.inputs[0] is out]:
             if consumer.op == "Reshape":
                 self._narrow_shape(consumer, weight.shape[1], len(index))
@@ -190,6 +198,10 @@ class _Rewrite:
         bias = node.inputs[2] if node.op == "Gemm" and len(node.inputs) > 2 else None
         node.inputs = node.inputs[:2]
         part, whole = self.partial(node, "partial")
+        lora = _lora_add(whole) or _lora_add(_bias_out(whole))
+        if lora is not None:  # A narrows as the weight's rows; its partial output joins the sum
+            self._lora(node, lora, "a", index, 2)
+            part = self._lora_before_sum(lora, part, where)
         summed = whole if bias is None else self.var(where, "summed", whole.dtype)
         self.collective("all_reduce", part, summed, where)
         if bias is not None:
@@ -197,6 +209,53 @@ class _Rewrite:
         self.counts["row"] += 1
         self.row_nodes.add(node.name)
         self._seen("row", node)
+
+    def _lora(self, node: gs.Node, add: gs.Node, weight: str, index: np.ndarray, axis: int) -> None:
+        """Narrow the adapter input (A's in axis, B's out axis) of the path `add` ends; recorded
+        for the sessions, which cut each adapter the same way."""
+        module = module_of(node.name)
+        a_name, b_name = lora_inputs(module)
+        name = a_name if weight == "a" else b_name
+        tensor = next((t for t in self.model.graph.inputs if t.name == name), None)
+        if tensor is None or tensor.shape is None:
+            raise InputError(f"--tp: the low-rank path of {module} has no adapter input {name}")
+        shape = list(tensor.shape)
+        shape[axis] = len(index)
+        tensor.shape = shape
+        for reshape in self._lora_shapes(add, weight):
+            values = np.array(reshape.inputs[1].values)
+            values[-1 if weight == "a" else 1] = len(index)
+            reshape.inputs[1] = self.const(f"{reshape.inputs[1].name}.rank", values)
+        self.lora_shards[module] = LoraShard.of(weight, index)
+        self.counts["lora"] += 1
+
+    def _lora_shapes(self, add: gs.Node, weight: str) -> list[gs.Node]:
+        """The path's Reshapes that spell the narrowed width: A's [N*R, in]; B's [N*R, out] and,
+        for a Gemm's flat rows, [-1, out]."""
+        scope = add.name.rsplit("/", 1)[0]
+        tag = "a_shape" if weight == "a" else ("b_shape", "flat")
+        found = []
+        for n in self.model.graph.nodes:
+            if n.op == "Reshape" and n.name.startswith(scope + "/") and isinstance(n.inputs[1], gs.Constant):
+                name = n.inputs[1].name.rsplit("/", 1)[-1]
+                if name.startswith(tag):
+                    found.append(n)
+        return found
+
+    def _lora_before_sum(self, add: gs.Node, part: gs.Variable, where: str) -> gs.Variable:
+        """Move a row-parallel layer's low-rank output before its all-reduce: the path's Add takes
+        the partial sum; where it stood, its base input passes through."""
+        base = add.inputs[0] if module_of(add.inputs[1].name).endswith(".lora") else add.inputs[1]
+        d = add.inputs[1] if base is add.inputs[0] else add.inputs[0]
+        total = add.outputs[0]
+        add.inputs = [part, d]
+        summed = self.var(where, "partial_with_lora", part.dtype)
+        add.outputs = [summed]
+        for consumer in list(total.outputs):
+            consumer.inputs = [base if t is total else t for t in consumer.inputs]
+        graph = self.model.graph
+        graph.outputs = [base if t is total else t for t in graph.outputs]
+        return summed
 
     def _seen(self, kind: str, node: gs.Node) -> None:
         layer = layer_of(module_of(node.name))
@@ -511,6 +570,23 @@ def _last_axis(tensor: gs.Tensor, axis: int) -> bool:
     return axis == -1 or (tensor.shape is not None and axis == len(tensor.shape) - 1)
 
 
+def _lora_add(tensor: gs.Tensor | None) -> gs.Node | None:
+    """The low-rank path's Add on `tensor`, if that is its only consumer."""
+    if tensor is None or len(tensor.outputs) != 1:
+        return None
+    consumer: gs.Node = tensor.outputs[0]
+    return consumer if is_lora_add(consumer) else None
+
+
+def _bias_out(tensor: gs.Tensor) -> gs.Tensor | None:
+    """The output of a constant bias Add on `tensor` (its only consumer), if there is one."""
+    if len(tensor.outputs) != 1 or tensor.outputs[0].op != "Add":
+        return None
+    add = tensor.outputs[0]
+    other = add.inputs[1] if add.inputs[0] is tensor else add.inputs[0]
+    return add.outputs[0] if isinstance(other, gs.Constant) else None
+
+
 def _bias_add(node: gs.Node) -> gs.Node | None:
     """The Add that adds a constant bias to a MatMul's output, if that is its only consumer."""
     consumers = node.outputs[0].outputs
@@ -531,6 +607,7 @@ class TensorParallelPass(GraphPass):
 
     def __init__(self, plan: TPPlan, kv: KVLayout | None, num_layers: int) -> None:
         self.plan, self.kv, self.num_layers = plan, kv, num_layers
+        self.lora_shards: dict[str, LoraShard] = {}  # module -> its adapters' cut, once run
 
     def run(self, model: Model) -> PassResult:
         if any(n.op == "DequantizeLinear" for n in model.graph.nodes):
@@ -543,6 +620,7 @@ class TensorParallelPass(GraphPass):
                 "use a growing or fixed cache"
             )
         rewrite = _Rewrite(model, self.plan)
+        self.lora_shards = rewrite.lora_shards
         for node in list(model.graph.nodes):
             self._node(rewrite, node)
         rewrite.head_tables()

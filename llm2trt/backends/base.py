@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llm2trt.core.errors import InputError
+from llm2trt.core.lora import AdapterBatch
 from llm2trt.core.manifest import GraphSpec, Manifest
 from llm2trt.core.records import Record
 
@@ -44,6 +45,7 @@ class DecoderContext:
     graph: GraphSpec
     capacity: int  # prompt + new tokens the session must hold
     providers: list[str]
+    adapters: AdapterBatch | None = None  # LoRA adapters per row (a graph with runtime slots)
 
     @property
     def pad_id(self) -> int:

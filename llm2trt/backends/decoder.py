@@ -25,6 +25,7 @@ import numpy as np
 from llm2trt.core.errors import InputError
 from llm2trt.core.kv import SEQLENS_K, TOTAL_SEQUENCE_LENGTH, KVLayout
 from llm2trt.core.log import plural
+from llm2trt.core.lora import NO_ADAPTER, AdapterBatch
 from llm2trt.core.manifest import GraphSpec
 
 Feeds = dict[str, np.ndarray]
@@ -48,8 +49,9 @@ _USUAL = ("input_ids", "attention_mask", "position_ids")
 class DecoderSession(abc.ABC):
     """One batch on one graph: `prefill` the prompts, then `decode` one token per row at a time."""
 
-    def __init__(self, graph: GraphSpec, run: Executor, pad_id: int = 0) -> None:
+    def __init__(self, graph: GraphSpec, run: Executor, pad_id: int = 0, adapters: AdapterBatch | None = None) -> None:
         self.graph, self.pad_id = graph, pad_id
+        run = with_adapters(graph, run, adapters)
         # Sessions feed what the family's graphs take; a graph without some input (BLOOM's ALiBi
         # reads positions from the mask: no position_ids) is fed only what it declares.
         names = {t.name for t in graph.inputs}
@@ -94,6 +96,31 @@ class DecoderSession(abc.ABC):
     def _empty_cache(self, kv: KVLayout, batch: int, length: int) -> dict[str, np.ndarray]:
         shape = (batch, kv.num_kv_heads, length, kv.head_dim)
         return {name: np.zeros(shape, dtype=self.cache_dtype.numpy) for name in kv.past_names}
+
+
+def with_adapters(graph: GraphSpec, run: Executor, adapters: AdapterBatch | None) -> Executor:
+    """`run` fed the graph's LoRA inputs: the adapters in their slots and each row's slot (a graph
+    with slots and no adapters: every row the base model). Packed once; a step adds the slot feed."""
+    lora = graph.lora
+    if lora is None:
+        if adapters is not None and adapters.adapters:
+            raise InputError(
+                "this artifact has no LoRA slots: optimize it with --lora-slots N, "
+                "or merge the adapter at convert (--lora)"
+            )
+        return run
+    packed = lora.pack(adapters.adapters if adapters is not None else ())
+    weights = {name: value.astype(graph.input(name).dtype.numpy) for name, value in packed.items()}
+    rows = list(adapters.rows) if adapters is not None else []
+
+    def run_with_adapters(feeds: Feeds) -> dict[str, np.ndarray]:
+        batch = int(next(iter(feeds.values())).shape[0])
+        if rows and len(rows) != batch:
+            raise InputError(f"{plural(len(rows), 'adapter row')} for a batch of {batch}")
+        slots = np.asarray(rows or [NO_ADAPTER] * batch, dtype=np.int64)
+        return run({**feeds, **weights, lora.slot_input: slots})
+
+    return run_with_adapters
 
 
 def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -141,8 +168,15 @@ class NoCacheSession(DecoderSession):
 class GrowingSession(DecoderSession):
     """A growing cache: left padding, presents fed back as the next past."""
 
-    def __init__(self, graph: GraphSpec, run: Executor, pad_id: int = 0, dummy_slot: bool = False) -> None:
-        super().__init__(graph, run, pad_id)
+    def __init__(
+        self,
+        graph: GraphSpec,
+        run: Executor,
+        pad_id: int = 0,
+        dummy_slot: bool = False,
+        adapters: AdapterBatch | None = None,
+    ) -> None:
+        super().__init__(graph, run, pad_id, adapters)
         self.kv: KVLayout = _layout(graph)
         # Backends whose profiles have no zero-length past (TensorRT) start from one masked slot.
         self.dummy_slot = dummy_slot
@@ -175,8 +209,10 @@ class GrowingSession(DecoderSession):
 class FixedSession(DecoderSession):
     """A fixed buffer of `capacity` slots: rows left-aligned, positions are slots."""
 
-    def __init__(self, graph: GraphSpec, run: Executor, capacity: int, pad_id: int = 0) -> None:
-        super().__init__(graph, run, pad_id)
+    def __init__(
+        self, graph: GraphSpec, run: Executor, capacity: int, pad_id: int = 0, adapters: AdapterBatch | None = None
+    ) -> None:
+        super().__init__(graph, run, pad_id, adapters)
         self.kv = _layout(graph)
         self.capacity = capacity
 
@@ -230,12 +266,19 @@ def _layout(graph: GraphSpec) -> KVLayout:
 
 
 def open_session(
-    graph: GraphSpec, run: Executor, *, capacity: int, pad_id: int = 0, dummy_slot: bool = False
+    graph: GraphSpec,
+    run: Executor,
+    *,
+    capacity: int,
+    pad_id: int = 0,
+    dummy_slot: bool = False,
+    adapters: AdapterBatch | None = None,
 ) -> DecoderSession:
-    """The session for the graph's cache form; `capacity` bounds prompt + new tokens."""
+    """The session for the graph's cache form; `capacity` bounds prompt + new tokens; `adapters`
+    fill a LoRA graph's slots, per row."""
     if graph.kv_cache is None:
-        return NoCacheSession(graph, run, pad_id)
+        return NoCacheSession(graph, run, pad_id, adapters)
     traits = graph.kv_cache.traits
     if not traits.buffer:
-        return GrowingSession(graph, run, pad_id, dummy_slot)
-    return (GqaSession if traits.counters else FixedSession)(graph, run, capacity, pad_id)
+        return GrowingSession(graph, run, pad_id, dummy_slot, adapters)
+    return (GqaSession if traits.counters else FixedSession)(graph, run, capacity, pad_id, adapters)

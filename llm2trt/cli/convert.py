@@ -24,9 +24,23 @@ from llm2trt.cli.options import COMMON, Context, Output, OutputArgs, dtype_optio
     show_default=True,
     help="Decoders: KV-cache inputs and outputs (one graph for prefill and decode).",
 )
+@click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    metavar="[NAME=]DIR",
+    help="A PEFT LoRA adapter folder to merge into the weights (repeatable; merged in order).",
+)
 @COMMON
 def convert(
-    ctx: Context, model: str, output: Output, dtype: str, opset: int, attn_implementation: str, kv_cache: bool
+    ctx: Context,
+    model: str,
+    output: Output,
+    dtype: str,
+    opset: int,
+    attn_implementation: str,
+    kv_cache: bool,
+    loras: tuple[str, ...],
 ) -> None:
     """Export MODEL (a Hugging Face directory or model id in the local cache, a .gguf file, or
     tiny:gpt2|llama|bert|vit) to ONNX."""
@@ -35,6 +49,11 @@ def convert(
     from llm2trt.convert.sources import resolve_model
     from llm2trt.core.dtypes import DType
 
+    adapters = []
+    if loras:  # read and checked before the model loads
+        from llm2trt.convert.lora import read_adapters
+
+        adapters = read_adapters(loras)
     source = resolve_model(model)
     result = run_convert(
         source,
@@ -44,5 +63,6 @@ def convert(
         attn_implementation=attn_implementation,
         kv_cache=kv_cache,
         force=output.force,
+        adapters=adapters,
     )
     ctx.emit(result)

@@ -34,6 +34,14 @@ def _parse_ids(values: tuple[str, ...]) -> list[list[int]]:
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Sample from the smallest set of mass p.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--chat", is_flag=True, help="Wrap each prompt in the model's chat template.")
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    metavar="[NAME=]DIR|NAME|none",
+    help="A PEFT LoRA adapter for a graph with LoRA slots (optimize --lora-slots): once for every prompt, "
+    "or once per prompt in order (NAME reuses an adapter named before; none: the base model).",
+)
 @COMMON
 def generate(
     ctx: Context,
@@ -48,6 +56,7 @@ def generate(
     top_p: float,
     seed: int,
     chat: bool,
+    adapters: tuple[str, ...],
 ) -> None:
     """Generate text from a decoder ARTIFACT (greedy unless --temperature); tokens stream as they come."""
     from llm2trt.generate.driver import Sampling
@@ -65,6 +74,7 @@ def generate(
         providers=providers,
         chat=chat,
         stream=stream,
+        adapters=adapters,
     )
     if stream is not None:
         click.echo()

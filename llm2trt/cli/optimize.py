@@ -52,6 +52,29 @@ if TYPE_CHECKING:
     help="Rewrite this plugin's pattern into its llm2trt op (see `llm2trt plugins`); repeatable.",
 )
 @click.option(
+    "--lora-slots",
+    type=int,
+    default=0,
+    metavar="N",
+    help="Runtime LoRA: a low-rank path beside each target linear layer holding N adapters at once, "
+    "their weights graph inputs (generate --adapter fills them).",
+)
+@click.option(
+    "--lora-max-rank",
+    type=int,
+    default=16,
+    show_default=True,
+    metavar="R",
+    help="Runtime LoRA: the largest adapter rank the slots hold (smaller ranks are zero-padded).",
+)
+@click.option(
+    "--lora-targets",
+    multiple=True,
+    metavar="NAME",
+    help="Runtime LoRA: only these layers (a leaf name such as q_proj, or a regex over module names); "
+    "repeatable. Default: every linear layer inside the decoder layers.",
+)
+@click.option(
     "--check/--no-check",
     default=True,
     show_default=True,
@@ -79,6 +102,9 @@ def optimize(
     ep: int,
     pp: int,
     plugins: tuple[str, ...],
+    lora_slots: int,
+    lora_max_rank: int,
+    lora_targets: tuple[str, ...],
     check: bool,
     skip_fusion: tuple[str, ...],
     allow_missing_fusions: bool,
@@ -95,7 +121,12 @@ def optimize(
     from llm2trt.plugins import find
 
     # Plugins sit above passes: their specs (rules, reference body) reach the pass as pipeline options.
-    options = PipelineOptions(skip_fusions=skip_fusion, plugins=tuple(find(name) for name in plugins))
+    lora = None
+    if lora_slots or lora_targets:
+        from llm2trt.core.lora import LoraRequest
+
+        lora = LoraRequest(lora_slots, lora_max_rank, list(lora_targets))
+    options = PipelineOptions(skip_fusions=skip_fusion, plugins=tuple(find(name) for name in plugins), lora=lora)
     result = run_optimize(
         artifact,
         output.path,

@@ -14,7 +14,7 @@ import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -30,6 +30,7 @@ from llm2trt.core.dtypes import DType, to_torch
 from llm2trt.core.errors import BackendError, InputError
 from llm2trt.core.kv import GQA_COUNTERS
 from llm2trt.core.log import plural, step
+from llm2trt.core.lora import LoraAdapter
 from llm2trt.core.manifest import GraphSpec, Manifest, PassRecord, TensorSpec
 from llm2trt.core.records import Record
 from llm2trt.passes.ort_op_table import DOMAIN, VERSION
@@ -206,11 +207,22 @@ def _name_dims(model: onnx.ModelProto, specs: list[TensorSpec], kind: str) -> No
 
 
 def _trace(
-    source: ModelSource, graph: GraphSpec, dtype: DType, attn: str, opset: int, scratch: Path
+    source: ModelSource,
+    graph: GraphSpec,
+    dtype: DType,
+    attn: str,
+    opset: int,
+    scratch: Path,
+    adapters: Sequence[LoraAdapter] = (),
 ) -> onnx.ModelProto:
-    """Load the model, trace one graph variant and return it as ONNX with the manifest's dims."""
+    """Load the model (with `adapters` merged), trace one graph variant and return it as ONNX with
+    the manifest's dims."""
     spec = source.spec
     model = source.load(dtype, attn)
+    if adapters:
+        from llm2trt.convert.lora import merge_adapters
+
+        merge_adapters(model, adapters)
     cast(Any, model).config.use_cache = graph.kv_cache is not None
     tied = _tied_embedding(model)
     module = export_module(model, graph, dict(spec.forward_kwargs))
@@ -293,13 +305,19 @@ def convert(
     attn_implementation: str = "sdpa",
     kv_cache: bool = True,
     force: bool = False,
+    adapters: Sequence[LoraAdapter] = (),
 ) -> Converted:
     """Export `source` into the artifact directory `out`: decoders with KV-cache I/O unless
-    `kv_cache` is False."""
+    `kv_cache` is False; LoRA `adapters` merged into the weights first."""
     if opset not in OPSETS:
         raise InputError(
             f"opset {opset} is outside what the TorchScript exporter supports "
             f"({OPSETS.start}-{OPSETS.stop - 1}); fused opset-23 ops come from `optimize`"
+        )
+    if adapters and source.prequant is not None:
+        raise InputError(
+            "--lora: a pre-quantized checkpoint is imported as its own codes, which a merged adapter would "
+            "change; merge the adapter into its float model, or quantize after merging"
         )
     spec, config = source.spec, source.config
     attn_implementation = spec.attention(attn_implementation)
@@ -307,7 +325,7 @@ def convert(
     with staged_output(out, force) as stage:
         scratch = stage / "export"
         scratch.mkdir()
-        proto = _trace(source, graph, dtype, attn_implementation, opset, scratch)
+        proto = _trace(source, graph, dtype, attn_implementation, opset, scratch, adapters)
         records: list[PassRecord] = []
         if dtype is DType.FP16 and spec.fp16_residual_in_float32:
             proto, records = _float32_residual(proto, scratch)
@@ -344,6 +362,7 @@ def convert(
             generation=generation,
             passes=records,
             quantization=quantization,
+            adapters=[a.record for a in adapters],
         )
         manifest.write(stage)
     return Converted(source.display, str(out), manifest)

@@ -18,6 +18,7 @@ from llm2trt import __version__
 from llm2trt.core.dtypes import DType
 from llm2trt.core.errors import InputError
 from llm2trt.core.kv import KVLayout
+from llm2trt.core.lora import AdapterRecord, LoraSlots
 from llm2trt.core.names import DATA_NAME, MANIFEST_NAME, MODEL_NAME
 from llm2trt.core.pp import PipelineParallel
 from llm2trt.core.quant import Quantization
@@ -85,6 +86,7 @@ class GraphSpec(Record):
     main_output: str
     dims: dict[str, DimRange]  # ranges of the symbolic dims (what optimization profiles span)
     kv_cache: KVLayout | None = None
+    lora: LoraSlots | None = None  # optimize --lora-slots: the adapter inputs of its low-rank paths
     onnx: str = MODEL_NAME  # relative to the manifest's directory
     external_data: list[str] = field(default_factory=lambda: [DATA_NAME])
     # sha256 of each external_data file, in the same order (empty in artifacts from before 0.1.0's
@@ -137,6 +139,7 @@ class Manifest(Record):
     quantization: Quantization | None = None  # optimize --quant
     tensor_parallel: TensorParallel | None = None  # optimize --tp: the ranks, or which rank this is
     pipeline_parallel: PipelineParallel | None = None  # optimize --pp: the stages, or which stage this is
+    adapters: list[AdapterRecord] = field(default_factory=list)  # LoRA adapters merged at convert (--lora)
     llm2trt_version: str = __version__
 
     def __post_init__(self) -> None:

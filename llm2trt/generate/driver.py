@@ -26,6 +26,7 @@ from llm2trt.convert.tokenizer import encode_prompts, load_tokenizer
 from llm2trt.core.errors import BackendError, InputError
 from llm2trt.core.kv import BATCH, SEQUENCE
 from llm2trt.core.log import plural
+from llm2trt.core.lora import AdapterBatch, LoraAdapter
 from llm2trt.core.manifest import GraphSpec, Manifest
 from llm2trt.core.records import Record
 
@@ -234,8 +235,11 @@ def generate(
     providers: list[str] | None = None,
     chat: bool = False,
     stream: Callable[[str], None] | None = None,
+    adapters: Sequence[str] = (),
 ) -> Generated:
-    """Generate from `artifact`; `runner` None: the engine of an engine directory, else ONNX Runtime."""
+    """Generate from `artifact`; `runner` None: the engine of an engine directory, else ONNX Runtime.
+    `adapters`: LoRA adapters for a graph with slots, one for every row or one per row
+    (`[NAME=]DIR`, a NAME given before, or `none`)."""
     sampling = sampling or Sampling()
     manifest = Manifest.read(artifact)
     graph = _decoder_graph(manifest)
@@ -245,7 +249,9 @@ def generate(
     tokenizer = load_tokenizer(artifact, manifest) if prompts or chat else _maybe_tokenizer(artifact, manifest)
     batch = encode_prompts(tokenizer, prompts, chat) if prompts else [list(map(int, p)) for p in ids]
     _check_ids(manifest, batch)
-    ctx = DecoderContext(artifact, manifest, graph, _capacity(graph, manifest, batch, sampling), providers or [])
+    lora = adapter_batch(adapters, len(batch)) if adapters else None
+    capacity = _capacity(graph, manifest, batch, sampling)
+    ctx = DecoderContext(artifact, manifest, graph, capacity, providers or [], lora)
     eos = manifest.generation.eos_token_ids if manifest.generation else []
     refill = _refill_at(graph, manifest, batch, sampling)
     split = _split(manifest)
@@ -261,6 +267,30 @@ def generate(
         for prompt, n, stop in zip(batch, new, stops, strict=True)
     ]
     return Generated(runner, rows, prefill, decode, steps)
+
+
+def adapter_batch(values: Sequence[str], rows: int) -> AdapterBatch:
+    """`--adapter` values, one for every row or one per row, read into the batch's slots."""
+    from llm2trt.core.lora import parse_adapter_arg, read_adapter
+
+    if len(values) not in (1, rows):
+        raise InputError(f"--adapter: give one for every prompt or one per prompt ({rows}), not {len(values)}")
+    named: dict[str, LoraAdapter] = {}
+    choices: list[LoraAdapter | None] = []
+    for value in values:
+        if value.lower() in ("none", "-"):
+            choices.append(None)
+            continue
+        name, path = parse_adapter_arg(value)
+        if name is None and value in named:
+            choices.append(named[value])
+            continue
+        adapter = read_adapter(path, name)
+        if adapter.name in named and named[adapter.name].record.sha256 != adapter.record.sha256:
+            raise InputError(f"--adapter: two different adapters are named {adapter.name}")
+        named[adapter.name] = adapter
+        choices.append(adapter)
+    return AdapterBatch.per_row(choices * rows if len(choices) == 1 else choices)
 
 
 def _split(manifest: Manifest) -> str | None:
@@ -321,10 +351,11 @@ def _rank_task(
     capacity: int,
     pad_id: int,
     refill: int | None = None,
+    adapters: AdapterBatch | None = None,
 ) -> tuple[list[list[int]], list[str], tuple[float, float, int]]:
     """Every rank decodes its own graph and cache; the gathered logits make every rank pick alike
     (a pipeline stage its own layers' graph and cache; the last stage's logits, broadcast, likewise)."""
-    session = rank.session(_decoder_graph(rank.manifest), capacity, pad_id)
+    session = rank.session(_decoder_graph(rank.manifest), capacity, pad_id, adapters)
     return generate_ids(session, prompts, sampling, eos, refill_at=refill)
 
 
@@ -359,6 +390,7 @@ def _generate_ranks(
         capacity=ctx.capacity,
         pad_id=ctx.pad_id,
         refill=refill,
+        adapters=ctx.adapters,
     )
     result: tuple[list[list[int]], list[str], tuple[float, float, int]] = ranks(ctx.artifact, task, ctx.providers)
     return result

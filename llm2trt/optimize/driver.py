@@ -14,9 +14,9 @@ from llm2trt.convert.tokenizer import TOKENIZER_DIR
 from llm2trt.core.artifact import check_output, load_onnx, staged_output
 from llm2trt.core.dtypes import DType
 from llm2trt.core.errors import CheckFailed, InputError
-from llm2trt.core.kv import KVLayout
+from llm2trt.core.kv import BATCH, KVLayout
 from llm2trt.core.log import step
-from llm2trt.core.manifest import GraphSpec, Manifest, TensorSpec
+from llm2trt.core.manifest import Dim, GraphSpec, Manifest, TensorSpec
 from llm2trt.core.names import REPORT_NAME
 from llm2trt.core.quant import QuantRequest
 from llm2trt.core.records import Record
@@ -172,6 +172,7 @@ class _Job:
         target = graph if variant == graph.name else spec.graph_spec(config, self.manifest.dtype, variant)
         if layout is not None and layout.dtype is not None:
             target = _cache_typed(target, layout)
+        target = _with_lora(target, result)
         conform(model, target)
         expect = Expectation.of(spec, config, self.options.skip_fusions)
         return model, _report(model, result, expect, self.options, sum(graph.op_counts.values())), target
@@ -219,6 +220,26 @@ class _Job:
 # An INT8 cache's check: its rounding moves fp32 logits by a few percent of their range on the
 # tiny models (docs/kv-cache.md); the direction must hold.
 KV_INT8_TOLERANCE = TolerancePolicy("kv-int8", 0.25, 0.99)
+
+
+def _with_lora(graph: GraphSpec, result: PipelineResult) -> GraphSpec:
+    """The graph's description with the adapter inputs the LoRA pass added (if it ran)."""
+    from llm2trt.passes.lora import LoraPass
+
+    lora = next((p for p in result.passes if isinstance(p, LoraPass)), None)
+    if lora is None or lora.record is None:
+        return graph
+    record, float_type = lora.record, DType.find(lora.dtype) or DType.FP32
+    weights = [
+        TensorSpec(name, float_type, list[Dim](shape))
+        for t in record.targets
+        for name, shape in (
+            (t.a, [record.slots, record.max_rank, t.in_features]),
+            (t.b, [record.slots, t.out_features, record.max_rank]),
+        )
+    ]
+    slot = TensorSpec(record.slot_input, DType.INT64, [BATCH])
+    return replace(graph, inputs=[*graph.inputs, slot, *weights], lora=record)
 
 
 def _cache_typed(graph: GraphSpec, layout: KVLayout) -> GraphSpec:

@@ -19,7 +19,8 @@ import onnx_graphsurgeon as gs
 
 from llm2trt.core.errors import CheckFailed, InputError
 from llm2trt.core.log import step
-from llm2trt.core.manifest import GraphSpec, Manifest, PassRecord, TensorSpec
+from llm2trt.core.lora import LoraShard, LoraTarget
+from llm2trt.core.manifest import Dim, GraphSpec, Manifest, PassRecord, TensorSpec
 from llm2trt.core.reports import NumericCheck, OptimizeReport
 from llm2trt.core.tolerance import TolerancePolicy
 from llm2trt.core.tp import Mapping, RankReport, TensorParallel, TPPlan, check_experts
@@ -35,8 +36,10 @@ if TYPE_CHECKING:
 RANK_DIR = "rank{}"
 
 
-def rank_graph(graph: GraphSpec, plan: TPPlan) -> GraphSpec:
-    """A graph's description on one rank: the cache holds the rank's KV heads."""
+def rank_graph(graph: GraphSpec, plan: TPPlan, lora_shards: dict[str, LoraShard] | None = None) -> GraphSpec:
+    """A graph's description on one rank: the cache holds the rank's KV heads; runtime LoRA's
+    adapter inputs the rank's cut of each layer."""
+    graph = _rank_lora(graph, lora_shards or {})
     kv = graph.kv_cache
     if kv is None:
         return graph
@@ -49,6 +52,30 @@ def rank_graph(graph: GraphSpec, plan: TPPlan) -> GraphSpec:
     return replace(
         graph, inputs=local(graph.inputs), outputs=local(graph.outputs), kv_cache=replace(kv, num_kv_heads=heads)
     )
+
+
+def _rank_lora(graph: GraphSpec, shards: dict[str, LoraShard]) -> GraphSpec:
+    lora = graph.lora
+    if lora is None:
+        return graph
+    missing = [t.module for t in lora.targets if t.module not in shards]
+    if missing:
+        raise InputError(f"--tp: the low-rank paths of {', '.join(missing[:3])} were not split with their layers")
+    targets: list[LoraTarget] = []
+    shapes: dict[str, list[Dim]] = {}
+    for t in lora.targets:
+        shard = shards[t.module]
+        width = sum(stop - start for start, stop in shard.runs)
+        local = (
+            replace(t, shard=shard, in_features=width)
+            if shard.weight == "a"
+            else replace(t, shard=shard, out_features=width)
+        )
+        targets.append(local)
+        shapes[t.a] = [lora.slots, lora.max_rank, local.in_features]
+        shapes[t.b] = [lora.slots, local.out_features, lora.max_rank]
+    inputs = [replace(i, shape=shapes[i.name]) if i.name in shapes else i for i in graph.inputs]
+    return replace(graph, inputs=inputs, lora=replace(lora, targets=targets))
 
 
 def check_request(spec: ExportSpec, config: Any, manifest: Manifest, tp: int, quantizing: bool, ep: int = 1) -> None:
@@ -70,17 +97,18 @@ def check_request(spec: ExportSpec, config: Any, manifest: Manifest, tp: int, qu
 
 def split_graph(
     model: Model, graph: GraphSpec, plan: TPPlan, num_layers: int, spill: Path | None = None
-) -> tuple[Model, RankReport, list[PassRecord]]:
-    """One rank's copy of an optimized graph, rewritten and typed; its slices go to `spill` as they
-    are cut (else they stay in memory)."""
+) -> tuple[Model, RankReport, list[PassRecord], dict[str, LoraShard]]:
+    """One rank's copy of an optimized graph, rewritten and typed, and its LoRA paths' cuts; its
+    slices go to `spill` as they are cut (else they stay in memory)."""
     copy = Model(model.graph.copy(), dict(model.node_metadata), model.ir_version, model.weights_dir)
     copy.spill = WeightSpill(spill) if spill is not None else None
-    result = PassManager([TensorParallelPass(plan, graph.kv_cache, num_layers), ShapeInference()]).run(copy)
+    split = TensorParallelPass(plan, graph.kv_cache, num_layers)
+    result = PassManager([split, ShapeInference()]).run(copy)
     counts = result.results[TensorParallelPass.name].counts
     weights = graph_weight_bytes(copy)
     heads = plan.local_heads[1] if graph.kv_cache is not None else None
     report = RankReport(plan.mapping.rank, dict(counts), count_fusions(copy.graph), heads, weights)
-    return copy, report, result.records
+    return copy, report, result.records, split.lora_shards
 
 
 def write_ranks(
@@ -107,9 +135,9 @@ def write_ranks(
         for name, (model, report, target) in optimized.items():
             spill = stage / f".rank{mapping.rank}-{name}.spill"
             with step(f"rank {mapping.rank} of {tp}: splitting graph {name!r}"):
-                rank_model, rank_report, ran = split_graph(model, target, plan, spec.num_layers(config), spill)
+                rank_model, rank_report, ran, shards = split_graph(model, target, plan, spec.num_layers(config), spill)
             records += ran
-            graph = rank_graph(target, plan)
+            graph = rank_graph(target, plan, shards)
             conform(rank_model, graph)
             missing = {k: v for k, v in report.expected.items() if rank_report.fusions.get(k, 0) < v}
             if missing:

@@ -7,6 +7,7 @@ import numpy as np
 
 from llm2trt.backends.base import DecoderContext
 from llm2trt.backends.decoder import DecoderSession, Executor, Feeds, open_session
+from llm2trt.core.errors import InputError
 
 
 def ort_executor(path: str, providers: list[str] | None = None) -> Executor:
@@ -32,5 +33,15 @@ def ort_decoder(ctx: DecoderContext) -> DecoderSession:
             OrtCudaSession,  # GPU-resident buffers, the decode step as a CUDA graph
         )
 
+        if ctx.graph.lora is not None:
+            raise InputError(
+                "the GPU-resident CUDA session does not take LoRA slots yet; run the graph on the CPU provider"
+            )
         return OrtCudaSession(ctx.graph, str(path), ctx.capacity, ctx.pad_id)
-    return open_session(ctx.graph, ort_executor(str(path), ctx.providers), capacity=ctx.capacity, pad_id=ctx.pad_id)
+    return open_session(
+        ctx.graph,
+        ort_executor(str(path), ctx.providers),
+        capacity=ctx.capacity,
+        pad_id=ctx.pad_id,
+        adapters=ctx.adapters,
+    )

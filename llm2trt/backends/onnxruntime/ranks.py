@@ -39,6 +39,7 @@ from llm2trt.passes.tensor_parallel import collective_kind, is_collective
 
 if TYPE_CHECKING:
     from llm2trt.backends.decoder import DecoderSession
+    from llm2trt.core.lora import AdapterBatch
 
 logger = logging.getLogger(__name__)
 
@@ -272,17 +273,22 @@ class RankContext:
         path = self.manifest.onnx_path(self.artifact, graph.name)
         return RankExecutor(path, graph, self.comm, self.providers, self.threads)
 
-    def session(self, graph: GraphSpec, capacity: int, pad_id: int = 0) -> DecoderSession:
+    def session(
+        self, graph: GraphSpec, capacity: int, pad_id: int = 0, adapters: AdapterBatch | None = None
+    ) -> DecoderSession:
         """A decoder session over this rank's graph, its cache holding the rank's heads (or, for a
-        pipeline stage, its layers: the session then computes the whole model with the others)."""
+        pipeline stage, its layers: the session then computes the whole model with the others);
+        `adapters` fill its LoRA slots with the rank's cut of each."""
         from llm2trt.backends.decoder import open_session
 
         stages = self.manifest.pipeline_parallel
         if stages is not None:
             from llm2trt.backends.onnxruntime.stages import stage_session
 
+            if adapters is not None:
+                raise InputError("LoRA adapters on pipeline stages are not built yet; use --tp or one graph")
             return stage_session(graph, self.executor(graph), stages, self.comm, capacity, pad_id)
-        return open_session(graph, self.executor(graph), capacity=capacity, pad_id=pad_id)
+        return open_session(graph, self.executor(graph), capacity=capacity, pad_id=pad_id, adapters=adapters)
 
 
 RankTask = Callable[[RankContext], Any]

@@ -82,4 +82,6 @@ class _EngineRunner:
 
 def trt_decoder(ctx: DecoderContext) -> DecoderSession:
     run, dummy_slot = engine_executor(ctx.artifact, ctx.manifest, ctx.graph)
-    return open_session(ctx.graph, run, capacity=ctx.capacity, pad_id=ctx.pad_id, dummy_slot=dummy_slot)
+    return open_session(
+        ctx.graph, run, capacity=ctx.capacity, pad_id=ctx.pad_id, dummy_slot=dummy_slot, adapters=ctx.adapters
+    )

@@ -27,4 +27,4 @@ def torch_decoder(ctx: DecoderContext) -> DecoderSession:
             out = module(*(to_torch(feeds[t.name]) for t in graph.inputs))
         return {t.name: to_numpy(v) for t, v in zip(graph.outputs, out, strict=True)}
 
-    return open_session(graph, run, capacity=ctx.capacity, pad_id=ctx.pad_id)
+    return open_session(graph, run, capacity=ctx.capacity, pad_id=ctx.pad_id, adapters=ctx.adapters)
