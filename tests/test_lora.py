@@ -279,3 +279,17 @@ def test_bad_runtime_adapters_get_one_line_each(
     named = generate(slots, ids=PROMPTS[:2], sampling=Sampling(8), adapters=[f"n={narrow}", "n"])
     both = generate(slots, ids=PROMPTS[:2], sampling=Sampling(8), adapters=[str(narrow)])
     assert [r.new_ids for r in named.rows] == [r.new_ids for r in both.rows]
+
+
+@pytest.mark.parametrize("form", ["fixed", "gqa"])
+def test_runtime_slots_in_the_buffer_cache_forms(
+    form: str, artifacts: dict[str, Path], adapters: dict[str, dict[str, Path]], tmp_path: Path
+) -> None:
+    """The slots go in before the cache passes: the fixed buffer and the gqa form take them too."""
+    out = tmp_path / form
+    args = ["--lora-slots", "2", "--lora-max-rank", "8", "--kv-form", form, "-q"]
+    code, result = run_json("optimize", artifacts["tiny:llama"], "-o", out, *args)
+    assert code == 0, result
+    pair = adapters["tiny:llama"]
+    got = generate(out, ids=PROMPTS, sampling=Sampling(NEW), adapters=[f"a={pair['a']}", "none", f"b={pair['b']}", "a"])
+    assert [row.new_ids for row in got.rows] == peft_rows("tiny:llama", pair, ["a", None, "b", "a"])

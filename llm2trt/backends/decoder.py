@@ -114,7 +114,7 @@ def with_adapters(graph: GraphSpec, run: Executor, adapters: AdapterBatch | None
     rows = list(adapters.rows) if adapters is not None else []
 
     def run_with_adapters(feeds: Feeds) -> dict[str, np.ndarray]:
-        batch = int(next(iter(feeds.values())).shape[0])
+        batch = int(feeds["input_ids"].shape[0] if "input_ids" in feeds else next(iter(feeds.values())).shape[0])
         if rows and len(rows) != batch:
             raise InputError(f"{plural(len(rows), 'adapter row')} for a batch of {batch}")
         slots = np.asarray(rows or [NO_ADAPTER] * batch, dtype=np.int64)
