@@ -275,6 +275,13 @@ def test_bad_runtime_adapters_get_one_line_each(
         assert_clean_failure(result, fragment)
     result = run_cli("generate", artifacts["tiny:llama"], "--ids", "1,2,3", "--adapter", narrow)
     assert_clean_failure(result, "this artifact has no LoRA slots")
+    result = run_cli("optimize", artifacts["tiny:llama"], "-o", tmp_path / "pp", "--lora-slots", "2", "--pp", "2")
+    assert_clean_failure(result, "--lora-slots with --pp is not built yet", tmp_path / "pp")
+    result = run_cli("optimize", artifacts["tiny:llama"], "-o", tmp_path / "t", "--lora-targets", "q_proj")
+    assert_clean_failure(result, "--lora-targets goes with --lora-slots N", tmp_path / "t")
+    flags = ["--lora-slots", "1", "--lora-targets", "nothing_proj"]
+    result = run_cli("optimize", artifacts["tiny:llama"], "-o", tmp_path / "t", *flags)
+    assert_clean_failure(result, "--lora-slots: no linear layer matches nothing_proj", tmp_path / "t")
     # A name given once is reused: both rows share the one slot, as with the folder given for each.
     named = generate(slots, ids=PROMPTS[:2], sampling=Sampling(8), adapters=[f"n={narrow}", "n"])
     both = generate(slots, ids=PROMPTS[:2], sampling=Sampling(8), adapters=[str(narrow)])

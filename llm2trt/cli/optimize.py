@@ -122,7 +122,11 @@ def optimize(
 
     # Plugins sit above passes: their specs (rules, reference body) reach the pass as pipeline options.
     lora = None
-    if lora_slots or lora_targets:
+    if lora_targets and not lora_slots:
+        from llm2trt.core.errors import InputError
+
+        raise InputError("--lora-targets goes with --lora-slots N")
+    if lora_slots:
         from llm2trt.core.lora import LoraRequest
 
         lora = LoraRequest(lora_slots, lora_max_rank, list(lora_targets))

@@ -289,17 +289,18 @@ def optimize(
             "quantize its unquantized source"
         )
     spec, config = spec_and_config(manifest)
+    options = options or PipelineOptions()
     if pp != 1:
         from llm2trt.optimize.stages import check_request as check_stages
 
-        check_stages(spec, config, manifest, pp, tp, ep)
+        check_stages(spec, config, manifest, pp, tp, ep, lora=options.lora is not None)
     if ep > 1 and tp == 1:
         tp = ep  # --ep N alone: N ranks, attention split over them as well
     if tp != 1 or ep != 1:
         from llm2trt.optimize.ranks import check_request
 
         check_request(spec, config, manifest, tp, quant is not None, ep)
-    job = _Job(artifact, manifest, spec, config, options or PipelineOptions(), kv or KVRequest(), check, quant)
+    job = _Job(artifact, manifest, spec, config, options, kv or KVRequest(), check, quant)
     with staged_output(out, force, reads=[artifact]) as stage:
         spill = stage / SPILL_DIR  # the weights passes make, on disk until they are saved
         spill.mkdir()

@@ -33,7 +33,7 @@ STAGE_DIR = "stage{}"
 
 
 def check_request(
-    spec: ExportSpec, config: Any, manifest: Manifest, pp: int, tp: int = 1, ep: int = 1
+    spec: ExportSpec, config: Any, manifest: Manifest, pp: int, tp: int = 1, ep: int = 1, lora: bool = False
 ) -> list[StageLayers]:
     """Refuse, before any work, a --pp this artifact cannot take; the layers of each stage."""
     if pp < 1:
@@ -41,6 +41,8 @@ def check_request(
     for flag, ranks in (("--tp", tp), ("--ep", ep)):
         if pp > 1 and ranks > 1:
             raise InputError(f"--pp with {flag} is not built yet: split into stages or into ranks, not both")
+    if pp > 1 and lora:
+        raise InputError("--lora-slots with --pp is not built yet: split the layers without slots, or use --tp")
     if manifest.split is not None:
         raise InputError(f"--pp: the input is already split ({manifest.split})")
     if manifest.task != "text-generation":
