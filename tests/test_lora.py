@@ -89,6 +89,7 @@ def test_merged_tokens_equal_peft_merged(name: str, adapters: dict[str, dict[str
     assert hf_generate(base_model(name), PROMPTS, pad=0) != reference
     record = Manifest.read(out).adapters
     assert [r.name for r in record] == ["a"] and record[0].rank == 4 and len(record[0].sha256) == 64
+    assert f"adapter       a: rank 4, {LAYERS[name] * 2} layers" in run_cli("inspect", out).stdout
     assert len(record[0].modules) == LAYERS[name] * 2  # every linear layer of the 2 layers
 
 
@@ -173,6 +174,7 @@ def test_runtime_slots_mix_adapters_in_a_batch(
     assert result["numeric_check"]["passed"]  # no adapter: the base graph's outputs
     lora = next(p for p in result["passes"] if p["name"] == "lora")
     assert lora["counts"]["lora_layers"] == LAYERS[name] * 2
+    assert f"lora slots    2 x rank 8 on {LAYERS[name] * 2} linear layers" in run_cli("inspect", out).stdout
     pair = adapters[name]
     rows = ["a", "b", None, "a"]
     values = [f"a={pair['a']}", f"b={pair['b']}", "none", "a"]

@@ -120,6 +120,16 @@ def _manifest_lines(path: str, m: Manifest) -> list[str]:
         lines.append(f"tensor para.  {m.tensor_parallel.render()}")
     if m.pipeline_parallel is not None:
         lines.append(f"pipeline par. {m.pipeline_parallel.render()}")
+    lines += [
+        f"adapter       {a.name}: rank {a.rank}, {plural(len(a.modules), 'layer')} (sha256 {a.sha256[:12]})"
+        for a in m.adapters
+    ]
+    lora = m.graph().lora
+    if lora is not None:
+        lines.append(
+            f"lora slots    {lora.slots} x rank {lora.max_rank} on {plural(len(lora.targets), 'linear layer')} "
+            f"(inputs lora.<module>.a|b, {lora.slot_input})"
+        )
     return lines
 
 
