@@ -2,6 +2,7 @@
 and their one-row speed against the fp16 kernels of the same shape.
 
     python scripts/check_nbits_kernel.py [--quick] [--skip-speed] [--skip-accuracy] [--variant DEFINES ...]
+        [--library PATH] [--compare PATH ...]
 
 Needs torch with CUDA and nvcc, not ONNX Runtime: the library (plugins/ort_library.py) is called
 through its C entry `Llm2trtNBits` (one row: the fused kernel; more rows: W dequantized to T, then
@@ -9,7 +10,10 @@ cuBLAS through torch's handle) and `Llm2trtOneRow` (the fp16 kernels).
 
 Accuracy: every NBits op, INT4 and INT8, blocks 32, 64, 128 and K (one block a row), float16 and
 float32, rows 1, 4, 16 and 512, K 2048 (--quick: only it), 576 and 896, and shapes the fast kernel
-refuses (the generic one's), Y (and Sum) against a float64 reference of the dequantized weight.
+refuses (the generic one's), Y (and Sum) against a float64 reference of the dequantized weight;
+then one row at the shapes that take the one-row kernel's other forms (more rows a thread, many
+tiles a block, two chunks a thread, the wide block: K 2048, 5632 and 20480) with blocks 32, 128
+and K.
 
 Speed: the 1.1B Llama decode layers (qkv, o, gate+up with SwiGLU, down, lm_head with float32
 logits), one row, INT4 in blocks of 128 and INT8 per output channel, against the fp16 kernels:
@@ -17,8 +21,12 @@ logits), one row, INT4 in blocks of 128 and INT8 per output channel, against the
 replayed; GB/s = the bytes read (codes, scales, zero points) / time, against the copy bandwidth
 measured in the same run. Then a step's GEMV time (22 layers x 4 + lm_head) per format, and the
 many-row path (4, 16, 512 rows) against fp16 cuBLAS. `--variant "-DNAME=VALUE ..."` (repeatable)
-times builds with qgemv.cu's tuning macros set too (LLM2TRT_NBITS_IN_FLIGHT, LLM2TRT_NBITS_ROWS,
-LLM2TRT_PDL_BYTES), after the default build's tables.
+times builds with qgemv.cu's tuning macros set too (LLM2TRT_NBITS_ROWS, LLM2TRT_NBITS_TILES,
+LLM2TRT_NBITS_LOADS, LLM2TRT_NBITS_BLOCKS, LLM2TRT_NBITS_THREADS, LLM2TRT_NBITS_HALF,
+LLM2TRT_PDL_BYTES), after the default build's tables (their fp16 column is the default table's).
+`--library PATH` uses a library built beforehand (no nvcc needed, nor llm2trt importable) and
+`--compare PATH` (repeatable) times other prebuilt ones, as variants are timed (scripts/gpu_nbits.sh
+runs it so on a GPU lease). `--skip-many-rows` leaves out the many-row table.
 """
 
 from __future__ import annotations
@@ -52,6 +60,19 @@ DECODE = (  # layer, op, K, N (weight rows)
     ("lm_head", "SkipRMSNormLinearNBitsF32", 2048, 32000),
 )
 FORMATS = (("int4 g128", 4, 128), ("int8 per-ch", 8, 0))  # block 0: K (one block a row)
+# K, N for one row only: more rows a thread and a partial last tile (2048 x 2500, 1500), blocks
+# looping over many tiles (2048 x 20000), a block's columns covering K at once or two chunks a
+# thread (5632), the wide block (20480: INT4 640 chunks, INT8 1,280).
+ONE_ROW_SHAPES = ((2048, 2500), (2048, 1500), (2048, 20000), (5632, 2048), (5632, 400), (20480, 300))
+
+
+def open_library(path: str) -> ctypes.CDLL:
+    """A library built beforehand, its entries typed as `load_library` types them."""
+    lib = ctypes.CDLL(path)
+    lib.Llm2trtOneRow.restype = ctypes.c_int
+    lib.Llm2trtOneRow.argtypes = [ctypes.c_char_p, ctypes.c_int, *[ctypes.c_void_p] * 6]
+    lib.Llm2trtOneRow.argtypes += [ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p]
+    return lib
 
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -157,13 +178,20 @@ def accuracy(lib: ctypes.CDLL, quick: bool, out: str | None) -> int:
         # float16: Y rounded to float16 (with more rows, W and Normed too, as cuBLAS reads them)
         bound = 4e-3 if dtype == torch.float16 else 2e-5
         blocks = [(k, n, block) for k, n in shapes for block in (32, 64, 128, k)]
-        cases = [(op, k, n, bits, block) for op in OPS for k, n, block in blocks for bits in (4, 8)]
-        cases += [(op, k, n, bits, block) for op, k, block, n in odd for bits in (4, 8)]
-        for op, k, n, bits, block in cases:
+        cases = [(op, k, n, bits, block, row_counts) for op in OPS for k, n, block in blocks for bits in (4, 8)]
+        cases += [(op, k, n, bits, block, row_counts) for op, k, block, n in odd for bits in (4, 8)]
+        cases += [
+            (op, k, n, bits, block, (1,))
+            for op in OPS
+            for k, n in ONE_ROW_SHAPES
+            for block in (32, 128, k)
+            for bits in (4, 8)
+        ]
+        for op, k, n, bits, block, counts in cases:
             if k % block:
                 continue
             errs = []
-            for rows in row_counts:
+            for rows in counts:
                 case = Case(op, rows, k, n, bits, block, dtype, seed=rows + k + bits + block)
                 case.call(lib)
                 torch.cuda.synchronize()
@@ -225,12 +253,16 @@ def fp16_us(lib: ctypes.CDLL, op: str, k: int, n: int) -> float:
     return graph_us(launch, copies)
 
 
-def speed(lib: ctypes.CDLL, bandwidth: float) -> None:
+def speed(lib: ctypes.CDLL, bandwidth: float, fp16: dict[str, float] | None = None) -> dict[str, float]:
+    """The decode layers' table and step estimate; `fp16` (a default table's, by layer) skips
+    timing the fp16 kernels again. Returns the fp16 times by layer."""
     print(f"\ncopy bandwidth {bandwidth:.0f} GB/s; fp16 activations, one row, GPU µs per call in a CUDA graph")
     print(f"{'layer':<8} {'format':<12} {'K':>5} {'N':>6} {'µs':>8} {'GB/s':>7} {'% copy':>7} {'/ fp16':>7}")
     step = {"fp16": 0.0, **{name: 0.0 for name, _, _ in FORMATS}}
+    fp16_times = {}
     for label, op, k, n in DECODE:
-        times = {"fp16": fp16_us(lib, op, k, n)}
+        times = {"fp16": fp16[label] if fp16 else fp16_us(lib, op, k, n)}
+        fp16_times[label] = times["fp16"]
         rows = [
             f"{label:<8} {'fp16':<12} {k:>5} {n:>6} {times['fp16']:>8.2f} {n * k * 2 / times['fp16'] / 1e3:>7.0f}"
             f" {n * k * 2 / times['fp16'] / 1e3 / bandwidth:>7.0%} {1:>7.2f}"
@@ -249,6 +281,7 @@ def speed(lib: ctypes.CDLL, bandwidth: float) -> None:
     print(f"\nstep estimate ({LAYERS} layers x (qkv, o, gate+up, down) + lm_head), GEMV kernels only:")
     for name, us in step.items():
         print(f"  {name:<12} {us:>8.1f} µs  {us / step['fp16']:.2f} x fp16")
+    return fp16_times
 
 
 def many_rows(lib: ctypes.CDLL) -> None:
@@ -271,17 +304,24 @@ def main() -> int:
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--out", help="write every accuracy case's line here")
     parser.add_argument("--variant", action="append", default=[], help="-DNAME=VALUE ...: a build to time too")
+    parser.add_argument("--library", help="a library built beforehand, in place of building one")
+    parser.add_argument("--compare", action="append", default=[], help="another prebuilt library to time")
+    parser.add_argument("--skip-many-rows", action="store_true")
     args = parser.parse_args()
-    lib = bind(load_library())
+    lib = bind(open_library(args.library) if args.library else load_library())
     print(f"device: {torch.cuda.get_device_name(0)}")
     failures = 0 if args.skip_accuracy else accuracy(lib, args.quick, args.out)
     if not args.skip_speed:
         bandwidth = copy_bandwidth()
-        speed(lib, bandwidth)
-        many_rows(lib)
+        fp16 = speed(lib, bandwidth)
+        if not args.skip_many_rows:
+            many_rows(lib)
         for defines in args.variant:
             print(f"\nbuild: {defines}")
-            speed(bind(load_library(defines)), bandwidth)
+            speed(bind(load_library(defines)), bandwidth, fp16)
+        for path in args.compare:
+            print(f"\nlibrary: {path}")
+            speed(bind(open_library(path)), bandwidth, fp16)
     return 1 if failures else 0
 
 
