@@ -45,7 +45,9 @@ early)
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-small /tmp/parts/*.whl
     rm -rf "$VIEW" && mkdir -p "$VIEW" && cp -r llm2trt "$VIEW/llm2trt"
     for d in exporters passes plugins; do cp -r "$d" "$VIEW/llm2trt/$d"; done
-    mkdir -p /tmp/w && rm -rf /tmp/scripts-copy && cp -r scripts /tmp/scripts-copy
+    # The scripts run from a copy (the tree is replaced call by call); their ROOT is then /tmp, where
+    # check_nbits_kernel.py finds plugins/ort_library.py.
+    mkdir -p /tmp/w && rm -rf /tmp/scripts-copy /tmp/plugins && cp -r scripts /tmp/scripts-copy && cp -r plugins /tmp/plugins
     # From /tmp: a `python3` started here would import this tree's llm2trt/ (no passes/ inside).
     setsid nohup bash -c "cd /tmp; export PYTHONPATH=$VIEW:/tmp/site-small; s=\$SECONDS
         python3 -c 'from llm2trt.plugins import ort_library as k; print(k.library(\"sm_90\"))'
