@@ -62,7 +62,9 @@ def parse_dim_overrides(values: tuple[str, ...] | list[str]) -> dict[str, DimRan
     for value in values:
         name, sep, spec = value.partition("=")
         parts = spec.split(":")
-        if not sep or not name or len(parts) not in (1, 3) or not all(p.isdigit() for p in parts):
+        # ASCII digits, 18 at most (an int64): isdigit() alone takes "²", and int() refuses 4300+ digits.
+        numbers = all(p.isascii() and p.isdigit() and len(p) <= 18 for p in parts)
+        if not sep or not name or len(parts) not in (1, 3) or not numbers:
             raise InputError(f"bad --profile {value!r}: expected DIM=MIN:OPT:MAX or DIM=N, e.g. sequence=1:128:512")
         nums = [int(p) for p in parts] * (3 if len(parts) == 1 else 1)
         ranges[name] = DimRange(*nums)
@@ -74,7 +76,7 @@ def load_profiles(path: Path) -> dict[str, dict[str, DimRange]]:
     each entry one optimization profile (a dim given as N is fixed), in order."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of 4300+ digits
         raise InputError(f"--profiles {path}: cannot read it as JSON ({exc})") from None
     entries = data.get("profiles") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries:

@@ -163,7 +163,8 @@ def _flag(config: dict[str, Any], key: str, what: str) -> bool:
 
 def _four_bits(bits: Any, what: str) -> None:
     if bits != BITS:
-        raise InputError(f"{what} with {bits}-bit weights is not supported: llm2trt imports 4-bit checkpoints only")
+        # !r: a config's string is quoted, its control characters escaped (one line, whatever it holds)
+        raise InputError(f"{what} with {bits!r}-bit weights is not supported: llm2trt imports 4-bit checkpoints only")
 
 
 def _group(size: Any, what: str) -> int:
@@ -180,12 +181,12 @@ def _gptq(config: dict[str, Any]) -> Scheme:
     _four_bits(config.get("bits"), what)
     form = config.get("checkpoint_format", config.get("format", "gptq"))
     formats = {"gptq": GPTQ, "gptq_v2": GPTQ_V2}
-    if form not in formats:
+    if not isinstance(form, str) or form not in formats:  # (a list is unhashable: `in` would raise)
         raise InputError(f"{what} in checkpoint_format {form!r} is not supported (gptq or gptq_v2 only)")
     if config.get("dynamic"):
         raise InputError(f"{what} with per-module overrides (quantization_config.dynamic) is not supported")
     if config.get("pack_dtype", "int32") not in ("int32", "torch.int32"):
-        raise InputError(f"{what} packed in {config['pack_dtype']} is not supported (int32 words only)")
+        raise InputError(f"{what} packed in {config['pack_dtype']!r} is not supported (int32 words only)")
     sym = _flag(config, "sym", what)
     act_order = bool(config.get("desc_act", False))
     return Scheme(formats[form], _group(config.get("group_size"), what), sym, act_order)
@@ -202,6 +203,26 @@ def _awq(config: dict[str, Any]) -> Scheme:
     return Scheme(AWQ, _group(config.get("group_size", config.get("q_group_size")), what), False, False)
 
 
+def _group_weights(name: str, group: Any, config: dict[str, Any], what: str) -> tuple[int, bool, str]:
+    """One config group's weight scheme (group size, symmetric, act-order), or one line saying why not."""
+    if not isinstance(group, dict) or not isinstance(group.get("weights") or {}, dict):
+        raise InputError(f"{what}: config group {name!r} is not an object with a weights object")
+    form = group.get("format") or config.get("format")
+    if form != "pack-quantized":
+        raise InputError(f"{what}: config group {name!r} is in format {form!r} (pack-quantized only)")
+    if group.get("input_activations") or group.get("output_activations"):
+        raise InputError(f"{what}: config group {name!r} quantizes activations (weight-only W4A16 is imported)")
+    args = group.get("weights") or {}
+    _four_bits(args.get("num_bits"), what)
+    if args.get("type", "int") != "int" or args.get("strategy") != "group" or args.get("dynamic"):
+        raise InputError(
+            f"{what}: config group {name!r} is {args.get('type')!r} {args.get('strategy')!r} "
+            "(static int weights in groups only)"
+        )
+    order = args.get("actorder")  # "group", "weight", None: compared as text (a list would be unhashable)
+    return _group(args.get("group_size"), what), bool(args.get("symmetric", True)), str(order)
+
+
 def _compressed(config: dict[str, Any]) -> Scheme:
     what = "compressed-tensors checkpoint"
     groups = config.get("config_groups") or {}
@@ -213,21 +234,7 @@ def _compressed(config: dict[str, Any]) -> Scheme:
     for key in ("kv_cache_scheme", "transform_config", "sparsity_config"):
         if config.get(key):
             raise InputError(f"{what} with {key} is not supported")
-    weights = []
-    for name, group in groups.items():
-        form = group.get("format") or config.get("format")
-        if form != "pack-quantized":
-            raise InputError(f"{what}: config group {name!r} is in format {form!r} (pack-quantized only)")
-        if group.get("input_activations") or group.get("output_activations"):
-            raise InputError(f"{what}: config group {name!r} quantizes activations (weight-only W4A16 is imported)")
-        args = group.get("weights") or {}
-        _four_bits(args.get("num_bits"), what)
-        if args.get("type", "int") != "int" or args.get("strategy") != "group" or args.get("dynamic"):
-            raise InputError(
-                f"{what}: config group {name!r} is {args.get('type')} {args.get('strategy')} "
-                "(static int weights in groups only)"
-            )
-        weights.append((_group(args.get("group_size"), what), bool(args.get("symmetric", True)), args.get("actorder")))
+    weights = [_group_weights(str(name), group, config, what) for name, group in groups.items()]
     if len(set(weights)) != 1:
         raise InputError(f"{what} with config groups of different weight schemes is not supported")
     size, sym, actorder = weights[0]

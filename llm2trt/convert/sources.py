@@ -17,6 +17,7 @@ import logging
 import os
 import pickle
 import re
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,7 +361,8 @@ def _resolve_gguf(path: Path) -> ModelSource:
             config = AutoConfig.from_pretrained(
                 str(path.parent), gguf_file=path.name, local_files_only=True, trust_remote_code=False
             )
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, IndexError, OverflowError, struct.error) as exc:
+            # struct.error, OverflowError: a file cut short, or a count past any file's size, in its metadata
             raise InputError(f"cannot read GGUF file {path}: {first_line(exc)}") from None
         except ImportError as exc:
             raise InputError(f"reading .gguf needs the gguf package (pip install 'llm2trt[gguf]'): {exc}") from None

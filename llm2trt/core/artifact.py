@@ -444,18 +444,27 @@ def check_external_data(model: onnx.ModelProto, directory: Path) -> None:
         where = f"weight {tensor.name!r} has its data at {location!r}"
         if not location or Path(location).is_absolute() or ".." in Path(location).parts:
             raise InputError(f"{where}, outside the artifact {directory}: refusing to read it")
-        if not (directory / location).resolve().is_relative_to(root):
-            raise InputError(f"{where}, a link leading outside the artifact {directory}: refusing to read it")
-        if location not in sizes:
-            if not (directory / location).is_file():
-                raise InputError(f"{where}, which does not exist in {directory}")
-            sizes[location] = (directory / location).stat().st_size
+        try:  # a NUL byte or an over-long name: the lookup itself fails
+            if not (directory / location).resolve().is_relative_to(root):
+                raise InputError(f"{where}, a link leading outside the artifact {directory}: refusing to read it")
+            if location not in sizes:
+                if not (directory / location).is_file():
+                    raise InputError(f"{where}, which does not exist in {directory}")
+                sizes[location] = (directory / location).stat().st_size
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise InputError(f"{where[:200]}, which cannot be looked up ({reason})") from None
         offset, length = info.get("offset") or "0", info.get("length") or "0"
-        if not (offset.isdigit() and length.isdigit()):
+        if not (_byte_count(offset) and _byte_count(length)):
             raise InputError(f"{where} with a bad offset or length ({offset!r}, {length!r})")
         end = int(offset) + int(length)
         if end > sizes[location]:
             raise InputError(f"{where}: the file is truncated ({sizes[location]} bytes; the weight ends at {end})")
+
+
+def _byte_count(text: str) -> bool:
+    """A decimal count of bytes int() reads: ASCII digits (isdigit() alone takes "²"), 18 at most."""
+    return text.isascii() and text.isdigit() and len(text) <= 18
 
 
 def load_onnx(path: Path, with_weights: bool = True, confine: bool = True) -> onnx.ModelProto:

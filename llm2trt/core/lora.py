@@ -103,7 +103,7 @@ def read_adapter(path: Path, name: str | None = None) -> LoraAdapter:
         raise InputError(f"adapter {name}: no {CONFIG_FILE} in {path}")
     try:
         config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of 4300+ digits
         raise InputError(f"adapter {name}: {config_path} is not JSON ({exc})") from None
     if not isinstance(config, dict):
         raise InputError(f"adapter {name}: {config_path} is not a JSON object")
@@ -118,7 +118,7 @@ def read_adapter(path: Path, name: str | None = None) -> LoraAdapter:
     digest = hashlib.sha256()
     for file in (config_path, weights_path):
         digest.update(file.name.encode() + b"\0" + file.read_bytes())
-    alpha = float(config.get("lora_alpha", 8))
+    alpha = _alpha(name, config.get("lora_alpha", 8), "lora_alpha")
     record = AdapterRecord(
         name=name,
         path=str(path.resolve()),
@@ -183,7 +183,7 @@ def _layers(
         found = _LORA_KEY.match(short)
         if found is None:
             if ".lora_" in short or "magnitude" in short:
-                raise InputError(f"adapter {name}: tensor {key} is not a LoRA A or B weight")
+                raise InputError(f"adapter {name}: tensor {key!r} is not a LoRA A or B weight")
             saved[short] = value
             continue
         pairs.setdefault(found["module"], {})[found["kind"]] = value
@@ -199,19 +199,38 @@ def _layers(
                 f"adapter {name}: {module}'s A {list(a.shape)} and B {list(b.shape)} do not make a low-rank pair"
             )
         rank = int(a.shape[0])
-        alpha = _pattern_value(config.get("alpha_pattern"), module, float(config.get("lora_alpha", 8)))  # type: ignore[arg-type]
+        if rank == 0:
+            raise InputError(f"adapter {name}: {module}'s A {list(a.shape)} has rank 0")
+        alpha = _pattern_value(name, config.get("alpha_pattern"), module, _alpha(name, config.get("lora_alpha", 8)))
         rslora = bool(config.get("use_rslora", False))
         scale = alpha / math.sqrt(rank) if rslora else alpha / rank
         layers[module] = LoraLayer(module, a, b, scale, embedding)
     return layers, saved
 
 
-def _pattern_value(patterns: object, module: str, default: float) -> float:
+def _alpha(name: str, value: object, key: str = "lora_alpha") -> float:
+    """A scaling numerator from the config: a finite number, else one line naming the key."""
+    try:
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an integer past float's range
+        number = math.inf
+    if not math.isfinite(number):
+        raise InputError(f"adapter {name}: {key} is {repr(value)[:40]}, expected a finite number")
+    return number
+
+
+def _pattern_value(name: str, patterns: object, module: str, default: float) -> float:
     """PEFT's per-module override: the first key that names the module's tail."""
     if isinstance(patterns, Mapping):
         for key, value in patterns.items():
-            if re.match(rf"(.*\.)?{key}$", module):
-                return float(value)
+            try:
+                found = re.match(rf"(.*\.)?{key}$", module)
+            except re.error as exc:
+                raise InputError(
+                    f"adapter {name}: alpha_pattern key {key!r} is not a regular expression ({exc})"
+                ) from None
+            if found:
+                return _alpha(name, value, f"alpha_pattern[{key!r}]")
     return default
 
 

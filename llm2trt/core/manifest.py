@@ -109,6 +109,15 @@ class GraphSpec(Record):
         raise KeyError(name)
 
 
+_NAME_MAX = 255  # bytes in one path component (Linux, macOS)
+
+
+def _files(graph: GraphSpec) -> list[tuple[str, str]]:
+    """A graph's file names as the manifest gives them (relative to its directory)."""
+    named = [("onnx", graph.onnx), *(("external_data", name) for name in graph.external_data)]
+    return named + ([("engine", graph.engine)] if graph.engine is not None else [])
+
+
 @dataclass(frozen=True)
 class GenerationDefaults(Record):
     """What generation needs from the model: where the tokenizer is, and the special tokens."""
@@ -248,9 +257,14 @@ class Manifest(Record):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
-        passes, seconds = data.get("passes"), (data.get("timings") or {}).get("pass_seconds")
+        passes, timings = data.get("passes"), data.get("timings")
+        seconds = timings.get("pass_seconds") if isinstance(timings, Mapping) else None
         if isinstance(passes, list) and isinstance(seconds, list) and len(passes) == len(seconds):
-            data = {**data, "passes": [{**p, "seconds": s} for p, s in zip(passes, seconds, strict=True)]}
+            # (a pass that is not an object stays as it is: the record's own check names it)
+            merged = [
+                {**p, "seconds": s} if isinstance(p, Mapping) else p for p, s in zip(passes, seconds, strict=True)
+            ]
+            data = {**data, "passes": merged}
         return super().from_dict(data)
 
     def write(self, directory: Path) -> None:
@@ -274,11 +288,23 @@ class Manifest(Record):
                     f"{path} was written by llm2trt {data.get('llm2trt_version', '?')}, before artifacts held "
                     "several graphs: convert the model again"
                 )
-            return cls.from_dict(data)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"cannot read {path}: {exc}") from None
-        except RecordError as exc:
+            manifest = cls.from_dict(data)
+            manifest._check_paths()
+            return manifest
+        except RecordError as exc:  # (a ValueError: first)
             raise InputError(f"manifest {path} is malformed ({exc})") from None
+        except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of 4300+ digits
+            raise InputError(f"cannot read {path}: {exc}") from None
+
+    def _check_paths(self) -> None:
+        """Every file name the manifest holds is one the filesystem can look up: not empty, no NUL
+        byte, no part longer than NAME_MAX (else `is_file()` raises instead of answering)."""
+        named = [(f"graph {g.name!r}'s {what}", p) for g in self.graphs.values() for what, p in _files(g)]
+        if self.generation is not None and self.generation.tokenizer is not None:
+            named.append(("the tokenizer", self.generation.tokenizer))
+        for what, value in named:
+            if not value or "\0" in value or any(len(os.fsencode(part)) > _NAME_MAX for part in Path(value).parts):
+                raise RecordError(f"{what} {value[:80]!r} is not a usable file name")
 
     def onnx_path(self, directory: Path, graph: str | None = None) -> Path:
         """The ONNX file of a graph, resolved against the manifest's directory and checked."""
@@ -309,7 +335,13 @@ class Manifest(Record):
         checked = 0
         for name, digest in zip(spec.external_data, spec.external_data_sha256, strict=False):
             path = Path(os.path.normpath(directory / name))
-            if sha256_files([path]) != digest:
+            if not path.is_file():  # missing, or a device such as /dev/zero whose hash never ends
+                raise InputError(f"weights file {path} of graph {spec.name!r} is missing or not a regular file")
+            try:
+                actual = sha256_files([path])
+            except OSError as exc:  # a file that stats as regular but cannot be read (/proc/self/mem)
+                raise InputError(f"cannot read weights file {path}: {exc.strerror or exc}") from None
+            if actual != digest:
                 raise InputError(
                     f"weights file {path} is corrupt: its sha256 is not the one recorded when it was written"
                 )

@@ -42,7 +42,7 @@ class Record:
     def from_json(cls: type[R], text: str) -> R:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # JSONDecodeError, or an integer of 4300+ digits
             raise RecordError(f"not JSON: {exc}") from None
         if not isinstance(data, dict):
             raise RecordError("not a JSON object")
@@ -146,7 +146,10 @@ def _decode_type(hint: type, value: Any) -> Any:
         except Exception as exc:  # an enum's own parser raises its own error type
             raise RecordError(str(exc)) from None
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer past float's range (JSON allows any number of digits)
+            raise RecordError(f"expected a float, found an integer of {len(str(value))} digits") from None
     if hint is Path and isinstance(value, str):
         return Path(value)
     if hint in (int, str, bool) and type(value) is not hint:
