@@ -119,7 +119,7 @@ def _quant(options: PipelineOptions) -> list[GraphPass]:
 def _lora(options: PipelineOptions) -> list[GraphPass]:
     if options.lora is None:
         return []
-    from llm2trt.passes.lora import LoraPass
+    from llm2trt.passes.lora_slots import LoraPass
 
     return [LoraPass(options.lora.slots, options.lora.max_rank, tuple(options.lora.targets))]
 

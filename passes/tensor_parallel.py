@@ -39,8 +39,8 @@ from llm2trt.core.errors import InputError
 from llm2trt.core.kv import KVLayout
 from llm2trt.core.lora import LoraShard
 from llm2trt.core.tp import LayerSplit, Split, TPPlan, Units, padded, shard_experts, shard_vocab
-from llm2trt.passes.lora import input_names as lora_inputs
-from llm2trt.passes.lora import is_lora_add
+from llm2trt.passes.lora_slots import input_names as lora_inputs
+from llm2trt.passes.lora_slots import is_lora_add
 from llm2trt.passes.manager import GraphPass, Model, PassResult, read_values
 from llm2trt.passes.ort_op_table import DOMAIN as MOE_DOMAIN
 from llm2trt.passes.ort_op_table import MOE

@@ -224,7 +224,7 @@ KV_INT8_TOLERANCE = TolerancePolicy("kv-int8", 0.25, 0.99)
 
 def _with_lora(graph: GraphSpec, result: PipelineResult) -> GraphSpec:
     """The graph's description with the adapter inputs the LoRA pass added (if it ran)."""
-    from llm2trt.passes.lora import LoraPass
+    from llm2trt.passes.lora_slots import LoraPass
 
     lora = next((p for p in result.passes if isinstance(p, LoraPass)), None)
     if lora is None or lora.record is None:
