@@ -188,7 +188,7 @@ class LoraPass(GraphPass):
         d = op("MatMul", [t, b_flat])
         if flat:
             d = op("Reshape", [d, const("flat", [-1, fan_out])])
-        y = _past_bias(node)  # after the bias: the base layer's own output stays as the split passes know it
+        y = bias_output(y) or y  # after the bias: the base layer's own output stays as the split passes know it
         if y in graph.outputs:
             raise InputError(f"--lora-slots: {module}'s output is a graph output, which cannot take a LoRA path")
         total = gs.Variable(model.fresh_name(f"{base}/Add_output_0"), dtype=y.dtype, shape=y.shape)
@@ -204,16 +204,16 @@ def is_lora_add(node: gs.Node) -> bool:
     return node.op == "Add" and module_of(node.name).endswith(".lora")
 
 
-def _past_bias(node: gs.Node) -> gs.Variable:
-    """The linear node's output, or its bias Add's when a constant bias is its only consumer."""
-    y: gs.Variable = node.outputs[0]
-    if len(y.outputs) == 1 and y.outputs[0].op == "Add":
-        add = y.outputs[0]
-        other = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
-        if isinstance(other, gs.Constant) and len(other.shape) == 1:
-            out: gs.Variable = add.outputs[0]
-            return out
-    return y
+def bias_output(tensor: gs.Tensor | None) -> gs.Variable | None:
+    """The output of the Add that puts a constant bias vector on `tensor`, if that is its only consumer."""
+    if tensor is None or len(tensor.outputs) != 1 or tensor.outputs[0].op != "Add":
+        return None
+    add = tensor.outputs[0]
+    other = add.inputs[1] if add.inputs[0] is tensor else add.inputs[0]
+    if not isinstance(other, gs.Constant) or len(other.shape) != 1:
+        return None
+    out: gs.Variable = add.outputs[0]
+    return out
 
 
 def _float_type(node: gs.Node) -> type:

@@ -39,8 +39,8 @@ from llm2trt.core.errors import InputError
 from llm2trt.core.kv import KVLayout
 from llm2trt.core.lora import LoraShard
 from llm2trt.core.tp import LayerSplit, Split, TPPlan, Units, padded, shard_experts, shard_vocab
+from llm2trt.passes.lora_slots import bias_output, is_lora_add
 from llm2trt.passes.lora_slots import input_names as lora_inputs
-from llm2trt.passes.lora_slots import is_lora_add
 from llm2trt.passes.manager import GraphPass, Model, PassResult, read_values
 from llm2trt.passes.ort_op_table import DOMAIN as MOE_DOMAIN
 from llm2trt.passes.ort_op_table import MOE
@@ -198,7 +198,7 @@ class _Rewrite:
         bias = node.inputs[2] if node.op == "Gemm" and len(node.inputs) > 2 else None
         node.inputs = node.inputs[:2]
         part, whole = self.partial(node, "partial")
-        lora = _lora_add(whole) or _lora_add(_bias_out(whole))
+        lora = _lora_add(whole) or _lora_add(bias_output(whole))
         if lora is not None:  # A narrows as the weight's rows; its partial output joins the sum
             self._lora(node, lora, "a", index, 2)
             part = self._lora_before_sum(lora, part, where)
@@ -222,25 +222,26 @@ class _Rewrite:
         shape = list(tensor.shape)
         shape[axis] = len(index)
         tensor.shape = shape
-        for reshape in self._lora_shapes(add, weight):
+        for reshape in self._lora_shapes(tensor, add, weight):
             values = np.array(reshape.inputs[1].values)
             values[-1 if weight == "a" else 1] = len(index)
             reshape.inputs[1] = self.const(f"{reshape.inputs[1].name}.rank", values)
         self.lora_shards[module] = LoraShard.of(weight, index)
         self.counts["lora"] += 1
 
-    def _lora_shapes(self, add: gs.Node, weight: str) -> list[gs.Node]:
-        """The path's Reshapes that spell the narrowed width: A's [N*R, in]; B's [N*R, out] and,
-        for a Gemm's flat rows, [-1, out]."""
-        scope = add.name.rsplit("/", 1)[0]
-        tag = "a_shape" if weight == "a" else ("b_shape", "flat")
-        found = []
-        for n in self.model.graph.nodes:
-            if n.op == "Reshape" and n.name.startswith(scope + "/") and isinstance(n.inputs[1], gs.Constant):
-                name = n.inputs[1].name.rsplit("/", 1)[-1]
-                if name.startswith(tag):
-                    found.append(n)
-        return found
+    @staticmethod
+    def _lora_shapes(adapter: gs.Tensor, add: gs.Node, weight: str) -> list[gs.Node]:
+        """The path's Reshapes that spell the narrowed width, walked to from the adapter input (as
+        passes/lora_slots.py builds the path): A -> Reshape [N*R, in]; B -> Transpose -> Reshape
+        [N*R, out], and for a Gemm's flat rows the Reshape [-1, out] that makes the path's output."""
+        first: gs.Node = adapter.outputs[0]
+        if weight == "a":
+            return [first]
+        shapes: list[gs.Node] = [first.outputs[0].outputs[0]]
+        out = add.inputs[1]
+        if out.inputs and out.inputs[0].op == "Reshape":
+            shapes.append(out.inputs[0])
+        return shapes
 
     def _lora_before_sum(self, add: gs.Node, part: gs.Variable, where: str) -> gs.Variable:
         """Move a row-parallel layer's low-rank output before its all-reduce: the path's Add takes
@@ -576,15 +577,6 @@ def _lora_add(tensor: gs.Tensor | None) -> gs.Node | None:
         return None
     consumer: gs.Node = tensor.outputs[0]
     return consumer if is_lora_add(consumer) else None
-
-
-def _bias_out(tensor: gs.Tensor) -> gs.Tensor | None:
-    """The output of a constant bias Add on `tensor` (its only consumer), if there is one."""
-    if len(tensor.outputs) != 1 or tensor.outputs[0].op != "Add":
-        return None
-    add = tensor.outputs[0]
-    other = add.inputs[1] if add.inputs[0] is tensor else add.inputs[0]
-    return add.outputs[0] if isinstance(other, gs.Constant) else None
 
 
 def _bias_add(node: gs.Node) -> gs.Node | None:
