@@ -21,8 +21,8 @@
 #   early (carry .p1 .p6), copy (.p7), copy (.p8), copy (.p9), check, bench or both (.p10)
 set -uo pipefail
 stage=${1:-copy}
-mkdir -p /tmp/parts /tmp/out
-for d in .p[0-9]*; do [ -d "$d" ] && cp -r "$d"/. /tmp/parts/; done
+. scripts/gpu_common.sh
+gather_parts
 export PYTHONUNBUFFERED=1
 O=/tmp/out
 VIEW=/tmp/view
@@ -32,12 +32,10 @@ copy)
     ls /tmp/parts | tr '\n' ' '
     ;;
 early)
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$O/card.txt"
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-small /tmp/parts/*.whl
+    card_and_wheels
     # The package's layout (pyproject's package-dir): llm2trt/ with exporters, passes, plugins inside;
     # copied, so the build in the background reads a snapshot of the tree that travelled.
-    rm -rf "$VIEW" && mkdir -p "$VIEW" && cp -r llm2trt "$VIEW/llm2trt"
-    for d in exporters passes plugins; do cp -r "$d" "$VIEW/llm2trt/$d"; done
+    package_view "$VIEW"
     # In a session of its own (it outlives this call), run from /tmp: from here `python3 -c` would
     # import this tree's llm2trt/ (the current directory comes first on sys.path), which lacks passes/.
     setsid nohup bash -c "cd /tmp; export PYTHONPATH=$VIEW:/tmp/site-small; s=\$SECONDS

@@ -22,8 +22,8 @@
 # kvbench.
 set -uo pipefail
 stage=${1:-copy}
-mkdir -p /tmp/parts /tmp/out
-for d in .p[0-9]*; do [ -d "$d" ] && cp -r "$d"/. /tmp/parts/; done
+. scripts/gpu_common.sh
+gather_parts
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 O=/tmp/out
 VIEW=/tmp/view
@@ -41,10 +41,8 @@ copy)
     ls /tmp/parts | tr '\n' ' '
     ;;
 early)
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$O/card.txt"
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-small /tmp/parts/*.whl
-    rm -rf "$VIEW" && mkdir -p "$VIEW" && cp -r llm2trt "$VIEW/llm2trt"
-    for d in exporters passes plugins; do cp -r "$d" "$VIEW/llm2trt/$d"; done
+    card_and_wheels
+    package_view "$VIEW"
     # The scripts run from a copy (the tree is replaced call by call); their ROOT is then /tmp, where
     # check_nbits_kernel.py finds plugins/ort_library.py.
     mkdir -p /tmp/w && rm -rf /tmp/scripts-copy /tmp/plugins && cp -r scripts /tmp/scripts-copy && cp -r plugins /tmp/plugins

@@ -18,8 +18,9 @@
 # (the onnxruntime-gpu wheel, split).
 set -uo pipefail
 stage=${1:-copy}
-mkdir -p /tmp/parts /tmp/out /tmp/w
-for d in .p[0-9]*; do [ -d "$d" ] && cp -r "$d"/. /tmp/parts/; done
+. scripts/gpu_common.sh
+gather_parts
+mkdir -p /tmp/w
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 O=/tmp/out
 SMALL=/tmp/pkg:/tmp/site-small
@@ -41,8 +42,7 @@ copy)
     ls /tmp/parts | tr '\n' ' '
     ;;
 early)
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$O/card.txt"
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-small /tmp/parts/*.whl
+    card_and_wheels
     rm -rf /tmp/pkg && tar xf /tmp/parts/pkg.tar -C /tmp
     rm -rf /tmp/repo && mkdir -p /tmp/repo && cp -r scripts tests /tmp/repo/
     mkdir -p /tmp/tiny && tar xf /tmp/parts/tiny.tar -C /tmp/tiny
