@@ -21,3 +21,19 @@ package_view() {
     rm -rf "$1" && mkdir -p "$1" && cp -r llm2trt "$1/llm2trt"
     for d in exporters passes plugins; do cp -r "$d" "$1/llm2trt/$d"; done
 }
+
+#   ort_site          onnxruntime-gpu from its carried parts (ort.part*) into /tmp/site, once a machine
+ort_site() {
+    [ -f /tmp/site/.ready ] && return 0
+    mkdir -p /tmp/wheels /tmp/site
+    cat /tmp/parts/ort.part* >/tmp/wheels/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/wheels/*.whl &&
+        touch /tmp/site/.ready
+}
+
+#   cuda_libs         the CUDA libraries torch's nvidia wheels carry, on LD_LIBRARY_PATH (after PYTHONPATH is set)
+cuda_libs() {
+    local libs
+    libs=$(python3 -c 'import glob, os, nvidia; print(":".join(sorted({d for p in nvidia.__path__ for d in glob.glob(os.path.join(p, "*", "lib"))})))')
+    export LD_LIBRARY_PATH=${libs}:${LD_LIBRARY_PATH:-}
+}

@@ -21,7 +21,7 @@
 #   early (carry .p1 .p6), copy (.p7), copy (.p8), copy (.p9), check, bench or both (.p10)
 set -uo pipefail
 stage=${1:-copy}
-. scripts/gpu_common.sh
+. "$(dirname "$0")/gpu_common.sh"
 gather_parts
 export PYTHONUNBUFFERED=1
 O=/tmp/out
@@ -50,15 +50,9 @@ early)
     sleep 2
     ;;
 check | bench | both)
-    if [ ! -f /tmp/site/.ready ]; then
-        mkdir -p /tmp/wheels /tmp/site
-        cat /tmp/parts/ort.part* >/tmp/wheels/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
-        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/wheels/*.whl &&
-            touch /tmp/site/.ready
-    fi
+    ort_site
     export PYTHONPATH=$VIEW:/tmp/site:/tmp/site-small
-    NVLIBS=$(python3 -c 'import glob, os, nvidia; print(":".join(sorted({d for p in nvidia.__path__ for d in glob.glob(os.path.join(p, "*", "lib"))})))')
-    export LD_LIBRARY_PATH=${NVLIBS}:${LD_LIBRARY_PATH:-}
+    cuda_libs
     t=0
     while [ ! -f "$O/build.done" ] && [ "$t" -lt 240 ]; do sleep 2; t=$((t + 2)); done
     cat "$O/build.log"

@@ -22,7 +22,7 @@
 # kvbench.
 set -uo pipefail
 stage=${1:-copy}
-. scripts/gpu_common.sh
+. "$(dirname "$0")/gpu_common.sh"
 gather_parts
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 O=/tmp/out
@@ -67,15 +67,9 @@ early)
     sleep 2
     ;;
 bench)
-    if [ ! -f /tmp/site/.ready ]; then
-        mkdir -p /tmp/wheels /tmp/site
-        cat /tmp/parts/ort.part* >/tmp/wheels/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
-        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/wheels/*.whl &&
-            touch /tmp/site/.ready
-    fi
+    ort_site
     export PYTHONPATH=$VIEW:/tmp/site:/tmp/site-small
-    NVLIBS=$(python3 -c 'import glob, os, nvidia; print(":".join(sorted({d for p in nvidia.__path__ for d in glob.glob(os.path.join(p, "*", "lib"))})))')
-    export LD_LIBRARY_PATH=${NVLIBS}:${LD_LIBRARY_PATH:-}
+    cuda_libs
     budget=${2:-540}
     t=0
     while { [ ! -f "$O/prep.done" ] || [ ! -f "$O/genai.done" ] || [ ! -f "$O/build.done" ]; } && [ "$t" -lt 300 ]; do
@@ -94,8 +88,7 @@ bench)
     ;;
 kvbench)
     export PYTHONPATH=$VIEW:/tmp/site:/tmp/site-small
-    NVLIBS=$(python3 -c 'import glob, os, nvidia; print(":".join(sorted({d for p in nvidia.__path__ for d in glob.glob(os.path.join(p, "*", "lib"))})))')
-    export LD_LIBRARY_PATH=${NVLIBS}:${LD_LIBRARY_PATH:-}
+    cuda_libs
     t=0
     while [ ! -f "$O/kv.done" ] && [ "$t" -lt 200 ]; do sleep 5; t=$((t + 5)); done
     tail -3 "$O/kv.log"

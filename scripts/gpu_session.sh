@@ -18,7 +18,7 @@
 # (the onnxruntime-gpu wheel, split).
 set -uo pipefail
 stage=${1:-copy}
-. scripts/gpu_common.sh
+. "$(dirname "$0")/gpu_common.sh"
 gather_parts
 mkdir -p /tmp/w
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
@@ -87,12 +87,7 @@ g270)
     touch "$O/g270.done"
     ;;
 gpu)
-    if [ ! -f /tmp/site/.ready ]; then
-        cat /tmp/parts/ort.part* >/tmp/ort.whl.zip && mkdir -p /tmp/wheels /tmp/site
-        mv /tmp/ort.whl.zip /tmp/wheels/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
-        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/wheels/*.whl &&
-            touch /tmp/site/.ready
-    fi
+    ort_site
     setsid nohup bash /tmp/repo/scripts/gpu_session.sh gpujob >"$O/gpu.log" 2>&1 </dev/null &
     wait_for "$O/gpu.done" "${2:-500}"
     tail -c 1500 "$O/prep.log"
@@ -112,8 +107,7 @@ again)
     ;;
 gpujob)
     export PYTHONPATH=/tmp/pkg:/tmp/site:/tmp/site-small
-    NVLIBS=$(python3 -c 'import glob, os, nvidia; print(":".join(sorted({d for p in nvidia.__path__ for d in glob.glob(os.path.join(p, "*", "lib"))})))')
-    export LD_LIBRARY_PATH=${NVLIBS}:${LD_LIBRARY_PATH:-}
+    cuda_libs
     cd /tmp/repo/scripts || exit 1
     python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
     (   # onnxruntime-genai's builds (CPU) while the GPU checks tokens; bench_decode finds them there
