@@ -52,18 +52,15 @@ def load_library(defines: str = "") -> ctypes.CDLL:
     spec.loader.exec_module(module)
     major, minor = torch.cuda.get_device_capability(0)
     path = module.library(f"sm_{major}{minor}", tuple(defines.split()))
-    lib = ctypes.CDLL(str(path))
+    return open_library(str(path))
+
+
+def open_library(path: str) -> ctypes.CDLL:
+    """A built library, its one-row entry typed (a library built beforehand needs no nvcc here)."""
+    lib = ctypes.CDLL(path)
     lib.Llm2trtOneRow.restype = ctypes.c_int
-    lib.Llm2trtOneRow.argtypes = (
-        [ctypes.c_char_p, ctypes.c_int]
-        + [ctypes.c_void_p] * 6
-        + [
-            ctypes.c_int64,
-            ctypes.c_int64,
-            ctypes.c_float,
-            ctypes.c_void_p,
-        ]
-    )
+    lib.Llm2trtOneRow.argtypes = [ctypes.c_char_p, ctypes.c_int, *[ctypes.c_void_p] * 6]
+    lib.Llm2trtOneRow.argtypes += [ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p]
     return lib
 
 

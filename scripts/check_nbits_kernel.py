@@ -37,7 +37,7 @@ import sys
 from functools import partial
 
 import torch
-from bench_ort_kernels import graph_us, load_library
+from bench_ort_kernels import graph_us, load_library, open_library
 from common import copy_bandwidth
 
 FLOAT16, FLOAT = 10, 1  # ONNX's element types
@@ -64,15 +64,6 @@ FORMATS = (("int4 g128", 4, 128), ("int8 per-ch", 8, 0))  # block 0: K (one bloc
 # looping over many tiles (2048 x 20000), a block's columns covering K at once or two chunks a
 # thread (5632), the wide block (20480: INT4 640 chunks, INT8 1,280).
 ONE_ROW_SHAPES = ((2048, 2500), (2048, 1500), (2048, 20000), (5632, 2048), (5632, 400), (20480, 300))
-
-
-def open_library(path: str) -> ctypes.CDLL:
-    """A library built beforehand, its entries typed as `load_library` types them."""
-    lib = ctypes.CDLL(path)
-    lib.Llm2trtOneRow.restype = ctypes.c_int
-    lib.Llm2trtOneRow.argtypes = [ctypes.c_char_p, ctypes.c_int, *[ctypes.c_void_p] * 6]
-    lib.Llm2trtOneRow.argtypes += [ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p]
-    return lib
 
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
