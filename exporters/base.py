@@ -167,8 +167,14 @@ class ExportSpec:
         return config
 
     def from_pretrained(self, cls: Any, location: str, config: Any, **kwargs: Any) -> Any:
-        """Load the exported model class from a Hugging Face directory."""
-        return cls.from_pretrained(location, config=config, **kwargs)
+        """Load the exported model class from a Hugging Face directory; a weight the checkpoint lacks
+        is refused (transformers would fill it with random values and say so only in its log)."""
+        model, info = cls.from_pretrained(location, config=config, output_loading_info=True, **kwargs)
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise InputError(f"{location}: the checkpoint lacks the weight {missing[0]}{more}")
+        return model
 
     def attention(self, requested: str) -> str:
         """The implementation to load with: the one asked for where the architecture has it, else

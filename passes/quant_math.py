@@ -222,13 +222,15 @@ def awq_clip(rows: np.ndarray, w: np.ndarray, method: QuantFormat, group: int) -
     """AWQ's clipping search: per block and output channel, the fraction of amax that minimises
     the block's contribution to the output error on the calibration rows."""
     blocks = w.shape[0] // group
-    x = rows.astype(np.float32).reshape(rows.shape[0], blocks, group)
+    # [blocks, rows, group]: each block's rows times its delta is one batched BLAS product
+    # (np.einsum's own loop took 3.5x as long at 2048 x 2048).
+    x = rows.astype(np.float32).reshape(rows.shape[0], blocks, group).transpose(1, 0, 2)
     best_err = np.full((blocks, w.shape[1]), np.inf, np.float32)
     best = np.ones((blocks, w.shape[1]), np.float32)
     for ratio in AWQ_CLIP_RATIOS:
         clip = np.full((blocks, w.shape[1]), ratio, np.float32)
         delta = (fake_quant_weight(w, method, group, clip) - w).reshape(blocks, group, w.shape[1])
-        err = np.square(np.einsum("rbg,bgo->bro", x, delta)).sum(axis=1)
+        err = np.square(np.matmul(x, delta)).sum(axis=1)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best = np.where(better, ratio, best)
@@ -327,10 +329,16 @@ class ActStats:
         self._rows = rows
         self._rng = np.random.default_rng(seed)
         self._keys = np.zeros(0, np.float64)
+        # Sampled rows keep the activations' own type (float16 in an fp16 graph: exact, and half the
+        # memory of float32, 0.15 GB at the 1.1B shape); `sample` widens them.
         self._uniform = np.zeros((0, channels), np.float32)
         self._heavy = np.zeros((0, channels), np.float32)
 
     def update(self, x: np.ndarray) -> None:
+        if self._rows and x.dtype == np.float16 and self.tokens == 0:
+            self._uniform = self._uniform.astype(np.float16)
+            self._heavy = self._heavy.astype(np.float16)
+        kept = self._uniform.dtype
         flat = np.asarray(x, np.float32).reshape(-1, self.amax.shape[0])
         a = np.abs(flat)
         self.amax = np.maximum(self.amax, a.max(axis=0))
@@ -343,16 +351,16 @@ class ActStats:
             keys = np.concatenate([self._keys, self._rng.random(flat.shape[0])])
             keep = np.argsort(keys)[-self._rows :]
             self._keys = keys[keep]
-            self._uniform = np.concatenate([self._uniform, flat])[keep]
+            self._uniform = np.concatenate([self._uniform, flat.astype(kept)])[keep]
             # The largest tokens too (attention sinks' massive activations are rare and decisive):
             # a search on the uniform rows alone would clip them away.
-            rows = np.concatenate([self._heavy, flat])
+            rows = np.concatenate([self._heavy, flat.astype(kept)])
             self._heavy = rows[np.argsort(np.abs(rows).max(axis=1))[-max(self._rows // 8, 1) :]]
 
     @property
     def sample(self) -> np.ndarray:
-        """The rows searches run on: a uniform sample plus the heaviest tokens seen."""
-        return np.concatenate([self._uniform, self._heavy])
+        """The rows searches run on (float32): a uniform sample plus the heaviest tokens seen."""
+        return np.concatenate([self._uniform, self._heavy]).astype(np.float32)
 
     @property
     def mean_abs(self) -> np.ndarray:

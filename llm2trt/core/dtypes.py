@@ -155,7 +155,7 @@ _SPELLINGS: dict[DType, _Spelling] = {
         np.float32, TensorProto.FLOAT, "float32", "FLOAT", ("float32", "float"), Tolerance(1e-4, 1e-5)
     ),
     DType.FP16: _Spelling(
-        np.float16, TensorProto.FLOAT16, "float16", "HALF", ("float16", "half"), Tolerance(1e-2, 5e-3)
+        np.float16, TensorProto.FLOAT16, "float16", "HALF", ("float16", "half"), Tolerance(1e-2, 1e-2)
     ),
     DType.BF16: _Spelling(
         ml_dtypes.bfloat16, TensorProto.BFLOAT16, "bfloat16", "BF16", ("bfloat16",), Tolerance(5e-2, 3e-2)

@@ -28,12 +28,14 @@ def ort_session(
     arena: bool = True,
     disable_optimizations: bool = False,
     threads: int | None = None,
+    prepack: bool = True,
 ) -> Any:
     """A quiet ONNX Runtime session; a load failure is one BackendError line naming `what`.
 
     `weights_folder`: where the external data of a model given as bytes lives. `arena`: off for a
     session that runs once (the arena only holds memory then). `threads`: intra-op threads (a share
-    of the cores, when several processes run at once)."""
+    of the cores, when several processes run at once). `prepack`: off for a session that runs a few
+    times (its weights' packed copies cost memory and load time: 160 MB over 134 MB segments)."""
     import onnxruntime as ort
 
     # Its optimizer's notes are not ours to print, nor its errors: they come back as exceptions,
@@ -42,6 +44,8 @@ def ort_session(
     options = ort.SessionOptions()
     options.log_severity_level = 4
     options.enable_cpu_mem_arena = arena
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         options.intra_op_num_threads = threads
     if disable_optimizations:

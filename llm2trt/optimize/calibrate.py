@@ -27,9 +27,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-import onnx
 
-from llm2trt.core.dtypes import DType
 from llm2trt.core.errors import InputError
 from llm2trt.core.log import plural, progress, step
 from llm2trt.core.manifest import GraphSpec, Manifest
@@ -144,32 +142,23 @@ class TextCalibrator:
 
     def observe(self, model: Model, tensors: dict[str, int], rows: int) -> dict[str, ActStats]:
         from llm2trt.backends.decoder import open_session
-        from llm2trt.backends.onnxruntime.decoder import ort_executor
+        from llm2trt.backends.onnxruntime.segments import StreamedGraph
         from llm2trt.core.artifact import save_onnx
 
         start = time.perf_counter()
         stats = {
             name: ActStats(channels, rows, seed=i, gram=self.gram) for i, (name, channels) in enumerate(tensors.items())
         }
-        known = model.graph.tensors()
         longest = max(len(w) for w in self.windows)
         what = f"calibrating on {self.text.name} ({plural(len(self.windows), 'window')} of up to {longest} tokens)"
         # Saving the graph and starting ONNX Runtime take a while on a real model: say so before the first window.
         with step(what), tempfile.TemporaryDirectory(prefix="llm2trt-calib-") as tmp:
-            proto = model.to_onnx()
-            for name in tensors:
-                dtype = DType.parse(known[name].dtype).onnx
-                proto.graph.output.append(onnx.helper.make_tensor_value_info(name, dtype, None))
-            save_onnx(proto, Path(tmp), "calibrate.onnx", source=model.weights_dir)
-            del proto
-            executor = ort_executor(str(Path(tmp) / "calibrate.onnx"))
-
-            def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-                out = executor(feeds)
-                for name, stat in stats.items():
-                    stat.update(out.pop(name))
-                return out
-
+            save_onnx(model.to_onnx(), Path(tmp), "calibrate.onnx", source=model.weights_dir)
+            # A segment's weights at a time; each observed tensor goes into its statistics as it is
+            # made, so one window holds one segment's activations, not every observed tensor's.
+            run = StreamedGraph(
+                Path(tmp) / "calibrate.onnx", taps=list(tensors), sink=lambda name, value: stats[name].update(value)
+            )
             session = open_session(self.graph, run, capacity=longest)
             for window in progress(self.windows, "calibration windows"):
                 session.prompt_logits(window)
@@ -182,40 +171,37 @@ class TextCalibrator:
             seconds=round(time.perf_counter() - start, 3),
             peak_rss_mb=round(peak, 1),
         )
+        record = self._record
+        logger.info("calibration: %s in %.1f s, peak RSS %.0f MB", plural(record.tokens, "token"), record.seconds, peak)
         return stats
 
     @contextmanager
     def scoring(self, model: Model, replaceable: list[str]) -> Iterator[Callable[[dict[str, np.ndarray]], float]]:
-        """The graph as it stands, with the constants named in `replaceable` made inputs that a run may
-        replace (ONNX Runtime takes an initializer that is also a graph input as that input's default):
-        a function of the replacements, the mean negative log-likelihood per scored token of the scoring
+        """The graph as it stands, run a segment at a time, with the constants named in `replaceable`
+        open to replacement (a run feeds them to the segments that read them): a function of the
+        replacements, the mean negative log-likelihood per scored token of the scoring
         windows (`eval ppl`'s arithmetic)."""
         from llm2trt.backends.decoder import open_session
+        from llm2trt.backends.onnxruntime.segments import StreamedGraph
         from llm2trt.core.artifact import save_onnx
-        from llm2trt.core.numerics import ort_session, window_nll
+        from llm2trt.core.numerics import window_nll
 
         known = model.graph.tensors()
+        missing = [name for name in replaceable if name not in known]
+        if missing:
+            raise ValueError(f"no weights named {', '.join(missing[:3])} to replace")
         longest = max(len(w) for w in self.score_windows)
         with (
             step("saving the graph to measure perplexity on"),
             tempfile.TemporaryDirectory(prefix="llm2trt-ppl-") as tmp,
         ):
-            proto = model.to_onnx()
-            for name in replaceable:
-                tensor = known[name]
-                dtype = DType.parse(tensor.dtype).onnx
-                proto.graph.input.append(onnx.helper.make_tensor_value_info(name, dtype, list(tensor.shape)))
-            save_onnx(proto, Path(tmp), "score.onnx", source=model.weights_dir)
-            del proto
-            ort = ort_session(str(Path(tmp) / "score.onnx"))
-            outputs = [o.name for o in ort.get_outputs()]
-            # ONNX Runtime lists initializers that are also inputs apart (get_overridable_initializers).
-            inputs = {i.name for i in ort.get_inputs()}
+            save_onnx(model.to_onnx(), Path(tmp), "score.onnx", source=model.weights_dir)
+            # The replaced weights are feeds: the segments that read them take them as inputs.
+            streamed = StreamedGraph(Path(tmp) / "score.onnx")
 
             def nll(weights: dict[str, np.ndarray]) -> float:
                 def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-                    given = {k: v for k, v in feeds.items() if k in inputs}
-                    return dict(zip(outputs, ort.run(outputs, {**given, **weights}), strict=True))
+                    return streamed({**feeds, **weights})
 
                 session = open_session(self.graph, run, capacity=longest)
                 total = sum(window_nll(session.prompt_logits(w), w) for w in progress(self.score_windows, "scoring"))

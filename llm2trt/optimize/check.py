@@ -14,7 +14,6 @@ from llm2trt.core.dtypes import DType
 from llm2trt.core.errors import BackendError
 from llm2trt.core.kv import SEQUENCE
 from llm2trt.core.manifest import GraphSpec
-from llm2trt.core.numerics import run_ort
 from llm2trt.core.reports import NumericCheck
 from llm2trt.core.tolerance import TolerancePolicy, errors
 from llm2trt.exporters import ExportSpec
@@ -44,16 +43,19 @@ def _verdict(
 def numeric_check(
     graph: GraphSpec, spec: ExportSpec, config: Any, before: Path, after: Path, policy: TolerancePolicy
 ) -> NumericCheck:
-    """Run both graphs in ONNX Runtime on the same inputs; the error per output and the verdict."""
+    """Run both graphs in ONNX Runtime on the same inputs, each a segment at a time (memory holds
+    about one segment's weights, not the model's); the error per output and the verdict."""
+    from llm2trt.backends.onnxruntime.segments import StreamedGraph
+
     sequence = CHECK_SEQUENCE
     if SEQUENCE in graph.dims:
         sequence = min(sequence, graph.dims[SEQUENCE].max)
     feeds = spec.sample_inputs(config, graph, CHECK_BATCH, sequence, seed=1)
     try:
-        reference = run_ort(before, feeds)
+        reference = StreamedGraph(before)(feeds)
     except BackendError as exc:
         return NumericCheck(False, f"the input graph does not run in ONNX Runtime here ({exc})")
-    outputs = run_ort(after, feeds)
+    outputs = StreamedGraph(after)(feeds)
     return _verdict({name: (outputs[name], ref) for name, ref in reference.items()}, policy, CHECK_BATCH, sequence)
 
 
@@ -96,11 +98,11 @@ class DecodeProbe:
         return [session.prefill(self.prompts)] + [session.decode(t) for t in self.tokens]
 
     def run_graph(self, graph: GraphSpec, path: Path) -> list[np.ndarray]:
-        """`run` on a graph file in ONNX Runtime (CPU)."""
+        """`run` on a graph file in ONNX Runtime (CPU), a segment at a time (`StreamedGraph`)."""
         from llm2trt.backends.decoder import open_session
-        from llm2trt.backends.onnxruntime.decoder import ort_executor
+        from llm2trt.backends.onnxruntime.segments import StreamedGraph
 
-        return self.run(open_session(graph, ort_executor(str(path)), capacity=self.capacity))
+        return self.run(open_session(graph, StreamedGraph(path), capacity=self.capacity))
 
     def verdict(self, reference: list[np.ndarray], got: list[np.ndarray], policy: TolerancePolicy) -> NumericCheck:
         pairs = {f"logits step {i}": (a, b) for i, (b, a) in enumerate(zip(reference, got, strict=True))}

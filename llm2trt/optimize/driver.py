@@ -141,7 +141,12 @@ class _Job:
             return profile_for(self.manifest.dtype, self.quant.method)
         if self.kv.dtype is not None:  # an INT8 cache rounds every cached key and value
             return KV_INT8_TOLERANCE
-        return TolerancePolicy(self.manifest.dtype.value, self.manifest.dtype.tolerance.optimize)
+        dtype = self.manifest.dtype
+        # Half precision also holds the direction: the rtol must pass graphs that only round
+        # differently (the 7B shape's fused fp16 graph: 6.7e-3, fused norms and attention
+        # computing in float32 where the input rounds to fp16), a cosine catches a wrong rewrite.
+        cosine = None if dtype is DType.FP32 else HALF_MIN_COSINE
+        return TolerancePolicy(dtype.value, dtype.tolerance.optimize, cosine)
 
     def optimize_graph(self, graph: GraphSpec, spill: Path | None = None) -> tuple[Model, OptimizeReport, GraphSpec]:
         """Run the pipeline over one graph; the graph's new description (its variant may change).
@@ -216,6 +221,8 @@ class _Job:
         verdict = self.numeric_check(before, graph, stage / filename)
         return written, replace(report, numeric_check=verdict)
 
+
+HALF_MIN_COSINE = 0.9999  # fp16/bf16 optimize checks; measured 0.999996 on the 1.1B shape's fusions
 
 # An INT8 cache's check: its rounding moves fp32 logits by a few percent of their range on the
 # tiny models (docs/kv-cache.md); the direction must hold.

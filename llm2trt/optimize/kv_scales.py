@@ -52,12 +52,12 @@ def calibration_windows(artifact: Path, manifest: Manifest, text: Path, limit: i
 def kv_scales(onnx_path: Path, graph: GraphSpec, layout: KVLayout, windows: list[list[int]]) -> Scales:
     """Per layer, the key and value scales [kv_heads, head_dim] (float32) the windows call for."""
     from llm2trt.backends.decoder import open_session
-    from llm2trt.backends.onnxruntime.decoder import ort_executor
+    from llm2trt.backends.onnxruntime.segments import StreamedGraph
 
     if graph.kv_cache is None:
         raise InputError("--kv-dtype int8: the graph has no KV cache to calibrate")
     amax = {i: [np.zeros((layout.num_kv_heads, layout.head_dim)) for _ in range(2)] for i in range(layout.num_layers)}
-    executor = ort_executor(str(onnx_path))
+    executor = StreamedGraph(onnx_path)  # one segment's weights at a time
 
     def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = executor(feeds)

@@ -174,10 +174,10 @@ def write_part(
 
 
 def _probe_task(ctx: RankContext, prompts: list[list[int]], tokens: np.ndarray, capacity: int) -> list[np.ndarray]:
-    """In each rank: the probe through the rank's decoder graph."""
+    """In each rank: the probe through the rank's decoder graph, a segment's weights at a time."""
     from llm2trt.optimize.check import DecodeProbe
 
-    return DecodeProbe(prompts, tokens).run(ctx.session(ctx.manifest.graph(), capacity))
+    return DecodeProbe(prompts, tokens).run(ctx.session(ctx.manifest.graph(), capacity, stream=True))
 
 
 def check_ranks(artifact: Path, before: tuple[GraphSpec, Path], config: Any, policy: TolerancePolicy) -> NumericCheck:

@@ -90,12 +90,21 @@ class _Segment:
 
 
 class RankExecutor:
-    """One rank graph as an `Executor` (feeds by name -> outputs by name), collectives included."""
+    """One rank graph as an `Executor` (feeds by name -> outputs by name), collectives included.
+    `stream`: each segment's session is made for a run and dropped after it, so the rank holds one
+    segment's weights at a time (the checks); else every session is made once and kept (generation)."""
 
     def __init__(
-        self, path: Path, graph: GraphSpec, comm: Collectives, providers: list[Any], threads: int | None
+        self,
+        path: Path,
+        graph: GraphSpec,
+        comm: Collectives,
+        providers: list[Any],
+        threads: int | None,
+        stream: bool = False,
     ) -> None:
         self.path, self.graph, self.comm, self.providers, self.threads = path, graph, comm, providers, threads
+        self.stream = stream
         self.proto = onnx.load(str(path), load_external_data=False)
         self.cut = SegmentedGraph(self.proto, path.parent, providers)
         self.outputs = self.cut.graph_outputs
@@ -111,7 +120,7 @@ class RankExecutor:
             if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")
         }
         for segment in self.segments:
-            if segment.nodes and all(name in self.types for name in segment.inputs):
+            if not stream and segment.nodes and all(name in self.types for name in segment.inputs):
                 segment.session = self._session(segment, {})
             if segment.collective is not None:  # its output: the input's type and rank
                 _kind, x, out = segment.collective
@@ -145,6 +154,8 @@ class RankExecutor:
             what=f"{self.path} ({plural(len(segment.nodes), 'node')})",
             weights_folder=self.path.parent,
             threads=self.threads,
+            arena=not self.stream,
+            prepack=not self.stream,  # a streamed session runs once
         )
 
     def __call__(self, feeds: dict[str, Any]) -> dict[str, Any]:
@@ -154,6 +165,8 @@ class RankExecutor:
                 if segment.session is None:
                     segment.session = self._session(segment, values)
                 values.update(self._run(segment, values))
+                if self.stream:
+                    segment.session = None  # its weights go with it
             if segment.collective is not None:
                 kind, x, out = segment.collective
                 values[out] = self._collective(kind, values[x])
@@ -269,16 +282,23 @@ class RankContext:
     comm: Collectives
     threads: int | None
 
-    def executor(self, graph: GraphSpec) -> RankExecutor:
+    def executor(self, graph: GraphSpec, stream: bool = False) -> RankExecutor:
         path = self.manifest.onnx_path(self.artifact, graph.name)
-        return RankExecutor(path, graph, self.comm, self.providers, self.threads)
+        return RankExecutor(path, graph, self.comm, self.providers, self.threads, stream)
 
     def session(
-        self, graph: GraphSpec, capacity: int, pad_id: int = 0, adapters: AdapterBatch | None = None
+        self,
+        graph: GraphSpec,
+        capacity: int,
+        pad_id: int = 0,
+        adapters: AdapterBatch | None = None,
+        *,
+        stream: bool = False,
     ) -> DecoderSession:
         """A decoder session over this rank's graph, its cache holding the rank's heads (or, for a
         pipeline stage, its layers: the session then computes the whole model with the others);
-        `adapters` fill its LoRA slots with the rank's cut of each."""
+        `adapters` fill its LoRA slots with the rank's cut of each; `stream`: one segment's weights
+        held at a time (`RankExecutor`)."""
         from llm2trt.backends.decoder import open_session
 
         stages = self.manifest.pipeline_parallel
@@ -287,8 +307,8 @@ class RankContext:
 
             if adapters is not None:
                 raise InputError("LoRA adapters on pipeline stages are not built yet; use --tp or one graph")
-            return stage_session(graph, self.executor(graph), stages, self.comm, capacity, pad_id)
-        return open_session(graph, self.executor(graph), capacity=capacity, pad_id=pad_id, adapters=adapters)
+            return stage_session(graph, self.executor(graph, stream), stages, self.comm, capacity, pad_id)
+        return open_session(graph, self.executor(graph, stream), capacity=capacity, pad_id=pad_id, adapters=adapters)
 
 
 RankTask = Callable[[RankContext], Any]

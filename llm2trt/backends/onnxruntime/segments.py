@@ -10,16 +10,27 @@ not every marked tensor of the graph; the graph still runs once in total.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
+from llm2trt.core.artifact import load_onnx
 from llm2trt.core.dtypes import DType
 from llm2trt.core.errors import BackendError, first_line
 from llm2trt.core.numerics import ort_session
+
+logger = logging.getLogger(__name__)
+
+# The weights one segment of a streamed run holds at most: a 7B layer (about 400 MB in fp16) is cut
+# in four, a layer and a half of the 1.1B shape make one; a larger single node (an embedding) is a
+# segment alone. On the CPU an fp16 segment holds about three times its bytes (ONNX Runtime's float32
+# copy of each weight beside it): 1.1B at 128 MiB peaked at 1.07 GB, at 256 MiB 1.39 GB (512 tokens).
+SEGMENT_BYTES = 128 << 20
 
 
 def _reads(node: onnx.NodeProto) -> list[str]:
@@ -109,7 +120,128 @@ class SegmentedGraph:
             what=f"nodes {start}-{end}",
             weights_folder=self.folder,
             arena=False,
+            prepack=False,
         )
+
+
+def initializer_bytes(tensor: onnx.TensorProto) -> int:
+    """A weight's size without reading it: its external-data length, else its shape and type."""
+    for entry in tensor.external_data:
+        if entry.key == "length":
+            return int(entry.value)
+    if tensor.raw_data:
+        return len(tensor.raw_data)
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):  # a type numpy has no name for: count it as 4 bytes
+        itemsize = 4
+    return int(math.prod(tensor.dims)) * itemsize
+
+
+class StreamedGraph:
+    """A graph file as an `Executor` (feeds by name -> graph outputs by name) that holds about one
+    segment's weights at a time: its nodes are cut where a segment's weights would pass `budget`
+    bytes, and each segment's session is made, run and dropped in turn, with only the tensors later
+    segments read kept between them. A graph that fits one segment keeps its one session.
+
+    `taps`: inner tensors handed to `sink` as they are made (calibration statistics), not kept. A
+    feed named like a weight replaces that weight (the segments that read it take it as an input)."""
+
+    def __init__(
+        self,
+        path: Path,
+        providers: Sequence[str] | None = None,
+        *,
+        budget: int = SEGMENT_BYTES,
+        taps: Sequence[str] = (),
+        sink: Callable[[str, np.ndarray], None] | None = None,
+    ) -> None:
+        proto = load_onnx(path, with_weights=False)  # a file that does not parse: one line
+        self.path = path
+        self.graph = SegmentedGraph(proto, path.parent, providers or ["CPUExecutionProvider"])
+        self.taps, self.sink = list(taps), sink
+        self.ends = self._cut(budget)
+        made = {o for n in self.graph.nodes for o in n.output}
+        missing = [t for t in self.taps if t not in made]
+        if missing:
+            raise BackendError(f"{path}: no node makes {', '.join(missing[:3])}")
+        self._kept: tuple[tuple[str, ...], Any] | None = None
+
+    @property
+    def segment_bytes(self) -> list[int]:
+        """The weight bytes each segment's session loads."""
+        inits, start, sizes = self.graph.initializers, 0, []
+        for end in self.ends:
+            read = {r for reads in self.graph._reads[start : end + 1] for r in reads if r in inits}
+            sizes.append(sum(initializer_bytes(inits[r]) for r in read))
+            start = end + 1
+        return sizes
+
+    def _cut(self, budget: int) -> list[int]:
+        """Each segment's last node index: a new segment starts where the weights it would read
+        (each counted once) pass the budget."""
+        inits = self.graph.initializers
+        ends: list[int] = []
+        held, seen = 0, set[str]()
+        for i, reads in enumerate(self.graph._reads):
+            weights = {r for r in reads if r in inits}
+            size = sum(initializer_bytes(inits[r]) for r in weights - seen)
+            if seen and held + size > budget:
+                ends.append(i - 1)
+                held, seen = 0, set()
+                size = sum(initializer_bytes(inits[r]) for r in weights)
+            held += size
+            seen |= weights
+        if self.graph.nodes:
+            ends.append(len(self.graph.nodes) - 1)
+        return ends
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        graph, taps = self.graph, set(self.taps)
+        values: dict[str, np.ndarray] = dict(feeds)
+        for name in taps & set(feeds):
+            self._tap(name, feeds[name])
+        start = 0
+        for end in self.ends:
+            wanted = [o for n in graph.nodes[start : end + 1] for o in n.output if o in taps]
+            produced = self._run(start, end, values, wanted)
+            for name in wanted:
+                self._tap(name, produced[name])
+            values.update(produced)
+            for name in [n for n in values if n not in feeds and n not in graph.graph_outputs]:
+                if graph.last_read.get(name, -1) <= end:
+                    del values[name]  # nothing later reads it
+            start = end + 1
+        try:
+            return {name: values[name] for name in graph.graph_outputs}
+        except KeyError as exc:
+            raise BackendError(f"{self.path}: the graph output {exc} was not made") from None
+
+    def _tap(self, name: str, value: np.ndarray) -> None:
+        if self.sink is not None:
+            self.sink(name, value)
+
+    def _run(self, start: int, end: int, values: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
+        graph = self.graph
+        inputs, outputs, weights = graph.frontier(start, end, wanted)
+        given = [w for w in weights if w in values]  # replaced weights come in as inputs
+        inputs += given
+        weights = [w for w in weights if w not in values]
+        key = tuple(inputs)
+        if self._kept is not None and self._kept[0] == key:
+            session = self._kept[1]
+        else:
+            model = graph._model(graph.nodes[start : end + 1], inputs, outputs, values, weights)
+            session = graph._session(model, start, end)
+            if len(self.ends) == 1:
+                self._kept = (key, session)
+        logger.debug("%s: nodes %d-%d", self.path.name, start, end)
+        try:
+            results = session.run(outputs, {name: values[name] for name in inputs})
+        except Exception as exc:  # onnxruntime raises its own exception types
+            where = f"nodes {start}-{end} of {self.path}"
+            raise BackendError(f"ONNX Runtime failed on {where}: {first_line(exc)}") from None
+        return dict(zip(outputs, (np.asarray(r) for r in results), strict=True))
 
 
 def segment_model(
