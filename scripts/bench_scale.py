@@ -146,7 +146,7 @@ def calibration_row(ran: Ran, rows: list[Row]) -> None:
     if found is None:
         raise SystemExit(f"int4-awq logged no calibration line: {ran.stderr[-1000:]}")
     tokens, seconds, peak = found[1], float(found[2]), int(found[3]) * 1024 * 1024
-    rows.append(Row(f"  calibration ({tokens} tokens)", seconds, peak, "calibration"))
+    measured(rows, Row(f"  calibration ({tokens} tokens)", seconds, peak, "calibration"))
 
 
 def stages(onnx_dir: Path, work: Path, opts: argparse.Namespace, text: Path) -> list[Stage]:
@@ -202,7 +202,7 @@ def scoring_text(work: Path, tokens: int) -> Path:
     return path
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="1.1b", choices=["1.1b", "7b"])
     parser.add_argument("--layers", type=int, help="the shape's width at this depth (build's floor at 7B)")
@@ -221,7 +221,30 @@ def main() -> None:
     parser.add_argument("--passes-only", action="store_true", help="also the passes alone (--no-check)")
     parser.add_argument("--keep", action="store_true", help="keep every stage's output")
     parser.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
-    opts = parser.parse_args()
+    return parser.parse_args()
+
+
+def measured(rows: list[Row], row: Row) -> None:
+    """A row into the table, and at once to stdout (kept if a later stage fails)."""
+    rows.append(row)
+    print(f"# {row.stage}: {row.seconds:.1f} s, {row.peak / 1e9:.2f} GB", flush=True)
+
+
+def run_stages(opts: argparse.Namespace, work: Path, onnx_dir: Path, rows: list[Row], notes: list[str]) -> None:
+    for stage in stages(onnx_dir, work, opts, scoring_text(work, opts.ppl_tokens)):
+        forced = ["--force"] if stage.output else []  # eval ppl writes nothing
+        ran = run_stage(llm2trt_argv(*stage.args, *forced, *(["-q"] if stage.quiet else [])), stage.tolerate)
+        measured(rows, Row(stage.name, ran.seconds, ran.peak, stage.target))
+        if ran.failed:
+            notes.append(f"{stage.name}: the check ran and failed on random weights: {ran.failed.strip()}")
+        if stage.after is not None:
+            stage.after(ran, rows)
+        if stage.output and stage.output != "fused" and not opts.keep:
+            shutil.rmtree(work / stage.output, ignore_errors=True)
+
+
+def main() -> None:
+    opts = parse_args()
     depth = f"-{opts.layers}l" if opts.layers else ""
     work = opts.work / f"{opts.model}{depth}-{opts.dtype}"
     work.mkdir(parents=True, exist_ok=True)
@@ -239,17 +262,9 @@ def main() -> None:
     rows: list[Row] = []
     if "convert" not in opts.skip or not (onnx_dir / "manifest.json").is_file():  # else an earlier run's
         ran = run_stage(llm2trt_argv("convert", hf, "-o", onnx_dir, "--dtype", opts.dtype, "--force", "-q"))
-        rows.append(Row("convert", ran.seconds, ran.peak, "convert"))
+        measured(rows, Row("convert", ran.seconds, ran.peak, "convert"))
     notes: list[str] = []
-    for stage in stages(onnx_dir, work, opts, scoring_text(work, opts.ppl_tokens)):
-        ran = run_stage(llm2trt_argv(*stage.args, "--force", *(["-q"] if stage.quiet else [])), stage.tolerate)
-        rows.append(Row(stage.name, ran.seconds, ran.peak, stage.target))
-        if ran.failed:
-            notes.append(f"{stage.name}: the check ran and failed on random weights: {ran.failed.strip()}")
-        if stage.after is not None:
-            stage.after(ran, rows)
-        if stage.output and stage.output != "fused" and not opts.keep:
-            shutil.rmtree(work / stage.output, ignore_errors=True)
+    run_stages(opts, work, onnx_dir, rows, notes)
     if "build" not in opts.skip:
         build_rows(work, rows, notes)
     print_table(opts, onnx_dir, hf, rows, notes, prepared)
