@@ -6,14 +6,16 @@ building the same ONNX with the same profiles (`scripts/trt_floor.py`: build's f
     python scripts/bench_scale.py --model 1.1b --work /tmp/scale          # one table
     python scripts/bench_scale.py --model 7b --work /tmp/scale7 --skip build --calib-samples 4
 
-Each stage runs as its own process. Its peak memory is the highest sum of the resident set sizes
-of the process and all its descendants at once (sampled every 20 ms; `optimize --tp 2` checks its
-ranks in two processes side by side), and never less than the kernel's high-water mark of any one
-of them (os.wait4). Ratios are over the model's weight bytes in the stage's input (the converted
-artifact's data files). Targets (issue 29): convert <= 1.5x, optimize <= 0.6x, calibration <= 0.6x,
-eval ppl <= 1.2x, build <= 1.1x of TensorRT-RTX alone. `--passes-only` adds the passes alone
-(optimize --no-check), the rows of the earlier table. A stage's output is deleted once measured
-(`--keep` keeps them), so the 7B run needs about 45 GB of disk at once, not 80.
+Each stage runs as its own process. Its peak memory is the highest sum of the proportional set
+sizes (PSS) of the process and all its descendants at once, sampled every 50 ms: `optimize --tp 2`
+checks its ranks in two processes beside the parent, and a page the three map alike (torch's and
+ONNX Runtime's libraries) is memory once, where a sum of RSS would count it three times. The
+largest single process's RSS (os.wait4's high-water mark) is printed beside it. Ratios are over
+the model's weight bytes in the stage's input (the converted artifact's data files). Targets
+(issue 29): convert <= 1.5x, optimize <= 0.6x, calibration <= 0.6x, eval ppl <= 1.2x, build <= 1.1x
+of TensorRT-RTX alone. `--passes-only` adds the passes alone (optimize --no-check), the rows of the
+earlier table. A stage's output is deleted once measured (`--keep` keeps them), so the 7B run needs
+about 45 GB of disk at once, not 80.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pathlib import Path
 from common import RANDOM_CHECKPOINTS, hf_checkpoint, llm2trt_argv
 
 HERE = Path(__file__).resolve().parent
-SAMPLE_S = 0.02
+SAMPLE_S = 0.05
 TARGETS = {"convert": 1.5, "optimize": 0.6, "calibration": 0.6, "eval ppl": 1.2}
 
 
@@ -54,16 +56,22 @@ def _tree(pid: int) -> list[int]:
     return found
 
 
-def _rss(pid: int) -> int:
+def _pss(pid: int) -> int:
+    """A process's proportional set size: its private pages, and its share of pages it maps with
+    others (torch's and ONNX Runtime's libraries in every rank process), so that a tree's sum is
+    the memory the tree holds, each page once."""
     try:
-        with open(f"/proc/{pid}/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
     except (OSError, IndexError, ValueError):
-        return 0
+        pass
+    return 0
 
 
 class TreePeak:
-    """The highest summed RSS of a process tree, sampled in a thread until stopped."""
+    """The highest summed PSS of a process tree, sampled in a thread until stopped."""
 
     def __init__(self, pid: int) -> None:
         self.pid, self.peak, self._stop = pid, 0, threading.Event()
@@ -72,7 +80,7 @@ class TreePeak:
 
     def _sample(self) -> None:
         while not self._stop.wait(SAMPLE_S):
-            self.peak = max(self.peak, sum(_rss(p) for p in _tree(self.pid)))
+            self.peak = max(self.peak, sum(_pss(p) for p in _tree(self.pid)))
 
     def stop(self) -> int:
         self._stop.set()
@@ -83,7 +91,8 @@ class TreePeak:
 @dataclass(frozen=True)
 class Ran:
     seconds: float
-    peak: int  # bytes, the process tree's
+    peak: int  # bytes, the process tree's (PSS)
+    largest: int  # bytes, the largest process's RSS
     stdout: str
     stderr: str
     failed: str  # the tolerated failure's line, or ""
@@ -98,7 +107,8 @@ def run_stage(argv: list[str], tolerate: str = "") -> Ran:
         sampler = TreePeak(proc.pid)
         _pid, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - start
-        peak = max(sampler.stop(), usage.ru_maxrss * 1024)
+        peak = sampler.stop()
+        largest = usage.ru_maxrss * 1024  # the largest process's RSS, shared pages counted whole
         out.seek(0)
         err.seek(0)
         stderr = err.read()
@@ -107,7 +117,7 @@ def run_stage(argv: list[str], tolerate: str = "") -> Ran:
             failed = next((line for line in stderr.splitlines() if "error:" in line), stderr[-300:])
             if not tolerate or tolerate not in failed:
                 raise SystemExit(f"{' '.join(map(str, argv[2:6]))} failed ({status}): {stderr[-2000:]}")
-        return Ran(seconds, peak, out.read(), stderr, failed)
+        return Ran(seconds, peak, largest, out.read(), stderr, failed)
 
 
 def data_bytes(artifact: Path) -> int:
@@ -118,8 +128,9 @@ def data_bytes(artifact: Path) -> int:
 class Row:
     stage: str
     seconds: float
-    peak: int  # bytes
+    peak: int  # bytes, the process tree's PSS
     target: str  # the TARGETS key it is held to, or ""
+    largest: int = 0  # bytes, the largest process's RSS (0: not measured)
 
 
 # Random weights are not a model INT4 keeps close: on the 1.1B shape the quantized graph's logits
@@ -182,10 +193,10 @@ def build_rows(work: Path, rows: list[Row], notes: list[str]) -> None:
     """build of the fused graph, then TensorRT-RTX alone on it with the profiles `build` recorded."""
     argv = llm2trt_argv("build", work / "fused", "-o", work / "engine", "--compute-capability", "sm89", "--force", "-q")
     ran = run_stage(argv)
-    rows.append(Row("build (sm89)", ran.seconds, ran.peak, ""))
+    rows.append(Row("build (sm89)", ran.seconds, ran.peak, "", ran.largest))
     record = work / "engine" / "build.json"
     floor = run_stage([sys.executable, str(HERE / "trt_floor.py"), str(work / "fused" / "model.onnx"), str(record)])
-    rows.append(Row("TensorRT-RTX alone (floor)", floor.seconds, floor.peak, ""))
+    rows.append(Row("TensorRT-RTX alone (floor)", floor.seconds, floor.peak, "", floor.largest))
     built = json.loads(record.read_text())
     notes.append(
         f"build: {built['network_layers']:,} layers, {built['engine_bytes'] / 1e6:,.0f} MB engine, "
@@ -234,7 +245,7 @@ def run_stages(opts: argparse.Namespace, work: Path, onnx_dir: Path, rows: list[
     for stage in stages(onnx_dir, work, opts, scoring_text(work, opts.ppl_tokens)):
         forced = ["--force"] if stage.output else []  # eval ppl writes nothing
         ran = run_stage(llm2trt_argv(*stage.args, *forced, *(["-q"] if stage.quiet else [])), stage.tolerate)
-        measured(rows, Row(stage.name, ran.seconds, ran.peak, stage.target))
+        measured(rows, Row(stage.name, ran.seconds, ran.peak, stage.target, ran.largest))
         if ran.failed:
             notes.append(f"{stage.name}: the check ran and failed on random weights: {ran.failed.strip()}")
         if stage.after is not None:
@@ -262,7 +273,7 @@ def main() -> None:
     rows: list[Row] = []
     if "convert" not in opts.skip or not (onnx_dir / "manifest.json").is_file():  # else an earlier run's
         ran = run_stage(llm2trt_argv("convert", hf, "-o", onnx_dir, "--dtype", opts.dtype, "--force", "-q"))
-        measured(rows, Row("convert", ran.seconds, ran.peak, "convert"))
+        measured(rows, Row("convert", ran.seconds, ran.peak, "convert", ran.largest))
     notes: list[str] = []
     run_stages(opts, work, onnx_dir, rows, notes)
     if "build" not in opts.skip:
@@ -278,14 +289,14 @@ def print_table(
     layers = opts.layers or RANDOM_CHECKPOINTS[opts.model][2]["num_hidden_layers"]
     print(f"\n{opts.model} Llama shape ({layers} layers), {opts.dtype}: {model_bytes / 1e9:.2f} GB of weights", end=" ")
     print(f"({hf_bytes / 1e9:.2f} GB safetensors, made in {prepared:.0f} s);")
-    print(f"{os.cpu_count()} CPUs; peak memory of each command's processes together")
-    print(f"{'stage':<34} {'seconds':>8} {'peak GB':>8} {'peak / model':>13} {'target':>7}")
+    print(f"{os.cpu_count()} CPUs; peak PSS of each command's processes together, and the largest one's RSS")
+    print(f"{'stage':<34} {'seconds':>8} {'peak GB':>8} {'peak / model':>13} {'target':>7} {'largest RSS GB':>15}")
     for row in rows:
         limit = TARGETS.get(row.target)
         target = f"<={limit}x" if limit else ""
-        print(
-            f"{row.stage:<34} {row.seconds:>8.1f} {row.peak / 1e9:>8.2f} {row.peak / model_bytes:>12.2f}x {target:>7}"
-        )
+        ratio = row.peak / model_bytes
+        largest = f"{row.largest / 1e9:.2f}" if row.largest else ""
+        print(f"{row.stage:<34} {row.seconds:>8.1f} {row.peak / 1e9:>8.2f} {ratio:>12.2f}x {target:>7} {largest:>15}")
     for note in notes:
         print(note)
 

@@ -114,7 +114,7 @@ def _table(work: Path, *args: str) -> tuple[str, dict[str, float]]:
     """bench_scale.py's table, and each row's ratio held to its target (a failing row fails the test)."""
     argv = [sys.executable, str(ROOT / "scripts" / "bench_scale.py"), "--work", str(work), *args]
     table = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=4 * 3600).stdout
-    rows = re.finditer(r"^(.{34}) +[\d.]+ +[\d.]+ +([\d.]+)x +(?:<=([\d.]+)x)?$", table, re.MULTILINE)
+    rows = re.finditer(r"^(.{34}) +[\d.]+ +[\d.]+ +([\d.]+)x +(?:<=([\d.]+)x)? *[\d.]*$", table, re.MULTILINE)
     ratios = {}
     for row in rows:
         ratios[row[1].strip()] = float(row[2])
