@@ -43,7 +43,7 @@ class Perplexity(Record):
 
 
 def perplexity(artifact: Path, text: Path, *, window: int = DEFAULT_WINDOW, provider: str = "cpu") -> Perplexity:
-    from llm2trt.backends.decoder import open_session
+    from llm2trt.backends.decoder import Executor, open_session
     from llm2trt.backends.onnxruntime.decoder import ort_executor
     from llm2trt.convert.tokenizer import load_tokenizer, windows_of
 
@@ -68,7 +68,15 @@ def perplexity(artifact: Path, text: Path, *, window: int = DEFAULT_WINDOW, prov
     if not chunks:
         raise InputError(f"{text} has fewer than 2 tokens: nothing to score")
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else None
-    run = ort_executor(str(manifest.onnx_path(artifact, graph.name)), providers)
+    path = manifest.onnx_path(artifact, graph.name)
+    if providers is None:
+        from llm2trt.backends.onnxruntime.segments import StreamedGraph
+
+        # A segment of weights at a time: a whole fp16 session on the CPU holds a float32 copy of
+        # every weight too (1.1B: 4.94 GB, 2.24x the model).
+        run: Executor = StreamedGraph(path)
+    else:
+        run = ort_executor(str(path), providers)
     session = open_session(graph, run, capacity=window)
     start = time.perf_counter()
     total = 0.0

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from llm2trt.core.artifact import load_onnx
-from llm2trt.core.dtypes import DType
+from llm2trt.core.dtypes import DType, numpy_of_onnx
 from llm2trt.core.errors import BackendError, first_line
 from llm2trt.core.numerics import ort_session
 
@@ -168,7 +168,7 @@ def initializer_bytes(tensor: onnx.TensorProto) -> int:
     if tensor.raw_data:
         return len(tensor.raw_data)
     try:
-        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        itemsize = numpy_of_onnx(tensor.data_type).itemsize
     except (KeyError, TypeError, ValueError):  # a type numpy has no name for: count it as 4 bytes
         itemsize = 4
     return int(math.prod(tensor.dims)) * itemsize
