@@ -219,23 +219,24 @@ def _streamed_checkpoint(model_class: Any, config: Any, out: Path) -> None:
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     generator = torch.Generator().manual_seed(0)
-    shards: list[dict[str, Any]] = [{}]
+    shard: dict[str, Any] = {}
+    held, owners = 0, []  # owners[k]: the tensor names shard k holds
     for name, shape in shapes.items():
         if name.endswith("norm.weight"):
             tensor = torch.ones(shape, dtype=torch.float16)
         else:
             tensor = (torch.randn(shape, generator=generator) * config.initializer_range).to(torch.float16)
-        if shards[-1] and sum(t.nbytes for t in shards[-1].values()) + tensor.nbytes > SHARD_BYTES:
-            _write_shard(save_file, shards, stage)
-            shards.append({})
-        shards[-1][name] = tensor
-    _write_shard(save_file, shards, stage)
-    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        if shard and held + tensor.nbytes > SHARD_BYTES:
+            owners.append(_write_shard(save_file, shard, stage, len(owners)))
+            shard, held = {}, 0
+        shard[name] = tensor
+        held += tensor.nbytes
+    owners.append(_write_shard(save_file, shard, stage, len(owners)))
     weight_map: dict[str, str] = {}
-    for i, file in enumerate(files):
-        (stage / f"shard-{i}.safetensors").rename(stage / file)
-        weight_map.update(dict.fromkeys(json.loads((stage / f"shard-{i}.names").read_text()), file))
-        (stage / f"shard-{i}.names").unlink()
+    for k, names in enumerate(owners):
+        file = f"model-{k + 1:05d}-of-{len(owners):05d}.safetensors"
+        (stage / f"shard-{k}.safetensors").rename(stage / file)
+        weight_map.update(dict.fromkeys(names, file))
     total = sum(math.prod(s) * 2 for s in shapes.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (stage / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
@@ -244,14 +245,10 @@ def _streamed_checkpoint(model_class: Any, config: Any, out: Path) -> None:
     stage.rename(out)
 
 
-def _write_shard(save_file: Any, shards: list[dict[str, Any]], stage: Path) -> None:
-    """The last shard to stage/shard-K.safetensors (its tensor names beside it), then freed."""
-    import json
-
-    k = len(shards) - 1
-    save_file(shards[k], str(stage / f"shard-{k}.safetensors"), metadata={"format": "pt"})
-    (stage / f"shard-{k}.names").write_text(json.dumps(list(shards[k])))
-    shards[k] = {}
+def _write_shard(save_file: Any, shard: dict[str, Any], stage: Path, k: int) -> list[str]:
+    """One shard to stage/shard-K.safetensors (renamed once the count is known); its tensor names."""
+    save_file(shard, str(stage / f"shard-{k}.safetensors"), metadata={"format": "pt"})
+    return list(shard)
 
 
 def _word_level_tokenizer(vocab: int) -> Any:

@@ -203,6 +203,12 @@ class StreamedGraph:
         if missing:
             raise BackendError(f"{path}: no node makes {', '.join(missing[:3])}")
         self._kept: tuple[tuple[str, ...], Any] | None = None
+        starts = [0, *(end + 1 for end in self.ends[:-1])]
+        taps_at = set(self.taps)  # each segment's taps, in the order its nodes make them
+        self._wanted = [
+            [o for n in self.graph.nodes[a : b + 1] for o in n.output if o in taps_at]
+            for a, b in zip(starts, self.ends, strict=True)
+        ]
 
     @property
     def segment_bytes(self) -> list[int]:
@@ -239,8 +245,7 @@ class StreamedGraph:
         for name in taps & set(feeds):
             self._tap(name, feeds[name])
         start = 0
-        for end in self.ends:
-            wanted = [o for n in graph.nodes[start : end + 1] for o in n.output if o in taps]
+        for end, wanted in zip(self.ends, self._wanted, strict=True):
             produced = self._run(start, end, values, wanted)
             for name in wanted:
                 self._tap(name, produced[name])
