@@ -24,6 +24,7 @@ AWQ_CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0 .. 0.5 of each
 SQ_STRENGTHS = tuple(i / 10 for i in range(11))  # searched when --alpha is not given
 ACT_CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # of a static activation range
 PAIR_LIMIT = 128  # the largest |q[2k]| + |q[2k+1]| of a W8A8 weight: 255 * 128 <= 32767 (see bounded_pairs)
+AWQ_SCALE_COLUMNS = 2048  # output channels per weight the exponent search scores (a fixed sample)
 SEARCH_ROWS = 256  # calibration tokens sampled per input tensor for the searches (bounds memory)
 GPTQ_DAMPENING = 0.01  # of the Hessian's mean diagonal, added to it: keeps the inverse well conditioned
 GPTQ_BLOCK = 128  # input channels updated together (lazy batch): the rest get one matrix product per block
@@ -122,8 +123,37 @@ def dequantize_weight(q: np.ndarray, scale: np.ndarray, method: QuantFormat, gro
 
 
 def fake_quant_weight(w: np.ndarray, method: QuantFormat, group: int, clip: np.ndarray | None = None) -> np.ndarray:
+    if method.blockwise and method.weights in (DType.INT4, DType.INT8) and not bounded_pairs(method):
+        blocks = _blocks(w, group)
+        amax = _block_amax(blocks)
+        return _fake_quant_blocks(blocks, amax * clip if clip is not None else amax, qmax(method.weights))
     scale = weight_scale(w, method, group, clip)
     return dequantize_weight(quantize_weight(w, scale, method, group), scale, method, group)
+
+
+def _blocks(w: np.ndarray, group: int) -> np.ndarray:
+    """A [in, out] weight as float32 [in // group, group, out] (a view when it is float32 already)."""
+    out: np.ndarray = w.astype(np.float32, copy=False).reshape(-1, group, w.shape[1])
+    return out
+
+
+def _block_amax(blocks: np.ndarray) -> np.ndarray:
+    out: np.ndarray = np.maximum(blocks.max(axis=1), -blocks.min(axis=1))  # no |w| copy of the weight
+    return out
+
+
+def _fake_quant_blocks(blocks: np.ndarray, amax: np.ndarray, high: float) -> np.ndarray:
+    """Integer blocks rounded and scaled back, in one buffer: the same float32 arithmetic as
+    quantize_weight then dequantize_weight (bit for bit, tests/passes/test_quant.py), without their
+    full-size copies. The AWQ searches run it 20-30 times per weight: 10x faster at 4096 x 11008."""
+    ratio = amax / high
+    scale = np.where(ratio > 0, ratio, 1.0).astype(np.float32)[:, None, :]
+    x = blocks / scale
+    np.rint(x, out=x)
+    np.clip(x, -high - 1, high, out=x)
+    x *= scale
+    out: np.ndarray = x.reshape(-1, x.shape[2])
+    return out
 
 
 def smooth_scale(act_amax: np.ndarray, weights: Sequence[np.ndarray], alpha: float) -> np.ndarray:
@@ -198,6 +228,25 @@ def _output_error(rows: np.ndarray, weights: Sequence[np.ndarray], approx: Seque
     return float(sum(np.square(rows @ (a - w)).sum() for w, a in zip(weights, approx, strict=True)))
 
 
+def _scaled_error(rows: np.ndarray, w: np.ndarray, s: np.ndarray, method: QuantFormat, group: int) -> float:
+    """|| rows (Q(diag(s) W) / s - W) ||^2, each step in place on one copy of the weight."""
+    delta = fake_quant_weight(w * s[:, None], method, group)
+    delta /= s[:, None]
+    delta -= w
+    return float(np.square(rows @ delta).sum())
+
+
+def _some_columns(w: np.ndarray) -> np.ndarray:
+    """At most AWQ_SCALE_COLUMNS output channels of a [in, out] weight, a fixed uniform sample. Each
+    channel rounds on its own (block scales are per output channel), so the sample's loss is exactly
+    part of the whole loss: the exponent search's estimate, 5x less work on a 7B MLP."""
+    if w.shape[1] <= AWQ_SCALE_COLUMNS:
+        return w
+    picked = np.sort(np.random.default_rng(0).choice(w.shape[1], AWQ_SCALE_COLUMNS, replace=False))
+    out: np.ndarray = w[:, picked]
+    return out
+
+
 def awq_scale(
     rows: np.ndarray, mean_abs: np.ndarray, weights: Sequence[np.ndarray], method: QuantFormat, group: int
 ) -> tuple[np.ndarray, float, float]:
@@ -205,14 +254,14 @@ def awq_scale(
     || X W - (X/s) Q(diag(s) W) ||^2 over the calibration rows. Returns s, a, and the loss ratio to
     plain rounding (a = 0)."""
     x = rows.astype(np.float32)
+    sampled = [_some_columns(w) for w in weights]
     tried: list[tuple[float, float, np.ndarray]] = []
     for i in range(AWQ_GRID):
         a = i / AWQ_GRID
         s = np.maximum(mean_abs.astype(np.float64), _EPS) ** a
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
         # (X/s) Q(sW) - XW = X ((Q(sW)/s) - W): compare in the original basis.
-        approx = [fake_quant_weight(w * s[:, None], method, group) / s[:, None] for w in weights]
-        tried.append((_output_error(x, weights, approx), a, s))
+        tried.append((sum(_scaled_error(x, w, s, method, group) for w in sampled), a, s))
     base = tried[0][0]  # a = 0: plain rounding
     loss, alpha, s = min(tried, key=lambda t: t[0])
     return s, alpha, loss / base if base > 0 else 1.0
@@ -222,15 +271,24 @@ def awq_clip(rows: np.ndarray, w: np.ndarray, method: QuantFormat, group: int) -
     """AWQ's clipping search: per block and output channel, the fraction of amax that minimises
     the block's contribution to the output error on the calibration rows."""
     blocks = w.shape[0] // group
-    # [blocks, rows, group]: each block's rows times its delta is one batched BLAS product
-    # (np.einsum's own loop took 3.5x as long at 2048 x 2048).
+    # A block's error over the rows is d^T (X_b^T X_b) d per output channel: each block's Gram
+    # [blocks, group, group] once, then one batched BLAS product per ratio (half the work of X_b d
+    # with 256 rows, and a third of the elementwise work; np.einsum's loop was 3.5x slower still).
     x = rows.astype(np.float32).reshape(rows.shape[0], blocks, group).transpose(1, 0, 2)
+    gram = np.matmul(x.transpose(0, 2, 1), x)
     best_err = np.full((blocks, w.shape[1]), np.inf, np.float32)
     best = np.ones((blocks, w.shape[1]), np.float32)
+    fast = method.weights in (DType.INT4, DType.INT8) and not bounded_pairs(method)
+    weight = _blocks(w, group)
+    amax = _block_amax(weight)
     for ratio in AWQ_CLIP_RATIOS:
         clip = np.full((blocks, w.shape[1]), ratio, np.float32)
-        delta = (fake_quant_weight(w, method, group, clip) - w).reshape(blocks, group, w.shape[1])
-        err = np.square(np.matmul(x, delta)).sum(axis=1)
+        if fast:  # the block maxima once, not per ratio
+            delta = _fake_quant_blocks(weight, amax * clip, qmax(method.weights)).reshape(weight.shape)
+        else:
+            delta = fake_quant_weight(w, method, group, clip).reshape(weight.shape)
+        delta -= weight
+        err = (np.matmul(gram, delta) * delta).sum(axis=1)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best = np.where(better, ratio, best)

@@ -140,6 +140,38 @@ def test_awq_search_never_loses_to_rounding_and_helps_outlier_channels() -> None
     assert float(np.square((x / s) @ clipped - x @ w).sum()) <= awq * (1 + 1e-6)
 
 
+def test_the_searches_fast_rounding_is_the_two_step_rounding_bit_for_bit() -> None:
+    """fake_quant_weight's one-buffer path for integer blocks against quantize then dequantize."""
+    rng = np.random.default_rng(3)
+    w = (rng.normal(size=(256, 48)) * 0.02).astype(np.float16)
+    w[:GROUP, 0] = 0  # an all-zero block: scale 1
+    clip = rng.uniform(0.5, 1.0, size=(256 // GROUP, 48)).astype(np.float32)
+    cases = [("int4-awq", GROUP, None), ("int4-awq", GROUP, clip), ("int4-rtn", 128, None), ("int8-wo", 0, None)]
+    for name, group, c in cases:  # int8-wo: per channel, the general path
+        method = METHODS.get(name)
+        scale = q.weight_scale(w, method, group, c)
+        slow = q.dequantize_weight(q.quantize_weight(w, scale, method, group), scale, method, group)
+        assert np.array_equal(q.fake_quant_weight(w, method, group, c), slow), (name, group)
+
+
+def test_awqs_exponent_search_scores_a_sample_of_a_wide_layers_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past AWQ_SCALE_COLUMNS output channels the search scores a fixed sample of them: exactly the
+    search on those channels alone, which still finds the salient input channel."""
+    rng = np.random.default_rng(4)
+    int4 = METHODS.get("int4-awq")
+    x = rng.normal(size=(64, 64)).astype(np.float32)
+    x[:, 7] *= 30.0
+    w = rng.normal(size=(64, 96)).astype(np.float32)
+    monkeypatch.setattr(q, "AWQ_SCALE_COLUMNS", 40)
+    sampled = q._some_columns(w)
+    assert sampled.shape == (64, 40) and all(any(np.array_equal(c, o) for o in w.T) for c in sampled.T)
+    part = q.awq_scale(x, np.abs(x).mean(axis=0), [w], int4, GROUP)
+    alone = q.awq_scale(x, np.abs(x).mean(axis=0), [sampled], int4, GROUP)
+    assert part[1] > 0 and part[2] < 0.8 and part[1:] == alone[1:]
+    narrow = w[:, :40]
+    assert q._some_columns(narrow) is narrow  # at the limit: every channel
+
+
 # -- graphs ---------------------------------------------------------------------------------------
 
 
