@@ -240,6 +240,44 @@ def test_a_signal_mid_run_stops_generate_and_compare(
     assert not [c for c in children if _alive(c)], "a child outlived the CLI"
 
 
+# Holds only the processes multiprocessing started (the ranks of optimize's rank check), from their
+# first ONNX Runtime call: the CLI itself runs its reference graph and then waits on them.
+HOLD_RANKS = HOLD_IN_ORT.replace(
+    'if _calls[0] >= int(os.environ["LLM2TRT_HOLD_AT"]):',
+    "import multiprocessing\n    if multiprocessing.parent_process() is not None:",
+)
+
+
+def test_sigterm_during_the_rank_check_leaves_nothing(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    """optimize --tp 2 stopped while its ranks run the check (the longest phase at 7B): exit 143, one
+    line, no artifact or staging directory, no rank left running."""
+    hold, out = tmp_path / "hold", tmp_path / "out"
+    hold.mkdir()
+    out.mkdir()
+    (hold / "sitecustomize.py").write_text(HOLD_RANKS)
+    args = [str(Path(sys.executable).parent / "llm2trt"), "optimize", str(artifacts["tiny:llama"])]
+    env = {**os.environ, "PYTHONPATH": str(hold), "LLM2TRT_HOLD_DIR": str(hold)}
+    proc = subprocess.Popen(
+        [*args, "--tp", "2", "-o", str(out / "tp2")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while len(_held(hold)) < 2:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the ranks never reached ONNX Runtime"
+        time.sleep(0.02)
+    children = _descendants(proc.pid)
+    assert set(_held(hold)) <= set(children)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.strip().splitlines()[-1] == "llm2trt: error: terminated (SIGTERM)"
+    assert [p.name for p in out.iterdir() if not p.name.endswith(".lock")] == []
+    deadline = time.monotonic() + 10
+    while any(_alive(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [c for c in children if _alive(c)], "a rank outlived the CLI"
+
+
 def _fill(arg: str, places: dict[str, str]) -> str:
     for key, value in places.items():
         arg = arg.replace(key, value)

@@ -207,7 +207,10 @@ def _stage(out: Path) -> Iterator[Path]:
         yield stage
     except BaseException:
         if stage is not None:
-            shutil.rmtree(stage, ignore_errors=True)
+            # A second Ctrl-C or SIGTERM waits for the removal: raised inside rmtree, it would leave
+            # the rest of a large staging directory behind (a 7B split takes seconds to remove).
+            with _signals_held():
+                shutil.rmtree(stage, ignore_errors=True)
         raise
     old: Path | None = None
     if out.exists():

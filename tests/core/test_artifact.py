@@ -144,6 +144,35 @@ def test_a_signal_as_a_scratch_directory_appears_leaves_nothing(
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
 
 
+def test_a_second_signal_during_the_cleanup_still_removes_everything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run failing (or stopped) with a large staging directory is removing it when a second Ctrl-C
+    comes: the removal finishes, then the signal is raised."""
+    import signal
+    import threading
+
+    removed: list[bool] = []
+    rmtree = shutil.rmtree
+
+    def interrupted_midway(path: Any, *args: Any, **kwargs: Any) -> None:
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # taken at the next bytecode
+        rmtree(path, *args, **kwargs)
+        removed.append(True)
+
+    monkeypatch.setattr(shutil, "rmtree", interrupted_midway)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), staged_output(tmp_path / "out", force=False) as stage:
+            for i in range(50):
+                (stage / f"part-{i}").write_bytes(b"x" * 1000)
+            raise RuntimeError("the run failed")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert removed == [True]
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+
+
 def test_load_rejects_garbage(tmp_path: Path) -> None:
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"")
