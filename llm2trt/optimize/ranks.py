@@ -183,10 +183,12 @@ def _probe_task(ctx: RankContext, prompts: list[list[int]], tokens: np.ndarray, 
 def check_ranks(artifact: Path, before: tuple[GraphSpec, Path], config: Any, policy: TolerancePolicy) -> NumericCheck:
     """Every rank together (the harness, gloo) against the input graph, step by step."""
     from llm2trt.backends.onnxruntime.ranks import run_ranks
+    from llm2trt.core.memory import trim_heap
     from llm2trt.optimize.check import DecodeProbe
 
     probe = DecodeProbe.of(config)
     reference = probe.run_graph(*before)
+    trim_heap()  # the reference run's freed segments, before the ranks start beside this process
     task = functools.partial(_probe_task, prompts=probe.prompts, tokens=probe.tokens, capacity=probe.capacity)
     got = run_ranks(artifact, task)
     return probe.verdict(reference, got, policy)

@@ -382,6 +382,9 @@ def _rank_main(
     import torch
     import torch.distributed as dist
 
+    from llm2trt.core.memory import return_freed_buffers
+
+    return_freed_buffers()  # a spawned rank starts with glibc's defaults: segments' weights would stay in its heap
     names = [p if isinstance(p, str) else p[0] for p in providers]
     cuda = CUDA in names and torch.cuda.is_available()
     gpus = torch.cuda.device_count() if cuda else 0
