@@ -45,9 +45,21 @@ def session(model: str | bytes, library: str | None, provider: str = "CUDAExecut
 def sessions(onnx_path: str) -> tuple[Any, Any]:
     from llm2trt.plugins import ort_library as ort_kernels
 
+    start = time.perf_counter()
     library = str(ort_kernels.library(ort_kernels.device_arch()))
-    print(f"library: {library}")
-    return session(onnx_path, library), session(onnx_path, None)
+    note(f"library: {library} ({time.perf_counter() - start:.0f} s)")
+    start = time.perf_counter()
+    kernels = session(onnx_path, library)
+    note(f"{onnx_path}: session with the library in {time.perf_counter() - start:.0f} s")
+    start = time.perf_counter()
+    bodies = session(onnx_path, None)
+    note(f"{onnx_path}: session of the bodies in {time.perf_counter() - start:.0f} s")
+    return kernels, bodies
+
+
+def note(line: str) -> None:
+    """Progress on stderr, at once: a run stopped by a timeout still shows how far it came."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def feeds_for(session: Any, batch: int, seq: int, past: int, capacity: int, rng: Any) -> dict[str, np.ndarray]:
@@ -71,8 +83,15 @@ def feeds_for(session: Any, batch: int, seq: int, past: int, capacity: int, rng:
     return feeds
 
 
-def timed(session: Any, feeds: dict[str, np.ndarray], runs: int = 20) -> tuple[list[np.ndarray], float]:
+def timed(
+    session: Any, feeds: dict[str, np.ndarray], runs: int = 20, seconds: float = 1.0
+) -> tuple[list[np.ndarray], float]:
+    """The outputs of a first run, and ms per run over at most `runs` more (fewer where a run is
+    slow, as a body that runs partly on the host is: about `seconds` in all, at least 2)."""
+    start = time.perf_counter()
     out = session.run(None, feeds)
+    first = time.perf_counter() - start
+    runs = max(2, min(runs, int(seconds / max(first, 1e-6))))
     start = time.perf_counter()
     for _ in range(runs):
         session.run(None, feeds)
@@ -103,6 +122,7 @@ def check(artifact: Path) -> list[str]:
         err = float(np.abs(got[0].astype(np.float32) - want[0].astype(np.float32)).max()) / scale
         same = float((got[0].argmax(-1) == want[0].argmax(-1)).mean())
         rows.append(f"{artifact.name:<34} {label:<12} {err:>10.2e} {same:>9.0%} {ms_k:>10.3f} {ms_b:>10.3f}")
+        print(rows[-1], flush=True)  # as measured: the table is the rows printed so far
     return rows
 
 
@@ -354,11 +374,15 @@ def main() -> int:
         lines += attention_rows(np.float16, provider) + attention_rows(np.float32, provider)
     if args.ops or args.int8_cache:
         lines += [INT8_HEADER, *int8_cache_rows(np.float16, provider), *int8_cache_rows(np.float32, provider)]
-    if args.artifacts:
-        lines += [f"{'artifact':<34} {'run':<12} {'rel. err':>10} {'argmax =':>9} {'kernels ms':>10} {'bodies ms':>10}"]
+    if lines:
+        print("\n".join(lines), flush=True)
+    if args.artifacts:  # each row printed as it is measured (a 1.1B graph's sessions take a while)
+        print(f"{'artifact':<34} {'run':<12} {'rel. err':>10} {'argmax =':>9} {'kernels ms':>10} {'bodies ms':>10}")
     for artifact in args.artifacts:
-        lines += check(artifact)
-    print("\n".join(lines))
+        if not (artifact / "manifest.json").is_file():
+            print(f"{artifact!s:<34} not an artifact (no manifest.json)", flush=True)
+            continue
+        check(artifact)
     return 0
 
 

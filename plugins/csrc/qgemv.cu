@@ -16,6 +16,11 @@
 //    per warp, its 1 / rms scaling the dot products (as in gemv.cu). Reading X straight from
 //    global memory per thread instead costs a block its slots times the L2 traffic (each slot
 //    re-reads X: 4x for INT4 at K 2048), which made the norm layers the slowest.
+//  - LLM2TRT_NBITS_DIRECT=1 chooses the X path per op: an op with neither norm nor skip (o_proj,
+//    down_proj) reads its own chunks of X into registers right after the wait and keeps them for
+//    every tile (DIRECT: no staging, no shared memory for X, no barrier before the first dot
+//    products); the norm ops stage X as above (their sum of squares needs the whole row anyway).
+//    Off by default until it is checked and timed on a GPU (scripts/gpu_nbits.sh).
 //  - A block is `cols` threads across K (a power of two covering the row's 16-byte chunks once, or
 //    twice: CI) by slots; each slot reads RJ rows a tile (2 RJ for SwiGLU), so a thread has RJ * CI
 //    loads in flight (twice that for SwiGLU); RJ is the most (up to LOADS) that leaves a tile for every
@@ -69,6 +74,12 @@ namespace {
 #endif
 #ifndef LLM2TRT_NBITS_HALF
 #define LLM2TRT_NBITS_HALF 3  // float16 X: the dot products in half2 for INT4 (bit 0), INT8 (bit 1)
+#endif
+#ifndef LLM2TRT_NBITS_DIRECT
+#define LLM2TRT_NBITS_DIRECT 0  // 1: ops without norm or skip read X into registers, unstaged; 0: all stage X
+#endif
+#ifndef LLM2TRT_NBITS_GRID
+#define LLM2TRT_NBITS_GRID 0  // 0: the fewest blocks with an equal count of tiles; 1: every resident block
 #endif
 
 constexpr int kQWarps = 8;
@@ -195,6 +206,26 @@ __device__ __forceinline__ float dot_int8_half(const uint4& v, const uint32_t (&
   return (e.x + e.y) + (o.x + o.y);
 }
 
+// A 16-byte vector of X (VEC values, skip-added and times Gamma, in float) as the dot products read
+// it, at element e0 of its chunk: float16 math, pairs in half2 times 1 / kUnscale (INT4: elements p
+// and p + 4 of a word, INT8: 2p and 2p + 1); float math, each value (INT4: times nibble_scale).
+template <int BITS, bool HALF, int VEC>
+__device__ __forceinline__ void x_registers(const float (&v)[VEC], int e0, uint32_t (&r)[HALF ? VEC / 2 : VEC]) {
+  constexpr float kUnscale = HALF ? (BITS == 4 ? 16.f : 256.f) : 1.f;
+  if constexpr (HALF && BITS == 4) {
+#pragma unroll
+    for (int p = 0; p < 4; ++p)  // pair p: elements p and p + 4 of the word
+      r[p] = h2_bits(__floats2half2_rn(v[p] * (1.f / kUnscale), v[p + 4] * (1.f / kUnscale)));
+  } else if constexpr (HALF) {
+#pragma unroll
+    for (int p = 0; p < 4; ++p)
+      r[p] = h2_bits(__floats2half2_rn(v[2 * p] * (1.f / kUnscale), v[2 * p + 1] * (1.f / kUnscale)));
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) r[e] = __float_as_uint(BITS == 4 ? v[e] * nibble_scale(e0 + e) : v[e]);
+  }
+}
+
 // The staged X a thread's chunk i reads: XR registers a chunk in 16-byte groups, [CI][XR / 4][cols],
 // so that a warp's 32 columns read 512 contiguous bytes.
 template <int XR>
@@ -208,7 +239,10 @@ __device__ __forceinline__ int staged_at(int ci, int group, int col, int cols) {
 // later, for SwiGLU); thread t < tile_rows adds the partials of row r = t / slots, s = t % slots.
 // Needs K a multiple of E, the block size a multiple of E (a chunk lies in one block), 16-byte
 // aligned W, X, Skip, Gamma and Sum, and cols * CI >= K / E.
-template <typename T, typename Y, int BITS, bool NORM, bool SKIP, bool SWIGLU, int RJ, int CI, int NT>
+// DIRECT (no norm, no skip): no staging; each thread reads its own chunks of X into registers once,
+// after the wait (a block's slots read the same X: L1 serves the repeats), and keeps them for every
+// tile. No shared memory for X and no barrier before the first dot products.
+template <typename T, typename Y, int BITS, bool NORM, bool SKIP, bool SWIGLU, int RJ, int CI, int NT, bool DIRECT>
 __global__ void __launch_bounds__(NT)
     nbits_row_kernel(const T* __restrict__ x, const T* __restrict__ skip, const T* __restrict__ gamma,
                      const uint8_t* __restrict__ w, const T* __restrict__ scales, const uint8_t* __restrict__ zeros,
@@ -221,6 +255,7 @@ __global__ void __launch_bounds__(NT)
   constexpr int VEC = 16 / sizeof(T);
   constexpr int VR = HALF ? VEC / 2 : VEC;  // registers a 16-byte vector of X becomes
   constexpr float kUnscale = HALF ? (BITS == 4 ? 16.f : 256.f) : 1.f;  // X is staged times 1 / kUnscale
+  static_assert(!DIRECT || (!NORM && !SKIP), "X in registers: ops without norm or skip");
   extern __shared__ uint4 staged[];
   __shared__ float partial[2][NT / 32][P];
   __shared__ float squares_of[NT / 32];
@@ -256,6 +291,7 @@ __global__ void __launch_bounds__(NT)
       }
     }
   };
+  uint32_t xd[DIRECT ? CI : 1][DIRECT ? XR : 1];  // DIRECT: the thread's chunks of X
   auto dots = [&](const Loads& l, float (&acc)[P]) {
 #pragma unroll
     for (int q = 0; q < P; ++q) acc[q] = 0.f;
@@ -263,10 +299,15 @@ __global__ void __launch_bounds__(NT)
     for (int i = 0; i < CI; ++i) {
       if (col + cols * i >= chunks) continue;  // the columns past K (uniform but for one warp)
       uint32_t xr[XR];
+      if constexpr (DIRECT) {
 #pragma unroll
-      for (int g = 0; g < XR / 4; ++g) {
-        const uint4 v = staged[staged_at<XR>(i, g, col, cols)];
-        xr[4 * g] = v.x, xr[4 * g + 1] = v.y, xr[4 * g + 2] = v.z, xr[4 * g + 3] = v.w;
+        for (int e = 0; e < XR; ++e) xr[e] = xd[i][e];
+      } else {
+#pragma unroll
+        for (int g = 0; g < XR / 4; ++g) {
+          const uint4 v = staged[staged_at<XR>(i, g, col, cols)];
+          xr[4 * g] = v.x, xr[4 * g + 1] = v.y, xr[4 * g + 2] = v.z, xr[4 * g + 3] = v.w;
+        }
       }
 #pragma unroll
       for (int q = 0; q < P; ++q) {
@@ -323,6 +364,31 @@ __global__ void __launch_bounds__(NT)
   issue(a, tile);                 // the weights do not depend on the kernel before; X does
   if (early) wait_for_inputs();
 
+  if constexpr (DIRECT) {  // the thread's chunks: E / VEC vectors each, all loads in flight first
+    uint4 xv[CI][E / VEC];
+#pragma unroll
+    for (int i = 0; i < CI; ++i) {
+      const int c = col + cols * i;
+#pragma unroll
+      for (int u = 0; u < E / VEC; ++u)
+        if (c < chunks) xv[i][u] = __ldg(reinterpret_cast<const uint4*>(x) + size_t(c) * (E / VEC) + u);
+    }
+#pragma unroll
+    for (int i = 0; i < CI; ++i) {
+#pragma unroll
+      for (int u = 0; u < E / VEC; ++u) {
+        if (col + cols * i >= chunks) continue;
+        const T* xe = reinterpret_cast<const T*>(&xv[i][u]);
+        float v[VEC];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) v[e] = to_float(xe[e]);
+        uint32_t r[VR];
+        x_registers<BITS, HALF, VEC>(v, u * VEC, r);
+#pragma unroll
+        for (int t = 0; t < VR; ++t) xd[i][u * VR + t] = r[t];  // group u of the chunk's XR registers
+      }
+    }
+  } else {
   // Stage X: 16-byte vectors, SV of them (of X, Skip and Gamma) a thread in flight at once.
   constexpr int SV = SKIP || NORM ? 2 : 4;
   const int vectors = k / VEC;
@@ -365,18 +431,7 @@ __global__ void __launch_bounds__(NT)
       if (writes_sum) reinterpret_cast<uint4*>(sum)[q] = out;
       const int c = q / (E / VEC), e0 = (q % (E / VEC)) * VEC;  // the vector's chunk and offset in it
       uint32_t r[VR];
-      if constexpr (HALF && BITS == 4) {
-#pragma unroll
-        for (int p = 0; p < 4; ++p)  // pair p: elements p and p + 4 of the word
-          r[p] = h2_bits(__floats2half2_rn(v[p] * (1.f / kUnscale), v[p + 4] * (1.f / kUnscale)));
-      } else if constexpr (HALF) {
-#pragma unroll
-        for (int p = 0; p < 4; ++p)
-          r[p] = h2_bits(__floats2half2_rn(v[2 * p] * (1.f / kUnscale), v[2 * p + 1] * (1.f / kUnscale)));
-      } else {
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) r[e] = __float_as_uint(BITS == 4 ? v[e] * nibble_scale(e0 + e) : v[e]);
-      }
+      x_registers<BITS, HALF, VEC>(v, e0, r);
       const int first = (HALF ? e0 / 2 : e0) / 4;  // the vector's first 16-byte group in its chunk
 #pragma unroll
       for (int g = 0; g < VR / 4; ++g)
@@ -389,6 +444,7 @@ __global__ void __launch_bounds__(NT)
     if (lane == 0) squares_of[warp] = squares;
   }
   __syncthreads();
+  }
 
   float acc[P];
   int next = tile + int(gridDim.x);
@@ -483,10 +539,15 @@ size_t staged_bytes(const Shape& s, int bits, bool half) {
   return size_t(s.ci) * registers * 4 * s.cols;
 }
 
+// X read directly (no staging) where the op has neither norm nor skip (LLM2TRT_NBITS_DIRECT).
+template <bool NORM, bool SKIP>
+constexpr bool kDirect = LLM2TRT_NBITS_DIRECT != 0 && !NORM && !SKIP;
+
 template <typename T, typename Y, int BITS, bool NORM, bool SKIP, bool SWIGLU, int RJ, int CI, int NT>
 void launch_nbits(const Args& a, const Shape& s, bool early, cudaStream_t stream) {
-  auto kernel = nbits_row_kernel<T, Y, BITS, NORM, SKIP, SWIGLU, RJ, CI, NT>;
-  const size_t shared = staged_bytes(s, BITS, HalfMath<T, BITS>::value);
+  constexpr bool direct = kDirect<NORM, SKIP>;
+  auto kernel = nbits_row_kernel<T, Y, BITS, NORM, SKIP, SWIGLU, RJ, CI, NT, direct>;
+  const size_t shared = direct ? 0 : staged_bytes(s, BITS, HalfMath<T, BITS>::value);
   static const bool opted = [&] {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, staged_limit());
     return true;
@@ -505,10 +566,13 @@ void launch_nbits(const Args& a, const Shape& s, bool early, cudaStream_t stream
   const int per_sm = LLM2TRT_NBITS_BLOCKS > 0 ? std::min(LLM2TRT_NBITS_BLOCKS, last_blocks) : last_blocks;
   const int64_t tile_rows = int64_t(s.threads / s.cols) * RJ;
   const int64_t tiles = (a.n_out + tile_rows - 1) / tile_rows;
-  // As many blocks as run at once at most, each with the same count of tiles (or one less).
-  const int64_t rounds = (tiles + int64_t(multiprocessors()) * per_sm - 1) / (int64_t(multiprocessors()) * per_sm);
+  // As many blocks as run at once at most, each with the same count of tiles (or one less); GRID 1:
+  // every block that runs at once (the same where a block has one tile: all but the widest layers).
+  const int64_t resident = int64_t(multiprocessors()) * per_sm;
+  const int64_t rounds = (tiles + resident - 1) / resident;
+  const int64_t grid = LLM2TRT_NBITS_GRID == 1 ? std::min(tiles, resident) : (tiles + rounds - 1) / rounds;
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(unsigned((tiles + rounds - 1) / rounds));
+  config.gridDim = dim3(unsigned(grid));
   config.blockDim = dim3(unsigned(s.threads));
   config.dynamicSmemBytes = shared;
   config.stream = stream;
