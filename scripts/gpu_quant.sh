@@ -76,6 +76,15 @@ newlib() {  # the tried sources' library checked and timed against the committed
         timeout "$(left "${1:-0}")" bash scripts/gpu_nbits.sh new committed $others)
     cp "$O/new/nbits.log" "$O/nbits-new.log" 2>/dev/null
 }
+
+# The card, then the NBits check `early` started (until second $1 at most), then a folder for new libraries.
+await_nbits() {
+    cat "$O/card.txt"
+    while [ ! -f "$O/nbits.done" ] && [ "$SECONDS" -lt "$1" ]; do sleep 5; done
+    echo "waited until $SECONDS s for the NBits check"
+    cat "$O/nbits.log"
+    mkdir -p "$O/new"
+}
 case "$stage" in
 copy)
     ls /tmp/parts | tr '\n' ' '
@@ -166,11 +175,7 @@ graphs)
     export PYTHONPATH=$VIEW:/tmp/site:/tmp/site-small
     cuda_libs
     budget=${2:-560}
-    cat "$O/card.txt"
-    while [ ! -f "$O/nbits.done" ] && [ "$SECONDS" -lt $((budget - 200)) ]; do sleep 5; done
-    echo "waited until $SECONDS s for the NBits check"
-    cat "$O/nbits.log"
-    mkdir -p "$O/new"
+    await_nbits $((budget - 200))
     if [ -f "$O/prep.done" ] || [ ! -d /tmp/newtree ]; then
         graphs 0; newlib 0
     else  # the kernels' timing while the graphs are still being made (GPU idle), 240 s kept for them
@@ -180,11 +185,7 @@ graphs)
 kernels)  # no onnxruntime: the NBits check `early` started, then /tmp/newtree's libraries against it
     export PYTHONPATH=$VIEW:/tmp/site-small
     budget=${2:-420}
-    cat "$O/card.txt"
-    while [ ! -f "$O/nbits.done" ] && [ "$SECONDS" -lt $((budget - 120)) ]; do sleep 5; done
-    echo "waited until $SECONDS s for the NBits check"
-    cat "$O/nbits.log"
-    mkdir -p "$O/new"
+    await_nbits $((budget - 120))
     newlib 0
     ;;
 kvbench)
