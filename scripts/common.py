@@ -141,8 +141,8 @@ QWEN3_MOE_2B = {
 }
 # --model name -> (transformers config class, causal-LM class, config): random-weight checkpoints.
 # The 7B Llama shape of the scale runs (issue 29): 32 layers, hidden 4096, 32/8 heads, vocabulary
-# 32000: 5.93B parameters (8 KV heads: Llama 2's 6.74B has 32), 11.87 GB in fp16. Written tensor by tensor (STREAMED_CHECKPOINTS), never
-# whole in memory: the 24 GB machine could not hold a float32 model of it.
+# 32000: 5.93B parameters (8 KV heads: Llama 2's 6.74B has 32), 11.87 GB in fp16. Written tensor by
+# tensor (STREAMED_CHECKPOINTS), never whole in memory: the 24 GB machine could not hold a float32 model of it.
 LLAMA_7B = {
     **LLAMA_1B,
     "num_hidden_layers": 32,
