@@ -122,8 +122,13 @@ def dequantize_weight(q: np.ndarray, scale: np.ndarray, method: QuantFormat, gro
     return out
 
 
+def _integer_blocks(method: QuantFormat) -> bool:
+    """Whether `_fake_quant_blocks` rounds this method's weights: integer codes in blocks, no pair limit."""
+    return method.blockwise and method.weights in (DType.INT4, DType.INT8) and not bounded_pairs(method)
+
+
 def fake_quant_weight(w: np.ndarray, method: QuantFormat, group: int, clip: np.ndarray | None = None) -> np.ndarray:
-    if method.blockwise and method.weights in (DType.INT4, DType.INT8) and not bounded_pairs(method):
+    if _integer_blocks(method):
         blocks = _blocks(w, group)
         amax = _block_amax(blocks)
         return _fake_quant_blocks(blocks, amax * clip if clip is not None else amax, qmax(method.weights))
@@ -278,7 +283,7 @@ def awq_clip(rows: np.ndarray, w: np.ndarray, method: QuantFormat, group: int) -
     gram = np.matmul(x.transpose(0, 2, 1), x)
     best_err = np.full((blocks, w.shape[1]), np.inf, np.float32)
     best = np.ones((blocks, w.shape[1]), np.float32)
-    fast = method.weights in (DType.INT4, DType.INT8) and not bounded_pairs(method)
+    fast = _integer_blocks(method)
     weight = _blocks(w, group)
     amax = _block_amax(weight)
     for ratio in AWQ_CLIP_RATIOS:

@@ -10,33 +10,34 @@ _M_MMAP_THRESHOLD = -3  # glibc malloc.h
 
 
 @functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, loaded once (with errno kept for madvise); None where it cannot be found."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        return ctypes.CDLL(name, use_errno=True)
+    except OSError:
+        return None
+
+
+@functools.cache
 def return_freed_buffers(threshold: int = 1 << 20) -> bool:
     """Allocate buffers over `threshold` bytes with their own mappings, returned to the system when
     freed. glibc otherwise raises its threshold to the largest buffer freed so far, so after the
     first weights a pass reads and drops, later ones come from the heap and stay in the process:
     `optimize --tp 2` on a 2.2 GB model peaked at 3.3 GB where its live arrays were 1.1 GB.
     False where the C library is not glibc (nothing changes)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, threshold))
+    mallopt = getattr(_libc(), "mallopt", None)
+    return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, threshold))
 
 
 def trim_heap() -> bool:
     """Give the heap's free pages back to the system (glibc's malloc_trim): before a phase that
     starts other processes, so this one's high-water mark from the phase before does not stay
     resident beside them. False where the C library is not glibc."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        return bool(ctypes.CDLL(name).malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    malloc_trim = getattr(_libc(), "malloc_trim", None)
+    return malloc_trim is not None and bool(malloc_trim(0))
 
 
 _MADV_DONTNEED = 4  # linux/mman.h
@@ -64,10 +65,10 @@ def drop_mapped_pages(spans: list[tuple[int, int]], suffix: str = ".safetensors"
     lost; only spans inside such file mappings are touched (never anonymous memory, which would be
     zeroed). Returns the bytes dropped."""
     mappings = _file_mappings(suffix)
-    name = ctypes.util.find_library("c")
-    if not mappings or name is None:
+    libc = _libc()
+    if not mappings or libc is None:
         return 0
-    madvise = ctypes.CDLL(name, use_errno=True).madvise
+    madvise = libc.madvise
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     dropped = 0
     for addr, length in spans:

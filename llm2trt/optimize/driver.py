@@ -407,9 +407,6 @@ def _optimize_split(
         if target.kv_cache is None and manifest.graphs[name].kv_cache is None:
             verdict = NumericCheck(False, "split graphs are checked as decoders; this one has no KV cache")
         else:
-            from llm2trt.core.memory import trim_heap
-
-            trim_heap()  # the split's freed slices, before the ranks start beside this process
             with step(f"checking the {parts} together against the input (ONNX Runtime + gloo)"):
                 before = (manifest.graphs[name], manifest.onnx_path(artifact, name))
                 verdict = check_ranks(stage, before, job.config, job.tolerance)

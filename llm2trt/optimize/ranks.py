@@ -188,7 +188,7 @@ def check_ranks(artifact: Path, before: tuple[GraphSpec, Path], config: Any, pol
 
     probe = DecodeProbe.of(config)
     reference = probe.run_graph(*before)
-    trim_heap()  # the reference run's freed segments, before the ranks start beside this process
+    trim_heap()  # the split's freed slices and the reference run's segments, before the ranks start beside us
     task = functools.partial(_probe_task, prompts=probe.prompts, tokens=probe.tokens, capacity=probe.capacity)
     got = run_ranks(artifact, task)
     return probe.verdict(reference, got, policy)
