@@ -113,7 +113,8 @@ def reference(args: argparse.Namespace) -> int:
 
 def compare(args: argparse.Namespace) -> int:
     from llm2trt.core.manifest import Manifest
-    from llm2trt.generate.driver import Sampling, generate
+    from llm2trt.core.sampling import Sampling
+    from llm2trt.generate.driver import generate
 
     ref = json.loads(args.ref.read_text())
     providers = ["CUDAExecutionProvider"] if args.provider == "cuda" else ["CPUExecutionProvider"]

@@ -64,7 +64,8 @@ def compare(
     artifact: Path, ref: list[list[int]], margins: list[list[float]], alone: bool = False
 ) -> list[dict[str, object]]:
     from llm2trt.core.manifest import Manifest
-    from llm2trt.generate.driver import Sampling, generate
+    from llm2trt.core.sampling import Sampling
+    from llm2trt.generate.driver import generate
 
     def run(prompts: list[str]) -> Any:
         return generate(

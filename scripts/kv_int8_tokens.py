@@ -26,7 +26,8 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/kv8"))
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
-    from llm2trt.generate.driver import Sampling, generate
+    from llm2trt.core.sampling import Sampling
+    from llm2trt.generate.driver import generate
 
     forms = {"float cache": [], "int8 cache": ["--kv-dtype", "int8"]}
     made = {}

@@ -35,7 +35,8 @@ def _tp1(artifact: Path, providers: list[str]) -> dict[str, Any]:
 
     from llm2trt.backends.decoder import open_session
     from llm2trt.backends.onnxruntime.ranks import Collectives, RankExecutor
-    from llm2trt.generate.driver import Sampling, generate_ids
+    from llm2trt.core.sampling import Sampling
+    from llm2trt.generate.driver import generate_ids
 
     manifest, graph, onnx_path = artifact_graph(artifact)
     cuda = "CUDAExecutionProvider" in providers
@@ -53,7 +54,8 @@ def _tp1(artifact: Path, providers: list[str]) -> dict[str, Any]:
 def _rank_timed(rank: Any, eos: list[int]) -> tuple[list[list[int]], list[str], tuple[float, float, int]]:
     """In every rank process: a warm-up generate, then the timed one, on the same sessions and
     communicators (a second `generate` call would spawn cold processes)."""
-    from llm2trt.generate.driver import Sampling, generate_ids
+    from llm2trt.core.sampling import Sampling
+    from llm2trt.generate.driver import generate_ids
 
     # The rank's default graph: the artifacts this script makes hold one graph, the decoder.
     session = rank.session(rank.manifest.graph(), capacity=len(PROMPT_IDS) + NEW_TOKENS)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from llm2trt.generate.driver import Sampling, generate_ids
+from llm2trt.core.sampling import Sampling
+from llm2trt.generate.driver import generate_ids
 
 if TYPE_CHECKING:
     from llm2trt.backends.onnxruntime.ranks import RankContext

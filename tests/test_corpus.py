@@ -517,6 +517,33 @@ CASES: list[Case] = [
         lambda ws: ["inspect", relocate_weights(ws.copy("tiny:llama"), "symlink")],
         "a link leading outside the artifact",
     ),
+    # serve
+    Case(
+        "serve/encoder-artifact",
+        lambda ws: ["serve", ws.art("tiny:bert"), "--port", "0"],
+        "serve needs a decoder artifact; this one is bert (feature-extraction)",
+        json=True,
+    ),
+    Case(
+        "serve/no-kv-cache",
+        lambda ws: ["serve", ws.art("nokv"), "--port", "0"],
+        "this artifact has no KV cache",
+    ),
+    Case(
+        "serve/api-key-variable-unset",
+        lambda ws: ["serve", ws.art("tiny:llama"), "--api-key-env", "LLM2TRT_NO_SUCH_KEY"],
+        "--api-key-env: the environment variable LLM2TRT_NO_SUCH_KEY is not set or empty",
+    ),
+    Case(
+        "serve/address-not-here",
+        lambda ws: ["serve", ws.art("tiny:llama"), "--host", "203.0.113.7", "--port", "0"],
+        "cannot listen on 203.0.113.7:0: Cannot assign requested address",
+    ),
+    Case(
+        "serve/port-out-of-range",
+        lambda ws: ["serve", ws.art("tiny:llama"), "--port", "70000"],
+        "Invalid value for '--port'",
+    ),
     # generate
     Case(
         "generate/encoder-artifact",

@@ -15,7 +15,8 @@ from llm2trt.convert.sources import source_from_info
 from llm2trt.convert.tokenizer import load_tokenizer, windows_of
 from llm2trt.core.dtypes import DType
 from llm2trt.core.manifest import Manifest
-from llm2trt.generate.driver import Sampling, generate
+from llm2trt.core.sampling import Sampling
+from llm2trt.generate.driver import generate
 from tests.conftest import cli_artifact, run_json
 from tests.test_generate import _zen, hf_generate
 

@@ -13,8 +13,9 @@ import torch
 from llm2trt.convert.sources import resolve_model, source_from_info
 from llm2trt.core.dtypes import DType
 from llm2trt.core.manifest import Manifest
+from llm2trt.core.sampling import Sampling
 from llm2trt.exporters import get_spec
-from llm2trt.generate.driver import Sampling, generate
+from llm2trt.generate.driver import generate
 from tests.conftest import assert_clean_failure, run_cli, run_json
 
 NEW = 32

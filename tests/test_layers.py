@@ -35,7 +35,7 @@ LAYERS = {
     "llm2trt/backends": ("llm2trt.backends", _BELOW_STAGES),
     **{
         f"llm2trt/{stage}": (f"llm2trt.{stage}", (*_BELOW_STAGES, f"llm2trt.{stage}"))
-        for stage in ("optimize", "build", "compare", "generate", "inspect")
+        for stage in ("optimize", "build", "compare", "generate", "serve", "inspect")
     },
 }
 

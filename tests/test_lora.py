@@ -15,7 +15,8 @@ import torch
 from llm2trt.convert.sources import resolve_model
 from llm2trt.core.dtypes import DType
 from llm2trt.core.manifest import Manifest
-from llm2trt.generate.driver import Sampling, generate
+from llm2trt.core.sampling import Sampling
+from llm2trt.generate.driver import generate
 from tests.conftest import CC, assert_clean_failure, run_cli, run_json
 from tests.test_generate import NEW, hf_generate
 

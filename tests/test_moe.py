@@ -16,7 +16,8 @@ from onnx import helper
 from llm2trt.convert.sources import resolve_model
 from llm2trt.core.dtypes import DType
 from llm2trt.core.manifest import Manifest
-from llm2trt.generate.driver import Sampling, generate
+from llm2trt.core.sampling import Sampling
+from llm2trt.generate.driver import generate
 from llm2trt.passes.moe import moe_function_proto
 from llm2trt.passes.ort_op_table import DOMAIN, MOE, VERSION
 from tests.conftest import assert_clean_failure, run_cli, run_json

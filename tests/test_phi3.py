@@ -21,8 +21,9 @@ import transformers
 from llm2trt.backends.decoder import DecoderSession
 from llm2trt.convert.sources import resolve_model
 from llm2trt.core.dtypes import DType
+from llm2trt.core.sampling import Sampling
 from llm2trt.exporters.phi3 import Phi3Spec
-from llm2trt.generate.driver import Sampling, generate, generate_ids
+from llm2trt.generate.driver import generate, generate_ids
 from tests.conftest import assert_clean_failure, run_cli, run_json
 from tests.test_generate import hf_generate
 

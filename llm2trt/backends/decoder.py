@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llm2trt.core.errors import InputError
-from llm2trt.core.kv import SEQLENS_K, TOTAL_SEQUENCE_LENGTH, KVLayout
+from llm2trt.core.kv import BATCH, SEQLENS_K, SEQUENCE, TOTAL_SEQUENCE_LENGTH, KVLayout
 from llm2trt.core.log import plural
 from llm2trt.core.lora import NO_ADAPTER, AdapterBatch
-from llm2trt.core.manifest import GraphSpec
+from llm2trt.core.manifest import GraphSpec, Manifest
 
 Feeds = dict[str, np.ndarray]
 Executor = Callable[[Feeds], dict[str, np.ndarray]]
@@ -257,6 +257,40 @@ class GqaSession(FixedSession):
     def _counters(self, lengths: np.ndarray) -> Feeds:
         seqlens = (lengths - 1).astype(np.int32)
         return {SEQLENS_K: seqlens, TOTAL_SEQUENCE_LENGTH: np.asarray(int(lengths.max()), dtype=np.int32)}
+
+
+def decoder_graph(manifest: Manifest, command: str = "generate") -> GraphSpec:
+    if manifest.task != "text-generation":
+        raise InputError(f"{command} needs a decoder artifact; this one is {manifest.architecture} ({manifest.task})")
+    graph = next((g for g in manifest.graphs.values() if g.kv_cache is not None), None)
+    if graph is None:
+        raise InputError(
+            "this artifact has no KV cache (converted with --no-kv-cache?): convert again, or add one with "
+            "`llm2trt optimize IN -o OUT --kv-cache`"
+        )
+    return graph
+
+
+def check_ids(manifest: Manifest, prompts: list[list[int]]) -> None:
+    """Refuse token ids the embedding has no row for: ONNX Runtime would fail deep in a Gather
+    (an internal error), and a negative id would quietly index from the end."""
+    vocab = manifest.model_config.get("vocab_size")
+    if not isinstance(vocab, int) or isinstance(vocab, bool):
+        return
+    bad = sorted({i for prompt in prompts for i in prompt if not 0 <= i < vocab})
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        raise InputError(f"token ids outside this model's vocabulary of {vocab} (0 to {vocab - 1}): {shown}")
+
+
+def position_limit(graph: GraphSpec, manifest: Manifest) -> int | None:
+    """The most positions (prompt + new tokens) a sequence may hold: the graph's profiles' cache
+    dims and the model's own position table; None where neither says."""
+    limits = [r.max for d, r in graph.dims.items() if d not in (BATCH, SEQUENCE)]
+    positions = manifest.model_config.get("max_position_embeddings") or manifest.model_config.get("n_positions")
+    if positions:
+        limits.append(int(positions))
+    return min(limits) if limits else None
 
 
 def _layout(graph: GraphSpec) -> KVLayout:

@@ -59,7 +59,7 @@ def generate(
     adapters: tuple[str, ...],
 ) -> None:
     """Generate text from a decoder ARTIFACT (greedy unless --temperature); tokens stream as they come."""
-    from llm2trt.generate.driver import Sampling
+    from llm2trt.core.sampling import Sampling
     from llm2trt.generate.driver import generate as run_generate
 
     sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed)

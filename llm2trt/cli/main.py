@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 import click
 
 from llm2trt import __version__
-from llm2trt.cli import build, compare, convert, generate, inspect, optimize
+from llm2trt.cli import build, compare, convert, generate, inspect, optimize, serve
 from llm2trt.cli.options import COMMON, Context
 from llm2trt.core.errors import Llm2TrtError, Terminated
 from llm2trt.core.log import configure
@@ -192,6 +192,7 @@ _eval = cli.group(name="eval", short_help="Measure an artifact's quality: perple
 )
 _eval.command()(generate.ppl)
 cli.command(short_help="Generate text from a decoder artifact.")(generate.generate)
+cli.command(short_help="Serve a decoder artifact over an OpenAI-compatible HTTP API.")(serve.serve)
 cli.command(short_help="Show what an artifact holds.")(inspect.inspect)
 cli.command(short_help="List the plugins this install provides.")(inspect.plugins)
 cli.command(short_help="Fill a weight-stripped engine with an artifact's weights.")(inspect.refit)

@@ -39,9 +39,14 @@ def load_tokenizer(artifact: Path, manifest: Manifest) -> Any:
 
 
 def chat_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """One user turn through the chat template, with the assistant's turn opened. transformers 5 returns
+    """One user turn through the chat template, with the assistant's turn opened."""
+    return conversation_ids(tokenizer, [{"role": "user", "content": prompt}])
+
+
+def conversation_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    """Messages through the chat template, with the assistant's turn opened. transformers 5 returns
     a BatchEncoding where 4.x returned the ids: both are taken."""
-    out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    out = tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True)
     if isinstance(out, Mapping) or hasattr(out, "input_ids"):
         out = out["input_ids"]
     if out and isinstance(out[0], (list, tuple)):  # a batch of one

@@ -20,62 +20,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llm2trt.backends.base import DecoderContext
-from llm2trt.backends.decoder import DecoderSession
+from llm2trt.backends.decoder import DecoderSession, check_ids, decoder_graph, position_limit
 from llm2trt.backends.registry import BACKENDS, open_decoder
 from llm2trt.convert.tokenizer import encode_prompts, load_tokenizer
 from llm2trt.core.errors import BackendError, InputError
-from llm2trt.core.kv import BATCH, SEQUENCE
+from llm2trt.core.kv import SEQUENCE
 from llm2trt.core.log import plural
 from llm2trt.core.lora import AdapterBatch, LoraAdapter
 from llm2trt.core.manifest import GraphSpec, Manifest
 from llm2trt.core.records import Record
+from llm2trt.core.sampling import Sampling
 
 if TYPE_CHECKING:
     from llm2trt.backends.onnxruntime.ranks import RankContext
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Sampling(Record):
-    """How the next token is picked: greedy at temperature 0."""
-
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise InputError("--max-new-tokens must be at least 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise InputError("sampling needs --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
-
-    def picker(self) -> Callable[[np.ndarray], np.ndarray]:
-        rng = np.random.default_rng(self.seed)
-
-        def pick(logits: np.ndarray) -> np.ndarray:
-            if self.temperature == 0:
-                greedy: np.ndarray = np.argmax(logits, axis=-1).astype(np.int64)
-                return greedy
-            return np.array([self._sample(row, rng) for row in logits.astype(np.float64)], dtype=np.int64)
-
-        return pick
-
-    def _sample(self, logits: np.ndarray, rng: np.random.Generator) -> int:
-        logits = logits / self.temperature
-        if self.top_k:
-            cutoff = np.sort(logits)[-min(self.top_k, logits.size)]
-            logits = np.where(logits < cutoff, -np.inf, logits)
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
-        if self.top_p < 1:
-            order = np.argsort(-probs)
-            keep = np.cumsum(probs[order]) - probs[order] < self.top_p  # the smallest set reaching top_p
-            probs[order[~keep]] = 0
-            probs /= probs.sum()
-        return int(rng.choice(probs.size, p=probs))
 
 
 @dataclass(frozen=True)
@@ -176,25 +135,11 @@ def generate_ids(
 # -- the stage ---------------------------------------------------------------------------------
 
 
-def _decoder_graph(manifest: Manifest) -> GraphSpec:
-    if manifest.task != "text-generation":
-        raise InputError(f"generate needs a decoder artifact; this one is {manifest.architecture} ({manifest.task})")
-    graph = next((g for g in manifest.graphs.values() if g.kv_cache is not None), None)
-    if graph is None:
-        raise InputError(
-            "this artifact has no KV cache (converted with --no-kv-cache?): convert again, or add one with "
-            "`llm2trt optimize IN -o OUT --kv-cache`"
-        )
-    return graph
-
-
 def _capacity(graph: GraphSpec, manifest: Manifest, prompts: list[list[int]], sampling: Sampling) -> int:
     """prompt + new tokens, refused when it exceeds what the graph (its profiles) or the model allows."""
     longest = max(len(p) for p in prompts)
     need = longest + sampling.max_new_tokens
-    limit = max((r.max for d, r in graph.dims.items() if d not in (BATCH, SEQUENCE)), default=need)
-    positions = manifest.model_config.get("max_position_embeddings") or manifest.model_config.get("n_positions")
-    limit = min(limit, int(positions)) if positions else limit
+    limit = position_limit(graph, manifest) or need
     if SEQUENCE in graph.dims and longest > graph.dims[SEQUENCE].max:
         raise InputError(
             f"a prompt of {plural(longest, 'token')} is longer than this artifact allows ({graph.dims[SEQUENCE].max})"
@@ -242,13 +187,13 @@ def generate(
     (`[NAME=]DIR`, a NAME given before, or `none`)."""
     sampling = sampling or Sampling()
     manifest = Manifest.read(artifact)
-    graph = _decoder_graph(manifest)
+    graph = decoder_graph(manifest)
     runner = _runner_for(artifact, graph, runner)
     if bool(prompts) == bool(ids):
         raise InputError("give prompts as text (--prompt) or as token ids (--ids), not both, and at least one")
     tokenizer = load_tokenizer(artifact, manifest) if prompts or chat else _maybe_tokenizer(artifact, manifest)
     batch = encode_prompts(tokenizer, prompts, chat) if prompts else [list(map(int, p)) for p in ids]
-    _check_ids(manifest, batch)
+    check_ids(manifest, batch)
     lora = adapter_batch(adapters, len(batch)) if adapters else None
     capacity = _capacity(graph, manifest, batch, sampling)
     ctx = DecoderContext(artifact, manifest, graph, capacity, providers or [], lora)
@@ -331,18 +276,6 @@ def _open(runner: str, ctx: DecoderContext) -> DecoderSession:
         raise BackendError(f"{exc}; --runner ort runs the ONNX graph the engine was built from") from None
 
 
-def _check_ids(manifest: Manifest, prompts: list[list[int]]) -> None:
-    """Refuse token ids the embedding has no row for: ONNX Runtime would fail deep in a Gather
-    (an internal error), and a negative id would quietly index from the end."""
-    vocab = manifest.model_config.get("vocab_size")
-    if not isinstance(vocab, int) or isinstance(vocab, bool):
-        return
-    bad = sorted({i for prompt in prompts for i in prompt if not 0 <= i < vocab})
-    if bad:
-        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
-        raise InputError(f"token ids outside this model's vocabulary of {vocab} (0 to {vocab - 1}): {shown}")
-
-
 def _rank_task(
     rank: RankContext,
     prompts: list[list[int]],
@@ -355,7 +288,7 @@ def _rank_task(
 ) -> tuple[list[list[int]], list[str], tuple[float, float, int]]:
     """Every rank decodes its own graph and cache; the gathered logits make every rank pick alike
     (a pipeline stage its own layers' graph and cache; the last stage's logits, broadcast, likewise)."""
-    session = rank.session(_decoder_graph(rank.manifest), capacity, pad_id, adapters)
+    session = rank.session(decoder_graph(rank.manifest), capacity, pad_id, adapters)
     return generate_ids(session, prompts, sampling, eos, refill_at=refill)
 
 

@@ -13,7 +13,8 @@ import pytest
 
 from llm2trt.core.dtypes import DType
 from llm2trt.core.manifest import Manifest
-from llm2trt.generate.driver import Sampling, generate
+from llm2trt.core.sampling import Sampling
+from llm2trt.generate.driver import generate
 from llm2trt.passes.ort_ops import (
     attention_model,
     attention_reference,

@@ -15,7 +15,8 @@ import onnxruntime as ort
 import pytest
 
 from llm2trt.core.manifest import Manifest
-from llm2trt.generate.driver import Sampling, generate
+from llm2trt.core.sampling import Sampling
+from llm2trt.generate.driver import generate
 from llm2trt.passes.manager import Model
 from llm2trt.passes.nbits import concatenated, nbits_weight, pack_nbits, unpack_nbits
 from tests.conftest import run_json
