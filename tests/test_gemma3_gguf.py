@@ -76,3 +76,10 @@ def test_gemma3_greedy_tokens_match_transformers(
     code, got = run_json("eval", "ppl", gemma3_fused, "--text", text, "--window", "64", "-q")
     assert code == 0 and got["scored"] == scored, got
     assert abs(got["ppl"] / float(np.exp(total / scored)) - 1) < 1e-4, (got["ppl"], np.exp(total / scored))
+
+
+@pytest.mark.xdist_group("gemma3")
+def test_gemma3_tokenizer_is_transformers_without_transformers(gemma3_artifact: Path) -> None:
+    from tests.test_fast_tokenizer import same_as_transformers
+
+    same_as_transformers(gemma3_artifact)

@@ -195,3 +195,32 @@ def test_scripts_answer_help() -> None:
         if proc.returncode != 0 or "usage:" not in proc.stdout
     ]
     assert failed == [], "\n".join(failed)
+
+
+def test_bench_serve_runs_on_the_tiny_llama(tmp_path: Path) -> None:
+    """scripts/bench_serve.py end to end: the static reference, a server it starts and stops (exit 0),
+    two levels of streams through the openai client without an error, its JSON; a wrong path is one
+    line, no traceback."""
+    import json
+
+    from tests.conftest import run_cli
+
+    script = str(ROOT / "scripts" / "bench_serve.py")
+    missing = subprocess.run(
+        [sys.executable, script, str(tmp_path / "none")], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().startswith("bench_serve: ") and len(missing.stderr.strip().splitlines()) == 1
+    artifact, out = tmp_path / "llama", tmp_path / "bench.json"
+    assert run_cli("convert", "tiny:llama", "-o", artifact, "-q").exit_code == 0
+    argv = [script, str(artifact), "--concurrency", "1", "4", "--requests-per-level", "6", "--json", str(out)]
+    argv += ["--prompt-tokens", "4", "12", "--output-tokens", "4", "8"]
+    done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [s["batch"] for s in result["static"]] == [1, 16]
+    assert [level["concurrency"] for level in result["levels"]] == [1, 4]
+    for level in result["levels"]:
+        assert (level["requests"], level["errors"]) == (6, 0), level["first_error"]
+        assert 6 <= level["tokens"] <= 6 * 8  # an EOS may end a stream early
+        assert level["server"]["engine_steps"] > 0

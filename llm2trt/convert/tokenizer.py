@@ -27,10 +27,18 @@ def save_tokenizer(source: ModelSource, stage: Path) -> GenerationDefaults:
     return replace(defaults, tokenizer=TOKENIZER_DIR)
 
 
-def load_tokenizer(artifact: Path, manifest: Manifest) -> Any:
+def load_tokenizer(artifact: Path, manifest: Manifest, *, fast: bool = True) -> Any:
+    """The artifact's tokenizer (None: it has none): without transformers where its tokenizer.json
+    says everything (fast_tokenizer.py), else transformers' (`fast=False`: always transformers')."""
     generation = manifest.generation
     if generation is None or generation.tokenizer is None:
         return None
+    if fast:
+        from llm2trt.convert.fast_tokenizer import fast_tokenizer
+
+        found = fast_tokenizer(artifact / generation.tokenizer)
+        if found is not None:
+            return found
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(
@@ -46,6 +54,10 @@ def chat_ids(tokenizer: Any, prompt: str) -> list[int]:
 def conversation_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
     """Messages through the chat template, with the assistant's turn opened. transformers 5 returns
     a BatchEncoding where 4.x returned the ids: both are taken."""
+    from llm2trt.convert.fast_tokenizer import FastTokenizer
+
+    if isinstance(tokenizer, FastTokenizer):
+        return tokenizer.apply_chat_template(messages)
     out = tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True)
     if isinstance(out, Mapping) or hasattr(out, "input_ids"):
         out = out["input_ids"]

@@ -90,17 +90,19 @@ class BlockPool:
             table.blocks.append(self._free.pop())
 
     def gather(self, tables: list[BlockTable]) -> np.ndarray:
-        """The rows' cached entries left-padded to the longest: `(tensors, rows, kv_heads, longest, head_dim)`."""
+        """The rows' cached entries left-padded to the longest: `(tensors, rows, kv_heads, longest, head_dim)`.
+        Block by block into one buffer (one copy of what is cached; the padding zeroed, since a masked
+        slot still meets a zero weight and must not be NaN)."""
         longest = max(t.length for t in tables)
         tensors, _, heads, size, dim = self.data.shape
-        out = np.zeros((tensors, len(tables), heads, longest, dim), dtype=self.data.dtype)
+        out = np.empty((tensors, len(tables), heads, longest, dim), dtype=self.data.dtype)
         for row, table in enumerate(tables):
-            if table.length == 0:
-                continue
-            used = self.needed(table.length)
-            picked = self.data[:, table.blocks[:used]]  # (tensors, used, heads, size, dim)
-            flat = picked.transpose(0, 2, 1, 3, 4).reshape(tensors, heads, used * size, dim)
-            out[:, row, :, longest - table.length :] = flat[:, :, : table.length]
+            pad = longest - table.length
+            out[:, row, :, :pad] = 0
+            for index in range(self.needed(table.length)):
+                start = index * size
+                take = min(size, table.length - start)
+                out[:, row, :, pad + start : pad + start + take] = self.data[:, table.blocks[index], :, :take]
         return out
 
     def scatter(self, table: BlockTable, entries: np.ndarray) -> None:

@@ -73,10 +73,12 @@ class PagedModel:
             **{name: past[i] for i, name in enumerate(self.kv.past_names)},
         }
         out = self._run({k: v for k, v in feeds.items() if k in self.names})
-        presents = [out[name] for name in self.kv.present_names]
+        # The new entries are the last `longest_new` of every present (a row's own are its last
+        # `news[i]`): taken from every tensor at once, then written row by row into the blocks.
+        total = longest_past + longest_new
+        tail = np.stack([out[name][:, :, total - longest_new :] for name in self.kv.present_names])
         for i, row in enumerate(rows):
-            count = int(news[i])
-            self.pool.scatter(row.table, np.stack([p[i, :, p.shape[2] - count :] for p in presents]))
+            self.pool.scatter(row.table, tail[:, i, :, longest_new - int(news[i]) :])
         logits: np.ndarray = np.asarray(out[self.graph.main_output])[:, -1]
         return logits
 
