@@ -442,3 +442,44 @@ def test_a_full_queue_answers_429(llama: Path) -> None:
         assert server.stop() == 0
     assert statuses.count(200) >= 3 and statuses.count(429) >= 1, statuses
     assert set(statuses) <= {200, 429}
+
+
+def test_lora_adapters_are_models_of_their_own(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    """A graph with LoRA slots served with adapters a and b: requests naming a, b, the base model and
+    a again run in one batch, each with `generate`'s tokens for that adapter (generate's are PEFT's:
+    tests/test_lora.py); /v1/models lists them; a bad adapter set is one line at start-up."""
+    from tests.test_lora import make_adapter
+
+    base = artifacts["tiny:llama"]
+    slots = tmp_path / "slots"
+    assert run_cli("optimize", base, "-o", slots, "--lora-slots", "2", "--lora-max-rank", "8", "-q").exit_code == 0
+    a = make_adapter("tiny:llama", tmp_path / "a", 1)
+    b = make_adapter("tiny:llama", tmp_path / "b", 2, rank=8, use_rslora=True)
+    prompts = _prompts(4, seed=5, longest=12)
+    models = ["a", "b", "slots", "a"]
+    with serving(slots, "--adapter", f"a={a}", "--adapter", f"b={b}") as server:
+        listed = [m["id"] for m in httpx2.get(f"{server.url}/v1/models", timeout=10).json()["data"]]
+
+        async def run() -> list[tuple[list[int], str | None]]:
+            client = _client(server)
+            jobs = [
+                client.completions.create(model=m, prompt=p, max_tokens=10, temperature=0)
+                for m, p in zip(models, prompts, strict=True)
+            ]
+            done = await asyncio.gather(*jobs)
+            return [((c.choices[0].model_extra or {})["token_ids"], c.model) for c in done]
+
+        got = asyncio.run(run())
+        unknown = httpx2.post(f"{server.url}/v1/completions", json={"model": "c", "prompt": [1]}, timeout=10)
+        assert server.stop() == 0
+    assert listed == ["slots", "a", "b"]
+    assert [model for _, model in got] == models
+    paths = {"a": f"a={a}", "b": f"b={b}", "slots": "none"}
+    for (ids, _), model, prompt in zip(got, models, prompts, strict=True):
+        assert ids == generate(slots, ids=[prompt], sampling=Sampling(10), adapters=[paths[model]]).rows[0].new_ids
+    assert got[0][0] != got[2][0]  # the adapter moves the tokens
+    assert unknown.status_code == 404 and "'slots', 'a', 'b'" in unknown.json()["error"]["message"]
+    assert_clean_failure(run_cli("serve", base, "--adapter", f"a={a}"), "this artifact has no LoRA slots")
+    three = ["--adapter", f"a={a}", "--adapter", f"b={b}", "--adapter", f"c={a}"]
+    assert_clean_failure(run_cli("serve", slots, *three), "3 adapters do not fit this graph's 2 LoRA slots")
+    assert_clean_failure(run_cli("serve", slots, "--adapter", f"slots={a}"), "the name 'slots' is taken")

@@ -35,6 +35,14 @@ from llm2trt.cli.options import COMMON, PATH, Context
 )
 @click.option("--drain-seconds", type=click.FloatRange(0), default=30.0, show_default=True, help="On SIGTERM.")
 @click.option("--name", help="The model's id in the API (default: the artifact's directory name).")
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    metavar="NAME=DIR",
+    help="A PEFT LoRA adapter for an artifact with LoRA slots (optimize --lora-slots), served as model NAME; "
+    "repeat for more (up to the slots).",
+)
 @COMMON
 def serve(
     ctx: Context,
@@ -51,6 +59,7 @@ def serve(
     api_key_env: str | None,
     drain_seconds: float,
     name: str | None,
+    adapters: tuple[str, ...],
 ) -> None:
     """Serve a decoder ARTIFACT: OpenAI /v1/completions and /v1/chat/completions (streamed or whole),
     /v1/models, /health and /metrics, with in-flight batching over a paged KV cache. Stops on SIGTERM
@@ -77,6 +86,7 @@ def serve(
         options=ServeOptions(max_body_bytes=max_body_kb << 10, api_key=key),
         drain_seconds=drain_seconds,
         name=name,
+        adapters=adapters,
     )
     quiet = ctx.verbosity < 0
     run_serve(

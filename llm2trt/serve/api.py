@@ -30,6 +30,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from llm2trt.core.errors import InputError
+from llm2trt.core.lora import NO_ADAPTER
 from llm2trt.serve.engine import Busy, Engine, Event, Request
 from llm2trt.serve.metrics import Metrics
 from llm2trt.serve.protocol import ApiError, Params, messages_of, params, parse_json, prompt_of
@@ -67,6 +68,7 @@ class Service:
     def __init__(self, engine: Engine, metrics: Metrics, name: str, options: ServeOptions) -> None:
         self.engine, self.metrics, self.name, self.options = engine, metrics, name, options
         self.tokenizer = engine.scheduler.loaded.tokenizer
+        self.adapters = engine.scheduler.loaded.adapters  # LoRA adapters, served as models of their own
         self.created = int(time.time())
 
     # -- plumbing ----------------------------------------------------------------------------------
@@ -89,13 +91,17 @@ class Service:
             raw += chunk
             if len(raw) > limit:
                 raise ApiError(413, f"the request body is over this server's limit of {limit} bytes")
-        body = parse_json(bytes(raw))
+        return parse_json(bytes(raw))
+
+    def _model(self, body: dict[str, Any]) -> tuple[str, int]:
+        """The model a request names (absent: the base model) and its LoRA slot."""
         model = body.get("model")
-        if model is not None and model != self.name:
-            raise ApiError(
-                404, f"the model {str(model)[:100]!r} does not exist; this server has {self.name!r}", "model"
-            )
-        return body
+        if model is None or model == self.name:
+            return self.name, NO_ADAPTER
+        if isinstance(model, str) and model in self.adapters:
+            return model, self.adapters[model]
+        names = ", ".join(repr(n) for n in [self.name, *self.adapters])
+        raise ApiError(404, f"the model {str(model)[:100]!r} does not exist; this server has {names}", "model")
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, list):
@@ -128,29 +134,35 @@ class Service:
 
     async def completions(self, request: HttpRequest) -> Response:
         body = await self._body(request)
+        model = self._model(body)
         ids = self._encode(prompt_of(body))
-        return await self._run(request, ids, params(body, chat=False, random_seed=secrets.randbits(63)), chat=False)
+        return await self._run(request, ids, params(body, chat=False, random_seed=secrets.randbits(63)), model)
 
     async def chat(self, request: HttpRequest) -> Response:
         body = await self._body(request)
+        model = self._model(body)
         ids = self._chat_ids(messages_of(body))
-        return await self._run(request, ids, params(body, chat=True, random_seed=secrets.randbits(63)), chat=True)
+        p = params(body, chat=True, random_seed=secrets.randbits(63))
+        return await self._run(request, ids, p, model, chat=True)
 
-    async def _run(self, http: HttpRequest, ids: list[int], p: Params, *, chat: bool) -> Response:
+    async def _run(
+        self, http: HttpRequest, ids: list[int], p: Params, model: tuple[str, int], *, chat: bool = False
+    ) -> Response:
         loop, events = asyncio.get_running_loop(), asyncio.Queue[Event]()
 
         def sink(event: Event) -> None:
             with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening any more
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
-        request = Request(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", ids, p.sampling, sink, p.stops)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        request = Request(rid, ids, p.sampling, sink, p.stops, slot=model[1])
         try:
             self.engine.submit(request)
         except InputError as exc:
             raise ApiError(400, str(exc), "messages" if chat else "prompt", "context_length_exceeded") from None
         except Busy as exc:
             raise ApiError(exc.status, str(exc)) from None
-        shape = _Shape(request.id, self.name, chat, len(ids))
+        shape = _Shape(request.id, model[0], chat, len(ids))
         if p.stream:
             return _Stream(self._sse(events, shape, p.include_usage), lambda: self.engine.cancel(request.id))
         return await self._whole(http, events, shape, request.id)
@@ -197,8 +209,9 @@ class Service:
         yield "data: [DONE]\n\n"
 
     async def models(self, request: HttpRequest) -> Response:
-        model = {"id": self.name, "object": "model", "created": self.created, "owned_by": "llm2trt"}
-        return JSONResponse({"object": "list", "data": [model]})
+        base = {"id": self.name, "object": "model", "created": self.created, "owned_by": "llm2trt"}
+        adapters = [{**base, "id": name, "parent": self.name} for name in self.adapters]
+        return JSONResponse({"object": "list", "data": [base, *adapters]})
 
 
 def _data(payload: dict[str, Any]) -> str:

@@ -38,6 +38,7 @@ class ServeConfig:
     options: ServeOptions = field(default_factory=ServeOptions)
     drain_seconds: float = 30.0
     name: str | None = None
+    adapters: tuple[str, ...] = ()  # NAME=DIR: PEFT LoRA adapters for the artifact's slots
 
 
 def build(artifact: Path, config: ServeConfig) -> Service:
@@ -48,6 +49,7 @@ def build(artifact: Path, config: ServeConfig) -> Service:
         kv_bytes=config.kv_cache_mb << 20,
         block_size=config.block_size,
         name=config.name,
+        adapters=config.adapters,
     )
     metrics = Metrics()
     engine = Engine(Scheduler(loaded, config.limits, metrics))

@@ -26,6 +26,7 @@ import numpy as np
 
 from llm2trt.core.errors import InputError, first_line
 from llm2trt.core.log import plural
+from llm2trt.core.lora import NO_ADAPTER
 from llm2trt.core.sampling import Sampling
 from llm2trt.serve.blocks import BlockTable
 from llm2trt.serve.metrics import Metrics
@@ -62,6 +63,7 @@ class Request:
     sampling: Sampling
     sink: Callable[[Event], None]
     stops: tuple[str, ...] = ()
+    slot: int = NO_ADAPTER  # its LoRA adapter's slot
     arrived: float = field(default_factory=time.perf_counter)
     # progress
     table: BlockTable | None = None
@@ -155,7 +157,8 @@ class Scheduler:
     def _call(self, requests: list[Request], tokens: list[list[int]]) -> None:
         """One model call; on failure each row alone, and a row that fails alone fails its request."""
         try:
-            logits = self.model.step([Row(r.table, t) for r, t in zip(requests, tokens, strict=True)])  # type: ignore[arg-type]
+            rows = [Row(r.table, t, r.slot) for r, t in zip(requests, tokens, strict=True)]  # type: ignore[arg-type]
+            logits = self.model.step(rows)
         except Exception as exc:
             if len(requests) == 1:
                 logger.warning("request %s failed in the model: %s", requests[0].id, first_line(exc))

@@ -12,7 +12,7 @@ prompts (no past), or one prompt's chunk.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +21,32 @@ import numpy as np
 from llm2trt.backends.decoder import Executor, decoder_graph, position_limit
 from llm2trt.core.errors import InputError
 from llm2trt.core.kv import KVLayout
+from llm2trt.core.lora import NO_ADAPTER, LoraAdapter
 from llm2trt.core.manifest import GraphSpec, Manifest
 from llm2trt.serve.blocks import BlockPool, BlockTable
 
 
 @dataclass(frozen=True)
 class Row:
-    """One sequence in a step: its block table and the tokens fed after what it has cached."""
+    """One sequence in a step: its block table, the tokens fed after what it has cached, and its
+    LoRA slot (NO_ADAPTER: the base model)."""
 
     table: BlockTable
     tokens: Sequence[int]
+    slot: int = NO_ADAPTER
 
 
 class PagedModel:
     """A decoder graph and the block pool its cache lives in."""
 
-    def __init__(self, graph: GraphSpec, run: Executor, pool: BlockPool, pad_id: int = 0) -> None:
+    def __init__(
+        self,
+        graph: GraphSpec,
+        run: Executor,
+        pool: BlockPool,
+        pad_id: int = 0,
+        adapters: Sequence[LoraAdapter] = (),
+    ) -> None:
         kv = graph.kv_cache
         if kv is None or kv.traits.buffer:
             form = "no KV cache" if kv is None else f"the {kv.form} cache form"
@@ -44,8 +54,16 @@ class PagedModel:
                 f"serve runs the growing KV-cache form (convert's); this artifact has {form}: "
                 "serve the artifact it was optimized from, or optimize without --kv-form"
             )
-        if graph.lora is not None:
-            raise InputError("serve does not load LoRA slots yet: serve an artifact without --lora-slots")
+        lora = graph.lora
+        if lora is None and adapters:
+            raise InputError(
+                "--adapter: this artifact has no LoRA slots: optimize it with --lora-slots N, "
+                "or merge the adapter at convert (--lora)"
+            )
+        # The adapters' weights, packed into the slots once; a step adds only each row's slot.
+        packed = lora.pack(adapters) if lora is not None else {}
+        self.lora_feeds = {name: value.astype(graph.input(name).dtype.numpy) for name, value in packed.items()}
+        self.slot_input = lora.slot_input if lora is not None else None
         self.graph, self.kv, self.pool, self.pad_id = graph, kv, pool, pad_id
         self.names = {t.name for t in graph.inputs}
         self._run = run
@@ -71,7 +89,10 @@ class PagedModel:
             "attention_mask": np.concatenate([past_mask, new_mask], axis=1),
             "position_ids": positions.astype(np.int64),
             **{name: past[i] for i, name in enumerate(self.kv.past_names)},
+            **self.lora_feeds,
         }
+        if self.slot_input is not None:
+            feeds[self.slot_input] = np.array([r.slot for r in rows], dtype=np.int64)
         out = self._run({k: v for k, v in feeds.items() if k in self.names})
         # The new entries are the last `longest_new` of every present (a row's own are its last
         # `news[i]`): taken from every tensor at once, then written row by row into the blocks.
@@ -93,6 +114,7 @@ class Loaded:
     vocab: int | None
     eos: tuple[int, ...]
     tokenizer: Any  # transformers' tokenizer, or None (tiny models)
+    adapters: dict[str, int] = field(default_factory=dict)  # an adapter's name in the API -> its slot
 
 
 def _layout_of(graph: GraphSpec) -> KVLayout:
@@ -101,8 +123,17 @@ def _layout_of(graph: GraphSpec) -> KVLayout:
     return graph.kv_cache
 
 
-def load(artifact: Path, *, providers: list[str], kv_bytes: int, block_size: int, name: str | None = None) -> Loaded:
-    """Open a decoder artifact for serving: its graph in ONNX Runtime and a KV pool of `kv_bytes`."""
+def load(
+    artifact: Path,
+    *,
+    providers: list[str],
+    kv_bytes: int,
+    block_size: int,
+    name: str | None = None,
+    adapters: Sequence[str] = (),
+) -> Loaded:
+    """Open a decoder artifact for serving: its graph in ONNX Runtime and a KV pool of `kv_bytes`;
+    `adapters` (`NAME=DIR`) fill its LoRA slots, each served as a model of that name."""
     from llm2trt.backends.onnxruntime.decoder import ort_executor
     from llm2trt.convert.tokenizer import load_tokenizer
 
@@ -123,15 +154,32 @@ def load(artifact: Path, *, providers: list[str], kv_bytes: int, block_size: int
     pool = BlockPool(tensors, kv.num_kv_heads, kv.head_dim, block_size, blocks, np.dtype(dtype))
     generation = manifest.generation
     pad = int(generation.pad_token_id) if generation and generation.pad_token_id is not None else 0
+    model_name = name or artifact.resolve().name
+    loaded = _adapters(adapters, model_name)
     run = ort_executor(str(manifest.onnx_path(artifact, graph.name)), providers)
-    model = PagedModel(graph, run, pool, pad)
+    model = PagedModel(graph, run, pool, pad, [a for _, a in loaded])
     vocab = manifest.model_config.get("vocab_size")
     limit = position_limit(graph, manifest) or blocks * block_size
     return Loaded(
         model=model,
-        name=name or artifact.resolve().name,
+        name=model_name,
         max_positions=min(limit, blocks * block_size),
         vocab=vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None,
         eos=tuple(generation.eos_token_ids) if generation else (),
         tokenizer=load_tokenizer(artifact, manifest),
+        adapters={adapter_name: slot for slot, (adapter_name, _) in enumerate(loaded)},
     )
+
+
+def _adapters(values: Sequence[str], model_name: str) -> list[tuple[str, LoraAdapter]]:
+    """`--adapter NAME=DIR` values read, each under a name no other model of the server has."""
+    from llm2trt.core.lora import parse_adapter_arg, read_adapter
+
+    out: list[tuple[str, LoraAdapter]] = []
+    for value in values:
+        adapter_name, path = parse_adapter_arg(value)
+        adapter = read_adapter(path, adapter_name)
+        if adapter.name == model_name or any(adapter.name == seen for seen, _ in out):
+            raise InputError(f"--adapter: the name {adapter.name!r} is taken; give each adapter its own NAME=")
+        out.append((adapter.name, adapter))
+    return out
