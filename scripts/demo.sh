@@ -48,6 +48,9 @@ llm2trt convert "$GGUF" -o "$OUT/smollm2/onnx" --force -q > /dev/null
 llm2trt optimize "$OUT/smollm2/onnx" -o "$OUT/smollm2/opt" --force -q > /dev/null
 llm2trt generate "$OUT/smollm2/opt" --prompt "The capital of France is" --max-new-tokens 12 -q
 echo
+echo "== serve: SmolLM2 behind the OpenAI API (in-flight batching over a paged KV cache), four chats at once"
+python scripts/serve_demo.py "$OUT/smollm2/opt"
+echo
 echo "== tensor parallelism: SmolLM2 split over 3 ranks (9 heads / 3 KV heads), checked together, run as 3 processes"
 llm2trt optimize "$OUT/smollm2/onnx" -o "$OUT/smollm2/tp3" --tp 3 --force -q | grep -E "^  (rank|numeric)"
 llm2trt generate "$OUT/smollm2/tp3" --prompt "The capital of France is" --max-new-tokens 12 -q
