@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = ["manifest", "lora_adapter", "external_data", "safetensors", "gguf", "profiles", "prequant"]
+TARGETS = ["manifest", "lora_adapter", "external_data", "safetensors", "gguf", "profiles", "prequant", "openai_request"]
 BATCH = 1000  # examples per run on a fresh seed (--seconds)
 
 

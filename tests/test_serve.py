@@ -364,8 +364,18 @@ def test_smollm2_chat_and_text_match_generate(smollm2_artifact: Path) -> None:
         async def run() -> tuple[str, str]:
             client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=120)
             chat = await client.chat.completions.create(
-                model="smollm2", messages=[{"role": "user", "content": question}], max_tokens=12, temperature=0
+                model="smollm2",
+                messages=[{"role": "user", "content": question}],
+                max_tokens=12,
+                temperature=0,
+                logprobs=True,
+                top_logprobs=2,
             )
+            scores = chat.choices[0].logprobs.content if chat.choices[0].logprobs else []
+            # Greedy: each chosen token is its own likeliest alternative.
+            assert chat.usage is not None and len(scores) == chat.usage.completion_tokens
+            assert all(s.top_logprobs[0].token == s.token and s.top_logprobs[0].logprob == s.logprob for s in scores)
+            assert all(s.top_logprobs[0].logprob >= s.top_logprobs[1].logprob for s in scores)
             pieces = []
             stream = await client.completions.create(
                 model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0, stream=True
@@ -483,3 +493,45 @@ def test_lora_adapters_are_models_of_their_own(artifacts: dict[str, Path], tmp_p
     three = ["--adapter", f"a={a}", "--adapter", f"b={b}", "--adapter", f"c={a}"]
     assert_clean_failure(run_cli("serve", slots, *three), "3 adapters do not fit this graph's 2 LoRA slots")
     assert_clean_failure(run_cli("serve", slots, "--adapter", f"slots={a}"), "the name 'slots' is taken")
+
+
+def test_logprobs_are_transformers_log_softmax(llama: Path) -> None:
+    """`logprobs`: each generated token's log-probability and the likeliest alternatives, as the
+    transformers model gives them for that prefix; whole and streamed alike."""
+    import torch
+
+    from llm2trt.convert.sources import resolve_model
+    from llm2trt.core.dtypes import DType
+
+    prompt = [5, 9, 42, 7]
+    body = {"prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 3}
+    with serving(llama) as server:
+        whole = httpx2.post(f"{server.url}/v1/completions", json=body, timeout=30).json()["choices"][0]
+
+        async def streamed() -> list[Any]:
+            client = _client(server)
+            stream = await client.completions.create(model="llama", stream=True, **body)  # type: ignore[arg-type]
+            return [c.choices[0].logprobs for c in [c async for c in stream] if c.choices and c.choices[0].logprobs]
+
+        chunks = asyncio.run(streamed())
+        chat = httpx2.post(
+            f"{server.url}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 2},
+            timeout=30,
+        )
+        assert server.stop() == 0
+    ids = whole["token_ids"]
+    model = resolve_model("tiny:llama").load(DType.FP32)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1].double()
+    expected = torch.log_softmax(logits, dim=-1)
+    got = whole["logprobs"]
+    assert got["tokens"] == [str(t) for t in ids]
+    np.testing.assert_allclose(got["token_logprobs"], [float(expected[i, t]) for i, t in enumerate(ids)], atol=1e-4)
+    for i, top in enumerate(got["top_logprobs"]):
+        best = torch.topk(expected[i], 3)
+        assert list(top) == [str(int(t)) for t in best.indices]
+        np.testing.assert_allclose(list(top.values()), best.values.tolist(), atol=1e-4)
+    assert got["text_offset"][0] == 0 and got["text_offset"] == sorted(got["text_offset"])
+    assert [lp for c in chunks for lp in c.token_logprobs] == pytest.approx(got["token_logprobs"], abs=1e-9)
+    assert chat.status_code == 400  # no chat template on the tiny model, checked before logprobs matter

@@ -31,7 +31,7 @@ from starlette.types import Receive, Scope, Send
 
 from llm2trt.core.errors import InputError
 from llm2trt.core.lora import NO_ADAPTER
-from llm2trt.serve.engine import Busy, Engine, Event, Request
+from llm2trt.serve.engine import Busy, Engine, Event, Request, TokenLogprob
 from llm2trt.serve.metrics import Metrics
 from llm2trt.serve.protocol import ApiError, Params, messages_of, params, parse_json, prompt_of
 
@@ -111,6 +111,13 @@ class Service:
         ids: list[int] = list(self.tokenizer(prompt).input_ids)
         return ids
 
+    def _piece(self, token: int) -> str:
+        """One token's text, as logprobs name it (its id where the model has no tokenizer)."""
+        if self.tokenizer is None:
+            return str(token)
+        piece: str = self.tokenizer.decode([token], skip_special_tokens=False)
+        return piece
+
     def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         from llm2trt.convert.tokenizer import conversation_ids
 
@@ -155,14 +162,14 @@ class Service:
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        request = Request(rid, ids, p.sampling, sink, p.stops, slot=model[1])
+        request = Request(rid, ids, p.sampling, sink, p.stops, slot=model[1], logprobs=p.logprobs)
         try:
             self.engine.submit(request)
         except InputError as exc:
             raise ApiError(400, str(exc), "messages" if chat else "prompt", "context_length_exceeded") from None
         except Busy as exc:
             raise ApiError(exc.status, str(exc)) from None
-        shape = _Shape(request.id, model[0], chat, len(ids))
+        shape = _Shape(request.id, model[0], chat, len(ids), self._piece)
         if p.stream:
             return _Stream(self._sse(events, shape, p.include_usage), lambda: self.engine.cancel(request.id))
         return await self._whole(http, events, shape, request.id)
@@ -170,6 +177,7 @@ class Service:
     async def _whole(self, http: HttpRequest, events: asyncio.Queue[Event], shape: _Shape, rid: str) -> Response:
         text: list[str] = []
         tokens: list[int] = []
+        scores: list[tuple[int, TokenLogprob]] = []  # (text offset, the token's logprobs)
         try:
             while True:
                 try:
@@ -178,6 +186,7 @@ class Service:
                     if await http.is_disconnected():
                         return Response(status_code=499)
                     continue
+                scores += [(sum(map(len, text)), score) for score in event.logprobs]
                 text.append(event.text)
                 tokens += event.token_ids
                 if event.finish is not None:
@@ -188,11 +197,12 @@ class Service:
             return _error(ApiError(500, event.error or "the model failed on this request"))
         if event.finish == "cancelled":
             return _error(ApiError(503, "the server shut down before this request finished"))
-        return JSONResponse(shape.whole("".join(text), tokens, event))
+        return JSONResponse(shape.whole("".join(text), tokens, event, scores or None))
 
     async def _sse(self, events: asyncio.Queue[Event], shape: _Shape, usage: bool) -> AsyncIterator[str]:
         if shape.chat:
             yield _data(shape.chunk({"role": "assistant", "content": ""}, None, ()))
+        sent = 0  # characters of text so far: the next token's text offset
         while True:
             event = await events.get()
             if event.finish in ("error", "cancelled"):
@@ -201,7 +211,9 @@ class Service:
                 break
             if event.text or event.token_ids or event.finish:
                 content = {"content": event.text} if shape.chat else event.text
-                yield _data(shape.chunk(content, event.finish, event.token_ids))
+                scores = [(sent, score) for score in event.logprobs] if event.logprobs else None
+                yield _data(shape.chunk(content, event.finish, event.token_ids, scores))
+                sent += len(event.text)
             if event.finish is not None:
                 if usage:
                     yield _data({**shape.head(), "choices": [], "usage": shape.usage(event)})
@@ -226,6 +238,7 @@ class _Shape:
     model: str
     chat: bool
     prompt_tokens: int
+    piece: Callable[[int], str]  # a token's text
 
     def head(self) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
@@ -239,13 +252,41 @@ class _Shape:
             "total_tokens": self.prompt_tokens + done,
         }
 
-    def chunk(self, content: Any, finish: str | None, tokens: tuple[int, ...]) -> dict[str, Any]:
+    def logprobs(self, scores: list[tuple[int, TokenLogprob]] | None) -> dict[str, Any] | None:
+        """The API's logprobs object: chat's `content` list, or completions' parallel lists."""
+        if scores is None:
+            return None
+        if self.chat:
+
+            def entry(token: int, value: float) -> dict[str, Any]:
+                text = self.piece(token)
+                return {"token": text, "logprob": value, "bytes": list(text.encode())}
+
+            return {"content": [{**entry(t, v), "top_logprobs": [entry(*a) for a in top]} for _, (t, v, top) in scores]}
+        return {
+            "tokens": [self.piece(t) for _, (t, _v, _top) in scores],
+            "token_logprobs": [v for _, (_t, v, _top) in scores],
+            "top_logprobs": [{self.piece(a): av for a, av in top} for _, (_t, _v, top) in scores],
+            "text_offset": [offset for offset, _ in scores],
+        }
+
+    def chunk(
+        self,
+        content: Any,
+        finish: str | None,
+        tokens: tuple[int, ...],
+        scores: list[tuple[int, TokenLogprob]] | None = None,
+    ) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "token_ids": list(tokens)}
-        choice.update({"delta": content, "logprobs": None} if self.chat else {"text": content, "logprobs": None})
+        choice.update({"delta": content} if self.chat else {"text": content})
+        choice["logprobs"] = self.logprobs(scores)
         return {**self.head(), "choices": [choice]}
 
-    def whole(self, text: str, tokens: list[int], event: Event) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": event.finish, "logprobs": None, "token_ids": tokens}
+    def whole(
+        self, text: str, tokens: list[int], event: Event, scores: list[tuple[int, TokenLogprob]] | None
+    ) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": event.finish, "token_ids": tokens}
+        choice["logprobs"] = self.logprobs(scores)
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:

@@ -44,6 +44,20 @@ class Busy(Exception):
         self.status = status
 
 
+# A generated token's log-probability under the model (before temperature) and the likeliest
+# alternatives: (token, logprob, ((token, logprob), ...)).
+TokenLogprob = tuple[int, float, tuple[tuple[int, float], ...]]
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    row = logits.astype(np.float64)
+    peak = row.max()
+    normal = row - (peak + np.log(np.exp(row - peak).sum()))
+    best = np.argpartition(-normal, top - 1)[:top] if top else np.zeros(0, dtype=np.int64)
+    best = best[np.argsort(-normal[best], kind="stable")]
+    return token, float(normal[token]), tuple((int(i), float(normal[i])) for i in best)
+
+
 @dataclass(frozen=True)
 class Event:
     """What a request's client is told after a step: new tokens and their text, and at the end why it ended."""
@@ -54,6 +68,7 @@ class Event:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass
@@ -64,6 +79,7 @@ class Request:
     sink: Callable[[Event], None]
     stops: tuple[str, ...] = ()
     slot: int = NO_ADAPTER  # its LoRA adapter's slot
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives
     arrived: float = field(default_factory=time.perf_counter)
     # progress
     table: BlockTable | None = None
@@ -198,7 +214,8 @@ class Scheduler:
         length = len(request.new) >= request.sampling.max_new_tokens
         piece = text.add(token, last=eos or length) if not eos else text.flush()
         finish = "stop" if eos or text.stopped else "length" if length else None
-        request.sink(Event((token,), piece, finish, None, len(request.prompt), len(request.new)))
+        scores = () if request.logprobs is None else (token_logprob(logits, token, request.logprobs),)
+        request.sink(Event((token,), piece, finish, None, len(request.prompt), len(request.new), scores))
         if finish is not None:
             request.finish = finish
             self._release(request)

@@ -14,6 +14,8 @@ from typing import Any
 from llm2trt.core.sampling import Sampling
 
 MAX_STOPS = 8
+MAX_LOGPROBS = 5  # /v1/completions' `logprobs`, as the API bounds it
+MAX_TOP_LOGPROBS = 20  # /v1/chat/completions' `top_logprobs`
 DEFAULT_COMPLETION_TOKENS = 16  # the API's default for /v1/completions
 DEFAULT_CHAT_TOKENS = 256  # the API's "up to the context" would reserve the whole context's blocks
 ROLES = ("system", "developer", "user", "assistant")
@@ -78,8 +80,6 @@ def _unsupported(body: Mapping[str, Any]) -> None:
         "n": (None, 1),
         "best_of": (None, 1),
         "echo": (None, False),
-        "logprobs": (None, False, 0),
-        "top_logprobs": (None, 0),
         "presence_penalty": (None, 0, 0.0),
         "frequency_penalty": (None, 0, 0.0),
         "logit_bias": (None, {}),
@@ -113,6 +113,20 @@ class Params:
     stops: tuple[str, ...]
     stream: bool
     include_usage: bool
+    logprobs: int | None = None  # the chosen tokens' log-probabilities and this many alternatives; None: none
+
+
+def _logprobs(body: Mapping[str, Any], chat: bool) -> int | None:
+    """Completions: `logprobs` N (alternatives). Chat: `logprobs` true and `top_logprobs` N."""
+    if not chat:
+        return _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise ApiError(400, "logprobs must be true or false", "logprobs")
+    top = _integer(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS) or 0
+    if top and not wanted:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    return top if wanted else None
 
 
 def params(body: Mapping[str, Any], *, chat: bool, random_seed: int) -> Params:
@@ -137,7 +151,8 @@ def params(body: Mapping[str, Any], *, chat: bool, random_seed: int) -> Params:
         top_p=top_p,
         seed=(seed or 0) % (1 << 63),
     )
-    return Params(sampling, _stops(body), bool(stream), bool(options.get("include_usage", False)))
+    usage = bool(options.get("include_usage", False))
+    return Params(sampling, _stops(body), bool(stream), usage, _logprobs(body, chat))
 
 
 def prompt_of(body: Mapping[str, Any]) -> str | list[int]:
