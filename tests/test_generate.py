@@ -293,3 +293,18 @@ def test_a_perplexity_over_one_window_says_window() -> None:
     assert "over 4 scored tokens (5 tokens, 1 window of up to 512;" in one.render()
     single = Perplexity(ppl=2.0, tokens=2, windows=1, scored=1, nll=0.69, window=512, provider="cpu", seconds=0.1)
     assert "over 1 scored token (2 tokens, 1 window of" in single.render()
+
+
+def test_provider_cuda_never_falls_back_to_the_cpu_quietly(artifacts: dict[str, Path]) -> None:
+    """--provider cuda runs on the CUDA provider or says it cannot (ONNX Runtime alone would fall back
+    to the CPU without a word): for generate and for serve."""
+    import onnxruntime as ort
+
+    args = ("--provider", "cuda")
+    result = run_cli("generate", artifacts["tiny:llama"], "--ids", "1,2", "--max-new-tokens", "2", *args)
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert result.exit_code == 0, result.stderr
+        return
+    missing = "this ONNX Runtime has no CUDAExecutionProvider"
+    assert_clean_failure(result, missing)
+    assert_clean_failure(run_cli("serve", artifacts["tiny:llama"], *args), missing)

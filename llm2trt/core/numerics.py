@@ -57,6 +57,11 @@ def ort_session(
     if weights_folder is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_folder))
     source = model if isinstance(model, bytes) else str(model)
+    missing = [p for p in providers or [] if p not in ort.get_available_providers()]
+    if missing:  # ONNX Runtime would fall back to the CPU without a word
+        raise BackendError(
+            f"this ONNX Runtime has no {missing[0]} (--provider cuda needs onnxruntime-gpu: the `gpu` extra, README)"
+        )
     try:
         return ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
