@@ -2,7 +2,7 @@
 library and its chat template through Jinja, as transformers renders templates.
 
 Importing transformers (and the torch it pulls in) was most of a cold `generate`'s start-up: on this
-project's 2-core machine 2.0 s of a 4.6 s SmolLM2 generate, on the lent H100 most of 11 s. What a
+project's 2-core machine 2.0 s of a 4.6 s SmolLM2 generate, on an H100 most of 11 s. What a
 run needs of a tokenizer is small: text to ids, ids to text, messages to ids. transformers 5 keeps
 a fast tokenizer's behaviour in its `tokenizer.json`, so the `tokenizers` library gives the same
 ids; `tests/test_fast_tokenizer.py` holds that against transformers on the real tokenizers. A
