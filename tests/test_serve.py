@@ -450,7 +450,8 @@ def test_a_full_queue_answers_429(llama: Path) -> None:
 
         statuses = asyncio.run(run())
         assert server.stop() == 0
-    assert statuses.count(200) >= 3 and statuses.count(429) >= 1, statuses
+    # The queue holds two (a third waits only once the engine has taken one into its batch).
+    assert statuses.count(200) >= 2 and statuses.count(429) >= 1, statuses
     assert set(statuses) <= {200, 429}
 
 
