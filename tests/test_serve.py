@@ -536,3 +536,37 @@ def test_logprobs_are_transformers_log_softmax(llama: Path) -> None:
     assert got["text_offset"][0] == 0 and got["text_offset"] == sorted(got["text_offset"])
     assert [lp for c in chunks for lp in c.token_logprobs] == pytest.approx(got["token_logprobs"], abs=1e-9)
     assert chat.status_code == 400  # no chat template on the tiny model, checked before logprobs matter
+
+
+def test_echo_scores_the_prompt_as_transformers_does(llama: Path) -> None:
+    """`echo` with `logprobs` (what evaluation harnesses send for log-likelihoods): every prompt token
+    after the first scored given the tokens before it, across prefill chunks, equal to transformers'
+    log-softmax; the text starts with the prompt's; streamed alike."""
+    import torch
+
+    from llm2trt.convert.sources import resolve_model
+    from llm2trt.core.dtypes import DType
+
+    prompt = _prompts(1, seed=6, longest=40)[0] + [5, 6, 7, 8, 9, 10, 11, 12]  # longer than one chunk
+    body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "logprobs": 2, "echo": True}
+    with serving(llama, "--chunk-tokens", "8") as server:
+        whole = httpx2.post(f"{server.url}/v1/completions", json=body, timeout=30).json()["choices"][0]
+        with httpx2.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        refused = httpx2.post(f"{server.url}/v1/chat/completions", json={"messages": [], "echo": True}, timeout=30)
+        assert server.stop() == 0
+    scores = whole["logprobs"]
+    assert whole["text"].startswith(" ".join(map(str, prompt)))
+    assert scores["tokens"] == [str(t) for t in prompt + whole["token_ids"]]
+    assert scores["token_logprobs"][0] is None and scores["top_logprobs"][0] is None
+    model = resolve_model("tiny:llama").load(DType.FP32)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + whole["token_ids"]])).logits[0, :-1].double()
+    expected = torch.log_softmax(logits, dim=-1)
+    sequence = prompt + whole["token_ids"]
+    want = [float(expected[i - 1, t]) for i, t in enumerate(sequence) if i]
+    np.testing.assert_allclose(scores["token_logprobs"][1:], want, atol=1e-4)
+    first = events[0]["choices"][0]
+    assert first["text"] == " ".join(map(str, prompt))
+    assert first["logprobs"]["token_logprobs"][1:] == pytest.approx(want[: len(prompt) - 1], abs=1e-4)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] in ("echo", "messages")

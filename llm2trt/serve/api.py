@@ -111,6 +111,13 @@ class Service:
         ids: list[int] = list(self.tokenizer(prompt).input_ids)
         return ids
 
+    def _text(self, ids: list[int]) -> str:
+        """Token ids as text (the ids themselves where the model has no tokenizer)."""
+        if self.tokenizer is None:
+            return " ".join(map(str, ids))
+        text: str = self.tokenizer.decode(ids, skip_special_tokens=False)
+        return text
+
     def _piece(self, token: int) -> str:
         """One token's text, as logprobs name it (its id where the model has no tokenizer)."""
         if self.tokenizer is None:
@@ -142,8 +149,11 @@ class Service:
     async def completions(self, request: HttpRequest) -> Response:
         body = await self._body(request)
         model = self._model(body)
-        ids = self._encode(prompt_of(body))
-        return await self._run(request, ids, params(body, chat=False, random_seed=secrets.randbits(63)), model)
+        prompt = prompt_of(body)
+        ids = self._encode(prompt)
+        p = params(body, chat=False, random_seed=secrets.randbits(63))
+        echo = (prompt if isinstance(prompt, str) else self._text(ids)) if p.echo else None
+        return await self._run(request, ids, p, model, echo=echo)
 
     async def chat(self, request: HttpRequest) -> Response:
         body = await self._body(request)
@@ -153,7 +163,14 @@ class Service:
         return await self._run(request, ids, p, model, chat=True)
 
     async def _run(
-        self, http: HttpRequest, ids: list[int], p: Params, model: tuple[str, int], *, chat: bool = False
+        self,
+        http: HttpRequest,
+        ids: list[int],
+        p: Params,
+        model: tuple[str, int],
+        *,
+        chat: bool = False,
+        echo: str | None = None,
     ) -> Response:
         loop, events = asyncio.get_running_loop(), asyncio.Queue[Event]()
 
@@ -162,20 +179,20 @@ class Service:
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        request = Request(rid, ids, p.sampling, sink, p.stops, slot=model[1], logprobs=p.logprobs)
+        request = Request(rid, ids, p.sampling, sink, p.stops, slot=model[1], logprobs=p.logprobs, echo=p.echo)
         try:
             self.engine.submit(request)
         except InputError as exc:
             raise ApiError(400, str(exc), "messages" if chat else "prompt", "context_length_exceeded") from None
         except Busy as exc:
             raise ApiError(exc.status, str(exc)) from None
-        shape = _Shape(request.id, model[0], chat, len(ids), self._piece)
+        shape = _Shape(request.id, model[0], chat, len(ids), self._piece, echo)
         if p.stream:
             return _Stream(self._sse(events, shape, p.include_usage), lambda: self.engine.cancel(request.id))
         return await self._whole(http, events, shape, request.id)
 
     async def _whole(self, http: HttpRequest, events: asyncio.Queue[Event], shape: _Shape, rid: str) -> Response:
-        text: list[str] = []
+        text: list[str] = [shape.echo] if shape.echo is not None else []
         tokens: list[int] = []
         scores: list[tuple[int, TokenLogprob]] = []  # (text offset, the token's logprobs)
         try:
@@ -186,6 +203,7 @@ class Service:
                     if await http.is_disconnected():
                         return Response(status_code=499)
                     continue
+                scores += shape.prompt_scores(event)
                 scores += [(sum(map(len, text)), score) for score in event.logprobs]
                 text.append(event.text)
                 tokens += event.token_ids
@@ -203,8 +221,12 @@ class Service:
         if shape.chat:
             yield _data(shape.chunk({"role": "assistant", "content": ""}, None, ()))
         sent = 0  # characters of text so far: the next token's text offset
+        echo = shape.echo
         while True:
             event = await events.get()
+            if echo is not None and event.finish not in ("error", "cancelled"):  # the prompt, once, first
+                yield _data(shape.chunk(echo, None, (), shape.prompt_scores(event) or None))
+                sent, echo = len(echo), None
             if event.finish in ("error", "cancelled"):
                 why = event.error or "the server shut down before this request finished"
                 yield _data(ApiError(500 if event.finish == "error" else 503, why).body())
@@ -239,6 +261,16 @@ class _Shape:
     chat: bool
     prompt_tokens: int
     piece: Callable[[int], str]  # a token's text
+    echo: str | None = None  # the prompt's text, before the completion's
+
+    def prompt_scores(self, event: Event) -> list[tuple[int, TokenLogprob]]:
+        """The echoed prompt's tokens' logprobs, each at its text offset (the sum of the pieces
+        before it: a token's own text, as logprobs name it)."""
+        out, offset = [], 0
+        for score in event.prompt_logprobs:
+            out.append((offset, score))
+            offset += len(self.piece(score[0]))
+        return out
 
     def head(self) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
@@ -258,7 +290,7 @@ class _Shape:
             return None
         if self.chat:
 
-            def entry(token: int, value: float) -> dict[str, Any]:
+            def entry(token: int, value: float | None) -> dict[str, Any]:
                 text = self.piece(token)
                 return {"token": text, "logprob": value, "bytes": list(text.encode())}
 
@@ -266,7 +298,7 @@ class _Shape:
         return {
             "tokens": [self.piece(t) for _, (t, _v, _top) in scores],
             "token_logprobs": [v for _, (_t, v, _top) in scores],
-            "top_logprobs": [{self.piece(a): av for a, av in top} for _, (_t, _v, top) in scores],
+            "top_logprobs": [None if v is None else {self.piece(a): av for a, av in top} for _, (_t, v, top) in scores],
             "text_offset": [offset for offset, _ in scores],
         }
 

@@ -46,7 +46,7 @@ class Busy(Exception):
 
 # A generated token's log-probability under the model (before temperature) and the likeliest
 # alternatives: (token, logprob, ((token, logprob), ...)).
-TokenLogprob = tuple[int, float, tuple[tuple[int, float], ...]]
+TokenLogprob = tuple[int, float | None, tuple[tuple[int, float], ...]]  # None: a prompt's first token
 
 
 def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
@@ -69,6 +69,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # with the first token, where the request echoes
 
 
 @dataclass
@@ -80,6 +81,9 @@ class Request:
     stops: tuple[str, ...] = ()
     slot: int = NO_ADAPTER  # its LoRA adapter's slot
     logprobs: int | None = None  # report each token's log-probability and this many alternatives
+    echo: bool = False  # and the prompt's tokens' too (with `logprobs`)
+    prompt_scores: list[TokenLogprob] = field(default_factory=list)
+    carry: np.ndarray | None = None  # the logits of the last prompt position fed (they score the next)
     arrived: float = field(default_factory=time.perf_counter)
     # progress
     table: BlockTable | None = None
@@ -174,7 +178,9 @@ class Scheduler:
         """One model call; on failure each row alone, and a row that fails alone fails its request."""
         try:
             rows = [Row(r.table, t, r.slot) for r, t in zip(requests, tokens, strict=True)]  # type: ignore[arg-type]
-            logits = self.model.step(rows)
+            scored = any(r.echo and r.logprobs is not None and not r.prefilled for r in requests)
+            everywhere = self.model.step(rows, every_position=True) if scored else None
+            logits = everywhere[:, -1] if everywhere is not None else self.model.step(rows)
         except Exception as exc:
             if len(requests) == 1:
                 logger.warning("request %s failed in the model: %s", requests[0].id, first_line(exc))
@@ -185,15 +191,27 @@ class Scheduler:
             return
         with self.metrics.lock:
             self.metrics.steps += 1
-        for request, row_tokens, row_logits in zip(requests, tokens, logits, strict=True):
+        for i, (request, row_tokens, row_logits) in enumerate(zip(requests, tokens, logits, strict=True)):
             if request.prefilled:
                 self._take(request, row_logits)
                 continue
+            if everywhere is not None and request.echo and request.logprobs is not None:
+                self._score_prompt(request, row_tokens, everywhere[i, everywhere.shape[1] - len(row_tokens) :])
             request.fed += len(row_tokens)
             with self.metrics.lock:
                 self.metrics.prompt_tokens += len(row_tokens)
             if request.fed == len(request.prompt):  # its whole prompt is in: the first token
                 self._take(request, row_logits)
+
+    def _score_prompt(self, request: Request, chunk: list[int], logits: np.ndarray) -> None:
+        """Each prompt token's log-probability given the tokens before it (the first has none):
+        from the previous chunk's last position, then this chunk's own."""
+        top = request.logprobs or 0
+        for j, token in enumerate(chunk):
+            before = request.carry if j == 0 else logits[j - 1]
+            score = token_logprob(before, token, top) if before is not None else (token, None, ())
+            request.prompt_scores.append(score)
+        request.carry = logits[-1]
 
     def _take(self, request: Request, logits: np.ndarray) -> None:
         """The request's next token from its logits: told to its client, and the end where it is one."""
@@ -215,7 +233,9 @@ class Scheduler:
         piece = text.add(token, last=eos or length) if not eos else text.flush()
         finish = "stop" if eos or text.stopped else "length" if length else None
         scores = () if request.logprobs is None else (token_logprob(logits, token, request.logprobs),)
-        request.sink(Event((token,), piece, finish, None, len(request.prompt), len(request.new), scores))
+        prompt = tuple(request.prompt_scores) if len(request.new) == 1 else ()
+        event = Event((token,), piece, finish, None, len(request.prompt), len(request.new), scores, prompt)
+        request.sink(event)
         if finish is not None:
             request.finish = finish
             self._release(request)

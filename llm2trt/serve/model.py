@@ -69,9 +69,10 @@ class PagedModel:
         self._run = run
         self.vocab = 0
 
-    def step(self, rows: Sequence[Row]) -> np.ndarray:
-        """Feed each row its tokens; logits `(rows, vocab)` of each row's last one. Every row's new
-        entries are in its blocks afterwards."""
+    def step(self, rows: Sequence[Row], every_position: bool = False) -> np.ndarray:
+        """Feed each row its tokens; logits `(rows, vocab)` of each row's last one (`every_position`:
+        `(rows, longest new, vocab)`, a row's own positions last). Every row's new entries are in its
+        blocks afterwards."""
         pasts = np.array([r.table.length for r in rows], dtype=np.int64)
         news = np.array([len(r.tokens) for r in rows], dtype=np.int64)
         longest_past, longest_new = int(pasts.max()), int(news.max())
@@ -100,8 +101,8 @@ class PagedModel:
         tail = np.stack([out[name][:, :, total - longest_new :] for name in self.kv.present_names])
         for i, row in enumerate(rows):
             self.pool.scatter(row.table, tail[:, i, :, longest_new - int(news[i]) :])
-        logits: np.ndarray = np.asarray(out[self.graph.main_output])[:, -1]
-        return logits
+        logits: np.ndarray = np.asarray(out[self.graph.main_output])
+        return logits if every_position else logits[:, -1]
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,6 @@ def _unsupported(body: Mapping[str, Any]) -> None:
     neutral: dict[str, tuple[Any, ...]] = {
         "n": (None, 1),
         "best_of": (None, 1),
-        "echo": (None, False),
         "presence_penalty": (None, 0, 0.0),
         "frequency_penalty": (None, 0, 0.0),
         "logit_bias": (None, {}),
@@ -114,6 +113,7 @@ class Params:
     stream: bool
     include_usage: bool
     logprobs: int | None = None  # the chosen tokens' log-probabilities and this many alternatives; None: none
+    echo: bool = False  # completions: the prompt's text (and its tokens' logprobs) before the completion
 
 
 def _logprobs(body: Mapping[str, Any], chat: bool) -> int | None:
@@ -152,7 +152,10 @@ def params(body: Mapping[str, Any], *, chat: bool, random_seed: int) -> Params:
         seed=(seed or 0) % (1 << 63),
     )
     usage = bool(options.get("include_usage", False))
-    return Params(sampling, _stops(body), bool(stream), usage, _logprobs(body, chat))
+    echo = body.get("echo")
+    if echo is not None and (not isinstance(echo, bool) or (chat and echo)):
+        raise ApiError(400, "echo must be true or false, and only completions echo the prompt", "echo")
+    return Params(sampling, _stops(body), bool(stream), usage, _logprobs(body, chat), bool(echo))
 
 
 def prompt_of(body: Mapping[str, Any]) -> str | list[int]:
