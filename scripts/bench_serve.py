@@ -49,8 +49,6 @@ import asyncio
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -60,11 +58,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import print_columns
+from common import ServeError, ServerProcess, print_columns
 
 STATIC_BATCHES = (1, 16)
 SERVER_OPTIONS = ("max_batch", "chunk_tokens", "kv_cache_mb", "block_size")  # passed on to `llm2trt serve`
-START_TIMEOUT_S = 600.0  # loading the artifact (and, on CUDA, the provider) before the server listens
 
 
 class UserError(Exception):
@@ -141,52 +138,6 @@ def static_reference(
 
 
 # -- the server -------------------------------------------------------------------------------------
-
-
-class ServerProcess:
-    """`python -m llm2trt serve ARTIFACT --port 0 ...`: its address read from its stderr, the rest of
-    which a thread keeps reading (a chatty server never blocks on a full pipe)."""
-
-    def __init__(self, artifact: Path, options: list[str]) -> None:
-        command = [sys.executable, "-m", "llm2trt", "serve", str(artifact), "--port", "0", *options]
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-        self.lines: list[str] = []
-        self.url: str | None = None
-        self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not self._ready.wait(0.1):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise UserError(f"llm2trt serve did not start: {self.tail()}")
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line)
-            found = re.search(r"serving on (http://\S+)", line)
-            if found and self.url is None:
-                self.url = found.group(1)
-                self._ready.set()
-
-    def tail(self, count: int = 5) -> str:
-        lines = [line.strip() for line in self.lines if line.strip()]
-        return " | ".join(lines[-count:]) or f"(no output; exit {self.process.poll()})"
-
-    def stop(self, timeout: float) -> int:
-        """SIGTERM (it drains and exits); its exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise UserError(f"llm2trt serve did not exit within {timeout:.0f} s of SIGTERM") from None
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
 
 def server_options(args: argparse.Namespace) -> list[str]:
@@ -622,7 +573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = bench(args)
-    except (UserError, Llm2TrtError) as exc:
+    except (UserError, ServeError, Llm2TrtError) as exc:
         print(f"bench_serve: {first_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

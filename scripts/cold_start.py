@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from common import ServerProcess
 
 
 def cold_generate(artifact: Path, provider: str, prompt: str) -> float:
@@ -25,24 +26,18 @@ def cold_generate(artifact: Path, provider: str, prompt: str) -> float:
 
 
 def cold_serve(artifact: Path, provider: str, prompt: str) -> tuple[float, float]:
-    command = [sys.executable, "-m", "llm2trt", "serve", str(artifact), "--port", "0", "--provider", provider]
     start = time.perf_counter()
-    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    assert server.stderr is not None
+    server = ServerProcess(artifact, ["--provider", provider])
     try:
-        url = next((m.group(1) for line in server.stderr if (m := re.search(r"serving on (\S+)", line))), None)
-        if url is None:
-            raise SystemExit(f"cold_start: serve did not start (exit {server.wait()})")
         ready = time.perf_counter() - start
         body = json.dumps({"prompt": prompt, "max_tokens": 1, "temperature": 0}).encode()
         headers = {"content-type": "application/json"}
-        request = urllib.request.Request(f"{url}/v1/completions", data=body, headers=headers)
+        request = urllib.request.Request(f"{server.url}/v1/completions", data=body, headers=headers)
         with urllib.request.urlopen(request, timeout=600) as response:
             response.read()
         return ready, time.perf_counter() - start
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        server.stop(timeout=60)
 
 
 def main() -> None:

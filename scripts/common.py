@@ -15,10 +15,12 @@ import contextlib
 import importlib.util
 import math
 import re
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -409,6 +411,61 @@ def cuda_decoder_session(artifact: Path, capacity: int, cuda_graph: bool = True)
 
 
 # -- output ----------------------------------------------------------------------------------------
+
+
+# -- llm2trt serve ---------------------------------------------------------------------------------
+
+SERVE_START_TIMEOUT_S = 600.0  # loading the artifact (and, on CUDA, the provider) before the server listens
+
+
+class ServeError(Exception):
+    """`llm2trt serve` did not start or stop as it should: one line, no traceback."""
+
+
+class ServerProcess:
+    """`python -m llm2trt serve ARTIFACT --port 0 ...`: its address read from its stderr, the rest of
+    which a thread keeps reading (a chatty server never blocks on a full pipe)."""
+
+    def __init__(self, artifact: Path, options: list[str]) -> None:
+        command = [sys.executable, "-m", "llm2trt", "serve", str(artifact), "--port", "0", *options]
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        self.lines: list[str] = []
+        self.url: str | None = None
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + SERVE_START_TIMEOUT_S
+        while not self._ready.wait(0.1):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise ServeError(f"llm2trt serve did not start: {self.tail()}")
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+            found = re.search(r"serving on (http://\S+)", line)
+            if found and self.url is None:
+                self.url = found.group(1)
+                self._ready.set()
+
+    def tail(self, count: int = 5) -> str:
+        lines = [line.strip() for line in self.lines if line.strip()]
+        return " | ".join(lines[-count:]) or f"(no output; exit {self.process.poll()})"
+
+    def stop(self, timeout: float) -> int:
+        """SIGTERM (it drains and exits); its exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise ServeError(f"llm2trt serve did not exit within {timeout:.0f} s of SIGTERM") from None
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
 
 def print_columns(rows: Sequence[Sequence[str]], rule: bool = False) -> None:

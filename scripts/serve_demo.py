@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import ServeError, ServerProcess
 
 QUESTIONS = (
     "What is the capital of France?",
@@ -44,20 +43,17 @@ def main() -> int:
     artifact = parser.parse_args().artifact
     if not artifact.is_dir():
         parser.error(f"{artifact} is not an artifact directory")
-    command = [sys.executable, "-m", "llm2trt", "serve", str(artifact), "--port", "0", "--name", "smollm2"]
     started = time.perf_counter()
-    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    assert server.stderr is not None
-    url = next((m.group(1) for line in server.stderr if (m := re.search(r"serving on (\S+)", line))), None)
-    if url is None:
-        print(f"serve did not start (exit {server.wait()})", file=sys.stderr)
-        return 1
-    print(f"  listening on {url} after {time.perf_counter() - started:.1f} s")
     try:
-        answers = asyncio.run(ask(url))
+        server = ServerProcess(artifact, ["--name", "smollm2"])
+    except ServeError as exc:
+        print(f"serve_demo: {exc}", file=sys.stderr)
+        return 1
+    print(f"  listening on {server.url} after {time.perf_counter() - started:.1f} s")
+    try:
+        answers = asyncio.run(ask(server.url or ""))
     finally:
-        server.send_signal(signal.SIGTERM)
-        code = server.wait(timeout=60)
+        code = server.stop(timeout=60)
     for question, answer in zip(QUESTIONS, answers, strict=True):
         print(f"  {question} -> {answer.strip()!r}")
     print(f"  SIGTERM: drained, exit {code}")

@@ -25,7 +25,7 @@ import numpy as np
 from llm2trt.core.errors import InputError
 from llm2trt.core.kv import BATCH, SEQLENS_K, SEQUENCE, TOTAL_SEQUENCE_LENGTH, KVLayout
 from llm2trt.core.log import plural
-from llm2trt.core.lora import NO_ADAPTER, AdapterBatch
+from llm2trt.core.lora import NO_ADAPTER, AdapterBatch, LoraAdapter
 from llm2trt.core.manifest import GraphSpec, Manifest
 
 Feeds = dict[str, np.ndarray]
@@ -98,19 +98,27 @@ class DecoderSession(abc.ABC):
         return {name: np.zeros(shape, dtype=self.cache_dtype.numpy) for name in kv.past_names}
 
 
-def with_adapters(graph: GraphSpec, run: Executor, adapters: AdapterBatch | None) -> Executor:
-    """`run` fed the graph's LoRA inputs: the adapters in their slots and each row's slot (a graph
-    with slots and no adapters: every row the base model). Packed once; a step adds the slot feed."""
+def adapter_feeds(graph: GraphSpec, adapters: Sequence[LoraAdapter]) -> dict[str, np.ndarray]:
+    """The graph's LoRA weight inputs with `adapters` packed into its slots, in the graph's types
+    (no slots: nothing, and adapters are refused)."""
     lora = graph.lora
     if lora is None:
-        if adapters is not None and adapters.adapters:
+        if adapters:
             raise InputError(
                 "this artifact has no LoRA slots: optimize it with --lora-slots N, "
                 "or merge the adapter at convert (--lora)"
             )
+        return {}
+    return {name: value.astype(graph.input(name).dtype.numpy) for name, value in lora.pack(adapters).items()}
+
+
+def with_adapters(graph: GraphSpec, run: Executor, adapters: AdapterBatch | None) -> Executor:
+    """`run` fed the graph's LoRA inputs: the adapters in their slots and each row's slot (a graph
+    with slots and no adapters: every row the base model). Packed once; a step adds the slot feed."""
+    weights = adapter_feeds(graph, adapters.adapters if adapters is not None else ())
+    lora = graph.lora
+    if lora is None:
         return run
-    packed = lora.pack(adapters.adapters if adapters is not None else ())
-    weights = {name: value.astype(graph.input(name).dtype.numpy) for name, value in packed.items()}
     rows = list(adapters.rows) if adapters is not None else []
 
     def run_with_adapters(feeds: Feeds) -> dict[str, np.ndarray]:
@@ -177,7 +185,7 @@ class GrowingSession(DecoderSession):
         adapters: AdapterBatch | None = None,
     ) -> None:
         super().__init__(graph, run, pad_id, adapters)
-        self.kv: KVLayout = _layout(graph)
+        self.kv: KVLayout = kv_layout(graph)
         # Backends whose profiles have no zero-length past (TensorRT) start from one masked slot.
         self.dummy_slot = dummy_slot
 
@@ -213,7 +221,7 @@ class FixedSession(DecoderSession):
         self, graph: GraphSpec, run: Executor, capacity: int, pad_id: int = 0, adapters: AdapterBatch | None = None
     ) -> None:
         super().__init__(graph, run, pad_id, adapters)
-        self.kv = _layout(graph)
+        self.kv = kv_layout(graph)
         self.capacity = capacity
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
@@ -293,7 +301,8 @@ def position_limit(graph: GraphSpec, manifest: Manifest) -> int | None:
     return min(limits) if limits else None
 
 
-def _layout(graph: GraphSpec) -> KVLayout:
+def kv_layout(graph: GraphSpec) -> KVLayout:
+    """The graph's KV cache, refused where it has none."""
     if graph.kv_cache is None:
         raise InputError(f"graph {graph.name!r} has no KV cache")
     return graph.kv_cache

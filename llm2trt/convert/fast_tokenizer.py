@@ -57,7 +57,8 @@ class FastTokenizer:
         template = template_file.read_text() if template_file.is_file() else config.get("chat_template")
         self.chat_template: str | None = template if isinstance(template, str) else None
         self.special_tokens = {k: t for k in _SPECIAL if (t := _token_text(config.get(k))) is not None}
-        self._compiled: Any = None
+        # Compiled now: a template plain Jinja cannot compile is found at load, not at a request.
+        self._compiled: Any = _environment().from_string(self.chat_template) if self.chat_template else None
 
     def __call__(self, text: str, add_special_tokens: bool = True) -> Encoded:
         return Encoded(input_ids=self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
@@ -71,7 +72,7 @@ class FastTokenizer:
         blocks trimmed, loop controls, `raise_exception`, `strftime_now`, JSON without ASCII escapes,
         the special tokens by name)."""
         if self._compiled is None:
-            self._compiled = _environment().from_string(self.chat_template or "")
+            raise ValueError("this tokenizer has no chat template")
         rendered: str = self._compiled.render(
             messages=[dict(m) for m in messages],
             tools=None,
@@ -125,9 +126,6 @@ def fast_tokenizer(directory: Path) -> FastTokenizer | None:
     if not isinstance(config, dict) or any(config.get(key) for key in _NEEDS_TRANSFORMERS):
         return None
     try:
-        tokenizer = FastTokenizer(directory, config)
-        if tokenizer.chat_template:
-            tokenizer._compiled = _environment().from_string(tokenizer.chat_template)
+        return FastTokenizer(directory, config)
     except Exception:  # a tokenizer.json or template this path cannot read: transformers decides
         return None
-    return tokenizer

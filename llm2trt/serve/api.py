@@ -65,10 +65,11 @@ class _Stream(StreamingResponse):
 class Service:
     """One model behind the API."""
 
-    def __init__(self, engine: Engine, metrics: Metrics, name: str, options: ServeOptions) -> None:
-        self.engine, self.metrics, self.name, self.options = engine, metrics, name, options
-        self.tokenizer = engine.scheduler.loaded.tokenizer
-        self.adapters = engine.scheduler.loaded.adapters  # LoRA adapters, served as models of their own
+    def __init__(self, engine: Engine, metrics: Metrics, options: ServeOptions) -> None:
+        self.engine, self.metrics, self.options = engine, metrics, options
+        loaded = engine.scheduler.loaded
+        self.name, self.tokenizer = loaded.name, loaded.tokenizer
+        self.adapters = loaded.adapters  # LoRA adapters, served as models of their own
         self.created = int(time.time())
 
     # -- plumbing ----------------------------------------------------------------------------------
@@ -119,11 +120,8 @@ class Service:
         return text
 
     def _piece(self, token: int) -> str:
-        """One token's text, as logprobs name it (its id where the model has no tokenizer)."""
-        if self.tokenizer is None:
-            return str(token)
-        piece: str = self.tokenizer.decode([token], skip_special_tokens=False)
-        return piece
+        """One token's text, as logprobs name it."""
+        return self._text([token])
 
     def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         from llm2trt.convert.tokenizer import conversation_ids
@@ -193,6 +191,7 @@ class Service:
 
     async def _whole(self, http: HttpRequest, events: asyncio.Queue[Event], shape: _Shape, rid: str) -> Response:
         text: list[str] = [shape.echo] if shape.echo is not None else []
+        offset = len(shape.echo or "")  # characters so far: the next token's text offset
         tokens: list[int] = []
         scores: list[tuple[int, TokenLogprob]] = []  # (text offset, the token's logprobs)
         try:
@@ -204,8 +203,9 @@ class Service:
                         return Response(status_code=499)
                     continue
                 scores += shape.prompt_scores(event)
-                scores += [(sum(map(len, text)), score) for score in event.logprobs]
+                scores += [(offset, score) for score in event.logprobs]
                 text.append(event.text)
+                offset += len(event.text)
                 tokens += event.token_ids
                 if event.finish is not None:
                     break

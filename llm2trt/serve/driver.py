@@ -11,12 +11,12 @@ import contextlib
 import logging
 import signal
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from llm2trt.core.errors import InputError
 from llm2trt.serve.api import ServeOptions, Service, app
@@ -53,7 +53,7 @@ def build(artifact: Path, config: ServeConfig) -> Service:
     )
     metrics = Metrics()
     engine = Engine(Scheduler(loaded, config.limits, metrics))
-    return Service(engine, metrics, loaded.name, config.options)
+    return Service(engine, metrics, config.options)
 
 
 def serve(artifact: Path, config: ServeConfig, on_ready: Callable[[str], None] | None = None) -> int:
@@ -61,33 +61,25 @@ def serve(artifact: Path, config: ServeConfig, on_ready: Callable[[str], None] |
     import uvicorn
 
     service = build(artifact, config)
-    server = _Server(
+    listener = _listen(config.host, config.port)
+    host, port = listener.getsockname()[:2]
+    server = _drained_server(
         uvicorn.Config(
             app(service),
-            host=config.host,
-            port=config.port,
             http="h11",
             lifespan="off",
             log_level="warning",
             timeout_graceful_shutdown=max(1, round(config.drain_seconds)),
             h11_max_incomplete_event_size=64 << 10,  # request line and headers
         ),
-        on_signal=lambda: setattr(service.engine, "accepting", False),
+        on_signal=service.engine.stop_accepting,
+        on_started=(lambda: on_ready(f"http://{host}:{port}")) if on_ready else (lambda: None),
     )
-    started = threading.Event()
-
-    def ready() -> None:
-        started.set()
-        if on_ready is not None:
-            on_ready(server.address())
-
-    server.on_started = ready
-    listener = _listen(config.host, config.port)
     try:
-        server.run(listener)
+        server.run(sockets=[listener])
     finally:
         listener.close()
-    if not started.is_set():
+    if not server.started:
         raise InputError(f"the server on {config.host}:{config.port} did not start")
     cancelled = service.engine.drain(time.perf_counter() + 1.0)
     logger.info("stopped; %d request(s) cancelled by the drain", cancelled)
@@ -108,42 +100,30 @@ def _listen(host: str, port: int) -> socket.socket:
         raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
-class _Server:
-    """uvicorn's server, told when a stop signal comes (the engine stops admitting at once) and not
-    re-raising it afterwards: a drained stop is a clean exit."""
+def _drained_server(config: Any, on_signal: Callable[[], None], on_started: Callable[[], None]) -> Any:
+    """uvicorn's server, telling `on_signal` when a stop signal comes (the engine stops admitting at
+    once) and not re-raising it afterwards (a drained stop is a clean exit); `on_started` once it
+    listens."""
+    import uvicorn
 
-    def __init__(self, config: object, on_signal: Callable[[], None]) -> None:
-        import uvicorn
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            handled = (signal.SIGINT, signal.SIGTERM)
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
-        outer = self
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            on_signal()
+            super().handle_exit(sig, frame)
 
-        class Server(uvicorn.Server):
-            @contextlib.contextmanager
-            def capture_signals(self) -> Iterator[None]:
-                handled = (signal.SIGINT, signal.SIGTERM)
-                previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
-                try:
-                    yield
-                finally:
-                    for sig, handler in previous.items():
-                        signal.signal(sig, handler)
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                on_started()
 
-            def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-                on_signal()
-                super().handle_exit(sig, frame)
-
-            async def startup(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
-                await super().startup(sockets)
-                if self.started:
-                    outer.on_started()
-
-        self.server = Server(config)  # type: ignore[arg-type]
-        self.on_started: Callable[[], object] = lambda: None
-
-    def address(self) -> str:
-        sockets = [s for server in self.server.servers for s in server.sockets]
-        host, port = sockets[0].getsockname()[:2] if sockets else ("?", 0)
-        return f"http://{host}:{port}"
-
-    def run(self, listener: socket.socket) -> None:
-        self.server.run(sockets=[listener])
+    return Server(config)

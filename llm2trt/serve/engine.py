@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from llm2trt.backends.decoder import check_ids
 from llm2trt.core.errors import InputError, first_line
 from llm2trt.core.log import plural
 from llm2trt.core.lora import NO_ADAPTER
@@ -121,9 +122,7 @@ class Scheduler:
         the whole pool holds."""
         if not prompt:
             raise InputError("the prompt has no tokens")
-        vocab = self.loaded.vocab
-        if vocab is not None and any(not 0 <= t < vocab for t in prompt):
-            raise InputError(f"token ids outside this model's vocabulary of {vocab} (0 to {vocab - 1})")
+        check_ids(self.loaded.manifest, [list(prompt)])
         need = len(prompt) + sampling.max_new_tokens
         if need > self.loaded.max_positions:
             raise InputError(
@@ -342,12 +341,16 @@ class Engine:
                     request.finish = "error"
                     request.sink(Event((), "", "error", f"the engine stopped: {self.failure}"))
 
+    def stop_accepting(self) -> None:
+        """New requests are refused (503) from now on; what runs or waits goes on."""
+        with self._cond:
+            self.accepting = False
+
     def drain(self, deadline: float) -> int:
         """Stop taking requests, let the running ones finish until `deadline` (perf_counter seconds),
         cancel what is left and stop the loop; how many were cancelled."""
-        with self._cond:
-            self.accepting = False
-        while time.perf_counter() < deadline and self.idle() is False and self._thread.is_alive():
+        self.stop_accepting()
+        while time.perf_counter() < deadline and not self.idle() and self._thread.is_alive():
             time.sleep(0.01)
         with self._cond:
             left = {r.id for r in [*self.scheduler.running, *self.scheduler.waiting, *self._inbox] if r.finish is None}

@@ -18,9 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from llm2trt.backends.decoder import Executor, decoder_graph, position_limit
+from llm2trt.backends.decoder import Executor, adapter_feeds, decoder_graph, kv_layout, position_limit
 from llm2trt.core.errors import InputError
-from llm2trt.core.kv import KVLayout
 from llm2trt.core.lora import NO_ADAPTER, LoraAdapter
 from llm2trt.core.manifest import GraphSpec, Manifest
 from llm2trt.serve.blocks import BlockPool, BlockTable
@@ -47,27 +46,18 @@ class PagedModel:
         pad_id: int = 0,
         adapters: Sequence[LoraAdapter] = (),
     ) -> None:
-        kv = graph.kv_cache
-        if kv is None or kv.traits.buffer:
-            form = "no KV cache" if kv is None else f"the {kv.form} cache form"
+        kv = kv_layout(graph)
+        if kv.traits.buffer:
             raise InputError(
-                f"serve runs the growing KV-cache form (convert's); this artifact has {form}: "
+                f"serve runs the growing KV-cache form (convert's); this artifact has the {kv.form} cache form: "
                 "serve the artifact it was optimized from, or optimize without --kv-form"
             )
-        lora = graph.lora
-        if lora is None and adapters:
-            raise InputError(
-                "--adapter: this artifact has no LoRA slots: optimize it with --lora-slots N, "
-                "or merge the adapter at convert (--lora)"
-            )
         # The adapters' weights, packed into the slots once; a step adds only each row's slot.
-        packed = lora.pack(adapters) if lora is not None else {}
-        self.lora_feeds = {name: value.astype(graph.input(name).dtype.numpy) for name, value in packed.items()}
-        self.slot_input = lora.slot_input if lora is not None else None
+        self.lora_feeds = adapter_feeds(graph, adapters)
+        self.slot_input = graph.lora.slot_input if graph.lora is not None else None
         self.graph, self.kv, self.pool, self.pad_id = graph, kv, pool, pad_id
         self.names = {t.name for t in graph.inputs}
         self._run = run
-        self.vocab = 0
 
     def step(self, rows: Sequence[Row], every_position: bool = False) -> np.ndarray:
         """Feed each row its tokens; logits `(rows, vocab)` of each row's last one (`every_position`:
@@ -110,18 +100,12 @@ class Loaded:
     """What the server needs of an artifact: the model on its pool, the limits, the tokenizer."""
 
     model: PagedModel
+    manifest: Manifest
     name: str
     max_positions: int
-    vocab: int | None
     eos: tuple[int, ...]
     tokenizer: Any  # transformers' tokenizer, or None (tiny models)
     adapters: dict[str, int] = field(default_factory=dict)  # an adapter's name in the API -> its slot
-
-
-def _layout_of(graph: GraphSpec) -> KVLayout:
-    if graph.kv_cache is None:
-        raise InputError("serve needs a decoder artifact with a KV cache")
-    return graph.kv_cache
 
 
 def load(
@@ -144,7 +128,7 @@ def load(
         raise InputError("serve runs ONNX graphs through ONNX Runtime: give the artifact, not an engine directory")
     if manifest.tensor_parallel is not None or manifest.pipeline_parallel is not None:
         raise InputError("serve runs one process: give the unsplit artifact (a --tp/--pp split is not served yet)")
-    kv = _layout_of(graph)
+    kv = kv_layout(graph)
     if kv.dtype is not None:
         raise InputError(f"serve keeps the cache in the model's type; this artifact's cache is {kv.dtype}")
     dtype = graph.input(kv.past_names[0]).dtype.numpy
@@ -159,13 +143,12 @@ def load(
     loaded = _adapters(adapters, model_name)
     run = ort_executor(str(manifest.onnx_path(artifact, graph.name)), providers)
     model = PagedModel(graph, run, pool, pad, [a for _, a in loaded])
-    vocab = manifest.model_config.get("vocab_size")
     limit = position_limit(graph, manifest) or blocks * block_size
     return Loaded(
         model=model,
+        manifest=manifest,
         name=model_name,
         max_positions=min(limit, blocks * block_size),
-        vocab=vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None,
         eos=tuple(generation.eos_token_ids) if generation else (),
         tokenizer=load_tokenizer(artifact, manifest),
         adapters={adapter_name: slot for slot, (adapter_name, _) in enumerate(loaded)},
